@@ -1,0 +1,8 @@
+//! needlec: the ahead-of-time compiler for Needle tool-calling models.
+//!
+//! Data flows one way: [`load`] reads a checkpoint, [`tools`] normalizes the app's tool list,
+//! folding precomputes the tools side, lowering builds the IR, codegen emits native code.
+
+pub mod load;
+pub mod synth;
+pub mod tools;

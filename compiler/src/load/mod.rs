@@ -1,0 +1,1 @@
+//! Checkpoint loaders: the original pickle and safetensors.

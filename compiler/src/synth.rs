@@ -1,0 +1,1 @@
+//! Deterministic random checkpoints of any config, for tests and benchmarks.

@@ -1,0 +1,1 @@
+//! The app tool list: Needle format and OpenAI-style definitions (spec section 3).

@@ -1,0 +1,1 @@
+//! Grammar-constrained decoding (spec section 5).

@@ -1,0 +1,20 @@
+//! Reference semantics of Needle v1 in plain Rust.
+//!
+//! This crate is the oracle every other part of needlec is checked against, and the engine of
+//! `needlec run`. It knows nothing about files: loaders (in the `needlec` crate) turn a checkpoint
+//! into a [`checkpoint::Checkpoint`], and everything here works on that.
+//!
+//! Pipeline of one call: [`tokenizer`] encodes the query and the normalized tool list,
+//! [`forward`] runs the encoder and decoder, [`grammar`] constrains tool names and argument keys,
+//! [`decode`] drives greedy generation, and [`output`] turns the generated text into what the user
+//! gets (tool names restored).
+
+pub mod checkpoint;
+pub mod config;
+pub mod decode;
+pub mod forward;
+pub mod grammar;
+pub mod model;
+pub mod output;
+pub mod pyjson;
+pub mod tokenizer;

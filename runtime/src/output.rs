@@ -1,0 +1,1 @@
+//! Output post-processing (spec section 3, "Output").

@@ -1,0 +1,1 @@
+//! Python-exact JSON (spec section 3).

@@ -1,0 +1,1 @@
+//! SentencePiece BPE tokenizer (spec section 4).
