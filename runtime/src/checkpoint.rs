@@ -96,7 +96,8 @@ pub const DEC: &str = "decoder/layers/DecoderBlock_0";
 /// section 1), in a stable order. Loaders, validation and the synthetic generator share this list.
 pub fn expected_tensors(c: &Config) -> Vec<(String, Vec<usize>)> {
     let (d, h, kv) = (c.d_model, c.head_dim(), c.kv_dim());
-    let mut out: Vec<(String, Vec<usize>)> = vec![("embedding/embedding".into(), vec![c.vocab_size, d])];
+    let mut out: Vec<(String, Vec<usize>)> =
+        vec![("embedding/embedding".into(), vec![c.vocab_size, d])];
     let attn = |out: &mut Vec<(String, Vec<usize>)>, prefix: &str, n: usize| {
         out.push((format!("{prefix}/q_proj/kernel"), vec![n, d, d]));
         out.push((format!("{prefix}/k_proj/kernel"), vec![n, d, kv]));
@@ -119,7 +120,10 @@ pub fn expected_tensors(c: &Config) -> Vec<(String, Vec<usize>)> {
     out.push(("decoder/ZCRMSNorm_0/scale".into(), vec![d]));
     out.push(("contrastive_hidden/kernel".into(), vec![d, d / 4]));
     out.push(("contrastive_hidden/bias".into(), vec![d / 4]));
-    out.push(("contrastive_proj/kernel".into(), vec![d / 4, c.contrastive_dim]));
+    out.push((
+        "contrastive_proj/kernel".into(),
+        vec![d / 4, c.contrastive_dim],
+    ));
     out.push(("log_temp".into(), vec![]));
     out
 }

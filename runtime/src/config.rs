@@ -107,34 +107,52 @@ impl Config {
     /// Checks that the numbers describe a SAN needlec can run.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn bad(key: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
-            Err(ConfigError::Invalid { key, problem: problem.into() })
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            })
         }
         if !self.no_feedforward {
             return Err(ConfigError::HasFeedForward);
         }
         if self.vocab_size < 6 {
-            return bad("vocab_size", format!("{} is too small: ids 0..=5 are reserved", self.vocab_size));
+            return bad(
+                "vocab_size",
+                format!("{} is too small: ids 0..=5 are reserved", self.vocab_size),
+            );
         }
         if self.d_model == 0 {
             return bad("d_model", "must be positive");
         }
-        if self.num_heads == 0 || self.d_model % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.d_model.is_multiple_of(self.num_heads) {
             return bad(
                 "num_heads",
-                format!("{} does not divide d_model {}", self.num_heads, self.d_model),
+                format!(
+                    "{} does not divide d_model {}",
+                    self.num_heads, self.d_model
+                ),
             );
         }
-        if self.head_dim() % 2 != 0 {
-            return bad("num_heads", format!("head_dim {} must be even for RoPE", self.head_dim()));
+        if !self.head_dim().is_multiple_of(2) {
+            return bad(
+                "num_heads",
+                format!("head_dim {} must be even for RoPE", self.head_dim()),
+            );
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_kv_heads",
-                format!("{} does not divide num_heads {}", self.num_kv_heads, self.num_heads),
+                format!(
+                    "{} does not divide num_heads {}",
+                    self.num_kv_heads, self.num_heads
+                ),
             );
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad("rope_theta", format!("{} is not a positive number", self.rope_theta));
+            return bad(
+                "rope_theta",
+                format!("{} is not a positive number", self.rope_theta),
+            );
         }
         // Guard against absurd sizes in untrusted configs before anything is allocated.
         const MAX_DIM: usize = 1 << 16;
@@ -145,7 +163,10 @@ impl Config {
             ("num_decoder_layers", self.num_decoder_layers),
         ] {
             if v > MAX_DIM {
-                return bad(key, format!("{v} is larger than needlec supports ({MAX_DIM})"));
+                return bad(
+                    key,
+                    format!("{v} is larger than needlec supports ({MAX_DIM})"),
+                );
             }
         }
         Ok(())

@@ -1,1 +1,226 @@
-//! TODO(lead): model
+//! Float32 weights of a validated Needle v1 checkpoint, arranged for the forward pass.
+//!
+//! Per-layer tensors arrive stacked on a leading layer axis (Flax `nn.scan`); here they are split
+//! per layer so that each layer owns plain row-major matrices (`y = x @ W`, `W` is `(in, out)`).
+
+use std::collections::BTreeMap;
+
+use ndarray::{Array1, Array2};
+
+use crate::checkpoint::{expected_tensors, Checkpoint, DEC, ENC};
+use crate::config::{Config, ConfigError};
+
+/// Why a checkpoint cannot be used as a Needle v1 model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "tensor `{path}` is missing; a Needle v1 checkpoint with this config needs it with shape \
+         {expected:?} (is this a Needle v1 checkpoint, and does the file hold the whole `params` tree?)"
+    )]
+    Missing { path: String, expected: Vec<usize> },
+    #[error(
+        "tensor `{path}` has shape {found:?} but the config implies {expected:?} (d_model {d}, \
+         heads {h}, kv heads {k}, vocab {v}); the config and the weights disagree: fix whichever \
+         is wrong"
+    )]
+    Shape {
+        path: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        d: usize,
+        h: usize,
+        k: usize,
+        v: usize,
+    },
+    #[error("tensor `{path}` holds {bytes} bytes, but shape {shape:?} of {dtype} needs {needed}: the file is corrupt")]
+    ByteLength {
+        path: String,
+        shape: Vec<usize>,
+        dtype: &'static str,
+        bytes: usize,
+        needed: usize,
+    },
+    #[error(
+        "tensor `{path}` contains {count} non-finite value(s) (first {value} at flat index {index}); \
+         the checkpoint is corrupt or diverged in training"
+    )]
+    NonFinite {
+        path: String,
+        count: usize,
+        index: usize,
+        value: f32,
+    },
+    #[error(
+        "unexpected tensor `{path}`: Needle v1 SANs have no such parameter (feed-forward blocks or \
+         another architecture?); needlec compiles only Needle v1 checkpoints"
+    )]
+    Unexpected { path: String },
+}
+
+/// Checks a checkpoint against its config: every tensor present with the right shape and byte
+/// length, nothing foreign, every value finite. Errors name the tensor.
+pub fn validate(ckpt: &Checkpoint) -> Result<(), ModelError> {
+    let c = &ckpt.config;
+    c.validate()?;
+    let expected = expected_tensors(c);
+    for path in ckpt.tensors.keys() {
+        if !expected.iter().any(|(p, _)| p == path) {
+            return Err(ModelError::Unexpected { path: path.clone() });
+        }
+    }
+    for (path, shape) in &expected {
+        let t = ckpt.tensors.get(path).ok_or_else(|| ModelError::Missing {
+            path: path.clone(),
+            expected: shape.clone(),
+        })?;
+        // `log_temp` may be stored as a 0-d array or a 1-element array; both mean a scalar.
+        let scalar_ok = shape.is_empty() && t.numel() == 1;
+        if &t.shape != shape && !scalar_ok {
+            return Err(ModelError::Shape {
+                path: path.clone(),
+                expected: shape.clone(),
+                found: t.shape.clone(),
+                d: c.d_model,
+                h: c.num_heads,
+                k: c.num_kv_heads,
+                v: c.vocab_size,
+            });
+        }
+        let needed = t.numel() * t.dtype.size();
+        if t.bytes.len() != needed {
+            return Err(ModelError::ByteLength {
+                path: path.clone(),
+                shape: t.shape.clone(),
+                dtype: t.dtype.name(),
+                bytes: t.bytes.len(),
+                needed,
+            });
+        }
+        let values = t.to_f32();
+        let mut bad = values.iter().enumerate().filter(|(_, v)| !v.is_finite());
+        if let Some((index, &value)) = bad.next() {
+            return Err(ModelError::NonFinite {
+                path: path.clone(),
+                count: 1 + bad.count(),
+                index,
+                value,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The weights of one attention block.
+#[derive(Clone, Debug)]
+pub struct AttentionWeights {
+    /// `(D, D)`.
+    pub wq: Array2<f32>,
+    /// `(D, K*h)`.
+    pub wk: Array2<f32>,
+    /// `(D, K*h)`.
+    pub wv: Array2<f32>,
+    /// `(D, D)`.
+    pub wo: Array2<f32>,
+    /// `(h,)` ZCRMSNorm scale of each query head.
+    pub q_norm: Array1<f32>,
+    /// `(h,)` ZCRMSNorm scale of each key head.
+    pub k_norm: Array1<f32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EncoderLayer {
+    pub norm: Array1<f32>,
+    /// The raw gate; the residual is scaled by `sigmoid(gate)`.
+    pub gate: f32,
+    pub attn: AttentionWeights,
+}
+
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub self_norm: Array1<f32>,
+    pub cross_norm: Array1<f32>,
+    pub self_gate: f32,
+    pub cross_gate: f32,
+    pub self_attn: AttentionWeights,
+    pub cross_attn: AttentionWeights,
+}
+
+/// A Needle v1 model in float32.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub config: Config,
+    /// `(V, D)`, also the tied output projection.
+    pub embedding: Array2<f32>,
+    pub encoder: Vec<EncoderLayer>,
+    pub encoder_norm: Array1<f32>,
+    pub decoder: Vec<DecoderLayer>,
+    pub decoder_norm: Array1<f32>,
+}
+
+/// Slices layer `i` out of values stacked on a leading layer axis of `layers` entries.
+fn layer_slice(all: &[f32], layers: usize, i: usize) -> Vec<f32> {
+    let per = all.len() / layers;
+    all[i * per..(i + 1) * per].to_vec()
+}
+
+impl Model {
+    /// Validates the checkpoint ([`validate`]) and converts it to float32.
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Model, ModelError> {
+        validate(ckpt)?;
+        let c = ckpt.config.clone();
+        // Widen each tensor once; per-layer views are sliced out of these.
+        let values: BTreeMap<&str, Vec<f32>> = ckpt
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.to_f32()))
+            .collect();
+        let (d, kv, h) = (c.d_model, c.kv_dim(), c.head_dim());
+        // Validation guarantees every lookup below succeeds with the right shape.
+        let t = |p: &str| values[p].as_slice();
+        let (l, m) = (c.num_encoder_layers, c.num_decoder_layers);
+        let n_layers = |p: &str| if p.starts_with(ENC) { l } else { m };
+        let mat = |p: &str, i: usize, rows: usize, cols: usize| {
+            Array2::from_shape_vec((rows, cols), layer_slice(t(p), n_layers(p), i))
+                .expect("validated shape")
+        };
+        let vec_l = |p: &str, i: usize| Array1::from_vec(layer_slice(t(p), n_layers(p), i));
+        let scalar_l = |p: &str, i: usize| layer_slice(t(p), n_layers(p), i)[0];
+        let attn = |prefix: &str, i: usize| AttentionWeights {
+            wq: mat(&format!("{prefix}/q_proj/kernel"), i, d, d),
+            wk: mat(&format!("{prefix}/k_proj/kernel"), i, d, kv),
+            wv: mat(&format!("{prefix}/v_proj/kernel"), i, d, kv),
+            wo: mat(&format!("{prefix}/out_proj/kernel"), i, d, d),
+            q_norm: vec_l(&format!("{prefix}/q_norm/scale"), i),
+            k_norm: vec_l(&format!("{prefix}/k_norm/scale"), i),
+        };
+        debug_assert_eq!(h * c.num_heads, d);
+        let encoder = (0..c.num_encoder_layers)
+            .map(|i| EncoderLayer {
+                norm: vec_l(&format!("{ENC}/ZCRMSNorm_0/scale"), i),
+                gate: scalar_l(&format!("{ENC}/attn_gate"), i),
+                attn: attn(&format!("{ENC}/self_attn"), i),
+            })
+            .collect();
+        let decoder = (0..c.num_decoder_layers)
+            .map(|i| DecoderLayer {
+                self_norm: vec_l(&format!("{DEC}/ZCRMSNorm_0/scale"), i),
+                cross_norm: vec_l(&format!("{DEC}/ZCRMSNorm_1/scale"), i),
+                self_gate: scalar_l(&format!("{DEC}/self_attn_gate"), i),
+                cross_gate: scalar_l(&format!("{DEC}/cross_attn_gate"), i),
+                self_attn: attn(&format!("{DEC}/self_attn"), i),
+                cross_attn: attn(&format!("{DEC}/cross_attn"), i),
+            })
+            .collect();
+        Ok(Model {
+            embedding: Array2::from_shape_vec((c.vocab_size, d), t("embedding/embedding").to_vec())
+                .expect("validated shape"),
+            encoder,
+            encoder_norm: Array1::from_vec(t("encoder/final_norm/scale").to_vec()),
+            decoder,
+            decoder_norm: Array1::from_vec(t("decoder/ZCRMSNorm_0/scale").to_vec()),
+            config: c,
+        })
+    }
+}

@@ -1,1 +1,84 @@
-//! Shared helpers for the end-to-end tests: fixture paths and golden-file readers.
+//! Shared helpers for the end-to-end tests: fixture paths and readers of the reference
+//! implementation's golden files (`tests/fixtures/golden/`, see its README).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A file under `tests/fixtures/golden/`.
+pub fn golden(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/golden").join(name)
+}
+
+/// A file of the bundled trained model, `examples/tiny-needle/`.
+pub fn tiny_needle(name: &str) -> PathBuf {
+    repo_root().join("examples/tiny-needle").join(name)
+}
+
+/// Reads and parses a JSON fixture.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> T {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// One entry of `forced_{tiny,small}.json`.
+#[derive(Debug, Deserialize)]
+pub struct ForcedCase {
+    pub query: String,
+    pub tools: String,
+    pub answer: String,
+    pub mode: String,
+    pub enc_ids: Vec<u32>,
+    pub dec_ids: Vec<u32>,
+    pub top5: Vec<Vec<u32>>,
+    pub top5_vals: Vec<Vec<f32>>,
+    pub probe_ids: Vec<u32>,
+    pub probe_vals: Vec<Vec<f32>>,
+    pub enc_out_l2: f32,
+}
+
+/// One entry of `greedy_{tiny,small}.json`.
+#[derive(Debug, Deserialize)]
+pub struct GreedyCase {
+    pub query: String,
+    pub tools: String,
+    pub mode: String,
+    pub enc_ids: Vec<u32>,
+    pub n_query_tokens: usize,
+    pub gen_ids: Vec<u32>,
+    pub text: String,
+    pub output: String,
+    pub step_gaps: Vec<f32>,
+}
+
+/// One entry of `cases.json`.
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub query: String,
+    pub tools: String,
+    pub answer: String,
+    pub max_gen_len: usize,
+}
+
+/// One entry of `examples/tiny-needle/samples.json`.
+#[derive(Debug, Deserialize)]
+pub struct Sample {
+    pub query: String,
+    pub expected: String,
+    pub stock_exact: String,
+    pub stock_folded: String,
+    pub fold_folded: String,
+    pub stock_exact_min_gap: f32,
+    pub fold_folded_min_gap: f32,
+}
+
+/// Logits agree when within 1e-3 of the step's logit scale (the golden README's tolerance).
+pub fn logit_tolerance(golden_values: &[f32]) -> f32 {
+    let scale = golden_values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    1e-3 * scale.max(1e-2)
+}
