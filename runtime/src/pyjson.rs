@@ -103,10 +103,11 @@ pub struct JsonError {
 
 impl fmt::Display for JsonError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Python's own layout, so messages read the same as the reference's.
         write!(
             f,
-            "{} at line {}, column {}",
-            self.message, self.line, self.column
+            "{}: line {} column {} (char {})",
+            self.message, self.line, self.column, self.offset
         )
     }
 }
@@ -276,21 +277,21 @@ impl Parser<'_> {
             }
             out.push_str(&self.src[run_start..self.pos]);
             match self.bytes.get(self.pos) {
-                None => return Err(self.error_at(open, "Unterminated string starting")),
+                None => return Err(self.error_at(open, "Unterminated string starting at")),
                 Some(b'"') => {
                     self.pos += 1;
                     return Ok(out);
                 }
-                Some(b'\\') => self.escape(&mut out)?,
-                Some(_) => return Err(self.error_at(self.pos, "Invalid control character")),
+                Some(b'\\') => self.escape(open, &mut out)?,
+                Some(_) => return Err(self.error_at(self.pos, "Invalid control character at")),
             }
         }
     }
 
-    fn escape(&mut self, out: &mut String) -> Result<(), JsonError> {
+    fn escape(&mut self, open: usize, out: &mut String) -> Result<(), JsonError> {
         let at = self.pos;
         let Some(&c) = self.bytes.get(self.pos + 1) else {
-            return Err(self.error_at(at, "Unterminated string starting"));
+            return Err(self.error_at(open, "Unterminated string starting at"));
         };
         self.pos += 2;
         let simple = match c {
@@ -323,7 +324,11 @@ impl Parser<'_> {
 
     /// `self.pos` is just past `\u`; `at` is the backslash.
     fn unicode_escape(&mut self, at: usize, out: &mut String) -> Result<(), JsonError> {
-        // Python points at the `u` for a bad hex escape.
+        // Python points at the `u` for a bad hex escape, and (C scanner quirk) also calls an
+        // escape that ends the input "invalid" rather than the string unterminated.
+        if self.pos + 4 >= self.bytes.len() {
+            return Err(self.error_at(at + 1, "Invalid \\uXXXX escape"));
+        }
         let Some(hi) = self.hex4(self.pos) else {
             return Err(self.error_at(at + 1, "Invalid \\uXXXX escape"));
         };
@@ -341,6 +346,9 @@ impl Parser<'_> {
             // A high surrogate pairs only with an immediately following `\u` low surrogate.
             if self.bytes.get(self.pos..self.pos + 2) != Some(b"\\u") {
                 return Err(unpaired(self, hi));
+            }
+            if self.pos + 6 >= self.bytes.len() {
+                return Err(self.error_at(self.pos + 1, "Invalid \\uXXXX escape"));
             }
             let Some(lo) = self.hex4(self.pos + 2) else {
                 return Err(self.error_at(self.pos + 1, "Invalid \\uXXXX escape"));
@@ -509,9 +517,24 @@ pub fn float_repr(f: f64) -> String {
     if f.is_infinite() {
         return if f > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
     }
-    // Rust's `{:e}` gives the shortest round-trip digits, as Python's repr picks them; only the
-    // layout differs.
-    let sci = format!("{f:e}");
+    // Rust's `{:e}` finds the shortest digit count that round-trips, as Python's repr does, but
+    // when two such strings are equally close (910857286436051.25 -> ...051.2 or ...051.3) it
+    // rounds up where Python's dtoa rounds half to even. Precision formatting is exact with
+    // ties-to-even, so re-rounding to the same count gives Python's choice.
+    let shortest = format!("{f:e}");
+    let n_digits = shortest
+        .split('e')
+        .next()
+        .unwrap_or("")
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .count();
+    let even = format!("{:.*e}", n_digits.saturating_sub(1), f);
+    let sci = if even.parse::<f64>() == Ok(f) {
+        even
+    } else {
+        shortest
+    };
     let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
