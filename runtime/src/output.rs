@@ -19,6 +19,10 @@
 //!    `str.replace` applied in turn from the longest snake name to the shortest (ties in tool
 //!    order). Replacements run one after another, so an original inserted by a longer name can
 //!    itself be hit by a shorter one, as in the reference's sequential replace.
+//!
+//! The one input where this can differ from the reference: JSON holding an unpaired surrogate
+//! escape (`"\ud800"`), which Python parses but [`crate::pyjson`] cannot (see there); such text
+//! takes step 3 instead, and the user gets it as generated, names restored, instead of compacted.
 
 use crate::pyjson::{self, Value};
 
