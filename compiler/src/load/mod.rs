@@ -1,1 +1,444 @@
-//! Checkpoint loaders: the original pickle and safetensors.
+//! Checkpoint loaders: the reference's pickle and safetensors.
+//!
+//! [`load_checkpoint`] picks the format from the file's first bytes (never from its extension,
+//! since checkpoints get renamed), then checks the result against its config: the config must
+//! describe a SAN needlec can run ([`Config::validate`]), every tensor of
+//! [`expected_tensors`] must be present with its shape, and every value must be finite.
+//!
+//! Tensors that the config does not call for are an error, not a warning: a Needle v1 SAN has
+//! exactly the listed tensors, so an extra one means a different architecture (feed-forward
+//! blocks, an extra head) or mangled paths, and silently ignoring weights would compile a
+//! different model from the one that was trained.
+
+pub mod pickle;
+pub mod safetensors;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use needle_runtime::checkpoint::{expected_tensors, Checkpoint, DType, Tensor};
+use needle_runtime::config::{Config, ConfigError};
+
+pub use self::safetensors::save_safetensors;
+
+/// Why a checkpoint could not be loaded. Messages say what is wrong, where, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error(
+        "{path} is not a checkpoint needlec can read ({found}); accepted formats: a Python pickle \
+         (protocol 2 to 5, starts with byte 0x80) as written by the Needle reference, or a \
+         safetensors file (8-byte little-endian header length, then a JSON header)"
+    )]
+    UnknownFormat { path: PathBuf, found: String },
+
+    #[error(
+        "the pickle ends early at byte {offset}, while reading {what}: the file is truncated \
+         (an interrupted copy or download?); fetch or save it again"
+    )]
+    Truncated { offset: usize, what: String },
+
+    #[error("pickle byte {offset}: {problem}")]
+    Pickle { offset: usize, problem: String },
+
+    #[error(
+        "pickle byte {offset}: refers to `{name}`, which a checkpoint never needs; needlec \
+         executes nothing from a pickle and only accepts numpy array constructors, so this file \
+         is either not a Needle checkpoint or was tampered with. Do not load it with Python's \
+         pickle either"
+    )]
+    ForbiddenGlobal { offset: usize, name: String },
+
+    #[error("tensor `{path}` (pickle byte {offset}): {problem}")]
+    BadArray {
+        path: String,
+        offset: usize,
+        problem: String,
+    },
+
+    #[error("checkpoint layout: {problem}")]
+    Structure { problem: String },
+
+    #[error("config{}: {problem}", key.as_ref().map(|k| format!(" key `{k}`")).unwrap_or_default())]
+    Config {
+        key: Option<String>,
+        problem: String,
+    },
+
+    #[error("invalid config: {0}")]
+    InvalidConfig(#[from] ConfigError),
+
+    #[error(
+        "tensor `{path}` is missing (expected shape {expected:?}); the checkpoint has {} tensors. \
+         Check that the file is a Needle v1 checkpoint and that its config matches it",
+        found_count
+    )]
+    MissingTensor {
+        path: String,
+        expected: Vec<usize>,
+        found_count: usize,
+    },
+
+    #[error(
+        "tensor `{path}` has shape {found:?} but the config implies {expected:?} ({dims}); {culprit}"
+    )]
+    WrongShape {
+        path: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        dims: String,
+        culprit: String,
+    },
+
+    #[error(
+        "tensor `{path}` holds {count} non-finite value(s) (first: {first} at flat index {index}); \
+         the checkpoint is corrupt or training diverged: use an earlier checkpoint"
+    )]
+    NonFinite {
+        path: String,
+        count: usize,
+        index: usize,
+        first: f32,
+    },
+
+    #[error(
+        "unexpected tensor(s) that a Needle v1 SAN of this config does not have: {}; the file \
+         is a different architecture or its paths are mangled",
+        paths.join(", ")
+    )]
+    UnexpectedTensors { paths: Vec<String> },
+
+    #[error("safetensors file {path}: {problem}")]
+    Safetensors { path: PathBuf, problem: String },
+}
+
+/// Loads a checkpoint (pickle or safetensors, told apart by content) and checks it against its
+/// config.
+pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, LoadError> {
+    let data = std::fs::read(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let ckpt = match detect(&data) {
+        Format::Pickle => load_pickle_bytes(&data)?,
+        Format::Safetensors => self::safetensors::load_safetensors_bytes(&data, path)?,
+        Format::Unknown(found) => {
+            return Err(LoadError::UnknownFormat {
+                path: path.to_path_buf(),
+                found,
+            })
+        }
+    };
+    check_checkpoint(&ckpt)?;
+    Ok(ckpt)
+}
+
+enum Format {
+    Pickle,
+    Safetensors,
+    Unknown(String),
+}
+
+fn detect(data: &[u8]) -> Format {
+    if data.first() == Some(&0x80) {
+        return Format::Pickle;
+    }
+    if data.len() >= 9 {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&data[..8]);
+        let n = u64::from_le_bytes(n);
+        if data[8] == b'{' && n <= (data.len() - 8) as u64 {
+            return Format::Safetensors;
+        }
+    }
+    let found = if data.is_empty() {
+        "the file is empty".to_string()
+    } else {
+        let head: String = data
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!("it starts with bytes {head}")
+    };
+    Format::Unknown(found)
+}
+
+/// Parses a pickled checkpoint without checking it against its config.
+pub fn load_pickle_bytes(data: &[u8]) -> Result<Checkpoint, LoadError> {
+    let top = pickle::unpickle(data)?;
+    let pickle::PyData::Dict(items) = top else {
+        return Err(LoadError::Structure {
+            problem: format!(
+                "the pickle holds {}, not a dict with `params` and `config`",
+                top.kind()
+            ),
+        });
+    };
+    let mut params = None;
+    let mut config = None;
+    // Other top-level keys (e.g. `pretrain_step`) are training bookkeeping.
+    for (k, v) in items {
+        match k.as_str() {
+            "params" => params = Some(v),
+            "config" => config = Some(v),
+            _ => {}
+        }
+    }
+    let (Some(params), Some(config)) = (params, config) else {
+        return Err(LoadError::Structure {
+            problem:
+                "the top-level dict lacks `params` or `config`: this is not a Needle checkpoint"
+                    .into(),
+        });
+    };
+    let config = config_from_pydata(&config)?;
+    let tensors = pickle::flatten_params(params)?;
+    Ok(Checkpoint { config, tensors })
+}
+
+fn config_from_pydata(d: &pickle::PyData) -> Result<Config, LoadError> {
+    let pickle::PyData::Dict(items) = d else {
+        return Err(LoadError::Config {
+            key: None,
+            problem: format!("`config` is {}, not a dict", d.kind()),
+        });
+    };
+    let mut map = serde_json::Map::new();
+    for (k, v) in items {
+        let j = v.to_json().ok_or_else(|| LoadError::Config {
+            key: Some(k.clone()),
+            problem: format!(
+                "value is {}, but config values are ints, floats, strings or bools",
+                v.kind()
+            ),
+        })?;
+        map.insert(k.clone(), j);
+    }
+    config_from_json(serde_json::Value::Object(map))
+}
+
+/// Builds a [`Config`] from a JSON object; missing keys take their defaults, unknown keys are
+/// ignored, and a bad value is reported with its key.
+pub fn config_from_json(v: serde_json::Value) -> Result<Config, LoadError> {
+    let serde_json::Value::Object(map) = v else {
+        return Err(LoadError::Config {
+            key: None,
+            problem: format!("expected a JSON object, found {v}"),
+        });
+    };
+    match serde_json::from_value::<Config>(serde_json::Value::Object(map.clone())) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            // serde's message lacks the key: find it by trying each key on its own.
+            for (k, val) in &map {
+                let mut one = serde_json::Map::new();
+                one.insert(k.clone(), val.clone());
+                if let Err(e) = serde_json::from_value::<Config>(serde_json::Value::Object(one)) {
+                    return Err(LoadError::Config {
+                        key: Some(k.clone()),
+                        problem: format!(
+                            "{e} (found {val}); fix the value in the checkpoint's config"
+                        ),
+                    });
+                }
+            }
+            Err(LoadError::Config {
+                key: None,
+                problem: e.to_string(),
+            })
+        }
+    }
+}
+
+/// The checks [`load_checkpoint`] runs after parsing: config validity, tensor set and shapes,
+/// finite values.
+pub fn check_checkpoint(ckpt: &Checkpoint) -> Result<(), LoadError> {
+    let c = &ckpt.config;
+    c.validate()?;
+    let expected = expected_tensors(c);
+    let mut wrong = Vec::new();
+    for (path, shape) in &expected {
+        match ckpt.tensors.get(path) {
+            None => {
+                return Err(LoadError::MissingTensor {
+                    path: path.clone(),
+                    expected: shape.clone(),
+                    found_count: ckpt.tensors.len(),
+                })
+            }
+            Some(t) if &t.shape != shape => wrong.push((path, shape, t)),
+            Some(_) => {}
+        }
+    }
+    if let Some(&(path, shape, t)) = wrong.first() {
+        // One odd tensor among many right ones points at the tensor; a widespread mismatch points at
+        // the config (or a config from another model).
+        let culprit = if wrong.len() == 1 {
+            "all other tensors agree with the config, so this tensor is likely corrupt or from another model".to_string()
+        } else {
+            format!(
+                "{} of {} tensors disagree with the config, so the config is likely wrong (or belongs to \
+                 another model): fix the config keys named above",
+                wrong.len(),
+                expected.len()
+            )
+        };
+        return Err(LoadError::WrongShape {
+            path: path.clone(),
+            expected: shape.clone(),
+            found: t.shape.clone(),
+            dims: dim_names(c, shape, &t.shape),
+            culprit,
+        });
+    }
+    let extra: Vec<String> = ckpt
+        .tensors
+        .keys()
+        .filter(|k| !expected.iter().any(|(p, _)| p == *k))
+        .cloned()
+        .collect();
+    if !extra.is_empty() {
+        return Err(LoadError::UnexpectedTensors { paths: extra });
+    }
+    for (path, _) in &expected {
+        if let Some(t) = ckpt.tensors.get(path) {
+            check_finite(path, t)?;
+        }
+    }
+    Ok(())
+}
+
+/// Names the config keys behind the dimensions that differ.
+fn dim_names(c: &Config, expected: &[usize], found: &[usize]) -> String {
+    let named = [
+        ("vocab_size", c.vocab_size),
+        ("d_model", c.d_model),
+        ("num_encoder_layers", c.num_encoder_layers),
+        ("num_decoder_layers", c.num_decoder_layers),
+        ("num_kv_heads * d_model / num_heads", c.kv_dim()),
+        ("d_model / num_heads", c.head_dim()),
+        ("d_model / 4", c.d_model / 4),
+        ("contrastive_dim", c.contrastive_dim),
+    ];
+    if expected.len() != found.len() {
+        return format!(
+            "{} dimensions expected, {} found",
+            expected.len(),
+            found.len()
+        );
+    }
+    let mut parts = Vec::new();
+    for (i, (&e, &f)) in expected.iter().zip(found).enumerate() {
+        if e != f {
+            let keys: Vec<&str> = named
+                .iter()
+                .filter(|(_, v)| *v == e)
+                .map(|(k, _)| *k)
+                .collect();
+            let from = if keys.is_empty() {
+                String::new()
+            } else {
+                format!(" from {}", keys.join(" or "))
+            };
+            parts.push(format!("axis {i}: expected {e}{from}, found {f}"));
+        }
+    }
+    parts.join("; ")
+}
+
+fn check_finite(path: &str, t: &Tensor) -> Result<(), LoadError> {
+    let mut count = 0;
+    let mut first = None;
+    let mut note = |i: usize, v: f32| {
+        if !v.is_finite() {
+            count += 1;
+            first.get_or_insert((i, v));
+        }
+    };
+    // Decode in place rather than through to_f32 to avoid a second copy of large tensors.
+    match t.dtype {
+        DType::F32 => t
+            .bytes
+            .chunks_exact(4)
+            .enumerate()
+            .for_each(|(i, c)| note(i, f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        DType::F16 => t.bytes.chunks_exact(2).enumerate().for_each(|(i, c)| {
+            // Exponent all ones: Inf or NaN.
+            if c[1] & 0x7c == 0x7c {
+                note(i, half::f16::from_le_bytes([c[0], c[1]]).to_f32());
+            }
+        }),
+        DType::BF16 => t.bytes.chunks_exact(2).enumerate().for_each(|(i, c)| {
+            note(i, half::bf16::from_le_bytes([c[0], c[1]]).to_f32());
+        }),
+    }
+    match first {
+        Some((index, first)) => Err(LoadError::NonFinite {
+            path: path.to_string(),
+            count,
+            index,
+            first,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Human-readable summary for `needlec inspect`: every config key, the parameter count, and one
+/// row per tensor.
+pub fn inspect_report(ckpt: &Checkpoint) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "config:");
+    match serde_json::to_value(&ckpt.config) {
+        Ok(serde_json::Value::Object(map)) => {
+            let w = map.keys().map(|k| k.len()).max().unwrap_or(0);
+            for (k, v) in &map {
+                let _ = writeln!(out, "  {k:<w$}  {v}");
+            }
+        }
+        _ => {
+            let _ = writeln!(out, "  {:?}", ckpt.config);
+        }
+    }
+    let total: usize = ckpt.tensors.values().map(Tensor::numel).sum();
+    let bytes: usize = ckpt.tensors.values().map(|t| t.bytes.len()).sum();
+    let _ = writeln!(
+        out,
+        "parameters: {total} ({:.2}M) in {} tensors, {bytes} bytes",
+        total as f64 / 1e6,
+        ckpt.tensors.len()
+    );
+    let pw = ckpt
+        .tensors
+        .keys()
+        .map(|k| k.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let shapes: Vec<String> = ckpt
+        .tensors
+        .values()
+        .map(|t| format!("{:?}", t.shape))
+        .collect();
+    let sw = shapes.iter().map(String::len).max().unwrap_or(0).max(5);
+    let _ = writeln!(
+        out,
+        "{:<pw$}  {:<8}  {:<sw$}  {:>10}",
+        "path", "dtype", "shape", "numel"
+    );
+    for ((path, t), shape) in ckpt.tensors.iter().zip(&shapes) {
+        let _ = writeln!(
+            out,
+            "{path:<pw$}  {:<8}  {shape:<sw$}  {:>10}",
+            t.dtype.name(),
+            t.numel()
+        );
+    }
+    out
+}

@@ -1,1 +1,0 @@
-//! SentencePiece BPE tokenizer (spec section 4).

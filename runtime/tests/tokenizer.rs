@@ -1,0 +1,240 @@
+//! Tokenizer parity with the reference (`sentencepiece`) on its golden vectors.
+
+use std::path::Path;
+
+use needle_runtime::tokenizer::{Tokenizer, TokenizerError};
+use serde_json::Value;
+
+const DEV4K_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/golden/dev4k.model"
+);
+const TOK_GOLDEN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/golden/tok_dev4k.json"
+);
+const TINY_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../examples/tiny-needle/tokenizer.model"
+);
+
+fn golden(name: &str) -> Value {
+    let path = format!(
+        "{}/../tests/fixtures/golden/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn dev4k() -> Tokenizer {
+    Tokenizer::from_file(Path::new(DEV4K_MODEL)).unwrap()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn vocab_layout_matches_spec() {
+    let tok = dev4k();
+    assert_eq!(tok.vocab_size(), 4096);
+    let expect = [
+        (0, "<pad>"),
+        (1, "</s>"),
+        (2, "<s>"),
+        (3, "<unk>"),
+        (4, "<tool_call>"),
+        (5, "<tools>"),
+        (6, "<0x00>"),
+        (261, "<0xFF>"),
+    ];
+    for (id, piece) in expect {
+        assert_eq!(tok.piece(id), Some(piece), "id {id}");
+    }
+    assert_eq!(tok.piece(4096), None);
+}
+
+#[test]
+fn golden_ids_pieces_and_decoded() {
+    let tok = dev4k();
+    let cases: Value = serde_json::from_str(&std::fs::read_to_string(TOK_GOLDEN).unwrap()).unwrap();
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 289);
+    let mut failures = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let text = c["text"].as_str().unwrap();
+        let want_ids = ids_of(&c["ids"]);
+        let want_pieces: Vec<&str> = c["pieces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        let ids = tok.encode(text);
+        let pieces = tok.encode_pieces(text);
+        if ids != want_ids || pieces != want_pieces {
+            failures.push(format!(
+                "#{i} {text:?}\n  got  {ids:?} {pieces:?}\n  want {want_ids:?} {want_pieces:?}"
+            ));
+        }
+        let decoded = tok.decode(&want_ids);
+        if decoded != c["decoded"].as_str().unwrap() {
+            failures.push(format!(
+                "#{i} decode {want_ids:?}: got {decoded:?}, want {:?}",
+                c["decoded"]
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Greedy generations of random models decode ids nobody chose (stray bytes, controls).
+#[test]
+fn golden_greedy_texts_decode() {
+    let tok = dev4k();
+    let mut n = 0;
+    for file in ["greedy_tiny.json", "greedy_small.json"] {
+        for case in golden(file).as_array().unwrap() {
+            let ids = ids_of(&case["gen_ids"]);
+            assert_eq!(
+                tok.decode(&ids),
+                case["text"].as_str().unwrap(),
+                "{file}: {ids:?}"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 16);
+}
+
+/// Decoder inputs are `[1, 4] + tokens(answer)` and encoder inputs start with `tokens(query)`.
+#[test]
+fn golden_forced_inputs_encode() {
+    let tok = dev4k();
+    for file in ["forced_tiny.json", "forced_small.json"] {
+        for case in golden(file).as_array().unwrap() {
+            let dec = ids_of(&case["dec_ids"]);
+            let mut want = vec![1, 4];
+            want.extend(tok.encode(case["answer"].as_str().unwrap()));
+            assert_eq!(dec, want, "{file}: {}", case["answer"]);
+            let enc = ids_of(&case["enc_ids"]);
+            let q = tok.encode(case["query"].as_str().unwrap());
+            assert_eq!(&enc[..q.len()], &q[..], "{file}: {}", case["query"]);
+            assert_eq!(enc[q.len()], 5);
+        }
+    }
+}
+
+#[test]
+fn token_texts_follow_grammar_rules() {
+    let tok = dev4k();
+    let texts = tok.token_texts();
+    assert_eq!(texts.len(), 4096);
+    assert!(texts[..4].iter().all(String::is_empty));
+    assert_eq!(texts[4], "<tool_call>");
+    assert_eq!(texts[5], "<tools>");
+    // Byte pieces are Latin-1 characters, not UTF-8 decodings.
+    assert_eq!(texts[6], "\u{0}");
+    assert_eq!(texts[6 + 0x22], "\"");
+    assert_eq!(texts[6 + 0xE9], "\u{E9}");
+    assert_eq!(tok.piece(3981), Some("\u{2581}"));
+    assert_eq!(texts[3981], " ");
+    assert_eq!(tok.piece(298), Some("\u{2581}a"));
+    assert_eq!(texts[298], " a");
+}
+
+#[test]
+fn tiny_needle_model_loads_and_round_trips() {
+    let tok = Tokenizer::from_file(Path::new(TINY_MODEL)).unwrap();
+    assert_eq!(tok.vocab_size(), 2048);
+    assert_eq!(tok.piece(4), Some("<tool_call>"));
+    assert_eq!(tok.piece(5), Some("<tools>"));
+    let samples: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/tiny-needle/samples.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    for s in samples.as_array().unwrap() {
+        for key in ["query", "expected"] {
+            let text = s[key].as_str().unwrap();
+            let ids = tok.encode(text);
+            assert!(ids.iter().all(|&i| (i as usize) < 2048));
+            assert_eq!(
+                tok.decode(&ids),
+                text.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+    }
+}
+
+#[test]
+fn corrupt_models_error_without_panicking() {
+    let bytes = std::fs::read(DEV4K_MODEL).unwrap();
+    // Every truncation point must give an error, not a panic (or, at a field boundary, a
+    // smaller model, which must then fail validation or still work).
+    for cut in (0..bytes.len())
+        .step_by(97)
+        .chain([1, 2, 3, bytes.len() - 1])
+    {
+        let _ = Tokenizer::from_model_bytes(&bytes[..cut]);
+    }
+    match Tokenizer::from_model_bytes(&bytes[..bytes.len() - 1]) {
+        Err(TokenizerError::Truncated { offset, .. }) => assert!(offset <= bytes.len()),
+        other => panic!("expected a truncation error, got {other:?}"),
+    }
+    let err = Tokenizer::from_model_bytes(&[0x0a, 0xff]).unwrap_err();
+    assert!(matches!(err, TokenizerError::Truncated { .. }), "{err}");
+    let err = Tokenizer::from_model_bytes(&[0x0b]).unwrap_err();
+    assert!(
+        matches!(err, TokenizerError::Malformed { offset: 0, .. }),
+        "{err}"
+    );
+    assert!(Tokenizer::from_model_bytes(&[]).is_err());
+    // Flipping bytes must never panic.
+    let mut rng = 0x1234_5678_u32;
+    for _ in 0..300 {
+        let mut b = bytes.clone();
+        for _ in 0..4 {
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let i = (rng as usize >> 8) % b.len();
+            b[i] ^= (rng >> 3) as u8 | 1;
+        }
+        if let Ok(tok) = Tokenizer::from_model_bytes(&b) {
+            let ids = tok.encode("What's the weather in 東京? <tool_call>  x");
+            let _ = tok.decode(&ids);
+        }
+    }
+}
+
+#[test]
+fn encoding_a_long_tool_list_is_fast() {
+    let tok = dev4k();
+    let tools = golden("grammar_dev4k.json")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["tools_normalized"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let text: String = tools.chars().take(2048).collect();
+    let start = std::time::Instant::now();
+    let runs = 20;
+    for _ in 0..runs {
+        assert!(!tok.encode(&text).is_empty());
+    }
+    let per = start.elapsed() / runs;
+    // Debug build on a shared machine: generous bound, still catches quadratic blowups.
+    assert!(per.as_millis() < 50, "{per:?} per 2 KB encode");
+}
