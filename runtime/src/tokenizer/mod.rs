@@ -436,8 +436,8 @@ impl Tokenizer {
     /// Builds a tokenizer from a Hugging Face `tokenizer.json` whose model is BPE.
     ///
     /// Merge ranks become scores (`-rank` of the first merge that produces a piece), which is
-    /// exactly how sentencepiece-derived tokenizer.json files were made; see [`hf`] for the
-    /// mapping of its normalizer, pre-tokenizer and added tokens.
+    /// how sentencepiece-derived tokenizer.json files order their merges; the `hf` module's
+    /// documentation gives the mapping of its normalizer, pre-tokenizer and added tokens.
     pub fn from_hf_json(json: &str) -> Result<Tokenizer, TokenizerError> {
         hf::load(json)
     }
