@@ -159,7 +159,7 @@ impl GrammarTables {
     pub fn child(&self, node: u32, c: char) -> u32 {
         let (Some(&a), Some(&b)) = (
             self.edge_start.get(node as usize),
-            self.edge_start.get(node as usize + 1),
+            self.edge_start.get((node as usize).saturating_add(1)),
         ) else {
             return NONE;
         };
@@ -201,7 +201,7 @@ impl GrammarTables {
     /// Sorted ids allowed at `node`, or `None` when there are none (unconstrained step).
     pub fn allowed_at(&self, node: u32) -> Option<&[u32]> {
         let a = *self.allowed_start.get(node as usize)? as usize;
-        let b = *self.allowed_start.get(node as usize + 1)? as usize;
+        let b = *self.allowed_start.get((node as usize).saturating_add(1))? as usize;
         let ids = self.allowed_ids.get(a..b)?;
         (!ids.is_empty()).then_some(ids)
     }
@@ -209,7 +209,10 @@ impl GrammarTables {
     /// The text fed to the machine for a token (empty for unknown ids).
     pub fn token_text(&self, id: u32) -> &str {
         let i = id as usize;
-        match (self.token_start.get(i), self.token_start.get(i + 1)) {
+        match (
+            self.token_start.get(i),
+            self.token_start.get(i.saturating_add(1)),
+        ) {
             (Some(&a), Some(&b)) => self.token_text.get(a as usize..b as usize).unwrap_or(""),
             _ => "",
         }

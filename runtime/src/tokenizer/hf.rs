@@ -9,7 +9,9 @@
 //!   piece produced by some merge. (HF ranks pairs, not results: where two different pairs make
 //!   the same piece, this uses the better rank for both.)
 //! - `added_tokens`: `special` ones are control pieces (the `unk_token` is the unknown piece),
-//!   the others user-defined symbols (matched literally before BPE).
+//!   the others user-defined symbols (matched literally before BPE). Unlike HF, special tokens
+//!   are not matched inside the text: sentencepiece never does, and the reference's `<s>` in a
+//!   query is ordinary text.
 //! - `<0xNN>` vocabulary entries are byte pieces when `model.byte_fallback` is set.
 //! - Whitespace: a `Prepend("▁")` normalizer or a Metaspace pre-tokenizer that prepends gives the
 //!   dummy prefix; `Replace(" ", "▁")` or Metaspace's replacement escapes spaces. HF does not

@@ -436,8 +436,8 @@ impl Tokenizer {
     /// Builds a tokenizer from a Hugging Face `tokenizer.json` whose model is BPE.
     ///
     /// Merge ranks become scores (`-rank` of the first merge that produces a piece), which is
-    /// exactly how sentencepiece-derived tokenizer.json files were made; see [`hf`] for the
-    /// mapping of its normalizer, pre-tokenizer and added tokens.
+    /// how sentencepiece-derived tokenizer.json files order their merges; the `hf` module's
+    /// documentation gives the mapping of its normalizer, pre-tokenizer and added tokens.
     pub fn from_hf_json(json: &str) -> Result<Tokenizer, TokenizerError> {
         hf::load(json)
     }
@@ -570,10 +570,18 @@ impl Tokenizer {
 
     /// Id of the piece whose text is exactly `bytes`, among the searchable ones.
     pub fn lookup(&self, bytes: &[u8]) -> Option<u32> {
-        let i = self
-            .t
+        let t = &self.t;
+        let text = t.pieces.as_bytes();
+        let i = t
             .sorted
-            .binary_search_by(|&id| self.piece(id).unwrap_or("").as_bytes().cmp(bytes))
+            .binary_search_by(|&id| {
+                let i = id as usize;
+                let piece = match (t.piece_offsets.get(i), t.piece_offsets.get(i + 1)) {
+                    (Some(&a), Some(&b)) => text.get(a as usize..b as usize).unwrap_or(&[]),
+                    _ => &[],
+                };
+                piece.cmp(bytes)
+            })
             .ok()?;
         self.t.sorted.get(i).copied()
     }
