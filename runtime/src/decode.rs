@@ -1,1 +1,347 @@
-//! TODO(lead): decode
+//! From query text to tool-call text: prompt assembly (spec section 3), greedy decoding under the
+//! reference grammar (spec section 5), and the teacher-forced view used by `needlec trace`.
+
+use crate::forward::{decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools};
+use crate::grammar::{Grammar, GrammarTables};
+use crate::model::Model;
+use crate::output::postprocess;
+use crate::tokenizer::Tokenizer;
+
+/// Token ids with fixed meanings in every Needle tokenizer.
+pub const EOS_ID: u32 = 1;
+pub const TOOL_CALL_ID: u32 = 4;
+pub const TOOLS_ID: u32 = 5;
+/// The encoder's whole input budget in tokens.
+pub const ENCODER_BUDGET: usize = 1024;
+/// The reference keeps at most this many query tokens.
+pub const MAX_QUERY_TOKENS: usize = 1022;
+/// The reference's default `max_gen_len`: at most `max_gen_len - 1` generated tokens.
+pub const DEFAULT_MAX_GEN_LEN: usize = 512;
+
+/// How the tools side of the encoder is computed (spec section 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldMode {
+    /// The reference: the whole prompt is encoded with full attention for every query.
+    None,
+    /// Tools-side positions attend only to each other, so they are computed once.
+    Tools,
+}
+
+impl FoldMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            FoldMode::None => "none",
+            FoldMode::Tools => "tools",
+        }
+    }
+}
+
+/// The normalized tool list as the decoder needs it.
+#[derive(Clone, Debug, Default)]
+pub struct ToolContext {
+    /// Python-exact compact JSON of the normalized list: what the encoder reads.
+    pub normalized_json: String,
+    /// `(snake_case name, original name)` for every tool.
+    pub name_map: Vec<(String, String)>,
+    /// `(snake_case name, parameter keys)`: what the grammar constrains.
+    pub signatures: Vec<(String, Vec<String>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "the tokenizer has {tokenizer} pieces but the model's vocabulary is {model}: they do not \
+         belong together (pass the tokenizer the checkpoint was trained with)"
+    )]
+    VocabMismatch { tokenizer: usize, model: usize },
+    #[error(
+        "the tool list takes {tool_tokens} tokens, which leaves no room for a query in the \
+         {ENCODER_BUDGET}-token encoder budget (the `<tools>` marker takes one more); shorten \
+         descriptions or drop tools"
+    )]
+    ToolsTooLong { tool_tokens: usize },
+    #[error(
+        "max_gen_len must be at least 2 (it allows max_gen_len - 1 generated tokens), got {0}"
+    )]
+    MaxGenLen(usize),
+    #[error("answer token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+}
+
+/// The encoder input for one query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prompt {
+    /// Query tokens, then `<tools>`, then tool tokens.
+    pub enc_ids: Vec<u32>,
+    pub n_query_tokens: usize,
+}
+
+/// What happened at one decoder position.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The five largest logits before any grammar mask, best first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+    /// Whether the grammar constrained this step.
+    pub grammar_active: bool,
+    /// How many tokens the grammar allowed (`None`: unconstrained).
+    pub allowed: Option<usize>,
+    /// The token chosen (greedy) or fed (teacher-forced) next.
+    pub next: u32,
+}
+
+/// A whole run for one query.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub prompt: Prompt,
+    /// Decoder inputs: `[EOS] + generated` (greedy) or `[EOS, <tool_call>] + answer` (forced).
+    pub dec_ids: Vec<u32>,
+    /// Generated ids, the stopping EOS excluded.
+    pub gen_ids: Vec<u32>,
+    /// The detokenized generated ids.
+    pub text: String,
+    /// What the user gets: `<tool_call>` dropped, tool names restored.
+    pub output: String,
+    pub steps: Vec<Step>,
+}
+
+/// A loaded model, tokenizer and tool list, ready to answer queries.
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub tools: ToolContext,
+    pub fold: FoldMode,
+    tool_ids: Vec<u32>,
+    grammar: GrammarTables,
+    folded: Option<FoldedTools>,
+}
+
+impl Engine {
+    /// Tokenizes the tool list and, in folded mode, precomputes the tools side.
+    pub fn new(
+        model: Model,
+        tokenizer: Tokenizer,
+        tools: ToolContext,
+        fold: FoldMode,
+    ) -> Result<Engine, EngineError> {
+        if tokenizer.vocab_size() > model.config.vocab_size {
+            return Err(EngineError::VocabMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                model: model.config.vocab_size,
+            });
+        }
+        let tool_ids = tokenizer.encode(&tools.normalized_json);
+        if tool_ids.len() + 1 >= ENCODER_BUDGET {
+            return Err(EngineError::ToolsTooLong {
+                tool_tokens: tool_ids.len(),
+            });
+        }
+        let grammar = GrammarTables::new(&tokenizer.token_texts(), &tools.signatures);
+        let folded = (fold == FoldMode::Tools)
+            .then(|| FoldedTools::precompute(&model, &tools_side(&tool_ids)));
+        Ok(Engine {
+            model,
+            tokenizer,
+            tools,
+            fold,
+            tool_ids,
+            grammar,
+            folded,
+        })
+    }
+
+    /// Token ids of the normalized tool list (before any cut).
+    pub fn tool_ids(&self) -> &[u32] {
+        &self.tool_ids
+    }
+
+    /// The most query tokens this engine keeps. Exact mode keeps the reference's 1022 and cuts
+    /// the tools to fit; folded mode cannot cut its precomputed tools, so it cuts the query.
+    pub fn max_query_tokens(&self) -> usize {
+        match self.fold {
+            FoldMode::None => MAX_QUERY_TOKENS,
+            FoldMode::Tools => MAX_QUERY_TOKENS.min(ENCODER_BUDGET - 1 - self.tool_ids.len()),
+        }
+    }
+
+    /// The encoder input for a query (spec section 3).
+    pub fn prompt(&self, query: &str) -> Prompt {
+        let mut enc_ids = self.tokenizer.encode(query);
+        enc_ids.truncate(self.max_query_tokens());
+        let n_query_tokens = enc_ids.len();
+        enc_ids.push(TOOLS_ID);
+        let room = ENCODER_BUDGET - enc_ids.len();
+        enc_ids.extend(self.tool_ids.iter().take(room));
+        Prompt {
+            enc_ids,
+            n_query_tokens,
+        }
+    }
+
+    /// Runs the encoder and returns the cross-attention K/V of every decoder layer.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> CrossKv {
+        match &self.folded {
+            Some(folded) => {
+                folded.encode_query(&self.model, &prompt.enc_ids[..prompt.n_query_tokens])
+            }
+            None => CrossKv::from_encoder(
+                &self.model,
+                &encode(&self.model, &prompt.enc_ids, EncoderMask::Full),
+            ),
+        }
+    }
+
+    /// Greedy decoding under the reference grammar, at most `max_gen_len - 1` tokens.
+    pub fn generate(&self, query: &str, max_gen_len: usize) -> Result<Generation, EngineError> {
+        if max_gen_len < 2 {
+            return Err(EngineError::MaxGenLen(max_gen_len));
+        }
+        let prompt = self.prompt(query);
+        let cross = self.encode_prompt(&prompt);
+        let mut cache = DecoderCache::new(&self.model);
+        let mut grammar = Grammar::new(&self.grammar);
+        let mut dec_ids = vec![EOS_ID];
+        let mut gen_ids = Vec::new();
+        let mut steps = Vec::new();
+        for _ in 0..max_gen_len - 1 {
+            let logits = decoder_step(
+                &self.model,
+                &cross,
+                &mut cache,
+                *dec_ids.last().expect("starts with EOS"),
+            );
+            let allowed = if grammar.is_active() {
+                grammar.allowed()
+            } else {
+                None
+            };
+            let next = match &allowed {
+                Some(ids) => argmax_among(&logits, ids),
+                None => argmax(&logits),
+            };
+            steps.push(Step {
+                top: top_k(&logits, 5),
+                grammar_active: allowed.is_some(),
+                allowed: allowed.map(<[u32]>::len),
+                next,
+            });
+            if next == EOS_ID {
+                break;
+            }
+            grammar.feed_token(next);
+            gen_ids.push(next);
+            dec_ids.push(next);
+        }
+        let text = self.tokenizer.decode(&gen_ids);
+        let output = postprocess(&text, &self.tools.name_map);
+        Ok(Generation {
+            prompt,
+            dec_ids,
+            gen_ids,
+            text,
+            output,
+            steps,
+        })
+    }
+
+    /// Teacher-forced run over `[EOS, <tool_call>] + answer_ids`: the logits at every decoder
+    /// position and what the grammar would have allowed there.
+    pub fn forced(&self, query: &str, answer_ids: &[u32]) -> Result<Generation, EngineError> {
+        if let Some(&id) = answer_ids
+            .iter()
+            .find(|&&id| id as usize >= self.model.config.vocab_size)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                id,
+                vocab: self.model.config.vocab_size,
+            });
+        }
+        let prompt = self.prompt(query);
+        let cross = self.encode_prompt(&prompt);
+        let mut cache = DecoderCache::new(&self.model);
+        let mut grammar = Grammar::new(&self.grammar);
+        let mut dec_ids = vec![EOS_ID, TOOL_CALL_ID];
+        dec_ids.extend_from_slice(answer_ids);
+        let mut steps = Vec::with_capacity(dec_ids.len());
+        for (i, &token) in dec_ids.iter().enumerate() {
+            let logits = decoder_step(&self.model, &cross, &mut cache, token);
+            let allowed = if grammar.is_active() {
+                grammar.allowed()
+            } else {
+                None
+            };
+            let next = dec_ids.get(i + 1).copied().unwrap_or(EOS_ID);
+            steps.push(Step {
+                top: top_k(&logits, 5),
+                grammar_active: allowed.is_some(),
+                allowed: allowed.map(<[u32]>::len),
+                next,
+            });
+            grammar.feed_token(next);
+        }
+        let gen_ids = dec_ids[1..].to_vec();
+        let text = self.tokenizer.decode(&gen_ids);
+        let output = postprocess(&text, &self.tools.name_map);
+        Ok(Generation {
+            prompt,
+            dec_ids,
+            gen_ids,
+            text,
+            output,
+            steps,
+        })
+    }
+}
+
+/// `[<tools>] + tool ids`: the positions that folding precomputes.
+fn tools_side(tool_ids: &[u32]) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(tool_ids.len() + 1);
+    ids.push(TOOLS_ID);
+    ids.extend_from_slice(tool_ids);
+    ids
+}
+
+/// Index of the largest logit; the first on ties, as `numpy.argmax`.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The allowed id with the largest logit; the lowest id on ties.
+pub fn argmax_among(logits: &[f32], allowed: &[u32]) -> u32 {
+    let mut best: Option<u32> = None;
+    for &id in allowed {
+        let better = match best {
+            None => true,
+            Some(b) => {
+                logits[id as usize] > logits[b as usize]
+                    || (logits[id as usize] == logits[b as usize] && id < b)
+            }
+        };
+        if better {
+            best = Some(id);
+        }
+    }
+    best.unwrap_or_else(|| argmax(logits))
+}
+
+/// The `k` largest logits, best first, lower id first on ties.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    let cmp = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, cmp);
+    }
+    idx.truncate(k);
+    idx.sort_by(cmp);
+    idx.into_iter().map(|i| (i, logits[i as usize])).collect()
+}

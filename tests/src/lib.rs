@@ -7,7 +7,10 @@ use serde::Deserialize;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A file under `tests/fixtures/golden/`.
@@ -22,7 +25,8 @@ pub fn tiny_needle(name: &str) -> PathBuf {
 
 /// Reads and parses a JSON fixture.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> T {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
