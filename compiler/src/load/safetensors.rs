@@ -56,13 +56,15 @@ pub fn load_safetensors_bytes(data: &[u8], path: &Path) -> Result<Checkpoint, Lo
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             Dtype::F32 => DType::F32,
-            other => return Err(st_err(
-                path,
-                format!(
+            other => {
+                return Err(st_err(
+                    path,
+                    format!(
                     "tensor `{name}` has dtype {other:?}; only F16, BF16 and F32 are supported: \
                          convert it and save again"
                 ),
-            )),
+                ))
+            }
         };
         // Checkpoints exported from PyTorch-style tooling join paths with `.`.
         let key = name.replace('.', "/");
