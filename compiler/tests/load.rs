@@ -216,6 +216,10 @@ fn safetensors_round_trip() {
         let renamed = tmp(&format!("rt{i}.pkl"));
         std::fs::write(&renamed, &first).unwrap();
         assert_eq!(load_checkpoint(&renamed).unwrap(), ck);
+        // A truncated safetensors file is recognized as one and reported as corrupt.
+        std::fs::write(&renamed, &first[..first.len() - 100]).unwrap();
+        let e = load_checkpoint(&renamed).unwrap_err();
+        assert!(matches!(e, LoadError::Safetensors { .. }), "{e}");
     }
 }
 
@@ -678,4 +682,21 @@ fn bad_config_type() {
         matches!(&e, LoadError::Config { key: Some(k), .. } if k == "num_kv_heads"),
         "{e}"
     );
+}
+
+#[test]
+fn unknown_config_keys_are_ignored_whatever_their_type() {
+    // Insert `'betas': (0.9, 0.99)` into tiny_random's config, just before its closing SETITEMS
+    // (byte 681374 per pickletools).
+    let mut raw = fixture_bytes(TINY_RANDOM);
+    assert_eq!(&raw[681373..681376], b"\x88uu");
+    let mut extra = b"\x8c\x05betasG".to_vec();
+    extra.extend_from_slice(&0.9f64.to_be_bytes());
+    extra.push(b'G');
+    extra.extend_from_slice(&0.99f64.to_be_bytes());
+    extra.push(0x86);
+    raw.splice(681374..681374, extra);
+    let ck = load_pickle_bytes(&raw).unwrap();
+    assert_eq!(ck.config, load(TINY_RANDOM).config);
+    check_checkpoint(&ck).unwrap();
 }

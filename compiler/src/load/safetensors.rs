@@ -109,7 +109,10 @@ impl View for StView<'_> {
 pub fn safetensors_bytes(ckpt: &Checkpoint) -> Result<Vec<u8>, LoadError> {
     let here = Path::new("<memory>");
     for (name, t) in &ckpt.tensors {
-        let want = t.numel().checked_mul(t.dtype.size());
+        let want = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size(), |a, &d| a.checked_mul(d));
         if want != Some(t.bytes.len()) {
             return Err(st_err(
                 here,
