@@ -152,7 +152,9 @@ fn detect(data: &[u8]) -> Format {
         let mut n = [0u8; 8];
         n.copy_from_slice(&data[..8]);
         let n = u64::from_le_bytes(n);
-        if data[8] == b'{' && n <= (data.len() - 8) as u64 {
+        // A plausible header length is enough: a truncated file should get safetensors' own error
+        // rather than "unknown format".
+        if data[8] == b'{' && (2..100_000_000).contains(&n) {
             return Format::Safetensors;
         }
     }
@@ -210,16 +212,30 @@ fn config_from_pydata(d: &pickle::PyData) -> Result<Config, LoadError> {
             problem: format!("`config` is {}, not a dict", d.kind()),
         });
     };
+    // Keys Config does not know are ignored whatever their type (training configs may hold
+    // tuples or lists), so only known keys must convert to JSON.
+    let known = match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
     let mut map = serde_json::Map::new();
     for (k, v) in items {
-        let j = v.to_json().ok_or_else(|| LoadError::Config {
-            key: Some(k.clone()),
-            problem: format!(
-                "value is {}, but config values are ints, floats, strings or bools",
-                v.kind()
-            ),
-        })?;
-        map.insert(k.clone(), j);
+        match v.to_json() {
+            Some(j) => {
+                map.insert(k.clone(), j);
+            }
+            None if known.contains_key(k) => {
+                return Err(LoadError::Config {
+                    key: Some(k.clone()),
+                    problem: format!(
+                        "value is {}, but this key takes an int, float, string or bool; fix it in \
+                         the checkpoint's config",
+                        v.kind()
+                    ),
+                })
+            }
+            None => {}
+        }
     }
     config_from_json(serde_json::Value::Object(map))
 }

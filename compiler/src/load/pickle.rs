@@ -248,6 +248,9 @@ impl<'a> Machine<'a> {
             Value::BigInt => "a big integer".into(),
             Value::Float(f) => format!("float {f}"),
             Value::Obj(_) => match self.obj(v) {
+                Some(Obj::Str(s)) if s.chars().count() > 60 => {
+                    format!("a {}-character str", s.chars().count())
+                }
                 Some(Obj::Str(s)) => format!("str {s:?}"),
                 Some(Obj::Bytes(b)) => format!("{} bytes", b.len()),
                 Some(Obj::Tuple(t)) => format!("a tuple of {}", t.len()),
@@ -279,7 +282,7 @@ impl<'a> Machine<'a> {
     }
 
     fn dict_set(&mut self, dict: &Value, pairs: Vec<Value>) -> Result<(), LoadError> {
-        if pairs.len() % 2 != 0 {
+        if pairs.len() % 2 == 1 {
             return Err(err(self.op_at, "SETITEMS with an odd number of values"));
         }
         let at = self.op_at;
@@ -522,9 +525,11 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
+    /// The first few items of a tuple: every consumer needs at most 8, and copying no more keeps
+    /// a file that REDUCEs one huge tuple many times from costing quadratic time.
     fn tuple_items(&self, v: &Value, what: &str) -> Result<Vec<Value>, LoadError> {
         match self.obj(v) {
-            Some(Obj::Tuple(t)) | Some(Obj::List(t)) => Ok(t.clone()),
+            Some(Obj::Tuple(t)) | Some(Obj::List(t)) => Ok(t.iter().take(8).cloned().collect()),
             _ => Err(err(
                 self.op_at,
                 format!("{what} must be a tuple, found {}", self.describe(v)),
@@ -591,7 +596,7 @@ impl<'a> Machine<'a> {
                 }
             }
             Global::FromBuffer => {
-                let tensor = self.from_buffer(&args);
+                let tensor = self.frombuffer_array(&args);
                 Obj::Array {
                     offset: self.op_at,
                     tensor,
@@ -663,7 +668,7 @@ impl<'a> Machine<'a> {
             .collect()
     }
 
-    fn from_buffer(&self, args: &[Value]) -> Result<Tensor, String> {
+    fn frombuffer_array(&self, args: &[Value]) -> Result<Tensor, String> {
         let [buf, dt, shape, order, ..] = args else {
             return Err("_frombuffer needs (buffer, dtype, shape, order)".into());
         };
@@ -770,59 +775,88 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn to_data(&self, v: &Value, depth: usize) -> Result<PyData, LoadError> {
+    /// Converts the result to owned data. Arrays are moved out, not copied, and a budget bounds
+    /// the work: memo references can make a small file describe an exponentially large tree
+    /// (the same dict or string reached many times), which a real checkpoint never does.
+    fn take_data(
+        &mut self,
+        v: &Value,
+        depth: usize,
+        budget: &mut usize,
+    ) -> Result<PyData, LoadError> {
         if depth > MAX_DEPTH {
             return Err(err(
                 self.op_at,
                 format!("dicts nest more than {MAX_DEPTH} deep (or refer to themselves)"),
             ));
         }
-        Ok(match v {
-            Value::None => PyData::None,
-            Value::Bool(b) => PyData::Bool(*b),
-            Value::Int(i) => PyData::Int(*i),
-            Value::Float(f) => PyData::Float(*f),
-            Value::BigInt => PyData::Other("an integer too large for 64 bits".into()),
-            Value::Obj(_) => match self.obj(v) {
-                Some(Obj::Str(s)) => PyData::Str(s.clone()),
-                Some(Obj::Dict(items)) => {
-                    let mut out: Vec<(String, PyData)> = Vec::with_capacity(items.len());
-                    let mut seen: HashMap<String, usize> = HashMap::new();
-                    for (k, val) in items {
-                        let key = match self.obj(k) {
-                            Some(Obj::Str(s)) => s.clone(),
-                            _ => match k {
-                                Value::Int(i) => i.to_string(),
-                                _ => {
-                                    return Err(err(
-                                        self.op_at,
-                                        format!("a dict key is {}, not a string", self.describe(k)),
-                                    ))
-                                }
-                            },
-                        };
-                        let val = self.to_data(val, depth + 1)?;
-                        // Python keeps the first position and the last value of a repeated key.
-                        match seen.get(&key) {
-                            Some(&p) => out[p].1 = val,
-                            None => {
-                                seen.insert(key.clone(), out.len());
-                                out.push((key, val));
-                            }
+        let cost = match self.obj(v) {
+            Some(Obj::Str(s)) => 1 + s.len(),
+            _ => 1,
+        };
+        *budget = budget.checked_sub(cost).ok_or_else(|| {
+            err(
+                self.op_at,
+                "the pickle refers to the same objects over and over (a memo bomb?): not a checkpoint",
+            )
+        })?;
+        let Value::Obj(i) = v else {
+            return Ok(match v {
+                Value::None => PyData::None,
+                Value::Bool(b) => PyData::Bool(*b),
+                Value::Int(i) => PyData::Int(*i),
+                Value::Float(f) => PyData::Float(*f),
+                _ => PyData::Other("an integer too large for 64 bits".into()),
+            });
+        };
+        Ok(match self.heap.get_mut(*i) {
+            Some(Obj::Array { offset, tensor }) => {
+                let taken = std::mem::replace(
+                    tensor,
+                    Err(
+                        "the same array object appears twice in the checkpoint; store each tensor \
+                         separately"
+                            .into(),
+                    ),
+                );
+                PyData::Array {
+                    offset: *offset,
+                    tensor: taken,
+                }
+            }
+            Some(Obj::Dict(items)) => {
+                let items = items.clone();
+                let mut out: Vec<(String, PyData)> = Vec::with_capacity(items.len());
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                for (k, val) in &items {
+                    let key = match (self.obj(k), k) {
+                        (Some(Obj::Str(s)), _) => s.clone(),
+                        (_, Value::Int(i)) => i.to_string(),
+                        _ => {
+                            return Err(err(
+                                self.op_at,
+                                format!("a dict key is {}, not a string", self.describe(k)),
+                            ))
+                        }
+                    };
+                    let val = self.take_data(val, depth + 1, budget)?;
+                    // Python keeps the first position and the last value of a repeated key.
+                    match seen.get(&key) {
+                        Some(&p) => out[p].1 = val,
+                        None => {
+                            seen.insert(key.clone(), out.len());
+                            out.push((key, val));
                         }
                     }
-                    PyData::Dict(out)
                 }
-                Some(Obj::Array { offset, tensor }) => PyData::Array {
-                    offset: *offset,
-                    tensor: tensor.clone(),
-                },
-                Some(Obj::EmptyArray) => PyData::Array {
-                    offset: self.op_at,
-                    tensor: Err("the array was never given its data (no BUILD)".into()),
-                },
-                _ => PyData::Other(self.describe(v)),
+                PyData::Dict(out)
+            }
+            Some(Obj::Str(s)) => PyData::Str(s.clone()),
+            Some(Obj::EmptyArray) => PyData::Array {
+                offset: self.op_at,
+                tensor: Err("the array was never given its data (no BUILD)".into()),
             },
+            _ => PyData::Other(self.describe(v)),
         })
     }
 }
@@ -904,6 +938,10 @@ fn make_tensor(
 fn fortran_to_c(src: &[u8], shape: &[usize], size: usize) -> Vec<u8> {
     let n = shape.len();
     // Element strides of the Fortran layout: the first axis varies fastest.
+    if src.is_empty() {
+        // A zero-sized axis: nothing to move, and the strides below could overflow.
+        return Vec::new();
+    }
     let mut fstride = vec![1usize; n];
     for k in 1..n {
         fstride[k] = fstride[k - 1] * shape[k - 1];
@@ -938,7 +976,8 @@ pub(crate) fn unpickle(data: &[u8]) -> Result<PyData, LoadError> {
         op_at: 0,
     };
     let top = m.run()?;
-    m.to_data(&top, 0)
+    let mut budget = data.len().saturating_mul(4).saturating_add(4096);
+    m.take_data(&top, 0, &mut budget)
 }
 
 /// Flattens nested dicts of arrays into `/`-joined paths.

@@ -56,13 +56,15 @@ pub fn load_safetensors_bytes(data: &[u8], path: &Path) -> Result<Checkpoint, Lo
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             Dtype::F32 => DType::F32,
-            other => return Err(st_err(
-                path,
-                format!(
+            other => {
+                return Err(st_err(
+                    path,
+                    format!(
                     "tensor `{name}` has dtype {other:?}; only F16, BF16 and F32 are supported: \
                          convert it and save again"
                 ),
-            )),
+                ))
+            }
         };
         // Checkpoints exported from PyTorch-style tooling join paths with `.`.
         let key = name.replace('.', "/");
@@ -107,7 +109,10 @@ impl View for StView<'_> {
 pub fn safetensors_bytes(ckpt: &Checkpoint) -> Result<Vec<u8>, LoadError> {
     let here = Path::new("<memory>");
     for (name, t) in &ckpt.tensors {
-        let want = t.numel().checked_mul(t.dtype.size());
+        let want = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size(), |a, &d| a.checked_mul(d));
         if want != Some(t.bytes.len()) {
             return Err(st_err(
                 here,
