@@ -14,7 +14,10 @@ use crate::tools::{load_tools_arg, ToolSet, ToolsError};
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
     #[error("loading checkpoint {path}: {source}")]
-    Checkpoint { path: PathBuf, source: LoadError },
+    Checkpoint {
+        path: PathBuf,
+        source: Box<LoadError>,
+    },
     #[error("checkpoint {path}: {source}")]
     Model { path: PathBuf, source: ModelError },
     #[error("cannot read tokenizer {path}: {source}")]
@@ -58,7 +61,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, FrontendError> {
 pub fn load_model(path: &Path) -> Result<Model, FrontendError> {
     let ckpt = load_checkpoint(path).map_err(|source| FrontendError::Checkpoint {
         path: path.into(),
-        source,
+        source: Box::new(source),
     })?;
     Model::from_checkpoint(&ckpt).map_err(|source| FrontendError::Model {
         path: path.into(),

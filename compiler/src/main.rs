@@ -1,1 +1,233 @@
-fn main() {}
+//! The `needlec` command line.
+
+use std::ffi::OsString;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use needle_runtime::decode::{Engine, FoldMode, Generation, DEFAULT_MAX_GEN_LEN};
+use needlec::frontend;
+
+#[derive(Parser)]
+#[command(
+    name = "needlec",
+    version,
+    about = "Ahead-of-time compiler for Needle tool-calling models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FoldArg {
+    /// Precompute the tools side (exact for checkpoints trained with isolated tool attention).
+    Tools,
+    /// Encode the whole prompt per query, exactly like the reference.
+    None,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Checkpoint: the original needle.pkl or a safetensors file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// SentencePiece `.model` file (or a Hugging Face `tokenizer.json`).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Tool list: a file path, or inline JSON when the value starts with `[`.
+    #[arg(long)]
+    tools: String,
+    /// Fold the tools side into constants; the default follows the checkpoint's `tool_attention`.
+    #[arg(long, value_enum)]
+    fold: Option<FoldArg>,
+    /// At most `max_gen_len - 1` tokens are generated.
+    #[arg(long, default_value_t = DEFAULT_MAX_GEN_LEN)]
+    max_gen_len: usize,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one query: prints the tool-call JSON exactly as the reference returns it.
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The user's query.
+        #[arg(long)]
+        query: OsString,
+    },
+    /// Print the decoder's view of one query as JSON: encoder ids, decoder ids, top-5 logits and
+    /// grammar activity at every step.
+    Trace {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        query: OsString,
+        /// Teacher-force this answer JSON instead of decoding greedily.
+        #[arg(long)]
+        answer: Option<String>,
+    },
+    /// Tokenize JSON strings read one per line from stdin; prints one JSON array of ids per line.
+    Tokenize {
+        #[arg(long)]
+        tokenizer: PathBuf,
+    },
+    /// Print a checkpoint's config, parameter count and tensor table.
+    Inspect { path: PathBuf },
+    /// Convert a checkpoint to safetensors (config in the `needle_config` metadata).
+    Convert {
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Write a deterministic random checkpoint (for tests and benchmarks).
+    Synth {
+        /// `full`, `tiny`, `small`, or a JSON object of config keys.
+        #[arg(long)]
+        config: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Run { model, query } => {
+            let query = utf8_query(query)?;
+            let engine = load_engine(&model)?;
+            let generation = engine.generate(&query, model.max_gen_len)?;
+            println!("{}", generation.output);
+        }
+        Command::Trace {
+            model,
+            query,
+            answer,
+        } => {
+            let query = utf8_query(query)?;
+            let engine = load_engine(&model)?;
+            let generation = match answer {
+                Some(answer) => engine.forced(&query, &engine.tokenizer.encode(&answer))?,
+                None => engine.generate(&query, model.max_gen_len)?,
+            };
+            println!("{}", trace_json(&generation));
+        }
+        Command::Tokenize { tokenizer } => {
+            let tokenizer = frontend::load_tokenizer(&tokenizer)?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            for (n, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line.with_context(|| format!("reading stdin line {}", n + 1))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let text: String = serde_json::from_str(&line).with_context(|| {
+                    format!(
+                        "stdin line {}: expected one JSON string per line, e.g. \"set a timer\"",
+                        n + 1
+                    )
+                })?;
+                writeln!(out, "{}", serde_json::to_string(&tokenizer.encode(&text))?)?;
+            }
+        }
+        Command::Inspect { path } => {
+            let ckpt = with_spinner("loading checkpoint", || {
+                needlec::load::load_checkpoint(&path)
+            })?;
+            print!("{}", needlec::load::inspect_report(&ckpt));
+        }
+        Command::Convert { input, output } => {
+            let ckpt = with_spinner("loading checkpoint", || {
+                needlec::load::load_checkpoint(&input)
+            })?;
+            needlec::load::save_safetensors(&ckpt, &output)?;
+            eprintln!("wrote {}", output.display());
+        }
+        Command::Synth {
+            config,
+            seed,
+            output,
+        } => {
+            let config = needlec::synth::parse_config_spec(&config)?;
+            let ckpt = needlec::synth::synth_checkpoint(
+                &config,
+                seed,
+                needle_runtime::checkpoint::DType::F32,
+            );
+            needlec::load::save_safetensors(&ckpt, &output)?;
+            eprintln!("wrote {}", output.display());
+        }
+    }
+    Ok(())
+}
+
+fn utf8_query(query: OsString) -> Result<String> {
+    query.into_string().map_err(|raw| {
+        anyhow::anyhow!(
+            "--query is not valid UTF-8 ({} bytes as given: {:?}); pass the query as UTF-8 text",
+            raw.len(),
+            raw
+        )
+    })
+}
+
+fn load_engine(args: &ModelArgs) -> Result<Engine> {
+    let fold = args.fold.map(|f| match f {
+        FoldArg::Tools => FoldMode::Tools,
+        FoldArg::None => FoldMode::None,
+    });
+    let loaded = with_spinner("loading checkpoint, tokenizer and tools", || {
+        frontend::load(&args.checkpoint, &args.tokenizer, &args.tools, fold)
+    })?;
+    if let Some(warning) = loaded.fold_warning {
+        eprintln!("warning: {warning}");
+    }
+    Ok(loaded.engine)
+}
+
+fn trace_json(g: &Generation) -> String {
+    let steps: Vec<serde_json::Value> = g
+        .steps
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "top": s.top.iter().map(|&(id, logit)| serde_json::json!([id, logit])).collect::<Vec<_>>(),
+                "grammar_active": s.grammar_active,
+                "allowed": s.allowed,
+                "next": s.next,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "enc_ids": g.prompt.enc_ids,
+        "n_query_tokens": g.prompt.n_query_tokens,
+        "dec_ids": g.dec_ids,
+        "steps": steps,
+        "text": g.text,
+        "output": g.output,
+    })
+    .to_string()
+}
+
+/// Shows a spinner on a terminal while a long step runs (indicatif hides it elsewhere).
+fn with_spinner<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let out = f();
+    spinner.finish_and_clear();
+    out
+}

@@ -6,30 +6,69 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn example(name: &str) -> String {
-    root().join("examples/tiny-needle").join(name).to_str().unwrap().to_string()
+    root()
+        .join("examples/tiny-needle")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 fn needlec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_needlec")).args(args).output().expect("needlec runs")
+    Command::new(env!("CARGO_BIN_EXE_needlec"))
+        .args(args)
+        .output()
+        .expect("needlec runs")
 }
 
-fn run_args<'a>(checkpoint: &'a str, tools: &'a str, tokenizer: &'a str, query: &'a str) -> Vec<&'a str> {
-    vec!["run", "--checkpoint", checkpoint, "--tokenizer", tokenizer, "--tools", tools, "--query", query]
+fn run_args<'a>(
+    checkpoint: &'a str,
+    tools: &'a str,
+    tokenizer: &'a str,
+    query: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--checkpoint",
+        checkpoint,
+        "--tokenizer",
+        tokenizer,
+        "--tools",
+        tools,
+        "--query",
+        query,
+    ]
 }
 
 fn stdout(out: &Output) -> String {
-    assert!(out.status.success(), "needlec failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "needlec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
 #[test]
 fn run_prints_the_reference_output_newline_terminated() {
-    let (ckpt, tools, tok) = (example("tiny-needle-folded.pkl"), example("tools.json"), example("tokenizer.model"));
-    let out = needlec(&run_args(&ckpt, &tools, &tok, "I need an alarm at 11:50 AM for stretching"));
+    let (ckpt, tools, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
+    let out = needlec(&run_args(
+        &ckpt,
+        &tools,
+        &tok,
+        "I need an alarm at 11:50 AM for stretching",
+    ));
     assert_eq!(
         stdout(&out),
         "[{\"name\":\"set_alarm\",\"arguments\":{\"time\":\"11:50 AM\",\"label\":\"stretching\"}}]\n"
@@ -39,15 +78,32 @@ fn run_prints_the_reference_output_newline_terminated() {
 #[test]
 fn run_accepts_inline_tools_and_restores_original_names() {
     // The tool is declared in camelCase; the model sees `set_timer` and the user gets `setTimer` back.
-    let tools = std::fs::read_to_string(example("tools.json")).unwrap().replace("\"set_timer\"", "\"setTimer\"");
-    let (ckpt, tok) = (example("tiny-needle-folded.pkl"), example("tokenizer.model"));
-    let out = needlec(&run_args(&ckpt, tools.trim_start(), &tok, "Remind me in 8 minutes with a timer"));
-    assert_eq!(stdout(&out), "[{\"name\":\"setTimer\",\"arguments\":{\"minutes\":8}}]\n");
+    let tools = std::fs::read_to_string(example("tools.json"))
+        .unwrap()
+        .replace("\"set_timer\"", "\"setTimer\"");
+    let (ckpt, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tokenizer.model"),
+    );
+    let out = needlec(&run_args(
+        &ckpt,
+        tools.trim_start(),
+        &tok,
+        "Remind me in 8 minutes with a timer",
+    ));
+    assert_eq!(
+        stdout(&out),
+        "[{\"name\":\"setTimer\",\"arguments\":{\"minutes\":8}}]\n"
+    );
 }
 
 #[test]
 fn folding_a_full_attention_checkpoint_warns_once() {
-    let (ckpt, tools, tok) = (example("tiny-needle.pkl"), example("tools.json"), example("tokenizer.model"));
+    let (ckpt, tools, tok) = (
+        example("tiny-needle.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
     let mut args = run_args(&ckpt, &tools, &tok, "Remind me in 8 minutes with a timer");
     args.extend(["--fold", "tools"]);
     let out = needlec(&args);
@@ -59,7 +115,11 @@ fn folding_a_full_attention_checkpoint_warns_once() {
 
 #[test]
 fn trace_reports_forced_decoder_positions() {
-    let (ckpt, tools, tok) = (example("tiny-needle-folded.pkl"), example("tools.json"), example("tokenizer.model"));
+    let (ckpt, tools, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
     let answer = r#"[{"name":"set_timer","arguments":{"minutes":8}}]"#;
     let mut args = run_args(&ckpt, &tools, &tok, "Remind me in 8 minutes with a timer");
     args[0] = "trace";
@@ -77,7 +137,9 @@ fn trace_reports_forced_decoder_positions() {
         assert_eq!(top[0][0].as_u64().unwrap(), want, "step {i}");
     }
     // The grammar constrains the tool name right after `"name":"`.
-    assert!(steps.iter().any(|s| s["grammar_active"] == true && s["allowed"].as_u64().unwrap() > 0));
+    assert!(steps
+        .iter()
+        .any(|s| s["grammar_active"] == true && s["allowed"].as_u64().unwrap() > 0));
     let n_query = trace["n_query_tokens"].as_u64().unwrap() as usize;
     assert_eq!(trace["enc_ids"][n_query], 5, "<tools> follows the query");
 }
@@ -86,12 +148,21 @@ fn trace_reports_forced_decoder_positions() {
 fn tokenize_reads_json_lines() {
     let golden = root().join("tests/fixtures/golden");
     let mut child = Command::new(env!("CARGO_BIN_EXE_needlec"))
-        .args(["tokenize", "--tokenizer", golden.join("dev4k.model").to_str().unwrap()])
+        .args([
+            "tokenize",
+            "--tokenizer",
+            golden.join("dev4k.model").to_str().unwrap(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"\"set a timer for 10 minutes\"\n\"\"\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\"set a timer for 10 minutes\"\n\"\"\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     // ids from the reference's tok_dev4k.json
     assert_eq!(stdout(&out), "[432,298,465,406,2189,463]\n[]\n");
@@ -102,7 +173,13 @@ fn tokenize_reads_json_lines() {
 fn invalid_utf8_query_is_refused() {
     use std::os::unix::ffi::OsStrExt;
     let out = Command::new(env!("CARGO_BIN_EXE_needlec"))
-        .args(["run", "--checkpoint", &example("tiny-needle.pkl"), "--tokenizer", &example("tokenizer.model")])
+        .args([
+            "run",
+            "--checkpoint",
+            &example("tiny-needle.pkl"),
+            "--tokenizer",
+            &example("tokenizer.model"),
+        ])
         .args(["--tools", &example("tools.json"), "--query"])
         .arg(std::ffi::OsStr::from_bytes(b"timer \xff\xfe"))
         .output()
@@ -120,7 +197,10 @@ fn oversized_tool_list_is_refused_with_the_budget() {
     let out = needlec(&run_args(&ckpt, &tools, &tok, "hi"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("leaves no room for a query in the 1024-token encoder budget"), "{stderr}");
+    assert!(
+        stderr.contains("leaves no room for a query in the 1024-token encoder budget"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -129,7 +209,10 @@ fn missing_checkpoint_names_the_path() {
     let out = needlec(&run_args("/nonexistent/needle.pkl", &tools, &tok, "hi"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with("error: ") && stderr.contains("/nonexistent/needle.pkl"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("/nonexistent/needle.pkl"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -137,16 +220,29 @@ fn inspect_and_convert_round_trip() {
     let dir = std::env::temp_dir().join(format!("needlec-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let st = dir.join("tiny.safetensors");
-    let out = needlec(&["convert", &example("tiny-needle-folded.pkl"), "-o", st.to_str().unwrap()]);
+    let out = needlec(&[
+        "convert",
+        &example("tiny-needle-folded.pkl"),
+        "-o",
+        st.to_str().unwrap(),
+    ]);
     stdout(&out);
     let from_pkl = stdout(&needlec(&["inspect", &example("tiny-needle-folded.pkl")]));
     let from_st = stdout(&needlec(&["inspect", st.to_str().unwrap()]));
-    assert_eq!(from_pkl, from_st, "the converted file holds the same config and tensors");
+    assert_eq!(
+        from_pkl, from_st,
+        "the converted file holds the same config and tensors"
+    );
     assert!(from_pkl.contains("isolated"), "{from_pkl}");
     // The converted checkpoint answers like the original.
     let (tools, tok) = (example("tools.json"), example("tokenizer.model"));
     let q = "Remind me in 8 minutes with a timer";
-    let a = stdout(&needlec(&run_args(&example("tiny-needle-folded.pkl"), &tools, &tok, q)));
+    let a = stdout(&needlec(&run_args(
+        &example("tiny-needle-folded.pkl"),
+        &tools,
+        &tok,
+        q,
+    )));
     let b = stdout(&needlec(&run_args(st.to_str().unwrap(), &tools, &tok, q)));
     assert_eq!(a, b);
     std::fs::remove_dir_all(&dir).ok();

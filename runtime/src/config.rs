@@ -91,7 +91,8 @@ impl Config {
 
     /// Per-head width `h = D / H`.
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.num_heads
+        // 0 for a config that `validate` rejects, so that shape arithmetic never panics first.
+        self.d_model.checked_div(self.num_heads).unwrap_or(0)
     }
 
     /// Width of the K and V projections, `K * h`.
@@ -101,7 +102,7 @@ impl Config {
 
     /// Query heads that share one KV head, `H / K`.
     pub fn group_size(&self) -> usize {
-        self.num_heads / self.num_kv_heads
+        self.num_heads.checked_div(self.num_kv_heads).unwrap_or(0)
     }
 
     /// Checks that the numbers describe a SAN needlec can run.
