@@ -4,5 +4,6 @@
 //! folding precomputes the tools side, lowering builds the IR, codegen emits native code.
 
 pub mod load;
+pub mod lower;
 pub mod synth;
 pub mod tools;
