@@ -48,8 +48,8 @@
 //! constant's data comes from.
 
 use needle_ir::{
-    BufferDecl, ConstDecl, ConstKind, DimDecl, ElemType, Expr, Function, Inst, Module, Op,
-    Operand, Param, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
+    BufferDecl, ConstDecl, ConstKind, DimDecl, ElemType, Expr, Function, Inst, Module, Op, Operand,
+    Param, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
 };
 use needle_runtime::checkpoint::{expected_tensors, DEC, ENC};
 use needle_runtime::config::Config;
@@ -106,7 +106,11 @@ impl Dims {
     fn enc_rope_start(&self) -> Expr {
         match self.fold {
             FoldMode::None => lit(0),
-            FoldMode::Tools => Expr { q: -1, p: 0, offset: self.q_max as i64 },
+            FoldMode::Tools => Expr {
+                q: -1,
+                p: 0,
+                offset: self.q_max as i64,
+            },
         }
     }
 
@@ -147,7 +151,11 @@ pub fn lower(
     n_tool_tokens: usize,
     max_query_tokens: usize,
 ) -> Module {
-    assert!(config.validate().is_ok(), "lower needs a valid config: {:?}", config.validate());
+    assert!(
+        config.validate().is_ok(),
+        "lower needs a valid config: {:?}",
+        config.validate()
+    );
     let tools_side = n_tool_tokens + 1;
     assert!(
         tools_side < MAX_ENCODER_TOKENS,
@@ -160,7 +168,9 @@ pub fn lower(
         head_dim: config.head_dim(),
         vocab: config.vocab_size,
         tools_side,
-        q_max: max_query_tokens.min(MAX_QUERY_TOKENS).min(MAX_ENCODER_TOKENS - tools_side),
+        q_max: max_query_tokens
+            .min(MAX_QUERY_TOKENS)
+            .min(MAX_ENCODER_TOKENS - tools_side),
         fold,
     };
     let mut consts: Vec<ConstDecl> = checkpoint_weights(config)
@@ -173,7 +183,12 @@ pub fn lower(
         })
         .collect();
     let mut declare = |name: String, ty: Type, kind: ConstKind| {
-        consts.push(ConstDecl { name, ty, kind, storage: Storage::Plain })
+        consts.push(ConstDecl {
+            name,
+            ty,
+            kind,
+            storage: Storage::Plain,
+        })
     };
     declare(
         "rope".into(),
@@ -190,12 +205,20 @@ pub fn lower(
         FoldMode::Tools => {
             for l in 0..config.num_encoder_layers {
                 for kv in ["k", "v"] {
-                    declare(format!("fold.enc.{l}.{kv}"), kv_block.clone(), ConstKind::FoldedKv);
+                    declare(
+                        format!("fold.enc.{l}.{kv}"),
+                        kv_block.clone(),
+                        ConstKind::FoldedKv,
+                    );
                 }
             }
             for l in 0..config.num_decoder_layers {
                 for kv in ["cross_k", "cross_v"] {
-                    declare(format!("fold.dec.{l}.{kv}"), kv_block.clone(), ConstKind::FoldedKv);
+                    declare(
+                        format!("fold.dec.{l}.{kv}"),
+                        kv_block.clone(),
+                        ConstKind::FoldedKv,
+                    );
                 }
             }
         }
@@ -216,15 +239,20 @@ pub fn lower(
 
     Module {
         dims: vec![
-            DimDecl { sym: Sym::Q, min: 0, max: dims.q_max as i64 },
-            DimDecl { sym: Sym::P, min: 0, max: MAX_DECODE_STEPS as i64 - 1 },
+            DimDecl {
+                sym: Sym::Q,
+                min: 0,
+                max: dims.q_max as i64,
+            },
+            DimDecl {
+                sym: Sym::P,
+                min: 0,
+                max: MAX_DECODE_STEPS as i64 - 1,
+            },
         ],
         consts,
         buffers,
-        funcs: vec![
-            encode_query(config, &dims),
-            decoder_step(config, &dims),
-        ],
+        funcs: vec![encode_query(config, &dims), decoder_step(config, &dims)],
     }
 }
 
@@ -236,36 +264,72 @@ struct Builder {
 impl Builder {
     fn op(&mut self, name: impl Into<String>, ty: Type, op: Op) -> String {
         let name = name.into();
-        self.body.push(Inst { result: Some(Param { name: name.clone(), ty }), op });
+        self.body.push(Inst {
+            result: Some(Param {
+                name: name.clone(),
+                ty,
+            }),
+            op,
+        });
         name
     }
 
     fn store(&mut self, value: &str, buffer: String, at: Expr) {
         self.body.push(Inst {
             result: None,
-            op: Op::Store { value: value.to_string(), buffer, at },
+            op: Op::Store {
+                value: value.to_string(),
+                buffer,
+                at,
+            },
         });
     }
 
     /// `x @ w`, split into `heads` heads: `[rows, heads, head_dim]`.
-    fn project_heads(&mut self, dims: &Dims, x: &str, rows: Expr, w: String, heads: usize, name: &str) -> String {
+    fn project_heads(
+        &mut self,
+        dims: &Dims,
+        x: &str,
+        rows: Expr,
+        w: String,
+        heads: usize,
+        name: &str,
+    ) -> String {
         let flat = self.op(
             name,
             Type::f32(vec![rows, lit(heads * dims.head_dim)]),
-            Op::MatMul { x: x.to_string(), w },
+            Op::MatMul {
+                x: x.to_string(),
+                w,
+            },
         );
-        self.op(format!("{name}h"), dims.heads_ty(rows, heads), Op::Reshape { x: flat })
+        self.op(
+            format!("{name}h"),
+            dims.heads_ty(rows, heads),
+            Op::Reshape { x: flat },
+        )
     }
 
     /// Merges the heads of `att` and applies the output projection: `[rows, D]`.
     fn out_proj(&mut self, dims: &Dims, att: &str, rows: Expr, w: String, prefix: &str) -> String {
         let ty = Type::f32(vec![rows, lit(dims.d)]);
-        let cat = self.op(format!("{prefix}.cat"), ty.clone(), Op::Reshape { x: att.to_string() });
+        let cat = self.op(
+            format!("{prefix}.cat"),
+            ty.clone(),
+            Op::Reshape { x: att.to_string() },
+        );
         self.op(format!("{prefix}.o"), ty, Op::MatMul { x: cat, w })
     }
 
     fn norm(&mut self, name: impl Into<String>, x: &str, ty: Type, scale: String) -> String {
-        self.op(name, ty, Op::ZcRmsNorm { x: x.to_string(), scale })
+        self.op(
+            name,
+            ty,
+            Op::ZcRmsNorm {
+                x: x.to_string(),
+                scale,
+            },
+        )
     }
 }
 
@@ -289,15 +353,44 @@ fn self_attn_inputs(
 ) -> SelfAttn {
     let qh_ty = dims.heads_ty(rows, dims.heads);
     let kh_ty = dims.heads_ty(rows, dims.kv_heads);
-    let qh = b.project_heads(dims, x, rows, w("q_proj"), dims.heads, &format!("{prefix}.q"));
-    let kh = b.project_heads(dims, x, rows, w("k_proj"), dims.kv_heads, &format!("{prefix}.k"));
-    let vh = b.project_heads(dims, x, rows, w("v_proj"), dims.kv_heads, &format!("{prefix}.v"));
+    let qh = b.project_heads(
+        dims,
+        x,
+        rows,
+        w("q_proj"),
+        dims.heads,
+        &format!("{prefix}.q"),
+    );
+    let kh = b.project_heads(
+        dims,
+        x,
+        rows,
+        w("k_proj"),
+        dims.kv_heads,
+        &format!("{prefix}.k"),
+    );
+    let vh = b.project_heads(
+        dims,
+        x,
+        rows,
+        w("v_proj"),
+        dims.kv_heads,
+        &format!("{prefix}.v"),
+    );
     let qn = b.norm(format!("{prefix}.qn"), &qh, qh_ty.clone(), w("q_norm"));
     let kn = b.norm(format!("{prefix}.kn"), &kh, kh_ty.clone(), w("k_norm"));
-    let rope = |x: String| Op::Rope { x, table: "rope".into(), start };
+    let rope = |x: String| Op::Rope {
+        x,
+        table: "rope".into(),
+        start,
+    };
     let qr = b.op(format!("{prefix}.qr"), qh_ty, rope(qn));
     let kr = b.op(format!("{prefix}.kr"), kh_ty, rope(kn));
-    SelfAttn { q: qr, k: kr, v: vh }
+    SelfAttn {
+        q: qr,
+        k: kr,
+        v: vh,
+    }
 }
 
 fn encode_query(config: &Config, dims: &Dims) -> Function {
@@ -308,14 +401,25 @@ fn encode_query(config: &Config, dims: &Dims) -> Function {
             "ids",
             Type::new(ElemType::I32, vec![rows]),
             Op::Concat {
-                parts: vec![Operand::Value("query".into()), Operand::Const("prompt.tools".into())],
+                parts: vec![
+                    Operand::Value("query".into()),
+                    Operand::Const("prompt.tools".into()),
+                ],
             },
         ),
         FoldMode::Tools => "query".to_string(),
     };
     let x_ty = Type::f32(vec![rows, lit(dims.d)]);
     let scale = (dims.d as f32).sqrt();
-    let mut x = b.op("x", x_ty.clone(), Op::Embed { table: "embedding".into(), ids, scale });
+    let mut x = b.op(
+        "x",
+        x_ty.clone(),
+        Op::Embed {
+            table: "embedding".into(),
+            ids,
+            scale,
+        },
+    );
     for l in 0..config.num_encoder_layers {
         let p = format!("e{l}");
         let w = |s: &str| format!("enc.{l}.{s}");
@@ -323,26 +427,63 @@ fn encode_query(config: &Config, dims: &Dims) -> Function {
         let a = self_attn_inputs(&mut b, dims, &n, rows, dims.enc_rope_start(), &w, &p);
         let mut kv = vec![(Operand::Value(a.k), Operand::Value(a.v))];
         if dims.fold == FoldMode::Tools {
-            kv.push((Operand::Const(format!("fold.enc.{l}.k")), Operand::Const(format!("fold.enc.{l}.v"))));
+            kv.push((
+                Operand::Const(format!("fold.enc.{l}.k")),
+                Operand::Const(format!("fold.enc.{l}.v")),
+            ));
         }
-        let att = b.op(format!("{p}.att"), dims.heads_ty(rows, dims.heads), Op::Attention { q: a.q, kv });
+        let att = b.op(
+            format!("{p}.att"),
+            dims.heads_ty(rows, dims.heads),
+            Op::Attention { q: a.q, kv },
+        );
         let o = b.out_proj(dims, &att, rows, w("out_proj"), &p);
-        x = b.op(format!("{p}.x"), x_ty.clone(), Op::GatedResidual { x, y: o, gate: w("gate") });
+        x = b.op(
+            format!("{p}.x"),
+            x_ty.clone(),
+            Op::GatedResidual {
+                x,
+                y: o,
+                gate: w("gate"),
+            },
+        );
     }
     let enc = b.norm("enc", &x, x_ty, "enc.final_norm".into());
     // Cross-attention K/V depend only on the encoder output: computed once per query, here.
     for l in 0..config.num_decoder_layers {
         let p = format!("c{l}");
         let w = |s: &str| format!("dec.{l}.cross.{s}");
-        let kh = b.project_heads(dims, &enc, rows, w("k_proj"), dims.kv_heads, &format!("{p}.k"));
-        let kn = b.norm(format!("{p}.kn"), &kh, dims.heads_ty(rows, dims.kv_heads), w("k_norm"));
-        let vh = b.project_heads(dims, &enc, rows, w("v_proj"), dims.kv_heads, &format!("{p}.v"));
+        let kh = b.project_heads(
+            dims,
+            &enc,
+            rows,
+            w("k_proj"),
+            dims.kv_heads,
+            &format!("{p}.k"),
+        );
+        let kn = b.norm(
+            format!("{p}.kn"),
+            &kh,
+            dims.heads_ty(rows, dims.kv_heads),
+            w("k_norm"),
+        );
+        let vh = b.project_heads(
+            dims,
+            &enc,
+            rows,
+            w("v_proj"),
+            dims.kv_heads,
+            &format!("{p}.v"),
+        );
         b.store(&kn, format!("cross.{l}.k"), lit(0));
         b.store(&vh, format!("cross.{l}.v"), lit(0));
     }
     Function {
         name: ENCODE_QUERY.into(),
-        params: vec![Param { name: "query".into(), ty: Type::new(ElemType::I32, vec![q()]) }],
+        params: vec![Param {
+            name: "query".into(),
+            ty: Type::new(ElemType::I32, vec![q()]),
+        }],
         body: b.body,
         results: vec![],
     }
@@ -357,7 +498,11 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
     let mut x = b.op(
         "x",
         x_ty.clone(),
-        Op::Embed { table: "embedding".into(), ids: "token".into(), scale },
+        Op::Embed {
+            table: "embedding".into(),
+            ids: "token".into(),
+            scale,
+        },
     );
     let cross_rows = dims.enc_rows();
     for l in 0..config.num_decoder_layers {
@@ -365,33 +510,68 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
         // are exactly the causal window.
         let p = format!("d{l}.self");
         let w = |s: &str| format!("dec.{l}.self.{s}");
-        let n = b.norm(format!("{p}.n"), &x, x_ty.clone(), format!("dec.{l}.self_norm"));
+        let n = b.norm(
+            format!("{p}.n"),
+            &x,
+            x_ty.clone(),
+            format!("dec.{l}.self_norm"),
+        );
         let a = self_attn_inputs(&mut b, dims, &n, one, pos, &w, &p);
         let (cache_k, cache_v) = (format!("dec.{l}.self_k"), format!("dec.{l}.self_v"));
         b.store(&a.k, cache_k.clone(), pos);
         b.store(&a.v, cache_v.clone(), pos);
         let window = pos.checked_add(one).unwrap_or_default();
         let kv = vec![(
-            Operand::Buffer { name: cache_k, len: window },
-            Operand::Buffer { name: cache_v, len: window },
+            Operand::Buffer {
+                name: cache_k,
+                len: window,
+            },
+            Operand::Buffer {
+                name: cache_v,
+                len: window,
+            },
         )];
-        let att = b.op(format!("{p}.att"), dims.heads_ty(one, dims.heads), Op::Attention { q: a.q, kv });
+        let att = b.op(
+            format!("{p}.att"),
+            dims.heads_ty(one, dims.heads),
+            Op::Attention { q: a.q, kv },
+        );
         let o = b.out_proj(dims, &att, one, w("out_proj"), &p);
         x = b.op(
             format!("d{l}.h"),
             x_ty.clone(),
-            Op::GatedResidual { x, y: o, gate: format!("dec.{l}.self_gate") },
+            Op::GatedResidual {
+                x,
+                y: o,
+                gate: format!("dec.{l}.self_gate"),
+            },
         );
 
         // Cross-attention: no RoPE; keys are the encoder's, from the buffers (and constants).
         let p = format!("d{l}.cross");
         let w = |s: &str| format!("dec.{l}.cross.{s}");
-        let n = b.norm(format!("{p}.n"), &x, x_ty.clone(), format!("dec.{l}.cross_norm"));
+        let n = b.norm(
+            format!("{p}.n"),
+            &x,
+            x_ty.clone(),
+            format!("dec.{l}.cross_norm"),
+        );
         let qh = b.project_heads(dims, &n, one, w("q_proj"), dims.heads, &format!("{p}.q"));
-        let qn = b.norm(format!("{p}.qn"), &qh, dims.heads_ty(one, dims.heads), w("q_norm"));
+        let qn = b.norm(
+            format!("{p}.qn"),
+            &qh,
+            dims.heads_ty(one, dims.heads),
+            w("q_norm"),
+        );
         let mut kv = vec![(
-            Operand::Buffer { name: format!("cross.{l}.k"), len: cross_rows },
-            Operand::Buffer { name: format!("cross.{l}.v"), len: cross_rows },
+            Operand::Buffer {
+                name: format!("cross.{l}.k"),
+                len: cross_rows,
+            },
+            Operand::Buffer {
+                name: format!("cross.{l}.v"),
+                len: cross_rows,
+            },
         )];
         if dims.fold == FoldMode::Tools {
             kv.push((
@@ -399,30 +579,50 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
                 Operand::Const(format!("fold.dec.{l}.cross_v")),
             ));
         }
-        let att = b.op(format!("{p}.att"), dims.heads_ty(one, dims.heads), Op::Attention { q: qn, kv });
+        let att = b.op(
+            format!("{p}.att"),
+            dims.heads_ty(one, dims.heads),
+            Op::Attention { q: qn, kv },
+        );
         let o = b.out_proj(dims, &att, one, w("out_proj"), &p);
         x = b.op(
             format!("d{l}.x"),
             x_ty.clone(),
-            Op::GatedResidual { x, y: o, gate: format!("dec.{l}.cross_gate") },
+            Op::GatedResidual {
+                x,
+                y: o,
+                gate: format!("dec.{l}.cross_gate"),
+            },
         );
     }
     let f = b.norm("f", &x, x_ty, "dec.final_norm".into());
     let logits = b.op(
         "logits",
         Type::f32(vec![one, lit(dims.vocab)]),
-        Op::Logits { x: f, table: "embedding".into() },
+        Op::Logits {
+            x: f,
+            table: "embedding".into(),
+        },
     );
     let next = b.op(
         "next",
         Type::new(ElemType::I32, vec![one]),
-        Op::ArgmaxMasked { logits, allowed: "allowed".into() },
+        Op::ArgmaxMasked {
+            logits,
+            allowed: "allowed".into(),
+        },
     );
     Function {
         name: DECODER_STEP.into(),
         params: vec![
-            Param { name: "token".into(), ty: Type::fixed(ElemType::I32, &[1]) },
-            Param { name: "allowed".into(), ty: Type::fixed(ElemType::U8, &[dims.vocab]) },
+            Param {
+                name: "token".into(),
+                ty: Type::fixed(ElemType::I32, &[1]),
+            },
+            Param {
+                name: "allowed".into(),
+                ty: Type::fixed(ElemType::U8, &[dims.vocab]),
+            },
         ],
         body: b.body,
         results: vec![next],
@@ -446,7 +646,11 @@ pub struct CheckpointWeight {
 /// them: the contrastive head too, which `dead-weight-elim` then drops).
 pub fn checkpoint_weights(config: &Config) -> Vec<CheckpointWeight> {
     let tensors = expected_tensors(config);
-    let stack_of = |path: &str| [ENC, DEC].into_iter().find(|s| path.starts_with(&format!("{s}/")));
+    let stack_of = |path: &str| {
+        [ENC, DEC]
+            .into_iter()
+            .find(|s| path.starts_with(&format!("{s}/")))
+    };
     let mut out = Vec::new();
     let mut emitted_stacks = Vec::new();
     for (path, shape) in &tensors {
@@ -461,9 +665,14 @@ pub fn checkpoint_weights(config: &Config) -> Vec<CheckpointWeight> {
             // constants read together.
             Some(stack) if !emitted_stacks.contains(&stack) => {
                 emitted_stacks.push(stack);
-                let members: Vec<&(String, Vec<usize>)> =
-                    tensors.iter().filter(|(p, _)| stack_of(p) == Some(stack)).collect();
-                let layers = members.first().and_then(|(_, s)| s.first().copied()).unwrap_or(0);
+                let members: Vec<&(String, Vec<usize>)> = tensors
+                    .iter()
+                    .filter(|(p, _)| stack_of(p) == Some(stack))
+                    .collect();
+                let layers = members
+                    .first()
+                    .and_then(|(_, s)| s.first().copied())
+                    .unwrap_or(0);
                 for l in 0..layers {
                     for (p, s) in &members {
                         out.push(CheckpointWeight {
@@ -494,7 +703,10 @@ fn short_name(path: &str, layer: Option<usize>) -> String {
             ("dec", "self_attn_gate") => "self_gate".to_string(),
             ("dec", "cross_attn_gate") => "cross_gate".to_string(),
             ("enc", r) => r.trim_start_matches("self_attn/").replace('/', "."),
-            (_, r) => r.replace("self_attn/", "self/").replace("cross_attn/", "cross/").replace('/', "."),
+            (_, r) => r
+                .replace("self_attn/", "self/")
+                .replace("cross_attn/", "cross/")
+                .replace('/', "."),
         };
         format!("{prefix}.{l}.{rest}")
     };
@@ -542,8 +754,14 @@ pub enum ConstSource {
 /// Names that passes derive (`.sigmoid`, `.plus1`, `.scaled`) have their data computed by the
 /// pass, so they have no source here.
 pub fn const_source(config: &Config, name: &str) -> Option<ConstSource> {
-    if let Some(w) = checkpoint_weights(config).into_iter().find(|w| w.name == name) {
-        return Some(ConstSource::Checkpoint { path: w.path, layer: w.layer });
+    if let Some(w) = checkpoint_weights(config)
+        .into_iter()
+        .find(|w| w.name == name)
+    {
+        return Some(ConstSource::Checkpoint {
+            path: w.path,
+            layer: w.layer,
+        });
     }
     match name {
         "rope" => return Some(ConstSource::RopeTable),
@@ -622,7 +840,8 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), weights.len(), "IR names must be unique");
         for (path, shape) in expected_tensors(&config) {
-            let slices: Vec<&CheckpointWeight> = weights.iter().filter(|w| w.path == path).collect();
+            let slices: Vec<&CheckpointWeight> =
+                weights.iter().filter(|w| w.path == path).collect();
             let stacked = path.starts_with(ENC) || path.starts_with(DEC);
             if stacked {
                 assert_eq!(slices.len(), shape[0], "{path}");
@@ -631,7 +850,11 @@ mod tests {
                 }
             } else {
                 assert_eq!(slices.len(), 1, "{path}");
-                assert_eq!((slices[0].layer, &slices[0].shape), (None, &shape), "{path}");
+                assert_eq!(
+                    (slices[0].layer, &slices[0].shape),
+                    (None, &shape),
+                    "{path}"
+                );
             }
         }
     }
@@ -639,13 +862,35 @@ mod tests {
     #[test]
     fn short_names_read_like_their_paths() {
         let w = checkpoint_weights(&tiny());
-        let find = |name: &str| w.iter().find(|w| w.name == name).map(|w| (w.path.as_str(), w.layer));
-        assert_eq!(find("enc.1.q_proj"), Some((&*format!("{ENC}/self_attn/q_proj/kernel"), Some(1))));
-        assert_eq!(find("enc.0.gate"), Some((&*format!("{ENC}/attn_gate"), Some(0))));
-        assert_eq!(find("dec.1.cross.k_norm"), Some((&*format!("{DEC}/cross_attn/k_norm/scale"), Some(1))));
-        assert_eq!(find("dec.0.cross_norm"), Some((&*format!("{DEC}/ZCRMSNorm_1/scale"), Some(0))));
-        assert_eq!(find("dec.final_norm"), Some(("decoder/ZCRMSNorm_0/scale", None)));
-        assert_eq!(find("contrastive.hidden_bias"), Some(("contrastive_hidden/bias", None)));
+        let find = |name: &str| {
+            w.iter()
+                .find(|w| w.name == name)
+                .map(|w| (w.path.as_str(), w.layer))
+        };
+        assert_eq!(
+            find("enc.1.q_proj"),
+            Some((&*format!("{ENC}/self_attn/q_proj/kernel"), Some(1)))
+        );
+        assert_eq!(
+            find("enc.0.gate"),
+            Some((&*format!("{ENC}/attn_gate"), Some(0)))
+        );
+        assert_eq!(
+            find("dec.1.cross.k_norm"),
+            Some((&*format!("{DEC}/cross_attn/k_norm/scale"), Some(1)))
+        );
+        assert_eq!(
+            find("dec.0.cross_norm"),
+            Some((&*format!("{DEC}/ZCRMSNorm_1/scale"), Some(0)))
+        );
+        assert_eq!(
+            find("dec.final_norm"),
+            Some(("decoder/ZCRMSNorm_0/scale", None))
+        );
+        assert_eq!(
+            find("contrastive.hidden_bias"),
+            Some(("contrastive_hidden/bias", None))
+        );
     }
 
     #[test]
@@ -660,20 +905,35 @@ mod tests {
         }
         assert_eq!(
             const_source(&config, "fold.dec.1.cross_v"),
-            Some(ConstSource::FoldedKv { block: FoldedBlock::CrossV, layer: 1 })
+            Some(ConstSource::FoldedKv {
+                block: FoldedBlock::CrossV,
+                layer: 1
+            })
         );
-        assert_eq!(const_source(&config, "fold.enc.2.k"), None, "layer out of range");
+        assert_eq!(
+            const_source(&config, "fold.enc.2.k"),
+            None,
+            "layer out of range"
+        );
     }
 
     #[test]
     fn folded_encoder_attends_to_constants_and_rotates_the_query_before_the_tools() {
         let text = print(&lower(&tiny(), FoldMode::Tools, 36, 1022));
-        assert!(text.contains("rope %e0.qn, @rope, start=987-q : f32[q,4,16]"), "{text}");
+        assert!(
+            text.contains("rope %e0.qn, @rope, start=987-q : f32[q,4,16]"),
+            "{text}"
+        );
         assert!(text.contains("attention %e0.qr, (%e0.kr, %e0.vh), (@fold.enc.0.k, @fold.enc.0.v)"));
-        assert!(text.contains("($cross.1.k[..q], $cross.1.v[..q]), (@fold.dec.1.cross_k, @fold.dec.1.cross_v)"));
+        assert!(text.contains(
+            "($cross.1.k[..q], $cross.1.v[..q]), (@fold.dec.1.cross_k, @fold.dec.1.cross_v)"
+        ));
         assert!(!text.contains("prompt.tools"));
         let exact = print(&lower(&tiny(), FoldMode::None, 36, 1022));
-        assert!(exact.contains("concat %query, @prompt.tools : i32[q+37]"), "{exact}");
+        assert!(
+            exact.contains("concat %query, @prompt.tools : i32[q+37]"),
+            "{exact}"
+        );
         assert!(!exact.contains("@fold."));
     }
 
@@ -697,10 +957,14 @@ mod tests {
         store.check(&out).unwrap();
         // q_proj of encoder layer 0 was scaled by (1 + norm) row by row: row 1 of the norm is
         // 0.25, so row 1 of the weight (64 values from index 64) grew by 1.25.
-        let Some(ConstData::F32(w)) = store.get("enc.0.q_proj.scaled") else { panic!() };
+        let Some(ConstData::F32(w)) = store.get("enc.0.q_proj.scaled") else {
+            panic!()
+        };
         assert_eq!(w[64], ((64 % 7) as f32 * 0.25) * 1.25);
         assert!(store.get("contrastive.proj").is_none());
-        let Some(ConstData::F32(g)) = store.get("enc.1.gate.sigmoid") else { panic!() };
+        let Some(ConstData::F32(g)) = store.get("enc.1.gate.sigmoid") else {
+            panic!()
+        };
         assert_eq!(g, &vec![0.5]);
     }
 }

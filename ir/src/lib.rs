@@ -27,3 +27,6 @@ pub use passes::{run_pipeline, Pass, PassError, PIPELINE};
 pub use print::print;
 pub use types::{ConstKind, ElemType, Expr, Storage, Sym, Type};
 pub use verify::{verify, VerifyError};
+
+#[cfg(test)]
+mod test_sample;

@@ -86,7 +86,11 @@ pub enum Operand {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// `embed @table, %ids, scale=S`: rows `table[ids]` times `S`. ids `i32[n]`, result `f32[n,D]`.
-    Embed { table: String, ids: String, scale: f32 },
+    Embed {
+        table: String,
+        ids: String,
+        scale: f32,
+    },
     /// `concat a, b, ...`: along the first axis.
     Concat { parts: Vec<Operand> },
     /// `matmul %x, @w`: `x @ w`, w stored `(in, out)`.
@@ -99,13 +103,24 @@ pub enum Op {
     RmsNorm { x: String, scale: Option<String> },
     /// `rope %x, @table, start=E`: x `[n, heads, h]`; row `i` is rotated by table row `E + i`
     /// (table row `r` = `[cos(r f_0..), sin(r f_0..)]`, spec section 2).
-    Rope { x: String, table: String, start: Expr },
+    Rope {
+        x: String,
+        table: String,
+        start: Expr,
+    },
     /// `attention %q, (k, v), (k, v)...`: softmax over the keys of every listed block together;
     /// every query row sees every key (masks are expressed by which blocks are listed).
     /// q `[n, H, h]`, each k/v `[m_i, K, h]`; query head `i` uses KV head `i / (H/K)`.
-    Attention { q: String, kv: Vec<(Operand, Operand)> },
+    Attention {
+        q: String,
+        kv: Vec<(Operand, Operand)>,
+    },
     /// `store %v -> $buf[at..]`: writes v's rows at row `at` of a workspace buffer.
-    Store { value: String, buffer: String, at: Expr },
+    Store {
+        value: String,
+        buffer: String,
+        at: Expr,
+    },
     /// `gated_residual %x, %y, @g`: `x + sigmoid(g) * y`, g a scalar.
     GatedResidual { x: String, y: String, gate: String },
     /// `residual %x, %y, @s`: `x + s * y`, s a scalar (a gated residual after fold-constants).
@@ -301,7 +316,9 @@ impl ConstStore {
             }
         }
         if let Some(extra) = self.data.keys().find(|k| module.const_decl(k).is_none()) {
-            return Err(format!("data for @{extra}, which the module does not declare"));
+            return Err(format!(
+                "data for @{extra}, which the module does not declare"
+            ));
         }
         Ok(())
     }

@@ -75,8 +75,9 @@ fn is_name_char(c: char) -> bool {
 }
 
 fn lex(text: &str) -> Result<Vec<Spanned>, ParseError> {
-    const PUNCT: [&str; 15] =
-        ["..=", "..", "->", "(", ")", "{", "}", "[", "]", ",", ":", "=", "+", "-", "*"];
+    const PUNCT: [&str; 15] = [
+        "..=", "..", "->", "(", ")", "{", "}", "[", "]", ",", ":", "=", "+", "-", "*",
+    ];
     let chars: Vec<char> = text.chars().collect();
     let (mut i, mut line, mut col) = (0usize, 1usize, 1usize);
     let mut out = Vec::new();
@@ -137,7 +138,11 @@ fn lex(text: &str) -> Result<Vec<Spanned>, ParseError> {
                 }
             }
             if matches!(at(i), Some('e' | 'E')) {
-                let digits_at = if matches!(at(i + 1), Some('+' | '-')) { i + 2 } else { i + 1 };
+                let digits_at = if matches!(at(i + 1), Some('+' | '-')) {
+                    i + 2
+                } else {
+                    i + 1
+                };
                 if at(digits_at).is_some_and(|c| c.is_ascii_digit()) {
                     i = digits_at;
                     while at(i).is_some_and(|c| c.is_ascii_digit()) {
@@ -146,9 +151,10 @@ fn lex(text: &str) -> Result<Vec<Spanned>, ParseError> {
                 }
             }
             Tok::Num(chars[start..i].iter().collect())
-        } else if let Some(p) = PUNCT.iter().find(|p| {
-            p.chars().enumerate().all(|(k, pc)| at(i + k) == Some(pc))
-        }) {
+        } else if let Some(p) = PUNCT
+            .iter()
+            .find(|p| p.chars().enumerate().all(|(k, pc)| at(i + k) == Some(pc)))
+        {
             i += p.len();
             Tok::Punct(p)
         } else {
@@ -160,9 +166,17 @@ fn lex(text: &str) -> Result<Vec<Spanned>, ParseError> {
             });
         };
         col += i - start;
-        out.push(Spanned { tok, line: start_line, col: start_col });
+        out.push(Spanned {
+            tok,
+            line: start_line,
+            col: start_col,
+        });
     }
-    out.push(Spanned { tok: Tok::Eof, line, col });
+    out.push(Spanned {
+        tok: Tok::Eof,
+        line,
+        col,
+    });
     Ok(out)
 }
 
@@ -196,7 +210,12 @@ impl Parser {
 
     fn err<T>(&self, expected: impl Into<String>) -> PResult<T> {
         let (line, col) = self.toks.get(self.pos).map_or((0, 0), |s| (s.line, s.col));
-        Err(ParseError { line, col, expected: expected.into(), found: self.peek().to_string() })
+        Err(ParseError {
+            line,
+            col,
+            expected: expected.into(),
+            found: self.peek().to_string(),
+        })
     }
 
     fn at_punct(&self, p: &str) -> bool {
@@ -308,7 +327,12 @@ impl Parser {
     fn module(&mut self) -> PResult<Module> {
         self.keyword("needle_ir")?;
         self.keyword("v1")?;
-        let mut m = Module { dims: vec![], consts: vec![], buffers: vec![], funcs: vec![] };
+        let mut m = Module {
+            dims: vec![],
+            consts: vec![],
+            buffers: vec![],
+            funcs: vec![],
+        };
         loop {
             match self.peek() {
                 Tok::Eof => return Ok(m),
@@ -358,14 +382,23 @@ impl Parser {
         };
         self.bump();
         let storage = self.storage()?;
-        Ok(ConstDecl { name, ty, kind, storage })
+        Ok(ConstDecl {
+            name,
+            ty,
+            kind,
+            storage,
+        })
     }
 
     fn storage(&mut self) -> PResult<Storage> {
         let expected = "a storage (`plain`, `i8gN` or `i4gN`)";
-        let Tok::Ident(w) = self.peek() else { return self.err(expected) };
+        let Tok::Ident(w) = self.peek() else {
+            return self.err(expected);
+        };
         let group = |prefix: &str| -> Option<u32> {
-            w.strip_prefix(prefix).and_then(|g| g.parse::<u32>().ok()).filter(|&g| g > 0)
+            w.strip_prefix(prefix)
+                .and_then(|g| g.parse::<u32>().ok())
+                .filter(|&g| g > 0)
         };
         let storage = if w == "plain" {
             Storage::Plain
@@ -394,7 +427,9 @@ impl Parser {
             Tok::Ident(w) => ElemType::ALL.iter().find(|e| e.name() == w).copied(),
             _ => None,
         };
-        let Some(elem) = elem else { return self.err(expected) };
+        let Some(elem) = elem else {
+            return self.err(expected);
+        };
         self.bump();
         self.punct("[")?;
         let mut shape = Vec::new();
@@ -418,7 +453,11 @@ impl Parser {
         loop {
             let term = self.term()?;
             let term = if negative {
-                match (term.q.checked_neg(), term.p.checked_neg(), term.offset.checked_neg()) {
+                match (
+                    term.q.checked_neg(),
+                    term.p.checked_neg(),
+                    term.offset.checked_neg(),
+                ) {
                     (Some(q), Some(p), Some(offset)) => Expr { q, p, offset },
                     _ => return self.err("a smaller number"),
                 }
@@ -470,7 +509,10 @@ impl Parser {
             loop {
                 let name = self.value()?;
                 self.punct(":")?;
-                params.push(Param { name, ty: self.ty()? });
+                params.push(Param {
+                    name,
+                    ty: self.ty()?,
+                });
                 if !self.at_punct(",") {
                     break;
                 }
@@ -498,7 +540,12 @@ impl Parser {
             }
         }
         self.punct("}")?;
-        Ok(Function { name, params, body, results })
+        Ok(Function {
+            name,
+            params,
+            body,
+            results,
+        })
     }
 
     fn store(&mut self) -> PResult<Inst> {
@@ -510,7 +557,10 @@ impl Parser {
         let at = self.expr()?;
         self.punct("..")?;
         self.punct("]")?;
-        Ok(Inst { result: None, op: Op::Store { value, buffer, at } })
+        Ok(Inst {
+            result: None,
+            op: Op::Store { value, buffer, at },
+        })
     }
 
     fn inst(&mut self) -> PResult<Inst> {
@@ -519,7 +569,10 @@ impl Parser {
         let op = self.op()?;
         self.punct(":")?;
         let ty = self.ty()?;
-        Ok(Inst { result: Some(Param { name, ty }), op })
+        Ok(Inst {
+            result: Some(Param { name, ty }),
+            op,
+        })
     }
 
     fn comma(&mut self) -> PResult<()> {
@@ -544,7 +597,11 @@ impl Parser {
                 let ids = self.value()?;
                 self.comma()?;
                 self.attr("scale")?;
-                Op::Embed { table, ids, scale: self.float()? }
+                Op::Embed {
+                    table,
+                    ids,
+                    scale: self.float()?,
+                }
             }
             "concat" => {
                 let mut parts = vec![self.operand()?];
@@ -557,13 +614,19 @@ impl Parser {
             "matmul" => {
                 let x = self.value()?;
                 self.comma()?;
-                Op::MatMul { x, w: self.constant()? }
+                Op::MatMul {
+                    x,
+                    w: self.constant()?,
+                }
             }
             "reshape" => Op::Reshape { x: self.value()? },
             "zcrmsnorm" => {
                 let x = self.value()?;
                 self.comma()?;
-                Op::ZcRmsNorm { x, scale: self.constant()? }
+                Op::ZcRmsNorm {
+                    x,
+                    scale: self.constant()?,
+                }
             }
             "rmsnorm" => {
                 let x = self.value()?;
@@ -581,7 +644,11 @@ impl Parser {
                 let table = self.constant()?;
                 self.comma()?;
                 self.attr("start")?;
-                Op::Rope { x, table, start: self.expr()? }
+                Op::Rope {
+                    x,
+                    table,
+                    start: self.expr()?,
+                }
             }
             "attention" => {
                 let q = self.value()?;
@@ -612,12 +679,18 @@ impl Parser {
             "logits" => {
                 let x = self.value()?;
                 self.comma()?;
-                Op::Logits { x, table: self.constant()? }
+                Op::Logits {
+                    x,
+                    table: self.constant()?,
+                }
             }
             "argmax_masked" => {
                 let logits = self.value()?;
                 self.comma()?;
-                Op::ArgmaxMasked { logits, allowed: self.value()? }
+                Op::ArgmaxMasked {
+                    logits,
+                    allowed: self.value()?,
+                }
             }
             _ => {
                 // Point at the op name itself, not the token after it.
@@ -647,6 +720,88 @@ impl Parser {
                 Ok(Operand::Buffer { name, len })
             }
             _ => self.err("an operand (`%value`, `@constant` or `$buffer[..len]`)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_sample::SAMPLE;
+
+    fn error(text: &str) -> ParseError {
+        parse(text).expect_err("should not parse")
+    }
+
+    #[test]
+    fn errors_say_where_and_what_was_expected() {
+        let e = error("module");
+        assert_eq!((e.line, e.col), (1, 1));
+        assert_eq!(e.to_string(), "1:1: expected `needle_ir`, found `module`");
+
+        let text = SAMPLE.replacen("%q = matmul %n, @wq", "%q = frobnicate %n, @wq", 1);
+        let e = error(&text);
+        assert_eq!((e.line, e.col), (27, 8), "{e}");
+        assert!(e.expected.starts_with("an op name"), "{e}");
+        assert_eq!(e.found, "`frobnicate`");
+
+        let e = error(&SAMPLE.replacen("f32[q+3,8]", "f32[q+3 8]", 1));
+        assert_eq!(
+            (e.line, e.expected.as_str(), e.found.as_str()),
+            (25, "`]`", "`8`")
+        );
+
+        let e = error(&SAMPLE.replacen("weight i8g4", "weight i8g0", 1));
+        assert!(e.expected.contains("storage"), "{e}");
+
+        let e = error(&SAMPLE[..SAMPLE.len() - 3]);
+        assert_eq!(e.found, "end of input");
+        assert_eq!(e.expected, "`}`");
+
+        let e = error("needle_ir v1\n  dim q in 0..=3 !");
+        assert_eq!(e.to_string(), "2:18: expected a token, found '!'");
+    }
+
+    #[test]
+    fn numbers_too_large_are_errors() {
+        let e = error("needle_ir v1 dim q in 0..=99999999999999999999");
+        assert_eq!(e.expected, "an integer that fits in 64 bits");
+        let e = error("needle_ir v1 buffer $b : f32[9223372036854775807+1]");
+        assert_eq!(e.expected, "a smaller number");
+        let e = error("needle_ir v1 buffer $b : f32[-9223372036854775807-2]");
+        assert_eq!(e.expected, "a smaller number");
+    }
+
+    /// The parser sees untrusted text: every prefix and many corruptions of a valid module must
+    /// give a result, not a panic.
+    #[test]
+    fn never_panics() {
+        let chars: Vec<char> = SAMPLE.chars().collect();
+        for end in 0..chars.len() {
+            let _ = parse(&chars[..end].iter().collect::<String>());
+        }
+        let replacements = [
+            '%', '@', '$', '.', '-', '9', '[', ']', '(', ' ', 'é', '\n', '=',
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..5000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut text = chars.clone();
+            let at = (seed % text.len() as u64) as usize;
+            match (seed >> 32) % 3 {
+                0 => {
+                    text.remove(at);
+                }
+                1 => text[at] = replacements[(seed >> 40) as usize % replacements.len()],
+                _ => text.insert(at, replacements[(seed >> 48) as usize % replacements.len()]),
+            }
+            if let Ok(m) = parse(&text.iter().collect::<String>()) {
+                // Whatever parses must also verify or fail cleanly, and print.
+                let _ = crate::verify(&m);
+                let _ = crate::print(&m);
+            }
         }
     }
 }

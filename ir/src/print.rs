@@ -32,7 +32,14 @@ pub fn print(module: &Module) -> String {
         out.push('\n');
     }
     for c in &module.consts {
-        let _ = writeln!(out, "const @{} : {} {} {}", c.name, c.ty, c.kind.name(), c.storage);
+        let _ = writeln!(
+            out,
+            "const @{} : {} {} {}",
+            c.name,
+            c.ty,
+            c.kind.name(),
+            c.storage
+        );
     }
     if !module.buffers.is_empty() {
         out.push('\n');
@@ -48,7 +55,11 @@ pub fn print(module: &Module) -> String {
 }
 
 fn print_function(out: &mut String, f: &Function) {
-    let params: Vec<String> = f.params.iter().map(|p| format!("%{}: {}", p.name, p.ty)).collect();
+    let params: Vec<String> = f
+        .params
+        .iter()
+        .map(|p| format!("%{}: {}", p.name, p.ty))
+        .collect();
     let _ = writeln!(out, "func @{}({}) {{", f.name, params.join(", "));
     for inst in &f.body {
         out.push_str("  ");
@@ -88,8 +99,10 @@ fn print_op(op: &Op) -> String {
         Op::RmsNorm { x, scale: None } => format!("{name} %{x}"),
         Op::Rope { x, table, start } => format!("{name} %{x}, @{table}, start={start}"),
         Op::Attention { q, kv } => {
-            let blocks: Vec<String> =
-                kv.iter().map(|(k, v)| format!("({}, {})", operand(k), operand(v))).collect();
+            let blocks: Vec<String> = kv
+                .iter()
+                .map(|(k, v)| format!("({}, {})", operand(k), operand(v)))
+                .collect();
             format!("{name} %{q}, {}", blocks.join(", "))
         }
         Op::Store { value, buffer, at } => format!("{name} %{value} -> ${buffer}[{at}..]"),
@@ -105,5 +118,61 @@ fn operand(o: &Operand) -> String {
         Operand::Value(v) => format!("%{v}"),
         Operand::Const(c) => format!("@{c}"),
         Operand::Buffer { name, len } => format!("${name}[..{len}]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_sample::SAMPLE;
+    use crate::types::{Expr, Sym};
+    use crate::{parse, print, verify};
+
+    #[test]
+    fn sample_round_trips_byte_for_byte() {
+        let m = parse(SAMPLE).unwrap();
+        verify(&m).unwrap();
+        assert_eq!(print(&m), SAMPLE);
+        assert_eq!(parse(&print(&m)).unwrap(), m);
+    }
+
+    #[test]
+    fn expressions_print_canonically_and_read_back() {
+        let e = |q, p, offset| Expr { q, p, offset };
+        let cases = [
+            (e(0, 0, 0), "0"),
+            (e(0, 0, -4), "-4"),
+            (e(1, 0, 0), "q"),
+            (e(1, 0, 37), "q+37"),
+            (e(-1, 0, 987), "987-q"),
+            (e(-1, 0, 0), "-q"),
+            (e(0, 1, 1), "p+1"),
+            (e(2, -1, -3), "2*q-p-3"),
+            (e(-3, 1, 5), "5-3*q+p"),
+        ];
+        for (expr, text) in cases {
+            assert_eq!(expr.to_string(), text);
+            let module =
+                format!("needle_ir v1 dim q in 0..=1 dim p in 0..=1 buffer $b : f32[{text}]");
+            assert_eq!(
+                parse(&module).unwrap().buffers[0].ty.shape,
+                vec![expr],
+                "{text}"
+            );
+        }
+        assert_eq!(Expr::sym(Sym::Q).range(|_| (0, 9)), (0, 9));
+        assert_eq!(e(-1, 0, 987).range(|_| (0, 987)), (0, 987));
+    }
+
+    #[test]
+    fn float_attributes_round_trip_exactly() {
+        for scale in [8.0f32, 512f32.sqrt(), 1e-7, -0.0, 3.4e38] {
+            let text = SAMPLE.replacen("scale=2.828427", &format!("scale={scale:?}"), 1);
+            let m = parse(&text).unwrap();
+            let crate::Op::Embed { scale: got, .. } = &m.funcs[0].body[1].op else {
+                panic!()
+            };
+            assert_eq!(got.to_bits(), scale.to_bits());
+            assert_eq!(print(&m), text);
+        }
     }
 }

@@ -63,13 +63,25 @@ pub struct Expr {
 
 impl Expr {
     pub const fn lit(n: i64) -> Expr {
-        Expr { q: 0, p: 0, offset: n }
+        Expr {
+            q: 0,
+            p: 0,
+            offset: n,
+        }
     }
 
     pub const fn sym(s: Sym) -> Expr {
         match s {
-            Sym::Q => Expr { q: 1, p: 0, offset: 0 },
-            Sym::P => Expr { q: 0, p: 1, offset: 0 },
+            Sym::Q => Expr {
+                q: 1,
+                p: 0,
+                offset: 0,
+            },
+            Sym::P => Expr {
+                q: 0,
+                p: 1,
+                offset: 0,
+            },
         }
     }
 
@@ -162,7 +174,10 @@ impl Type {
 
     /// A type whose dimensions are all static.
     pub fn fixed(elem: ElemType, dims: &[usize]) -> Type {
-        Type { elem, shape: dims.iter().map(|&d| Expr::lit(d as i64)).collect() }
+        Type {
+            elem,
+            shape: dims.iter().map(|&d| Expr::lit(d as i64)).collect(),
+        }
     }
 
     pub fn f32(shape: Vec<Expr>) -> Type {

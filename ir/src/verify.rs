@@ -38,14 +38,22 @@ impl fmt::Display for VerifyError {
 }
 
 fn module_err(what: impl Into<String>, message: impl Into<String>) -> VerifyError {
-    VerifyError { func: None, value: Some(what.into()), op: None, message: message.into() }
+    VerifyError {
+        func: None,
+        value: Some(what.into()),
+        op: None,
+        message: message.into(),
+    }
 }
 
 pub fn verify(m: &Module) -> Result<(), VerifyError> {
     let mut seen = BTreeSet::new();
     for d in &m.dims {
         if !seen.insert(d.sym) {
-            return Err(module_err(format!("dim {}", d.sym.name()), "declared twice"));
+            return Err(module_err(
+                format!("dim {}", d.sym.name()),
+                "declared twice",
+            ));
         }
         if d.min < 0 || d.min > d.max {
             return Err(module_err(
@@ -67,6 +75,7 @@ pub fn verify(m: &Module) -> Result<(), VerifyError> {
             let ok = c.kind == ConstKind::Weight
                 && c.ty.elem == ElemType::F32
                 && dims.len() == 2
+                && group > 0
                 && dims[0] % group as usize == 0;
             if !ok {
                 return Err(module_err(
@@ -89,15 +98,26 @@ pub fn verify(m: &Module) -> Result<(), VerifyError> {
             return Err(module_err(what, "declared twice"));
         }
         if b.ty.shape.is_empty() || b.ty.static_dims().is_none() {
-            return Err(module_err(what, format!("type {} must be static with rows", b.ty)));
+            return Err(module_err(
+                what,
+                format!("type {} must be static with rows", b.ty),
+            ));
         }
     }
     let mut names = BTreeSet::new();
     for f in &m.funcs {
         if !names.insert(f.name.as_str()) {
-            return Err(module_err(format!("@{}", f.name), "function declared twice"));
+            return Err(module_err(
+                format!("@{}", f.name),
+                "function declared twice",
+            ));
         }
-        FuncVerifier { m, f, env: HashMap::new() }.run()?;
+        FuncVerifier {
+            m,
+            f,
+            env: HashMap::new(),
+        }
+        .run()?;
     }
     check_entry_points(m)
 }
@@ -111,7 +131,10 @@ fn check_entry_points(m: &Module) -> Result<(), VerifyError> {
         message,
     };
     let Some(enc) = m.func(ENCODE_QUERY) else {
-        return Err(module_err(format!("@{ENCODE_QUERY}"), "entry point missing"));
+        return Err(module_err(
+            format!("@{ENCODE_QUERY}"),
+            "entry point missing",
+        ));
     };
     let query_ty = Type::new(ElemType::I32, vec![Expr::sym(Sym::Q)]);
     if enc.params.len() != 1 || enc.params[0].ty != query_ty || !enc.results.is_empty() {
@@ -121,7 +144,10 @@ fn check_entry_points(m: &Module) -> Result<(), VerifyError> {
         ));
     }
     let Some(dec) = m.func(DECODER_STEP) else {
-        return Err(module_err(format!("@{DECODER_STEP}"), "entry point missing"));
+        return Err(module_err(
+            format!("@{DECODER_STEP}"),
+            "entry point missing",
+        ));
     };
     let token_ty = Type::fixed(ElemType::I32, &[1]);
     let param_ok = dec.params.first().is_some_and(|p| p.ty == token_ty);
@@ -130,12 +156,20 @@ fn check_entry_points(m: &Module) -> Result<(), VerifyError> {
             .iter()
             .find(|p| &p.name == r)
             .map(|p| &p.ty)
-            .or_else(|| dec.body.iter().filter_map(|i| i.result.as_ref()).find(|p| &p.name == r).map(|p| &p.ty))
+            .or_else(|| {
+                dec.body
+                    .iter()
+                    .filter_map(|i| i.result.as_ref())
+                    .find(|p| &p.name == r)
+                    .map(|p| &p.ty)
+            })
     });
     if !param_ok || dec.results.len() != 1 || result_ty != Some(&token_ty) {
         return Err(entry_err(
             DECODER_STEP,
-            format!("must take the token as its first parameter {token_ty} and return one {token_ty}"),
+            format!(
+                "must take the token as its first parameter {token_ty} and return one {token_ty}"
+            ),
         ));
     }
     Ok(())
@@ -162,15 +196,15 @@ impl<'a> FuncVerifier<'a> {
     fn run(mut self) -> Result<(), VerifyError> {
         let f = self.f;
         for p in &f.params {
-            self.check_type(&p.ty).map_err(|e| self.err(None, format!("parameter %{}: {e}", p.name)))?;
+            self.check_type(&p.ty)
+                .map_err(|e| self.err(None, format!("parameter %{}: {e}", p.name)))?;
             if self.env.insert(&p.name, p.ty.clone()).is_some() {
                 return Err(self.err(None, format!("parameter %{} declared twice", p.name)));
             }
         }
         for inst in &f.body {
-            self.check_inst(inst).map_err(|e| {
-                self.err(Some(inst), format!("{e}\n  in: {}", print_inst(inst)))
-            })?;
+            self.check_inst(inst)
+                .map_err(|e| self.err(Some(inst), format!("{e}\n  in: {}", print_inst(inst))))?;
             if let Some(r) = &inst.result {
                 self.env.insert(&r.name, r.ty.clone());
             }
@@ -227,7 +261,9 @@ impl<'a> FuncVerifier<'a> {
     }
 
     fn value(&self, name: &str) -> Check<&Type> {
-        self.env.get(name).ok_or_else(|| format!("%{name} is used before it is defined"))
+        self.env
+            .get(name)
+            .ok_or_else(|| format!("%{name} is used before it is defined"))
     }
 
     fn constant(&self, name: &str) -> Check<&'a Type> {
@@ -242,7 +278,10 @@ impl<'a> FuncVerifier<'a> {
             Operand::Value(v) => self.value(v).cloned(),
             Operand::Const(c) => self.constant(c).cloned(),
             Operand::Buffer { name, len } => {
-                let b = self.m.buffer(name).ok_or_else(|| format!("buffer ${name} is not declared"))?;
+                let b = self
+                    .m
+                    .buffer(name)
+                    .ok_or_else(|| format!("buffer ${name} is not declared"))?;
                 self.check_expr(len)?;
                 let rows = b.ty.shape[0].as_static().unwrap_or(0);
                 let (lo, hi) = self.range(len);
@@ -259,19 +298,29 @@ impl<'a> FuncVerifier<'a> {
     }
 
     fn check_store(&self, op: &Op) -> Check<()> {
-        let Op::Store { value, buffer, at } = op else { return Ok(()) };
+        let Op::Store { value, buffer, at } = op else {
+            return Ok(());
+        };
         let v = self.value(value)?;
-        let b = self.m.buffer(buffer).ok_or_else(|| format!("buffer ${buffer} is not declared"))?;
+        let b = self
+            .m
+            .buffer(buffer)
+            .ok_or_else(|| format!("buffer ${buffer} is not declared"))?;
         self.check_expr(at)?;
         if v.elem != b.ty.elem || v.shape.is_empty() || v.shape[1..] != b.ty.shape[1..] {
-            return Err(format!("stores {v} into ${buffer} : {}, whose rows differ", b.ty));
+            return Err(format!(
+                "stores {v} into ${buffer} : {}, whose rows differ",
+                b.ty
+            ));
         }
         let rows = b.ty.shape[0].as_static().unwrap_or(0) as i128;
         let end = at.checked_add(v.shape[0]).ok_or("row range overflows")?;
         let (lo, _) = self.range(at);
         let (_, hi) = self.range(&end);
         if lo < 0 || hi > rows {
-            return Err(format!("writes rows {at}..{end} (up to {hi}) of ${buffer}, which has {rows}"));
+            return Err(format!(
+                "writes rows {at}..{end} (up to {hi}) of ${buffer}, which has {rows}"
+            ));
         }
         Ok(())
     }
@@ -298,7 +347,10 @@ impl<'a> FuncVerifier<'a> {
                 let mut rows = first.shape[0];
                 for t in types {
                     let t = t?;
-                    if t.elem != first.elem || t.shape.is_empty() || t.shape[1..] != first.shape[1..] {
+                    if t.elem != first.elem
+                        || t.shape.is_empty()
+                        || t.shape[1..] != first.shape[1..]
+                    {
                         return Err(format!("concat of {first} and {t}: the rows differ"));
                     }
                     rows = rows.checked_add(t.shape[0]).ok_or("row count overflows")?;
@@ -318,7 +370,9 @@ impl<'a> FuncVerifier<'a> {
             Op::Reshape { x } => {
                 let t = self.value(x)?;
                 let count = |t: &Type| -> Option<i64> {
-                    t.shape[1..].iter().try_fold(1i64, |acc, d| acc.checked_mul(d.as_static()?))
+                    t.shape[1..]
+                        .iter()
+                        .try_fold(1i64, |acc, d| acc.checked_mul(d.as_static()?))
                 };
                 let same = t.elem == declared.elem
                     && !t.shape.is_empty()
@@ -334,7 +388,11 @@ impl<'a> FuncVerifier<'a> {
                 }
                 Ok(declared.clone())
             }
-            Op::ZcRmsNorm { x, scale } | Op::RmsNorm { x, scale: Some(scale) } => {
+            Op::ZcRmsNorm { x, scale }
+            | Op::RmsNorm {
+                x,
+                scale: Some(scale),
+            } => {
                 let t = self.value(x)?;
                 let [d] = f32_dims::<1>("scale", self.constant(scale)?)?;
                 if t.elem != ElemType::F32 || t.shape.last() != Some(&d) {
@@ -355,7 +413,9 @@ impl<'a> FuncVerifier<'a> {
                 let [positions, h2] = f32_dims::<2>("rope table", self.constant(table)?)?;
                 self.check_expr(start)?;
                 if h != h2 || h.as_static().is_none_or(|h| h % 2 != 0) {
-                    return Err(format!("head width {h} is odd or differs from the table's {h2}"));
+                    return Err(format!(
+                        "head width {h} is odd or differs from the table's {h2}"
+                    ));
                 }
                 let end = start.checked_add(n).ok_or("position range overflows")?;
                 let (lo, _) = self.range(start);
@@ -386,13 +446,17 @@ impl<'a> FuncVerifier<'a> {
                         ));
                     }
                     if kv_heads.is_some_and(|k| k != kh) {
-                        return Err(format!("block {i} has {kh} KV heads, an earlier one differs"));
+                        return Err(format!(
+                            "block {i} has {kh} KV heads, an earlier one differs"
+                        ));
                     }
                     kv_heads = Some(kh);
                 }
                 let groups = heads.as_static().zip(kv_heads.and_then(|k| k.as_static()));
                 if !groups.is_some_and(|(h, k)| k > 0 && h % k == 0) {
-                    return Err(format!("{heads} query heads do not split into groups over the KV heads"));
+                    return Err(format!(
+                        "{heads} query heads do not split into groups over the KV heads"
+                    ));
                 }
                 Ok(t.clone())
             }
@@ -428,10 +492,169 @@ impl<'a> FuncVerifier<'a> {
 fn dims_of<const N: usize>(what: &str, elem: ElemType, t: &Type) -> Check<[Expr; N]> {
     match <[Expr; N]>::try_from(t.shape.as_slice()) {
         Ok(dims) if t.elem == elem => Ok(dims),
-        _ => Err(format!("{what} is {t}, expected {} of rank {N}", elem.name())),
+        _ => Err(format!(
+            "{what} is {t}, expected {} of rank {N}",
+            elem.name()
+        )),
     }
 }
 
 fn f32_dims<const N: usize>(what: &str, t: &Type) -> Check<[Expr; N]> {
     dims_of(what, ElemType::F32, t)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_sample::SAMPLE;
+    use crate::{parse, verify};
+
+    /// Verifies the sample with `from` replaced by `to` (which must occur) and returns the error.
+    fn error(from: &str, to: &str) -> super::VerifyError {
+        assert!(SAMPLE.contains(from), "{from}");
+        let m = parse(&SAMPLE.replacen(from, to, 1)).unwrap();
+        verify(&m).expect_err("should not verify")
+    }
+
+    #[test]
+    fn use_before_definition_names_function_value_and_op() {
+        let e = error("%q = matmul %n, @wq", "%q = matmul %qh, @wq");
+        assert_eq!(e.func.as_deref(), Some("encode_query"));
+        assert_eq!(e.value.as_deref(), Some("q"));
+        assert_eq!(e.op, Some("matmul"));
+        assert!(e.to_string().starts_with(
+            "in @encode_query, %q = matmul: %qh is used before it is defined\n  in: %q = matmul"
+        ));
+    }
+
+    #[test]
+    fn declared_type_must_be_the_computed_one() {
+        let e = error(
+            "%q = matmul %n, @wq : f32[q+3,8]",
+            "%q = matmul %n, @wq : f32[q+3,9]",
+        );
+        assert!(
+            e.message
+                .starts_with("declared f32[q+3,9] but the op computes f32[q+3,8]"),
+            "{e}"
+        );
+        let e = error("%k = matmul %n, @wk", "%k = matmul %n, @dq");
+        assert!(
+            e.message
+                .starts_with("declared f32[q+3,4] but the op computes f32[q+3,8]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shapes_must_agree() {
+        let e = error("%o = matmul %cat, @dq", "%o = matmul %cat, @wk");
+        assert_eq!(e.op, Some("matmul"));
+        assert!(
+            e.message
+                .starts_with("declared f32[1,8] but the op computes f32[1,4]"),
+            "{e}"
+        );
+        let e = error("reshape %q : f32[q+3,2,4]", "reshape %q : f32[q+3,3,4]");
+        assert!(
+            e.message
+                .starts_with("cannot reshape f32[q+3,8] to f32[q+3,3,4]"),
+            "{e}"
+        );
+        let e = error("(%kh, %vh)", "(%kh, %qh)");
+        assert!(
+            e.message
+                .starts_with("block 0: k f32[q+3,1,4] and v f32[q+3,2,4]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn constants_and_buffers_must_be_declared() {
+        let e = error("@wq : f32[q+3,8]", "@nope : f32[q+3,8]");
+        assert!(
+            e.message.starts_with("constant @nope is not declared"),
+            "{e}"
+        );
+        let e = error("store %kh -> $cache[p..]", "store %kh -> $kv[p..]");
+        assert_eq!(
+            (e.func.as_deref(), e.value.as_deref(), e.op),
+            (Some("decoder_step"), None, Some("store"))
+        );
+        assert!(e.message.starts_with("buffer $kv is not declared"), "{e}");
+        let e = error("const @gate : f32[] weight plain\n", "");
+        assert!(
+            e.message.starts_with("constant @gate is not declared"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn row_ranges_stay_inside_buffers_and_tables() {
+        // p goes up to 3, so rows ..p+2 reach 5 of the cache's 4.
+        let e = error(
+            "$cache[..p+1], $cache[..p+1]",
+            "$cache[..p+2], $cache[..p+2]",
+        );
+        assert!(
+            e.message
+                .starts_with("reads rows ..p+2 (up to 5) of $cache, which has 4"),
+            "{e}"
+        );
+        let e = error("start=8-q", "start=9-q");
+        assert!(
+            e.message
+                .starts_with("uses table rows 9-q..12 (1..12 at the extremes), but @rope has 11"),
+            "{e}"
+        );
+        let e = error("store %kh -> $cache[p..]", "store %kh -> $cache[p+1..]");
+        assert!(
+            e.message
+                .starts_with("writes rows p+1..p+2 (up to 5) of $cache"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn module_level_rules() {
+        let e = error("func @decoder_step", "func @step");
+        assert_eq!(
+            e.to_string(),
+            "in the module, @decoder_step: entry point missing"
+        );
+        let e = error("dim p in 0..=3", "dim p in 4..=3");
+        assert_eq!(
+            e.to_string(),
+            "in the module, dim p: range 4..=3 is empty or negative"
+        );
+        let e = error(
+            "const @dk : f32[8,4] weight plain",
+            "const @dk : f32[8,4] weight i4g3",
+        );
+        assert!(
+            e.message
+                .starts_with("storage i4g3 needs an f32 matrix weight"),
+            "{e}"
+        );
+        let e = error(
+            "const @dk : f32[8,4] weight plain",
+            "const @dk : f32[q,4] weight plain",
+        );
+        assert_eq!(
+            e.to_string(),
+            "in the module, @dk: type f32[q,4] is not static"
+        );
+        let e = error(
+            "%ids = concat %query, @tools : i32[q+3]",
+            "%ids = concat %query, @tools : i32[q+p+3]",
+        );
+        assert!(
+            e.message
+                .starts_with("`p` (the decoder position) does not exist in encode_query"),
+            "{e}"
+        );
+        let e = error("return %next", "return %logits");
+        assert!(e.message.starts_with("must take the token"), "{e}");
+        let e = error("%x2 = gated_residual", "%x = gated_residual");
+        assert!(e.message.starts_with("%x is defined twice"), "{e}");
+    }
 }

@@ -27,8 +27,10 @@ fn snapshot_pipeline(fold: FoldMode, mode: &str) {
     let module = lower(&tiny(), fold, N_TOOL_TOKENS, MAX_QUERY_TOKENS);
     verify(&module).unwrap();
     let mut stages = vec![("lowered".to_string(), print(&module))];
-    run_pipeline(module, None, PIPELINE, |pass, m| stages.push((pass.to_string(), print(m))))
-        .unwrap();
+    run_pipeline(module, None, PIPELINE, |pass, m| {
+        stages.push((pass.to_string(), print(m)))
+    })
+    .unwrap();
     for (i, (stage, text)) in stages.iter().enumerate() {
         // Every stage's text must read back to itself.
         assert_eq!(&print(&parse(text).unwrap()), text, "{stage}");
