@@ -48,10 +48,11 @@
 //! constant's data comes from.
 
 use needle_ir::{
-    BufferDecl, ConstDecl, ConstKind, DimDecl, ElemType, Expr, Function, Inst, Module, Op, Operand,
-    Param, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
+    print, run_pipeline, BufferDecl, ConstData, ConstDecl, ConstKind, ConstStore, DimDecl,
+    ElemType, Expr, Function, Inst, Module, Op, Operand, Param, PassError, Storage, Sym, Type,
+    DECODER_STEP, ENCODE_QUERY, PIPELINE,
 };
-use needle_runtime::checkpoint::{expected_tensors, DEC, ENC};
+use needle_runtime::checkpoint::{expected_tensors, Checkpoint, DEC, ENC};
 use needle_runtime::config::Config;
 
 /// The reference's encoder input limit: query, `<tools>` and tool tokens together (spec 3).
@@ -782,10 +783,62 @@ pub fn const_source(config: &Config, name: &str) -> Option<ConstSource> {
     (layer < layers).then_some(ConstSource::FoldedKv { block, layer })
 }
 
+/// Fills the store with the data of every checkpoint-sourced constant of `module` (one layer's
+/// slice of a stacked tensor, widened to f32). Tables and folded K/V come from elsewhere.
+pub fn fill_weights(
+    module: &Module,
+    config: &Config,
+    checkpoint: &Checkpoint,
+    store: &mut ConstStore,
+) -> Result<(), String> {
+    for c in &module.consts {
+        let Some(ConstSource::Checkpoint { path, layer }) = const_source(config, &c.name) else {
+            continue;
+        };
+        let tensor = checkpoint
+            .tensors
+            .get(&path)
+            .ok_or_else(|| format!("checkpoint has no tensor {path} for @{}", c.name))?;
+        let values = tensor.to_f32();
+        let want: usize = c.ty.static_dims().unwrap_or_default().iter().product();
+        let start = layer.unwrap_or(0) * want;
+        let slice = values.get(start..start + want).ok_or_else(|| {
+            format!(
+                "{path} {:?} is too small for @{} : {}",
+                tensor.shape, c.name, c.ty
+            )
+        })?;
+        store.insert(c.name.clone(), ConstData::F32(slice.to_vec()));
+    }
+    Ok(())
+}
+
+/// `--emit ir`: the module's text after the passes up to and including `after` (all of them
+/// when `None`; `Some("lowered")` for none).
+pub fn emit_ir(module: Module, after: Option<&str>) -> Result<String, PassError> {
+    let count = match after {
+        None => PIPELINE.len(),
+        Some("lowered") => 0,
+        Some(name) => match PIPELINE.iter().position(|p| p.name == name) {
+            Some(i) => i + 1,
+            None => {
+                let names: Vec<&str> = PIPELINE.iter().map(|p| p.name).collect();
+                return Err(PassError::Failed {
+                    pass: "emit",
+                    message: format!("no pass `{name}`; passes: lowered, {}", names.join(", ")),
+                });
+            }
+        },
+    };
+    let module = run_pipeline(module, None, &PIPELINE[..count], |_, _| {})?;
+    Ok(print(&module))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use needle_ir::{print, run_pipeline, verify, ConstData, ConstStore, PIPELINE};
+    use needle_ir::verify;
+    use needle_runtime::checkpoint::Tensor;
 
     fn tiny() -> Config {
         Config {
@@ -966,5 +1019,54 @@ mod tests {
             panic!()
         };
         assert_eq!(g, &vec![0.5]);
+    }
+
+    #[test]
+    fn weights_are_filled_from_checkpoint_slices() {
+        let config = tiny();
+        let tensors = expected_tensors(&config)
+            .into_iter()
+            .map(|(path, shape)| {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+                (path, Tensor::from_f32(shape, &values))
+            })
+            .collect();
+        let checkpoint = Checkpoint {
+            config: config.clone(),
+            tensors,
+        };
+        let m = lower(&config, FoldMode::None, 36, 1022);
+        let mut store = ConstStore::default();
+        fill_weights(&m, &config, &checkpoint, &mut store).unwrap();
+        // Layer 1 of the stacked (L, D, K*h) k_proj starts after layer 0's 64*32 values.
+        let Some(ConstData::F32(k)) = store.get("enc.1.k_proj") else {
+            panic!()
+        };
+        assert_eq!((k.len(), k[0]), (64 * 32, (64 * 32) as f32));
+        let Some(ConstData::F32(g)) = store.get("dec.1.cross_gate") else {
+            panic!()
+        };
+        assert_eq!(g, &vec![1.0]);
+        assert!(
+            store.get("rope").is_none(),
+            "tables are not checkpoint tensors"
+        );
+    }
+
+    #[test]
+    fn emit_ir_prints_after_a_named_pass() {
+        let m = lower(&tiny(), FoldMode::Tools, 36, 1022);
+        let lowered = emit_ir(m.clone(), Some("lowered")).unwrap();
+        assert_eq!(lowered, print(&m));
+        let folded = emit_ir(m.clone(), Some("fold-constants")).unwrap();
+        assert!(folded.contains("@enc.0.gate.sigmoid") && folded.contains("@contrastive.proj"));
+        let all = emit_ir(m.clone(), None).unwrap();
+        assert!(!all.contains("@contrastive.proj"));
+        let e = emit_ir(m, Some("nope")).unwrap_err().to_string();
+        assert!(
+            e.contains("no pass `nope`; passes: lowered, fold-constants"),
+            "{e}"
+        );
     }
 }
