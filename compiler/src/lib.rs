@@ -5,5 +5,6 @@
 
 pub mod frontend;
 pub mod load;
+pub mod lower;
 pub mod synth;
 pub mod tools;

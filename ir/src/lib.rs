@@ -1,1 +1,32 @@
-//! The needlec IR.
+//! The needlec IR: what runs at run time, at the level of the model.
+//!
+//! A [`Module`] holds tensors with static shapes except for two symbols (`q`, the query length,
+//! and `p`, the decoder position), named constants referenced by `@name` whose data lives beside
+//! the module in a [`ConstStore`], workspace buffers (`$name`: KV cache, cross-attention K/V) and
+//! two entry points, `encode_query` and `decoder_step`, each a straight-line list of model-level
+//! ops (`embed`, `matmul`, `zcrmsnorm`, `rope`, `attention`, `gated_residual`, `logits`,
+//! `argmax_masked`, ...).
+//!
+//! Stages, one file each: [`types`] and [`module`] (the data), [`print`] and [`parse`] (the text
+//! format, which round-trips), [`verify`] (well-formedness), [`passes`] (the pipeline). The
+//! lowering from a model config lives in the compiler (`needlec::lower`).
+
+pub mod module;
+pub mod parse;
+pub mod passes;
+pub mod print;
+pub mod types;
+pub mod verify;
+
+pub use module::{
+    BufferDecl, ConstData, ConstDecl, ConstStore, DimDecl, Function, Inst, Module, Op, Operand,
+    Param, DECODER_STEP, ENCODE_QUERY,
+};
+pub use parse::{parse, ParseError};
+pub use passes::{run_pipeline, Pass, PassError, PIPELINE};
+pub use print::print;
+pub use types::{ConstKind, ElemType, Expr, Storage, Sym, Type};
+pub use verify::{verify, VerifyError};
+
+#[cfg(test)]
+mod test_sample;

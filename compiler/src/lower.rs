@@ -1,0 +1,1072 @@
+//! Lowering: from a model config and the fold mode to the IR (`needle_ir`) of what runs at run
+//! time. The tools side is fixed at build time; here it is only a length (`n_tool_tokens`) and,
+//! in folded mode, constants that the folder fills.
+//!
+//! # The program
+//!
+//! - `encode_query(%query: i32[q])` runs the encoder and stores, for every decoder layer, the
+//!   cross-attention K/V of the encoder output in workspace buffers `$cross.{l}.k/v`.
+//! - `decoder_step(%token: i32[1], %allowed: u8[V]) -> i32[1]` consumes the token at position
+//!   `p` (0 for the initial EOS), appends its self-attention K/V to `$dec.{l}.self_k/v` at row
+//!   `p`, attends over rows `..p+1` and over the cross K/V, and returns the masked argmax.
+//!
+//! # Exact mode (`FoldMode::None`)
+//!
+//! The prompt `query ++ <tools> ++ tool tokens` is embedded and encoded at run time; the tools
+//! part is the constant `@prompt.tools` (`<tools>` first). RoPE positions are `0..q+S`, as in the
+//! reference.
+//!
+//! # Folded mode (`FoldMode::Tools`, spec section 6)
+//!
+//! Tool positions attend only to tool positions, so their states do not depend on the query, and
+//! since RoPE scores depend only on position differences, not on the query's length either. Only
+//! the `q` query rows run; in each encoder layer they attend to their own K/V and to the tools
+//! side's constant K/V `@fold.enc.{l}.k/v`, and the decoder's cross-attention sees the query rows'
+//! K/V (`$cross.{l}.*`) plus the constant `@fold.dec.{l}.cross_k/v`.
+//!
+//! Positions: the tools side sits at the fixed absolute positions `Q..Q+S`, where `Q` is the
+//! largest query length `q_max`, and the query at `Q-q..Q` (right before it). Every difference
+//! of positions is then the reference's (query at `0..q`, tools at `q..q+S`), the folded
+//! constants are computed once at positions that do not depend on `q` (for the longest query
+//! they are exactly the reference's positions), and every position is non-negative, so one RoPE
+//! table indexed by position serves everything. `@fold.enc.{l}.k` is stored after `k_norm` and
+//! after RoPE at those positions (no run-time rotation of constants); V and the cross K/V (no
+//! RoPE in cross-attention; cross K after `k_norm`) are stored as attention uses them.
+//!
+//! # Lengths
+//!
+//! The reference cuts the query to 1022 tokens and then the tools to fit 1024 in all. Folding
+//! needs the whole tools side, so the query's maximum here is `min(max_query_tokens, 1022,
+//! 1024 - S)`: for a long tool list, a query longer than that must be cut by the driver where the
+//! reference would cut the tools instead. Both modes use the same bound, so they agree on it.
+//!
+//! # Constant names
+//!
+//! Checkpoint tensors get short names from their paths ([`checkpoint_weights`]); per-layer
+//! slices of stacked tensors carry the layer: `@enc.{l}.q_proj` is
+//! `encoder/layers/EncoderBlock_0/self_attn/q_proj/kernel[l]`. [`const_source`] says where any
+//! constant's data comes from.
+
+use needle_ir::{
+    print, run_pipeline, BufferDecl, ConstData, ConstDecl, ConstKind, ConstStore, DimDecl,
+    ElemType, Expr, Function, Inst, Module, Op, Operand, Param, PassError, Storage, Sym, Type,
+    DECODER_STEP, ENCODE_QUERY, PIPELINE,
+};
+use needle_runtime::checkpoint::{expected_tensors, Checkpoint, DEC, ENC};
+use needle_runtime::config::Config;
+
+/// The reference's encoder input limit: query, `<tools>` and tool tokens together (spec 3).
+pub const MAX_ENCODER_TOKENS: usize = 1024;
+/// The reference cuts the query to this many tokens (spec 3).
+pub const MAX_QUERY_TOKENS: usize = 1022;
+/// At most `max_gen_len - 1` decoder steps (spec 3), so positions `0..511`.
+pub const MAX_DECODE_STEPS: usize = 511;
+/// The `<tools>` token that starts the tools side.
+pub const TOOLS_TOKEN_ID: i32 = 5;
+
+/// Whether the tools side of the encoder is computed at build time (`--fold tools`) or run
+/// (`--fold none`). Defined here because it is a lowering decision: the IR only sees its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldMode {
+    Tools,
+    None,
+}
+
+/// The sizes every part of the lowering shares, from the config and the call.
+struct Dims {
+    d: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    /// Tools-side length: `<tools>` and the tool tokens.
+    tools_side: usize,
+    /// The query's maximum length.
+    q_max: usize,
+    fold: FoldMode,
+}
+
+impl Dims {
+    /// Encoder rows at run time: `q+S` exact, `q` folded.
+    fn enc_rows(&self) -> Expr {
+        match self.fold {
+            FoldMode::None => q().checked_add(lit(self.tools_side)).unwrap_or_default(),
+            FoldMode::Tools => q(),
+        }
+    }
+
+    /// Rows of the cross K/V buffers, at their largest.
+    fn cross_rows_max(&self) -> usize {
+        match self.fold {
+            FoldMode::None => self.q_max + self.tools_side,
+            FoldMode::Tools => self.q_max,
+        }
+    }
+
+    /// RoPE position of the first encoder row: 0 exact, `q_max - q` folded (see module docs).
+    fn enc_rope_start(&self) -> Expr {
+        match self.fold {
+            FoldMode::None => lit(0),
+            FoldMode::Tools => Expr {
+                q: -1,
+                p: 0,
+                offset: self.q_max as i64,
+            },
+        }
+    }
+
+    /// Positions the RoPE table must cover: the encoder's (folded: the query's only; the tools
+    /// side is rotated at build time) and the decoder's.
+    fn rope_rows(&self) -> usize {
+        let enc = match self.fold {
+            FoldMode::None => self.q_max + self.tools_side,
+            FoldMode::Tools => self.q_max,
+        };
+        enc.max(MAX_DECODE_STEPS)
+    }
+
+    /// `[rows, heads, head_dim]`.
+    fn heads_ty(&self, rows: Expr, heads: usize) -> Type {
+        Type::f32(vec![rows, lit(heads), lit(self.head_dim)])
+    }
+}
+
+fn q() -> Expr {
+    Expr::sym(Sym::Q)
+}
+
+fn lit(n: usize) -> Expr {
+    Expr::lit(n as i64)
+}
+
+/// Lowers the model to the IR. `n_tool_tokens` counts the tool list's tokens (the `<tools>`
+/// token not included); `max_query_tokens` is the query's cut (1022 in the reference).
+///
+/// # Panics
+///
+/// If the config is not valid (`Config::validate`), or the tools side leaves no room for a query
+/// (`n_tool_tokens + 1 >= 1024`): the caller checks both first.
+pub fn lower(
+    config: &Config,
+    fold: FoldMode,
+    n_tool_tokens: usize,
+    max_query_tokens: usize,
+) -> Module {
+    assert!(
+        config.validate().is_ok(),
+        "lower needs a valid config: {:?}",
+        config.validate()
+    );
+    let tools_side = n_tool_tokens + 1;
+    assert!(
+        tools_side < MAX_ENCODER_TOKENS,
+        "{n_tool_tokens} tool tokens leave no room for a query in {MAX_ENCODER_TOKENS} tokens"
+    );
+    let dims = Dims {
+        d: config.d_model,
+        heads: config.num_heads,
+        kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim(),
+        vocab: config.vocab_size,
+        tools_side,
+        q_max: max_query_tokens
+            .min(MAX_QUERY_TOKENS)
+            .min(MAX_ENCODER_TOKENS - tools_side),
+        fold,
+    };
+    let mut consts: Vec<ConstDecl> = checkpoint_weights(config)
+        .into_iter()
+        .map(|w| ConstDecl {
+            name: w.name,
+            ty: Type::fixed(ElemType::F32, &w.shape),
+            kind: ConstKind::Weight,
+            storage: Storage::Plain,
+        })
+        .collect();
+    let mut declare = |name: String, ty: Type, kind: ConstKind| {
+        consts.push(ConstDecl {
+            name,
+            ty,
+            kind,
+            storage: Storage::Plain,
+        })
+    };
+    declare(
+        "rope".into(),
+        Type::fixed(ElemType::F32, &[dims.rope_rows(), dims.head_dim]),
+        ConstKind::RopeTable,
+    );
+    let kv_block = dims.heads_ty(lit(tools_side), dims.kv_heads);
+    match fold {
+        FoldMode::None => declare(
+            "prompt.tools".into(),
+            Type::fixed(ElemType::I32, &[tools_side]),
+            ConstKind::ToolTokens,
+        ),
+        FoldMode::Tools => {
+            for l in 0..config.num_encoder_layers {
+                for kv in ["k", "v"] {
+                    declare(
+                        format!("fold.enc.{l}.{kv}"),
+                        kv_block.clone(),
+                        ConstKind::FoldedKv,
+                    );
+                }
+            }
+            for l in 0..config.num_decoder_layers {
+                for kv in ["cross_k", "cross_v"] {
+                    declare(
+                        format!("fold.dec.{l}.{kv}"),
+                        kv_block.clone(),
+                        ConstKind::FoldedKv,
+                    );
+                }
+            }
+        }
+    }
+
+    let mut buffers = Vec::new();
+    for l in 0..config.num_decoder_layers {
+        for (name, rows) in [
+            (format!("cross.{l}.k"), dims.cross_rows_max()),
+            (format!("cross.{l}.v"), dims.cross_rows_max()),
+            (format!("dec.{l}.self_k"), MAX_DECODE_STEPS),
+            (format!("dec.{l}.self_v"), MAX_DECODE_STEPS),
+        ] {
+            let ty = Type::fixed(ElemType::F32, &[rows, dims.kv_heads, dims.head_dim]);
+            buffers.push(BufferDecl { name, ty });
+        }
+    }
+
+    Module {
+        dims: vec![
+            DimDecl {
+                sym: Sym::Q,
+                min: 0,
+                max: dims.q_max as i64,
+            },
+            DimDecl {
+                sym: Sym::P,
+                min: 0,
+                max: MAX_DECODE_STEPS as i64 - 1,
+            },
+        ],
+        consts,
+        buffers,
+        funcs: vec![encode_query(config, &dims), decoder_step(config, &dims)],
+    }
+}
+
+/// Appends instructions to a function body, naming results readably (`%e0.q`, `%d1.cross.att`).
+struct Builder {
+    body: Vec<Inst>,
+}
+
+impl Builder {
+    fn op(&mut self, name: impl Into<String>, ty: Type, op: Op) -> String {
+        let name = name.into();
+        self.body.push(Inst {
+            result: Some(Param {
+                name: name.clone(),
+                ty,
+            }),
+            op,
+        });
+        name
+    }
+
+    fn store(&mut self, value: &str, buffer: String, at: Expr) {
+        self.body.push(Inst {
+            result: None,
+            op: Op::Store {
+                value: value.to_string(),
+                buffer,
+                at,
+            },
+        });
+    }
+
+    /// `x @ w`, split into `heads` heads: `[rows, heads, head_dim]`.
+    fn project_heads(
+        &mut self,
+        dims: &Dims,
+        x: &str,
+        rows: Expr,
+        w: String,
+        heads: usize,
+        name: &str,
+    ) -> String {
+        let flat = self.op(
+            name,
+            Type::f32(vec![rows, lit(heads * dims.head_dim)]),
+            Op::MatMul {
+                x: x.to_string(),
+                w,
+            },
+        );
+        self.op(
+            format!("{name}h"),
+            dims.heads_ty(rows, heads),
+            Op::Reshape { x: flat },
+        )
+    }
+
+    /// Merges the heads of `att` and applies the output projection: `[rows, D]`.
+    fn out_proj(&mut self, dims: &Dims, att: &str, rows: Expr, w: String, prefix: &str) -> String {
+        let ty = Type::f32(vec![rows, lit(dims.d)]);
+        let cat = self.op(
+            format!("{prefix}.cat"),
+            ty.clone(),
+            Op::Reshape { x: att.to_string() },
+        );
+        self.op(format!("{prefix}.o"), ty, Op::MatMul { x: cat, w })
+    }
+
+    fn norm(&mut self, name: impl Into<String>, x: &str, ty: Type, scale: String) -> String {
+        self.op(
+            name,
+            ty,
+            Op::ZcRmsNorm {
+                x: x.to_string(),
+                scale,
+            },
+        )
+    }
+}
+
+/// One self-attention sublayer's query, key and value heads after QK-norm and RoPE.
+struct SelfAttn {
+    q: String,
+    k: String,
+    v: String,
+}
+
+/// `norm -> q/k/v projections -> QK-norm -> RoPE` for `rows` rows starting at position `start`.
+/// `w` names the weights: `w("q_proj")` etc.
+fn self_attn_inputs(
+    b: &mut Builder,
+    dims: &Dims,
+    x: &str,
+    rows: Expr,
+    start: Expr,
+    w: &dyn Fn(&str) -> String,
+    prefix: &str,
+) -> SelfAttn {
+    let qh_ty = dims.heads_ty(rows, dims.heads);
+    let kh_ty = dims.heads_ty(rows, dims.kv_heads);
+    let qh = b.project_heads(
+        dims,
+        x,
+        rows,
+        w("q_proj"),
+        dims.heads,
+        &format!("{prefix}.q"),
+    );
+    let kh = b.project_heads(
+        dims,
+        x,
+        rows,
+        w("k_proj"),
+        dims.kv_heads,
+        &format!("{prefix}.k"),
+    );
+    let vh = b.project_heads(
+        dims,
+        x,
+        rows,
+        w("v_proj"),
+        dims.kv_heads,
+        &format!("{prefix}.v"),
+    );
+    let qn = b.norm(format!("{prefix}.qn"), &qh, qh_ty.clone(), w("q_norm"));
+    let kn = b.norm(format!("{prefix}.kn"), &kh, kh_ty.clone(), w("k_norm"));
+    let rope = |x: String| Op::Rope {
+        x,
+        table: "rope".into(),
+        start,
+    };
+    let qr = b.op(format!("{prefix}.qr"), qh_ty, rope(qn));
+    let kr = b.op(format!("{prefix}.kr"), kh_ty, rope(kn));
+    SelfAttn {
+        q: qr,
+        k: kr,
+        v: vh,
+    }
+}
+
+fn encode_query(config: &Config, dims: &Dims) -> Function {
+    let mut b = Builder { body: Vec::new() };
+    let rows = dims.enc_rows();
+    let ids = match dims.fold {
+        FoldMode::None => b.op(
+            "ids",
+            Type::new(ElemType::I32, vec![rows]),
+            Op::Concat {
+                parts: vec![
+                    Operand::Value("query".into()),
+                    Operand::Const("prompt.tools".into()),
+                ],
+            },
+        ),
+        FoldMode::Tools => "query".to_string(),
+    };
+    let x_ty = Type::f32(vec![rows, lit(dims.d)]);
+    let scale = (dims.d as f32).sqrt();
+    let mut x = b.op(
+        "x",
+        x_ty.clone(),
+        Op::Embed {
+            table: "embedding".into(),
+            ids,
+            scale,
+        },
+    );
+    for l in 0..config.num_encoder_layers {
+        let p = format!("e{l}");
+        let w = |s: &str| format!("enc.{l}.{s}");
+        let n = b.norm(format!("{p}.n"), &x, x_ty.clone(), w("norm"));
+        let a = self_attn_inputs(&mut b, dims, &n, rows, dims.enc_rope_start(), &w, &p);
+        let mut kv = vec![(Operand::Value(a.k), Operand::Value(a.v))];
+        if dims.fold == FoldMode::Tools {
+            kv.push((
+                Operand::Const(format!("fold.enc.{l}.k")),
+                Operand::Const(format!("fold.enc.{l}.v")),
+            ));
+        }
+        let att = b.op(
+            format!("{p}.att"),
+            dims.heads_ty(rows, dims.heads),
+            Op::Attention { q: a.q, kv },
+        );
+        let o = b.out_proj(dims, &att, rows, w("out_proj"), &p);
+        x = b.op(
+            format!("{p}.x"),
+            x_ty.clone(),
+            Op::GatedResidual {
+                x,
+                y: o,
+                gate: w("gate"),
+            },
+        );
+    }
+    let enc = b.norm("enc", &x, x_ty, "enc.final_norm".into());
+    // Cross-attention K/V depend only on the encoder output: computed once per query, here.
+    for l in 0..config.num_decoder_layers {
+        let p = format!("c{l}");
+        let w = |s: &str| format!("dec.{l}.cross.{s}");
+        let kh = b.project_heads(
+            dims,
+            &enc,
+            rows,
+            w("k_proj"),
+            dims.kv_heads,
+            &format!("{p}.k"),
+        );
+        let kn = b.norm(
+            format!("{p}.kn"),
+            &kh,
+            dims.heads_ty(rows, dims.kv_heads),
+            w("k_norm"),
+        );
+        let vh = b.project_heads(
+            dims,
+            &enc,
+            rows,
+            w("v_proj"),
+            dims.kv_heads,
+            &format!("{p}.v"),
+        );
+        b.store(&kn, format!("cross.{l}.k"), lit(0));
+        b.store(&vh, format!("cross.{l}.v"), lit(0));
+    }
+    Function {
+        name: ENCODE_QUERY.into(),
+        params: vec![Param {
+            name: "query".into(),
+            ty: Type::new(ElemType::I32, vec![q()]),
+        }],
+        body: b.body,
+        results: vec![],
+    }
+}
+
+fn decoder_step(config: &Config, dims: &Dims) -> Function {
+    let mut b = Builder { body: Vec::new() };
+    let one = lit(1);
+    let pos = Expr::sym(Sym::P);
+    let x_ty = Type::f32(vec![one, lit(dims.d)]);
+    let scale = (dims.d as f32).sqrt();
+    let mut x = b.op(
+        "x",
+        x_ty.clone(),
+        Op::Embed {
+            table: "embedding".into(),
+            ids: "token".into(),
+            scale,
+        },
+    );
+    let cross_rows = dims.enc_rows();
+    for l in 0..config.num_decoder_layers {
+        // Self-attention over the cache: this token's K/V first go to row p, then rows ..p+1
+        // are exactly the causal window.
+        let p = format!("d{l}.self");
+        let w = |s: &str| format!("dec.{l}.self.{s}");
+        let n = b.norm(
+            format!("{p}.n"),
+            &x,
+            x_ty.clone(),
+            format!("dec.{l}.self_norm"),
+        );
+        let a = self_attn_inputs(&mut b, dims, &n, one, pos, &w, &p);
+        let (cache_k, cache_v) = (format!("dec.{l}.self_k"), format!("dec.{l}.self_v"));
+        b.store(&a.k, cache_k.clone(), pos);
+        b.store(&a.v, cache_v.clone(), pos);
+        let window = pos.checked_add(one).unwrap_or_default();
+        let kv = vec![(
+            Operand::Buffer {
+                name: cache_k,
+                len: window,
+            },
+            Operand::Buffer {
+                name: cache_v,
+                len: window,
+            },
+        )];
+        let att = b.op(
+            format!("{p}.att"),
+            dims.heads_ty(one, dims.heads),
+            Op::Attention { q: a.q, kv },
+        );
+        let o = b.out_proj(dims, &att, one, w("out_proj"), &p);
+        x = b.op(
+            format!("d{l}.h"),
+            x_ty.clone(),
+            Op::GatedResidual {
+                x,
+                y: o,
+                gate: format!("dec.{l}.self_gate"),
+            },
+        );
+
+        // Cross-attention: no RoPE; keys are the encoder's, from the buffers (and constants).
+        let p = format!("d{l}.cross");
+        let w = |s: &str| format!("dec.{l}.cross.{s}");
+        let n = b.norm(
+            format!("{p}.n"),
+            &x,
+            x_ty.clone(),
+            format!("dec.{l}.cross_norm"),
+        );
+        let qh = b.project_heads(dims, &n, one, w("q_proj"), dims.heads, &format!("{p}.q"));
+        let qn = b.norm(
+            format!("{p}.qn"),
+            &qh,
+            dims.heads_ty(one, dims.heads),
+            w("q_norm"),
+        );
+        let mut kv = vec![(
+            Operand::Buffer {
+                name: format!("cross.{l}.k"),
+                len: cross_rows,
+            },
+            Operand::Buffer {
+                name: format!("cross.{l}.v"),
+                len: cross_rows,
+            },
+        )];
+        if dims.fold == FoldMode::Tools {
+            kv.push((
+                Operand::Const(format!("fold.dec.{l}.cross_k")),
+                Operand::Const(format!("fold.dec.{l}.cross_v")),
+            ));
+        }
+        let att = b.op(
+            format!("{p}.att"),
+            dims.heads_ty(one, dims.heads),
+            Op::Attention { q: qn, kv },
+        );
+        let o = b.out_proj(dims, &att, one, w("out_proj"), &p);
+        x = b.op(
+            format!("d{l}.x"),
+            x_ty.clone(),
+            Op::GatedResidual {
+                x,
+                y: o,
+                gate: format!("dec.{l}.cross_gate"),
+            },
+        );
+    }
+    let f = b.norm("f", &x, x_ty, "dec.final_norm".into());
+    let logits = b.op(
+        "logits",
+        Type::f32(vec![one, lit(dims.vocab)]),
+        Op::Logits {
+            x: f,
+            table: "embedding".into(),
+        },
+    );
+    let next = b.op(
+        "next",
+        Type::new(ElemType::I32, vec![one]),
+        Op::ArgmaxMasked {
+            logits,
+            allowed: "allowed".into(),
+        },
+    );
+    Function {
+        name: DECODER_STEP.into(),
+        params: vec![
+            Param {
+                name: "token".into(),
+                ty: Type::fixed(ElemType::I32, &[1]),
+            },
+            Param {
+                name: "allowed".into(),
+                ty: Type::fixed(ElemType::U8, &[dims.vocab]),
+            },
+        ],
+        body: b.body,
+        results: vec![next],
+    }
+}
+
+/// A checkpoint tensor (or one layer of a stacked one) as an IR constant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointWeight {
+    /// IR name, without `@`.
+    pub name: String,
+    /// `/`-joined checkpoint path.
+    pub path: String,
+    /// The slice along the leading layer axis, for stacked per-layer tensors.
+    pub layer: Option<usize>,
+    /// Shape of the constant (the slice's).
+    pub shape: Vec<usize>,
+}
+
+/// Every checkpoint tensor as IR constants, layer by layer, in the checkpoint's order (all of
+/// them: the contrastive head too, which `dead-weight-elim` then drops).
+pub fn checkpoint_weights(config: &Config) -> Vec<CheckpointWeight> {
+    let tensors = expected_tensors(config);
+    let stack_of = |path: &str| {
+        [ENC, DEC]
+            .into_iter()
+            .find(|s| path.starts_with(&format!("{s}/")))
+    };
+    let mut out = Vec::new();
+    let mut emitted_stacks = Vec::new();
+    for (path, shape) in &tensors {
+        match stack_of(path) {
+            None => out.push(CheckpointWeight {
+                name: short_name(path, None),
+                path: path.clone(),
+                layer: None,
+                shape: shape.clone(),
+            }),
+            // A stack is emitted whole at its first tensor, layer-major, so that a layer's
+            // constants read together.
+            Some(stack) if !emitted_stacks.contains(&stack) => {
+                emitted_stacks.push(stack);
+                let members: Vec<&(String, Vec<usize>)> = tensors
+                    .iter()
+                    .filter(|(p, _)| stack_of(p) == Some(stack))
+                    .collect();
+                let layers = members
+                    .first()
+                    .and_then(|(_, s)| s.first().copied())
+                    .unwrap_or(0);
+                for l in 0..layers {
+                    for (p, s) in &members {
+                        out.push(CheckpointWeight {
+                            name: short_name(p, Some(l)),
+                            path: p.clone(),
+                            layer: Some(l),
+                            shape: s[1..].to_vec(),
+                        });
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// The short IR name of a checkpoint path (and layer), e.g.
+/// `decoder/layers/DecoderBlock_0/cross_attn/k_proj/kernel` layer 1 -> `dec.1.cross.k_proj`.
+fn short_name(path: &str, layer: Option<usize>) -> String {
+    let trimmed = path.trim_end_matches("/kernel").trim_end_matches("/scale");
+    let stacked = |prefix: &str, rest: &str, l: usize| -> String {
+        let rest = match (prefix, rest) {
+            ("enc", "ZCRMSNorm_0") => "norm".to_string(),
+            ("enc", "attn_gate") => "gate".to_string(),
+            ("dec", "ZCRMSNorm_0") => "self_norm".to_string(),
+            ("dec", "ZCRMSNorm_1") => "cross_norm".to_string(),
+            ("dec", "self_attn_gate") => "self_gate".to_string(),
+            ("dec", "cross_attn_gate") => "cross_gate".to_string(),
+            ("enc", r) => r.trim_start_matches("self_attn/").replace('/', "."),
+            (_, r) => r
+                .replace("self_attn/", "self/")
+                .replace("cross_attn/", "cross/")
+                .replace('/', "."),
+        };
+        format!("{prefix}.{l}.{rest}")
+    };
+    match (layer, trimmed) {
+        (Some(l), p) if p.starts_with(&format!("{ENC}/")) => stacked("enc", &p[ENC.len() + 1..], l),
+        (Some(l), p) if p.starts_with(&format!("{DEC}/")) => stacked("dec", &p[DEC.len() + 1..], l),
+        (_, "embedding/embedding") => "embedding".into(),
+        (_, "encoder/final_norm") => "enc.final_norm".into(),
+        (_, "decoder/ZCRMSNorm_0") => "dec.final_norm".into(),
+        (_, "contrastive_hidden") => "contrastive.hidden".into(),
+        (_, "contrastive_hidden/bias") => "contrastive.hidden_bias".into(),
+        (_, "contrastive_proj") => "contrastive.proj".into(),
+        (_, p) => p.replace('/', "."),
+    }
+}
+
+/// Which folded block a `folded_kv` constant is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldedBlock {
+    /// Encoder self-attention K of the tools side: after `k_norm` and RoPE at positions
+    /// `q_max..q_max+S` (`[S, K, h]`).
+    EncoderK,
+    /// Encoder self-attention V of the tools side.
+    EncoderV,
+    /// Decoder cross-attention K of the tools side's encoder output, after `k_norm`.
+    CrossK,
+    /// Decoder cross-attention V of the tools side's encoder output.
+    CrossV,
+}
+
+/// Where a constant's data comes from (what fills the `ConstStore` before the passes run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConstSource {
+    /// A checkpoint tensor, or its `layer` slice along the leading axis.
+    Checkpoint { path: String, layer: Option<usize> },
+    /// Row `r`: `cos(r f_j)` for `j < h/2`, then `sin(r f_j)`; `f_j = rope_theta^(-2j/h)`.
+    RopeTable,
+    /// `<tools>` (id 5) then the tool list's token ids.
+    ToolTokens,
+    /// Tools-side K/V computed at build time with the isolated mask (spec section 6).
+    FoldedKv { block: FoldedBlock, layer: usize },
+}
+
+/// The source of the constant named `name` (without `@`) in a module lowered from `config`.
+/// Names that passes derive (`.sigmoid`, `.plus1`, `.scaled`) have their data computed by the
+/// pass, so they have no source here.
+pub fn const_source(config: &Config, name: &str) -> Option<ConstSource> {
+    if let Some(w) = checkpoint_weights(config)
+        .into_iter()
+        .find(|w| w.name == name)
+    {
+        return Some(ConstSource::Checkpoint {
+            path: w.path,
+            layer: w.layer,
+        });
+    }
+    match name {
+        "rope" => return Some(ConstSource::RopeTable),
+        "prompt.tools" => return Some(ConstSource::ToolTokens),
+        _ => {}
+    }
+    let rest = name.strip_prefix("fold.")?;
+    let (side, rest) = rest.split_once('.')?;
+    let (layer, what) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (block, layers) = match (side, what) {
+        ("enc", "k") => (FoldedBlock::EncoderK, config.num_encoder_layers),
+        ("enc", "v") => (FoldedBlock::EncoderV, config.num_encoder_layers),
+        ("dec", "cross_k") => (FoldedBlock::CrossK, config.num_decoder_layers),
+        ("dec", "cross_v") => (FoldedBlock::CrossV, config.num_decoder_layers),
+        _ => return None,
+    };
+    (layer < layers).then_some(ConstSource::FoldedKv { block, layer })
+}
+
+/// Fills the store with the data of every checkpoint-sourced constant of `module` (one layer's
+/// slice of a stacked tensor, widened to f32). Tables and folded K/V come from elsewhere.
+pub fn fill_weights(
+    module: &Module,
+    config: &Config,
+    checkpoint: &Checkpoint,
+    store: &mut ConstStore,
+) -> Result<(), String> {
+    for c in &module.consts {
+        let Some(ConstSource::Checkpoint { path, layer }) = const_source(config, &c.name) else {
+            continue;
+        };
+        let tensor = checkpoint
+            .tensors
+            .get(&path)
+            .ok_or_else(|| format!("checkpoint has no tensor {path} for @{}", c.name))?;
+        let values = tensor.to_f32();
+        let want: usize = c.ty.static_dims().unwrap_or_default().iter().product();
+        let start = layer.unwrap_or(0) * want;
+        let slice = values.get(start..start + want).ok_or_else(|| {
+            format!(
+                "{path} {:?} is too small for @{} : {}",
+                tensor.shape, c.name, c.ty
+            )
+        })?;
+        store.insert(c.name.clone(), ConstData::F32(slice.to_vec()));
+    }
+    Ok(())
+}
+
+/// `--emit ir`: the module's text after the passes up to and including `after` (all of them
+/// when `None`; `Some("lowered")` for none).
+pub fn emit_ir(module: Module, after: Option<&str>) -> Result<String, PassError> {
+    let count = match after {
+        None => PIPELINE.len(),
+        Some("lowered") => 0,
+        Some(name) => match PIPELINE.iter().position(|p| p.name == name) {
+            Some(i) => i + 1,
+            None => {
+                let names: Vec<&str> = PIPELINE.iter().map(|p| p.name).collect();
+                return Err(PassError::Failed {
+                    pass: "emit",
+                    message: format!("no pass `{name}`; passes: lowered, {}", names.join(", ")),
+                });
+            }
+        },
+    };
+    let module = run_pipeline(module, None, &PIPELINE[..count], |_, _| {})?;
+    Ok(print(&module))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use needle_ir::verify;
+    use needle_runtime::checkpoint::Tensor;
+
+    fn tiny() -> Config {
+        Config {
+            vocab_size: 4096,
+            d_model: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            num_encoder_layers: 2,
+            num_decoder_layers: 2,
+            ..Default::default()
+        }
+    }
+
+    const MODES: [FoldMode; 2] = [FoldMode::None, FoldMode::Tools];
+
+    #[test]
+    fn lowered_modules_verify_for_several_configs() {
+        let configs = [tiny(), Config::default(), Config::full()];
+        for config in &configs {
+            for fold in MODES {
+                for (tools, max_q) in [(36, 1022), (0, 1022), (1000, 1022), (36, 5)] {
+                    let m = lower(config, fold, tools, max_q);
+                    verify(&m).unwrap_or_else(|e| panic!("{fold:?} {tools} {max_q}: {e}"));
+                    run_pipeline(m, None, PIPELINE, |_, _| {}).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_query_bound_leaves_room_for_the_whole_tools_side() {
+        let m = lower(&tiny(), FoldMode::Tools, 36, 1022);
+        assert_eq!(m.dim_bounds(Sym::Q), (0, 1024 - 37));
+        let m = lower(&tiny(), FoldMode::None, 0, 1022);
+        assert_eq!(m.dim_bounds(Sym::Q), (0, 1022));
+        let m = lower(&tiny(), FoldMode::None, 36, 100);
+        assert_eq!(m.dim_bounds(Sym::Q), (0, 100));
+    }
+
+    #[test]
+    #[should_panic(expected = "no room for a query")]
+    fn a_tools_side_that_fills_the_encoder_is_refused() {
+        lower(&tiny(), FoldMode::Tools, 1023, 1022);
+    }
+
+    #[test]
+    fn weights_cover_the_checkpoint_exactly() {
+        let config = Config::full();
+        let weights = checkpoint_weights(&config);
+        let mut names: Vec<&str> = weights.iter().map(|w| w.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), weights.len(), "IR names must be unique");
+        for (path, shape) in expected_tensors(&config) {
+            let slices: Vec<&CheckpointWeight> =
+                weights.iter().filter(|w| w.path == path).collect();
+            let stacked = path.starts_with(ENC) || path.starts_with(DEC);
+            if stacked {
+                assert_eq!(slices.len(), shape[0], "{path}");
+                for (l, w) in slices.iter().enumerate() {
+                    assert_eq!((w.layer, &w.shape[..]), (Some(l), &shape[1..]), "{path}");
+                }
+            } else {
+                assert_eq!(slices.len(), 1, "{path}");
+                assert_eq!(
+                    (slices[0].layer, &slices[0].shape),
+                    (None, &shape),
+                    "{path}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn short_names_read_like_their_paths() {
+        let w = checkpoint_weights(&tiny());
+        let find = |name: &str| {
+            w.iter()
+                .find(|w| w.name == name)
+                .map(|w| (w.path.as_str(), w.layer))
+        };
+        assert_eq!(
+            find("enc.1.q_proj"),
+            Some((&*format!("{ENC}/self_attn/q_proj/kernel"), Some(1)))
+        );
+        assert_eq!(
+            find("enc.0.gate"),
+            Some((&*format!("{ENC}/attn_gate"), Some(0)))
+        );
+        assert_eq!(
+            find("dec.1.cross.k_norm"),
+            Some((&*format!("{DEC}/cross_attn/k_norm/scale"), Some(1)))
+        );
+        assert_eq!(
+            find("dec.0.cross_norm"),
+            Some((&*format!("{DEC}/ZCRMSNorm_1/scale"), Some(0)))
+        );
+        assert_eq!(
+            find("dec.final_norm"),
+            Some(("decoder/ZCRMSNorm_0/scale", None))
+        );
+        assert_eq!(
+            find("contrastive.hidden_bias"),
+            Some(("contrastive_hidden/bias", None))
+        );
+    }
+
+    #[test]
+    fn every_constant_has_a_source() {
+        let config = tiny();
+        for fold in MODES {
+            let m = lower(&config, fold, 36, 1022);
+            for c in &m.consts {
+                let source = const_source(&config, &c.name);
+                assert!(source.is_some(), "@{} has no source", c.name);
+            }
+        }
+        assert_eq!(
+            const_source(&config, "fold.dec.1.cross_v"),
+            Some(ConstSource::FoldedKv {
+                block: FoldedBlock::CrossV,
+                layer: 1
+            })
+        );
+        assert_eq!(
+            const_source(&config, "fold.enc.2.k"),
+            None,
+            "layer out of range"
+        );
+    }
+
+    #[test]
+    fn folded_encoder_attends_to_constants_and_rotates_the_query_before_the_tools() {
+        let text = print(&lower(&tiny(), FoldMode::Tools, 36, 1022));
+        assert!(
+            text.contains("rope %e0.qn, @rope, start=987-q : f32[q,4,16]"),
+            "{text}"
+        );
+        assert!(text.contains("attention %e0.qr, (%e0.kr, %e0.vh), (@fold.enc.0.k, @fold.enc.0.v)"));
+        assert!(text.contains(
+            "($cross.1.k[..q], $cross.1.v[..q]), (@fold.dec.1.cross_k, @fold.dec.1.cross_v)"
+        ));
+        assert!(!text.contains("prompt.tools"));
+        let exact = print(&lower(&tiny(), FoldMode::None, 36, 1022));
+        assert!(
+            exact.contains("concat %query, @prompt.tools : i32[q+37]"),
+            "{exact}"
+        );
+        assert!(!exact.contains("@fold."));
+    }
+
+    /// With data, the pipeline computes the derived constants and keeps the store in step.
+    #[test]
+    fn pipeline_rewrites_the_data_with_the_module() {
+        let config = tiny();
+        let m = lower(&config, FoldMode::Tools, 36, 1022);
+        let mut store = ConstStore::default();
+        for c in &m.consts {
+            let n: usize = c.ty.static_dims().unwrap().iter().product();
+            let data = match c.ty.elem {
+                ElemType::F32 => ConstData::F32((0..n).map(|i| (i % 7) as f32 * 0.25).collect()),
+                ElemType::I32 => ConstData::I32(vec![5; n]),
+                ElemType::U8 => ConstData::U8(vec![1; n]),
+            };
+            store.insert(c.name.clone(), data);
+        }
+        store.check(&m).unwrap();
+        let out = run_pipeline(m, Some(&mut store), PIPELINE, |_, _| {}).unwrap();
+        store.check(&out).unwrap();
+        // q_proj of encoder layer 0 was scaled by (1 + norm) row by row: row 1 of the norm is
+        // 0.25, so row 1 of the weight (64 values from index 64) grew by 1.25.
+        let Some(ConstData::F32(w)) = store.get("enc.0.q_proj.scaled") else {
+            panic!()
+        };
+        assert_eq!(w[64], ((64 % 7) as f32 * 0.25) * 1.25);
+        assert!(store.get("contrastive.proj").is_none());
+        let Some(ConstData::F32(g)) = store.get("enc.1.gate.sigmoid") else {
+            panic!()
+        };
+        assert_eq!(g, &vec![0.5]);
+    }
+
+    #[test]
+    fn weights_are_filled_from_checkpoint_slices() {
+        let config = tiny();
+        let tensors = expected_tensors(&config)
+            .into_iter()
+            .map(|(path, shape)| {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+                (path, Tensor::from_f32(shape, &values))
+            })
+            .collect();
+        let checkpoint = Checkpoint {
+            config: config.clone(),
+            tensors,
+        };
+        let m = lower(&config, FoldMode::None, 36, 1022);
+        let mut store = ConstStore::default();
+        fill_weights(&m, &config, &checkpoint, &mut store).unwrap();
+        // Layer 1 of the stacked (L, D, K*h) k_proj starts after layer 0's 64*32 values.
+        let Some(ConstData::F32(k)) = store.get("enc.1.k_proj") else {
+            panic!()
+        };
+        assert_eq!((k.len(), k[0]), (64 * 32, (64 * 32) as f32));
+        let Some(ConstData::F32(g)) = store.get("dec.1.cross_gate") else {
+            panic!()
+        };
+        assert_eq!(g, &vec![1.0]);
+        assert!(
+            store.get("rope").is_none(),
+            "tables are not checkpoint tensors"
+        );
+    }
+
+    #[test]
+    fn emit_ir_prints_after_a_named_pass() {
+        let m = lower(&tiny(), FoldMode::Tools, 36, 1022);
+        let lowered = emit_ir(m.clone(), Some("lowered")).unwrap();
+        assert_eq!(lowered, print(&m));
+        let folded = emit_ir(m.clone(), Some("fold-constants")).unwrap();
+        assert!(folded.contains("@enc.0.gate.sigmoid") && folded.contains("@contrastive.proj"));
+        let all = emit_ir(m.clone(), None).unwrap();
+        assert!(!all.contains("@contrastive.proj"));
+        let e = emit_ir(m, Some("nope")).unwrap_err().to_string();
+        assert!(
+            e.contains("no pass `nope`; passes: lowered, fold-constants"),
+            "{e}"
+        );
+    }
+}

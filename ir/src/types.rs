@@ -1,0 +1,268 @@
+//! Element types, symbolic dimensions, tensor types and constant attributes.
+
+use std::fmt;
+
+/// Element type of a run-time tensor or of a constant's logical values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ElemType {
+    F32,
+    I32,
+    /// Bytes: the grammar's allowed-token mask, tokenizer and grammar tables.
+    U8,
+}
+
+impl ElemType {
+    pub const ALL: [ElemType; 3] = [ElemType::F32, ElemType::I32, ElemType::U8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ElemType::F32 => "f32",
+            ElemType::I32 => "i32",
+            ElemType::U8 => "u8",
+        }
+    }
+
+    /// Bytes per element, for workspace planning.
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 | ElemType::I32 => 4,
+            ElemType::U8 => 1,
+        }
+    }
+}
+
+/// The run-time sizes a module is generic over. Everything else is static.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Sym {
+    /// Query length in tokens: fixed by `encode_query`, seen by every later `decoder_step`.
+    Q,
+    /// Position of the token a `decoder_step` consumes (0 for the initial EOS).
+    P,
+}
+
+impl Sym {
+    pub const ALL: [Sym; 2] = [Sym::Q, Sym::P];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sym::Q => "q",
+            Sym::P => "p",
+        }
+    }
+}
+
+/// An affine expression `q_coeff*q + p_coeff*p + offset`: a dimension, a row offset or a
+/// position. Affine is all the model needs (`q+37`, `p+1`, `987-q`), and it keeps equality
+/// structural: two shapes agree exactly when their expressions are equal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Expr {
+    pub q: i64,
+    pub p: i64,
+    pub offset: i64,
+}
+
+impl Expr {
+    pub const fn lit(n: i64) -> Expr {
+        Expr {
+            q: 0,
+            p: 0,
+            offset: n,
+        }
+    }
+
+    pub const fn sym(s: Sym) -> Expr {
+        match s {
+            Sym::Q => Expr {
+                q: 1,
+                p: 0,
+                offset: 0,
+            },
+            Sym::P => Expr {
+                q: 0,
+                p: 1,
+                offset: 0,
+            },
+        }
+    }
+
+    pub fn coeff(&self, s: Sym) -> i64 {
+        match s {
+            Sym::Q => self.q,
+            Sym::P => self.p,
+        }
+    }
+
+    /// The value when no symbol occurs, else `None`.
+    pub fn as_static(&self) -> Option<i64> {
+        (self.q == 0 && self.p == 0).then_some(self.offset)
+    }
+
+    /// Sum, or `None` on overflow (only reachable from absurd parsed input).
+    pub fn checked_add(self, other: Expr) -> Option<Expr> {
+        Some(Expr {
+            q: self.q.checked_add(other.q)?,
+            p: self.p.checked_add(other.p)?,
+            offset: self.offset.checked_add(other.offset)?,
+        })
+    }
+
+    /// Smallest and largest value over the symbols' ranges (`bounds(s)` = inclusive range of
+    /// `s`). Affine, so the extremes are at the corners; i128 so that no input can overflow.
+    pub fn range(&self, bounds: impl Fn(Sym) -> (i64, i64)) -> (i128, i128) {
+        let (mut lo, mut hi) = (self.offset as i128, self.offset as i128);
+        for s in Sym::ALL {
+            let c = self.coeff(s) as i128;
+            if c == 0 {
+                continue;
+            }
+            let (a, b) = bounds(s);
+            let (a, b) = (c * a as i128, c * b as i128);
+            lo += a.min(b);
+            hi += a.max(b);
+        }
+        (lo, hi)
+    }
+}
+
+impl fmt::Display for Expr {
+    /// Canonical text: symbols in `Sym` order, then the offset; `987-q` rather than `-q+987`
+    /// when the first symbol is negated, since that is how a reader writes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let terms: Vec<(i64, &str)> = Sym::ALL
+            .iter()
+            .map(|&s| (self.coeff(s), s.name()))
+            .filter(|&(c, _)| c != 0)
+            .collect();
+        if terms.is_empty() {
+            return write!(f, "{}", self.offset);
+        }
+        let offset_first = terms[0].0 < 0 && self.offset != 0;
+        if offset_first {
+            write!(f, "{}", self.offset)?;
+        }
+        for (i, &(c, name)) in terms.iter().enumerate() {
+            let sign = if c < 0 {
+                "-"
+            } else if i > 0 || offset_first {
+                "+"
+            } else {
+                ""
+            };
+            match c.unsigned_abs() {
+                1 => write!(f, "{sign}{name}")?,
+                n => write!(f, "{sign}{n}*{name}")?,
+            }
+        }
+        if !offset_first && self.offset != 0 {
+            write!(f, "{:+}", self.offset)?;
+        }
+        Ok(())
+    }
+}
+
+/// A tensor type: element type and row-major shape. Rank 0 is a scalar.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Type {
+    pub elem: ElemType,
+    pub shape: Vec<Expr>,
+}
+
+impl Type {
+    pub fn new(elem: ElemType, shape: Vec<Expr>) -> Type {
+        Type { elem, shape }
+    }
+
+    /// A type whose dimensions are all static.
+    pub fn fixed(elem: ElemType, dims: &[usize]) -> Type {
+        Type {
+            elem,
+            shape: dims.iter().map(|&d| Expr::lit(d as i64)).collect(),
+        }
+    }
+
+    pub fn f32(shape: Vec<Expr>) -> Type {
+        Type::new(ElemType::F32, shape)
+    }
+
+    /// The static dimensions, or `None` if one depends on a symbol.
+    pub fn static_dims(&self) -> Option<Vec<usize>> {
+        self.shape
+            .iter()
+            .map(|e| e.as_static().and_then(|n| usize::try_from(n).ok()))
+            .collect()
+    }
+}
+
+impl fmt::Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[", self.elem.name())?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                write!(f, ",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// What a constant is, which says who fills its data (see `needlec::lower::const_source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConstKind {
+    /// A checkpoint tensor, or one derived from checkpoint tensors by a pass.
+    Weight,
+    /// Tools-side K or V computed at build time (`--fold tools`).
+    FoldedKv,
+    /// RoPE cos/sin by position.
+    RopeTable,
+    /// Token ids fixed at build time (`<tools>` and the tool list's tokens).
+    ToolTokens,
+    /// Tables the query tokenizer runs over (reserved for the driver's codegen).
+    TokenizerTable,
+    /// Build-time grammar tables (reserved for a later issue).
+    GrammarTable,
+}
+
+impl ConstKind {
+    pub const ALL: [ConstKind; 6] = [
+        ConstKind::Weight,
+        ConstKind::FoldedKv,
+        ConstKind::RopeTable,
+        ConstKind::ToolTokens,
+        ConstKind::TokenizerTable,
+        ConstKind::GrammarTable,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConstKind::Weight => "weight",
+            ConstKind::FoldedKv => "folded_kv",
+            ConstKind::RopeTable => "rope_table",
+            ConstKind::ToolTokens => "tool_tokens",
+            ConstKind::TokenizerTable => "tokenizer_table",
+            ConstKind::GrammarTable => "grammar_table",
+        }
+    }
+}
+
+/// How a constant's values are stored in the binary. The IR's ops always see the logical type;
+/// codegen picks kernels by storage, so quantizing a weight never changes an op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    /// As the logical element type.
+    Plain,
+    /// int8 with one f32 scale per `group` consecutive input rows of a matmul weight.
+    I8 { group: u32 },
+    /// int4, likewise.
+    I4 { group: u32 },
+}
+
+impl fmt::Display for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Storage::Plain => write!(f, "plain"),
+            Storage::I8 { group } => write!(f, "i8g{group}"),
+            Storage::I4 { group } => write!(f, "i4g{group}"),
+        }
+    }
+}

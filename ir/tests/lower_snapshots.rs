@@ -1,0 +1,49 @@
+//! Snapshots of the IR the compiler lowers for the tiny fixture config, after each pass of the
+//! pipeline, in both fold modes. They live here, next to the passes they show; the lowering is
+//! `needlec::lower`. Review changes with `INSTA_UPDATE=always cargo test -p needle-ir` and a diff
+//! of `tests/snapshots/`.
+
+use needle_ir::{parse, print, run_pipeline, verify, PIPELINE};
+use needle_runtime::config::Config;
+use needlec::lower::{lower, FoldMode};
+
+/// The tiny fixture: vocab 4096, d_model 64, 4 heads over 2 KV heads, 2 + 2 layers.
+fn tiny() -> Config {
+    Config {
+        vocab_size: 4096,
+        d_model: 64,
+        num_heads: 4,
+        num_kv_heads: 2,
+        num_encoder_layers: 2,
+        num_decoder_layers: 2,
+        ..Default::default()
+    }
+}
+
+const N_TOOL_TOKENS: usize = 36;
+const MAX_QUERY_TOKENS: usize = 1022;
+
+fn snapshot_pipeline(fold: FoldMode, mode: &str) {
+    let module = lower(&tiny(), fold, N_TOOL_TOKENS, MAX_QUERY_TOKENS);
+    verify(&module).unwrap();
+    let mut stages = vec![("lowered".to_string(), print(&module))];
+    run_pipeline(module, None, PIPELINE, |pass, m| {
+        stages.push((pass.to_string(), print(m)))
+    })
+    .unwrap();
+    for (i, (stage, text)) in stages.iter().enumerate() {
+        // Every stage's text must read back to itself.
+        assert_eq!(&print(&parse(text).unwrap()), text, "{stage}");
+        insta::assert_snapshot!(format!("{mode}_{i}_{stage}"), text);
+    }
+}
+
+#[test]
+fn tiny_exact_after_each_pass() {
+    snapshot_pipeline(FoldMode::None, "exact");
+}
+
+#[test]
+fn tiny_folded_after_each_pass() {
+    snapshot_pipeline(FoldMode::Tools, "folded");
+}
