@@ -1,7 +1,7 @@
-//! Snapshots of the IR the compiler lowers for the tiny fixture config, after each pass of the
-//! pipeline, in both fold modes. They live here, next to the passes they show; the lowering is
-//! `needlec::lower`. Review changes with `INSTA_UPDATE=always cargo test -p needle-ir` and a diff
-//! of `tests/snapshots/`.
+//! Snapshots of the IR that `needlec::lower` produces for the tiny fixture config, after each pass
+//! of the pipeline, in both fold modes. Review a change with
+//! `INSTA_UPDATE=always cargo test -p needlec --test lower_snapshots` and a diff of
+//! `compiler/tests/snapshots/` (or `cargo insta review`).
 
 use needle_ir::{parse, print, run_pipeline, verify, PIPELINE};
 use needle_runtime::config::Config;
