@@ -65,12 +65,8 @@ pub const MAX_DECODE_STEPS: usize = 511;
 pub const TOOLS_TOKEN_ID: i32 = 5;
 
 /// Whether the tools side of the encoder is computed at build time (`--fold tools`) or run
-/// (`--fold none`). Defined here because it is a lowering decision: the IR only sees its result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FoldMode {
-    Tools,
-    None,
-}
+/// (`--fold none`): the runtime's notion, so `needlec run` and `needlec build` agree on it.
+pub use needle_runtime::decode::FoldMode;
 
 /// The sizes every part of the lowering shares, from the config and the call.
 struct Dims {
