@@ -58,7 +58,7 @@ pub fn rope_frequencies(config: &Config) -> Vec<f32> {
 }
 
 /// Applies RoPE in place to every head of every row; row `r` is at position `first_pos + r`.
-fn rope(x: &mut Array2<f32>, head_dim: usize, freqs: &[f32], first_pos: usize) {
+pub fn rope(x: &mut Array2<f32>, head_dim: usize, freqs: &[f32], first_pos: usize) {
     let half = head_dim / 2;
     for (r, mut row) in x.rows_mut().into_iter().enumerate() {
         let p = (first_pos + r) as f32;
