@@ -3,6 +3,7 @@
 //! Data flows one way: [`load`] reads a checkpoint, [`tools`] normalizes the app's tool list,
 //! folding precomputes the tools side, lowering builds the IR, codegen emits native code.
 
+pub mod build;
 pub mod fold;
 pub mod frontend;
 pub mod load;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use needle_runtime::decode::{Engine, FoldMode, Generation, DEFAULT_MAX_GEN_LEN};
+use needlec::build::{self, BuildOptions, Emit};
 use needlec::frontend;
 
 #[derive(Parser)]
@@ -28,6 +29,14 @@ enum FoldArg {
     Tools,
     /// Encode the whole prompt per query, exactly like the reference.
     None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EmitArg {
+    Staticlib,
+    Obj,
+    Ir,
+    Header,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +67,35 @@ enum Command {
         /// The user's query.
         #[arg(long)]
         query: OsString,
+    },
+    /// Compile a checkpoint, its tokenizer and a fixed tool list into a standalone native library
+    /// and C header.
+    Build {
+        /// Checkpoint: the original needle.pkl or a safetensors file.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// SentencePiece `.model` file (or a Hugging Face `tokenizer.json`).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Tool list: a file path, or inline JSON when the value starts with `[`.
+        #[arg(long)]
+        tools: String,
+        /// Target triple (`needlec targets` lists them).
+        #[arg(long, default_value = "x86_64-unknown-linux-gnu")]
+        target: String,
+        /// Fold the tools side into constants; the default follows the checkpoint.
+        #[arg(long, value_enum)]
+        fold: Option<FoldArg>,
+        #[arg(long, default_value_t = DEFAULT_MAX_GEN_LEN)]
+        max_gen_len: usize,
+        /// Prefix of every exported symbol and macro.
+        #[arg(long, default_value = "needle")]
+        name: String,
+        /// What to write (repeatable); default: staticlib and header.
+        #[arg(long, value_enum)]
+        emit: Vec<EmitArg>,
+        #[arg(long)]
+        out_dir: PathBuf,
     },
     /// Print the decoder's view of one query as JSON: encoder ids, decoder ids, top-5 logits and
     /// grammar activity at every step.
@@ -112,6 +150,50 @@ fn real_main() -> Result<()> {
             let engine = load_engine(&model)?;
             let generation = engine.generate(&query, model.max_gen_len)?;
             println!("{}", generation.output);
+        }
+        Command::Build {
+            checkpoint,
+            tokenizer,
+            tools,
+            target,
+            fold,
+            max_gen_len,
+            name,
+            emit,
+            out_dir,
+        } => {
+            let mut emit: Vec<Emit> = emit
+                .into_iter()
+                .map(|e| match e {
+                    EmitArg::Staticlib => Emit::Staticlib,
+                    EmitArg::Obj => Emit::Obj,
+                    EmitArg::Ir => Emit::Ir,
+                    EmitArg::Header => Emit::Header,
+                })
+                .collect();
+            if emit.is_empty() {
+                emit = vec![Emit::Staticlib, Emit::Header];
+            }
+            emit.sort();
+            emit.dedup();
+            let opts = BuildOptions {
+                checkpoint,
+                tokenizer,
+                tools,
+                target,
+                fold: fold.map(fold_mode),
+                max_gen_len,
+                name,
+                emit,
+                out_dir,
+            };
+            let report = with_spinner("building", || build::build(&opts))?;
+            if let Some(warning) = report.fold_warning {
+                eprintln!("warning: {warning}");
+            }
+            for path in report.written {
+                eprintln!("wrote {}", path.display());
+            }
         }
         Command::Trace {
             model,
@@ -186,10 +268,7 @@ fn utf8_query(query: OsString) -> Result<String> {
 }
 
 fn load_engine(args: &ModelArgs) -> Result<Engine> {
-    let fold = args.fold.map(|f| match f {
-        FoldArg::Tools => FoldMode::Tools,
-        FoldArg::None => FoldMode::None,
-    });
+    let fold = args.fold.map(fold_mode);
     let loaded = with_spinner("loading checkpoint, tokenizer and tools", || {
         frontend::load(&args.checkpoint, &args.tokenizer, &args.tools, fold)
     })?;
@@ -197,6 +276,13 @@ fn load_engine(args: &ModelArgs) -> Result<Engine> {
         eprintln!("warning: {warning}");
     }
     Ok(loaded.engine)
+}
+
+fn fold_mode(arg: FoldArg) -> FoldMode {
+    match arg {
+        FoldArg::Tools => FoldMode::Tools,
+        FoldArg::None => FoldMode::None,
+    }
 }
 
 fn trace_json(g: &Generation) -> String {
