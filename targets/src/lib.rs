@@ -329,9 +329,14 @@ impl Target {
         }
     }
 
-    /// The Cranelift ISA for this target: speed-optimized, position-independent code (the
-    /// static library may be linked into a PIE or a shared object), probes inline (no
-    /// `__probestack` libcall), no unwind tables (the generated code never unwinds).
+    /// The Cranelift ISA for this target: speed-optimized, probes inline (no `__probestack`
+    /// libcall), no unwind tables (the generated code never unwinds).
+    ///
+    /// `is_pic` stays off on purpose. Generated code only references its own object's symbols,
+    /// which cranelift-module declares colocated; Cranelift lowers those PC-relative (x86-64
+    /// `lea rip+`, aarch64 `adrp/add`, riscv64 `auipc/addi`), so the code is position-independent
+    /// anyway and links into PIEs and shared objects. With `is_pic` on, Cranelift would route even
+    /// colocated data through the GOT (x86-64 `GOTPCREL`, COFF `.refptr` stubs).
     pub fn isa(&self) -> Result<OwnedTargetIsa, TargetError> {
         let err = |e: &dyn fmt::Display| TargetError::Isa {
             triple: self.name.to_string(),
@@ -340,7 +345,7 @@ impl Target {
         let mut shared = settings::builder();
         for (k, v) in [
             ("opt_level", "speed"),
-            ("is_pic", "true"),
+            ("is_pic", "false"),
             ("enable_probestack", "false"),
             ("probestack_strategy", "inline"),
             ("unwind_info", "false"),
