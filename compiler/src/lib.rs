@@ -3,6 +3,8 @@
 //! Data flows one way: [`load`] reads a checkpoint, [`tools`] normalizes the app's tool list,
 //! folding precomputes the tools side, lowering builds the IR, codegen emits native code.
 
+pub mod codegen;
+pub mod emit;
 pub mod load;
 pub mod synth;
 pub mod tools;
