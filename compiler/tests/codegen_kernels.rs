@@ -157,18 +157,23 @@ fn check_rejects_undefined_and_unprefixed_symbols() {
 }
 
 fn work_dir() -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("codegen_kernels");
+    sub_dir("codegen_kernels")
+}
+
+fn sub_dir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-/// Builds the harness against a fresh archive; `None` if there is no C compiler.
-fn harness() -> Option<PathBuf> {
+/// Builds the harness against a fresh archive for `target` (the host, possibly with CPU
+/// features) in `dir`; `None` if there is no C compiler.
+fn harness(target: &Target, dir: PathBuf) -> Option<PathBuf> {
     if Command::new("cc").arg("--version").output().is_err() {
         eprintln!("SKIPPED: no `cc` on PATH; the generated kernels were not run");
         return None;
     }
-    let target = Target::host().expect("host target");
+    let target = target.clone();
     let m = model();
     let (obj, header) = build(&target, &m);
     let ar = archive(&target, obj);
@@ -182,7 +187,6 @@ fn harness() -> Option<PathBuf> {
     let rep = check_standalone(&ar, PREFIX).unwrap();
     assert!(rep.exports.iter().all(|e| e.starts_with(PREFIX)));
 
-    let dir = work_dir();
     std::fs::write(dir.join("libkern.a"), &ar).unwrap();
     std::fs::write(dir.join("kern.h"), &header).unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/c/kernels_harness.c");
@@ -254,10 +258,30 @@ fn args(v: &[&dyn ToString]) -> Vec<String> {
     v.iter().map(|a| a.to_string()).collect()
 }
 
-/// All kernels in one test so the archive and harness are built once (builds are slow here).
+/// All kernels in one test so the archive and harness are built once per target.
 #[test]
 fn kernels_match_reference_math() {
-    let Some(exe) = harness() else { return };
+    let target = Target::host().expect("host target");
+    check_all_kernels(&target, work_dir());
+}
+
+/// Again with every feature the CPU has (on x86-64: AVX, FMA, SSE4.1 rounding), so the fused
+/// and wider paths run too; skipped where the host has no opt-in features.
+#[test]
+fn kernels_match_reference_math_with_host_cpu_features() {
+    let target = Target::host_native().expect("host target");
+    if target.features.is_empty() {
+        eprintln!("SKIPPED: the host CPU reports no opt-in features");
+        return;
+    }
+    eprintln!("host features: {}", target.features.join(","));
+    check_all_kernels(&target, sub_dir("codegen_kernels_native"));
+}
+
+fn check_all_kernels(target: &Target, dir: PathBuf) {
+    let Some(exe) = harness(target, dir) else {
+        return;
+    };
     let m = model();
     check_exp(&exe);
     check_sigmoid(&exe);

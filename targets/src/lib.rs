@@ -257,6 +257,13 @@ impl Target {
         Target::from_triple(&Triple::host().to_string())
     }
 
+    /// The host target with every opt-in feature the running CPU has (for tests and
+    /// `--target native`-style builds).
+    pub fn host_native() -> Result<Target, TargetError> {
+        let host = Target::host()?;
+        Target::with_features(host.name, &host_cpu_features())
+    }
+
     /// Whether an opt-in feature is enabled.
     pub fn has(&self, feature: &str) -> bool {
         self.features.contains(&feature)
@@ -426,6 +433,33 @@ impl fmt::Display for Target {
     }
 }
 
+/// Opt-in features (names as in this crate) of the CPU running this process.
+pub fn host_cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut out: Vec<&'static str> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($std:tt => $ours:expr),*) => {
+                $(if std::arch::is_x86_feature_detected!($std) { out.push($ours); })*
+            };
+        }
+        probe!("sse3" => "sse3", "ssse3" => "ssse3", "sse4.1" => "sse41", "sse4.2" => "sse42",
+               "popcnt" => "popcnt", "avx" => "avx", "avx2" => "avx2", "fma" => "fma",
+               "bmi1" => "bmi1", "bmi2" => "bmi2", "lzcnt" => "lzcnt");
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        macro_rules! probe {
+            ($($std:tt => $ours:expr),*) => {
+                $(if std::arch::is_aarch64_feature_detected!($std) { out.push($ours); })*
+            };
+        }
+        probe!("lse" => "lse", "fp16" => "fp16", "dotprod" => "dotprod", "i8mm" => "i8mm");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,6 +540,13 @@ mod tests {
             Target::from_triple("not a triple").unwrap_err(),
             TargetError::Parse { .. }
         ));
+    }
+
+    #[test]
+    fn host_native_builds_an_isa() {
+        if let Ok(t) = Target::host_native() {
+            t.isa().unwrap();
+        }
     }
 
     #[test]
