@@ -4,6 +4,8 @@
 //! folding precomputes the tools side, lowering builds the IR, codegen emits native code.
 
 pub mod build;
+pub mod codegen;
+pub mod emit;
 pub mod fold;
 pub mod frontend;
 pub mod load;

@@ -1,0 +1,40 @@
+//! Code generation with Cranelift: the building layer ([`gen`]), inline math ([`math`]),
+//! embedded weights ([`weights`]) and the kernels ([`kernels`]).
+//!
+//! Generated code references no symbol outside its own object: no libc, no libm, no allocator.
+//! Cranelift silently lowers a few instructions to library calls on some targets (`fma` below
+//! x86 FMA3; `floor`/`ceil`/`nearest`/`trunc` below SSE4.1), so this module never emits them
+//! unless [`needle_targets::Target`] says they are native, and [`crate::emit::check`] verifies
+//! the result has no undefined symbols.
+
+pub mod gen;
+pub mod kernels;
+pub mod math;
+pub mod weights;
+
+pub use gen::{Gen, V4};
+pub use kernels::{KernelSet, RopeRef, RopeTables};
+pub use weights::{WeightFormat, WeightRef};
+
+use needle_targets::TargetError;
+
+/// Errors from code generation and emission.
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("invalid code generation request: {0}")]
+    Invalid(String),
+    /// Cranelift rejected a function or a declaration: a bug in needlec, reported not panicked.
+    #[error("Cranelift: {0}")]
+    Module(String),
+    #[error("writing the object: {0}")]
+    Object(String),
+}
+
+impl From<cranelift_module::ModuleError> for CodegenError {
+    fn from(e: cranelift_module::ModuleError) -> Self {
+        // Display names the failing item; Debug carries verifier details.
+        CodegenError::Module(format!("{e}\n{e:?}"))
+    }
+}
