@@ -86,3 +86,94 @@ pub fn logit_tolerance(golden_values: &[f32]) -> f32 {
     let scale = golden_values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     1e-3 * scale.max(1e-2)
 }
+
+/// Building and running C harnesses against generated libraries.
+pub mod c {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+
+    /// A fresh scratch directory for one test, under the build's target directory.
+    pub fn work_dir(test: &str) -> PathBuf {
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("needlec-tests"));
+        let dir = base.join(format!("{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    /// The C compiler the tests use (`$CC`, else `cc`).
+    pub fn cc() -> String {
+        std::env::var("CC").unwrap_or_else(|_| "cc".into())
+    }
+
+    /// Writes `lib{name}.a` and `{name}.h` into `dir`, compiles `harness` (a C file under
+    /// `tests/c/`) against them with strict warnings, and returns the executable's path.
+    pub fn build_harness(
+        dir: &Path,
+        name: &str,
+        archive: &[u8],
+        header: &str,
+        harness: &str,
+    ) -> PathBuf {
+        std::fs::write(dir.join(format!("lib{name}.a")), archive).expect("write archive");
+        std::fs::write(dir.join(format!("{name}.h")), header).expect("write header");
+        let src = crate::repo_root().join("tests/c").join(harness);
+        let exe = dir.join(harness.trim_end_matches(".c"));
+        let out = Command::new(cc())
+            .args([
+                "-std=c11",
+                "-O1",
+                "-Wall",
+                "-Wextra",
+                "-pedantic",
+                "-Werror",
+            ])
+            .arg(format!("-DHEADER=\"{name}.h\""))
+            .arg("-I")
+            .arg(dir)
+            .arg(&src)
+            .arg("-o")
+            .arg(&exe)
+            .arg("-L")
+            .arg(dir)
+            .arg(format!("-l{name}"))
+            .output()
+            .expect("run the C compiler");
+        assert!(
+            out.status.success(),
+            "compiling {} failed:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exe
+    }
+
+    /// Runs `exe` with `args`, feeding `stdin`; panics with its stderr if it fails.
+    pub fn run(exe: &Path, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start harness");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin)
+            .expect("feed harness");
+        let out = child.wait_with_output().expect("harness runs");
+        assert!(
+            out.status.success(),
+            "{} failed ({}):\n{}",
+            exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}

@@ -11,7 +11,7 @@
 //! instruction applied to the vector or to each lane.
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, Block, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{types, Block, FuncRef, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
 /// Memory flags for ordinary accesses: no trap (callers guarantee valid pointers), no alignment
@@ -121,6 +121,12 @@ impl<'a> Gen<'a> {
     pub fn store_f32(&mut self, v: Value, base: Value, index: Value) {
         let p = self.addr(base, index, 4);
         self.b.ins().store(mem(), v, p, 0);
+    }
+
+    /// Calls a function referenced in this one; returns its result, if it has one.
+    pub fn call(&mut self, f: FuncRef, args: &[Value]) -> Option<Value> {
+        let inst = self.b.ins().call(f, args);
+        self.b.inst_results(inst).first().copied()
     }
 
     // ---- variables ----------------------------------------------------------------------------

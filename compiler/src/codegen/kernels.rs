@@ -8,7 +8,9 @@
 use std::collections::HashSet;
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, AbiParam, InstBuilder, UserFuncName, Value};
+use cranelift_codegen::ir::{
+    types, AbiParam, FuncRef, InstBuilder, Signature, UserFuncName, Value,
+};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
@@ -250,20 +252,38 @@ impl KernelSet {
 
     // ---- the function-definition scaffold -----------------------------------------------------
 
-    /// Declares and defines exported function `prefix+name`. `body` gets the parameters and the
-    /// addresses of `data` (in order) and returns the return value, if any.
-    fn define(
+    /// Declares function `prefix+name` without defining it yet (so that functions can call each
+    /// other in any order). `export`: part of the library's C interface (listed for the header);
+    /// otherwise local to the object, invisible to the linker.
+    pub fn declare_function(
         &mut self,
         name: &str,
         doc: &[&str],
         params: &[(CType, &str)],
         ret: CType,
-        data: &[DataId],
-        body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value]) -> Option<Value>,
+        export: bool,
     ) -> Result<FuncId, CodegenError> {
         let sym = self.symbol(name)?;
-        let frontend = self.module.target_config();
-        let ptr = frontend.pointer_type();
+        let sig = self.signature(params, ret)?;
+        let linkage = if export {
+            Linkage::Export
+        } else {
+            Linkage::Local
+        };
+        let id = self.module.declare_function(&sym, linkage, &sig)?;
+        if export {
+            self.functions.push(CFunction {
+                name: sym,
+                ret,
+                params: params.iter().map(|&(t, n)| (t, n.to_string())).collect(),
+                doc: doc.iter().map(|s| s.to_string()).collect(),
+            });
+        }
+        Ok(id)
+    }
+
+    fn signature(&self, params: &[(CType, &str)], ret: CType) -> Result<Signature, CodegenError> {
+        let ptr = self.module.target_config().pointer_type();
         let abi = |t: CType| -> Result<AbiParam, CodegenError> {
             Ok(AbiParam::new(match t {
                 t if t.is_pointer_sized() => ptr,
@@ -284,14 +304,37 @@ impl KernelSet {
         if ret != CType::Void {
             sig.returns.push(abi(ret)?);
         }
-        let id = self.module.declare_function(&sym, Linkage::Export, &sig)?;
+        Ok(sig)
+    }
 
+    /// Defines a function declared with [`KernelSet::declare_function`]. `body` gets the
+    /// parameters, the addresses of `data` (in order) and references to `callees` (in order, for
+    /// [`Gen::call`]), and returns the return value, if any.
+    pub fn define_function(
+        &mut self,
+        id: FuncId,
+        data: &[DataId],
+        callees: &[FuncId],
+        body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value], &[FuncRef]) -> Option<Value>,
+    ) -> Result<(), CodegenError> {
+        let frontend = self.module.target_config();
+        let ptr = frontend.pointer_type();
+        let sig = self
+            .module
+            .declarations()
+            .get_function_decl(id)
+            .signature
+            .clone();
         self.module.clear_context(&mut self.ctx);
         self.ctx.func.signature = sig;
         self.ctx.func.name = UserFuncName::user(0, id.as_u32());
         let gvs: Vec<_> = data
             .iter()
             .map(|&d| self.module.declare_data_in_func(d, &mut self.ctx.func))
+            .collect();
+        let frefs: Vec<FuncRef> = callees
+            .iter()
+            .map(|&f| self.module.declare_func_in_func(f, &mut self.ctx.func))
             .collect();
 
         let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fctx);
@@ -305,7 +348,7 @@ impl KernelSet {
             .map(|&gv| b.ins().symbol_value(ptr, gv))
             .collect();
         let mut g = Gen::new(b, ptr, self.target.simd_f32x4(), self.target.native_fma());
-        let r = body(&mut g, &args, &addrs);
+        let r = body(&mut g, &args, &addrs, &frefs);
         match r {
             Some(v) => g.b.ins().return_(&[v]),
             None => g.b.ins().return_(&[]),
@@ -314,12 +357,21 @@ impl KernelSet {
         g.b.finalize(frontend);
 
         self.module.define_function(id, &mut self.ctx)?;
-        self.functions.push(CFunction {
-            name: sym,
-            ret,
-            params: params.iter().map(|&(t, n)| (t, n.to_string())).collect(),
-            doc: doc.iter().map(|s| s.to_string()).collect(),
-        });
+        Ok(())
+    }
+
+    /// Declares and defines exported function `prefix+name` (no callees).
+    fn define(
+        &mut self,
+        name: &str,
+        doc: &[&str],
+        params: &[(CType, &str)],
+        ret: CType,
+        data: &[DataId],
+        body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value]) -> Option<Value>,
+    ) -> Result<FuncId, CodegenError> {
+        let id = self.declare_function(name, doc, params, ret, true)?;
+        self.define_function(id, data, &[], |g, a, d, _| body(g, a, d))?;
         Ok(id)
     }
 

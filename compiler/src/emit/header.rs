@@ -14,6 +14,11 @@ pub enum CType {
     F32Ptr,
     ConstVoidPtr,
     VoidPtr,
+    ConstU8Ptr,
+    U8Ptr,
+    ConstI32Ptr,
+    I32Ptr,
+    SizePtr,
 }
 
 impl CType {
@@ -27,6 +32,11 @@ impl CType {
             CType::F32Ptr => "float *",
             CType::ConstVoidPtr => "const void *",
             CType::VoidPtr => "void *",
+            CType::ConstU8Ptr => "const uint8_t *",
+            CType::U8Ptr => "uint8_t *",
+            CType::ConstI32Ptr => "const int32_t *",
+            CType::I32Ptr => "int32_t *",
+            CType::SizePtr => "size_t *",
         }
     }
 
@@ -39,6 +49,11 @@ impl CType {
                 | CType::F32Ptr
                 | CType::ConstVoidPtr
                 | CType::VoidPtr
+                | CType::ConstU8Ptr
+                | CType::U8Ptr
+                | CType::ConstI32Ptr
+                | CType::I32Ptr
+                | CType::SizePtr
         )
     }
 }
