@@ -11,6 +11,9 @@ use needle_ir::{
     PIPELINE,
 };
 use needle_runtime::checkpoint::Checkpoint;
+use needle_runtime::forward::{
+    decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
+};
 use needle_runtime::model::Model;
 use needlec::fold::fill_constants;
 use needlec::load::load_checkpoint;
@@ -155,7 +158,8 @@ fn forced(pkl: &str, json: &str, mode: &str) {
                 let err = (got - w).abs();
                 worst = worst.max(err / tol);
                 checked += 1;
-                if !(err <= tol) {
+                // A NaN logit must fail too.
+                if err.is_nan() || err > tol {
                     failures.push(format!(
                         "case {ci} step {p} id {id}: {got} vs golden {w} (tol {tol:.2e})"
                     ));
@@ -246,5 +250,57 @@ fn greedy_tiny_first_query() {
             "{}: the first {clear} clear steps",
             case.mode
         );
+    }
+}
+
+/// The query lengths the golden cases do not reach, against the runtime's forward pass (itself
+/// checked against the golden vectors elsewhere): the empty query (folded: no run-time encoder
+/// rows at all), one token, and the longest query the module accepts (folded: the query then
+/// sits exactly at the reference's positions; exact: the encoder is full at 1024 tokens).
+#[test]
+fn edge_query_lengths_match_the_runtime() {
+    let fx = fixture("tiny_random.pkl");
+    let vocab = fx.model.config.vocab_size;
+    let cases: Vec<ForcedCase> = read_json("forced_tiny.json");
+    let (_, tool_ids) = split_prompt(&cases[0].enc_ids);
+    let tools_side: Vec<u32> = std::iter::once(TOOLS_TOKEN_ID as u32)
+        .chain(tool_ids.iter().copied())
+        .collect();
+    for fold in [FoldMode::None, FoldMode::Tools] {
+        let (module, store) = compile(&fx, fold, &tool_ids);
+        let q_max = module.dim_bounds(Sym::Q).1 as usize;
+        let folded = FoldedTools::precompute(&fx.model, &tools_side);
+        for q in [0, 1, q_max] {
+            // Arbitrary ids away from the control tokens.
+            let query: Vec<u32> = (0..q as u32).map(|i| 10 + (i * 37) % 4000).collect();
+            let cross: CrossKv = match fold {
+                FoldMode::Tools => folded.encode_query(&fx.model, &query),
+                FoldMode::None => {
+                    let ids: Vec<u32> = query.iter().chain(&tools_side).copied().collect();
+                    CrossKv::from_encoder(&fx.model, &encode(&fx.model, &ids, EncoderMask::Full))
+                }
+            };
+            let mut cache = DecoderCache::new(&fx.model);
+            let mut it = Interpreter::new(&module, &store).unwrap();
+            let ids: Vec<i32> = query.iter().map(|&id| id as i32).collect();
+            it.call(ENCODE_QUERY, &[Tensor::i32(vec![q], ids)], &[])
+                .unwrap_or_else(|e| panic!("{fold:?} q={q}: {e}"));
+            for (p, tok) in [1u32, 4, 331, 303].into_iter().enumerate() {
+                let want = decoder_step(&fx.model, &cross, &mut cache, tok);
+                let (_, got) = step(&mut it, vocab, tok as i32, p);
+                // `f32::max` below would skip a NaN.
+                assert!(got.iter().all(|v| v.is_finite()), "{fold:?} q={q} step {p}");
+                let scale = want.iter().fold(MIN_SCALE, |m, v| m.max(v.abs()));
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= REL_TOL * scale,
+                    "{fold:?} q={q} step {p}: logits differ by {worst} (scale {scale})"
+                );
+            }
+        }
     }
 }

@@ -645,7 +645,7 @@ impl<'m> Interpreter<'m> {
                 shape_text(&b.shape)
             ));
         }
-        let end = at_row.checked_add(v.shape[0]).unwrap_or(usize::MAX);
+        let end = at_row.saturating_add(v.shape[0]);
         if end > b.shape[0] {
             return Err(format!(
                 "writes rows {at_row}..{end} of ${buffer}, which has {}",
@@ -1352,7 +1352,8 @@ func @f(%x: f32[1,1]) {
         let (m, store) = setup(text, &[]);
         let mut it = Interpreter::new(&m, &store).unwrap();
         let x = Tensor::f32(vec![1, 1], vec![1.]);
-        it.call("f", &[x.clone()], &[(Sym::P, 1)]).unwrap();
+        it.call("f", std::slice::from_ref(&x), &[(Sym::P, 1)])
+            .unwrap();
         let e = it.call("f", &[x], &[(Sym::P, 2)]).unwrap_err();
         assert_eq!(
             e.to_string(),
