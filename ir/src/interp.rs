@@ -35,7 +35,7 @@ const NORM_EPS: f32 = 1e-6;
 
 /// The most elements the interpreter allocates for one buffer from its declared shape: a
 /// malformed module must get an error, not an abort on a huge allocation.
-const MAX_BUFFER_ELEMENTS: usize = 1 << 30;
+const MAX_BUFFER_ELEMENTS: usize = 1 << 28;
 
 /// A run-time tensor: row-major data of `shape`'s element count.
 #[derive(Clone, Debug, PartialEq)]
