@@ -8,9 +8,11 @@
 //! `argmax_masked`, ...).
 //!
 //! Stages, one file each: [`types`] and [`module`] (the data), [`print`] and [`parse`] (the text
-//! format, which round-trips), [`verify`] (well-formedness), [`passes`] (the pipeline). The
+//! format, which round-trips), [`verify`] (well-formedness), [`passes`] (the pipeline),
+//! [`interp`] (the reference interpreter that runs a module on data). The
 //! lowering from a model config lives in the compiler (`needlec::lower`).
 
+pub mod interp;
 pub mod module;
 pub mod parse;
 pub mod passes;
@@ -18,6 +20,7 @@ pub mod print;
 pub mod types;
 pub mod verify;
 
+pub use interp::{InterpError, Interpreter, Tensor};
 pub use module::{
     BufferDecl, ConstData, ConstDecl, ConstStore, DimDecl, Function, Inst, Module, Op, Operand,
     Param, DECODER_STEP, ENCODE_QUERY,
