@@ -300,10 +300,13 @@ fn tools_side(tool_ids: &[u32]) -> Vec<u32> {
     ids
 }
 
-/// Index of the largest logit; the first on ties, as `numpy.argmax`.
+/// Index of the largest logit; the first on ties and the first NaN if any, as `numpy.argmax`.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {
+        if v.is_nan() {
+            return i as u32;
+        }
         if v > logits[best] {
             best = i;
         }
@@ -311,15 +314,17 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// The allowed id with the largest logit; the lowest id on ties.
+/// The allowed id with the largest logit; the lowest id on ties, a NaN counting as largest (as
+/// `numpy.argmax` over the masked logits). Nothing allowed means unconstrained.
 pub fn argmax_among(logits: &[f32], allowed: &[u32]) -> u32 {
     let mut best: Option<u32> = None;
     for &id in allowed {
+        let v = logits[id as usize];
         let better = match best {
             None => true,
             Some(b) => {
-                logits[id as usize] > logits[b as usize]
-                    || (logits[id as usize] == logits[b as usize] && id < b)
+                let bv = logits[b as usize];
+                !bv.is_nan() && (v.is_nan() || v > bv || (v == bv && id < b))
             }
         };
         if better {
