@@ -43,7 +43,10 @@ fn harness(dir: &std::path::Path, compiled: &Compiled) -> (PathBuf, ModelCode) {
     assert_eq!(names, ["t_model_encode_query", "t_model_decoder_step"]);
     let obj = ks.finish().unwrap();
     let rep = check_standalone(&obj, PREFIX).unwrap();
-    assert_eq!(rep.exports, ["t_model_decoder_step", "t_model_encode_query"]);
+    assert_eq!(
+        rep.exports,
+        ["t_model_decoder_step", "t_model_encode_query"]
+    );
     let vocab = compiled.model.config.vocab_size;
     let extra = format!(
         "#define MODEL_WS_BYTES {}\n#define MODEL_WS_ALIGN {}\n#define MODEL_LOGITS_OFFSET {}\n\
@@ -197,4 +200,30 @@ fn small_exact() {
 #[test]
 fn small_folded() {
     check("small_random.pkl", "forced_small.json", "folded");
+}
+
+/// Every supported target (and the vector-less and vector RISC-V variants) generates the model
+/// as a standalone object that exports only the prefixed entry points.
+#[test]
+fn every_supported_target_generates_a_standalone_model() {
+    let compiled = compile_case(
+        "tiny_random.pkl",
+        &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools,
+        FoldMode::Tools,
+    );
+    let mut targets: Vec<(&str, Vec<&str>)> = needle_targets::supported()
+        .into_iter()
+        .map(|s| (s.triple, vec![]))
+        .collect();
+    targets.push(("riscv64gc-unknown-linux-gnu", vec!["v"]));
+    targets.push(("x86_64-unknown-linux-gnu", vec!["avx2", "fma"]));
+    for (triple, features) in targets {
+        let target = Target::with_features(triple, &features).unwrap();
+        let mut ks = KernelSet::new(&target, PREFIX).unwrap();
+        define_model(&mut ks, &compiled.module, &compiled.store, false)
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
+        let obj = ks.finish().unwrap();
+        let rep = check_standalone(&obj, PREFIX).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert!(rep.exports.is_empty(), "{target}: {:?}", rep.exports);
+    }
 }

@@ -99,38 +99,44 @@ pub fn embed(
         (CType::SizeT, "n"),
     ];
     let t = *table;
-    internal(ks, name, &params, CType::Void, &t.data_ids(), |g, a, addrs| {
-        let (ids, out, n) = (a[0], a[1], a[2]);
-        let wa = WeightAccess::new(&t, addrs);
-        let d = t.n as i64;
-        let d4 = d / 4 * 4;
-        g.for_n(n, |g, r| {
-            let ip = g.addr(ids, r, 4);
-            let id = g.b.ins().load(types::I32, mem(), ip, 0);
-            let bad = g
-                .b
-                .ins()
-                .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, id, t.k as i64);
-            let z = g.b.ins().iconst(types::I32, 0);
-            let id = g.b.ins().select(bad, z, id);
-            let id = widen(g, id);
-            let row = wa.row(g, id);
-            let orow = g.addr(out, r, d * 4);
-            let s = g.vconst(scale);
-            g.for_const(0, d4, 4, |g, c| {
-                let v = row.load4(g, c);
-                let v = g.vmul(v, s);
-                g.vstore(v, orow, c);
+    internal(
+        ks,
+        name,
+        &params,
+        CType::Void,
+        &t.data_ids(),
+        |g, a, addrs| {
+            let (ids, out, n) = (a[0], a[1], a[2]);
+            let wa = WeightAccess::new(&t, addrs);
+            let d = t.n as i64;
+            let d4 = d / 4 * 4;
+            g.for_n(n, |g, r| {
+                let ip = g.addr(ids, r, 4);
+                let id = g.b.ins().load(types::I32, mem(), ip, 0);
+                let bad =
+                    g.b.ins()
+                        .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, id, t.k as i64);
+                let z = g.b.ins().iconst(types::I32, 0);
+                let id = g.b.ins().select(bad, z, id);
+                let id = widen(g, id);
+                let row = wa.row(g, id);
+                let orow = g.addr(out, r, d * 4);
+                let s = g.vconst(scale);
+                g.for_const(0, d4, 4, |g, c| {
+                    let v = row.load4(g, c);
+                    let v = g.vmul(v, s);
+                    g.vstore(v, orow, c);
+                });
+                let ss = g.f32(scale);
+                g.for_const(d4, d, 1, |g, c| {
+                    let v = row.load1(g, c);
+                    let v = g.b.ins().fmul(v, ss);
+                    g.store_f32(v, orow, c);
+                });
             });
-            let ss = g.f32(scale);
-            g.for_const(d4, d, 1, |g, c| {
-                let v = row.load1(g, c);
-                let v = g.b.ins().fmul(v, ss);
-                g.store_f32(v, orow, c);
-            });
-        });
-        None
-    })
+            None
+        },
+    )
 }
 
 /// `void matmul(const float *x, float *y, size_t rows)`: `y = x @ W`, W `[k][n]` embedded;
@@ -147,15 +153,22 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
         (CType::SizeT, "rows"),
     ];
     let w = *w;
-    internal(ks, name, &params, CType::Void, &w.data_ids(), |g, a, addrs| {
-        let (x, y, rows) = (a[0], a[1], a[2]);
-        let wa = WeightAccess::new(&w, addrs);
-        let rows4 = g.b.ins().band_imm_s(rows, !3i64);
-        let zero = g.iconst(0);
-        g.for_range(zero, rows4, 4, |g, r| mm_tile(g, &wa, &w, x, y, r, 4));
-        g.for_range(rows4, rows, 1, |g, r| mm_tile(g, &wa, &w, x, y, r, 1));
-        None
-    })
+    internal(
+        ks,
+        name,
+        &params,
+        CType::Void,
+        &w.data_ids(),
+        |g, a, addrs| {
+            let (x, y, rows) = (a[0], a[1], a[2]);
+            let wa = WeightAccess::new(&w, addrs);
+            let rows4 = g.b.ins().band_imm_s(rows, !3i64);
+            let zero = g.iconst(0);
+            g.for_range(zero, rows4, 4, |g, r| mm_tile(g, &wa, &w, x, y, r, 4));
+            g.for_range(rows4, rows, 1, |g, r| mm_tile(g, &wa, &w, x, y, r, 1));
+            None
+        },
+    )
 }
 
 /// Rows `r..r+tile` of the product.
@@ -418,53 +431,60 @@ pub fn logits(ks: &mut KernelSet, name: &str, table: &WeightRef) -> Result<FuncI
         (CType::SizeT, "rows"),
     ];
     let t = *table;
-    internal(ks, name, &params, CType::Void, &t.data_ids(), |g, a, addrs| {
-        let (x, y, rows) = (a[0], a[1], a[2]);
-        let wa = WeightAccess::new(&t, addrs);
-        let (v, d) = (t.k as i64, t.n as i64);
-        let (v4, d4) = (v / 4 * 4, d / 4 * 4);
-        g.for_n(rows, |g, r| {
-            let xrow = g.addr(x, r, d * 4);
-            let yrow = g.addr(y, r, v * 4);
-            for (lo, hi, width) in [(0, v4, 4usize), (v4, v, 1)] {
-                g.for_const(lo, hi, width as i64, |g, t0| {
-                    let erows: Vec<_> = (0..width)
-                        .map(|i| {
-                            let id = g.b.ins().iadd_imm_s(t0, i as i64);
-                            wa.row(g, id)
-                        })
-                        .collect();
-                    let zero = g.vconst(0.0);
-                    let accs: Vec<_> = (0..width).map(|_| g.vvar(zero)).collect();
-                    g.for_const(0, d4, 4, |g, c| {
-                        let xv = g.vload(xrow, c);
+    internal(
+        ks,
+        name,
+        &params,
+        CType::Void,
+        &t.data_ids(),
+        |g, a, addrs| {
+            let (x, y, rows) = (a[0], a[1], a[2]);
+            let wa = WeightAccess::new(&t, addrs);
+            let (v, d) = (t.k as i64, t.n as i64);
+            let (v4, d4) = (v / 4 * 4, d / 4 * 4);
+            g.for_n(rows, |g, r| {
+                let xrow = g.addr(x, r, d * 4);
+                let yrow = g.addr(y, r, v * 4);
+                for (lo, hi, width) in [(0, v4, 4usize), (v4, v, 1)] {
+                    g.for_const(lo, hi, width as i64, |g, t0| {
+                        let erows: Vec<_> = (0..width)
+                            .map(|i| {
+                                let id = g.b.ins().iadd_imm_s(t0, i as i64);
+                                wa.row(g, id)
+                            })
+                            .collect();
+                        let zero = g.vconst(0.0);
+                        let accs: Vec<_> = (0..width).map(|_| g.vvar(zero)).collect();
+                        g.for_const(0, d4, 4, |g, c| {
+                            let xv = g.vload(xrow, c);
+                            for (i, &acc) in accs.iter().enumerate() {
+                                let ev = erows[i].load4(g, c);
+                                let cur = g.vget(acc);
+                                let nxt = g.vmul_add(xv, ev, cur);
+                                g.vset(acc, nxt);
+                            }
+                        });
                         for (i, &acc) in accs.iter().enumerate() {
-                            let ev = erows[i].load4(g, c);
-                            let cur = g.vget(acc);
-                            let nxt = g.vmul_add(xv, ev, cur);
-                            g.vset(acc, nxt);
+                            let av = g.vget(acc);
+                            let s = g.vsum(av);
+                            let sv = g.var(types::F32, s);
+                            g.for_const(d4, d, 1, |g, c| {
+                                let xv = g.load_f32(xrow, c);
+                                let ev = erows[i].load1(g, c);
+                                let cur = g.get(sv);
+                                let nxt = g.mul_add(xv, ev, cur);
+                                g.set(sv, nxt);
+                            });
+                            let s = g.get(sv);
+                            let id = g.b.ins().iadd_imm_s(t0, i as i64);
+                            g.store_f32(s, yrow, id);
                         }
                     });
-                    for (i, &acc) in accs.iter().enumerate() {
-                        let av = g.vget(acc);
-                        let s = g.vsum(av);
-                        let sv = g.var(types::F32, s);
-                        g.for_const(d4, d, 1, |g, c| {
-                            let xv = g.load_f32(xrow, c);
-                            let ev = erows[i].load1(g, c);
-                            let cur = g.get(sv);
-                            let nxt = g.mul_add(xv, ev, cur);
-                            g.set(sv, nxt);
-                        });
-                        let s = g.get(sv);
-                        let id = g.b.ins().iadd_imm_s(t0, i as i64);
-                        g.store_f32(s, yrow, id);
-                    }
-                });
-            }
-        });
-        None
-    })
+                }
+            });
+            None
+        },
+    )
 }
 
 /// `void attention_B(const float *q, float *out, size_t n, float *scores,
@@ -482,7 +502,7 @@ pub fn attention(
     kv_heads: usize,
     h: usize,
 ) -> Result<FuncId, CodegenError> {
-    if blocks == 0 || kv_heads == 0 || heads % kv_heads != 0 || h == 0 {
+    if blocks == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || h == 0 {
         return Err(CodegenError::Invalid(format!(
             "attention over {blocks} blocks, {heads} heads, {kv_heads} KV heads of {h}"
         )));
@@ -737,10 +757,9 @@ pub fn argmax(ks: &mut KernelSet, name: &str, vocab: usize) -> Result<FuncId, Co
                 g.for_n(n, |g, i| {
                     let p = g.addr(allowed, i, 4);
                     let id32 = g.b.ins().load(types::I32, mem(), p, 0);
-                    let ok = g
-                        .b
-                        .ins()
-                        .icmp_imm_u(IntCC::UnsignedLessThan, id32, vocab as i64);
+                    let ok =
+                        g.b.ins()
+                            .icmp_imm_u(IntCC::UnsignedLessThan, id32, vocab as i64);
                     g.if_then(ok, |g| {
                         let id = widen(g, id32);
                         let v = g.load_f32(x, id);

@@ -112,10 +112,9 @@ pub fn define_model(
     let mut off = round_up(STATE_OFFSET + 16);
     let mut buffers = HashMap::new();
     for b in &module.buffers {
-        let dims = b
-            .ty
-            .static_dims()
-            .ok_or_else(|| invalid(format!("buffer ${} : {} is not static", b.name, b.ty)))?;
+        let dims =
+            b.ty.static_dims()
+                .ok_or_else(|| invalid(format!("buffer ${} : {} is not static", b.name, b.ty)))?;
         let row_bytes = dims[1..].iter().product::<usize>() * b.ty.elem.size();
         let bytes = dims.iter().product::<usize>() * b.ty.elem.size();
         buffers.insert(b.name.clone(), (off, row_bytes));
@@ -561,18 +560,23 @@ impl Planner<'_, '_> {
     }
 
     fn copy_kernel(&mut self) -> Result<FuncId, CodegenError> {
-        self.cx
-            .kernel("copy".into(), "copy", |ks, n| kernels::copy_words(ks, n))
+        self.cx.kernel("copy".into(), "copy", kernels::copy_words)
     }
 
     fn residual_kernel(&mut self) -> Result<FuncId, CodegenError> {
-        self.cx
-            .kernel("residual".into(), "residual", |ks, n| kernels::residual(ks, n))
+        self.cx.kernel("residual".into(), "residual", |ks, n| {
+            kernels::residual(ks, n)
+        })
     }
 }
 
 /// Plans one entry point: its kernel calls and its arena.
-fn plan(cx: &mut Cx<'_>, layout: &Layout, f: &Function, entry: Entry) -> Result<Plan, CodegenError> {
+fn plan(
+    cx: &mut Cx<'_>,
+    layout: &Layout,
+    f: &Function,
+    entry: Entry,
+) -> Result<Plan, CodegenError> {
     // Last reader of each value; a reshape's readers read its input too.
     let mut last: HashMap<String, usize> = HashMap::new();
     for (i, inst) in f.body.iter().enumerate() {
@@ -705,11 +709,9 @@ fn plan(cx: &mut Cx<'_>, layout: &Layout, f: &Function, entry: Entry) -> Result<
             Op::MatMul { x, w } => {
                 let r = res("matmul")?;
                 let wr = p.cx.weight(w)?;
-                let k = p
-                    .cx
-                    .kernel(format!("matmul:{w}"), "matmul", |ks, n| {
-                        kernels::matmul(ks, n, &wr)
-                    })?;
+                let k = p.cx.kernel(format!("matmul:{w}"), "matmul", |ks, n| {
+                    kernels::matmul(ks, n, &wr)
+                })?;
                 let loc = p.fresh(&r.name, &r.ty, i);
                 let args = vec![
                     p.ptr(x)?,
@@ -729,13 +731,16 @@ fn plan(cx: &mut Cx<'_>, layout: &Layout, f: &Function, entry: Entry) -> Result<
                 }
                 Some(loc)
             }
-            Op::ZcRmsNorm { x, scale } | Op::RmsNorm { x, scale: Some(scale) } => {
+            Op::ZcRmsNorm { x, scale }
+            | Op::RmsNorm {
+                x,
+                scale: Some(scale),
+            } => {
                 let r = res("norm")?;
                 let d = static_dim(&r.ty, r.ty.shape.len() - 1)?;
                 let zero_centred = matches!(inst.op, Op::ZcRmsNorm { .. });
                 let (key, data) = if zero_centred {
-                    let plus1: Vec<f32> =
-                        p.cx.f32_values(scale)?.iter().map(|g| 1.0 + g).collect();
+                    let plus1: Vec<f32> = p.cx.f32_values(scale)?.iter().map(|g| 1.0 + g).collect();
                     let key = format!("{scale}#plus1");
                     (key.clone(), p.cx.derived(&key, &plus1)?)
                 } else {
@@ -758,9 +763,8 @@ fn plan(cx: &mut Cx<'_>, layout: &Layout, f: &Function, entry: Entry) -> Result<
                 let r = res("rope")?;
                 let (heads, h) = (static_dim(&r.ty, 1)?, static_dim(&r.ty, 2)?);
                 let t = p.cx.data(table)?;
-                let k = p
-                    .cx
-                    .kernel(format!("rope:{table}:{heads}:{h}"), "rope", |ks, n| {
+                let k =
+                    p.cx.kernel(format!("rope:{table}:{heads}:{h}"), "rope", |ks, n| {
                         kernels::rope(ks, n, t, heads, h)
                     })?;
                 let loc = p.in_place(&r.name, &r.ty, x, i)?;
@@ -851,11 +855,9 @@ fn plan(cx: &mut Cx<'_>, layout: &Layout, f: &Function, entry: Entry) -> Result<
                     return Err(invalid("more than one logits result"));
                 }
                 let w = p.cx.weight(table)?;
-                let k = p
-                    .cx
-                    .kernel(format!("logits:{table}"), "logits", |ks, n| {
-                        kernels::logits(ks, n, &w)
-                    })?;
+                let k = p.cx.kernel(format!("logits:{table}"), "logits", |ks, n| {
+                    kernels::logits(ks, n, &w)
+                })?;
                 let args = vec![
                     p.ptr(x)?,
                     Arg::Ws(layout.logits_offset),
@@ -878,11 +880,9 @@ fn plan(cx: &mut Cx<'_>, layout: &Layout, f: &Function, entry: Entry) -> Result<
                     ));
                 }
                 let vocab = static_dim(&lt, 1)?;
-                let k = p
-                    .cx
-                    .kernel(format!("argmax:{vocab}"), "argmax", |ks, n| {
-                        kernels::argmax(ks, n, vocab)
-                    })?;
+                let k = p.cx.kernel(format!("argmax:{vocab}"), "argmax", |ks, n| {
+                    kernels::argmax(ks, n, vocab)
+                })?;
                 let args = vec![p.ptr(logits)?, Arg::Param(3), Arg::Param(4)];
                 p.call(k, args);
                 ret = Some(p.calls.len() - 1);
