@@ -1,0 +1,773 @@
+//! The model's internal kernels: generated functions with pointer-and-size interfaces that the
+//! entry points call in sequence. All are local to the object (never exported): only
+//! `encode_query` and `decoder_step` form the interface.
+//!
+//! Static sizes (model dimensions, weights, tables) are baked in; row counts and key counts,
+//! which depend on `q` and `p`, are parameters. Every kernel is 4-wide ([`V4`]) over its
+//! innermost contiguous axis with a scalar remainder, and fuses multiply-adds only through
+//! [`Gen::mul_add`].
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_module::{DataId, FuncId};
+
+use crate::codegen::gen::{mem, mem_ro, Gen, V4Var};
+use crate::codegen::math;
+use crate::codegen::weights::{WeightAccess, WeightRef};
+use crate::codegen::{CodegenError, KernelSet};
+use crate::emit::CType;
+
+/// Epsilon of the RMS norms (IR `zcrmsnorm`/`rmsnorm`, spec section 2).
+const NORM_EPS: f32 = 1e-6;
+
+/// Declares and defines an internal (unexported) function without callees.
+fn internal(
+    ks: &mut KernelSet,
+    name: &str,
+    params: &[(CType, &str)],
+    ret: CType,
+    data: &[DataId],
+    body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value]) -> Option<Value>,
+) -> Result<FuncId, CodegenError> {
+    let id = ks.declare_function(name, &[], params, ret, false)?;
+    ks.define_function(id, data, &[], |g, a, d, _| body(g, a, d))?;
+    Ok(id)
+}
+
+/// An `i32` id (non-negative) as a pointer-sized index (32-bit targets need no extension).
+fn widen(g: &mut Gen<'_>, id: Value) -> Value {
+    if g.ptr == types::I32 {
+        id
+    } else {
+        let pt = g.ptr;
+        g.b.ins().uextend(pt, id)
+    }
+}
+
+/// A pointer-sized index below 2^31 as an `i32`.
+fn narrow(g: &mut Gen<'_>, i: Value) -> Value {
+    if g.ptr == types::I32 {
+        i
+    } else {
+        g.b.ins().ireduce(types::I32, i)
+    }
+}
+
+/// `x + i * 4` bytes.
+fn off4(g: &mut Gen<'_>, x: Value, i: i64) -> Value {
+    g.b.ins().iadd_imm_s(x, 4 * i)
+}
+
+/// `void copy(void *dst, const void *src, size_t n)`: `n` 4-byte words, bit-exact (ids and
+/// floats alike). Explicit loops: Cranelift's memcpy helpers may call libc.
+pub fn copy_words(ks: &mut KernelSet, name: &str) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::F32Ptr, "dst"),
+        (CType::ConstF32Ptr, "src"),
+        (CType::SizeT, "n"),
+    ];
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (dst, src, n) = (a[0], a[1], a[2]);
+        let n4 = g.b.ins().band_imm_s(n, !3i64);
+        let zero = g.iconst(0);
+        g.for_range(zero, n4, 4, |g, i| {
+            let v = g.vload(src, i);
+            g.vstore(v, dst, i);
+        });
+        g.for_range(n4, n, 1, |g, i| {
+            let p = g.addr(src, i, 4);
+            let v = g.b.ins().load(types::I32, mem(), p, 0);
+            let q = g.addr(dst, i, 4);
+            g.b.ins().store(mem(), v, q, 0);
+        });
+        None
+    })
+}
+
+/// `void embed(const int32_t *ids, float *out, size_t n)`: `out[r] = table[ids[r]] * scale`.
+/// An id outside the table reads row 0 instead of out-of-bounds memory (the driver validates
+/// ids; this only keeps a bad call memory-safe).
+pub fn embed(
+    ks: &mut KernelSet,
+    name: &str,
+    table: &WeightRef,
+    scale: f32,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstI32Ptr, "ids"),
+        (CType::F32Ptr, "out"),
+        (CType::SizeT, "n"),
+    ];
+    let t = *table;
+    internal(
+        ks,
+        name,
+        &params,
+        CType::Void,
+        &t.data_ids(),
+        |g, a, addrs| {
+            let (ids, out, n) = (a[0], a[1], a[2]);
+            let wa = WeightAccess::new(&t, addrs);
+            let d = t.n as i64;
+            let d4 = d / 4 * 4;
+            g.for_n(n, |g, r| {
+                let ip = g.addr(ids, r, 4);
+                let id = g.b.ins().load(types::I32, mem(), ip, 0);
+                let bad =
+                    g.b.ins()
+                        .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, id, t.k as i64);
+                let z = g.b.ins().iconst(types::I32, 0);
+                let id = g.b.ins().select(bad, z, id);
+                let id = widen(g, id);
+                let row = wa.row(g, id);
+                let orow = g.addr(out, r, d * 4);
+                let s = g.vconst(scale);
+                g.for_const(0, d4, 4, |g, c| {
+                    let v = row.load4(g, c);
+                    let v = g.vmul(v, s);
+                    g.vstore(v, orow, c);
+                });
+                let ss = g.f32(scale);
+                g.for_const(d4, d, 1, |g, c| {
+                    let v = row.load1(g, c);
+                    let v = g.b.ins().fmul(v, ss);
+                    g.store_f32(v, orow, c);
+                });
+            });
+            None
+        },
+    )
+}
+
+/// `void matmul(const float *x, float *y, size_t rows)`: `y = x @ W`, W `[k][n]` embedded;
+/// `y` must not overlap `x`.
+///
+/// Rows in tiles of 4 (each weight vector loaded once serves four rows: the encoder is bound
+/// by weight traffic otherwise), columns in blocks of 8 within a tile (8 accumulators plus the
+/// weights and broadcasts fit 16 vector registers); single rows (the decoder, row tails) use
+/// blocks of 16 columns. Then 4-column blocks and single columns.
+pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "y"),
+        (CType::SizeT, "rows"),
+    ];
+    let w = *w;
+    internal(
+        ks,
+        name,
+        &params,
+        CType::Void,
+        &w.data_ids(),
+        |g, a, addrs| {
+            let (x, y, rows) = (a[0], a[1], a[2]);
+            let wa = WeightAccess::new(&w, addrs);
+            let rows4 = g.b.ins().band_imm_s(rows, !3i64);
+            let zero = g.iconst(0);
+            g.for_range(zero, rows4, 4, |g, r| mm_tile(g, &wa, &w, x, y, r, 4));
+            g.for_range(rows4, rows, 1, |g, r| mm_tile(g, &wa, &w, x, y, r, 1));
+            None
+        },
+    )
+}
+
+/// Rows `r..r+tile` of the product.
+fn mm_tile(
+    g: &mut Gen<'_>,
+    wa: &WeightAccess,
+    w: &WeightRef,
+    x: Value,
+    y: Value,
+    r: Value,
+    tile: usize,
+) {
+    let (k, n) = (w.k as i64, w.n as i64);
+    let xrow0 = g.addr(x, r, k * 4);
+    let yrow0 = g.addr(y, r, n * 4);
+    let xrows: Vec<Value> = (0..tile)
+        .map(|i| g.b.ins().iadd_imm_s(xrow0, i as i64 * k * 4))
+        .collect();
+    let yrows: Vec<Value> = (0..tile)
+        .map(|i| g.b.ins().iadd_imm_s(yrow0, i as i64 * n * 4))
+        .collect();
+    let width = if tile == 1 { 4i64 } else { 2 };
+    let nb = n / (4 * width) * (4 * width);
+    let n4 = n / 4 * 4;
+    for (lo, hi, width) in [(0, nb, width), (nb, n4, 1)] {
+        g.for_const(lo, hi, 4 * width, |g, c| {
+            let zero = g.vconst(0.0);
+            let accs: Vec<Vec<V4Var>> = (0..tile)
+                .map(|_| (0..width).map(|_| g.vvar(zero)).collect())
+                .collect();
+            g.for_const(0, k, 1, |g, kk| {
+                let row = wa.row(g, kk);
+                let ws: Vec<_> = (0..width)
+                    .map(|j| {
+                        let col = g.b.ins().iadd_imm_s(c, 4 * j);
+                        row.load4(g, col)
+                    })
+                    .collect();
+                for (i, acc_row) in accs.iter().enumerate() {
+                    let xv = g.load_f32(xrows[i], kk);
+                    let xs = g.vsplat(xv);
+                    for (j, &acc) in acc_row.iter().enumerate() {
+                        let cur = g.vget(acc);
+                        let nxt = g.vmul_add(xs, ws[j], cur);
+                        g.vset(acc, nxt);
+                    }
+                }
+            });
+            for (i, acc_row) in accs.iter().enumerate() {
+                for (j, &acc) in acc_row.iter().enumerate() {
+                    let col = g.b.ins().iadd_imm_s(c, 4 * j as i64);
+                    let v = g.vget(acc);
+                    g.vstore(v, yrows[i], col);
+                }
+            }
+        });
+    }
+    g.for_const(n4, n, 1, |g, c| {
+        let z = g.f32(0.0);
+        let accs: Vec<_> = (0..tile).map(|_| g.var(types::F32, z)).collect();
+        g.for_const(0, k, 1, |g, kk| {
+            let row = wa.row(g, kk);
+            let wv = row.load1(g, c);
+            for (i, &acc) in accs.iter().enumerate() {
+                let xv = g.load_f32(xrows[i], kk);
+                let cur = g.get(acc);
+                let nxt = g.mul_add(xv, wv, cur);
+                g.set(acc, nxt);
+            }
+        });
+        for (i, &acc) in accs.iter().enumerate() {
+            let v = g.get(acc);
+            g.store_f32(v, yrows[i], c);
+        }
+    });
+}
+
+/// `void norm(const float *x, float *y, size_t rows)`: over rows of `d`,
+/// `y = x * (1 / sqrt(mean(x^2) + 1e-6))`, times `scale[..d]` when given (already `1 + g` for
+/// a zero-centred norm). `y` may equal `x`.
+pub fn rmsnorm(
+    ks: &mut KernelSet,
+    name: &str,
+    d: usize,
+    scale: Option<DataId>,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "y"),
+        (CType::SizeT, "rows"),
+    ];
+    let data: Vec<DataId> = scale.into_iter().collect();
+    let di = d as i64;
+    internal(ks, name, &params, CType::Void, &data, |g, a, addrs| {
+        let (x, y, rows) = (a[0], a[1], a[2]);
+        let sc = addrs.first().copied();
+        let d4 = di / 4 * 4;
+        g.for_n(rows, |g, r| {
+            let xrow = g.addr(x, r, di * 4);
+            let yrow = g.addr(y, r, di * 4);
+            let zero = g.vconst(0.0);
+            let acc = g.vvar(zero);
+            g.for_const(0, d4, 4, |g, i| {
+                let v = g.vload(xrow, i);
+                let cur = g.vget(acc);
+                let nxt = g.vmul_add(v, v, cur);
+                g.vset(acc, nxt);
+            });
+            let accv = g.vget(acc);
+            let s = g.vsum(accv);
+            let ss = g.var(types::F32, s);
+            g.for_const(d4, di, 1, |g, i| {
+                let v = g.load_f32(xrow, i);
+                let cur = g.get(ss);
+                let nxt = g.mul_add(v, v, cur);
+                g.set(ss, nxt);
+            });
+            let s = g.get(ss);
+            let dn = g.f32(d as f32);
+            let ms = g.b.ins().fdiv(s, dn);
+            let eps = g.f32(NORM_EPS);
+            let ms = g.b.ins().fadd(ms, eps);
+            let rms = g.b.ins().sqrt(ms);
+            let one = g.f32(1.0);
+            // As the reference: one reciprocal, then multiplies.
+            let inv = g.b.ins().fdiv(one, rms);
+            let iv = g.vsplat(inv);
+            g.for_const(0, d4, 4, |g, i| {
+                let v = g.vload(xrow, i);
+                let mut o = g.vmul(v, iv);
+                if let Some(sc) = sc {
+                    let s = g.vload_with(sc, i, mem_ro());
+                    o = g.vmul(o, s);
+                }
+                g.vstore(o, yrow, i);
+            });
+            g.for_const(d4, di, 1, |g, i| {
+                let v = g.load_f32(xrow, i);
+                let mut o = g.b.ins().fmul(v, inv);
+                if let Some(sc) = sc {
+                    let p = g.addr(sc, i, 4);
+                    let s = g.b.ins().load(types::F32, mem_ro(), p, 0);
+                    o = g.b.ins().fmul(o, s);
+                }
+                g.store_f32(o, yrow, i);
+            });
+        });
+        None
+    })
+}
+
+/// `void rope(const float *x, float *y, size_t rows, size_t pos0)`: x `rows x heads x h`, row
+/// `r` rotated by table row `pos0 + r` (the IR's table: `cos` then `sin` of each row's `h/2`
+/// angles). `y` may equal `x`. Positions are checked by the caller (the IR verifier bounds
+/// them by the dimensions, the entry points bound the dimensions).
+pub fn rope(
+    ks: &mut KernelSet,
+    name: &str,
+    table: DataId,
+    heads: usize,
+    h: usize,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "y"),
+        (CType::SizeT, "rows"),
+        (CType::SizeT, "pos0"),
+    ];
+    let (half, hd) = (h as i64 / 2, h as i64);
+    let heads = heads as i64;
+    internal(ks, name, &params, CType::Void, &[table], |g, a, addrs| {
+        let (x, y, rows, pos0, tab) = (a[0], a[1], a[2], a[3], addrs[0]);
+        let half4 = half / 4 * 4;
+        g.for_n(rows, |g, r| {
+            let p = g.b.ins().iadd(pos0, r);
+            let crow = g.addr(tab, p, hd * 4);
+            let srow = off4(g, crow, half);
+            let xrow = g.addr(x, r, heads * hd * 4);
+            let yrow = g.addr(y, r, heads * hd * 4);
+            g.for_const(0, heads, 1, |g, hh| {
+                let xa = g.addr(xrow, hh, hd * 4);
+                let xb = off4(g, xa, half);
+                let ya = g.addr(yrow, hh, hd * 4);
+                let yb = off4(g, ya, half);
+                g.for_const(0, half4, 4, |g, j| {
+                    let av = g.vload(xa, j);
+                    let bv = g.vload(xb, j);
+                    let c = g.vload_with(crow, j, mem_ro());
+                    let s = g.vload_with(srow, j, mem_ro());
+                    let ac = g.vmul(av, c);
+                    let bs = g.vmul(bv, s);
+                    let bc = g.vmul(bv, c);
+                    let as_ = g.vmul(av, s);
+                    let na = g.vsub(ac, bs);
+                    let nb = g.vadd(bc, as_);
+                    g.vstore(na, ya, j);
+                    g.vstore(nb, yb, j);
+                });
+                g.for_const(half4, half, 1, |g, j| {
+                    let av = g.load_f32(xa, j);
+                    let bv = g.load_f32(xb, j);
+                    let cp = g.addr(crow, j, 4);
+                    let c = g.b.ins().load(types::F32, mem_ro(), cp, 0);
+                    let sp = g.addr(srow, j, 4);
+                    let s = g.b.ins().load(types::F32, mem_ro(), sp, 0);
+                    let ac = g.b.ins().fmul(av, c);
+                    let bs = g.b.ins().fmul(bv, s);
+                    let bc = g.b.ins().fmul(bv, c);
+                    let as_ = g.b.ins().fmul(av, s);
+                    let na = g.b.ins().fsub(ac, bs);
+                    let nb = g.b.ins().fadd(bc, as_);
+                    g.store_f32(na, ya, j);
+                    g.store_f32(nb, yb, j);
+                });
+            });
+        });
+        None
+    })
+}
+
+/// `void residual(const float *x, const float *y, float *out, size_t n, float s)`:
+/// `out = x + y * s` (as the reference rounds it: product, then sum). `out` may equal `x`.
+pub fn residual(ks: &mut KernelSet, name: &str) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::ConstF32Ptr, "y"),
+        (CType::F32Ptr, "out"),
+        (CType::SizeT, "n"),
+        (CType::F32, "s"),
+    ];
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (x, y, out, n, s) = (a[0], a[1], a[2], a[3], a[4]);
+        let n4 = g.b.ins().band_imm_s(n, !3i64);
+        let zero = g.iconst(0);
+        let sv = g.vsplat(s);
+        g.for_range(zero, n4, 4, |g, i| {
+            let xv = g.vload(x, i);
+            let yv = g.vload(y, i);
+            let m = g.vmul(yv, sv);
+            let o = g.vadd(xv, m);
+            g.vstore(o, out, i);
+        });
+        g.for_range(n4, n, 1, |g, i| {
+            let xv = g.load_f32(x, i);
+            let yv = g.load_f32(y, i);
+            let m = g.b.ins().fmul(yv, s);
+            let o = g.b.ins().fadd(xv, m);
+            g.store_f32(o, out, i);
+        });
+        None
+    })
+}
+
+/// `void logits(const float *x, float *y, size_t rows)`: `y = x @ table^T` (tied embedding,
+/// table `[V][D]`): four vocabulary rows at a time, each a 4-lane dot product over `D`.
+pub fn logits(ks: &mut KernelSet, name: &str, table: &WeightRef) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "y"),
+        (CType::SizeT, "rows"),
+    ];
+    let t = *table;
+    internal(
+        ks,
+        name,
+        &params,
+        CType::Void,
+        &t.data_ids(),
+        |g, a, addrs| {
+            let (x, y, rows) = (a[0], a[1], a[2]);
+            let wa = WeightAccess::new(&t, addrs);
+            let (v, d) = (t.k as i64, t.n as i64);
+            let (v4, d4) = (v / 4 * 4, d / 4 * 4);
+            g.for_n(rows, |g, r| {
+                let xrow = g.addr(x, r, d * 4);
+                let yrow = g.addr(y, r, v * 4);
+                for (lo, hi, width) in [(0, v4, 4usize), (v4, v, 1)] {
+                    g.for_const(lo, hi, width as i64, |g, t0| {
+                        let erows: Vec<_> = (0..width)
+                            .map(|i| {
+                                let id = g.b.ins().iadd_imm_s(t0, i as i64);
+                                wa.row(g, id)
+                            })
+                            .collect();
+                        let zero = g.vconst(0.0);
+                        let accs: Vec<_> = (0..width).map(|_| g.vvar(zero)).collect();
+                        g.for_const(0, d4, 4, |g, c| {
+                            let xv = g.vload(xrow, c);
+                            for (i, &acc) in accs.iter().enumerate() {
+                                let ev = erows[i].load4(g, c);
+                                let cur = g.vget(acc);
+                                let nxt = g.vmul_add(xv, ev, cur);
+                                g.vset(acc, nxt);
+                            }
+                        });
+                        for (i, &acc) in accs.iter().enumerate() {
+                            let av = g.vget(acc);
+                            let s = g.vsum(av);
+                            let sv = g.var(types::F32, s);
+                            g.for_const(d4, d, 1, |g, c| {
+                                let xv = g.load_f32(xrow, c);
+                                let ev = erows[i].load1(g, c);
+                                let cur = g.get(sv);
+                                let nxt = g.mul_add(xv, ev, cur);
+                                g.set(sv, nxt);
+                            });
+                            let s = g.get(sv);
+                            let id = g.b.ins().iadd_imm_s(t0, i as i64);
+                            g.store_f32(s, yrow, id);
+                        }
+                    });
+                }
+            });
+            None
+        },
+    )
+}
+
+/// `void attention_B(const float *q, float *out, size_t n, float *scores,
+/// (const float *k, const float *v, size_t m) x B)`: softmax attention of `n` query rows
+/// (`heads x h` each) over the keys of the `B` blocks together (`m_i` rows of `kv_heads x h`);
+/// query head `i` uses KV head `i / (heads / kv_heads)`. `scores` holds `sum m_i` floats.
+///
+/// One (row, head) at a time: scores (scaled by `1/sqrt(h)`), max, `exp` and sum, normalize
+/// (as the reference: divide), then the weighted sum of values in 4-lane accumulators.
+pub fn attention(
+    ks: &mut KernelSet,
+    name: &str,
+    blocks: usize,
+    heads: usize,
+    kv_heads: usize,
+    h: usize,
+) -> Result<FuncId, CodegenError> {
+    if blocks == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || h == 0 {
+        return Err(CodegenError::Invalid(format!(
+            "attention over {blocks} blocks, {heads} heads, {kv_heads} KV heads of {h}"
+        )));
+    }
+    let names: Vec<[String; 3]> = (0..blocks)
+        .map(|b| [format!("k{b}"), format!("v{b}"), format!("m{b}")])
+        .collect();
+    let mut params = vec![
+        (CType::ConstF32Ptr, "q"),
+        (CType::F32Ptr, "out"),
+        (CType::SizeT, "n"),
+        (CType::F32Ptr, "scores"),
+    ];
+    for [k, v, m] in &names {
+        params.push((CType::ConstF32Ptr, k));
+        params.push((CType::ConstF32Ptr, v));
+        params.push((CType::SizeT, m));
+    }
+    let group = (heads / kv_heads) as i64;
+    let (hd, kvw, qw) = (h as i64, (kv_heads * h) as i64, (heads * h) as i64);
+    let h4 = hd / 4 * 4;
+    let scale = 1.0 / (h as f32).sqrt();
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (q, out, n, scores) = (a[0], a[1], a[2], a[3]);
+        let blk: Vec<[Value; 3]> = (0..blocks)
+            .map(|b| [a[4 + 3 * b], a[5 + 3 * b], a[6 + 3 * b]])
+            .collect();
+        g.for_n(n, |g, r| {
+            let qrow = g.addr(q, r, qw * 4);
+            let orow = g.addr(out, r, qw * 4);
+            // KV head outer, its group of query heads inner: no division at run time.
+            g.for_const(0, kv_heads as i64, 1, |g, kvh| {
+                let kv_off = g.b.ins().imul_imm_s(kvh, hd * 4);
+                g.for_const(0, group, 1, |g, gi| {
+                    let hh = g.b.ins().imul_imm_s(kvh, group);
+                    let hh = g.b.ins().iadd(hh, gi);
+                    let qh = g.addr(qrow, hh, hd * 4);
+                    let oh = g.addr(orow, hh, hd * 4);
+                    attend_head(g, qh, oh, scores, &blk, kv_off, hd, h4, kvw, scale);
+                });
+            });
+        });
+        None
+    })
+}
+
+/// One query head against every block: see [`attention`].
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    g: &mut Gen<'_>,
+    qh: Value,
+    oh: Value,
+    scores: Value,
+    blk: &[[Value; 3]],
+    kv_off: Value,
+    hd: i64,
+    h4: i64,
+    kvw: i64,
+    scale: f32,
+) {
+    let qv: Vec<_> = (0..h4 / 4)
+        .map(|j| {
+            let i = g.iconst(4 * j);
+            g.vload(qh, i)
+        })
+        .collect();
+    let qs: Vec<_> = (h4..hd)
+        .map(|j| {
+            let i = g.iconst(j);
+            g.load_f32(qh, i)
+        })
+        .collect();
+    let sc = g.f32(scale);
+    let ninf = g.f32(f32::NEG_INFINITY);
+    let maxv = g.var(types::F32, ninf);
+    let zero = g.iconst(0);
+    let pt = g.ptr;
+    let base = g.var(pt, zero);
+    let mut bases = Vec::with_capacity(blk.len());
+    for &[k, _, m] in blk {
+        let b0 = g.get(base);
+        bases.push(b0);
+        let kb = g.b.ins().iadd(k, kv_off);
+        let srow = g.addr(scores, b0, 4);
+        g.for_n(m, |g, j| {
+            let kp = g.addr(kb, j, kvw * 4);
+            let mut dot = None;
+            if !qv.is_empty() {
+                let z = g.vconst(0.0);
+                let mut acc = z;
+                for (jj, &qq) in qv.iter().enumerate() {
+                    let i = g.iconst(4 * jj as i64);
+                    let kv = g.vload(kp, i);
+                    acc = g.vmul_add(qq, kv, acc);
+                }
+                dot = Some(g.vsum(acc));
+            }
+            let mut s = match dot {
+                Some(s) => s,
+                None => g.f32(0.0),
+            };
+            for (jj, &qq) in qs.iter().enumerate() {
+                let i = g.iconst(h4 + jj as i64);
+                let kv = g.load_f32(kp, i);
+                s = g.mul_add(qq, kv, s);
+            }
+            let s = g.b.ins().fmul(s, sc);
+            g.store_f32(s, srow, j);
+            let cur = g.get(maxv);
+            let nxt = g.b.ins().fmax(cur, s);
+            g.set(maxv, nxt);
+        });
+        let nb = g.b.ins().iadd(b0, m);
+        g.set(base, nb);
+    }
+    let total = g.get(base);
+    let mx = g.get(maxv);
+
+    // exp(s - max) and the sum.
+    let total4 = g.b.ins().band_imm_s(total, !3i64);
+    let msplat = g.vsplat(mx);
+    let vz = g.vconst(0.0);
+    let sv = g.vvar(vz);
+    let z = g.iconst(0);
+    g.for_range(z, total4, 4, |g, i| {
+        let v = g.vload(scores, i);
+        let d = g.vsub(v, msplat);
+        let e = math::vexp(g, d);
+        g.vstore(e, scores, i);
+        let cur = g.vget(sv);
+        let nxt = g.vadd(cur, e);
+        g.vset(sv, nxt);
+    });
+    let svv = g.vget(sv);
+    let s0 = g.vsum(svv);
+    let sum = g.var(types::F32, s0);
+    g.for_range(total4, total, 1, |g, i| {
+        let v = g.load_f32(scores, i);
+        let d = g.b.ins().fsub(v, mx);
+        let e = math::exp(g, d);
+        g.store_f32(e, scores, i);
+        let cur = g.get(sum);
+        let nxt = g.b.ins().fadd(cur, e);
+        g.set(sum, nxt);
+    });
+    let sum = g.get(sum);
+    let ssplat = g.vsplat(sum);
+    g.for_range(z, total4, 4, |g, i| {
+        let v = g.vload(scores, i);
+        let p = g.vdiv(v, ssplat);
+        g.vstore(p, scores, i);
+    });
+    g.for_range(total4, total, 1, |g, i| {
+        let v = g.load_f32(scores, i);
+        let p = g.b.ins().fdiv(v, sum);
+        g.store_f32(p, scores, i);
+    });
+
+    // out = sum_j p_j v_j.
+    let vz = g.vconst(0.0);
+    let accs: Vec<V4Var> = (0..h4 / 4).map(|_| g.vvar(vz)).collect();
+    let fz = g.f32(0.0);
+    let saccs: Vec<_> = (h4..hd).map(|_| g.var(types::F32, fz)).collect();
+    for (&[_, v, m], &b0) in blk.iter().zip(&bases) {
+        let vb = g.b.ins().iadd(v, kv_off);
+        let prow = g.addr(scores, b0, 4);
+        g.for_n(m, |g, j| {
+            let vp = g.addr(vb, j, kvw * 4);
+            let p = g.load_f32(prow, j);
+            let ps = g.vsplat(p);
+            for (jj, &acc) in accs.iter().enumerate() {
+                let i = g.iconst(4 * jj as i64);
+                let vv = g.vload(vp, i);
+                let cur = g.vget(acc);
+                let nxt = g.vmul_add(ps, vv, cur);
+                g.vset(acc, nxt);
+            }
+            for (jj, &acc) in saccs.iter().enumerate() {
+                let i = g.iconst(h4 + jj as i64);
+                let vv = g.load_f32(vp, i);
+                let cur = g.get(acc);
+                let nxt = g.mul_add(p, vv, cur);
+                g.set(acc, nxt);
+            }
+        });
+    }
+    for (jj, &acc) in accs.iter().enumerate() {
+        let i = g.iconst(4 * jj as i64);
+        let v = g.vget(acc);
+        g.vstore(v, oh, i);
+    }
+    for (jj, &acc) in saccs.iter().enumerate() {
+        let i = g.iconst(h4 + jj as i64);
+        let v = g.get(acc);
+        g.store_f32(v, oh, i);
+    }
+}
+
+/// `int32_t argmax(const float *logits, const int32_t *allowed, size_t n_allowed)`: the IR's
+/// `argmax_masked` with the grammar's mask given as a list of allowed ids instead of a `u8[V]`
+/// mask. `allowed == NULL`, or an empty list (the mask "all zero", which the IR reads as
+/// unconstrained): the first maximum over all `vocab` ids, NaN counting as the maximum (numpy's
+/// argmax). Otherwise the largest logit among the listed ids, ties to the lowest id (the list
+/// need not even be sorted); ids `>= vocab` are skipped, and -1 is returned when none is valid.
+pub fn argmax(ks: &mut KernelSet, name: &str, vocab: usize) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "logits"),
+        (CType::ConstI32Ptr, "allowed"),
+        (CType::SizeT, "n_allowed"),
+    ];
+    internal(ks, name, &params, CType::I32, &[], |g, a, _| {
+        let (x, allowed, n) = (a[0], a[1], a[2]);
+        let ninf = g.f32(f32::NEG_INFINITY);
+        let best = g.var(types::F32, ninf);
+        let m1 = g.b.ins().iconst(types::I32, -1);
+        let idx = g.var(types::I32, m1);
+        // Whether `v` at `id` beats the best so far: first candidate, greater, a NaN over a
+        // number, or equal with a lower id.
+        let consider = |g: &mut Gen<'_>, id32: Value, v: Value| {
+            let b = g.get(best);
+            let cur = g.get(idx);
+            let first = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, cur, 0);
+            let gt = g.fcmp(FloatCC::GreaterThan, v, b);
+            let v_nan = g.fcmp(FloatCC::Unordered, v, v);
+            let b_num = g.fcmp(FloatCC::Ordered, b, b);
+            let nan_first = g.b.ins().band(v_nan, b_num);
+            let eq = g.fcmp(FloatCC::Equal, v, b);
+            let lower = g.icmp(IntCC::SignedLessThan, id32, cur);
+            let tie = g.b.ins().band(eq, lower);
+            let t1 = g.b.ins().bor(first, gt);
+            let t2 = g.b.ins().bor(nan_first, tie);
+            let take = g.b.ins().bor(t1, t2);
+            let nb = g.b.ins().select(take, v, b);
+            let ni = g.b.ins().select(take, id32, cur);
+            g.set(best, nb);
+            g.set(idx, ni);
+        };
+        let zero = g.iconst(0);
+        let null = g.icmp(IntCC::Equal, allowed, zero);
+        let empty = g.icmp(IntCC::Equal, n, zero);
+        let all = g.b.ins().bor(null, empty);
+        g.if_else(
+            all,
+            |g| {
+                g.for_const(0, vocab as i64, 1, |g, i| {
+                    let v = g.load_f32(x, i);
+                    let id32 = narrow(g, i);
+                    consider(g, id32, v);
+                });
+            },
+            |g| {
+                g.for_n(n, |g, i| {
+                    let p = g.addr(allowed, i, 4);
+                    let id32 = g.b.ins().load(types::I32, mem(), p, 0);
+                    let ok =
+                        g.b.ins()
+                            .icmp_imm_u(IntCC::UnsignedLessThan, id32, vocab as i64);
+                    g.if_then(ok, |g| {
+                        let id = widen(g, id32);
+                        let v = g.load_f32(x, id);
+                        consider(g, id32, v);
+                    });
+                });
+            },
+        );
+        Some(g.get(idx))
+    })
+}

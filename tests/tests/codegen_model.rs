@@ -1,0 +1,229 @@
+//! The generated model code (`needlec::codegen::model`) end to end: compile a random fixture
+//! with the case's tool list, generate `encode_query`/`decoder_step` for the host, link them
+//! into `tests/c/model_harness.c` and compare the teacher-forced logits and argmaxes with the
+//! reference's golden values, both fold modes, both fixtures.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use needle_ir::ConstData;
+use needle_runtime::decode::{FoldMode, TOOLS_ID};
+use needle_targets::Target;
+use needlec::build::{compile, BuildOptions, Compiled};
+use needlec::codegen::model::{define_model, ModelCode};
+use needlec::codegen::KernelSet;
+use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec_tests::c::{build_harness, run, work_dir};
+use needlec_tests::{golden, logit_tolerance, read_json, ForcedCase};
+
+const PREFIX: &str = "t_";
+
+fn compile_case(checkpoint: &str, tools: &str, fold: FoldMode) -> Compiled {
+    let opts = BuildOptions {
+        checkpoint: golden(checkpoint),
+        tokenizer: golden("dev4k.model"),
+        tools: tools.to_string(),
+        target: "host".into(),
+        fold: Some(fold),
+        max_gen_len: 512,
+        name: "t".into(),
+        emit: vec![],
+        out_dir: PathBuf::from("."),
+    };
+    compile(&opts).unwrap_or_else(|e| panic!("compile {checkpoint}: {e}"))
+}
+
+/// The harness executable for one compiled program, and the model's layout.
+fn harness(dir: &std::path::Path, compiled: &Compiled) -> (PathBuf, ModelCode) {
+    let target = Target::host().unwrap();
+    let mut ks = KernelSet::new(&target, PREFIX).unwrap();
+    let code = define_model(&mut ks, &compiled.module, &compiled.store, true).unwrap();
+    let functions = ks.functions().to_vec();
+    let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["t_model_encode_query", "t_model_decoder_step"]);
+    let obj = ks.finish().unwrap();
+    let rep = check_standalone(&obj, PREFIX).unwrap();
+    assert_eq!(
+        rep.exports,
+        ["t_model_decoder_step", "t_model_encode_query"]
+    );
+    let vocab = compiled.model.config.vocab_size;
+    let extra = format!(
+        "#define MODEL_WS_BYTES {}\n#define MODEL_WS_ALIGN {}\n#define MODEL_LOGITS_OFFSET {}\n\
+         #define MODEL_VOCAB {vocab}\n#define MODEL_MAX_POSITIONS {}\n\
+         #define MODEL_ENCODE t_model_encode_query\n#define MODEL_STEP t_model_decoder_step\n",
+        code.workspace_bytes, code.workspace_align, code.logits_offset, code.max_positions
+    );
+    let header = write_header("t_model", &["needlec model test"], &extra, &functions);
+    let name = format!("model.{}", target.object_extension());
+    let ar = write_archive(target.archive_kind(), &[ArchiveMember { name, data: obj }]).unwrap();
+    let exe = build_harness(dir, "tmodel", &ar, &header, "model_harness.c");
+    (exe, code)
+}
+
+/// Runs every golden case of `mode` in `forced` through generated code.
+fn check(checkpoint: &str, forced: &str, mode: &str) {
+    let fold = match mode {
+        "exact" => FoldMode::None,
+        _ => FoldMode::Tools,
+    };
+    let cases: Vec<ForcedCase> = read_json(&golden(forced));
+    let mut by_tools: BTreeMap<&str, Vec<&ForcedCase>> = BTreeMap::new();
+    for c in cases.iter().filter(|c| c.mode == mode) {
+        by_tools.entry(c.tools.as_str()).or_default().push(c);
+    }
+    assert!(!by_tools.is_empty());
+    let dir = work_dir(&format!("codegen_model-{checkpoint}-{mode}"));
+    for (n, (tools, group)) in by_tools.iter().enumerate() {
+        let compiled = compile_case(checkpoint, tools, fold);
+        let sub = dir.join(n.to_string());
+        std::fs::create_dir_all(&sub).unwrap();
+        let (exe, code) = harness(&sub, &compiled);
+        assert_eq!(
+            code.max_positions,
+            compiled.module.dim_bounds(needle_ir::Sym::P).1 as usize + 1
+        );
+
+        // Input: the group's cases, twice over in one workspace (state must reset).
+        let mut input = String::new();
+        input.push_str(&format!("{}\n", 2 * group.len()));
+        for case in group.iter().chain(group.iter()) {
+            let q = case.enc_ids.iter().position(|&i| i == TOOLS_ID).unwrap();
+            // The tools side is the build's: `<tools>` then the tool list's ids.
+            let tools_side: Vec<u32> = std::iter::once(TOOLS_ID)
+                .chain(compiled.tool_ids.iter().copied())
+                .collect();
+            assert_eq!(case.enc_ids[q..], tools_side[..], "{}", case.query);
+            if fold == FoldMode::None {
+                let Some(ConstData::I32(t)) = compiled.store.get("prompt.tools") else {
+                    panic!("exact mode embeds @prompt.tools")
+                };
+                let t: Vec<u32> = t.iter().map(|&i| i as u32).collect();
+                assert_eq!(t, tools_side, "encode_query's tools side is the constant");
+            }
+            input.push_str(&format!("{q}"));
+            for id in &case.enc_ids[..q] {
+                input.push_str(&format!(" {id}"));
+            }
+            input.push_str(&format!("\n{}\n", case.dec_ids.len()));
+            for (pos, token) in case.dec_ids.iter().enumerate() {
+                let print: Vec<u32> = case.top5[pos]
+                    .iter()
+                    .chain(&case.probe_ids)
+                    .copied()
+                    .collect();
+                let mut allowed: Vec<u32> = case.top5[pos][1..].to_vec();
+                allowed.sort_unstable();
+                input.push_str(&format!("{token} {}", print.len()));
+                for id in print.iter() {
+                    input.push_str(&format!(" {id}"));
+                }
+                input.push_str(&format!(" {}", allowed.len()));
+                for id in allowed.iter() {
+                    input.push_str(&format!(" {id}"));
+                }
+                input.push('\n');
+            }
+        }
+        let out = run(&exe, &[], input.as_bytes());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let runs: Vec<&str> = text.split("end\n").filter(|s| !s.is_empty()).collect();
+        assert_eq!(runs.len(), 2 * group.len());
+        for (i, case) in group.iter().enumerate() {
+            assert_eq!(
+                runs[i],
+                runs[i + group.len()],
+                "{checkpoint} {mode} {:?}: a second run in the same workspace differs",
+                case.query
+            );
+            let what = format!("{checkpoint} {mode} {:?}", case.query);
+            let lines: Vec<&str> = runs[i].lines().collect();
+            assert_eq!(lines.len(), case.dec_ids.len(), "{what}");
+            for (pos, line) in lines.iter().enumerate() {
+                let f: Vec<&str> = line.split(' ').collect();
+                let best: i64 = f[0].parse().unwrap();
+                let best_allowed: i64 = f[1].parse().unwrap();
+                let got: Vec<f32> = f[2..]
+                    .iter()
+                    .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
+                    .collect();
+                let (ids, vals) = (&case.top5[pos], &case.top5_vals[pos]);
+                let tol = logit_tolerance(vals);
+                let want: Vec<(u32, f32)> = ids
+                    .iter()
+                    .copied()
+                    .zip(vals.iter().copied())
+                    .chain(
+                        case.probe_ids
+                            .iter()
+                            .copied()
+                            .zip(case.probe_vals[pos].iter().copied()),
+                    )
+                    .collect();
+                assert_eq!(got.len(), want.len());
+                for (&g, &(id, w)) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{what}, position {pos}: logit of {id} is {g}, reference {w} (tol {tol})"
+                    );
+                }
+                if vals[0] - vals[1] > tol {
+                    assert_eq!(best, i64::from(ids[0]), "{what}, position {pos}: top-1");
+                }
+                if vals[1] - vals[2] > tol {
+                    assert_eq!(
+                        best_allowed,
+                        i64::from(ids[1]),
+                        "{what}, position {pos}: best allowed"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_exact() {
+    check("tiny_random.pkl", "forced_tiny.json", "exact");
+}
+
+#[test]
+fn tiny_folded() {
+    check("tiny_random.pkl", "forced_tiny.json", "folded");
+}
+
+#[test]
+fn small_exact() {
+    check("small_random.pkl", "forced_small.json", "exact");
+}
+
+#[test]
+fn small_folded() {
+    check("small_random.pkl", "forced_small.json", "folded");
+}
+
+/// Every supported target (and the vector-less and vector RISC-V variants) generates the model
+/// as a standalone object that exports only the prefixed entry points.
+#[test]
+fn every_supported_target_generates_a_standalone_model() {
+    let compiled = compile_case(
+        "tiny_random.pkl",
+        &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools,
+        FoldMode::Tools,
+    );
+    let mut targets: Vec<(&str, Vec<&str>)> = needle_targets::supported()
+        .into_iter()
+        .map(|s| (s.triple, vec![]))
+        .collect();
+    targets.push(("riscv64gc-unknown-linux-gnu", vec!["v"]));
+    targets.push(("x86_64-unknown-linux-gnu", vec!["avx2", "fma"]));
+    for (triple, features) in targets {
+        let target = Target::with_features(triple, &features).unwrap();
+        let mut ks = KernelSet::new(&target, PREFIX).unwrap();
+        define_model(&mut ks, &compiled.module, &compiled.store, false)
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
+        let obj = ks.finish().unwrap();
+        let rep = check_standalone(&obj, PREFIX).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert!(rep.exports.is_empty(), "{target}: {:?}", rep.exports);
+    }
+}
