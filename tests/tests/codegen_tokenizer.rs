@@ -418,3 +418,155 @@ fn scratch_is_linear_in_the_text_limit() {
     let mut ks = KernelSet::new(&target, PREFIX).unwrap();
     assert!(define_tokenizer(&mut ks, &h.tok, usize::MAX / 2, true).is_err());
 }
+
+// ---- synthetic models: the paths the bundled models do not take ------------------------------
+
+/// Protobuf writer for a SentencePiece `ModelProto` (only the fields the runtime reads).
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn field_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+    varint(out, field << 3 | 2);
+    varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn field_varint(out: &mut Vec<u8>, field: u64, v: u64) {
+    varint(out, field << 3);
+    varint(out, v);
+}
+
+/// Settings of a synthetic model derived from dev4k.
+struct Variant {
+    name: &'static str,
+    /// Every how many-th multi-character normal piece becomes `Unused`.
+    unused_every: usize,
+    /// Scores rounded to multiples of this (many ties: the leftmost pair must win).
+    score_step: f32,
+    byte_fallback: bool,
+    add_dummy_prefix: bool,
+    remove_extra_whitespaces: bool,
+    escape_whitespaces: bool,
+}
+
+fn synthetic_model(v: &Variant) -> Vec<u8> {
+    let base = load_tokenizer(&golden("dev4k.model")).unwrap();
+    let mut pieces: Vec<(String, f32, u64)> = Vec::new();
+    let mut multi = 0;
+    for id in 0..base.vocab_size() as u32 {
+        let text = base.piece(id).unwrap().to_string();
+        let kind = base.kind(id).unwrap();
+        if kind == PieceKind::Byte && !v.byte_fallback {
+            continue;
+        }
+        let mut k = kind as u64;
+        if kind == PieceKind::Normal && text.chars().count() > 1 {
+            multi += 1;
+            if multi % v.unused_every == 0 {
+                k = PieceKind::Unused as u64;
+            }
+        }
+        let score = (base.score(id).unwrap() / v.score_step).round() * v.score_step;
+        pieces.push((text, score, k));
+    }
+    // User-defined symbols with spaces and `▁` in them, and one that is a prefix of another.
+    for ud in [
+        " sp ace",
+        "ab c",
+        "\u{2581}\u{2581}x",
+        "<tool",
+        "<tool_call_x>",
+    ] {
+        pieces.push((ud.to_string(), 0.0, PieceKind::UserDefined as u64));
+    }
+    let mut out = Vec::new();
+    for (text, score, kind) in &pieces {
+        let mut p = Vec::new();
+        field_bytes(&mut p, 1, text.as_bytes());
+        varint(&mut p, 2 << 3 | 5);
+        p.extend_from_slice(&score.to_le_bytes());
+        field_varint(&mut p, 3, *kind);
+        field_bytes(&mut out, 1, &p);
+    }
+    let mut trainer = Vec::new();
+    field_varint(&mut trainer, 3, 2); // BPE
+    field_varint(&mut trainer, 35, u64::from(v.byte_fallback));
+    field_bytes(&mut out, 2, &trainer);
+    let mut norm = Vec::new();
+    field_varint(&mut norm, 3, u64::from(v.add_dummy_prefix));
+    field_varint(&mut norm, 4, u64::from(v.remove_extra_whitespaces));
+    field_varint(&mut norm, 5, u64::from(v.escape_whitespaces));
+    field_bytes(&mut out, 3, &norm);
+    out
+}
+
+#[test]
+fn synthetic_models_match_runtime() {
+    let variants = [
+        Variant {
+            name: "unused_ties",
+            unused_every: 3,
+            score_step: 64.0,
+            byte_fallback: true,
+            add_dummy_prefix: true,
+            remove_extra_whitespaces: true,
+            escape_whitespaces: true,
+        },
+        Variant {
+            name: "unused_raw_ws",
+            unused_every: 2,
+            score_step: 1.0,
+            byte_fallback: false,
+            add_dummy_prefix: false,
+            remove_extra_whitespaces: false,
+            escape_whitespaces: true,
+        },
+        Variant {
+            name: "no_escape",
+            unused_every: 7,
+            score_step: 16.0,
+            byte_fallback: true,
+            add_dummy_prefix: true,
+            remove_extra_whitespaces: true,
+            escape_whitespaces: false,
+        },
+        Variant {
+            name: "plain",
+            unused_every: usize::MAX,
+            score_step: 1.0,
+            byte_fallback: false,
+            add_dummy_prefix: false,
+            remove_extra_whitespaces: true,
+            escape_whitespaces: false,
+        },
+    ];
+    let dir = c::work_dir("tokenizer-synthetic");
+    for (k, v) in variants.iter().enumerate() {
+        let path = dir.join(format!("{}.model", v.name));
+        std::fs::write(&path, synthetic_model(v)).unwrap();
+        let h = make_harness(&path, &format!("tok{}", v.name));
+        if v.unused_every < usize::MAX {
+            let t = h.tok.tables();
+            assert!(t.kinds.contains(&(PieceKind::Unused as u8)), "{}", v.name);
+        }
+        random_differential(&h, 0x5EED_0000 + k as u64);
+        let golden: Vec<GoldenTok> = read_json(&golden("tok_dev4k.json"));
+        let mut texts: Vec<String> = golden.into_iter().map(|g| g.text).collect();
+        texts.extend(
+            [
+                " sp ace",
+                "x  sp ace y",
+                "ab c ab  c",
+                "▁▁x ▁▁x",
+                "<tool_call_x><tool_call>",
+            ]
+            .map(String::from),
+        );
+        h.assert_same(&texts);
+    }
+}

@@ -962,7 +962,7 @@ fn encode_body(
                     let pa = g.b.ins().iadd(q, i);
                     let b = ld8(g, mem(), pa);
                     let is = cmp_imm(g, IntCC::Equal, b, i64::from(b' '));
-                    g.if_else(is, &put_space, |g| {
+                    g.if_else(is, |g| put_space(g), |g| {
                         let o = g.get(out);
                         let pd = g.b.ins().iadd(c.norm, o);
                         g.b.ins().istore8(mem(), b, pd, 0);
