@@ -8,7 +8,9 @@
 //! size_t tokenize(const uint8_t *text, size_t len, int32_t *ids, size_t max_ids, uint8_t *scratch);
 //! ```
 //!
-//! It writes the first `min(n, max_ids)` ids of the full encoding and returns that count.
+//! It writes the first `min(n, max_ids)` ids of the full encoding and returns that count. Outside
+//! the preconditions it stays in bounds rather than guessing: `len > max_text_bytes` returns 0,
+//! and invalid UTF-8 gives some ids without touching memory past `text`, `ids` or `scratch`.
 //!
 //! Read-only tables (all integers u32 in the target's byte order):
 //! - `pieces`: the texts of the pieces the code ever compares against, concatenated.
@@ -962,13 +964,17 @@ fn encode_body(
                     let pa = g.b.ins().iadd(q, i);
                     let b = ld8(g, mem(), pa);
                     let is = cmp_imm(g, IntCC::Equal, b, i64::from(b' '));
-                    g.if_else(is, |g| put_space(g), |g| {
-                        let o = g.get(out);
-                        let pd = g.b.ins().iadd(c.norm, o);
-                        g.b.ins().istore8(mem(), b, pd, 0);
-                        let o = g.b.ins().iadd_imm_s(o, 1);
-                        g.set(out, o);
-                    });
+                    g.if_else(
+                        is,
+                        |g| put_space(g),
+                        |g| {
+                            let o = g.get(out);
+                            let pd = g.b.ins().iadd(c.norm, o);
+                            g.b.ins().istore8(mem(), b, pd, 0);
+                            let o = g.b.ins().iadd_imm_s(o, 1);
+                            g.set(out, o);
+                        },
+                    );
                 });
                 let lastp = g.b.ins().iadd(q, l);
                 let last = g.b.ins().load(types::I8, mem(), lastp, -1);
