@@ -570,3 +570,25 @@ fn synthetic_models_match_runtime() {
         h.assert_same(&texts);
     }
 }
+
+/// Invalid UTF-8 is outside the contract, but must still stay in bounds (guard pages) and end.
+#[test]
+fn invalid_utf8_stays_in_bounds() {
+    let h = dev4k();
+    let mut r = Rng(0x0BAD_F00D);
+    let mut texts: Vec<Vec<u8>> = (0..200)
+        .map(|_| {
+            let n = r.below(300);
+            (0..n)
+                .map(|_| *r.pick(&[0xC0, 0xE2, 0xF0, 0x96, 0x81, b' ', b'a', 0xFF, 0x80]))
+                .collect()
+        })
+        .collect();
+    // Lead bytes that swallow the `▁` after them: more symbols than input characters.
+    texts.push(b"\xC0 ".repeat(MAX_TEXT / 2));
+    texts.push(b"\xF0 ".repeat(MAX_TEXT / 2));
+    texts.push(vec![0xE2; MAX_TEXT]);
+    let cases: Vec<(usize, &[u8])> = texts.iter().map(|t| (4 * t.len() + 4, &t[..])).collect();
+    let got = h.run(&cases);
+    assert_eq!(got.len(), texts.len());
+}
