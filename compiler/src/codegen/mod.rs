@@ -11,6 +11,7 @@ pub mod gen;
 pub mod kernels;
 pub mod math;
 pub mod model;
+pub mod tokenizer;
 pub mod weights;
 
 pub use gen::{Gen, V4};
