@@ -8,6 +8,7 @@
 //! the result has no undefined symbols.
 
 pub mod gen;
+pub mod grammar;
 pub mod kernels;
 pub mod math;
 pub mod model;

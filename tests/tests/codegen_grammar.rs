@@ -1,0 +1,544 @@
+//! The generated grammar (`needlec::codegen::grammar`), end to end: build it for the host with
+//! the `gr_` prefix, archive it with a header, run `tests/c/grammar_harness.c` over token
+//! sequences, and compare the allowed set before every step with
+//! - the reference's recorded steps (`grammar_dev4k.json`), and
+//! - the Rust runtime grammar on the bundled model's tokenizer and tools, over the token
+//!   sequences of its sample answers and over random / mutated sequences (unknown ids,
+//!   specials, byte pieces).
+//!
+//! Also: every supported target generates a standalone object exporting exactly the three
+//! functions, and generation is deterministic.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use needle_runtime::grammar::{Grammar, GrammarTables};
+use needle_runtime::tokenizer::{PieceKind, Tokenizer};
+use needle_targets::{supported, Target};
+use needlec::codegen::grammar::define_grammar;
+use needlec::codegen::KernelSet;
+use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec_tests::{c, golden, read_json, tiny_needle, Sample};
+use serde_json::Value;
+
+const PREFIX: &str = "gr_";
+const EXPORTS: [&str; 3] = ["gr_grammar_allowed", "gr_grammar_feed", "gr_grammar_reset"];
+
+/// Numbers input files, so that runs of one harness never share one.
+static NEXT_INPUT: AtomicUsize = AtomicUsize::new(0);
+
+/// The allowed set before one step: `None` = unconstrained.
+type Allowed = Option<Vec<u32>>;
+
+/// Object bytes and header for `tables` on `target`.
+fn build(target: &Target, tables: &GrammarTables) -> (Vec<u8>, String) {
+    let mut ks = KernelSet::new(target, PREFIX).unwrap();
+    let code = define_grammar(&mut ks, tables, true).unwrap();
+    let extra = format!(
+        "#define GR_STATE_BYTES {}\n#define GR_STATE_ALIGN {}\n",
+        code.state_bytes, code.state_align
+    );
+    let header = write_header(
+        "gr_grammar",
+        &["needlec grammar test library"],
+        &extra,
+        ks.functions(),
+    );
+    (ks.finish().unwrap(), header)
+}
+
+fn archive(target: &Target, obj: Vec<u8>) -> Vec<u8> {
+    let name = format!("grammar.{}", target.object_extension());
+    write_archive(target.archive_kind(), &[ArchiveMember { name, data: obj }]).unwrap()
+}
+
+/// The harness built against a fresh grammar library for `tables`, in its own directory.
+fn harness(test: &str, tables: &GrammarTables) -> PathBuf {
+    let target = Target::host().expect("host target");
+    let (obj, header) = build(&target, tables);
+    let rep = check_standalone(&obj, PREFIX).unwrap();
+    assert_eq!(rep.exports, EXPORTS);
+    let dir = c::work_dir(test);
+    c::build_harness(
+        &dir,
+        "gr",
+        &archive(&target, obj),
+        &header,
+        "grammar_harness.c",
+    )
+}
+
+/// Runs the harness over `seqs`; per sequence, the allowed set before each token and after the
+/// last one. Ids are passed as int32 bit patterns, as a C caller would.
+fn run(exe: &Path, seqs: &[Vec<u32>]) -> Vec<Vec<Allowed>> {
+    let mut input = String::new();
+    for s in seqs {
+        input.push_str(&s.len().to_string());
+        for &id in s {
+            input.push(' ');
+            input.push_str(&(id as i32).to_string());
+        }
+        input.push('\n');
+    }
+    // Through a file: `c::run` writes stdin before reading stdout, which would deadlock once
+    // both pipes are full.
+    let path = exe.with_file_name(format!(
+        "input-{}.txt",
+        NEXT_INPUT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, input).unwrap();
+    let out = c::run(exe, &[path.to_str().unwrap()], b"");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut records = vec![Vec::new()];
+    for line in text.lines() {
+        match line {
+            "--" => records.push(Vec::new()),
+            "all" => records.last_mut().unwrap().push(None),
+            ids => records
+                .last_mut()
+                .unwrap()
+                .push(Some(ids.split(' ').map(|v| v.parse().unwrap()).collect())),
+        }
+    }
+    assert_eq!(records.pop(), Some(vec![]), "output ends with a record");
+    assert_eq!(records.len(), seqs.len());
+    for (r, s) in records.iter().zip(seqs) {
+        assert_eq!(r.len(), s.len() + 1);
+    }
+    records
+}
+
+/// The Rust runtime grammar over `seq`, in the harness's shape.
+fn reference(tables: &GrammarTables, seq: &[u32]) -> Vec<Allowed> {
+    let mut g = Grammar::new(tables);
+    let mut steps = Vec::with_capacity(seq.len() + 1);
+    for &id in seq {
+        steps.push(g.allowed().map(<[u32]>::to_vec));
+        g.feed_token(id);
+    }
+    steps.push(g.allowed().map(<[u32]>::to_vec));
+    steps
+}
+
+/// Compares generated and Rust grammar at every step; returns the number of constrained steps.
+fn assert_same(
+    what: &str,
+    tables: &GrammarTables,
+    seqs: &[Vec<u32>],
+    got: &[Vec<Allowed>],
+) -> usize {
+    let mut constrained = 0;
+    for (si, (seq, got)) in seqs.iter().zip(got).enumerate() {
+        let want = reference(tables, seq);
+        for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g,
+                w,
+                "{what}: sequence {si} step {pos} (ids so far {:?})",
+                &seq[..pos]
+            );
+            constrained += usize::from(w.is_some());
+        }
+    }
+    constrained
+}
+
+/// (name, parameter keys in order) from a normalized tool list.
+fn tool_keys(tools_normalized: &str) -> Vec<(String, Vec<String>)> {
+    let tools: Value = serde_json::from_str(tools_normalized).unwrap();
+    tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let keys = t
+                .get("parameters")
+                .and_then(Value::as_object)
+                .map(|p| p.keys().cloned().collect())
+                .unwrap_or_default();
+            (t["name"].as_str().unwrap().to_string(), keys)
+        })
+        .collect()
+}
+
+#[test]
+fn every_step_of_every_golden_answer_matches() {
+    let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
+    let texts = tok.token_texts();
+    let cases: Vec<Value> = read_json(&golden("grammar_dev4k.json"));
+    assert_eq!(cases.len(), 12);
+    let (mut active_steps, mut constrained_steps) = (0, 0);
+    for (ci, case) in cases.iter().enumerate() {
+        let tools = tool_keys(case["tools_normalized"].as_str().unwrap());
+        let tables = GrammarTables::new(&texts, &tools);
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let exe = harness(&format!("grammar-golden-{ci}"), &tables);
+        let got = run(&exe, std::slice::from_ref(&ids)).remove(0);
+        let steps = case["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), ids.len(), "case {ci}");
+        for (pos, step) in steps.iter().enumerate() {
+            let at = format!("case {ci} ({}) position {pos}", case["answer"]);
+            let want: Allowed = if step["active"].as_bool().unwrap() {
+                active_steps += 1;
+                match &step["allowed"] {
+                    Value::String(s) if s == "all" => None,
+                    Value::Array(ids) => {
+                        constrained_steps += 1;
+                        Some(ids.iter().map(|v| v.as_u64().unwrap() as u32).collect())
+                    }
+                    other => panic!("{at}: bad allowed {other}"),
+                }
+            } else {
+                None
+            };
+            assert_eq!(got[pos], want, "{at}");
+        }
+        // The step after the last token has no golden entry; the Rust grammar covers it.
+        assert_same(&format!("case {ci}"), &tables, &[ids], &[got]);
+    }
+    // Guards against a golden file that silently stopped exercising the grammar.
+    assert_eq!((active_steps, constrained_steps), (80, 66));
+}
+
+/// Deterministic pseudo-random numbers (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() >> 33) as usize % n.max(1)
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len())]
+    }
+}
+
+/// Token ids a random sequence draws from, weighted towards what drives the machine.
+struct Pools {
+    vocab: u32,
+    bytes: Vec<u32>,
+    /// Tokens of the grammar's trigger texts, tool names and keys, and JSON punctuation.
+    structural: Vec<u32>,
+}
+
+impl Pools {
+    fn new(tok: &Tokenizer, tools: &[(String, Vec<String>)]) -> Pools {
+        let vocab = tok.vocab_size() as u32;
+        let bytes = (0..vocab)
+            .filter(|&id| tok.kind(id) == Some(PieceKind::Byte))
+            .collect();
+        let mut texts: Vec<String> = [
+            "\"name\":\"",
+            "\"arguments\":{",
+            "{\"",
+            ",\"",
+            "\"",
+            ":",
+            ": ",
+            "}",
+            "]",
+            "[",
+            "{",
+            "\\",
+            "\\\"",
+            " ",
+            "\n",
+            "\t",
+            ",",
+            "[{\"name\":\"",
+            "\"}}]",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (name, keys) in tools {
+            texts.push(name.clone());
+            texts.push(format!("{name}\""));
+            texts.extend(keys.iter().cloned());
+            texts.extend(keys.iter().map(|k| format!("\"{k}\":")));
+        }
+        let mut structural: Vec<u32> = texts.iter().flat_map(|t| tok.encode(t)).collect();
+        structural.sort_unstable();
+        structural.dedup();
+        Pools {
+            vocab,
+            bytes,
+            structural,
+        }
+    }
+
+    fn draw(&self, r: &mut Rng) -> u32 {
+        let v = self.vocab;
+        match r.below(20) {
+            0..=6 => r.below(v as usize) as u32,
+            7..=8 => r.below(5) as u32, // specials (pad, eos, bos, unk, <tool_call>, ...)
+            9..=10 if !self.bytes.is_empty() => r.pick(&self.bytes),
+            11 => r.pick(&[v, v + 1, v + 1000, 99_999, u32::MAX, 0x8000_0000]),
+            _ => r.pick(&self.structural),
+        }
+    }
+}
+
+/// Random sequences, and the `base` sequences with random insertions, deletions and
+/// replacements (which keep enough structure to enter names and keys often).
+fn random_sequences(r: &mut Rng, pools: &Pools, base: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        if i % 3 == 0 || base.is_empty() {
+            let len = r.below(120);
+            out.push((0..len).map(|_| pools.draw(r)).collect());
+        } else {
+            let mut s = base[r.below(base.len())].clone();
+            let edits = 1 + r.below(6);
+            for _ in 0..edits {
+                let at = r.below(s.len() + 1);
+                match r.below(3) {
+                    0 => s.insert(at, pools.draw(r)),
+                    1 if at < s.len() => {
+                        s.remove(at);
+                    }
+                    _ if at < s.len() => s[at] = pools.draw(r),
+                    _ => s.push(pools.draw(r)),
+                }
+            }
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// Call-shaped texts with random whitespace, nesting and string contents: what reaches the
+/// rules random tokens rarely do (escapes, `:` before a string after blanks, brackets and
+/// `"name":"` inside strings, nested objects before a later key, names and keys off the trie).
+struct TextGen<'a> {
+    r: &'a mut Rng,
+    tools: &'a [(String, Vec<String>)],
+}
+
+impl TextGen<'_> {
+    fn ws(&mut self) -> &'static str {
+        self.r
+            .pick(&["", "", "", "", " ", " ", "\n", "\t", "\r\n", "  "])
+    }
+
+    fn string(&mut self) -> String {
+        let n = self.r.below(8);
+        let mut s = String::from("\"");
+        for _ in 0..n {
+            s.push_str(self.r.pick(&[
+                "a",
+                "b",
+                "7",
+                " ",
+                ",",
+                ":",
+                "{",
+                "}",
+                "[",
+                "]",
+                "\\\"",
+                "\\\\",
+                "\\n",
+                "é",
+                "→",
+                "\\\":",
+                "\\\",\\\"",
+                "\"name\":\"",
+                "{\"",
+                ",\"",
+            ]));
+        }
+        // Now and then an unterminated or doubly closed string, as a model may produce.
+        s.push_str(self.r.pick(&["\"", "\"", "\"", "\"", "\"", "", "\"\""]));
+        s
+    }
+
+    fn value(&mut self, depth: usize, keys: &[String]) -> String {
+        match self.r.below(if depth > 2 { 3 } else { 6 }) {
+            0 => self.string(),
+            1 => self.r.pick(&["1", "-2.5", "true", "null", "0"]).to_string(),
+            2 => self.string(),
+            3 => {
+                let n = self.r.below(4);
+                let items: Vec<String> = (0..n).map(|_| self.value(depth + 1, keys)).collect();
+                let sep = format!(",{}", self.ws());
+                format!("[{}]", items.join(&sep))
+            }
+            _ => self.object(depth + 1, keys),
+        }
+    }
+
+    fn key(&mut self, keys: &[String]) -> String {
+        if keys.is_empty() || self.r.below(4) == 0 {
+            return self.string();
+        }
+        let k = keys[self.r.below(keys.len())].clone();
+        match self.r.below(6) {
+            0 => format!("\"{}\"", &k[..self.r.below(k.len() + 1)]),
+            1 => format!("\"{k}x\""),
+            _ => format!("\"{k}\""),
+        }
+    }
+
+    fn object(&mut self, depth: usize, keys: &[String]) -> String {
+        let n = self.r.below(4);
+        let mut s = String::from("{");
+        for i in 0..n {
+            if i > 0 {
+                s.push(',');
+                s.push_str(self.ws());
+            }
+            let k = self.key(keys);
+            s.push_str(&k);
+            s.push_str(self.ws());
+            s.push(':');
+            s.push_str(self.ws());
+            let v = self.value(depth, keys);
+            s.push_str(&v);
+        }
+        s.push_str(self.ws());
+        s.push('}');
+        s
+    }
+
+    fn call(&mut self) -> String {
+        let (name, keys) = if self.tools.is_empty() || self.r.below(5) == 0 {
+            ("no_such_tool".to_string(), vec!["a".to_string()])
+        } else {
+            self.tools[self.r.below(self.tools.len())].clone()
+        };
+        let name = match self.r.below(6) {
+            0 => name[..self.r.below(name.len() + 1)].to_string(),
+            1 => format!("{name}_x"),
+            _ => name,
+        };
+        let (w1, w2, w3) = (self.ws(), self.ws(), self.ws());
+        let args = self.object(0, &keys);
+        format!("{{\"name\":{w1}\"{name}\",{w2}\"arguments\":{w3}{args}}}")
+    }
+
+    fn answer(&mut self) -> String {
+        let n = 1 + self.r.below(3);
+        let calls: Vec<String> = (0..n).map(|_| self.call()).collect();
+        let sep = format!(",{}", self.ws());
+        format!("[{}]", calls.join(&sep))
+    }
+}
+
+/// `<tool_call>` and the tokens of generated call texts.
+fn text_sequences(
+    r: &mut Rng,
+    tok: &Tokenizer,
+    tools: &[(String, Vec<String>)],
+    n: usize,
+) -> Vec<Vec<u32>> {
+    let mut g = TextGen { r, tools };
+    (0..n)
+        .map(|_| {
+            let mut ids = vec![4];
+            ids.extend(tok.encode(&g.answer()));
+            ids
+        })
+        .collect()
+}
+
+#[test]
+fn matches_the_rust_grammar_on_the_bundled_model() {
+    let tok = Tokenizer::from_file(&tiny_needle("tokenizer.model")).unwrap();
+    let texts = tok.token_texts();
+    assert_eq!(tok.piece(4), Some("<tool_call>"));
+    let set = needlec::tools::load_tools_arg(tiny_needle("tools.json").to_str().unwrap()).unwrap();
+    let tools: Vec<(String, Vec<String>)> = set
+        .tools
+        .iter()
+        .map(|t| (t.name.clone(), t.param_keys.clone()))
+        .collect();
+    let tables = GrammarTables::new(&texts, &tools);
+    let exe = harness("grammar-tiny", &tables);
+
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    assert_eq!(samples.len(), 40);
+    let answers: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| {
+            let mut ids = vec![4];
+            ids.extend(tok.encode(&s.expected));
+            ids
+        })
+        .collect();
+    let got = run(&exe, &answers);
+    let constrained = assert_same("samples", &tables, &answers, &got);
+    // Every answer names a tool, and most have arguments: each constrains several steps.
+    assert!(constrained >= 80, "only {constrained} constrained steps");
+
+    let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+    let pools = Pools::new(&tok, &tools);
+    let seqs = random_sequences(&mut r, &pools, &answers, 600);
+    let got = run(&exe, &seqs);
+    let constrained = assert_same("random", &tables, &seqs, &got);
+    assert!(constrained >= 500, "only {constrained} constrained steps");
+
+    let texts = text_sequences(&mut r, &tok, &tools, 1500);
+    let mut seqs = random_sequences(&mut r, &pools, &texts, 500);
+    seqs.extend(texts);
+    let got = run(&exe, &seqs);
+    let constrained = assert_same("generated texts", &tables, &seqs, &got);
+    assert!(constrained >= 2000, "only {constrained} constrained steps");
+}
+
+#[test]
+fn no_tools_and_unknown_ids_are_harmless() {
+    let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
+    let tables = GrammarTables::new(&tok.token_texts(), &[]);
+    let exe = harness("grammar-empty", &tables);
+    let mut seqs = vec![tok.encode("[{\"name\":\"")];
+    seqs[0].extend([u32::MAX, 99_999, tok.vocab_size() as u32]);
+    seqs[0].extend(tok.encode("x\",\"arguments\":{\"a\":1}}]"));
+    let mut r = Rng(7);
+    let pools = Pools::new(&tok, &[]);
+    seqs.extend(random_sequences(&mut r, &pools, &seqs.clone(), 100));
+    let got = run(&exe, &seqs);
+    // An empty name trie allows nothing, so every step is unconstrained.
+    assert_eq!(assert_same("no tools", &tables, &seqs, &got), 0);
+}
+
+#[test]
+fn every_supported_target_generates_a_standalone_deterministic_object() {
+    let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
+    let tools = vec![
+        (
+            "get_weather".to_string(),
+            vec!["location".to_string(), "unit".to_string()],
+        ),
+        ("set_timer".to_string(), vec!["minutes".to_string()]),
+    ];
+    let tables = GrammarTables::new(&tok.token_texts(), &tools);
+    let mut triples: Vec<(&str, Vec<&str>)> = supported()
+        .into_iter()
+        .map(|s| (s.triple, vec![]))
+        .collect();
+    triples.push(("riscv64gc-unknown-linux-gnu", vec!["v"]));
+    for (triple, features) in triples {
+        let target = Target::with_features(triple, &features).unwrap();
+        let (obj, header) = build(&target, &tables);
+        let rep = check_standalone(&obj, PREFIX).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert_eq!(rep.exports, EXPORTS, "{target}");
+        let (again, header2) = build(&target, &tables);
+        assert!(
+            obj == again && header == header2,
+            "{target}: not deterministic"
+        );
+        let ar = archive(&target, obj);
+        let rep = check_standalone(&ar, PREFIX).unwrap_or_else(|e| panic!("{target} archive: {e}"));
+        assert_eq!(rep.exports, EXPORTS, "{target} archive");
+    }
+}
