@@ -10,6 +10,7 @@
 pub mod gen;
 pub mod kernels;
 pub mod math;
+pub mod output;
 pub mod weights;
 
 pub use gen::{Gen, V4};
