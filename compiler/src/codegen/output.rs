@@ -44,7 +44,9 @@
 //! `\u007f`), the text path two buffers bounded by the sequential-replacement growth of the name
 //! map. [`OutputCode::scratch_bytes`] and [`OutputCode::max_output_bytes`] compute both from `L`;
 //! the generated code derives the same layout from its `len` argument, so any `L` works as long
-//! as the caller sized `scratch` for it.
+//! as the caller sized `scratch` for it (node links are u32: texts stay far below 4 GiB / 32).
+//! A hard float that a later duplicate key overwrites still reports [`STATUS_INEXACT`]: the
+//! status is conservative, never a silently different output.
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, Block, FuncRef, InstBuilder, Value};
