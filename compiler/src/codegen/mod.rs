@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod math;
 pub mod model;
 pub mod tokenizer;
+pub mod output;
 pub mod weights;
 
 pub use gen::{Gen, V4};
