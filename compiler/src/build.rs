@@ -7,11 +7,17 @@ use needle_ir::{print, run_pipeline, ConstStore, Module, PassError, PIPELINE};
 use needle_runtime::checkpoint::Checkpoint;
 use needle_runtime::decode::{FoldMode, ENCODER_BUDGET, MAX_QUERY_TOKENS};
 use needle_runtime::model::Model;
+use needle_runtime::tokenizer::Tokenizer;
+use needle_targets::Target;
+
+use crate::codegen::library::generate;
+use crate::codegen::CodegenError;
+use crate::emit::{check_standalone, write_archive, ArchiveMember};
 
 use crate::frontend::{load_tokenizer, resolve_fold, FrontendError};
 use crate::load::load_checkpoint;
 use crate::lower::lower;
-use crate::tools::load_tools_arg;
+use crate::tools::{load_tools_arg, ToolSet};
 
 /// What `needlec build` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,6 +39,11 @@ pub struct BuildOptions {
     /// A path, or inline JSON when it starts with `[`.
     pub tools: String,
     pub target: String,
+    /// A named CPU level (`x86-64-v3`, `native`, ...): opt-in ISA extensions; `None`: the
+    /// baseline that runs on every device of the triple.
+    pub cpu: Option<String>,
+    /// Extra opt-in ISA features (`fma`, `dotprod`, `v`, ...).
+    pub features: Vec<String>,
     pub fold: Option<FoldMode>,
     pub max_gen_len: usize,
     /// Prefix of every exported symbol and macro: a C identifier.
@@ -61,6 +72,10 @@ pub enum BuildError {
     Pass(#[from] PassError),
     #[error("folding: {0}")]
     Fold(String),
+    #[error(transparent)]
+    Target(#[from] needle_targets::TargetError),
+    #[error("code generation: {0}")]
+    Codegen(#[from] CodegenError),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -80,11 +95,15 @@ pub struct Compiled {
     pub stages: Vec<(String, String)>,
     pub fold_warning: Option<String>,
     pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub tools: ToolSet,
     pub tool_ids: Vec<u32>,
 }
 
 /// Runs load -> fold -> lower -> passes.
 pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
+    // An unsupported target is refused before any work is done.
+    target_of(opts)?;
     if !is_c_identifier(&opts.name) {
         return Err(BuildError::BadName(opts.name.clone()));
     }
@@ -126,6 +145,8 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         stages,
         fold_warning,
         model,
+        tokenizer,
+        tools,
         tool_ids,
     })
 }
@@ -152,23 +173,76 @@ pub struct BuildReport {
 
 /// Runs the whole build and writes the requested files.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    let target = target_of(opts)?;
     let compiled = compile(opts)?;
-    let mut written = Vec::new();
+    let needs_code = opts.emit.iter().any(|e| *e != Emit::Ir);
+    let library = if needs_code {
+        let lib = generate(
+            &compiled,
+            &compiled.tokenizer,
+            &target,
+            &opts.name,
+            opts.max_gen_len,
+        )?;
+        // A library that references anything outside itself, or exports an unprefixed symbol,
+        // is a needlec bug: refuse to write it.
+        check_standalone(&lib.object, &format!("{}_", opts.name))?;
+        Some(lib)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&opts.out_dir).map_err(|source| BuildError::Write {
         path: opts.out_dir.clone(),
         source,
     })?;
+    let name = &opts.name;
+    let mut written = Vec::new();
     for emit in &opts.emit {
-        if *emit == Emit::Ir {
-            let path = opts.out_dir.join(format!("{}.ir", opts.name));
-            write(&path, ir_text(&compiled).as_bytes())?;
-            written.push(path);
-        }
+        let (file, bytes) = match (emit, &library) {
+            (Emit::Ir, _) => (format!("{name}.ir"), ir_text(&compiled).into_bytes()),
+            (Emit::Header, Some(lib)) => (format!("{name}.h"), lib.header.clone().into_bytes()),
+            (Emit::Obj, Some(lib)) => (
+                format!("{name}.{}", target.object_extension()),
+                lib.object.clone(),
+            ),
+            (Emit::Staticlib, Some(lib)) => {
+                let member = ArchiveMember {
+                    name: format!("{name}.{}", target.object_extension()),
+                    data: lib.object.clone(),
+                };
+                (
+                    staticlib_file(&target, name),
+                    write_archive(target.archive_kind(), &[member])?,
+                )
+            }
+            (_, None) => continue,
+        };
+        let path = opts.out_dir.join(file);
+        write(&path, &bytes)?;
+        written.push(path);
     }
     Ok(BuildReport {
         written,
         fold_warning: compiled.fold_warning,
     })
+}
+
+/// The target with the options' CPU level and features.
+pub fn target_of(opts: &BuildOptions) -> Result<Target, BuildError> {
+    let features: Vec<&str> = opts.features.iter().map(String::as_str).collect();
+    Ok(Target::with_cpu(
+        &opts.target,
+        opts.cpu.as_deref(),
+        &features,
+    )?)
+}
+
+/// `libNAME.a`, or `NAME.lib` where that is the convention (Windows).
+pub fn staticlib_file(target: &Target, name: &str) -> String {
+    match target.staticlib_extension() {
+        "lib" => format!("{name}.lib"),
+        ext => format!("lib{name}.{ext}"),
+    }
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {

@@ -80,9 +80,16 @@ enum Command {
         /// Tool list: a file path, or inline JSON when the value starts with `[`.
         #[arg(long)]
         tools: String,
-        /// Target triple (`needlec targets` lists them).
-        #[arg(long, default_value = "x86_64-unknown-linux-gnu")]
-        target: String,
+        /// Target triple (`needlec targets` lists them); default: this machine's.
+        #[arg(long)]
+        target: Option<String>,
+        /// Opt into a CPU level's ISA extensions (`needlec targets` lists them; `native`: this
+        /// machine's, host builds only). Default: the baseline every device of the triple runs.
+        #[arg(long)]
+        cpu: Option<String>,
+        /// Extra ISA features, comma-separated (e.g. `fma`, `dotprod`, `v`).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
         /// Fold the tools side into constants; the default follows the checkpoint.
         #[arg(long, value_enum)]
         fold: Option<FoldArg>,
@@ -97,6 +104,8 @@ enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
+    /// List the supported target triples, their CPU levels and ISA features.
+    Targets,
     /// Print the decoder's view of one query as JSON: encoder ids, decoder ids, top-5 logits and
     /// grammar activity at every step.
     Trace {
@@ -156,6 +165,8 @@ fn real_main() -> Result<()> {
             tokenizer,
             tools,
             target,
+            cpu,
+            features,
             fold,
             max_gen_len,
             name,
@@ -180,7 +191,12 @@ fn real_main() -> Result<()> {
                 checkpoint,
                 tokenizer,
                 tools,
-                target,
+                target: match target {
+                    Some(t) => t,
+                    None => needle_targets::Target::host()?.name.to_string(),
+                },
+                cpu,
+                features,
                 fold: fold.map(fold_mode),
                 max_gen_len,
                 name,
@@ -193,6 +209,22 @@ fn real_main() -> Result<()> {
             }
             for path in report.written {
                 eprintln!("wrote {}", path.display());
+            }
+        }
+        Command::Targets => {
+            for t in needle_targets::supported() {
+                let target = needle_targets::Target::from_triple(t.triple)?;
+                println!("{:<30} {}", t.triple, t.note);
+                println!(
+                    "{:<30} --cpu: {}",
+                    "",
+                    needle_targets::cpus(target.arch).join(", ")
+                );
+                println!(
+                    "{:<30} --features: {}",
+                    "",
+                    needle_targets::known_features(target.arch).join(", ")
+                );
             }
         }
         Command::Trace {

@@ -67,6 +67,26 @@ const RISCV64_FEATURES: &[(&str, &str, &[&str])] = &[
     ("zicond", "has_zicond", &[]),
 ];
 
+/// Named CPU levels per architecture: (name, features it enables). `native` (the running CPU)
+/// is handled separately; the baseline is the empty list and runs on every device of the triple.
+const CPUS: &[(Arch, &str, &[&str])] = &[
+    (Arch::X86_64, "x86-64", &[]),
+    (Arch::X86_64, "x86-64-v2", &["sse42", "popcnt"]),
+    (
+        Arch::X86_64,
+        "x86-64-v3",
+        &["sse42", "popcnt", "avx2", "fma", "bmi1", "bmi2", "lzcnt"],
+    ),
+    (Arch::Aarch64, "generic", &[]),
+    (
+        Arch::Aarch64,
+        "armv8.2-a+dotprod",
+        &["lse", "fp16", "dotprod"],
+    ),
+    (Arch::Riscv64, "rv64gc", &[]),
+    (Arch::Riscv64, "rv64gcv", &["v", "zba", "zbb", "zbs"]),
+];
+
 /// Errors from target selection. All user-reachable: they carry what to do instead.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -81,6 +101,14 @@ pub enum TargetError {
     #[error("unknown feature `{feature}` for {arch}; known features: {known}")]
     UnknownFeature {
         feature: String,
+        arch: String,
+        known: String,
+    },
+    #[error(
+        "unknown --cpu `{cpu}` for {arch}; known: {known}, or `native` when building for the host"
+    )]
+    UnknownCpu {
+        cpu: String,
         arch: String,
         known: String,
     },
@@ -125,6 +153,10 @@ pub struct TestToolchain {
     /// Program that runs a target executable on the host, with its arguments; empty: run
     /// directly. `None` as a whole: the result cannot be run here, only compiled and linked.
     pub runner: Option<&'static [&'static str]>,
+    /// A linker command that links the library's object, alone, into a shared library: proof
+    /// that a real linker for the target accepts it (then `-o OUT OBJ`, or `/out:OUT OBJ` for
+    /// `lld-link`). From Debian's `lld` package.
+    pub link: &'static [&'static str],
 }
 
 /// Everything needlec knows about one target.
@@ -150,6 +182,19 @@ pub fn supported() -> Vec<SupportedTarget> {
     SUPPORTED
         .iter()
         .map(|&(triple, note)| SupportedTarget { triple, note })
+        .collect()
+}
+
+/// The opt-in features of an architecture (`--features`).
+pub fn known_features(arch: Arch) -> Vec<&'static str> {
+    arch_features(arch).iter().map(|(n, _, _)| *n).collect()
+}
+
+/// The named CPU levels of an architecture (`--cpu`).
+pub fn cpus(arch: Arch) -> Vec<&'static str> {
+    CPUS.iter()
+        .filter(|(a, _, _)| *a == arch)
+        .map(|(_, n, _)| *n)
         .collect()
 }
 
@@ -194,6 +239,14 @@ impl Target {
 
     /// The target for `triple` with opt-in `features` (e.g. `["avx2", "fma"]` on x86-64).
     pub fn with_features(triple: &str, features: &[&str]) -> Result<Target, TargetError> {
+        // `host`: the machine needlec runs on.
+        let host_triple;
+        let triple = if triple == "host" {
+            host_triple = Triple::host().to_string();
+            host_triple.as_str()
+        } else {
+            triple
+        };
         let parsed = Triple::from_str(triple).map_err(|e| TargetError::Parse {
             triple: triple.to_string(),
             message: e.to_string(),
@@ -250,6 +303,36 @@ impl Target {
             arch,
             features: enabled,
         })
+    }
+
+    /// The target for `triple` with a named CPU level (`--cpu`, see [`cpus`]; `native`: every
+    /// feature of the running CPU, for the host triple only) plus extra `features`.
+    pub fn with_cpu(
+        triple: &str,
+        cpu: Option<&str>,
+        features: &[&str],
+    ) -> Result<Target, TargetError> {
+        let base = Target::from_triple(triple)?;
+        let mut all: Vec<&str> = features.to_vec();
+        match cpu {
+            None => {}
+            Some("native") if Target::host().is_ok_and(|h| h.name == base.name) => {
+                all.extend(host_cpu_features());
+            }
+            Some(name) => {
+                let Some(&(_, _, feats)) =
+                    CPUS.iter().find(|(a, n, _)| *a == base.arch && *n == name)
+                else {
+                    return Err(TargetError::UnknownCpu {
+                        cpu: name.to_string(),
+                        arch: format!("{:?}", base.arch),
+                        known: cpus(base.arch).join(", "),
+                    });
+                };
+                all.extend(feats);
+            }
+        }
+        Target::with_features(triple, &all)
     }
 
     /// The target of the machine needlec runs on, when it is a supported one.
@@ -383,41 +466,76 @@ impl Target {
                 cc: "cc",
                 cc_args: &[],
                 runner: Some(&[]),
+                link: &["ld.lld", "-shared"],
             },
             "aarch64-unknown-linux-gnu" => TestToolchain {
                 cc: "aarch64-linux-gnu-gcc",
-                cc_args: &[],
-                runner: Some(&["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]),
+                cc_args: &["-static"],
+                runner: Some(&["qemu-aarch64"]),
+                link: &["ld.lld", "-shared"],
             },
             "riscv64gc-unknown-linux-gnu" => TestToolchain {
                 cc: "riscv64-linux-gnu-gcc",
-                cc_args: &[],
-                runner: Some(&["qemu-riscv64", "-L", "/usr/riscv64-linux-gnu"]),
+                cc_args: &["-static"],
+                runner: Some(&["qemu-riscv64"]),
+                link: &["ld.lld", "-shared"],
             },
             "aarch64-linux-android" => TestToolchain {
                 cc: "clang",
                 cc_args: &["--target=aarch64-linux-android"],
                 runner: NONE,
+                link: &["ld.lld", "-shared"],
             },
             "x86_64-apple-darwin" => TestToolchain {
                 cc: "clang",
                 cc_args: &["--target=x86_64-apple-macos11"],
                 runner: NONE,
+                link: &[
+                    "ld64.lld",
+                    "-dylib",
+                    "-arch",
+                    "x86_64",
+                    "-platform_version",
+                    "macos",
+                    "11.0",
+                    "11.0",
+                ],
             },
             "aarch64-apple-darwin" => TestToolchain {
                 cc: "clang",
                 cc_args: &["--target=arm64-apple-macos11"],
                 runner: NONE,
+                link: &[
+                    "ld64.lld",
+                    "-dylib",
+                    "-arch",
+                    "arm64",
+                    "-platform_version",
+                    "macos",
+                    "11.0",
+                    "11.0",
+                ],
             },
             "aarch64-apple-ios" => TestToolchain {
                 cc: "clang",
                 cc_args: &["--target=arm64-apple-ios14"],
                 runner: NONE,
+                link: &[
+                    "ld64.lld",
+                    "-dylib",
+                    "-arch",
+                    "arm64",
+                    "-platform_version",
+                    "ios",
+                    "14.0",
+                    "14.0",
+                ],
             },
             _ => TestToolchain {
                 cc: "clang",
                 cc_args: &["--target=x86_64-pc-windows-msvc"],
                 runner: NONE,
+                link: &["lld-link", "/dll", "/noentry", "/machine:x64"],
             },
         }
     }

@@ -118,6 +118,18 @@ pub mod c {
         header: &str,
         harness: &str,
     ) -> PathBuf {
+        build_harness_with(dir, name, archive, header, harness, &[])
+    }
+
+    /// [`build_harness`] with extra compiler arguments (e.g. `-pthread`).
+    pub fn build_harness_with(
+        dir: &Path,
+        name: &str,
+        archive: &[u8],
+        header: &str,
+        harness: &str,
+        extra: &[&str],
+    ) -> PathBuf {
         std::fs::write(dir.join(format!("lib{name}.a")), archive).expect("write archive");
         std::fs::write(dir.join(format!("{name}.h")), header).expect("write header");
         let src = crate::repo_root().join("tests/c").join(harness);
@@ -140,6 +152,7 @@ pub mod c {
             .arg("-L")
             .arg(dir)
             .arg(format!("-l{name}"))
+            .args(extra)
             .output()
             .expect("run the C compiler");
         assert!(
@@ -151,7 +164,9 @@ pub mod c {
         exe
     }
 
-    /// Runs `exe` with `args`, feeding `stdin`; panics with its stderr if it fails.
+    /// Runs `exe` with `args`, feeding `stdin`; panics with its stderr if it fails. Stdin is
+    /// written from another thread so that a harness that answers as it reads cannot deadlock
+    /// on full pipes.
     pub fn run(exe: &Path, args: &[&str], stdin: &[u8]) -> Output {
         let mut child = Command::new(exe)
             .args(args)
@@ -160,13 +175,11 @@ pub mod c {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start harness");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin)
-            .expect("feed harness");
+        let mut pipe = child.stdin.take().expect("stdin");
+        let input = stdin.to_vec();
+        let writer = std::thread::spawn(move || pipe.write_all(&input));
         let out = child.wait_with_output().expect("harness runs");
+        writer.join().expect("stdin writer").expect("feed harness");
         assert!(
             out.status.success(),
             "{} failed ({}):\n{}",

@@ -24,6 +24,8 @@ fn compile_case(checkpoint: &str, tools: &str, fold: FoldMode) -> Compiled {
         tokenizer: golden("dev4k.model"),
         tools: tools.to_string(),
         target: "host".into(),
+        cpu: None,
+        features: vec![],
         fold: Some(fold),
         max_gen_len: 512,
         name: "t".into(),

@@ -7,13 +7,15 @@
 //! unless [`needle_targets::Target`] says they are native, and [`crate::emit::check`] verifies
 //! the result has no undefined symbols.
 
+pub mod driver;
 pub mod gen;
 pub mod grammar;
 pub mod kernels;
+pub mod library;
 pub mod math;
 pub mod model;
-pub mod tokenizer;
 pub mod output;
+pub mod tokenizer;
 pub mod weights;
 
 pub use gen::{Gen, V4};

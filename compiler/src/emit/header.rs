@@ -19,6 +19,7 @@ pub enum CType {
     ConstI32Ptr,
     I32Ptr,
     SizePtr,
+    ConstCharPtr,
 }
 
 impl CType {
@@ -37,6 +38,7 @@ impl CType {
             CType::ConstI32Ptr => "const int32_t *",
             CType::I32Ptr => "int32_t *",
             CType::SizePtr => "size_t *",
+            CType::ConstCharPtr => "const char *",
         }
     }
 
@@ -54,6 +56,7 @@ impl CType {
                 | CType::ConstI32Ptr
                 | CType::I32Ptr
                 | CType::SizePtr
+                | CType::ConstCharPtr
         )
     }
 }

@@ -1,0 +1,543 @@
+//! The library's C interface: the generated driver that ties the tokenizer, the model, the
+//! grammar and the output code into one call from query text to tool-call JSON.
+//!
+//! Exported (every symbol carries the library prefix `NAME_`):
+//! - `size_t NAME_workspace_size(void)`
+//! - `int32_t NAME_call(void *ws, const uint8_t *query, size_t query_len, uint8_t *out,
+//!   size_t out_cap, size_t *out_len)`
+//! - `int32_t NAME_call_tokens(void *ws, const int32_t *ids, size_t n_ids, int32_t *out_ids,
+//!   size_t out_cap, size_t *out_len)`: the same decoding from query token ids to generated ids
+//! - `void NAME_model_info(NAME_info *info)` and `const char *NAME_tool_name(uint32_t i)`
+//!
+//! The workspace is the only mutable memory: the model's region first, then the grammar state,
+//! the token buffers, the scratch of the tokenizer and of the output code, and the output text.
+//! Its layout is planned here, at build time, so its size is exact.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+
+use super::gen::{mem, Gen};
+use super::grammar::GrammarCode;
+use super::model::ModelCode;
+use super::output::OutputCode;
+use super::tokenizer::TokenizerCode;
+use super::{CodegenError, KernelSet};
+use crate::emit::header::CType;
+
+/// Status codes of the C interface (`NAME_OK`, `NAME_ERR_*`).
+pub const STATUSES: &[(&str, i32, &str)] = &[
+    (
+        "OK",
+        0,
+        "success: out holds the answer, *out_len its length",
+    ),
+    (
+        "ERR_WORKSPACE",
+        1,
+        "the workspace is NULL or not aligned to NAME_WORKSPACE_ALIGN",
+    ),
+    (
+        "ERR_ARGUMENT",
+        2,
+        "a NULL pointer where data is required (query, out, out_len)",
+    ),
+    ("ERR_UTF8", 3, "the query is not valid UTF-8"),
+    (
+        "ERR_QUERY_TOO_LONG",
+        4,
+        "the query is longer than NAME_MAX_QUERY_BYTES bytes",
+    ),
+    (
+        "ERR_OUT_TOO_SMALL",
+        5,
+        "out_cap is too small; *out_len holds the size needed",
+    ),
+    (
+        "ERR_TOKEN",
+        6,
+        "a token id is outside the vocabulary (NAME_call_tokens)",
+    ),
+    (
+        "ERR_OUTPUT",
+        7,
+        "the answer cannot be rendered exactly as the reference would (see the README)",
+    ),
+];
+
+fn status(name: &str) -> i64 {
+    STATUSES
+        .iter()
+        .find(|s| s.0 == name)
+        .map(|s| i64::from(s.1))
+        .unwrap_or(-1)
+}
+
+/// Workspace alignment: what every region needs (vector loads), and what callers must give.
+pub const WORKSPACE_ALIGN: usize = 64;
+
+fn align_up(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+/// The sizes the driver plans from.
+#[derive(Clone, Debug)]
+pub struct DriverLimits {
+    pub max_query_bytes: usize,
+    pub max_gen_len: usize,
+    pub vocab_size: usize,
+}
+
+/// Where each region of the workspace starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkspaceLayout {
+    pub grammar_state: usize,
+    pub n_allowed: usize,
+    pub query_ids: usize,
+    pub gen_ids: usize,
+    pub tokenizer_scratch: usize,
+    pub text: usize,
+    pub output_scratch: usize,
+    pub output: usize,
+    pub total: usize,
+}
+
+/// What the header and tests need to know of the generated interface.
+#[derive(Clone, Debug)]
+pub struct LibraryInfo {
+    pub layout: WorkspaceLayout,
+    pub max_query_tokens: usize,
+    pub max_query_bytes: usize,
+    pub max_gen_len: usize,
+    pub max_text_bytes: usize,
+    pub max_output_bytes: usize,
+}
+
+/// Model facts reported by `NAME_model_info`, in the struct's field order.
+pub const INFO_FIELDS: &[&str] = &[
+    "abi_version",
+    "vocab_size",
+    "d_model",
+    "num_heads",
+    "num_kv_heads",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "fold_tools",
+    "max_query_tokens",
+    "max_query_bytes",
+    "max_gen_len",
+    "max_output_bytes",
+    "n_tools",
+];
+
+/// The pieces the driver calls.
+pub struct Parts<'a> {
+    pub model: &'a ModelCode,
+    pub tokenizer: &'a TokenizerCode,
+    pub grammar: &'a GrammarCode,
+    pub output: &'a OutputCode,
+}
+
+/// Plans the workspace after the model's region.
+pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> (WorkspaceLayout, LibraryInfo) {
+    let a = WORKSPACE_ALIGN;
+    let mut at = align_up(parts.model.workspace_bytes, a);
+    let mut region = |bytes: usize| {
+        let start = at;
+        at = align_up(at + bytes, a);
+        start
+    };
+    let max_steps = limits.max_gen_len - 1;
+    let max_text_bytes = max_steps * parts.output.max_piece_bytes;
+    let max_output_bytes = parts.output.max_output_bytes(max_text_bytes);
+    let grammar_state = region(parts.grammar.state_bytes);
+    let n_allowed = region(8);
+    let query_ids = region(4 * parts.model.max_query_tokens.max(1));
+    let gen_ids = region(4 * max_steps);
+    let tokenizer_scratch = region(parts.tokenizer.scratch_bytes);
+    let text = region(max_text_bytes.max(1));
+    let output_scratch = region(parts.output.scratch_bytes(max_text_bytes));
+    let output = region(max_output_bytes.max(1));
+    let layout = WorkspaceLayout {
+        grammar_state,
+        n_allowed,
+        query_ids,
+        gen_ids,
+        tokenizer_scratch,
+        text,
+        output_scratch,
+        output,
+        total: at,
+    };
+    let info = LibraryInfo {
+        layout: layout.clone(),
+        max_query_tokens: parts.model.max_query_tokens,
+        max_query_bytes: limits.max_query_bytes,
+        max_gen_len: limits.max_gen_len,
+        max_text_bytes,
+        max_output_bytes,
+    };
+    (layout, info)
+}
+
+/// `base + offset` for a workspace region.
+fn at(g: &mut Gen<'_>, base: Value, offset: usize) -> Value {
+    let off = g.iconst(offset as i64);
+    g.b.ins().iadd(base, off)
+}
+
+fn i32c(g: &mut Gen<'_>, v: i64) -> Value {
+    g.b.ins().iconst(types::I32, v)
+}
+
+/// Generates the driver and the exported C interface.
+pub fn define_driver(
+    ks: &mut KernelSet,
+    parts: &Parts<'_>,
+    limits: &DriverLimits,
+    config_values: &[u32],
+    tool_names: &[String],
+) -> Result<LibraryInfo, CodegenError> {
+    let (layout, info) = plan(parts, limits);
+    let max_steps = (limits.max_gen_len - 1) as i64;
+    let vocab = limits.vocab_size as i64;
+
+    // ---- NAME_workspace_size -----------------------------------------------------------------
+    let total = layout.total as i64;
+    let ws_size = ks.declare_function(
+        "workspace_size",
+        &["bytes of workspace one call needs: the WORKSPACE_SIZE macro"],
+        &[],
+        CType::SizeT,
+        true,
+    )?;
+    ks.define_function(ws_size, &[], &[], |g, _, _, _| Some(g.iconst(total)))?;
+
+    // ---- generate: query ids -> generated ids (internal) --------------------------------------
+    // size_t generate(uint8_t *ws, const int32_t *ids, size_t n)
+    let generate = ks.declare_function(
+        "generate",
+        &[],
+        &[
+            (CType::VoidPtr, "ws"),
+            (CType::ConstI32Ptr, "ids"),
+            (CType::SizeT, "n"),
+        ],
+        CType::SizeT,
+        false,
+    )?;
+    let l = layout.clone();
+    ks.define_function(
+        generate,
+        &[],
+        &[
+            parts.model.encode_query,
+            parts.model.decoder_step,
+            parts.grammar.reset,
+            parts.grammar.allowed,
+            parts.grammar.feed,
+        ],
+        |g, a, _, f| {
+            let (ws, ids, n) = (a[0], a[1], a[2]);
+            let (encode, step, reset, allowed, feed) = (f[0], f[1], f[2], f[3], f[4]);
+            g.call(encode, &[ws, ids, n]);
+            let state = at(g, ws, l.grammar_state);
+            g.call(reset, &[state]);
+            let n_allowed_ptr = at(g, ws, l.n_allowed);
+            let gen = at(g, ws, l.gen_ids);
+            let eos = i32c(g, 1);
+            let token = g.var(types::I32, eos);
+            let zero = g.iconst(0);
+            let ptr = g.ptr;
+            let count = g.var(ptr, zero);
+            let not_done = g.b.ins().iconst(types::I8, 0);
+            let done = g.var(types::I8, not_done);
+            let limit = g.iconst(max_steps);
+            g.for_range(zero, limit, 1, |g, pos| {
+                let d = g.get(done);
+                let cond = g.b.ins().icmp_imm_u(IntCC::Equal, d, 0);
+                g.if_then(cond, |g| {
+                    let allowed_ptr = g.call(allowed, &[state, n_allowed_ptr]).expect("returns");
+                    let na = g.b.ins().load(ptr, mem(), n_allowed_ptr, 0);
+                    let tok = g.get(token);
+                    let next = g
+                        .call(step, &[ws, tok, pos, allowed_ptr, na])
+                        .expect("returns");
+                    let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
+                    g.if_else(
+                        is_eos,
+                        |g| {
+                            let one = g.b.ins().iconst(types::I8, 1);
+                            g.set(done, one);
+                        },
+                        |g| {
+                            g.call(feed, &[state, next]);
+                            let c = g.get(count);
+                            let p = g.addr(gen, c, 4);
+                            g.b.ins().store(mem(), next, p, 0);
+                            let one = g.iconst(1);
+                            let c1 = g.b.ins().iadd(c, one);
+                            g.set(count, c1);
+                            g.set(token, next);
+                        },
+                    );
+                });
+            });
+            Some(g.get(count))
+        },
+    )?;
+
+    // ---- NAME_call ------------------------------------------------------------------------------
+    let call = ks.declare_function(
+        "call",
+        &["query text -> tool-call JSON; see the status codes above"],
+        &[
+            (CType::VoidPtr, "workspace"),
+            (CType::ConstU8Ptr, "query"),
+            (CType::SizeT, "query_len"),
+            (CType::U8Ptr, "out"),
+            (CType::SizeT, "out_cap"),
+            (CType::SizePtr, "out_len"),
+        ],
+        CType::I32,
+        true,
+    )?;
+    let l = layout.clone();
+    let max_query_tokens = parts.model.max_query_tokens as i64;
+    let max_query_bytes = limits.max_query_bytes as i64;
+    let max_output_bytes = info.max_output_bytes as i64;
+    ks.define_function(
+        call,
+        &[],
+        &[
+            parts.output.validate_utf8,
+            parts.tokenizer.encode,
+            generate,
+            parts.output.detokenize,
+            parts.output.postprocess,
+        ],
+        |g, a, _, f| {
+            let (ws, query, qlen, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+            let (validate, tokenize, gen_fn, detok, post) = (f[0], f[1], f[2], f[3], f[4]);
+            check_workspace(g, ws);
+            // *out_len must be writable before anything else can be reported.
+            let cond = g.b.ins().icmp_imm_u(IntCC::Equal, out_len, 0);
+            g.if_then(cond, |g| ret_status(g, "ERR_ARGUMENT"));
+            let zero = g.iconst(0);
+            g.b.ins().store(mem(), zero, out_len, 0);
+            let null_query = g.b.ins().icmp_imm_u(IntCC::Equal, query, 0);
+            let has_len = g.b.ins().icmp_imm_u(IntCC::NotEqual, qlen, 0);
+            let bad_query = g.b.ins().band(null_query, has_len);
+            g.if_then(bad_query, |g| ret_status(g, "ERR_ARGUMENT"));
+            let null_out = g.b.ins().icmp_imm_u(IntCC::Equal, out, 0);
+            let has_cap = g.b.ins().icmp_imm_u(IntCC::NotEqual, cap, 0);
+            let bad_out = g.b.ins().band(null_out, has_cap);
+            g.if_then(bad_out, |g| ret_status(g, "ERR_ARGUMENT"));
+            let too_long =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::UnsignedGreaterThan, qlen, max_query_bytes);
+            g.if_then(too_long, |g| ret_status(g, "ERR_QUERY_TOO_LONG"));
+            let valid = g.call(validate, &[query, qlen]).expect("returns");
+            let cond = g.b.ins().icmp_imm_u(IntCC::Equal, valid, 0);
+            g.if_then(cond, |g| ret_status(g, "ERR_UTF8"));
+
+            let ids = at(g, ws, l.query_ids);
+            let scratch = at(g, ws, l.tokenizer_scratch);
+            let max_ids = g.iconst(max_query_tokens);
+            let n = g
+                .call(tokenize, &[query, qlen, ids, max_ids, scratch])
+                .expect("returns");
+            let n_gen = g.call(gen_fn, &[ws, ids, n]).expect("returns");
+            let gen = at(g, ws, l.gen_ids);
+            let text = at(g, ws, l.text);
+            let text_len = g.call(detok, &[gen, n_gen, text]).expect("returns");
+            let answer = at(g, ws, l.output);
+            let pscratch = at(g, ws, l.output_scratch);
+            let ocap = g.iconst(max_output_bytes);
+            let st = g
+                .call(post, &[text, text_len, answer, ocap, out_len, pscratch])
+                .expect("returns");
+            let cond = g.b.ins().icmp_imm_u(IntCC::NotEqual, st, 0);
+            g.if_then(cond, |g| {
+                let zero = g.iconst(0);
+                g.b.ins().store(mem(), zero, out_len, 0);
+                ret_status(g, "ERR_OUTPUT");
+            });
+            let ptr = g.ptr;
+            let len = g.b.ins().load(ptr, mem(), out_len, 0);
+            let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, len, cap);
+            g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
+            copy_bytes(g, answer, out, len);
+            Some(i32c(g, status("OK")))
+        },
+    )?;
+
+    // ---- NAME_call_tokens -----------------------------------------------------------------------
+    let call_tokens = ks.declare_function(
+        "call_tokens",
+        &[
+            "token level: query token ids (cut to MAX_QUERY_TOKENS) -> generated ids,",
+            "without the final EOS; *out_len = how many were generated",
+        ],
+        &[
+            (CType::VoidPtr, "workspace"),
+            (CType::ConstI32Ptr, "ids"),
+            (CType::SizeT, "n_ids"),
+            (CType::I32Ptr, "out_ids"),
+            (CType::SizeT, "out_cap"),
+            (CType::SizePtr, "out_len"),
+        ],
+        CType::I32,
+        true,
+    )?;
+    let l = layout.clone();
+    ks.define_function(call_tokens, &[], &[generate], |g, a, _, f| {
+        let (ws, ids, n, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+        check_workspace(g, ws);
+        let cond = g.b.ins().icmp_imm_u(IntCC::Equal, out_len, 0);
+        g.if_then(cond, |g| ret_status(g, "ERR_ARGUMENT"));
+        let zero = g.iconst(0);
+        g.b.ins().store(mem(), zero, out_len, 0);
+        let null_ids = g.b.ins().icmp_imm_u(IntCC::Equal, ids, 0);
+        let has_n = g.b.ins().icmp_imm_u(IntCC::NotEqual, n, 0);
+        let bad = g.b.ins().band(null_ids, has_n);
+        g.if_then(bad, |g| ret_status(g, "ERR_ARGUMENT"));
+        let null_out = g.b.ins().icmp_imm_u(IntCC::Equal, out, 0);
+        let has_cap = g.b.ins().icmp_imm_u(IntCC::NotEqual, cap, 0);
+        let bad = g.b.ins().band(null_out, has_cap);
+        g.if_then(bad, |g| ret_status(g, "ERR_ARGUMENT"));
+        // Cut to the model's query limit, then check every id before anything reads it.
+        let maxq = g.iconst(max_query_tokens);
+        let over = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n, maxq);
+        let n = g.b.ins().select(over, maxq, n);
+        g.for_n(n, |g, i| {
+            let id = load_i32(g, ids, i);
+            let bad =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, id, vocab);
+            g.if_then(bad, |g| ret_status(g, "ERR_TOKEN"));
+        });
+        let qids = at(g, ws, l.query_ids);
+        copy_bytes_scaled(g, ids, qids, n, 4);
+        let n_gen = g.call(f[0], &[ws, qids, n]).expect("returns");
+        g.b.ins().store(mem(), n_gen, out_len, 0);
+        let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n_gen, cap);
+        g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
+        let gen = at(g, ws, l.gen_ids);
+        copy_bytes_scaled(g, gen, out, n_gen, 4);
+        Some(i32c(g, status("OK")))
+    })?;
+
+    // ---- NAME_model_info / NAME_tool_name ------------------------------------------------------
+    let info_fn = ks.declare_function(
+        "model_info",
+        &["fills *info with the model's facts (NULL is ignored)"],
+        &[(CType::VoidPtr, "info")],
+        CType::Void,
+        true,
+    )?;
+    let values: Vec<u32> = config_values.to_vec();
+    ks.define_function(info_fn, &[], &[], |g, a, _, _| {
+        let p = a[0];
+        let nonnull = g.b.ins().icmp_imm_u(IntCC::NotEqual, p, 0);
+        g.if_then(nonnull, |g| {
+            for (i, &v) in values.iter().enumerate() {
+                let c = g.b.ins().iconst(types::I32, i64::from(v));
+                g.b.ins().store(mem(), c, p, (4 * i) as i32);
+            }
+        });
+        None
+    })?;
+
+    // Names: NUL-terminated strings after a table of u32 offsets.
+    let mut blob = Vec::new();
+    let mut offsets = Vec::new();
+    for name in tool_names {
+        offsets.push(blob.len() as u32);
+        blob.extend_from_slice(name.as_bytes());
+        blob.push(0);
+    }
+    let big = matches!(
+        ks.target().triple.endianness(),
+        Ok(target_lexicon::Endianness::Big)
+    );
+    let mut table: Vec<u8> = offsets
+        .iter()
+        .flat_map(|&o| {
+            if big {
+                o.to_be_bytes()
+            } else {
+                o.to_le_bytes()
+            }
+        })
+        .collect();
+    let names_at = table.len();
+    table.extend_from_slice(&blob);
+    table.push(0);
+    let names = ks.declare_rodata("tool_names", table, 4)?;
+    let n_tools = tool_names.len() as i64;
+    let name_fn = ks.declare_function(
+        "tool_name",
+        &["the original name of tool i (NUL-terminated), or NULL past the last tool"],
+        &[(CType::I32, "index")],
+        CType::ConstCharPtr,
+        true,
+    )?;
+    ks.define_function(name_fn, &[names], &[], |g, a, d, _| {
+        let ptr = g.ptr;
+        let i = g.b.ins().uextend(ptr, a[0]);
+        let past =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, i, n_tools);
+        g.if_then(past, |g| {
+            let null = g.iconst(0);
+            g.ret(&[null]);
+        });
+        let off = g.addr(d[0], i, 4);
+        // uload32 zero-extends to i64: every supported target has 64-bit pointers.
+        let off = g.b.ins().uload32(mem(), off, 0);
+        let base = at(g, d[0], names_at);
+        Some(g.b.ins().iadd(base, off))
+    })?;
+
+    Ok(info)
+}
+
+/// Returns `ERR_WORKSPACE` when `ws` is NULL or misaligned.
+fn check_workspace(g: &mut Gen<'_>, ws: Value) {
+    let null = g.b.ins().icmp_imm_u(IntCC::Equal, ws, 0);
+    g.if_then(null, |g| ret_status(g, "ERR_WORKSPACE"));
+    let mask = g.iconst(WORKSPACE_ALIGN as i64 - 1);
+    let low = g.b.ins().band(ws, mask);
+    let misaligned = g.b.ins().icmp_imm_u(IntCC::NotEqual, low, 0);
+    g.if_then(misaligned, |g| ret_status(g, "ERR_WORKSPACE"));
+}
+
+fn ret_status(g: &mut Gen<'_>, name: &str) {
+    let v = i32c(g, status(name));
+    g.ret(&[v]);
+}
+
+fn load_i32(g: &mut Gen<'_>, base: Value, i: Value) -> Value {
+    let p = g.addr(base, i, 4);
+    g.b.ins().load(types::I32, mem(), p, 0)
+}
+
+/// Copies `n` bytes.
+fn copy_bytes(g: &mut Gen<'_>, from: Value, to: Value, n: Value) {
+    g.for_n(n, |g, i| {
+        let s = g.b.ins().iadd(from, i);
+        let b = g.b.ins().uload8(types::I32, mem(), s, 0);
+        let d = g.b.ins().iadd(to, i);
+        g.b.ins().istore8(mem(), b, d, 0);
+    });
+}
+
+/// Copies `n` elements of `size` bytes (4: i32).
+fn copy_bytes_scaled(g: &mut Gen<'_>, from: Value, to: Value, n: Value, size: i64) {
+    g.for_n(n, |g, i| {
+        let s = g.addr(from, i, size);
+        let v = g.b.ins().load(types::I32, mem(), s, 0);
+        let d = g.addr(to, i, size);
+        g.b.ins().store(mem(), v, d, 0);
+    });
+}

@@ -1,0 +1,193 @@
+//! One whole library: the model, tokenizer, grammar and output code plus the driver, generated
+//! into one object, and the C header that describes its interface.
+
+use needle_runtime::decode::FoldMode;
+use needle_runtime::grammar::GrammarTables;
+use needle_runtime::tokenizer::Tokenizer;
+use needle_targets::Target;
+
+use super::driver::{
+    define_driver, DriverLimits, LibraryInfo, Parts, INFO_FIELDS, STATUSES, WORKSPACE_ALIGN,
+};
+use super::grammar::define_grammar;
+use super::model::define_model;
+use super::output::define_output;
+use super::tokenizer::define_tokenizer;
+use super::{CodegenError, KernelSet};
+use crate::build::Compiled;
+use crate::emit::header::write_header;
+
+/// The longest query, in bytes, the library accepts: enough for far more than the 1022 tokens
+/// the model reads, and what the tokenizer's scratch is planned for.
+pub const MAX_QUERY_BYTES: usize = 16384;
+
+/// A generated library before archiving.
+pub struct Library {
+    pub object: Vec<u8>,
+    pub header: String,
+    pub info: LibraryInfo,
+}
+
+/// The ABI version reported by `NAME_model_info`; bump it when the C interface changes.
+pub const ABI_VERSION: u32 = 1;
+
+/// Generates the library for `target`; every symbol starts with `name` and `_`.
+pub fn generate(
+    compiled: &Compiled,
+    tokenizer: &Tokenizer,
+    target: &Target,
+    name: &str,
+    max_gen_len: usize,
+) -> Result<Library, CodegenError> {
+    let prefix = format!("{name}_");
+    let mut ks = KernelSet::new(target, &prefix)?;
+    let model = define_model(&mut ks, &compiled.module, &compiled.store, false)?;
+    let tokenizer_code = define_tokenizer(&mut ks, tokenizer, MAX_QUERY_BYTES, false)?;
+    let signatures: Vec<(String, Vec<String>)> = compiled
+        .tools
+        .tools
+        .iter()
+        .map(|t| (t.name.clone(), t.param_keys.clone()))
+        .collect();
+    let tables = GrammarTables::new(&tokenizer.token_texts(), &signatures);
+    let grammar = define_grammar(&mut ks, &tables, false)?;
+    // Detokenized text is never longer than the generated pieces' own bytes.
+    let max_piece = (0..tokenizer.vocab_size() as u32)
+        .filter_map(|id| tokenizer.piece(id))
+        .map(str::len)
+        .max();
+    let max_text = (max_gen_len - 1) * max_piece.unwrap_or(1).max(1);
+    let output = define_output(
+        &mut ks,
+        tokenizer,
+        &compiled.tools.name_map,
+        max_text,
+        false,
+    )?;
+    let parts = Parts {
+        model: &model,
+        tokenizer: &tokenizer_code,
+        grammar: &grammar,
+        output: &output,
+    };
+    let limits = DriverLimits {
+        max_query_bytes: MAX_QUERY_BYTES,
+        max_gen_len,
+        vocab_size: compiled.model.config.vocab_size,
+    };
+    let c = &compiled.model.config;
+    let mut values = vec![
+        ABI_VERSION,
+        c.vocab_size as u32,
+        c.d_model as u32,
+        c.num_heads as u32,
+        c.num_kv_heads as u32,
+        c.num_encoder_layers as u32,
+        c.num_decoder_layers as u32,
+        u32::from(compiled.fold == FoldMode::Tools),
+    ];
+    // The limits are known once the workspace is planned; plan first with placeholders.
+    let originals: Vec<String> = compiled
+        .tools
+        .name_map
+        .iter()
+        .map(|(_, original)| original.clone())
+        .collect();
+    let (_, planned) = super::driver::plan(&parts, &limits);
+    values.extend([
+        planned.max_query_tokens as u32,
+        planned.max_query_bytes as u32,
+        planned.max_gen_len as u32,
+        planned.max_output_bytes as u32,
+        originals.len() as u32,
+    ]);
+    debug_assert_eq!(values.len(), INFO_FIELDS.len());
+    let info = define_driver(&mut ks, &parts, &limits, &values, &originals)?;
+    let header = header_text(name, compiled, &info, &ks);
+    let object = ks.finish()?;
+    Ok(Library {
+        object,
+        header,
+        info,
+    })
+}
+
+fn header_text(name: &str, compiled: &Compiled, info: &LibraryInfo, ks: &KernelSet) -> String {
+    let up = name.to_ascii_uppercase();
+    let c = &compiled.model.config;
+    let mut extra = String::new();
+    let mut define = |macro_name: &str, value: String, doc: &str| {
+        extra.push_str(&format!("/* {doc} */\n#define {up}_{macro_name} {value}\n"));
+    };
+    define(
+        "WORKSPACE_SIZE",
+        format!("((size_t){})", info.layout.total),
+        "bytes of workspace one call needs",
+    );
+    define(
+        "WORKSPACE_ALIGN",
+        WORKSPACE_ALIGN.to_string(),
+        "the workspace's required alignment in bytes",
+    );
+    define(
+        "MAX_QUERY_BYTES",
+        format!("((size_t){})", info.max_query_bytes),
+        "longest query accepted, in bytes",
+    );
+    define(
+        "MAX_QUERY_TOKENS",
+        format!("((size_t){})", info.max_query_tokens),
+        "query tokens kept",
+    );
+    define(
+        "MAX_GEN_LEN",
+        format!("((size_t){})", info.max_gen_len),
+        "at most MAX_GEN_LEN - 1 generated tokens",
+    );
+    define(
+        "MAX_OUTPUT_BYTES",
+        format!("((size_t){})", info.max_output_bytes),
+        "an out buffer of this size always suffices",
+    );
+    define(
+        "VOCAB_SIZE",
+        c.vocab_size.to_string(),
+        "token ids are below this",
+    );
+    define(
+        "FOLD_TOOLS",
+        u32::from(compiled.fold == FoldMode::Tools).to_string(),
+        "1: tools side folded",
+    );
+    extra.push('\n');
+    for (status, value, doc) in STATUSES {
+        extra.push_str(&format!(
+            "#define {up}_{status} {value} /* {} */\n",
+            doc.replace("NAME", &up)
+        ));
+    }
+    extra.push_str(&format!(
+        "\n/* What {name}_model_info reports. */\ntypedef struct {name}_info {{\n"
+    ));
+    for field in INFO_FIELDS {
+        extra.push_str(&format!("    uint32_t {field};\n"));
+    }
+    extra.push_str(&format!("}} {name}_info;\n"));
+    let preamble = [
+        format!("{name}: a Needle tool-calling model compiled by needlec for {}.", ks.target().name),
+        "Link lib".to_string() + name + ".a; it needs nothing else (no libc, no allocator).",
+        "Each call needs its own workspace of NAME_WORKSPACE_SIZE bytes aligned to".replace("NAME", &up)
+            + &format!(" {up}_WORKSPACE_ALIGN;"),
+        "threads with separate workspaces may call concurrently.".to_string(),
+        format!(
+            "{name}_call(ws, query, query_len, out, out_cap, &out_len) writes the tool-call JSON for a"
+        ),
+        "UTF-8 query into out (no NUL) and returns 0, or a status code below.".to_string(),
+    ];
+    let preamble: Vec<&str> = preamble.iter().map(String::as_str).collect();
+    // The info struct is named after the library, which CType cannot spell: type it here.
+    write_header(name, &preamble, &extra, ks.functions()).replace(
+        &format!("void {name}_model_info(void *info);"),
+        &format!("void {name}_model_info({name}_info *info);"),
+    )
+}

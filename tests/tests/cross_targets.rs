@@ -1,0 +1,313 @@
+//! Every supported target, verified by running or linking what `needlec build` emits:
+//! - aarch64 and riscv64 Linux: the golden cases' libraries (both fixtures, both fold modes)
+//!   linked `-static` with Debian's cross compilers and run under qemu-user must give outputs
+//!   byte-identical to the host library's;
+//! - Android, Apple (Mach-O) and Windows (COFF): the objects are parsed (architecture, format,
+//!   exports, relocations, sections, nothing undefined) and linked by lld into a shared library.
+//!
+//! `.ci/run` installs the toolchains (gcc-aarch64-linux-gnu, gcc-riscv64-linux-gnu, qemu-user,
+//! lld); a missing one fails the test with the package to install.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use needle_runtime::decode::FoldMode;
+use needle_targets::{supported, Target};
+use needlec::build::{build, staticlib_file, BuildOptions, Emit};
+use needlec_tests::c::work_dir;
+use needlec_tests::{golden, read_json, GreedyCase};
+use object::{Object, ObjectSection, ObjectSymbol};
+
+fn options(
+    target: &str,
+    checkpoint: &str,
+    tools: &str,
+    fold: FoldMode,
+    out: &Path,
+) -> BuildOptions {
+    BuildOptions {
+        checkpoint: golden(checkpoint),
+        tokenizer: golden("dev4k.model"),
+        tools: tools.to_string(),
+        target: target.to_string(),
+        cpu: None,
+        features: vec![],
+        fold: Some(fold),
+        max_gen_len: 40,
+        name: "needle".into(),
+        emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
+        out_dir: out.to_path_buf(),
+    }
+}
+
+/// The path of `tool`: on `PATH`, or among LLVM's versioned tools (Debian installs `ld64.lld`
+/// only as `/usr/lib/llvm-N/bin/ld64.lld`).
+fn require(tool: &str, package: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    });
+    let llvm = || {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("llvm-"))
+            })
+            .collect();
+        dirs.sort();
+        dirs.into_iter()
+            .rev()
+            .map(|d| d.join("bin").join(tool))
+            .find(|p| p.is_file())
+    };
+    on_path.or_else(llvm).unwrap_or_else(|| {
+        panic!("`{tool}` is missing: install Debian's `{package}` (.ci/run does)")
+    })
+}
+
+/// Builds and links the library harness for `target`; returns the executable.
+fn harness_for(target: &Target, out: &Path) -> PathBuf {
+    let tc = target.test_toolchain();
+    let exe = out.join("library_harness");
+    let src = needlec_tests::repo_root().join("tests/c/library_harness.c");
+    let res = Command::new(tc.cc)
+        .args(tc.cc_args)
+        .args([
+            "-std=c11",
+            "-O1",
+            "-Wall",
+            "-Wextra",
+            "-pedantic",
+            "-Werror",
+            "-pthread",
+            "-DHEADER=\"needle.h\"",
+        ])
+        .arg("-I")
+        .arg(out)
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .arg(out.join(staticlib_file(target, "needle")))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{target}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    exe
+}
+
+/// Answers `queries` with the harness under the target's runner; `(status, hex)` lines.
+fn run_queries(target: &Target, exe: &Path, queries: &[&str]) -> String {
+    let runner = target.test_toolchain().runner.expect("runnable target");
+    let mut stdin = Vec::new();
+    for q in queries {
+        stdin.extend((q.len() as u32).to_le_bytes());
+        stdin.extend(q.as_bytes());
+    }
+    let (program, args): (&str, Vec<&str>) = match runner.split_first() {
+        Some((p, rest)) => (p, rest.to_vec()),
+        None => (exe.to_str().unwrap(), vec![]),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if !runner.is_empty() {
+        cmd.arg(exe);
+    }
+    let mut child = cmd
+        .arg("answer")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn golden_groups() -> Vec<(String, Vec<String>)> {
+    let expected: Vec<GreedyCase> = read_json(&golden("greedy_tiny.json"));
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for e in expected.iter().filter(|e| e.mode == "exact") {
+        match groups.iter_mut().find(|(t, _)| *t == e.tools) {
+            Some((_, qs)) => qs.push(e.query.clone()),
+            None => groups.push((e.tools.clone(), vec![e.query.clone()])),
+        }
+    }
+    groups
+}
+
+fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
+    require(cc, cc_package);
+    require(qemu, "qemu-user");
+    let host = Target::host().unwrap();
+    let target = Target::from_triple(triple).unwrap();
+    for checkpoint in ["tiny_random.pkl", "small_random.pkl"] {
+        for fold in [FoldMode::None, FoldMode::Tools] {
+            for (g, (tools, queries)) in golden_groups().iter().enumerate() {
+                let queries: Vec<&str> = queries.iter().map(String::as_str).collect();
+                let tag = format!("{triple}-{checkpoint}-{}-{g}", fold.name());
+                let dir = work_dir(&tag);
+                let outputs: Vec<String> = [&host, &target]
+                    .iter()
+                    .map(|t| {
+                        let out = dir.join(t.name);
+                        build(&options(t.name, checkpoint, tools, fold, &out)).unwrap();
+                        let exe = harness_for(t, &out);
+                        run_queries(t, &exe, &queries)
+                    })
+                    .collect();
+                assert_eq!(outputs[0].lines().count(), queries.len());
+                assert!(
+                    outputs[0].lines().all(|l| l.starts_with("0 ")),
+                    "{tag}: host statuses"
+                );
+                assert_eq!(outputs[1], outputs[0], "{tag}: {triple} under qemu vs host");
+            }
+        }
+    }
+}
+
+#[test]
+fn aarch64_linux_under_qemu_matches_host() {
+    check_emulated(
+        "aarch64-unknown-linux-gnu",
+        "aarch64-linux-gnu-gcc",
+        "gcc-aarch64-linux-gnu",
+        "qemu-aarch64",
+    );
+}
+
+#[test]
+fn riscv64_linux_under_qemu_matches_host() {
+    check_emulated(
+        "riscv64gc-unknown-linux-gnu",
+        "riscv64-linux-gnu-gcc",
+        "gcc-riscv64-linux-gnu",
+        "qemu-riscv64",
+    );
+}
+
+/// The object of every target parses as the right format and architecture, exports exactly the
+/// prefixed C interface, defines its code and data, references nothing undefined, carries
+/// relocations, and links into a shared library with lld.
+#[test]
+fn every_target_object_is_well_formed_and_links() {
+    require("ld.lld", "lld");
+    let (tools, _) = golden_groups().remove(0);
+    for t in supported() {
+        let target = Target::from_triple(t.triple).unwrap();
+        let dir = work_dir(&format!("objects-{}", t.triple));
+        build(&options(
+            t.triple,
+            "tiny_random.pkl",
+            &tools,
+            FoldMode::Tools,
+            &dir,
+        ))
+        .unwrap();
+        let obj_path = dir.join(format!("needle.{}", target.object_extension()));
+        let bytes = std::fs::read(&obj_path).unwrap();
+        let file = object::File::parse(&*bytes).unwrap();
+        let want_format = match target.object_format() {
+            needle_targets::ObjectFormat::Elf => object::BinaryFormat::Elf,
+            needle_targets::ObjectFormat::MachO => object::BinaryFormat::MachO,
+            needle_targets::ObjectFormat::Coff => object::BinaryFormat::Coff,
+        };
+        assert_eq!(file.format(), want_format, "{}", t.triple);
+        let want_arch = match target.arch {
+            needle_targets::Arch::X86_64 => object::Architecture::X86_64,
+            needle_targets::Arch::Aarch64 => object::Architecture::Aarch64,
+            needle_targets::Arch::Riscv64 => object::Architecture::Riscv64,
+        };
+        assert_eq!(file.architecture(), want_arch, "{}", t.triple);
+        // COFF objects carry no word size of their own; the machine type above pins it.
+        let is_64 = file.is_64() || file.format() == object::BinaryFormat::Coff;
+        assert!(file.is_little_endian() && is_64, "{}", t.triple);
+        let prefix = target.symbol_prefix();
+        let mut exports: Vec<String> = file
+            .symbols()
+            .filter(|s| s.is_global() && s.is_definition())
+            .map(|s| s.name().unwrap().strip_prefix(prefix).unwrap().to_string())
+            .collect();
+        exports.sort();
+        assert_eq!(
+            exports,
+            [
+                "needle_call",
+                "needle_call_tokens",
+                "needle_model_info",
+                "needle_tool_name",
+                "needle_workspace_size"
+            ],
+            "{}",
+            t.triple
+        );
+        assert!(
+            file.symbols().all(|s| !s.is_undefined()),
+            "{}: undefined symbols",
+            t.triple
+        );
+        let text = file
+            .sections()
+            .find(|s| s.kind() == object::SectionKind::Text)
+            .expect("code");
+        assert!(
+            text.size() > 0 && text.relocations().count() > 0,
+            "{}: code with relocations",
+            t.triple
+        );
+        assert!(
+            file.sections()
+                .any(|s| s.kind() == object::SectionKind::ReadOnlyData && s.size() > 0),
+            "{}: read-only data",
+            t.triple
+        );
+        if t.triple == "aarch64-linux-android" {
+            let object::File::Elf64(elf) = &file else {
+                panic!("android: ELF64")
+            };
+            let header = elf.elf_header();
+            let e = object::Endianness::Little;
+            assert_eq!(header.e_machine.get(e), object::elf::EM_AARCH64);
+            assert_eq!(header.e_type.get(e), object::elf::ET_REL);
+            assert_eq!(header.e_ident.os_abi, object::elf::ELFOSABI_NONE);
+            let ar = std::fs::read(dir.join("libneedle.a")).unwrap();
+            let report = needlec::emit::check_standalone(&ar, "needle_").unwrap();
+            assert_eq!(report.objects, 1);
+        }
+        // A real linker for the target accepts the object on its own.
+        let link = target.test_toolchain().link;
+        let linker = require(link[0], "lld");
+        let out = dir.join("linked");
+        let mut cmd = Command::new(linker);
+        cmd.args(&link[1..]);
+        if link[0] == "lld-link" {
+            cmd.arg(format!("/out:{}", out.display()));
+        } else {
+            cmd.arg("-o").arg(&out);
+        }
+        let res = cmd.arg(&obj_path).output().unwrap();
+        assert!(
+            res.status.success(),
+            "{}: {} failed: {}",
+            t.triple,
+            link[0],
+            String::from_utf8_lossy(&res.stderr)
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! The emitted library, end to end: `needlec build` for the host, a C harness linked against
+//! `libneedle.a`, and its answers compared with the reference's golden outputs and with
+//! `needlec run`'s engine, in both fold modes, plus the C interface's contracts.
+
+use std::path::{Path, PathBuf};
+
+use needle_runtime::decode::{Engine, FoldMode};
+use needlec::build::{build, BuildOptions, Emit};
+use needlec::frontend::{load_model, load_tokenizer};
+use needlec::tools::parse_tools;
+use needlec_tests::c::{build_harness_with, run, work_dir};
+use needlec_tests::{golden, read_json, tiny_needle, Case, GreedyCase, Sample};
+
+fn host() -> String {
+    needle_targets::Target::host()
+        .expect("host is supported")
+        .name
+        .to_string()
+}
+
+fn options(
+    checkpoint: &Path,
+    tokenizer: &Path,
+    tools: &str,
+    fold: Option<FoldMode>,
+    max_gen_len: usize,
+    out: &Path,
+) -> BuildOptions {
+    BuildOptions {
+        checkpoint: checkpoint.to_path_buf(),
+        tokenizer: tokenizer.to_path_buf(),
+        tools: tools.to_string(),
+        target: host(),
+        cpu: None,
+        features: vec![],
+        fold,
+        max_gen_len,
+        name: "needle".into(),
+        emit: vec![Emit::Staticlib, Emit::Header],
+        out_dir: out.to_path_buf(),
+    }
+}
+
+/// Builds `libneedle.a` + `needle.h` into a fresh directory and links the harness against them.
+fn build_library(test: &str, opts_for: impl FnOnce(&Path) -> BuildOptions) -> PathBuf {
+    let dir = work_dir(test);
+    let opts = opts_for(&dir.join("out"));
+    build(&opts).unwrap_or_else(|e| panic!("{test}: needlec build failed: {e}"));
+    let archive = std::fs::read(dir.join("out/libneedle.a")).unwrap();
+    let header = std::fs::read_to_string(dir.join("out/needle.h")).unwrap();
+    build_harness_with(
+        &dir,
+        "needle",
+        &archive,
+        &header,
+        "library_harness.c",
+        &["-pthread"],
+    )
+}
+
+/// Runs the harness in `mode` (`answer` or `threads`) over `queries`.
+fn answers(exe: &Path, mode: &str, queries: &[&str]) -> Vec<(i32, String)> {
+    let mut stdin = Vec::new();
+    for q in queries {
+        stdin.extend((q.len() as u32).to_le_bytes());
+        stdin.extend(q.as_bytes());
+    }
+    let out = run(exe, &[mode], &stdin);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (status, hex) = line.split_once(' ').expect("status and hex");
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            (
+                status.parse().unwrap(),
+                String::from_utf8(bytes).expect("output is UTF-8"),
+            )
+        })
+        .collect()
+}
+
+fn check_golden(checkpoint: &str, greedy: &str) {
+    let cases: Vec<Case> = read_json(&golden("cases.json"));
+    let expected: Vec<GreedyCase> = read_json(&golden(greedy));
+    let model = load_model(&golden(checkpoint)).unwrap();
+    let tokenizer = load_tokenizer(&golden("dev4k.model")).unwrap();
+    // One library per (mode, tool list): the tools are fixed at build time.
+    let mut groups: Vec<(String, String)> = expected
+        .iter()
+        .map(|e| (e.mode.clone(), e.tools.clone()))
+        .collect();
+    groups.dedup();
+    groups.sort();
+    groups.dedup();
+    for (g, (mode, tools)) in groups.iter().enumerate() {
+        let fold = if mode == "folded" {
+            FoldMode::Tools
+        } else {
+            FoldMode::None
+        };
+        let max_gen_len = cases[0].max_gen_len;
+        let exe = build_library(&format!("{greedy}-{g}"), |out| {
+            options(
+                &golden(checkpoint),
+                &golden("dev4k.model"),
+                tools,
+                Some(fold),
+                max_gen_len,
+                out,
+            )
+        });
+        let group: Vec<&GreedyCase> = expected
+            .iter()
+            .filter(|e| &e.mode == mode && &e.tools == tools)
+            .collect();
+        let queries: Vec<&str> = group.iter().map(|e| e.query.as_str()).collect();
+        let got = answers(&exe, "answer", &queries);
+        let engine = Engine::new(
+            model.clone(),
+            tokenizer.clone(),
+            parse_tools(tools).unwrap().context(),
+            fold,
+        )
+        .unwrap();
+        for (want, (status, output)) in group.iter().zip(&got) {
+            let what = format!("{greedy} {mode} {:?}", want.query);
+            assert_eq!(*status, 0, "{what}: status");
+            let run = engine.generate(&want.query, max_gen_len).unwrap();
+            assert_eq!(output, &run.output, "{what}: library vs needlec run");
+            // The reference's own output wherever it had no near-tie to flip.
+            if want.step_gaps.iter().all(|&gap| gap >= 1e-3) {
+                assert_eq!(output, &want.output, "{what}: library vs reference");
+            }
+        }
+    }
+}
+
+#[test]
+fn golden_cases_tiny_both_modes() {
+    check_golden("tiny_random.pkl", "greedy_tiny.json");
+}
+
+#[test]
+fn golden_cases_small_both_modes() {
+    check_golden("small_random.pkl", "greedy_small.json");
+}
+
+/// The bundled trained model: the reference's outputs for all 40 samples in the three
+/// checkpoint/fold combinations.
+#[test]
+fn tiny_needle_samples_all_combinations() {
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let tools = tiny_needle("tools.json");
+    type Combo = (&'static str, Option<FoldMode>, fn(&Sample) -> &str);
+    let combos: [Combo; 3] = [
+        ("tiny-needle.pkl", Some(FoldMode::None), |s| &s.stock_exact),
+        ("tiny-needle.pkl", Some(FoldMode::Tools), |s| {
+            &s.stock_folded
+        }),
+        ("tiny-needle-folded.pkl", None, |s| &s.fold_folded),
+    ];
+    for (i, (checkpoint, fold, expected)) in combos.into_iter().enumerate() {
+        let exe = build_library(&format!("samples-{i}"), |out| {
+            options(
+                &tiny_needle(checkpoint),
+                &tiny_needle("tokenizer.model"),
+                tools.to_str().unwrap(),
+                fold,
+                512,
+                out,
+            )
+        });
+        let got = answers(&exe, "answer", &queries);
+        for (s, (status, output)) in samples.iter().zip(&got) {
+            assert_eq!(*status, 0, "{checkpoint} {fold:?} {:?}", s.query);
+            assert_eq!(output, expected(s), "{checkpoint} {fold:?} {:?}", s.query);
+        }
+    }
+}
+
+/// Statuses, the too-small buffer, bad workspaces, invalid UTF-8, token level, model info, and
+/// concurrent calls from threads with separate workspaces.
+#[test]
+fn c_interface_contracts_and_threads() {
+    let tools = tiny_needle("tools.json");
+    let exe = build_library("contracts", |out| {
+        options(
+            &tiny_needle("tiny-needle-folded.pkl"),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            None,
+            512,
+            out,
+        )
+    });
+    let out = String::from_utf8(run(&exe, &["contracts"], b"").stdout).unwrap();
+    assert!(
+        out.contains("ok call\n") && out.contains("ok tokens\n"),
+        "{out}"
+    );
+    assert!(out.contains("info 1 2048 128 4 2 2 2\n"), "{out}");
+    let names: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("tool "))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "get_weather",
+            "set_timer",
+            "send_message",
+            "play_music",
+            "toggle_lights",
+            "set_alarm"
+        ]
+    );
+
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let queries: Vec<&str> = samples.iter().take(8).map(|s| s.query.as_str()).collect();
+    let threaded = answers(&exe, "threads", &queries);
+    for (s, (status, output)) in samples.iter().zip(&threaded) {
+        assert_eq!((*status, output.as_str()), (0, s.fold_folded.as_str()));
+    }
+}
+
+/// Same inputs, same bytes; every export carries the prefix; nothing is undefined.
+#[test]
+fn builds_are_deterministic_standalone_and_prefixed() {
+    let tools = tiny_needle("tools.json");
+    let build_once = |name: &str| {
+        let dir = work_dir(&format!("determinism-{name}"));
+        let mut opts = options(
+            &tiny_needle("tiny-needle-folded.pkl"),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            None,
+            64,
+            &dir,
+        );
+        opts.name = name.into();
+        opts.emit = vec![Emit::Staticlib, Emit::Header, Emit::Obj];
+        build(&opts).unwrap();
+        let read = |f: String| std::fs::read(dir.join(f)).unwrap();
+        (
+            read(format!("lib{name}.a")),
+            read(format!("{name}.h")),
+            read(format!("{name}.o")),
+        )
+    };
+    let (a1, h1, o1) = build_once("assistant");
+    let (a2, h2, o2) = build_once("assistant");
+    assert!(
+        a1 == a2 && h1 == h2 && o1 == o2,
+        "two builds of the same inputs differ"
+    );
+    let report = needlec::emit::check_standalone(&a1, "assistant_").unwrap();
+    let mut exports = report.exports.clone();
+    exports.sort();
+    assert_eq!(
+        exports,
+        [
+            "assistant_call",
+            "assistant_call_tokens",
+            "assistant_model_info",
+            "assistant_tool_name",
+            "assistant_workspace_size"
+        ]
+    );
+    let header = String::from_utf8(h1).unwrap();
+    for needle in [
+        "#define ASSISTANT_WORKSPACE_SIZE",
+        "#define ASSISTANT_ERR_OUT_TOO_SMALL",
+        "assistant_info",
+        "extern \"C\"",
+    ] {
+        assert!(header.contains(needle), "header lacks {needle}");
+    }
+    // Two models link into one program: a second name gives disjoint symbols.
+    let (b, _, _) = build_once("other");
+    let other = needlec::emit::check_standalone(&b, "other_").unwrap();
+    assert!(other.exports.iter().all(|e| !exports.contains(e)));
+}
+
+/// The header compiles warning-free as C11 and as C++17.
+#[test]
+fn header_compiles_as_c_and_cxx() {
+    let tools = tiny_needle("tools.json");
+    let dir = work_dir("header");
+    build(&options(
+        &tiny_needle("tiny-needle.pkl"),
+        &tiny_needle("tokenizer.model"),
+        tools.to_str().unwrap(),
+        None,
+        64,
+        &dir,
+    ))
+    .unwrap();
+    for (compiler, std, file) in [
+        ("cc", "-std=c11", "use.c"),
+        ("c++", "-std=c++17", "use.cpp"),
+    ] {
+        std::fs::write(
+            dir.join(file),
+            "#include \"needle.h\"\nint main(void) { return (int)needle_workspace_size() == 0; }\n",
+        )
+        .unwrap();
+        let out = std::process::Command::new(compiler)
+            .args([std, "-Wall", "-Wextra", "-pedantic", "-Werror", "-I"])
+            .arg(&dir)
+            .arg(dir.join(file))
+            .arg("-o")
+            .arg(dir.join(format!("{file}.out")))
+            .arg(dir.join("libneedle.a"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{compiler}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
