@@ -325,3 +325,73 @@ fn header_compiles_as_c_and_cxx() {
         );
     }
 }
+
+/// The README's quick start: the example app linked against the bundled model's library.
+#[test]
+fn example_app_answers_like_needlec_run() {
+    let tools = tiny_needle("tools.json");
+    let dir = work_dir("example-app");
+    build(&options(
+        &tiny_needle("tiny-needle-folded.pkl"),
+        &tiny_needle("tokenizer.model"),
+        tools.to_str().unwrap(),
+        None,
+        512,
+        &dir,
+    ))
+    .unwrap();
+    let exe = dir.join("ask");
+    let src = needlec_tests::repo_root().join("examples/c/ask.c");
+    let out = std::process::Command::new(needlec_tests::c::cc())
+        .args(["-std=c11", "-Wall", "-Wextra", "-pedantic", "-Werror", "-I"])
+        .arg(&dir)
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .arg(dir.join("libneedle.a"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(&exe)
+        .arg("Turn off the lights in the kitchen")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "[{\"name\":\"toggle_lights\",\"arguments\":{\"room\":\"kitchen\",\"state\":false}}]\n"
+    );
+}
+
+/// `--cpu native` opts into this machine's ISA extensions (FMA and wider vectors where it has
+/// them): different code, the same answers on the trained model (its decisions are far from ties).
+#[test]
+fn native_cpu_build_gives_the_same_answers() {
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let tools = tiny_needle("tools.json");
+    let exe = build_library("native-cpu", |out| {
+        let mut o = options(
+            &tiny_needle("tiny-needle-folded.pkl"),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            None,
+            512,
+            out,
+        );
+        o.cpu = Some("native".into());
+        o
+    });
+    for (s, (status, output)) in samples.iter().zip(answers(&exe, "answer", &queries)) {
+        assert_eq!(
+            (status, output.as_str()),
+            (0, s.fold_folded.as_str()),
+            "{:?}",
+            s.query
+        );
+    }
+}
