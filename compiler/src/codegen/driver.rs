@@ -318,20 +318,7 @@ pub fn define_driver(
         |g, a, _, f| {
             let (ws, query, qlen, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
             let (validate, tokenize, gen_fn, detok, post) = (f[0], f[1], f[2], f[3], f[4]);
-            check_workspace(g, ws);
-            // *out_len must be writable before anything else can be reported.
-            let cond = g.b.ins().icmp_imm_u(IntCC::Equal, out_len, 0);
-            g.if_then(cond, |g| ret_status(g, "ERR_ARGUMENT"));
-            let zero = g.iconst(0);
-            g.b.ins().store(mem(), zero, out_len, 0);
-            let null_query = g.b.ins().icmp_imm_u(IntCC::Equal, query, 0);
-            let has_len = g.b.ins().icmp_imm_u(IntCC::NotEqual, qlen, 0);
-            let bad_query = g.b.ins().band(null_query, has_len);
-            g.if_then(bad_query, |g| ret_status(g, "ERR_ARGUMENT"));
-            let null_out = g.b.ins().icmp_imm_u(IntCC::Equal, out, 0);
-            let has_cap = g.b.ins().icmp_imm_u(IntCC::NotEqual, cap, 0);
-            let bad_out = g.b.ins().band(null_out, has_cap);
-            g.if_then(bad_out, |g| ret_status(g, "ERR_ARGUMENT"));
+            check_arguments(g, ws, query, qlen, out, cap, out_len);
             let too_long =
                 g.b.ins()
                     .icmp_imm_u(IntCC::UnsignedGreaterThan, qlen, max_query_bytes);
@@ -392,19 +379,7 @@ pub fn define_driver(
     let l = layout.clone();
     ks.define_function(call_tokens, &[], &[generate], |g, a, _, f| {
         let (ws, ids, n, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
-        check_workspace(g, ws);
-        let cond = g.b.ins().icmp_imm_u(IntCC::Equal, out_len, 0);
-        g.if_then(cond, |g| ret_status(g, "ERR_ARGUMENT"));
-        let zero = g.iconst(0);
-        g.b.ins().store(mem(), zero, out_len, 0);
-        let null_ids = g.b.ins().icmp_imm_u(IntCC::Equal, ids, 0);
-        let has_n = g.b.ins().icmp_imm_u(IntCC::NotEqual, n, 0);
-        let bad = g.b.ins().band(null_ids, has_n);
-        g.if_then(bad, |g| ret_status(g, "ERR_ARGUMENT"));
-        let null_out = g.b.ins().icmp_imm_u(IntCC::Equal, out, 0);
-        let has_cap = g.b.ins().icmp_imm_u(IntCC::NotEqual, cap, 0);
-        let bad = g.b.ins().band(null_out, has_cap);
-        g.if_then(bad, |g| ret_status(g, "ERR_ARGUMENT"));
+        check_arguments(g, ws, ids, n, out, cap, out_len);
         // Cut to the model's query limit, then check every id before anything reads it.
         let maxq = g.iconst(max_query_tokens);
         let over = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n, maxq);
@@ -500,6 +475,31 @@ pub fn define_driver(
     })?;
 
     Ok(info)
+}
+
+/// The checks both entry points start with: the workspace, a writable `*out_len` (zeroed, so
+/// every later status leaves it defined), and input/output pointers that are NULL only where
+/// their length is 0.
+fn check_arguments(
+    g: &mut Gen<'_>,
+    ws: Value,
+    input: Value,
+    n: Value,
+    out: Value,
+    cap: Value,
+    out_len: Value,
+) {
+    check_workspace(g, ws);
+    let cond = g.b.ins().icmp_imm_u(IntCC::Equal, out_len, 0);
+    g.if_then(cond, |g| ret_status(g, "ERR_ARGUMENT"));
+    let zero = g.iconst(0);
+    g.b.ins().store(mem(), zero, out_len, 0);
+    for (ptr, len) in [(input, n), (out, cap)] {
+        let null = g.b.ins().icmp_imm_u(IntCC::Equal, ptr, 0);
+        let nonempty = g.b.ins().icmp_imm_u(IntCC::NotEqual, len, 0);
+        let bad = g.b.ins().band(null, nonempty);
+        g.if_then(bad, |g| ret_status(g, "ERR_ARGUMENT"));
+    }
 }
 
 /// Returns `ERR_WORKSPACE` when `ws` is NULL or misaligned.
