@@ -1,7 +1,8 @@
 /*
- * Test harness for needlec's generated kernels (compiler/tests/codegen_kernels.rs).
+ * Test harness for the object built by compiler/tests/codegen_kernels.rs: needlec's inline exp
+ * (nk_exp) and an embedded table read through a local function (nk_table).
  *
- * Usage: kernels_harness KERNEL [ARGS...] < input
+ * Usage: kernels_harness exp N < N floats | kernels_harness table N
  * Floats travel as their IEEE-754 bit patterns in hex (8 digits), sizes as decimal, so that
  * nothing is lost to decimal conversion. Output: one token per line.
  *
@@ -68,12 +69,12 @@ static void need_args(int argc, int n) {
 int main(int argc, char **argv) {
     const char *k;
     if (argc < 2) {
-        fprintf(stderr, "usage: kernels_harness KERNEL [ARGS...] < input\n");
+        fprintf(stderr, "usage: kernels_harness exp|table N [< input]\n");
         return 2;
     }
     k = argv[1];
-    if (strcmp(k, "exp") == 0 || strcmp(k, "sigmoid") == 0) {
-        /* exp N / sigmoid N: N floats in, N out (computed out of place, then in place). */
+    if (strcmp(k, "exp") == 0) {
+        /* exp N: N floats in, N out (computed out of place, then in place). */
         size_t n;
         float *x, *y;
         need_args(argc, 3);
@@ -83,13 +84,8 @@ int main(int argc, char **argv) {
         if (!y) {
             return 2;
         }
-        if (k[0] == 'e') {
-            nk_exp(x, y, n);
-            nk_exp(x, x, n);
-        } else {
-            nk_sigmoid(x, y, n);
-            nk_sigmoid(x, x, n);
-        }
+        nk_exp(x, y, n);
+        nk_exp(x, x, n);
         if (n && memcmp(x, y, n * sizeof *x) != 0) {
             fprintf(stderr, "harness: in-place result differs\n");
             return 1;
@@ -97,74 +93,21 @@ int main(int argc, char **argv) {
         print_floats(y, n);
         free(x);
         free(y);
-    } else if (strcmp(k, "softmax") == 0) {
-        size_t rows, n;
-        float *x;
-        need_args(argc, 4);
-        rows = read_size(argv[2]);
-        n = read_size(argv[3]);
-        x = read_floats(rows * n);
-        nk_softmax(x, rows, n);
-        print_floats(x, rows * n);
-        free(x);
-    } else if (strcmp(k, "argmax") == 0) {
-        size_t n;
-        float *x;
+    } else if (strcmp(k, "table") == 0) {
+        /* table N: entries 0..N-1 of the embedded table, N <= NK_TABLE_LEN. */
+        size_t n, i;
         need_args(argc, 3);
         n = read_size(argv[2]);
-        x = read_floats(n);
-        printf("%zu\n", nk_argmax(x, n));
-        free(x);
-    } else if (strcmp(k, "norm") == 0) {
-        size_t rows;
-        float *x, *y;
-        need_args(argc, 3);
-        rows = read_size(argv[2]);
-        x = read_floats(rows * NK_NORM_D);
-        y = malloc((rows ? rows : 1) * NK_NORM_D * sizeof *y);
-        if (!y) {
+        if (n > NK_TABLE_LEN) {
+            fprintf(stderr, "harness: the table has %d entries\n", NK_TABLE_LEN);
             return 2;
         }
-        nk_norm(x, y, rows);
-        print_floats(y, rows * NK_NORM_D);
-        free(x);
-        free(y);
-    } else if (strcmp(k, "matmul") == 0 || strcmp(k, "matmul16") == 0) {
-        size_t rows, kk, nn;
-        float *x, *y;
-        int wide = strcmp(k, "matmul") == 0;
-        need_args(argc, 3);
-        rows = read_size(argv[2]);
-        kk = wide ? NK_MM_K : NK_MM16_K;
-        nn = wide ? NK_MM_N : NK_MM16_N;
-        x = read_floats(rows * kk);
-        y = malloc((rows ? rows : 1) * nn * sizeof *y);
-        if (!y) {
-            return 2;
+        for (i = 0; i < n; i++) {
+            float v = nk_table(i);
+            print_floats(&v, 1);
         }
-        if (wide) {
-            nk_matmul(x, y, rows);
-        } else {
-            nk_matmul16(x, y, rows);
-        }
-        print_floats(y, rows * nn);
-        free(x);
-        free(y);
-    } else if (strcmp(k, "rope") == 0) {
-        size_t rows, pos0, n;
-        float *x;
-        int32_t rc;
-        need_args(argc, 4);
-        rows = read_size(argv[2]);
-        pos0 = read_size(argv[3]);
-        n = rows * NK_ROPE_HEADS * NK_ROPE_HEAD_DIM;
-        x = read_floats(n);
-        rc = nk_rope(x, rows, pos0);
-        printf("%" PRId32 "\n", rc);
-        print_floats(x, n);
-        free(x);
     } else {
-        fprintf(stderr, "harness: unknown kernel '%s'\n", k);
+        fprintf(stderr, "harness: unknown command '%s'\n", k);
         return 2;
     }
     return 0;

@@ -1,5 +1,8 @@
-//! Code generation with Cranelift: the building layer ([`gen`]), inline math ([`math`]),
-//! embedded weights ([`weights`]) and the kernels ([`kernels`]).
+//! Code generation with Cranelift: the object builder every generator writes into
+//! ([`kernels::KernelSet`]), the building layer ([`gen`]), inline math ([`math`]), embedded
+//! weights ([`weights`]), and the generators that use them: the model ([`model`]), the
+//! tokenizer ([`tokenizer`]), the grammar ([`grammar`]), the output text path ([`output`]), the
+//! C-interface driver ([`driver`]) and the whole library ([`library`]).
 //!
 //! Generated code references no symbol outside its own object: no libc, no libm, no allocator.
 //! Cranelift silently lowers a few instructions to library calls on some targets (`fma` below
@@ -19,7 +22,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use gen::{Gen, V4};
-pub use kernels::{KernelSet, RopeRef, RopeTables};
+pub use kernels::KernelSet;
 pub use weights::{WeightFormat, WeightRef};
 
 use needle_targets::TargetError;
