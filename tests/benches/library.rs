@@ -76,12 +76,19 @@ fn library_time(dir: &Path, checkpoint: &Path, fold: FoldMode, max_gen_len: usiz
 fn main() {
     let dir = work_dir("bench-library");
     let config = Config::full();
-    let ckpt = needlec::synth::synth_checkpoint(&config, 11, DType::F32);
-    let path = dir.join("full.safetensors");
-    needlec::load::save_safetensors(&ckpt, &path).unwrap();
-    let model = Model::from_checkpoint(&ckpt).unwrap();
     let tokenizer = load_tokenizer(&golden("dev4k.model")).unwrap();
     let tools = parse_tools(TOOLS).unwrap().context();
+    // With tied embeddings a random model predicts the token it was fed, so it answers EOS to
+    // the initial EOS and stops. Zeroing the EOS row of the embedding keeps its logit at 0 while
+    // others are larger, so the random model decodes the whole length and the steps timed are
+    // real decoder steps (the arithmetic is unchanged).
+    let mut ckpt = needlec::synth::synth_checkpoint(&config, 11, DType::F32);
+    let embedding = ckpt.tensors.get_mut("embedding/embedding").unwrap();
+    embedding.bytes[4 * config.d_model..8 * config.d_model].fill(0);
+    let model = Model::from_checkpoint(&ckpt).unwrap();
+    let path = dir.join("full.safetensors");
+    needlec::load::save_safetensors(&ckpt, &path).unwrap();
+
     println!(
         "full-size random checkpoint: D={} H={} K={} {}+{} layers V={}, f32; 3 tools; query {QUERY:?}",
         config.d_model, config.num_heads, config.num_kv_heads, config.num_encoder_layers, config.num_decoder_layers,
@@ -94,6 +101,13 @@ fn main() {
     for fold in [FoldMode::None, FoldMode::Tools] {
         let engine = Engine::new(model.clone(), tokenizer.clone(), tools.clone(), fold).unwrap();
         let prompt = engine.prompt(QUERY);
+        let generated = engine.generate(QUERY, DECODE_LEN).unwrap().gen_ids.len();
+        assert_eq!(
+            generated,
+            DECODE_LEN - 1,
+            "{}: the random model stopped early",
+            fold.name()
+        );
         // Tokens the encoder runs per query: the whole prompt exact, the query alone folded.
         let prefill_tokens = if fold == FoldMode::Tools {
             prompt.n_query_tokens
