@@ -247,3 +247,99 @@ fn inspect_and_convert_round_trip() {
     assert_eq!(a, b);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn unsupported_targets_are_refused_before_any_work() {
+    for triple in [
+        "riscv32gc-unknown-linux-gnu",
+        "armv7-unknown-linux-gnueabihf",
+        "i686-unknown-linux-gnu",
+        "wasm32-unknown-unknown",
+    ] {
+        // The checkpoint does not exist: the target must be refused before anything is read.
+        let out = needlec(&[
+            "build",
+            "--checkpoint",
+            "/nonexistent.pkl",
+            "--tokenizer",
+            "/nonexistent.model",
+            "--tools",
+            "[]",
+            "--target",
+            triple,
+            "--out-dir",
+            "/tmp/needlec-never",
+        ]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("target `{triple}` is not supported")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("Cranelift has no code generator"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("aarch64-linux-android")
+                && stderr.contains("riscv64gc-unknown-linux-gnu"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("nonexistent"), "{stderr}");
+    }
+}
+
+#[test]
+fn targets_lists_every_triple_with_its_options() {
+    let out = stdout(&needlec(&["targets"]));
+    for triple in [
+        "x86_64-unknown-linux-gnu",
+        "x86_64-apple-darwin",
+        "x86_64-pc-windows-msvc",
+        "aarch64-unknown-linux-gnu",
+        "aarch64-linux-android",
+        "aarch64-apple-darwin",
+        "aarch64-apple-ios",
+        "riscv64gc-unknown-linux-gnu",
+    ] {
+        assert!(out.contains(triple), "{triple} missing:\n{out}");
+    }
+    assert!(
+        out.contains("x86-64-v3") && out.contains("dotprod") && out.contains("--features: v,"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_cpu_and_feature_are_named() {
+    let base = [
+        "build",
+        "--checkpoint",
+        "/x.pkl",
+        "--tokenizer",
+        "/x.model",
+        "--tools",
+        "[]",
+        "--out-dir",
+        "/tmp/n",
+    ];
+    let mut args = base.to_vec();
+    args.extend([
+        "--target",
+        "aarch64-unknown-linux-gnu",
+        "--features",
+        "avx2",
+    ]);
+    let stderr = String::from_utf8(needlec(&args).stderr).unwrap();
+    assert!(
+        stderr.contains("unknown feature `avx2`") && stderr.contains("dotprod"),
+        "{stderr}"
+    );
+    let mut args = base.to_vec();
+    args.extend(["--target", "x86_64-unknown-linux-gnu", "--cpu", "pentium"]);
+    let stderr = String::from_utf8(needlec(&args).stderr).unwrap();
+    assert!(
+        stderr.contains("unknown --cpu `pentium`") && stderr.contains("x86-64-v3"),
+        "{stderr}"
+    );
+}

@@ -477,7 +477,16 @@ impl Target {
             "riscv64gc-unknown-linux-gnu" => TestToolchain {
                 cc: "riscv64-linux-gnu-gcc",
                 cc_args: &["-static"],
-                runner: Some(&["qemu-riscv64"]),
+                // Code built with `v` needs an emulated CPU that has the vector extension.
+                runner: Some(if self.has("v") {
+                    &[
+                        "qemu-riscv64",
+                        "-cpu",
+                        "rv64,v=true,vlen=128,vext_spec=v1.0",
+                    ]
+                } else {
+                    &["qemu-riscv64"]
+                }),
                 link: &["ld.lld", "-shared"],
             },
             "aarch64-linux-android" => TestToolchain {

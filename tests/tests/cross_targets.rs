@@ -19,7 +19,7 @@ use needlec_tests::{golden, read_json, GreedyCase};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 fn options(
-    target: &str,
+    target: &Target,
     checkpoint: &str,
     tools: &str,
     fold: FoldMode,
@@ -29,9 +29,9 @@ fn options(
         checkpoint: golden(checkpoint),
         tokenizer: golden("dev4k.model"),
         tools: tools.to_string(),
-        target: target.to_string(),
+        target: target.name.to_string(),
         cpu: None,
-        features: vec![],
+        features: target.features.iter().map(|f| f.to_string()).collect(),
         fold: Some(fold),
         max_gen_len: 40,
         name: "needle".into(),
@@ -152,21 +152,40 @@ fn golden_groups() -> Vec<(String, Vec<String>)> {
 }
 
 fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
+    check_emulated_with(
+        triple,
+        &[],
+        &["tiny_random.pkl", "small_random.pkl"],
+        cc,
+        cc_package,
+        qemu,
+    );
+}
+
+fn check_emulated_with(
+    triple: &str,
+    features: &[&str],
+    checkpoints: &[&str],
+    cc: &str,
+    cc_package: &str,
+    qemu: &str,
+) {
     require(cc, cc_package);
     require(qemu, "qemu-user");
     let host = Target::host().unwrap();
-    let target = Target::from_triple(triple).unwrap();
-    for checkpoint in ["tiny_random.pkl", "small_random.pkl"] {
+    let target = Target::with_features(triple, features).unwrap();
+    for &checkpoint in checkpoints {
         for fold in [FoldMode::None, FoldMode::Tools] {
             for (g, (tools, queries)) in golden_groups().iter().enumerate() {
                 let queries: Vec<&str> = queries.iter().map(String::as_str).collect();
-                let tag = format!("{triple}-{checkpoint}-{}-{g}", fold.name());
+                let tag = format!("{target}-{checkpoint}-{}-{g}", fold.name())
+                    .replace([' ', '(', ')', ',', '+'], "_");
                 let dir = work_dir(&tag);
                 let outputs: Vec<String> = [&host, &target]
                     .iter()
                     .map(|t| {
                         let out = dir.join(t.name);
-                        build(&options(t.name, checkpoint, tools, fold, &out)).unwrap();
+                        build(&options(t, checkpoint, tools, fold, &out)).unwrap();
                         let exe = harness_for(t, &out);
                         run_queries(t, &exe, &queries)
                     })
@@ -213,7 +232,7 @@ fn every_target_object_is_well_formed_and_links() {
         let target = Target::from_triple(t.triple).unwrap();
         let dir = work_dir(&format!("objects-{}", t.triple));
         build(&options(
-            t.triple,
+            &target,
             "tiny_random.pkl",
             &tools,
             FoldMode::Tools,
@@ -310,4 +329,18 @@ fn every_target_object_is_well_formed_and_links() {
             String::from_utf8_lossy(&res.stderr)
         );
     }
+}
+
+/// `--features v`: the RISC-V vector extension changes the code (f32x4 through RVV); run under
+/// an emulated CPU that has it, it still matches the host byte for byte.
+#[test]
+fn riscv64_vector_extension_under_qemu_matches_host() {
+    check_emulated_with(
+        "riscv64gc-unknown-linux-gnu",
+        &["v"],
+        &["tiny_random.pkl"],
+        "riscv64-linux-gnu-gcc",
+        "gcc-riscv64-linux-gnu",
+        "qemu-riscv64",
+    );
 }
