@@ -195,29 +195,52 @@ impl Engine {
         if max_gen_len < 2 {
             return Err(EngineError::MaxGenLen(max_gen_len));
         }
+        Ok(
+            self.decode(query, max_gen_len - 1, |_, logits, allowed| match allowed {
+                Some(ids) => argmax_among(logits, ids),
+                None => argmax(logits),
+            }),
+        )
+    }
+
+    /// Teacher-forced run over `[EOS, <tool_call>] + answer_ids`: the logits at every decoder
+    /// position and what the grammar would have allowed there.
+    pub fn forced(&self, query: &str, answer_ids: &[u32]) -> Result<Generation, EngineError> {
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = answer_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { id, vocab });
+        }
+        let mut forced = vec![TOOL_CALL_ID];
+        forced.extend_from_slice(answer_ids);
+        Ok(self.decode(query, forced.len() + 1, |i, _, _| {
+            forced.get(i).copied().unwrap_or(EOS_ID)
+        }))
+    }
+
+    /// The decode loop both views share: from `[EOS]`, at most `max_steps` decoder steps, each
+    /// recording the logits and the grammar's view, then taking `choose(step, logits, allowed)`
+    /// as the next token; EOS ends it.
+    fn decode(
+        &self,
+        query: &str,
+        max_steps: usize,
+        mut choose: impl FnMut(usize, &[f32], Option<&[u32]>) -> u32,
+    ) -> Generation {
         let prompt = self.prompt(query);
         let cross = self.encode_prompt(&prompt);
         let mut cache = DecoderCache::new(&self.model);
         let mut grammar = Grammar::new(&self.grammar);
         let mut dec_ids = vec![EOS_ID];
-        let mut gen_ids = Vec::new();
         let mut steps = Vec::new();
-        for _ in 0..max_gen_len - 1 {
-            let logits = decoder_step(
-                &self.model,
-                &cross,
-                &mut cache,
-                *dec_ids.last().expect("starts with EOS"),
-            );
+        for i in 0..max_steps {
+            let token = *dec_ids.last().expect("starts with EOS");
+            let logits = decoder_step(&self.model, &cross, &mut cache, token);
             let allowed = if grammar.is_active() {
                 grammar.allowed()
             } else {
                 None
             };
-            let next = match &allowed {
-                Some(ids) => argmax_among(&logits, ids),
-                None => argmax(&logits),
-            };
+            let next = choose(i, &logits, allowed);
             steps.push(Step {
                 top: top_k(&logits, 5),
                 grammar_active: allowed.is_some(),
@@ -228,67 +251,19 @@ impl Engine {
                 break;
             }
             grammar.feed_token(next);
-            gen_ids.push(next);
             dec_ids.push(next);
-        }
-        let text = self.tokenizer.decode(&gen_ids);
-        let output = postprocess(&text, &self.tools.name_map);
-        Ok(Generation {
-            prompt,
-            dec_ids,
-            gen_ids,
-            text,
-            output,
-            steps,
-        })
-    }
-
-    /// Teacher-forced run over `[EOS, <tool_call>] + answer_ids`: the logits at every decoder
-    /// position and what the grammar would have allowed there.
-    pub fn forced(&self, query: &str, answer_ids: &[u32]) -> Result<Generation, EngineError> {
-        if let Some(&id) = answer_ids
-            .iter()
-            .find(|&&id| id as usize >= self.model.config.vocab_size)
-        {
-            return Err(EngineError::TokenOutOfRange {
-                id,
-                vocab: self.model.config.vocab_size,
-            });
-        }
-        let prompt = self.prompt(query);
-        let cross = self.encode_prompt(&prompt);
-        let mut cache = DecoderCache::new(&self.model);
-        let mut grammar = Grammar::new(&self.grammar);
-        let mut dec_ids = vec![EOS_ID, TOOL_CALL_ID];
-        dec_ids.extend_from_slice(answer_ids);
-        let mut steps = Vec::with_capacity(dec_ids.len());
-        for (i, &token) in dec_ids.iter().enumerate() {
-            let logits = decoder_step(&self.model, &cross, &mut cache, token);
-            let allowed = if grammar.is_active() {
-                grammar.allowed()
-            } else {
-                None
-            };
-            let next = dec_ids.get(i + 1).copied().unwrap_or(EOS_ID);
-            steps.push(Step {
-                top: top_k(&logits, 5),
-                grammar_active: allowed.is_some(),
-                allowed: allowed.map(<[u32]>::len),
-                next,
-            });
-            grammar.feed_token(next);
         }
         let gen_ids = dec_ids[1..].to_vec();
         let text = self.tokenizer.decode(&gen_ids);
         let output = postprocess(&text, &self.tools.name_map);
-        Ok(Generation {
+        Generation {
             prompt,
             dec_ids,
             gen_ids,
             text,
             output,
             steps,
-        })
+        }
     }
 }
 
