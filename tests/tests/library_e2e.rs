@@ -395,3 +395,43 @@ fn native_cpu_build_gives_the_same_answers() {
         );
     }
 }
+
+/// A query longer than the tool list leaves room for: the folded library cuts it as
+/// `needlec run --fold tools` does; the exact library refuses it, since the reference would cut
+/// the tool list instead and a cut query would silently differ.
+#[test]
+fn long_queries_are_cut_when_folded_and_refused_when_exact() {
+    let tools = tiny_needle("tools.json");
+    let long = "please set a timer for ten minutes ".repeat(150);
+    let short = "Start a 35 minute timer.";
+    let loaded = needlec::frontend::load(
+        &tiny_needle("tiny-needle-folded.pkl"),
+        &tiny_needle("tokenizer.model"),
+        tools.to_str().unwrap(),
+        None,
+    )
+    .unwrap();
+    assert!(
+        loaded.engine.prompt(&long).n_query_tokens < loaded.engine.tokenizer.encode(&long).len()
+    );
+    for fold in [FoldMode::Tools, FoldMode::None] {
+        let exe = build_library(&format!("long-{}", fold.name()), |out| {
+            options(
+                &tiny_needle("tiny-needle-folded.pkl"),
+                &tiny_needle("tokenizer.model"),
+                tools.to_str().unwrap(),
+                Some(fold),
+                512,
+                out,
+            )
+        });
+        let got = answers(&exe, "answer", &[&long, short]);
+        assert_eq!(got[1].0, 0, "{fold:?}: a short query still works");
+        if fold == FoldMode::Tools {
+            let want = loaded.engine.generate(&long, 512).unwrap().output;
+            assert_eq!(got[0], (0, want), "folded: cut like needlec run");
+        } else {
+            assert_eq!(got[0], (4, String::new()), "exact: ERR_QUERY_TOO_LONG");
+        }
+    }
+}

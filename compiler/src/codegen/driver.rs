@@ -83,6 +83,10 @@ fn align_up(x: usize, a: usize) -> usize {
 #[derive(Clone, Debug)]
 pub struct DriverLimits {
     pub max_query_bytes: usize,
+    /// Refuse (rather than cut) queries of more than the model's query tokens. Exact mode sets
+    /// it when the tool list bounds the query below the reference's 1022 tokens: there the
+    /// reference would cut the tool list instead, so cutting the query would silently differ.
+    pub refuse_long_queries: bool,
     pub max_gen_len: usize,
     pub vocab_size: usize,
 }
@@ -151,7 +155,8 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> (WorkspaceLayout, Libra
     let max_output_bytes = parts.output.max_output_bytes(max_text_bytes);
     let grammar_state = region(parts.grammar.state_bytes);
     let n_allowed = region(8);
-    let query_ids = region(4 * parts.model.max_query_tokens.max(1));
+    // One id more than the model reads: enough to tell a query that was cut.
+    let query_ids = region(4 * (parts.model.max_query_tokens + 1));
     let gen_ids = region(4 * max_steps);
     let tokenizer_scratch = region(parts.tokenizer.scratch_bytes);
     let text = region(max_text_bytes.max(1));
@@ -303,6 +308,7 @@ pub fn define_driver(
     )?;
     let l = layout.clone();
     let max_query_tokens = parts.model.max_query_tokens as i64;
+    let refuse_long = limits.refuse_long_queries;
     let max_query_bytes = limits.max_query_bytes as i64;
     let max_output_bytes = info.max_output_bytes as i64;
     ks.define_function(
@@ -329,10 +335,11 @@ pub fn define_driver(
 
             let ids = at(g, ws, l.query_ids);
             let scratch = at(g, ws, l.tokenizer_scratch);
-            let max_ids = g.iconst(max_query_tokens);
+            let max_ids = g.iconst(max_query_tokens + 1);
             let n = g
                 .call(tokenize, &[query, qlen, ids, max_ids, scratch])
                 .expect("returns");
+            let n = cut_query(g, n, max_query_tokens, refuse_long);
             let n_gen = g.call(gen_fn, &[ws, ids, n]).expect("returns");
             let gen = at(g, ws, l.gen_ids);
             let text = at(g, ws, l.text);
@@ -381,9 +388,7 @@ pub fn define_driver(
         let (ws, ids, n, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
         check_arguments(g, ws, ids, n, out, cap, out_len);
         // Cut to the model's query limit, then check every id before anything reads it.
-        let maxq = g.iconst(max_query_tokens);
-        let over = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n, maxq);
-        let n = g.b.ins().select(over, maxq, n);
+        let n = cut_query(g, n, max_query_tokens, refuse_long);
         g.for_n(n, |g, i| {
             let id = load_i32(g, ids, i);
             let bad =
@@ -499,6 +504,19 @@ fn check_arguments(
         let nonempty = g.b.ins().icmp_imm_u(IntCC::NotEqual, len, 0);
         let bad = g.b.ins().band(null, nonempty);
         g.if_then(bad, |g| ret_status(g, "ERR_ARGUMENT"));
+    }
+}
+
+/// The query's token count after the model's limit: cut to `max` tokens, or, when `refuse`,
+/// `ERR_QUERY_TOO_LONG` for more.
+fn cut_query(g: &mut Gen<'_>, n: Value, max: i64, refuse: bool) -> Value {
+    let over = g.b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, n, max);
+    if refuse {
+        g.if_then(over, |g| ret_status(g, "ERR_QUERY_TOO_LONG"));
+        n
+    } else {
+        let maxv = g.iconst(max);
+        g.b.ins().select(over, maxv, n)
     }
 }
 

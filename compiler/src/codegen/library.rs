@@ -72,6 +72,8 @@ pub fn generate(
     };
     let limits = DriverLimits {
         max_query_bytes: MAX_QUERY_BYTES,
+        refuse_long_queries: compiled.fold == FoldMode::None
+            && model.max_query_tokens < needle_runtime::decode::MAX_QUERY_TOKENS,
         max_gen_len,
         vocab_size: compiled.model.config.vocab_size,
     };
