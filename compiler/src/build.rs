@@ -169,6 +169,8 @@ pub struct BuildReport {
     pub written: Vec<PathBuf>,
     /// Set when the fold mode departs from the checkpoint's semantics: show it once.
     pub fold_warning: Option<String>,
+    /// One line for the user: target, fold mode, workspace size.
+    pub summary: String,
 }
 
 /// Runs the whole build and writes the requested files.
@@ -221,8 +223,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         write(&path, &bytes)?;
         written.push(path);
     }
+    let summary = match &library {
+        Some(lib) => format!(
+            "{target}, --fold {}: {} query tokens at most, workspace {} bytes, code and data {} bytes",
+            compiled.fold.name(),
+            lib.info.max_query_tokens,
+            lib.info.layout.total,
+            lib.object.len()
+        ),
+        None => format!("{target}, --fold {}", compiled.fold.name()),
+    };
     Ok(BuildReport {
         written,
+        summary,
         fold_warning: compiled.fold_warning,
     })
 }

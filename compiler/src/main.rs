@@ -207,6 +207,7 @@ fn real_main() -> Result<()> {
             if let Some(warning) = report.fold_warning {
                 eprintln!("warning: {warning}");
             }
+            eprintln!("{}", report.summary);
             for path in report.written {
                 eprintln!("wrote {}", path.display());
             }
