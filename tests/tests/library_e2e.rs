@@ -41,6 +41,24 @@ fn options(
     }
 }
 
+/// Options for the bundled trained model (`examples/tiny-needle/`) with its 6-tool list.
+fn bundled(
+    checkpoint: &str,
+    fold: Option<FoldMode>,
+    max_gen_len: usize,
+    out: &Path,
+) -> BuildOptions {
+    let tools = tiny_needle("tools.json");
+    options(
+        &tiny_needle(checkpoint),
+        &tiny_needle("tokenizer.model"),
+        tools.to_str().expect("UTF-8 path"),
+        fold,
+        max_gen_len,
+        out,
+    )
+}
+
 /// Builds `libneedle.a` + `needle.h` into a fresh directory and links the harness against them.
 fn build_library(test: &str, opts_for: impl FnOnce(&Path) -> BuildOptions) -> PathBuf {
     let dir = work_dir(test);
@@ -155,7 +173,6 @@ fn golden_cases_small_both_modes() {
 fn tiny_needle_samples_all_combinations() {
     let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
     let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
-    let tools = tiny_needle("tools.json");
     type Combo = (&'static str, Option<FoldMode>, fn(&Sample) -> &str);
     let combos: [Combo; 3] = [
         ("tiny-needle.pkl", Some(FoldMode::None), |s| &s.stock_exact),
@@ -166,14 +183,7 @@ fn tiny_needle_samples_all_combinations() {
     ];
     for (i, (checkpoint, fold, expected)) in combos.into_iter().enumerate() {
         let exe = build_library(&format!("samples-{i}"), |out| {
-            options(
-                &tiny_needle(checkpoint),
-                &tiny_needle("tokenizer.model"),
-                tools.to_str().unwrap(),
-                fold,
-                512,
-                out,
-            )
+            bundled(checkpoint, fold, 512, out)
         });
         let got = answers(&exe, "answer", &queries);
         for (s, (status, output)) in samples.iter().zip(&got) {
@@ -187,16 +197,8 @@ fn tiny_needle_samples_all_combinations() {
 /// concurrent calls from threads with separate workspaces.
 #[test]
 fn c_interface_contracts_and_threads() {
-    let tools = tiny_needle("tools.json");
     let exe = build_library("contracts", |out| {
-        options(
-            &tiny_needle("tiny-needle-folded.pkl"),
-            &tiny_needle("tokenizer.model"),
-            tools.to_str().unwrap(),
-            None,
-            512,
-            out,
-        )
+        bundled("tiny-needle-folded.pkl", None, 512, out)
     });
     let out = String::from_utf8(run(&exe, &["contracts"], b"").stdout).unwrap();
     assert!(
@@ -231,17 +233,9 @@ fn c_interface_contracts_and_threads() {
 /// Same inputs, same bytes; every export carries the prefix; nothing is undefined.
 #[test]
 fn builds_are_deterministic_standalone_and_prefixed() {
-    let tools = tiny_needle("tools.json");
     let build_once = |name: &str| {
         let dir = work_dir(&format!("determinism-{name}"));
-        let mut opts = options(
-            &tiny_needle("tiny-needle-folded.pkl"),
-            &tiny_needle("tokenizer.model"),
-            tools.to_str().unwrap(),
-            None,
-            64,
-            &dir,
-        );
+        let mut opts = bundled("tiny-needle-folded.pkl", None, 64, &dir);
         opts.name = name.into();
         opts.emit = vec![Emit::Staticlib, Emit::Header, Emit::Obj];
         build(&opts).unwrap();
@@ -289,17 +283,8 @@ fn builds_are_deterministic_standalone_and_prefixed() {
 /// The header compiles warning-free as C11 and as C++17.
 #[test]
 fn header_compiles_as_c_and_cxx() {
-    let tools = tiny_needle("tools.json");
     let dir = work_dir("header");
-    build(&options(
-        &tiny_needle("tiny-needle.pkl"),
-        &tiny_needle("tokenizer.model"),
-        tools.to_str().unwrap(),
-        None,
-        64,
-        &dir,
-    ))
-    .unwrap();
+    build(&bundled("tiny-needle.pkl", None, 64, &dir)).unwrap();
     for (compiler, std, file) in [
         ("cc", "-std=c11", "use.c"),
         ("c++", "-std=c++17", "use.cpp"),
@@ -329,17 +314,8 @@ fn header_compiles_as_c_and_cxx() {
 /// The README's quick start: the example app linked against the bundled model's library.
 #[test]
 fn example_app_answers_like_needlec_run() {
-    let tools = tiny_needle("tools.json");
     let dir = work_dir("example-app");
-    build(&options(
-        &tiny_needle("tiny-needle-folded.pkl"),
-        &tiny_needle("tokenizer.model"),
-        tools.to_str().unwrap(),
-        None,
-        512,
-        &dir,
-    ))
-    .unwrap();
+    build(&bundled("tiny-needle-folded.pkl", None, 512, &dir)).unwrap();
     let exe = dir.join("ask");
     let src = needlec_tests::repo_root().join("examples/c/ask.c");
     let out = std::process::Command::new(needlec_tests::c::cc())
@@ -373,16 +349,8 @@ fn example_app_answers_like_needlec_run() {
 fn native_cpu_build_gives_the_same_answers() {
     let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
     let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
-    let tools = tiny_needle("tools.json");
     let exe = build_library("native-cpu", |out| {
-        let mut o = options(
-            &tiny_needle("tiny-needle-folded.pkl"),
-            &tiny_needle("tokenizer.model"),
-            tools.to_str().unwrap(),
-            None,
-            512,
-            out,
-        );
+        let mut o = bundled("tiny-needle-folded.pkl", None, 512, out);
         o.cpu = Some("native".into());
         o
     });
@@ -416,14 +384,7 @@ fn long_queries_are_cut_when_folded_and_refused_when_exact() {
     );
     for fold in [FoldMode::Tools, FoldMode::None] {
         let exe = build_library(&format!("long-{}", fold.name()), |out| {
-            options(
-                &tiny_needle("tiny-needle-folded.pkl"),
-                &tiny_needle("tokenizer.model"),
-                tools.to_str().unwrap(),
-                Some(fold),
-                512,
-                out,
-            )
+            bundled("tiny-needle-folded.pkl", Some(fold), 512, out)
         });
         let got = answers(&exe, "answer", &[&long, short]);
         assert_eq!(got[1].0, 0, "{fold:?}: a short query still works");
