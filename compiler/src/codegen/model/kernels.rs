@@ -156,6 +156,7 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
         (CType::SizeT, "rows"),
     ];
     let w = *w;
+    let fma = ks.target().native_fma();
     internal(
         ks,
         name,
@@ -188,12 +189,18 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
                                     c,
                                     j0,
                                     width: width.min(8),
+                                    fma,
                                 };
                                 mm_tile(g, &blk, &w, x, y, r, 4, cols);
                             }
                         });
                         g.for_range(rows4, rows, 1, |g, r| {
-                            let cols = MmCols { c, j0: 0, width };
+                            let cols = MmCols {
+                                c,
+                                j0: 0,
+                                width,
+                                fma,
+                            };
                             mm_tile(g, &blk, &w, x, y, r, 1, cols);
                         });
                     });
@@ -211,6 +218,8 @@ struct MmCols {
     c: Value,
     j0: i64,
     width: i64,
+    /// The target fuses multiply-adds ([`Gen::mul_add`]).
+    fma: bool,
 }
 
 /// Rows `r..r+tile` of the product, columns `cols`.
@@ -234,7 +243,7 @@ fn mm_tile(
     let yrows: Vec<Value> = (0..tile)
         .map(|i| g.b.ins().iadd_imm_s(yrow0, i as i64 * n * 4))
         .collect();
-    let MmCols { c, j0, width } = cols;
+    let MmCols { c, j0, width, fma } = cols;
     if width >= 4 {
         let nv = width / 4;
         let zero = g.vconst(0.0);
@@ -249,7 +258,15 @@ fn mm_tile(
                 let xs = g.vsplat(xv);
                 for (j, &acc) in acc_row.iter().enumerate() {
                     let cur = g.vget(acc);
-                    let nxt = g.vmul_add(xs, ws[j], cur);
+                    // Unfused: `acc + x * w` rather than `x * w + acc` (the same sum) so that
+                    // two-operand SSE adds into the accumulator's register, without a move
+                    // per accumulator at the end of each step.
+                    let nxt = if fma {
+                        g.vmul_add(xs, ws[j], cur)
+                    } else {
+                        let m = g.vmul(xs, ws[j]);
+                        g.vadd(cur, m)
+                    };
                     g.vset(acc, nxt);
                 }
             }
