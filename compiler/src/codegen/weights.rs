@@ -221,3 +221,28 @@ impl WeightRow {
         g.b.ins().load(types::F32, mem_ro(), self.ptr, off)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panel_layout_is_k_major_panels_then_a_row_major_tail() {
+        let (k, n) = (3, 19);
+        let values: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        let packed = WeightFormat::F32Panels.layout(k, n, &values);
+        assert_eq!(packed.len(), values.len());
+        let np = n / PANEL * PANEL;
+        for kk in 0..k {
+            for c in 0..n {
+                let at = if c < np {
+                    c / PANEL * k * PANEL + kk * PANEL + c % PANEL
+                } else {
+                    np * k + kk * (n - np) + (c - np)
+                };
+                assert_eq!(packed[at], values[kk * n + c], "W[{kk}][{c}]");
+            }
+        }
+        assert_eq!(WeightFormat::F32.layout(k, n, &values), values);
+    }
+}
