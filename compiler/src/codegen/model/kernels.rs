@@ -13,7 +13,7 @@ use cranelift_module::{DataId, FuncId};
 
 use crate::codegen::gen::{mem, mem_ro, Gen, V4Var};
 use crate::codegen::math;
-use crate::codegen::weights::{WeightAccess, WeightRef};
+use crate::codegen::weights::{WeightAccess, WeightBlock, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
 use crate::emit::CType;
 
@@ -142,10 +142,13 @@ pub fn embed(
 /// `void matmul(const float *x, float *y, size_t rows)`: `y = x @ W`, W `[k][n]` embedded;
 /// `y` must not overlap `x`.
 ///
-/// Rows in tiles of 4 (each weight vector loaded once serves four rows: the encoder is bound
-/// by weight traffic otherwise), columns in blocks of 8 within a tile (8 accumulators plus the
-/// weights and broadcasts fit 16 vector registers); single rows (the decoder, row tails) use
-/// blocks of 16 columns. Then 4-column blocks and single columns.
+/// Columns outer, in blocks of 16 (then 8, 4, single columns), rows inner: a block's weights
+/// (`k x 16` floats, contiguous in the panelled layout) stay in cache while every row passes
+/// over them, instead of the whole matrix streaming from memory once per row tile. Within a
+/// block, rows in tiles of 4 over 8 columns (each weight vector loaded once serves four rows;
+/// 8 accumulators plus the weights and broadcasts fit 16 vector registers); single rows (the
+/// decoder, row tails) take the whole block at once. Each output is still one sum over `k` in
+/// order.
 pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstF32Ptr, "x"),
@@ -153,6 +156,7 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
         (CType::SizeT, "rows"),
     ];
     let w = *w;
+    let fma = ks.target().native_fma();
     internal(
         ks,
         name,
@@ -163,23 +167,72 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
             let (x, y, rows) = (a[0], a[1], a[2]);
             let wa = WeightAccess::new(&w, addrs);
             let rows4 = g.b.ins().band_imm_s(rows, !3i64);
-            let zero = g.iconst(0);
-            g.for_range(zero, rows4, 4, |g, r| mm_tile(g, &wa, &w, x, y, r, 4));
-            g.for_range(rows4, rows, 1, |g, r| mm_tile(g, &wa, &w, x, y, r, 1));
+            for range in wa.column_ranges() {
+                let span = range.hi - range.lo;
+                let b16 = range.lo + span / 16 * 16;
+                let b8 = range.lo + span / 8 * 8;
+                let b4 = range.lo + span / 4 * 4;
+                // A panelled range is whole panels of 8: nothing past `b8`.
+                let blocks = [
+                    (range.lo, b16, 16),
+                    (b16, b8, 8),
+                    (b8, b4, 4),
+                    (b4, range.hi, 1),
+                ];
+                for (lo, hi, width) in blocks {
+                    g.for_const(lo, hi, width, |g, c| {
+                        let blk = wa.block(g, &range, c);
+                        let zero = g.iconst(0);
+                        g.for_range(zero, rows4, 4, |g, r| {
+                            for j0 in (0..width).step_by(8) {
+                                let cols = MmCols {
+                                    c,
+                                    j0,
+                                    width: width.min(8),
+                                    fma,
+                                };
+                                mm_tile(g, &blk, &w, x, y, r, 4, cols);
+                            }
+                        });
+                        g.for_range(rows4, rows, 1, |g, r| {
+                            let cols = MmCols {
+                                c,
+                                j0: 0,
+                                width,
+                                fma,
+                            };
+                            mm_tile(g, &blk, &w, x, y, r, 1, cols);
+                        });
+                    });
+                }
+            }
             None
         },
     )
 }
 
-/// Rows `r..r+tile` of the product.
+/// Columns `c + j0 .. c + j0 + width` of a matmul tile (`width` 1 or a multiple of 4), `c`
+/// the start of the weight block.
+#[derive(Clone, Copy)]
+struct MmCols {
+    c: Value,
+    j0: i64,
+    width: i64,
+    /// The target fuses multiply-adds ([`Gen::mul_add`]).
+    fma: bool,
+}
+
+/// Rows `r..r+tile` of the product, columns `cols`.
+#[allow(clippy::too_many_arguments)]
 fn mm_tile(
     g: &mut Gen<'_>,
-    wa: &WeightAccess,
+    blk: &WeightBlock,
     w: &WeightRef,
     x: Value,
     y: Value,
     r: Value,
     tile: usize,
+    cols: MmCols,
 ) {
     let (k, n) = (w.k as i64, w.n as i64);
     let xrow0 = g.addr(x, r, k * 4);
@@ -190,48 +243,47 @@ fn mm_tile(
     let yrows: Vec<Value> = (0..tile)
         .map(|i| g.b.ins().iadd_imm_s(yrow0, i as i64 * n * 4))
         .collect();
-    let width = if tile == 1 { 4i64 } else { 2 };
-    let nb = n / (4 * width) * (4 * width);
-    let n4 = n / 4 * 4;
-    for (lo, hi, width) in [(0, nb, width), (nb, n4, 1)] {
-        g.for_const(lo, hi, 4 * width, |g, c| {
-            let zero = g.vconst(0.0);
-            let accs: Vec<Vec<V4Var>> = (0..tile)
-                .map(|_| (0..width).map(|_| g.vvar(zero)).collect())
-                .collect();
-            g.for_const(0, k, 1, |g, kk| {
-                let row = wa.row(g, kk);
-                let ws: Vec<_> = (0..width)
-                    .map(|j| {
-                        let col = g.b.ins().iadd_imm_s(c, 4 * j);
-                        row.load4(g, col)
-                    })
-                    .collect();
-                for (i, acc_row) in accs.iter().enumerate() {
-                    let xv = g.load_f32(xrows[i], kk);
-                    let xs = g.vsplat(xv);
-                    for (j, &acc) in acc_row.iter().enumerate() {
-                        let cur = g.vget(acc);
-                        let nxt = g.vmul_add(xs, ws[j], cur);
-                        g.vset(acc, nxt);
-                    }
-                }
-            });
+    let MmCols { c, j0, width, fma } = cols;
+    if width >= 4 {
+        let nv = width / 4;
+        let zero = g.vconst(0.0);
+        let accs: Vec<Vec<V4Var>> = (0..tile)
+            .map(|_| (0..nv).map(|_| g.vvar(zero)).collect())
+            .collect();
+        g.for_const(0, k, 1, |g, kk| {
+            let row = blk.row(g, kk);
+            let ws: Vec<_> = (0..nv).map(|j| row.load4_at(g, j0 + 4 * j)).collect();
             for (i, acc_row) in accs.iter().enumerate() {
+                let xv = g.load_f32(xrows[i], kk);
+                let xs = g.vsplat(xv);
                 for (j, &acc) in acc_row.iter().enumerate() {
-                    let col = g.b.ins().iadd_imm_s(c, 4 * j as i64);
-                    let v = g.vget(acc);
-                    g.vstore(v, yrows[i], col);
+                    let cur = g.vget(acc);
+                    // Unfused: `acc + x * w` rather than `x * w + acc` (the same sum) so that
+                    // two-operand SSE adds into the accumulator's register, without a move
+                    // per accumulator at the end of each step.
+                    let nxt = if fma {
+                        g.vmul_add(xs, ws[j], cur)
+                    } else {
+                        let m = g.vmul(xs, ws[j]);
+                        g.vadd(cur, m)
+                    };
+                    g.vset(acc, nxt);
                 }
             }
         });
-    }
-    g.for_const(n4, n, 1, |g, c| {
+        for (i, acc_row) in accs.iter().enumerate() {
+            for (j, &acc) in acc_row.iter().enumerate() {
+                let col = g.b.ins().iadd_imm_s(c, j0 + 4 * j as i64);
+                let v = g.vget(acc);
+                g.vstore(v, yrows[i], col);
+            }
+        }
+    } else {
         let z = g.f32(0.0);
         let accs: Vec<_> = (0..tile).map(|_| g.var(types::F32, z)).collect();
         g.for_const(0, k, 1, |g, kk| {
-            let row = wa.row(g, kk);
-            let wv = row.load1(g, c);
+            let row = blk.row(g, kk);
+            let wv = row.load1_at(g, j0);
             for (i, &acc) in accs.iter().enumerate() {
                 let xv = g.load_f32(xrows[i], kk);
                 let cur = g.get(acc);
@@ -240,10 +292,11 @@ fn mm_tile(
             }
         });
         for (i, &acc) in accs.iter().enumerate() {
+            let col = g.b.ins().iadd_imm_s(c, j0);
             let v = g.get(acc);
-            g.store_f32(v, yrows[i], c);
+            g.store_f32(v, yrows[i], col);
         }
-    });
+    }
 }
 
 /// `void norm(const float *x, float *y, size_t rows)`: over rows of `d`,

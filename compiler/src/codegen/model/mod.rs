@@ -48,7 +48,7 @@ use needle_ir::{
 };
 
 use crate::codegen::gen::{mem, Gen};
-use crate::codegen::weights::WeightRef;
+use crate::codegen::weights::{WeightFormat, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
 use crate::emit::CType;
 
@@ -383,6 +383,39 @@ impl Cx<'_> {
         Ok(w)
     }
 
+    /// A `[k][n]` matrix constant as the right operand of matrix products: laid out in column
+    /// panels ([`WeightFormat::F32Panels`]), declared once (apart from [`Cx::weight`]'s
+    /// row-major copy, which only tables need).
+    fn matmul_weight(&mut self, name: &str) -> Result<WeightRef, CodegenError> {
+        let key = format!("matmul:{name}");
+        if let Some(w) = self.weights.get(&key) {
+            return Ok(*w);
+        }
+        let ty = &self
+            .m
+            .const_decl(name)
+            .ok_or_else(|| invalid(format!("@{name} is not declared")))?
+            .ty;
+        let (k, n) = (static_dim(ty, 0)?, static_dim(ty, 1)?);
+        if ty.shape.len() != 2 || ty.elem != ElemType::F32 {
+            return Err(invalid(format!("@{name} : {ty} is not an f32 matrix")));
+        }
+        let values = self.f32_values(name)?;
+        if values.len() != k * n {
+            return Err(invalid(format!(
+                "@{name}: {} values for {k}x{n}",
+                values.len()
+            )));
+        }
+        let format = WeightFormat::F32Panels;
+        let packed = format.layout(k, n, values);
+        let sym = self.symbol("w", name);
+        let data = self.ks.declare_f32_data(&sym, &packed)?;
+        let w = WeightRef { data, k, n, format };
+        self.weights.insert(key, w);
+        Ok(w)
+    }
+
     /// The scalar value of a `f32[]` constant.
     fn scalar(&self, name: &str) -> Result<f32, CodegenError> {
         match self.f32_values(name)? {
@@ -708,7 +741,7 @@ fn plan(
             }
             Op::MatMul { x, w } => {
                 let r = res("matmul")?;
-                let wr = p.cx.weight(w)?;
+                let wr = p.cx.matmul_weight(w)?;
                 let k = p.cx.kernel(format!("matmul:{w}"), "matmul", |ks, n| {
                     kernels::matmul(ks, n, &wr)
                 })?;
