@@ -396,3 +396,52 @@ fn long_queries_are_cut_when_folded_and_refused_when_exact() {
         }
     }
 }
+
+/// Widths that are not multiples of the kernels' 16-column blocks (d_model 44 = 2x16 + 8 + 4,
+/// K/V width 22 = 16 + 4 + 1 + 1) take every tail path of the generated matmuls; the library
+/// must still answer like the runtime, in both fold modes.
+#[test]
+fn odd_widths_answer_like_the_runtime() {
+    let config = needlec::synth::parse_config_spec(
+        r#"{"vocab_size":4096,"d_model":44,"num_heads":2,"num_kv_heads":1,"num_encoder_layers":2,"num_decoder_layers":2}"#,
+    )
+    .unwrap();
+    let mut ckpt =
+        needlec::synth::synth_checkpoint(&config, 5, needle_runtime::checkpoint::DType::F32);
+    // A random model with tied embeddings answers EOS to EOS at once; a zero EOS row keeps its
+    // logit at 0 so the model decodes every step and the kernels run for real.
+    let embedding = ckpt.tensors.get_mut("embedding/embedding").unwrap();
+    embedding.bytes[4 * config.d_model..8 * config.d_model].fill(0);
+    let dir = work_dir("odd-widths");
+    let path = dir.join("odd.safetensors");
+    needlec::load::save_safetensors(&ckpt, &path).unwrap();
+    let cases: Vec<Case> = read_json(&golden("cases.json"));
+    let tools = &cases[0].tools;
+    let queries: Vec<&str> = cases
+        .iter()
+        .filter(|c| &c.tools == tools)
+        .map(|c| c.query.as_str())
+        .collect();
+    let model = needle_runtime::model::Model::from_checkpoint(&ckpt).unwrap();
+    let tokenizer = load_tokenizer(&golden("dev4k.model")).unwrap();
+    for fold in [FoldMode::None, FoldMode::Tools] {
+        let exe = build_library(&format!("odd-{}", fold.name()), |out| {
+            options(&path, &golden("dev4k.model"), tools, Some(fold), 24, out)
+        });
+        let engine = Engine::new(
+            model.clone(),
+            tokenizer.clone(),
+            parse_tools(tools).unwrap().context(),
+            fold,
+        )
+        .unwrap();
+        for (q, (status, output)) in queries.iter().zip(answers(&exe, "answer", &queries)) {
+            assert_eq!(status, 0);
+            assert_eq!(
+                output,
+                engine.generate(q, 24).unwrap().output,
+                "{fold:?} {q:?}"
+            );
+        }
+    }
+}
