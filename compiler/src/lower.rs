@@ -307,15 +307,37 @@ impl Builder {
         )
     }
 
-    /// Merges the heads of `att` and applies the output projection: `[rows, D]`.
-    fn out_proj(&mut self, dims: &Dims, att: &str, rows: Expr, w: String, prefix: &str) -> String {
-        let ty = Type::f32(vec![rows, lit(dims.d)]);
-        let cat = self.op(
-            format!("{prefix}.cat"),
-            ty.clone(),
-            Op::Reshape { x: att.to_string() },
+    /// Attention of `q` over the `kv` blocks, heads merged, the output projection, and the gated
+    /// residual onto `x`: what every attention sublayer ends with. Returns the new `[rows, D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_residual(
+        &mut self,
+        dims: &Dims,
+        prefix: &str,
+        q: String,
+        kv: Vec<(Operand, Operand)>,
+        rows: Expr,
+        out_proj: String,
+        x: String,
+        out: String,
+        gate: String,
+    ) -> String {
+        let att = self.op(
+            format!("{prefix}.att"),
+            dims.heads_ty(rows, dims.heads),
+            Op::Attention { q, kv },
         );
-        self.op(format!("{prefix}.o"), ty, Op::MatMul { x: cat, w })
+        let ty = Type::f32(vec![rows, lit(dims.d)]);
+        let cat = self.op(format!("{prefix}.cat"), ty.clone(), Op::Reshape { x: att });
+        let o = self.op(
+            format!("{prefix}.o"),
+            ty.clone(),
+            Op::MatMul {
+                x: cat,
+                w: out_proj,
+            },
+        );
+        self.op(out, ty, Op::GatedResidual { x, y: o, gate })
     }
 
     fn norm(&mut self, name: impl Into<String>, x: &str, ty: Type, scale: String) -> String {
@@ -429,20 +451,16 @@ fn encode_query(config: &Config, dims: &Dims) -> Function {
                 Operand::Const(format!("fold.enc.{l}.v")),
             ));
         }
-        let att = b.op(
-            format!("{p}.att"),
-            dims.heads_ty(rows, dims.heads),
-            Op::Attention { q: a.q, kv },
-        );
-        let o = b.out_proj(dims, &att, rows, w("out_proj"), &p);
-        x = b.op(
+        x = b.attend_residual(
+            dims,
+            &p,
+            a.q,
+            kv,
+            rows,
+            w("out_proj"),
+            x,
             format!("{p}.x"),
-            x_ty.clone(),
-            Op::GatedResidual {
-                x,
-                y: o,
-                gate: w("gate"),
-            },
+            w("gate"),
         );
     }
     let enc = b.norm("enc", &x, x_ty, "enc.final_norm".into());
@@ -528,20 +546,16 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
                 len: window,
             },
         )];
-        let att = b.op(
-            format!("{p}.att"),
-            dims.heads_ty(one, dims.heads),
-            Op::Attention { q: a.q, kv },
-        );
-        let o = b.out_proj(dims, &att, one, w("out_proj"), &p);
-        x = b.op(
+        x = b.attend_residual(
+            dims,
+            &p,
+            a.q,
+            kv,
+            one,
+            w("out_proj"),
+            x,
             format!("d{l}.h"),
-            x_ty.clone(),
-            Op::GatedResidual {
-                x,
-                y: o,
-                gate: format!("dec.{l}.self_gate"),
-            },
+            format!("dec.{l}.self_gate"),
         );
 
         // Cross-attention: no RoPE; keys are the encoder's, from the buffers (and constants).
@@ -576,20 +590,16 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
                 Operand::Const(format!("fold.dec.{l}.cross_v")),
             ));
         }
-        let att = b.op(
-            format!("{p}.att"),
-            dims.heads_ty(one, dims.heads),
-            Op::Attention { q: qn, kv },
-        );
-        let o = b.out_proj(dims, &att, one, w("out_proj"), &p);
-        x = b.op(
+        x = b.attend_residual(
+            dims,
+            &p,
+            qn,
+            kv,
+            one,
+            w("out_proj"),
+            x,
             format!("d{l}.x"),
-            x_ty.clone(),
-            Op::GatedResidual {
-                x,
-                y: o,
-                gate: format!("dec.{l}.cross_gate"),
-            },
+            format!("dec.{l}.cross_gate"),
         );
     }
     let f = b.norm("f", &x, x_ty, "dec.final_norm".into());
