@@ -190,3 +190,74 @@ pub mod c {
         out
     }
 }
+
+/// Host tools the tests drive (cross compilers, emulators, linkers): found, or the test that
+/// needs one is skipped loudly.
+///
+/// `scripts/test` installs what it can and then runs the suite with `NEEDLEC_SKIP_LOG` naming a
+/// file; each skip appends one line there, and the script prints them all at the end of the run,
+/// so a skipped check never passes silently. With `NEEDLEC_REQUIRE_TOOLS=1` (what `.ci/run`
+/// sets) a missing tool fails the test instead.
+pub mod toolchain {
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    /// The path of `tool`: on `PATH`, or among LLVM's versioned tools (Debian installs
+    /// `ld64.lld` only as `/usr/lib/llvm-N/bin/ld64.lld`).
+    pub fn find(tool: &str) -> Option<PathBuf> {
+        let on_path = std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+        });
+        on_path.or_else(|| {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("llvm-"))
+                })
+                .collect();
+            dirs.sort();
+            dirs.into_iter()
+                .rev()
+                .map(|d| d.join("bin").join(tool))
+                .find(|p| p.is_file())
+        })
+    }
+
+    /// `tool` (from Debian's `package`) for the check `what`; `None` after recording a skip
+    /// when it is missing (a panic instead under `NEEDLEC_REQUIRE_TOOLS=1`).
+    pub fn require(tool: &str, package: &str, what: &str) -> Option<PathBuf> {
+        if let Some(path) = find(tool) {
+            return Some(path);
+        }
+        let reason = format!(
+            "{what}: `{tool}` is missing (install Debian's `{package}`; scripts/test does when it can)"
+        );
+        if std::env::var("NEEDLEC_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("{reason}");
+        }
+        skip(&reason);
+        None
+    }
+
+    /// Records a skipped check: to stderr, and as one line of `$NEEDLEC_SKIP_LOG` when set.
+    pub fn skip(reason: &str) {
+        eprintln!("SKIPPED {reason}");
+        if let Some(log) = std::env::var_os("NEEDLEC_SKIP_LOG") {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap_or_else(|e| panic!("opening the skip log {}: {e}", log.display()));
+            // One write per line, so lines from concurrent tests do not interleave.
+            file.write_all(format!("{reason}\n").as_bytes())
+                .expect("writing the skip log");
+        }
+    }
+}

@@ -5,8 +5,9 @@
 //! - Android, Apple (Mach-O) and Windows (COFF): the objects are parsed (architecture, format,
 //!   exports, relocations, sections, nothing undefined) and linked by lld into a shared library.
 //!
-//! `.ci/run` installs the toolchains (gcc-aarch64-linux-gnu, gcc-riscv64-linux-gnu, qemu-user,
-//! lld); a missing one fails the test with the package to install.
+//! `scripts/test` installs the toolchains (gcc-aarch64-linux-gnu, gcc-riscv64-linux-gnu,
+//! qemu-user, lld) when it can; a check whose tool is still missing is skipped and reported at
+//! the end of the run (under `.ci/run`, which sets `NEEDLEC_REQUIRE_TOOLS=1`, it fails).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,7 @@ use needle_runtime::decode::FoldMode;
 use needle_targets::{supported, Target};
 use needlec::build::{build, staticlib_file, BuildOptions, Emit};
 use needlec_tests::c::work_dir;
+use needlec_tests::toolchain::require;
 use needlec_tests::{golden, read_json, GreedyCase};
 use object::{Object, ObjectSection, ObjectSymbol};
 
@@ -38,37 +40,6 @@ fn options(
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),
     }
-}
-
-/// The path of `tool`: on `PATH`, or among LLVM's versioned tools (Debian installs `ld64.lld`
-/// only as `/usr/lib/llvm-N/bin/ld64.lld`).
-fn require(tool: &str, package: &str) -> PathBuf {
-    let on_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(tool))
-            .find(|p| p.is_file())
-    });
-    let llvm = || {
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("llvm-"))
-            })
-            .collect();
-        dirs.sort();
-        dirs.into_iter()
-            .rev()
-            .map(|d| d.join("bin").join(tool))
-            .find(|p| p.is_file())
-    };
-    on_path.or_else(llvm).unwrap_or_else(|| {
-        panic!("`{tool}` is missing: install Debian's `{package}` (.ci/run does)")
-    })
 }
 
 /// Builds and links the library harness for `target`; returns the executable.
@@ -170,8 +141,10 @@ fn check_emulated_with(
     cc_package: &str,
     qemu: &str,
 ) {
-    require(cc, cc_package);
-    require(qemu, "qemu-user");
+    let what = format!("cross_targets: {triple}{features:?} under qemu");
+    if require(cc, cc_package, &what).is_none() || require(qemu, "qemu-user", &what).is_none() {
+        return;
+    }
     let host = Target::host().unwrap();
     let target = Target::with_features(triple, features).unwrap();
     for &checkpoint in checkpoints {
@@ -223,10 +196,10 @@ fn riscv64_linux_under_qemu_matches_host() {
 
 /// The object of every target parses as the right format and architecture, exports exactly the
 /// prefixed C interface, defines its code and data, references nothing undefined, carries
-/// relocations, and links into a shared library with lld.
+/// relocations, and links into a shared library with lld (skipped per target when the linker is
+/// missing; the object checks still run).
 #[test]
 fn every_target_object_is_well_formed_and_links() {
-    require("ld.lld", "lld");
     let (tools, _) = golden_groups().remove(0);
     for t in supported() {
         let target = Target::from_triple(t.triple).unwrap();
@@ -311,7 +284,10 @@ fn every_target_object_is_well_formed_and_links() {
         }
         // A real linker for the target accepts the object on its own.
         let link = target.test_toolchain().link;
-        let linker = require(link[0], "lld");
+        let what = format!("cross_targets: linking the {} object", t.triple);
+        let Some(linker) = require(link[0], "lld", &what) else {
+            continue;
+        };
         let out = dir.join("linked");
         let mut cmd = Command::new(linker);
         cmd.args(&link[1..]);
