@@ -17,4 +17,5 @@ pub mod grammar;
 pub mod model;
 pub mod output;
 pub mod pyjson;
+pub mod quant;
 pub mod tokenizer;
