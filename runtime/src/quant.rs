@@ -176,7 +176,7 @@ mod tests {
         w[0] = 7.0;
         w[2] = 2.5;
         w[4] = 3.5;
-        w[6] = -9.0; // clipped... no: |w| <= max, so the max wins: scale stays 9/7 below
+        w[6] = -9.0; // the group's largest magnitude in column 0: scale 9/7, q = -7
         w[32 * n + 1] = -1.0; // group 1, column 1: scale 1/7
         let q = quantize(&w, k, n, Precision::Int4);
         assert_eq!(q.group, 32);
