@@ -453,14 +453,19 @@ fn define_user_defined(
 /// so valid everywhere), the helpers and the heap's fill.
 #[derive(Clone, Copy)]
 struct Ctx {
+    /// The pointer-sized 0 made on entry.
+    zero: Value,
     scores: Value,
     kinds: Value,
+    byte_ids: Value,
     unused_slot: Option<Value>,
     norm: Value,
     syms: Value,
     freeze: Value,
     heap: Value,
     rev: Value,
+    /// The resegmentation stack.
+    stack: Value,
     heap_n: Variable,
     heap_cap: i64,
     lookup: FuncRef,
@@ -693,6 +698,8 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
     });
 }
 
+/// The body of `tokenize(text, len, ids, max_ids, scratch)`: argument checks, then the four
+/// phases of the runtime's `encode`, each a function below.
 fn encode_body(
     g: &mut Gen<'_>,
     a: &[Value],
@@ -713,24 +720,34 @@ fn encode_body(
     let region = |g: &mut Gen<'_>, off: usize| g.b.ins().iadd_imm_s(scratch, off as i64);
     let heap_n = g.var(g.ptr, zero);
     let c = Ctx {
+        zero,
         scores: d[0],
         kinds: d[1],
+        byte_ids: d[2],
         unused_slot: d.get(3).copied(),
         norm: region(g, lay.norm),
         syms: region(g, lay.syms),
         freeze: region(g, lay.freeze),
         heap: region(g, lay.heap),
         rev: region(g, lay.rev),
+        stack: region(g, lay.stack),
         heap_n,
         heap_cap: lay.heap_cap as i64,
         lookup: f[0],
         ud: f.get(1).copied(),
     };
-    let byte_ids = d[2];
-    let stack = region(g, lay.stack);
-    let space_len = fl.space.len() as i64;
+    let nlen = normalize(g, &c, fl, text, len);
+    let (nsyms, nonempty) = split_symbols(g, &c, lay, nlen);
+    merge(g, &c, lay, nsyms);
+    emit_ids(g, &c, fl, lay, ids, max_ids, nonempty)
+}
 
-    // ---- 1. normalize text into norm ----
+/// Phase 1: the normalized text in `norm` (leading, trailing and repeated spaces dropped as the
+/// flags say, spaces escaped, the dummy prefix added); returns its length. Returns 0 from
+/// `tokenize` when nothing is left.
+fn normalize(g: &mut Gen<'_>, c: &Ctx, fl: &Flags, text: Value, len: Value) -> Value {
+    let zero = c.zero;
+    let space_len = fl.space.len() as i64;
     let inp = g.var(g.ptr, text);
     let n = g.var(g.ptr, len);
     if fl.remove_extra_whitespaces {
@@ -756,7 +773,7 @@ fn encode_body(
             },
             |g| {
                 let (p, nv) = (g.get(inp), g.get(n));
-                let (ulen, _) = next_unit(g, &c, p, nv);
+                let (ulen, _) = next_unit(g, c, p, nv);
                 let one = cmp_imm(g, IntCC::Equal, ulen, 1);
                 g.if_else(
                     one,
@@ -801,7 +818,7 @@ fn encode_body(
         },
         |g| {
             let (p, nv) = (g.get(inp), g.get(n));
-            let (ulen, _) = next_unit(g, &c, p, nv);
+            let (ulen, _) = next_unit(g, c, p, nv);
             let sp = g.var(g.ptr, p);
             let splen = g.var(g.ptr, ulen);
             let ps = g.get(prev_space);
@@ -902,9 +919,13 @@ fn encode_body(
             },
         );
     }
-    let nlen = g.get(out);
+    g.get(out)
+}
 
-    // ---- 2. split into symbols ----
+/// Phase 2: one symbol per unit of the normalized text (`nlen` bytes), linked in order, with
+/// user-defined symbols frozen. Returns the symbol count and whether it is non-zero.
+fn split_symbols(g: &mut Gen<'_>, c: &Ctx, lay: &Layout, nlen: Value) -> (Value, Value) {
+    let zero = c.zero;
     let count = g.var(g.ptr, zero);
     let pos = g.var(g.ptr, zero);
     let sym_cap = lay.sym_cap as i64;
@@ -921,7 +942,7 @@ fn encode_body(
             let (pv, sv) = (g.get(pos), g.get(count));
             let p = g.b.ins().iadd(c.norm, pv);
             let rest = g.b.ins().isub(nlen, pv);
-            let (ulen, frozen) = next_unit(g, &c, p, rest);
+            let (ulen, frozen) = next_unit(g, c, p, rest);
             let e = g.addr(c.syms, sv, SYM);
             store_u32(g, pv, e, 0);
             store_u32(g, ulen, e, 4);
@@ -951,8 +972,11 @@ fn encode_body(
         let none = g.iconst(NONE);
         store_u32(g, none, e, 12);
     });
+    (nsyms, some)
+}
 
-    // ---- 3. merge ----
+/// Phase 3: BPE merges of the `nsyms` symbols, best-scoring pair first, through the heap.
+fn merge(g: &mut Gen<'_>, c: &Ctx, lay: &Layout, nsyms: Value) {
     if c.unused_slot.is_some() {
         // Forget how Unused pieces were formed in an earlier call.
         g.for_const(0, (lay.stack - lay.rev) as i64, 8, |g, i| {
@@ -964,7 +988,7 @@ fn encode_body(
     let one = g.iconst(1);
     g.for_range(one, nsyms, 1, |g, i| {
         let im1 = g.b.ins().iadd_imm_s(i, -1);
-        add_pair(g, &c, im1, i);
+        add_pair(g, c, im1, i);
     });
     while_loop(
         g,
@@ -973,7 +997,7 @@ fn encode_body(
             cmp_imm(g, IntCC::NotEqual, hn, 0)
         },
         |g| {
-            let (left, right, size) = heap_pop(g, &c);
+            let (left, right, size) = heap_pop(g, c);
             let sl = g.addr(c.syms, left, SYM);
             let sr = g.addr(c.syms, right, SYM);
             let llen = load_u32(g, mem(), sl, 4);
@@ -997,13 +1021,27 @@ fn encode_body(
                 });
                 let z = g.iconst(0);
                 store_u32(g, z, sr, 4);
-                add_pair(g, &c, lprev, left);
-                add_pair(g, &c, left, rnext);
+                add_pair(g, c, lprev, left);
+                add_pair(g, c, left, rnext);
             });
         },
     );
+}
 
-    // ---- 4. emit ids ----
+/// Phase 4: the ids of the surviving symbols in order into `ids` (resegmenting `Unused` pieces,
+/// byte fallback or the unknown id for pieces not in the vocabulary); returns the count written,
+/// returning early from `tokenize` once `max_ids` are written. `nonempty`: any symbols at all.
+fn emit_ids(
+    g: &mut Gen<'_>,
+    c: &Ctx,
+    fl: &Flags,
+    lay: &Layout,
+    ids: Value,
+    max_ids: Value,
+    nonempty: Value,
+) -> Value {
+    let zero = c.zero;
+    let (stack, byte_ids) = (c.stack, c.byte_ids);
     let written = g.var(g.ptr, zero);
     let emit = |g: &mut Gen<'_>, id: Value| {
         // `written < max_ids` holds here: the call returns as soon as they are equal.
@@ -1017,7 +1055,7 @@ fn encode_body(
     };
     let first = g.iconst(0);
     let none = g.iconst(NONE);
-    let first = g.b.ins().select(some, first, none);
+    let first = g.b.ins().select(nonempty, first, none);
     let idx = g.var(g.ptr, first);
     let sp = g.var(g.ptr, zero);
     let stack_cap = lay.stack_cap as i64;
