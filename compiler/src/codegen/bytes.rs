@@ -143,10 +143,15 @@ pub fn byte_at(g: &mut Gen<'_>, flags: MemFlagsData, p: Value, i: Value) -> Valu
     load_u8(g, flags, a, 0)
 }
 
+/// Stores the low byte of `v` at `addr + off`.
+pub fn store_u8(g: &mut Gen<'_>, v: Value, addr: Value, off: i32) {
+    g.b.ins().istore8(mem(), v, addr, off);
+}
+
 /// `p[i] = v` (the low byte of `v`).
 pub fn set_byte_at(g: &mut Gen<'_>, p: Value, i: Value, v: Value) {
     let a = g.b.ins().iadd(p, i);
-    g.b.ins().istore8(mem(), v, a, 0);
+    store_u8(g, v, a, 0);
 }
 
 /// The u32 at `addr + off`, zero-extended to the pointer type.
@@ -207,7 +212,7 @@ pub fn copy_bytes(
         let s = g.b.ins().iadd(from, i);
         let b = g.b.ins().uload8(reg, flags, s, 0);
         let d = g.b.ins().iadd(to, i);
-        g.b.ins().istore8(mem(), b, d, 0);
+        store_u8(g, b, d, 0);
     });
 }
 

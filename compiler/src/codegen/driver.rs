@@ -16,7 +16,7 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 
-use super::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, u32_bytes};
+use super::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, to_ptr, u32_at, u32_bytes};
 use super::gen::{mem, Gen};
 use super::grammar::GrammarCode;
 use super::model::ModelCode;
@@ -447,8 +447,7 @@ pub fn define_driver(
         true,
     )?;
     ks.define_function(name_fn, &[names], &[], |g, a, d, _| {
-        let ptr = g.ptr;
-        let i = g.b.ins().uextend(ptr, a[0]);
+        let i = to_ptr(g, a[0]);
         let past =
             g.b.ins()
                 .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, i, n_tools);
@@ -456,9 +455,7 @@ pub fn define_driver(
             let null = g.iconst(0);
             g.ret(&[null]);
         });
-        let off = g.addr(d[0], i, 4);
-        // uload32 zero-extends to i64: every supported target has 64-bit pointers.
-        let off = g.b.ins().uload32(mem(), off, 0);
+        let off = u32_at(g, mem(), d[0], i);
         let base = at(g, d[0], names_at);
         Some(g.b.ins().iadd(base, off))
     })?;

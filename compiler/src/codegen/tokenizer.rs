@@ -40,8 +40,8 @@ use cranelift_module::{DataId, FuncId};
 use needle_runtime::tokenizer::{PieceKind, Tokenizer, NO_ID};
 
 use super::bytes::{
-    bytes_equal, cmp_imm, declare_u32_table, flag, load_u32, load_u8, store_u32, to_ptr, to_u32,
-    while_loop,
+    bytes_equal, cmp_imm, declare_u32_table, flag, load_u32, load_u8, store_u32, store_u8, to_ptr,
+    to_u32, while_loop,
 };
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
@@ -801,7 +801,7 @@ fn normalize(g: &mut Gen<'_>, c: &Ctx, fl: &Flags, text: Value, len: Value) -> V
         let p = g.b.ins().iadd(c.norm, o);
         for (k, &byte) in fl.space.iter().enumerate() {
             let v = g.iconst(i64::from(byte));
-            g.b.ins().istore8(mem(), v, p, k as i32);
+            store_u8(g, v, p, k as i32);
         }
         let o = g.b.ins().iadd_imm_s(o, space_len);
         g.set(out, o);
@@ -864,7 +864,7 @@ fn normalize(g: &mut Gen<'_>, c: &Ctx, fl: &Flags, text: Value, len: Value) -> V
                         |g| {
                             let o = g.get(out);
                             let pd = g.b.ins().iadd(c.norm, o);
-                            g.b.ins().istore8(mem(), b, pd, 0);
+                            store_u8(g, b, pd, 0);
                             let o = g.b.ins().iadd_imm_s(o, 1);
                             g.set(out, o);
                         },
@@ -957,7 +957,7 @@ fn split_symbols(g: &mut Gen<'_>, c: &Ctx, lay: &Layout, nlen: Value) -> (Value,
             let next = g.b.ins().select(inside, next, none);
             store_u32(g, next, e, 12);
             let fa = g.b.ins().iadd(c.freeze, sv);
-            g.b.ins().istore8(mem(), frozen, fa, 0);
+            store_u8(g, frozen, fa, 0);
             let sv1 = g.b.ins().iadd_imm_s(sv, 1);
             g.set(count, sv1);
             g.set(pos, end);

@@ -13,8 +13,8 @@ use super::{
     STATUS_TOO_SMALL, TOOL_CALL,
 };
 use crate::codegen::bytes::{
-    bind, br_if, branch, byte_at, goto, in_range, label, place, set_byte_at, set_u32_at, to_ptr,
-    u32_at,
+    bind, br_if, branch, byte_at, goto, in_range, label, load_u8, place, set_byte_at, set_u32_at,
+    to_ptr, u32_at,
 };
 use crate::codegen::gen::{mem, Gen};
 
@@ -772,7 +772,7 @@ impl<'p> Post<'p> {
         let start = g.get(self.pos);
         let c0 = self.peek_at(g, start);
         let neg = Self::eq(g, c0, b'-');
-        let negp = g.b.ins().uextend(g.ptr, neg);
+        let negp = to_ptr(g, neg);
         let ip = g.b.ins().iadd(start, negp);
         g.set(self.pos, ip);
         let c = self.peek_at(g, ip);
@@ -824,7 +824,7 @@ impl<'p> Post<'p> {
             let plus = Self::eq(g, cs, b'+');
             let minus = Self::eq(g, cs, b'-');
             let sg = g.b.ins().bor(plus, minus);
-            let sgp = g.b.ins().uextend(g.ptr, sg);
+            let sgp = to_ptr(g, sg);
             let e2 = g.b.ins().iadd(e1, sgp);
             let cd = self.peek_at(g, e2);
             let has = Self::is_digit(g, cd);
@@ -955,7 +955,7 @@ impl<'p> Post<'p> {
         for (t, &limit) in b"179769313486231".iter().enumerate() {
             let ti = t as i64;
             let dt = g.b.ins().iadd_imm_s(tmp, ti);
-            let dt = g.b.ins().uload8(g.ptr, mem(), dt, 0);
+            let dt = load_u8(g, mem(), dt, 0);
             let inside = g.b.ins().icmp_imm_s(IntCC::UnsignedGreaterThan, n, ti);
             let zc = g.iconst(i64::from(b'0'));
             let dt = g.b.ins().select(inside, dt, zc);

@@ -50,8 +50,8 @@
 //!
 //! ## Layout
 //! This module plans sizes and declares and defines the functions; the pieces live in
-//! [`detokenize`] (the piece tables and `detokenize`), [`names`] (tool-name restoration on both
-//! paths) and [`json`] (the `postprocess` state machine). Byte-level building blocks come from
+//! `detokenize.rs` (the piece tables and `detokenize`), `names.rs` (tool-name restoration on both
+//! paths) and `json.rs` (the `postprocess` state machine). Byte-level building blocks come from
 //! [`crate::codegen::bytes`].
 
 mod detokenize;
@@ -87,7 +87,7 @@ const TOOL_CALL: &[u8] = b"<tool_call>";
 /// The canonical (serialized) form of the key `name`.
 const NAME_KEY: &[u8] = b"\"name\"";
 
-/// Bytes of one JSON node in scratch (eight u32 fields, see [`json`]).
+/// Bytes of one JSON node in scratch (eight u32 fields, laid out in `json.rs`).
 const NODE_BYTES: usize = 32;
 
 /// The generated output functions and the sizes a caller plans with.
