@@ -392,6 +392,15 @@ impl Target {
         }
     }
 
+    /// Whether the target stores multi-byte values most significant byte first: tables and
+    /// weights embedded in its object are written in this order.
+    pub fn big_endian(&self) -> bool {
+        matches!(
+            self.triple.endianness(),
+            Ok(target_lexicon::Endianness::Big)
+        )
+    }
+
     /// Whether Cranelift lowers f32x4 arithmetic to native vector instructions here. RISC-V
     /// without the V extension has no 128-bit vectors; code generation then uses 4 scalar lanes.
     pub fn simd_f32x4(&self) -> bool {

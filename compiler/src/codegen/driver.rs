@@ -16,6 +16,7 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 
+use super::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, to_ptr, u32_at, u32_bytes};
 use super::gen::{mem, Gen};
 use super::grammar::GrammarCode;
 use super::model::ModelCode;
@@ -190,10 +191,6 @@ fn at(g: &mut Gen<'_>, base: Value, offset: usize) -> Value {
     g.b.ins().iadd(base, off)
 }
 
-fn i32c(g: &mut Gen<'_>, v: i64) -> Value {
-    g.b.ins().iconst(types::I32, v)
-}
-
 /// Generates the driver and the exported C interface.
 pub fn define_driver(
     ks: &mut KernelSet,
@@ -249,7 +246,7 @@ pub fn define_driver(
             g.call(reset, &[state]);
             let n_allowed_ptr = at(g, ws, l.n_allowed);
             let gen = at(g, ws, l.gen_ids);
-            let eos = i32c(g, 1);
+            let eos = iconst32(g, 1);
             let token = g.var(types::I32, eos);
             let zero = g.iconst(0);
             let ptr = g.ptr;
@@ -360,8 +357,8 @@ pub fn define_driver(
             let len = g.b.ins().load(ptr, mem(), out_len, 0);
             let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, len, cap);
             g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
-            copy_bytes(g, answer, out, len);
-            Some(i32c(g, status("OK")))
+            copy_bytes(g, mem(), types::I32, answer, out, len);
+            Some(iconst32(g, status("OK")))
         },
     )?;
 
@@ -390,21 +387,21 @@ pub fn define_driver(
         // Cut to the model's query limit, then check every id before anything reads it.
         let n = cut_query(g, n, max_query_tokens, refuse_long);
         g.for_n(n, |g, i| {
-            let id = load_i32(g, ids, i);
+            let id = i32_at(g, mem(), ids, i);
             let bad =
                 g.b.ins()
                     .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, id, vocab);
             g.if_then(bad, |g| ret_status(g, "ERR_TOKEN"));
         });
         let qids = at(g, ws, l.query_ids);
-        copy_bytes_scaled(g, ids, qids, n, 4);
+        copy_i32s(g, ids, qids, n);
         let n_gen = g.call(f[0], &[ws, qids, n]).expect("returns");
         g.b.ins().store(mem(), n_gen, out_len, 0);
         let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n_gen, cap);
         g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
         let gen = at(g, ws, l.gen_ids);
-        copy_bytes_scaled(g, gen, out, n_gen, 4);
-        Some(i32c(g, status("OK")))
+        copy_i32s(g, gen, out, n_gen);
+        Some(iconst32(g, status("OK")))
     })?;
 
     // ---- NAME_model_info / NAME_tool_name ------------------------------------------------------
@@ -436,20 +433,7 @@ pub fn define_driver(
         blob.extend_from_slice(name.as_bytes());
         blob.push(0);
     }
-    let big = matches!(
-        ks.target().triple.endianness(),
-        Ok(target_lexicon::Endianness::Big)
-    );
-    let mut table: Vec<u8> = offsets
-        .iter()
-        .flat_map(|&o| {
-            if big {
-                o.to_be_bytes()
-            } else {
-                o.to_le_bytes()
-            }
-        })
-        .collect();
+    let mut table = u32_bytes(ks.target(), offsets);
     let names_at = table.len();
     table.extend_from_slice(&blob);
     table.push(0);
@@ -463,8 +447,7 @@ pub fn define_driver(
         true,
     )?;
     ks.define_function(name_fn, &[names], &[], |g, a, d, _| {
-        let ptr = g.ptr;
-        let i = g.b.ins().uextend(ptr, a[0]);
+        let i = to_ptr(g, a[0]);
         let past =
             g.b.ins()
                 .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, i, n_tools);
@@ -472,9 +455,7 @@ pub fn define_driver(
             let null = g.iconst(0);
             g.ret(&[null]);
         });
-        let off = g.addr(d[0], i, 4);
-        // uload32 zero-extends to i64: every supported target has 64-bit pointers.
-        let off = g.b.ins().uload32(mem(), off, 0);
+        let off = u32_at(g, mem(), d[0], i);
         let base = at(g, d[0], names_at);
         Some(g.b.ins().iadd(base, off))
     })?;
@@ -531,31 +512,6 @@ fn check_workspace(g: &mut Gen<'_>, ws: Value) {
 }
 
 fn ret_status(g: &mut Gen<'_>, name: &str) {
-    let v = i32c(g, status(name));
+    let v = iconst32(g, status(name));
     g.ret(&[v]);
-}
-
-fn load_i32(g: &mut Gen<'_>, base: Value, i: Value) -> Value {
-    let p = g.addr(base, i, 4);
-    g.b.ins().load(types::I32, mem(), p, 0)
-}
-
-/// Copies `n` bytes.
-fn copy_bytes(g: &mut Gen<'_>, from: Value, to: Value, n: Value) {
-    g.for_n(n, |g, i| {
-        let s = g.b.ins().iadd(from, i);
-        let b = g.b.ins().uload8(types::I32, mem(), s, 0);
-        let d = g.b.ins().iadd(to, i);
-        g.b.ins().istore8(mem(), b, d, 0);
-    });
-}
-
-/// Copies `n` elements of `size` bytes (4: i32).
-fn copy_bytes_scaled(g: &mut Gen<'_>, from: Value, to: Value, n: Value, size: i64) {
-    g.for_n(n, |g, i| {
-        let s = g.addr(from, i, size);
-        let v = g.b.ins().load(types::I32, mem(), s, 0);
-        let d = g.addr(to, i, size);
-        g.b.ins().store(mem(), v, d, 0);
-    });
 }

@@ -52,6 +52,7 @@ use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 use needle_runtime::grammar::{GrammarTables, NONE};
 
+use super::bytes::{declare_u32_table, i32_at, iconst32, load_i32, store_u32, to_ptr};
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
 use crate::emit::header::CType;
@@ -106,12 +107,8 @@ pub fn define_grammar(
     export: bool,
 ) -> Result<GrammarCode, CodegenError> {
     let t = FlatTables::new(tables)?;
-    let big = matches!(
-        ks.target().triple.endianness(),
-        Ok(target_lexicon::Endianness::Big)
-    );
     let data = |ks: &mut KernelSet, name: &str, v: &[u32]| -> Result<DataId, CodegenError> {
-        ks.declare_rodata(&format!("grammar_{name}"), u32_bytes(v, big), 4)
+        declare_u32_table(ks, &format!("grammar_{name}"), v.iter().copied(), 4)
     };
     let tok_start = data(ks, "tok_start", &t.tok_start)?;
     let tok_chars = data(ks, "tok_chars", &t.tok_chars)?;
@@ -142,7 +139,7 @@ pub fn define_grammar(
             let (es, ec, ek) = (d[0], d[1], d[2]);
             // Nodes only come from the tables, but the state is caller memory: an out-of-range node
             // reads nothing and leaves the trie rather than reading past the table.
-            let n = c32(g, n_nodes);
+            let n = iconst32(g, n_nodes);
             let valid = g.icmp(IntCC::UnsignedLessThan, node, n);
             g.if_then(valid, |g| {
                 let lo = load_ro(g, es, node, 0);
@@ -151,15 +148,15 @@ pub fn define_grammar(
                 // Linear scan: a node has at most one edge per distinct character of the tool names
                 // (a few dozen), and the scan finds the same unique edge a binary search would.
                 g.for_range(lo, hi, 1, |g, k| {
-                    let ch = load_ro_at(g, ec, k);
+                    let ch = i32_at(g, mem_ro(), ec, k);
                     let hit = g.icmp(IntCC::Equal, ch, c);
                     g.if_then(hit, |g| {
-                        let r = load_ro_at(g, ek, k);
+                        let r = i32_at(g, mem_ro(), ek, k);
                         g.ret(&[r]);
                     });
                 });
             });
-            Some(c32(g, NONE_I))
+            Some(iconst32(g, NONE_I))
         },
     )?;
 
@@ -188,8 +185,8 @@ pub fn define_grammar(
     )?;
     ks.define_function(reset, &[], &[], |g, a, _, _| {
         let s = a[0];
-        let zero = c32(g, 0);
-        let none = c32(g, NONE_I);
+        let zero = iconst32(g, 0);
+        let none = iconst32(g, NONE_I);
         for (off, v) in [
             (ST_STATE, zero),
             (ST_NODE, none),
@@ -202,10 +199,10 @@ pub fn define_grammar(
             (ST_LAST_NON_WS, none),
             (ST_TAIL_POS, zero),
         ] {
-            st32(g, s, off, v);
+            store_u32(g, v, s, off);
         }
         for i in 0..TAIL {
-            st32(g, s, ST_TAIL + 4 * i, none);
+            store_u32(g, none, s, ST_TAIL + 4 * i);
         }
         None
     })?;
@@ -221,14 +218,14 @@ pub fn define_grammar(
     ks.define_function(feed, &[tok_start, tok_chars], &[feed_char], |g, a, d, f| {
         let (s, token) = (a[0], a[1]);
         // Unsigned compare: negative ids are huge and ignored too, as the Rust grammar's u32 ids.
-        let v = c32(g, vocab);
+        let v = iconst32(g, vocab);
         let known = g.icmp(IntCC::UnsignedLessThan, token, v);
         g.if_then(known, |g| {
             let lo = load_ro(g, d[0], token, 0);
             let hi = load_ro(g, d[0], token, 1);
             let (lo, hi) = (to_ptr(g, lo), to_ptr(g, hi));
             g.for_range(lo, hi, 1, |g, k| {
-                let c = load_ro_at(g, d[1], k);
+                let c = i32_at(g, mem_ro(), d[1], k);
                 g.call(f[0], &[s, c]);
             });
         });
@@ -247,12 +244,12 @@ pub fn define_grammar(
     )?;
     ks.define_function(allowed, &[allowed_start, allowed_ids], &[], |g, a, d, _| {
         let (s, n_out) = (a[0], a[1]);
-        let st = ld32(g, s, ST_STATE);
-        let node = ld32(g, s, ST_NODE);
-        let free = c32(g, FREE);
+        let st = load_i32(g, mem(), s, ST_STATE);
+        let node = load_i32(g, mem(), s, ST_NODE);
+        let free = iconst32(g, FREE);
         let active = g.icmp(IntCC::NotEqual, st, free);
         // NONE is >= n_nodes, so this also covers "the span left the trie / unknown tool".
-        let n = c32(g, n_nodes);
+        let n = iconst32(g, n_nodes);
         let on_trie = g.icmp(IntCC::UnsignedLessThan, node, n);
         let ok = g.b.ins().band(active, on_trie);
         let pt = g.ptr;
@@ -303,50 +300,50 @@ fn feed_char_body(
     n_nodes: i64,
 ) {
     // The `"` rule looks at the previous non-blank character, before this one.
-    let prev_non_ws = ld32(g, s, ST_LAST_NON_WS);
+    let prev_non_ws = load_i32(g, mem(), s, ST_LAST_NON_WS);
 
     // Append to the tail ring.
-    let pos = ld32(g, s, ST_TAIL_POS);
+    let pos = load_i32(g, mem(), s, ST_TAIL_POS);
     let slot = g.b.ins().band_imm_s(pos, i64::from(TAIL - 1));
     let slot_p = to_ptr(g, slot);
     let at = g.addr(s, slot_p, 4);
-    g.b.ins().store(mem(), c, at, ST_TAIL);
+    store_u32(g, c, at, ST_TAIL);
     let next = g.b.ins().iadd_imm_s(slot, 1);
     let next = g.b.ins().band_imm_s(next, i64::from(TAIL - 1));
-    st32(g, s, ST_TAIL_POS, next);
+    store_u32(g, next, s, ST_TAIL_POS);
 
     let blank = is_any(g, c, &[' ', '\t', '\r', '\n']);
     let last = g.b.ins().select(blank, prev_non_ws, c);
-    st32(g, s, ST_LAST_NON_WS, last);
+    store_u32(g, last, s, ST_LAST_NON_WS);
 
     // ---- inside a name or key span
-    let state = ld32(g, s, ST_STATE);
-    let free = c32(g, FREE);
+    let state = load_i32(g, mem(), s, ST_STATE);
+    let free = iconst32(g, FREE);
     let in_span = g.icmp(IntCC::NotEqual, state, free);
     g.if_then(in_span, |g| {
         let quote = is_char(g, c, '"');
         g.if_else(
             quote,
             |g| {
-                let in_name = c32(g, IN_NAME);
+                let in_name = iconst32(g, IN_NAME);
                 let is_name = g.icmp(IntCC::Equal, state, in_name);
                 g.if_then(is_name, |g| {
-                    let node = ld32(g, s, ST_NODE);
+                    let node = load_i32(g, mem(), s, ST_NODE);
                     let root = lookup_node(g, name_end, node, n_nodes);
-                    st32(g, s, ST_KEY_ROOT, root);
+                    store_u32(g, root, s, ST_KEY_ROOT);
                 });
-                let free = c32(g, FREE);
-                st32(g, s, ST_STATE, free);
-                let none = c32(g, NONE_I);
-                st32(g, s, ST_NODE, none);
+                let free = iconst32(g, FREE);
+                store_u32(g, free, s, ST_STATE);
+                let none = iconst32(g, NONE_I);
+                store_u32(g, none, s, ST_NODE);
             },
             |g| {
-                let node = ld32(g, s, ST_NODE);
-                let none = c32(g, NONE_I);
+                let node = load_i32(g, mem(), s, ST_NODE);
+                let none = iconst32(g, NONE_I);
                 let on = g.icmp(IntCC::NotEqual, node, none);
                 g.if_then(on, |g| {
                     let next = g.call(child, &[node, c]).unwrap_or(none);
-                    st32(g, s, ST_NODE, next);
+                    store_u32(g, next, s, ST_NODE);
                 });
             },
         );
@@ -354,28 +351,28 @@ fn feed_char_body(
     });
 
     // ---- inside a string value
-    let in_string = ld32(g, s, ST_IN_STRING);
+    let in_string = load_i32(g, mem(), s, ST_IN_STRING);
     g.if_then(in_string, |g| {
-        let escape = ld32(g, s, ST_ESCAPE);
+        let escape = load_i32(g, mem(), s, ST_ESCAPE);
         g.if_else(
             escape,
             |g| {
-                let zero = c32(g, 0);
-                st32(g, s, ST_ESCAPE, zero);
+                let zero = iconst32(g, 0);
+                store_u32(g, zero, s, ST_ESCAPE);
             },
             |g| {
                 let backslash = is_char(g, c, '\\');
                 g.if_else(
                     backslash,
                     |g| {
-                        let one = c32(g, 1);
-                        st32(g, s, ST_ESCAPE, one);
+                        let one = iconst32(g, 1);
+                        store_u32(g, one, s, ST_ESCAPE);
                     },
                     |g| {
                         let quote = is_char(g, c, '"');
                         g.if_then(quote, |g| {
-                            let zero = c32(g, 0);
-                            st32(g, s, ST_IN_STRING, zero);
+                            let zero = iconst32(g, 0);
+                            store_u32(g, zero, s, ST_IN_STRING);
                         });
                     },
                 );
@@ -387,59 +384,59 @@ fn feed_char_body(
     // ---- structure: closing brackets end the step
     let close = is_any(g, c, &['}', ']']);
     g.if_then(close, |g| {
-        let depth = ld32(g, s, ST_DEPTH);
-        let zero = c32(g, 0);
+        let depth = load_i32(g, mem(), s, ST_DEPTH);
+        let zero = iconst32(g, 0);
         let at_zero = g.icmp(IntCC::Equal, depth, zero);
         let dec = g.b.ins().iadd_imm_s(depth, -1);
         let depth = g.b.ins().select(at_zero, depth, dec);
-        st32(g, s, ST_DEPTH, depth);
+        store_u32(g, depth, s, ST_DEPTH);
         let brace = is_char(g, c, '}');
-        let in_args = ld32(g, s, ST_IN_ARGS);
-        let args_depth = ld32(g, s, ST_ARGS_DEPTH);
+        let in_args = load_i32(g, mem(), s, ST_IN_ARGS);
+        let args_depth = load_i32(g, mem(), s, ST_ARGS_DEPTH);
         let below = g.icmp(IntCC::UnsignedLessThan, depth, args_depth);
         let in_args_b = g.icmp(IntCC::NotEqual, in_args, zero);
         let leave = g.b.ins().band(brace, in_args_b);
         let leave = g.b.ins().band(leave, below);
         g.if_then(leave, |g| {
-            let zero = c32(g, 0);
-            st32(g, s, ST_IN_ARGS, zero);
+            let zero = iconst32(g, 0);
+            store_u32(g, zero, s, ST_IN_ARGS);
         });
         g.ret(&[]);
     });
 
     // Opening brackets deepen (saturating, as the Rust `u32::saturating_add`) and go on.
     let open = is_any(g, c, &['{', '[']);
-    let depth = ld32(g, s, ST_DEPTH);
-    let max = c32(g, NONE_I);
+    let depth = load_i32(g, mem(), s, ST_DEPTH);
+    let max = iconst32(g, NONE_I);
     let not_max = g.icmp(IntCC::NotEqual, depth, max);
     let bump = g.b.ins().band(open, not_max);
     let bump = g.b.ins().uextend(types::I32, bump);
     let depth = g.b.ins().iadd(depth, bump);
-    st32(g, s, ST_DEPTH, depth);
+    store_u32(g, depth, s, ST_DEPTH);
 
     // ---- the first suffix rule that applies
-    let in_args = ld32(g, s, ST_IN_ARGS);
-    let zero = c32(g, 0);
+    let in_args = load_i32(g, mem(), s, ST_IN_ARGS);
+    let zero = iconst32(g, 0);
     let out_of_args = g.icmp(IntCC::Equal, in_args, zero);
     let name_open = ends_with(g, s, next, "\"name\":\"");
     let enter_name = g.b.ins().band(out_of_args, name_open);
     g.if_then(enter_name, |g| {
-        let v = c32(g, IN_NAME);
-        st32(g, s, ST_STATE, v);
-        let root = c32(g, 0);
-        st32(g, s, ST_NODE, root);
+        let v = iconst32(g, IN_NAME);
+        store_u32(g, v, s, ST_STATE);
+        let root = iconst32(g, 0);
+        store_u32(g, root, s, ST_NODE);
         g.ret(&[]);
     });
 
     let args_open = ends_with(g, s, next, "\"arguments\":{");
     g.if_then(args_open, |g| {
-        st32(g, s, ST_ARGS_DEPTH, depth);
-        let one = c32(g, 1);
-        st32(g, s, ST_IN_ARGS, one);
+        store_u32(g, depth, s, ST_ARGS_DEPTH);
+        let one = iconst32(g, 1);
+        store_u32(g, one, s, ST_IN_ARGS);
         g.ret(&[]);
     });
 
-    let args_depth = ld32(g, s, ST_ARGS_DEPTH);
+    let args_depth = load_i32(g, mem(), s, ST_ARGS_DEPTH);
     let same_depth = g.icmp(IntCC::Equal, args_depth, depth);
     let in_args_b = g.icmp(IntCC::NotEqual, in_args, zero);
     let at_args = g.b.ins().band(in_args_b, same_depth);
@@ -448,20 +445,20 @@ fn feed_char_body(
     let key_open = g.b.ins().bor(after_brace, after_comma);
     let enter_key = g.b.ins().band(at_args, key_open);
     g.if_then(enter_key, |g| {
-        let v = c32(g, IN_ARG_KEY);
-        st32(g, s, ST_STATE, v);
-        let root = ld32(g, s, ST_KEY_ROOT);
-        st32(g, s, ST_NODE, root);
+        let v = iconst32(g, IN_ARG_KEY);
+        store_u32(g, v, s, ST_STATE);
+        let root = load_i32(g, mem(), s, ST_KEY_ROOT);
+        store_u32(g, root, s, ST_NODE);
         g.ret(&[]);
     });
 
     let quote = is_char(g, c, '"');
-    let colon = c32(g, i64::from(u32::from(':')));
+    let colon = iconst32(g, i64::from(u32::from(':')));
     let after_colon = g.icmp(IntCC::Equal, prev_non_ws, colon);
     let opens = g.b.ins().band(quote, after_colon);
     g.if_then(opens, |g| {
-        let one = c32(g, 1);
-        st32(g, s, ST_IN_STRING, one);
+        let one = iconst32(g, 1);
+        store_u32(g, one, s, ST_IN_STRING);
     });
 }
 
@@ -473,7 +470,7 @@ fn ends_with(g: &mut Gen<'_>, s: Value, next: Value, pat: &str) -> Value {
         let i = g.b.ins().band_imm_s(i, i64::from(TAIL - 1));
         let i = to_ptr(g, i);
         let at = g.addr(s, i, 4);
-        let v = g.b.ins().load(types::I32, mem(), at, ST_TAIL);
+        let v = load_i32(g, mem(), at, ST_TAIL);
         let eq = is_char(g, v, ch);
         all = Some(match all {
             Some(a) => g.b.ins().band(a, eq),
@@ -485,30 +482,17 @@ fn ends_with(g: &mut Gen<'_>, s: Value, next: Value, pat: &str) -> Value {
 
 /// `table[node]` when `node < n_nodes`, else `NONE`; branch-free, never reads out of range.
 fn lookup_node(g: &mut Gen<'_>, table: Value, node: Value, n_nodes: i64) -> Value {
-    let n = c32(g, n_nodes);
+    let n = iconst32(g, n_nodes);
     let valid = g.icmp(IntCC::UnsignedLessThan, node, n);
-    let zero = c32(g, 0);
+    let zero = iconst32(g, 0);
     let idx = g.b.ins().select(valid, node, zero);
     let v = load_ro(g, table, idx, 0);
-    let none = c32(g, NONE_I);
+    let none = iconst32(g, NONE_I);
     g.b.ins().select(valid, v, none)
 }
 
-fn c32(g: &mut Gen<'_>, v: i64) -> Value {
-    g.b.ins().iconst(types::I32, v)
-}
-
-fn to_ptr(g: &mut Gen<'_>, v: Value) -> Value {
-    let pt = g.ptr;
-    if pt == types::I32 {
-        v
-    } else {
-        g.b.ins().uextend(pt, v)
-    }
-}
-
 fn is_char(g: &mut Gen<'_>, v: Value, ch: char) -> Value {
-    let k = c32(g, i64::from(u32::from(ch)));
+    let k = iconst32(g, i64::from(u32::from(ch)));
     g.icmp(IntCC::Equal, v, k)
 }
 
@@ -524,41 +508,11 @@ fn is_any(g: &mut Gen<'_>, v: Value, chars: &[char]) -> Value {
     any.unwrap_or_else(|| g.b.ins().iconst(types::I8, 0))
 }
 
-fn ld32(g: &mut Gen<'_>, s: Value, off: i32) -> Value {
-    g.b.ins().load(types::I32, mem(), s, off)
-}
-
-fn st32(g: &mut Gen<'_>, s: Value, off: i32, v: Value) {
-    g.b.ins().store(mem(), v, s, off);
-}
-
 /// `table[idx + extra]` for a u32 table and an i32 index.
 fn load_ro(g: &mut Gen<'_>, table: Value, idx: Value, extra: i32) -> Value {
     let i = to_ptr(g, idx);
     let p = g.addr(table, i, 4);
-    g.b.ins().load(types::I32, mem_ro(), p, 4 * extra)
-}
-
-/// `table[k]` for a u32 table and a pointer-sized index.
-fn load_ro_at(g: &mut Gen<'_>, table: Value, k: Value) -> Value {
-    let p = g.addr(table, k, 4);
-    g.b.ins().load(types::I32, mem_ro(), p, 0)
-}
-
-fn u32_bytes(v: &[u32], big: bool) -> Vec<u8> {
-    // A zero-length data object would be a zero-sized symbol; one padding word keeps every table
-    // a normal object (it is never read: its count is 0).
-    let pad = [0u32];
-    let v = if v.is_empty() { &pad[..] } else { v };
-    v.iter()
-        .flat_map(|x| {
-            if big {
-                x.to_be_bytes()
-            } else {
-                x.to_le_bytes()
-            }
-        })
-        .collect()
+    load_i32(g, mem_ro(), p, 4 * extra)
 }
 
 /// The tables as generated code reads them, checked for consistency so that the code never

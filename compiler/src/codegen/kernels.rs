@@ -18,6 +18,7 @@ use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
 use cranelift_object::ObjectModule;
 use needle_targets::Target;
 
+use super::bytes::u32_bytes;
 use super::gen::Gen;
 use super::weights::{WeightFormat, WeightRef};
 use super::CodegenError;
@@ -118,20 +119,7 @@ impl KernelSet {
 
     /// Read-only f32 array in the target's byte order, 16-byte aligned (vector loads).
     pub fn declare_f32_data(&mut self, name: &str, values: &[f32]) -> Result<DataId, CodegenError> {
-        let big = matches!(
-            self.target.triple.endianness(),
-            Ok(target_lexicon::Endianness::Big)
-        );
-        let bytes = values
-            .iter()
-            .flat_map(|v| {
-                if big {
-                    v.to_be_bytes()
-                } else {
-                    v.to_le_bytes()
-                }
-            })
-            .collect();
+        let bytes = u32_bytes(&self.target, values.iter().map(|v| v.to_bits()));
         self.declare_rodata(name, bytes, 16)
     }
 

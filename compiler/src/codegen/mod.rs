@@ -1,8 +1,9 @@
 //! Code generation with Cranelift: the object builder every generator writes into
-//! ([`kernels::KernelSet`]), the building layer ([`gen`]), inline math ([`math`]), embedded
-//! weights ([`weights`]), and the generators that use them: the model ([`model`]), the
-//! tokenizer ([`tokenizer`]), the grammar ([`grammar`]), the output text path ([`output`]), the
-//! C-interface driver ([`driver`]) and the whole library ([`library`]).
+//! ([`kernels::KernelSet`]), the building layer ([`gen`]) with the byte-level toolkit of the text
+//! generators ([`bytes`]), inline math ([`math`]), embedded weights ([`weights`]), and the
+//! generators that use them: the model ([`model`]), the tokenizer ([`tokenizer`]), the grammar
+//! ([`grammar`]), the output text path ([`output`]), the C-interface driver ([`driver`]) and the
+//! whole library ([`library`]).
 //!
 //! Generated code references no symbol outside its own object: no libc, no libm, no allocator.
 //! Cranelift silently lowers a few instructions to library calls on some targets (`fma` below
@@ -10,6 +11,7 @@
 //! unless [`needle_targets::Target`] says they are native, and [`crate::emit::check`] verifies
 //! the result has no undefined symbols.
 
+pub mod bytes;
 pub mod driver;
 pub mod gen;
 pub mod grammar;

@@ -34,11 +34,15 @@
 //! anywhere else: the code keeps no state between calls and has no writable globals.
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, FuncRef, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::{types, FuncRef, InstBuilder, Value};
 use cranelift_frontend::Variable;
 use cranelift_module::{DataId, FuncId};
 use needle_runtime::tokenizer::{PieceKind, Tokenizer, NO_ID};
 
+use super::bytes::{
+    bytes_equal, cmp_imm, declare_u32_table, flag, load_u32, load_u8, store_u32, store_u8, to_ptr,
+    to_u32, while_loop,
+};
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
 use crate::emit::header::CType;
@@ -114,33 +118,6 @@ impl Layout {
     }
 }
 
-/// u32 values as bytes in the target's order.
-fn u32_bytes(ks: &KernelSet, values: impl IntoIterator<Item = u32>) -> Vec<u8> {
-    let big = matches!(
-        ks.target().triple.endianness(),
-        Ok(target_lexicon::Endianness::Big)
-    );
-    let mut out: Vec<u8> = values
-        .into_iter()
-        .flat_map(|v| {
-            if big {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            }
-        })
-        .collect();
-    if out.is_empty() {
-        // An empty table is never read, but an empty data object is not worth the edge case.
-        out.extend_from_slice(&[0; 4]);
-    }
-    out
-}
-
-fn u32_of(v: usize, what: &str) -> Result<u32, CodegenError> {
-    u32::try_from(v).map_err(|_| CodegenError::Invalid(format!("tokenizer: {what} exceeds 4 GiB")))
-}
-
 /// The tables, declared in `ks`.
 struct Tables {
     pieces: DataId,
@@ -210,18 +187,15 @@ fn declare_tables(ks: &mut KernelSet, tok: &Tokenizer) -> Result<Tables, Codegen
     let byte_ids = t.byte_ids.map(|b| if b == NO_ID { unk } else { b });
 
     let pieces = ks.declare_rodata("tokenize_pieces", t.pieces.as_bytes().to_vec(), 16)?;
-    let sorted_data = u32_bytes(ks, sorted);
-    let sorted = ks.declare_rodata("tokenize_sorted", sorted_data, 16)?;
+    let sorted = declare_u32_table(ks, "tokenize_sorted", sorted, 16)?;
     let scores = ks.declare_f32_data("tokenize_scores", &t.scores)?;
     let kinds = ks.declare_rodata("tokenize_kinds", t.kinds.clone(), 16)?;
-    let bytes_data = u32_bytes(ks, byte_ids);
-    let bytes = ks.declare_rodata("tokenize_byte_ids", bytes_data, 16)?;
+    let bytes = declare_u32_table(ks, "tokenize_byte_ids", byte_ids, 16)?;
     let user_defined = if t.user_defined.is_empty() {
         None
     } else {
-        let data = u32_bytes(ks, ud);
         Some((
-            ks.declare_rodata("tokenize_user_defined", data, 16)?,
+            declare_u32_table(ks, "tokenize_user_defined", ud, 16)?,
             t.user_defined.len(),
         ))
     };
@@ -230,10 +204,9 @@ fn declare_tables(ks: &mut KernelSet, tok: &Tokenizer) -> Result<Tables, Codegen
     } else {
         let mut slot = vec![NONE as u32; n];
         for (k, &id) in unused.iter().enumerate() {
-            slot[id as usize] = u32_of(k, "unused pieces")?;
+            slot[id as usize] = to_u32(k, "tokenizer: unused pieces")?;
         }
-        let data = u32_bytes(ks, slot);
-        Some(ks.declare_rodata("tokenize_unused_slot", data, 16)?)
+        Some(declare_u32_table(ks, "tokenize_unused_slot", slot, 16)?)
     };
     Ok(Tables {
         pieces,
@@ -334,102 +307,6 @@ struct Flags {
     max_text: i64,
 }
 
-// ---- small code-building helpers ------------------------------------------------------------
-
-/// A byte at `addr`, zero-extended to the pointer type.
-fn ld8(g: &mut Gen<'_>, flags: MemFlagsData, addr: Value) -> Value {
-    let ty = g.ptr;
-    g.b.ins().uload8(ty, flags, addr, 0)
-}
-
-/// A u32 at `addr + off`, zero-extended to the pointer type.
-fn ld32(g: &mut Gen<'_>, flags: MemFlagsData, addr: Value, off: i32) -> Value {
-    if g.ptr == types::I32 {
-        g.b.ins().load(types::I32, flags, addr, off)
-    } else {
-        // Only 64-bit pointers remain, and uload32 always widens to i64.
-        g.b.ins().uload32(flags, addr, off)
-    }
-}
-
-/// Stores the low 32 bits of a pointer-sized `v` at `addr + off`.
-fn st32(g: &mut Gen<'_>, v: Value, addr: Value, off: i32) {
-    if g.ptr == types::I32 {
-        g.b.ins().store(mem(), v, addr, off);
-    } else {
-        g.b.ins().istore32(mem(), v, addr, off);
-    }
-}
-
-/// An `icmp` result (i8) as a pointer-sized 0 / 1.
-fn widen(g: &mut Gen<'_>, b: Value) -> Value {
-    let ty = g.ptr;
-    g.b.ins().uextend(ty, b)
-}
-
-fn cmp_imm(g: &mut Gen<'_>, cc: IntCC, a: Value, imm: i64) -> Value {
-    g.b.ins().icmp_imm_u(cc, a, imm)
-}
-
-/// `while cond() { body() }`. `cond` runs in the loop header each time; like [`Gen::for_range`],
-/// values made in `body` are not visible after the loop.
-fn while_loop(
-    g: &mut Gen<'_>,
-    mut cond: impl FnMut(&mut Gen<'_>) -> Value,
-    mut body: impl FnMut(&mut Gen<'_>),
-) {
-    let header = g.b.create_block();
-    let body_b = g.b.create_block();
-    let exit = g.b.create_block();
-    g.b.ins().jump(header, &[]);
-    g.b.switch_to_block(header);
-    let c = cond(g);
-    g.b.ins().brif(c, body_b, &[], exit, &[]);
-    g.b.seal_block(body_b);
-    g.b.seal_block(exit);
-    g.b.switch_to_block(body_b);
-    body(g);
-    g.b.ins().jump(header, &[]);
-    g.b.seal_block(header);
-    g.b.switch_to_block(exit);
-}
-
-/// A boolean variable (pointer-sized 0 / 1) that loops use to stop early.
-fn flag(g: &mut Gen<'_>, init: bool) -> Variable {
-    let v = g.iconst(i64::from(init));
-    g.var(g.ptr, v)
-}
-
-/// Whether bytes `a[0..n]` equal `b[0..n]` (pointer-sized 0 / 1), `a` in read-only data.
-fn bytes_equal(g: &mut Gen<'_>, a: Value, b: Value, n: Value) -> Value {
-    let eq = flag(g, true);
-    let i = g.iconst(0);
-    let i = g.var(g.ptr, i);
-    while_loop(
-        g,
-        |g| {
-            let iv = g.get(i);
-            let more = g.icmp(IntCC::UnsignedLessThan, iv, n);
-            let e = g.get(eq);
-            let e = cmp_imm(g, IntCC::NotEqual, e, 0);
-            g.b.ins().band(more, e)
-        },
-        |g| {
-            let iv = g.get(i);
-            let pa = g.b.ins().iadd(a, iv);
-            let pb = g.b.ins().iadd(b, iv);
-            let x = ld8(g, mem_ro(), pa);
-            let y = ld8(g, mem(), pb);
-            let same = g.icmp(IntCC::Equal, x, y);
-            let same = widen(g, same);
-            g.set(eq, same);
-            let next = g.b.ins().iadd_imm_s(iv, 1);
-            g.set(i, next);
-        },
-    );
-    g.get(eq)
-}
-
 // ---- internal functions ---------------------------------------------------------------------
 
 /// `size_t tokenize_lookup(const uint8_t *s, size_t len)`: the id of the searchable piece whose
@@ -465,8 +342,8 @@ fn define_lookup(ks: &mut KernelSet, tabs: &Tables) -> Result<FuncId, CodegenErr
                 let sum = g.b.ins().iadd(l, h);
                 let mid = g.b.ins().ushr_imm_u(sum, 1);
                 let e = g.addr(sorted, mid, 12);
-                let off = ld32(g, mem_ro(), e, 0);
-                let plen = ld32(g, mem_ro(), e, 4);
+                let off = load_u32(g, mem_ro(), e, 0);
+                let plen = load_u32(g, mem_ro(), e, 4);
                 let p = g.b.ins().iadd(pieces, off);
                 // Compare piece p[0..plen] with s[0..len]: first differing byte, else length.
                 let shorter = g.icmp(IntCC::UnsignedLessThan, plen, len);
@@ -489,12 +366,12 @@ fn define_lookup(ks: &mut KernelSet, tabs: &Tables) -> Result<FuncId, CodegenErr
                         let iv = g.get(i);
                         let pa = g.b.ins().iadd(p, iv);
                         let pb = g.b.ins().iadd(s, iv);
-                        let x = ld8(g, mem_ro(), pa);
-                        let y = ld8(g, mem(), pb);
+                        let x = load_u8(g, mem_ro(), pa, 0);
+                        let y = load_u8(g, mem(), pb, 0);
                         let lt = g.icmp(IntCC::UnsignedLessThan, x, y);
                         let gt = g.icmp(IntCC::UnsignedGreaterThan, x, y);
-                        let lt = widen(g, lt);
-                        let gt = widen(g, gt);
+                        let lt = to_ptr(g, lt);
+                        let gt = to_ptr(g, gt);
                         let gt2 = g.b.ins().ishl_imm_u(gt, 1);
                         let o = g.b.ins().bor(lt, gt2);
                         g.set(ord, o);
@@ -507,8 +384,8 @@ fn define_lookup(ks: &mut KernelSet, tabs: &Tables) -> Result<FuncId, CodegenErr
                 g.if_then(undecided, |g| {
                     let lt = g.icmp(IntCC::UnsignedLessThan, plen, len);
                     let gt = g.icmp(IntCC::UnsignedGreaterThan, plen, len);
-                    let lt = widen(g, lt);
-                    let gt = widen(g, gt);
+                    let lt = to_ptr(g, lt);
+                    let gt = to_ptr(g, gt);
                     let gt2 = g.b.ins().ishl_imm_u(gt, 1);
                     let o = g.b.ins().bor(lt, gt2);
                     g.set(ord, o);
@@ -516,7 +393,7 @@ fn define_lookup(ks: &mut KernelSet, tabs: &Tables) -> Result<FuncId, CodegenErr
                 let o = g.get(ord);
                 let found = cmp_imm(g, IntCC::Equal, o, 0);
                 g.if_then(found, |g| {
-                    let id = ld32(g, mem_ro(), e, 8);
+                    let id = load_u32(g, mem_ro(), e, 8);
                     g.ret(&[id]);
                 });
                 let less = cmp_imm(g, IntCC::Equal, o, 1);
@@ -555,12 +432,12 @@ fn define_user_defined(
         let (s, len, pieces, table) = (a[0], a[1], d[0], d[1]);
         g.for_const(0, count as i64, 1, |g, k| {
             let e = g.addr(table, k, 8);
-            let off = ld32(g, mem_ro(), e, 0);
-            let plen = ld32(g, mem_ro(), e, 4);
+            let off = load_u32(g, mem_ro(), e, 0);
+            let plen = load_u32(g, mem_ro(), e, 4);
             let fits = g.icmp(IntCC::UnsignedLessThanOrEqual, plen, len);
             g.if_then(fits, |g| {
                 let p = g.b.ins().iadd(pieces, off);
-                let eq = bytes_equal(g, p, s, plen);
+                let eq = bytes_equal(g, mem_ro(), p, s, plen);
                 let hit = cmp_imm(g, IntCC::NotEqual, eq, 0);
                 g.if_then(hit, |g| g.ret(&[plen]));
             });
@@ -576,14 +453,19 @@ fn define_user_defined(
 /// so valid everywhere), the helpers and the heap's fill.
 #[derive(Clone, Copy)]
 struct Ctx {
+    /// The pointer-sized 0 made on entry.
+    zero: Value,
     scores: Value,
     kinds: Value,
+    byte_ids: Value,
     unused_slot: Option<Value>,
     norm: Value,
     syms: Value,
     freeze: Value,
     heap: Value,
     rev: Value,
+    /// The resegmentation stack.
+    stack: Value,
     heap_n: Variable,
     heap_cap: i64,
     lookup: FuncRef,
@@ -601,19 +483,19 @@ fn next_unit(g: &mut Gen<'_>, c: &Ctx, s: Value, n: Value) -> (Value, Value) {
         let m = g.call(ud, &[s, n]).unwrap_or(zero);
         g.set(ulen, m);
         let hit = cmp_imm(g, IntCC::NotEqual, m, 0);
-        let hit = widen(g, hit);
+        let hit = to_ptr(g, hit);
         g.set(frozen, hit);
     }
     let cur = g.get(ulen);
     let none = cmp_imm(g, IntCC::Equal, cur, 0);
     g.if_then(none, |g| {
         // one_char_len: lead >> 4 of 0xC/0xD: 2, 0xE: 3, 0xF: 4, else 1.
-        let lead = ld8(g, mem(), s);
+        let lead = load_u8(g, mem(), s, 0);
         let hi = g.b.ins().ushr_imm_u(lead, 4);
         let a = cmp_imm(g, IntCC::UnsignedGreaterThanOrEqual, hi, 0xC);
         let b = cmp_imm(g, IntCC::UnsignedGreaterThanOrEqual, hi, 0xE);
         let d = cmp_imm(g, IntCC::Equal, hi, 0xF);
-        let (a, b, d) = (widen(g, a), widen(g, b), widen(g, d));
+        let (a, b, d) = (to_ptr(g, a), to_ptr(g, b), to_ptr(g, d));
         let l = g.b.ins().iadd(a, b);
         let l = g.b.ins().iadd(l, d);
         let l = g.b.ins().iadd_imm_s(l, 1);
@@ -634,8 +516,8 @@ fn pair_at(g: &mut Gen<'_>, c: &Ctx, i: Value) -> Value {
 fn pair_before(g: &mut Gen<'_>, a: Value, b: Value) -> Value {
     let sa = g.b.ins().load(types::F32, mem(), a, 0);
     let sb = g.b.ins().load(types::F32, mem(), b, 0);
-    let la = ld32(g, mem(), a, 4);
-    let lb = ld32(g, mem(), b, 4);
+    let la = load_u32(g, mem(), a, 4);
+    let lb = load_u32(g, mem(), b, 4);
     let gt = g.fcmp(FloatCC::GreaterThan, sa, sb);
     let eq = g.fcmp(FloatCC::Equal, sa, sb);
     let left = g.icmp(IntCC::UnsignedLessThan, la, lb);
@@ -660,9 +542,9 @@ fn heap_push(g: &mut Gen<'_>, c: &Ctx, score: Value, left: Value, right: Value, 
     g.if_then(room, |g| {
         let e = pair_at(g, c, n);
         g.b.ins().store(mem(), score, e, 0);
-        st32(g, left, e, 4);
-        st32(g, right, e, 8);
-        st32(g, size, e, 12);
+        store_u32(g, left, e, 4);
+        store_u32(g, right, e, 8);
+        store_u32(g, size, e, 12);
         let n1 = g.b.ins().iadd_imm_s(n, 1);
         g.set(c.heap_n, n1);
         let i = g.var(g.ptr, n);
@@ -703,9 +585,9 @@ fn heap_push(g: &mut Gen<'_>, c: &Ctx, score: Value, left: Value, right: Value, 
 fn heap_pop(g: &mut Gen<'_>, c: &Ctx) -> (Value, Value, Value) {
     let zero = g.iconst(0);
     let top = pair_at(g, c, zero);
-    let left = ld32(g, mem(), top, 4);
-    let right = ld32(g, mem(), top, 8);
-    let size = ld32(g, mem(), top, 12);
+    let left = load_u32(g, mem(), top, 4);
+    let right = load_u32(g, mem(), top, 8);
+    let size = load_u32(g, mem(), top, 12);
     let n = g.get(c.heap_n);
     let n = g.b.ins().iadd_imm_s(n, -1);
     g.set(c.heap_n, n);
@@ -766,17 +648,17 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
     g.if_then(both, |g| {
         let fl = g.b.ins().iadd(c.freeze, left);
         let fr = g.b.ins().iadd(c.freeze, right);
-        let fl = ld8(g, mem(), fl);
-        let fr = ld8(g, mem(), fr);
+        let fl = load_u8(g, mem(), fl, 0);
+        let fr = load_u8(g, mem(), fr, 0);
         let frozen = g.b.ins().bor(fl, fr);
         let free = cmp_imm(g, IntCC::Equal, frozen, 0);
         g.if_then(free, |g| {
             let sl = g.addr(c.syms, left, SYM);
             let sr = g.addr(c.syms, right, SYM);
-            let lstart = ld32(g, mem(), sl, 0);
-            let llen = ld32(g, mem(), sl, 4);
-            let rstart = ld32(g, mem(), sr, 0);
-            let rlen = ld32(g, mem(), sr, 4);
+            let lstart = load_u32(g, mem(), sl, 0);
+            let llen = load_u32(g, mem(), sl, 4);
+            let rstart = load_u32(g, mem(), sr, 0);
+            let rlen = load_u32(g, mem(), sr, 4);
             let p = g.b.ins().iadd(c.norm, lstart);
             let end = g.b.ins().iadd(rstart, rlen);
             let n = g.b.ins().isub(end, lstart);
@@ -784,7 +666,7 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
             let found = cmp_imm(g, IntCC::NotEqual, id, NONE);
             g.if_then(found, |g| {
                 let ka = g.b.ins().iadd(c.kinds, id);
-                let kind = ld8(g, mem_ro(), ka);
+                let kind = load_u8(g, mem_ro(), ka, 0);
                 // Mergeable kinds: Normal (1), UserDefined (4), Unused (5).
                 let mask = g.iconst(
                     (1 << PieceKind::Normal as i64)
@@ -802,12 +684,12 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
                         let unused = cmp_imm(g, IntCC::Equal, kind, PieceKind::Unused as i64);
                         g.if_then(unused, |g| {
                             let sa = g.addr(slots, id, 4);
-                            let slot = ld32(g, mem_ro(), sa, 0);
+                            let slot = load_u32(g, mem_ro(), sa, 0);
                             let e = g.addr(c.rev, slot, 16);
-                            st32(g, lstart, e, 0);
-                            st32(g, llen, e, 4);
-                            st32(g, rstart, e, 8);
-                            st32(g, rlen, e, 12);
+                            store_u32(g, lstart, e, 0);
+                            store_u32(g, llen, e, 4);
+                            store_u32(g, rstart, e, 8);
+                            store_u32(g, rlen, e, 12);
                         });
                     }
                 });
@@ -816,6 +698,8 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
     });
 }
 
+/// The body of `tokenize(text, len, ids, max_ids, scratch)`: argument checks, then the four
+/// phases of the runtime's `encode`, each a function below.
 fn encode_body(
     g: &mut Gen<'_>,
     a: &[Value],
@@ -836,24 +720,34 @@ fn encode_body(
     let region = |g: &mut Gen<'_>, off: usize| g.b.ins().iadd_imm_s(scratch, off as i64);
     let heap_n = g.var(g.ptr, zero);
     let c = Ctx {
+        zero,
         scores: d[0],
         kinds: d[1],
+        byte_ids: d[2],
         unused_slot: d.get(3).copied(),
         norm: region(g, lay.norm),
         syms: region(g, lay.syms),
         freeze: region(g, lay.freeze),
         heap: region(g, lay.heap),
         rev: region(g, lay.rev),
+        stack: region(g, lay.stack),
         heap_n,
         heap_cap: lay.heap_cap as i64,
         lookup: f[0],
         ud: f.get(1).copied(),
     };
-    let byte_ids = d[2];
-    let stack = region(g, lay.stack);
-    let space_len = fl.space.len() as i64;
+    let nlen = normalize(g, &c, fl, text, len);
+    let (nsyms, nonempty) = split_symbols(g, &c, lay, nlen);
+    merge(g, &c, lay, nsyms);
+    emit_ids(g, &c, fl, lay, ids, max_ids, nonempty)
+}
 
-    // ---- 1. normalize text into norm ----
+/// Phase 1: the normalized text in `norm` (leading, trailing and repeated spaces dropped as the
+/// flags say, spaces escaped, the dummy prefix added); returns its length. Returns 0 from
+/// `tokenize` when nothing is left.
+fn normalize(g: &mut Gen<'_>, c: &Ctx, fl: &Flags, text: Value, len: Value) -> Value {
+    let zero = c.zero;
+    let space_len = fl.space.len() as i64;
     let inp = g.var(g.ptr, text);
     let n = g.var(g.ptr, len);
     if fl.remove_extra_whitespaces {
@@ -870,16 +764,16 @@ fn encode_body(
                 let both = g.b.ins().band(more, gv);
                 g.if_then(both, |g| {
                     let p = g.get(inp);
-                    let b = ld8(g, mem(), p);
+                    let b = load_u8(g, mem(), p, 0);
                     let sp = cmp_imm(g, IntCC::Equal, b, i64::from(b' '));
-                    let sp = widen(g, sp);
+                    let sp = to_ptr(g, sp);
                     g.set(res, sp);
                 });
                 g.get(res)
             },
             |g| {
                 let (p, nv) = (g.get(inp), g.get(n));
-                let (ulen, _) = next_unit(g, &c, p, nv);
+                let (ulen, _) = next_unit(g, c, p, nv);
                 let one = cmp_imm(g, IntCC::Equal, ulen, 1);
                 g.if_else(
                     one,
@@ -907,7 +801,7 @@ fn encode_body(
         let p = g.b.ins().iadd(c.norm, o);
         for (k, &byte) in fl.space.iter().enumerate() {
             let v = g.iconst(i64::from(byte));
-            g.b.ins().istore8(mem(), v, p, k as i32);
+            store_u8(g, v, p, k as i32);
         }
         let o = g.b.ins().iadd_imm_s(o, space_len);
         g.set(out, o);
@@ -924,7 +818,7 @@ fn encode_body(
         },
         |g| {
             let (p, nv) = (g.get(inp), g.get(n));
-            let (ulen, _) = next_unit(g, &c, p, nv);
+            let (ulen, _) = next_unit(g, c, p, nv);
             let sp = g.var(g.ptr, p);
             let splen = g.var(g.ptr, ulen);
             let ps = g.get(prev_space);
@@ -939,9 +833,9 @@ fn encode_body(
                         let more = cmp_imm(g, IntCC::NotEqual, l, 0);
                         g.if_then(more, |g| {
                             let q = g.get(sp);
-                            let b = ld8(g, mem(), q);
+                            let b = load_u8(g, mem(), q, 0);
                             let is = cmp_imm(g, IntCC::Equal, b, i64::from(b' '));
-                            let is = widen(g, is);
+                            let is = to_ptr(g, is);
                             g.set(res, is);
                         });
                         g.get(res)
@@ -962,7 +856,7 @@ fn encode_body(
                 let q = g.get(sp);
                 g.for_n(l, |g, i| {
                     let pa = g.b.ins().iadd(q, i);
-                    let b = ld8(g, mem(), pa);
+                    let b = load_u8(g, mem(), pa, 0);
                     let is = cmp_imm(g, IntCC::Equal, b, i64::from(b' '));
                     g.if_else(
                         is,
@@ -970,7 +864,7 @@ fn encode_body(
                         |g| {
                             let o = g.get(out);
                             let pd = g.b.ins().iadd(c.norm, o);
-                            g.b.ins().istore8(mem(), b, pd, 0);
+                            store_u8(g, b, pd, 0);
                             let o = g.b.ins().iadd_imm_s(o, 1);
                             g.set(out, o);
                         },
@@ -979,7 +873,7 @@ fn encode_body(
                 let lastp = g.b.ins().iadd(q, l);
                 let last = g.b.ins().load(types::I8, mem(), lastp, -1);
                 let is = cmp_imm(g, IntCC::Equal, last, i64::from(b' '));
-                let is = widen(g, is);
+                let is = to_ptr(g, is);
                 g.set(prev_space, is);
             });
             let p1 = g.b.ins().iadd(p, ulen);
@@ -1008,9 +902,9 @@ fn encode_body(
                     let base = g.b.ins().iadd(c.norm, start);
                     let hit = flag(g, true);
                     for (k, &byte) in fl.space.iter().enumerate() {
-                        let b = g.b.ins().uload8(g.ptr, mem(), base, k as i32);
+                        let b = load_u8(g, mem(), base, k as i32);
                         let eq = cmp_imm(g, IntCC::Equal, b, i64::from(byte));
-                        let eq = widen(g, eq);
+                        let eq = to_ptr(g, eq);
                         let h = g.get(hit);
                         let h = g.b.ins().band(h, eq);
                         g.set(hit, h);
@@ -1025,9 +919,13 @@ fn encode_body(
             },
         );
     }
-    let nlen = g.get(out);
+    g.get(out)
+}
 
-    // ---- 2. split into symbols ----
+/// Phase 2: one symbol per unit of the normalized text (`nlen` bytes), linked in order, with
+/// user-defined symbols frozen. Returns the symbol count and whether it is non-zero.
+fn split_symbols(g: &mut Gen<'_>, c: &Ctx, lay: &Layout, nlen: Value) -> (Value, Value) {
+    let zero = c.zero;
     let count = g.var(g.ptr, zero);
     let pos = g.var(g.ptr, zero);
     let sym_cap = lay.sym_cap as i64;
@@ -1044,22 +942,22 @@ fn encode_body(
             let (pv, sv) = (g.get(pos), g.get(count));
             let p = g.b.ins().iadd(c.norm, pv);
             let rest = g.b.ins().isub(nlen, pv);
-            let (ulen, frozen) = next_unit(g, &c, p, rest);
+            let (ulen, frozen) = next_unit(g, c, p, rest);
             let e = g.addr(c.syms, sv, SYM);
-            st32(g, pv, e, 0);
-            st32(g, ulen, e, 4);
+            store_u32(g, pv, e, 0);
+            store_u32(g, ulen, e, 4);
             let first = cmp_imm(g, IntCC::Equal, sv, 0);
             let none = g.iconst(NONE);
             let prev = g.b.ins().iadd_imm_s(sv, -1);
             let prev = g.b.ins().select(first, none, prev);
-            st32(g, prev, e, 8);
+            store_u32(g, prev, e, 8);
             let end = g.b.ins().iadd(pv, ulen);
             let inside = g.icmp(IntCC::UnsignedLessThan, end, nlen);
             let next = g.b.ins().iadd_imm_s(sv, 1);
             let next = g.b.ins().select(inside, next, none);
-            st32(g, next, e, 12);
+            store_u32(g, next, e, 12);
             let fa = g.b.ins().iadd(c.freeze, sv);
-            g.b.ins().istore8(mem(), frozen, fa, 0);
+            store_u8(g, frozen, fa, 0);
             let sv1 = g.b.ins().iadd_imm_s(sv, 1);
             g.set(count, sv1);
             g.set(pos, end);
@@ -1072,10 +970,13 @@ fn encode_body(
         let last = g.b.ins().iadd_imm_s(nsyms, -1);
         let e = g.addr(c.syms, last, SYM);
         let none = g.iconst(NONE);
-        st32(g, none, e, 12);
+        store_u32(g, none, e, 12);
     });
+    (nsyms, some)
+}
 
-    // ---- 3. merge ----
+/// Phase 3: BPE merges of the `nsyms` symbols, best-scoring pair first, through the heap.
+fn merge(g: &mut Gen<'_>, c: &Ctx, lay: &Layout, nsyms: Value) {
     if c.unused_slot.is_some() {
         // Forget how Unused pieces were formed in an earlier call.
         g.for_const(0, (lay.stack - lay.rev) as i64, 8, |g, i| {
@@ -1087,7 +988,7 @@ fn encode_body(
     let one = g.iconst(1);
     g.for_range(one, nsyms, 1, |g, i| {
         let im1 = g.b.ins().iadd_imm_s(i, -1);
-        add_pair(g, &c, im1, i);
+        add_pair(g, c, im1, i);
     });
     while_loop(
         g,
@@ -1096,11 +997,11 @@ fn encode_body(
             cmp_imm(g, IntCC::NotEqual, hn, 0)
         },
         |g| {
-            let (left, right, size) = heap_pop(g, &c);
+            let (left, right, size) = heap_pop(g, c);
             let sl = g.addr(c.syms, left, SYM);
             let sr = g.addr(c.syms, right, SYM);
-            let llen = ld32(g, mem(), sl, 4);
-            let rlen = ld32(g, mem(), sr, 4);
+            let llen = load_u32(g, mem(), sl, 4);
+            let rlen = load_u32(g, mem(), sr, 4);
             let sum = g.b.ins().iadd(llen, rlen);
             let a_ok = cmp_imm(g, IntCC::NotEqual, llen, 0);
             let b_ok = cmp_imm(g, IntCC::NotEqual, rlen, 0);
@@ -1109,30 +1010,44 @@ fn encode_body(
             let ok = g.b.ins().band(ok, s_ok);
             // Otherwise a stale entry: one side was merged away or grew since it was pushed.
             g.if_then(ok, |g| {
-                let lprev = ld32(g, mem(), sl, 8);
-                let rnext = ld32(g, mem(), sr, 12);
-                st32(g, sum, sl, 4);
-                st32(g, rnext, sl, 12);
+                let lprev = load_u32(g, mem(), sl, 8);
+                let rnext = load_u32(g, mem(), sr, 12);
+                store_u32(g, sum, sl, 4);
+                store_u32(g, rnext, sl, 12);
                 let has_next = cmp_imm(g, IntCC::NotEqual, rnext, NONE);
                 g.if_then(has_next, |g| {
                     let sn = g.addr(c.syms, rnext, SYM);
-                    st32(g, left, sn, 8);
+                    store_u32(g, left, sn, 8);
                 });
                 let z = g.iconst(0);
-                st32(g, z, sr, 4);
-                add_pair(g, &c, lprev, left);
-                add_pair(g, &c, left, rnext);
+                store_u32(g, z, sr, 4);
+                add_pair(g, c, lprev, left);
+                add_pair(g, c, left, rnext);
             });
         },
     );
+}
 
-    // ---- 4. emit ids ----
+/// Phase 4: the ids of the surviving symbols in order into `ids` (resegmenting `Unused` pieces,
+/// byte fallback or the unknown id for pieces not in the vocabulary); returns the count written,
+/// returning early from `tokenize` once `max_ids` are written. `nonempty`: any symbols at all.
+fn emit_ids(
+    g: &mut Gen<'_>,
+    c: &Ctx,
+    fl: &Flags,
+    lay: &Layout,
+    ids: Value,
+    max_ids: Value,
+    nonempty: Value,
+) -> Value {
+    let zero = c.zero;
+    let (stack, byte_ids) = (c.stack, c.byte_ids);
     let written = g.var(g.ptr, zero);
     let emit = |g: &mut Gen<'_>, id: Value| {
         // `written < max_ids` holds here: the call returns as soon as they are equal.
         let w = g.get(written);
         let p = g.addr(ids, w, 4);
-        st32(g, id, p, 0);
+        store_u32(g, id, p, 0);
         let w1 = g.b.ins().iadd_imm_s(w, 1);
         g.set(written, w1);
         let full = g.icmp(IntCC::Equal, w1, max_ids);
@@ -1140,15 +1055,15 @@ fn encode_body(
     };
     let first = g.iconst(0);
     let none = g.iconst(NONE);
-    let first = g.b.ins().select(some, first, none);
+    let first = g.b.ins().select(nonempty, first, none);
     let idx = g.var(g.ptr, first);
     let sp = g.var(g.ptr, zero);
     let stack_cap = lay.stack_cap as i64;
     let push = |g: &mut Gen<'_>, start: Value, slen: Value| {
         let s = g.get(sp);
         let e = g.addr(stack, s, 8);
-        st32(g, start, e, 0);
-        st32(g, slen, e, 4);
+        store_u32(g, start, e, 0);
+        store_u32(g, slen, e, 4);
         let s1 = g.b.ins().iadd_imm_s(s, 1);
         g.set(sp, s1);
     };
@@ -1161,9 +1076,9 @@ fn encode_body(
         |g| {
             let i = g.get(idx);
             let e = g.addr(c.syms, i, SYM);
-            let start = ld32(g, mem(), e, 0);
-            let slen = ld32(g, mem(), e, 4);
-            let next = ld32(g, mem(), e, 12);
+            let start = load_u32(g, mem(), e, 0);
+            let slen = load_u32(g, mem(), e, 4);
+            let next = load_u32(g, mem(), e, 12);
             push(g, start, slen);
             while_loop(
                 g,
@@ -1176,8 +1091,8 @@ fn encode_body(
                     let s = g.b.ins().iadd_imm_s(s, -1);
                     g.set(sp, s);
                     let e = g.addr(stack, s, 8);
-                    let st = ld32(g, mem(), e, 0);
-                    let ln = ld32(g, mem(), e, 4);
+                    let st = load_u32(g, mem(), e, 0);
+                    let ln = load_u32(g, mem(), e, 4);
                     let p = g.b.ins().iadd(c.norm, st);
                     let id = g.call(c.lookup, &[p, ln]).unwrap_or(p);
                     let found = cmp_imm(g, IntCC::NotEqual, id, NONE);
@@ -1187,7 +1102,7 @@ fn encode_body(
                     let kind = g.var(g.ptr, k0);
                     g.if_then(found, |g| {
                         let ka = g.b.ins().iadd(c.kinds, id);
-                        let k = ld8(g, mem_ro(), ka);
+                        let k = load_u8(g, mem_ro(), ka, 0);
                         g.set(kind, k);
                     });
                     let handled = flag(g, false);
@@ -1198,18 +1113,18 @@ fn encode_body(
                         let unused = cmp_imm(g, IntCC::Equal, k, PieceKind::Unused as i64);
                         g.if_then(unused, |g| {
                             let sa = g.addr(slots, id, 4);
-                            let slot = ld32(g, mem_ro(), sa, 0);
+                            let slot = load_u32(g, mem_ro(), sa, 0);
                             let r = g.addr(c.rev, slot, 16);
-                            let ll = ld32(g, mem(), r, 4);
+                            let ll = load_u32(g, mem(), r, 4);
                             let formed = cmp_imm(g, IntCC::NotEqual, ll, 0);
                             let s = g.get(sp);
                             // Never false (see the module docs); it only guards memory.
                             let room = cmp_imm(g, IntCC::UnsignedLessThanOrEqual, s, stack_cap - 2);
                             let go = g.b.ins().band(formed, room);
                             g.if_then(go, |g| {
-                                let ls = ld32(g, mem(), r, 0);
-                                let rs = ld32(g, mem(), r, 8);
-                                let rl = ld32(g, mem(), r, 12);
+                                let ls = load_u32(g, mem(), r, 0);
+                                let rs = load_u32(g, mem(), r, 8);
+                                let rl = load_u32(g, mem(), r, 12);
                                 push(g, rs, rl);
                                 push(g, ls, ll);
                                 let one = g.iconst(1);
@@ -1229,9 +1144,9 @@ fn encode_body(
                                 if fl.byte_fallback {
                                     g.for_n(ln, |g, j| {
                                         let q = g.b.ins().iadd(p, j);
-                                        let b = ld8(g, mem(), q);
+                                        let b = load_u8(g, mem(), q, 0);
                                         let ba = g.addr(byte_ids, b, 4);
-                                        let bid = ld32(g, mem_ro(), ba, 0);
+                                        let bid = load_u32(g, mem_ro(), ba, 0);
                                         emit(g, bid);
                                     });
                                 } else {
