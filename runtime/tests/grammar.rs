@@ -1,37 +1,9 @@
 //! The grammar machine against the reference's recorded steps (`grammar_dev4k.json`).
 
-use std::path::Path;
-
 use needle_runtime::grammar::{Grammar, GrammarState, GrammarTables};
 use needle_runtime::tokenizer::Tokenizer;
+use needle_test_support::{golden, read_json, tool_keys};
 use serde_json::Value;
-
-const DEV4K_MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/golden/dev4k.model"
-);
-const GRAMMAR_GOLDEN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/golden/grammar_dev4k.json"
-);
-
-/// (name, parameter keys in order) from a normalized tool list.
-fn tool_keys(tools_normalized: &str) -> Vec<(String, Vec<String>)> {
-    let tools: Value = serde_json::from_str(tools_normalized).unwrap();
-    tools
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            let keys = t
-                .get("parameters")
-                .and_then(Value::as_object)
-                .map(|p| p.keys().cloned().collect())
-                .unwrap_or_default();
-            (t["name"].as_str().unwrap().to_string(), keys)
-        })
-        .collect()
-}
 
 fn state_name(s: GrammarState) -> &'static str {
     match s {
@@ -43,10 +15,9 @@ fn state_name(s: GrammarState) -> &'static str {
 
 #[test]
 fn every_step_of_every_golden_answer_matches() {
-    let tok = Tokenizer::from_file(Path::new(DEV4K_MODEL)).unwrap();
+    let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
     let texts = tok.token_texts();
-    let cases: Value =
-        serde_json::from_str(&std::fs::read_to_string(GRAMMAR_GOLDEN).unwrap()).unwrap();
+    let cases: Value = read_json(&golden("grammar_dev4k.json"));
     let cases = cases.as_array().unwrap();
     assert_eq!(cases.len(), 12);
     let (mut active_steps, mut constrained_steps) = (0, 0);
@@ -99,7 +70,7 @@ fn every_step_of_every_golden_answer_matches() {
 
 #[test]
 fn unknown_ids_and_empty_tool_lists_are_harmless() {
-    let tok = Tokenizer::from_file(Path::new(DEV4K_MODEL)).unwrap();
+    let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
     let texts = tok.token_texts();
     let tables = GrammarTables::new(&texts, &[]);
     let mut g = Grammar::new(&tables);
