@@ -2,8 +2,7 @@
 
 use needle_runtime::grammar::{Grammar, GrammarState, GrammarTables};
 use needle_runtime::tokenizer::Tokenizer;
-use needle_test_support::{golden, read_json, tool_keys};
-use serde_json::Value;
+use needle_test_support::{golden, read_json, tool_keys, GrammarCase};
 
 fn state_name(s: GrammarState) -> &'static str {
     match s {
@@ -17,46 +16,22 @@ fn state_name(s: GrammarState) -> &'static str {
 fn every_step_of_every_golden_answer_matches() {
     let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
     let texts = tok.token_texts();
-    let cases: Value = read_json(&golden("grammar_dev4k.json"));
-    let cases = cases.as_array().unwrap();
+    let cases: Vec<GrammarCase> = read_json(&golden("grammar_dev4k.json"));
     assert_eq!(cases.len(), 12);
     let (mut active_steps, mut constrained_steps) = (0, 0);
     for (ci, case) in cases.iter().enumerate() {
-        let tools = tool_keys(case["tools_normalized"].as_str().unwrap());
-        let tables = GrammarTables::new(&texts, &tools);
-        let ids: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let steps = case["steps"].as_array().unwrap();
-        assert_eq!(steps.len(), ids.len(), "case {ci}");
+        let tables = GrammarTables::new(&texts, &tool_keys(&case.tools_normalized));
+        assert_eq!(case.steps.len(), case.ids.len(), "case {ci}");
         let mut g = Grammar::new(&tables);
-        for (pos, (step, &id)) in steps.iter().zip(&ids).enumerate() {
-            let at = format!("case {ci} ({}) position {pos}", case["answer"]);
-            let active = step["active"].as_bool().unwrap();
-            assert_eq!(g.is_active(), active, "{at}: active");
-            if active {
+        for (pos, (step, &id)) in case.steps.iter().zip(&case.ids).enumerate() {
+            let at = format!("case {ci} ({:?}) position {pos}", case.answer);
+            assert_eq!(g.is_active(), step.active, "{at}: active");
+            if step.active {
                 active_steps += 1;
-                assert_eq!(
-                    state_name(g.state()),
-                    step["state"].as_str().unwrap(),
-                    "{at}"
-                );
-                match &step["allowed"] {
-                    Value::String(s) => {
-                        assert_eq!(s, "all");
-                        assert_eq!(g.allowed(), None, "{at}: expected unconstrained");
-                    }
-                    Value::Array(want) => {
-                        constrained_steps += 1;
-                        let want: Vec<u32> =
-                            want.iter().map(|v| v.as_u64().unwrap() as u32).collect();
-                        assert_eq!(g.allowed(), Some(&want[..]), "{at}: allowed");
-                    }
-                    other => panic!("{at}: bad allowed {other}"),
-                }
+                assert_eq!(Some(state_name(g.state())), step.state.as_deref(), "{at}");
+                let want = step.allowed_ids();
+                constrained_steps += usize::from(want.is_some());
+                assert_eq!(g.allowed(), want.as_deref(), "{at}: allowed");
             } else {
                 assert_eq!(g.state(), GrammarState::Free, "{at}");
                 assert_eq!(g.allowed(), None, "{at}");

@@ -97,6 +97,47 @@ pub struct Sample {
     pub fold_folded_min_gap: f32,
 }
 
+/// One entry of `grammar_dev4k.json`: an answer's token ids and, before each of them, what the
+/// reference's grammar said.
+#[derive(Debug, Deserialize)]
+pub struct GrammarCase {
+    pub tools: String,
+    pub tools_normalized: String,
+    pub answer: String,
+    pub ids: Vec<u32>,
+    pub steps: Vec<GrammarStep>,
+}
+
+/// The reference grammar before one token of a [`GrammarCase`].
+#[derive(Debug, Deserialize)]
+pub struct GrammarStep {
+    pub active: bool,
+    /// When active: `FREE`, `IN_NAME` or `IN_ARG_KEY`.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// When active: `"all"`, or the allowed ids.
+    #[serde(default)]
+    pub allowed: Option<serde_json::Value>,
+}
+
+impl GrammarStep {
+    /// The ids the grammar allows here; `None` when it constrains nothing (inactive, or `"all"`).
+    pub fn allowed_ids(&self) -> Option<Vec<u32>> {
+        use serde_json::Value;
+        match &self.allowed {
+            _ if !self.active => None,
+            Some(Value::String(s)) if s == "all" => None,
+            Some(Value::Array(ids)) => Some(
+                ids.iter()
+                    .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+                    .collect::<Option<_>>()
+                    .unwrap_or_else(|| panic!("allowed ids that are not u32: {ids:?}")),
+            ),
+            other => panic!("an active step whose `allowed` is neither \"all\" nor ids: {other:?}"),
+        }
+    }
+}
+
 /// Logits agree when within 1e-3 of the step's logit scale (the golden README's tolerance).
 pub fn logit_tolerance(golden_values: &[f32]) -> f32 {
     let scale = golden_values.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use needle_runtime::grammar::{Grammar, GrammarTables};
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
-use needle_test_support::{c, golden, read_json, tiny_needle, tool_keys, work_dir, Rng, Sample};
+use needle_test_support::{
+    c, golden, read_json, tiny_needle, tool_keys, work_dir, GrammarCase, Rng, Sample,
+};
 use needlec::codegen::grammar::define_grammar;
 use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
-use serde_json::Value;
 
 const PREFIX: &str = "gr_";
 const EXPORTS: [&str; 3] = ["gr_grammar_allowed", "gr_grammar_feed", "gr_grammar_reset"];
@@ -147,37 +148,20 @@ fn assert_same(
 fn every_step_of_every_golden_answer_matches() {
     let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
     let texts = tok.token_texts();
-    let cases: Vec<Value> = read_json(&golden("grammar_dev4k.json"));
+    let cases: Vec<GrammarCase> = read_json(&golden("grammar_dev4k.json"));
     assert_eq!(cases.len(), 12);
     let (mut active_steps, mut constrained_steps) = (0, 0);
     for (ci, case) in cases.iter().enumerate() {
-        let tools = tool_keys(case["tools_normalized"].as_str().unwrap());
-        let tables = GrammarTables::new(&texts, &tools);
-        let ids: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let tables = GrammarTables::new(&texts, &tool_keys(&case.tools_normalized));
+        let ids = case.ids.clone();
         let exe = harness(&format!("grammar-golden-{ci}"), &tables);
         let got = run(&exe, std::slice::from_ref(&ids)).remove(0);
-        let steps = case["steps"].as_array().unwrap();
-        assert_eq!(steps.len(), ids.len(), "case {ci}");
-        for (pos, step) in steps.iter().enumerate() {
-            let at = format!("case {ci} ({}) position {pos}", case["answer"]);
-            let want: Allowed = if step["active"].as_bool().unwrap() {
-                active_steps += 1;
-                match &step["allowed"] {
-                    Value::String(s) if s == "all" => None,
-                    Value::Array(ids) => {
-                        constrained_steps += 1;
-                        Some(ids.iter().map(|v| v.as_u64().unwrap() as u32).collect())
-                    }
-                    other => panic!("{at}: bad allowed {other}"),
-                }
-            } else {
-                None
-            };
+        assert_eq!(case.steps.len(), ids.len(), "case {ci}");
+        for (pos, step) in case.steps.iter().enumerate() {
+            let at = format!("case {ci} ({:?}) position {pos}", case.answer);
+            let want: Allowed = step.allowed_ids();
+            active_steps += usize::from(step.active);
+            constrained_steps += usize::from(want.is_some());
             assert_eq!(got[pos], want, "{at}");
         }
         // The step after the last token has no golden entry; the Rust grammar covers it.
@@ -291,16 +275,15 @@ struct TextGen<'a> {
 
 impl TextGen<'_> {
     fn ws(&mut self) -> &'static str {
-        *self
-            .r
-            .pick(&["", "", "", "", " ", " ", "\n", "\t", "\r\n", "  "])
+        self.r
+            .pick::<&str>(&["", "", "", "", " ", " ", "\n", "\t", "\r\n", "  "])
     }
 
     fn string(&mut self) -> String {
         let n = self.r.below(8);
         let mut s = String::from("\"");
         for _ in 0..n {
-            s.push_str(*self.r.pick(&[
+            s.push_str(self.r.pick::<&str>(&[
                 "a",
                 "b",
                 "7",
@@ -324,7 +307,10 @@ impl TextGen<'_> {
             ]));
         }
         // Now and then an unterminated or doubly closed string, as a model may produce.
-        s.push_str(*self.r.pick(&["\"", "\"", "\"", "\"", "\"", "", "\"\""]));
+        s.push_str(
+            self.r
+                .pick::<&str>(&["\"", "\"", "\"", "\"", "\"", "", "\"\""]),
+        );
         s
     }
 
