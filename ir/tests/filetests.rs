@@ -7,8 +7,6 @@
 //! expectations are rewritten instead: review the diff of `ir/tests/filetests/` before
 //! committing it.
 
-#![forbid(unsafe_code)]
-
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
