@@ -216,6 +216,16 @@ pub mod c {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output, Stdio};
 
+    /// How every harness is compiled: C11, optimized a little, every warning an error.
+    pub const STRICT_C11: [&str; 6] = [
+        "-std=c11",
+        "-O1",
+        "-Wall",
+        "-Wextra",
+        "-pedantic",
+        "-Werror",
+    ];
+
     /// The C compiler the tests use (`$CC`, else `cc`).
     pub fn cc() -> String {
         std::env::var("CC").unwrap_or_else(|_| "cc".into())
@@ -247,14 +257,7 @@ pub mod c {
         let src = crate::repo_root().join("tests/c").join(harness);
         let exe = dir.join(harness.trim_end_matches(".c"));
         let out = Command::new(cc())
-            .args([
-                "-std=c11",
-                "-O1",
-                "-Wall",
-                "-Wextra",
-                "-pedantic",
-                "-Werror",
-            ])
+            .args(STRICT_C11)
             .arg(format!("-DHEADER=\"{name}.h\""))
             .arg("-I")
             .arg(dir)

@@ -7,9 +7,7 @@
 //! scratch, so an out-of-bounds access or a read of uninitialized scratch shows up as a crash or
 //! a wrong id.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
@@ -91,7 +89,8 @@ impl Harness {
             input.extend_from_slice(format!("{max_ids} {}\n", text.len()).as_bytes());
             input.extend_from_slice(text);
         }
-        let stdout = run_concurrently(&self.exe, input);
+        let out = c::run(&self.exe, &[], &input);
+        let stdout = String::from_utf8(out.stdout).expect("harness output is text");
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines.len(), cases.len(), "one line per text");
         lines
@@ -117,29 +116,6 @@ impl Harness {
             assert_eq!(got, want, "text {text:?}");
         }
     }
-}
-
-/// Runs `exe` with `input` on stdin. Unlike `c::run`, it feeds stdin from another thread while
-/// reading stdout, so that megabytes of ids cannot fill both pipes and deadlock.
-fn run_concurrently(exe: &Path, input: Vec<u8>) -> String {
-    let mut child = Command::new(exe)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start harness");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let feeder = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().expect("harness runs");
-    feeder.join().expect("feeder thread").expect("feed harness");
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n{}",
-        exe.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("harness output is text")
 }
 
 #[test]

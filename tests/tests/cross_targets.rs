@@ -15,7 +15,7 @@ use std::process::Command;
 use needle_runtime::decode::FoldMode;
 use needle_targets::{supported, Target};
 use needle_test_support::toolchain::require;
-use needle_test_support::{golden, read_json, work_dir, GreedyCase};
+use needle_test_support::{c, golden, read_json, work_dir, GreedyCase};
 use needlec::build::{build, staticlib_file, BuildOptions, Emit};
 use object::{Object, ObjectSection, ObjectSymbol};
 
@@ -48,16 +48,8 @@ fn harness_for(target: &Target, out: &Path) -> PathBuf {
     let src = needle_test_support::repo_root().join("tests/c/library_harness.c");
     let res = Command::new(tc.cc)
         .args(tc.cc_args)
-        .args([
-            "-std=c11",
-            "-O1",
-            "-Wall",
-            "-Wextra",
-            "-pedantic",
-            "-Werror",
-            "-pthread",
-            "-DHEADER=\"needle.h\"",
-        ])
+        .args(c::STRICT_C11)
+        .args(["-pthread", "-DHEADER=\"needle.h\""])
         .arg("-I")
         .arg(out)
         .arg(&src)
