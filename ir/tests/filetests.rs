@@ -119,7 +119,7 @@ fn pass_names() -> String {
 fn run(path: &Path, test: &FileTest) -> Result<String, String> {
     let parsed = parse(&test.input);
     let module = match (&test.command, parsed) {
-        (Command::Parse, Ok(m)) => return Ok(print(&m)),
+        (Command::Parse, Ok(m)) => return printed(path, &m),
         (Command::Parse, Err(e)) => return Ok(format!("{e}\n")),
         (_, Err(e)) => return Err(format!("{}: the input does not parse: {e}", shown(path))),
         (_, Ok(m)) => m,
@@ -144,12 +144,28 @@ fn run(path: &Path, test: &FileTest) -> Result<String, String> {
                     run: p.run,
                 })
                 .collect();
-            Ok(match run_pipeline(module, None, &passes, |_, _| {}) {
-                Ok(m) => print(&m),
-                Err(e) => format!("{e}\n"),
-            })
+            match run_pipeline(module, None, &passes, |_, _| {}) {
+                Ok(m) => printed(path, &m),
+                Err(e) => Ok(format!("{e}\n")),
+            }
         }
         Command::Parse => unreachable!("handled above"),
+    }
+}
+
+/// The module's text, which must read back to the same module (the format round-trips).
+fn printed(path: &Path, module: &needle_ir::Module) -> Result<String, String> {
+    let text = print(module);
+    match parse(&text) {
+        Ok(back) if &back == module => Ok(text),
+        Ok(_) => Err(format!(
+            "{}: the output reads back as a different module:\n{text}",
+            shown(path)
+        )),
+        Err(e) => Err(format!(
+            "{}: the output does not read back ({e}):\n{text}",
+            shown(path)
+        )),
     }
 }
 
