@@ -1,8 +1,10 @@
-//! Helpers shared by the tests of every crate of the workspace (the runtime's, the compiler's,
-//! the IR's and the end-to-end tests in `tests/`): one home instead of a copy per test file.
+//! Helpers shared by the tests of the workspace's crates (the runtime's, the compiler's and the
+//! end-to-end tests in `tests/`): one home instead of a copy per test file.
 //!
 //! - fixture paths ([`repo_root`], [`golden`], [`tiny_needle`]) and readers ([`read_json`],
-//!   [`read_text`], the golden-file entries [`ForcedCase`], [`GreedyCase`], [`Case`], [`Sample`]);
+//!   [`read_text`], the golden-file entries [`ForcedCase`], [`GreedyCase`], [`Case`], [`Sample`],
+//!   [`GrammarCase`]), and the golden logit tolerance ([`logit_tolerance`]);
+//! - [`work_dir`], a fresh scratch directory per test;
 //! - [`Rng`], the seeded xorshift64* generator of the randomized tests;
 //! - [`tool_keys`], the (name, parameter keys) of a normalized tool list;
 //! - [`c`], building C harnesses against generated libraries and running them;
@@ -144,7 +146,8 @@ pub fn logit_tolerance(golden_values: &[f32]) -> f32 {
     1e-3 * scale.max(1e-2)
 }
 
-/// A fresh scratch directory for one test, under the build's target directory.
+/// A fresh scratch directory for one test (emptied first; one per process), under
+/// `$CARGO_TARGET_TMPDIR` when that is set, else `needlec-tests/` in the system's temp directory.
 pub fn work_dir(test: &str) -> PathBuf {
     let base = std::env::var_os("CARGO_TARGET_TMPDIR")
         .map(PathBuf::from)
