@@ -3,6 +3,8 @@
 //! Data flows one way: [`load`] reads a checkpoint, [`tools`] normalizes the app's tool list,
 //! folding precomputes the tools side, lowering builds the IR, codegen emits native code.
 
+#![forbid(unsafe_code)]
+
 pub mod build;
 pub mod codegen;
 pub mod emit;

@@ -1,5 +1,7 @@
 //! The `needlec` command line.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

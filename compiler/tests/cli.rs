@@ -2,23 +2,12 @@
 //! tokenize views, and the exit status and message of bad input.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use needle_test_support::{golden, tiny_needle, work_dir};
 
 fn example(name: &str) -> String {
-    root()
-        .join("examples/tiny-needle")
-        .join(name)
-        .to_str()
-        .unwrap()
-        .to_string()
+    tiny_needle(name).to_str().unwrap().to_string()
 }
 
 fn needlec(args: &[&str]) -> Output {
@@ -146,12 +135,11 @@ fn trace_reports_forced_decoder_positions() {
 
 #[test]
 fn tokenize_reads_json_lines() {
-    let golden = root().join("tests/fixtures/golden");
     let mut child = Command::new(env!("CARGO_BIN_EXE_needlec"))
         .args([
             "tokenize",
             "--tokenizer",
-            golden.join("dev4k.model").to_str().unwrap(),
+            golden("dev4k.model").to_str().unwrap(),
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -217,8 +205,7 @@ fn missing_checkpoint_names_the_path() {
 
 #[test]
 fn inspect_and_convert_round_trip() {
-    let dir = std::env::temp_dir().join(format!("needlec-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = work_dir("cli-convert");
     let st = dir.join("tiny.safetensors");
     let out = needlec(&[
         "convert",

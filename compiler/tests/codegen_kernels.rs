@@ -15,12 +15,13 @@
 //! The model's own kernels (matmul, norm, RoPE, attention, argmax) are checked against the
 //! reference's golden logits in `tests/tests/codegen_model.rs` and `library_e2e.rs`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use cranelift_codegen::ir::InstBuilder;
 use needle_targets::{supported, Target};
+use needle_test_support::c::{self, build_harness};
+use needle_test_support::toolchain::require;
+use needle_test_support::{work_dir, Rng};
 use needlec::codegen::{math, KernelSet};
 use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember, CType};
 
@@ -37,18 +38,6 @@ const TABLE: [f32; 7] = [
     -0.0,
     f32::MAX,
 ];
-
-/// Deterministic pseudo-random numbers (xorshift64*), uniform in [-1, 1).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40; // 24 bits
-        (v as f32 / (1u64 << 23) as f32) - 1.0
-    }
-}
 
 /// Object bytes and the header text for `target`.
 fn build(target: &Target) -> (Vec<u8>, String) {
@@ -125,6 +114,7 @@ fn every_supported_target_generates_a_standalone_object_and_archive() {
         .collect();
     names.push(("x86_64-unknown-linux-gnu", vec!["avx2", "fma"]));
     names.push(("riscv64gc-unknown-linux-gnu", vec!["v"]));
+    let dir = work_dir("codegen_kernels_targets");
     for (triple, features) in names {
         let target = Target::with_features(triple, &features).unwrap();
         let (obj, _) = build(&target);
@@ -137,7 +127,7 @@ fn every_supported_target_generates_a_standalone_object_and_archive() {
             features.join("+"),
             target.staticlib_extension()
         );
-        std::fs::write(work_dir().join(file), &ar).unwrap(); // for inspection with nm/objdump
+        std::fs::write(dir.join(file), &ar).unwrap(); // for inspection with nm/objdump
         let rep = check_standalone(&ar, PREFIX).unwrap_or_else(|e| panic!("{target} archive: {e}"));
         assert_eq!(rep.objects, 1);
         assert_eq!(rep.exports, EXPORTS, "{target} archive");
@@ -178,23 +168,10 @@ fn check_rejects_undefined_and_unprefixed_symbols() {
     assert!(e.contains("`unprefixed` lacks the prefix"), "{e}");
 }
 
-fn work_dir() -> PathBuf {
-    sub_dir("codegen_kernels")
-}
-
-fn sub_dir(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Builds the harness against a fresh archive for `target` (the host, possibly with CPU
-/// features) in `dir`; `None` if there is no C compiler.
-fn harness(target: &Target, dir: PathBuf) -> Option<PathBuf> {
-    if Command::new("cc").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: no `cc` on PATH; the generated code was not run");
-        return None;
-    }
+/// features) in `dir`; `None`, recorded as a skip, if there is no C compiler.
+fn harness(target: &Target, dir: &Path) -> Option<PathBuf> {
+    require("cc", "gcc", "running the generated kernels")?;
     let (obj, header) = build(target);
     let ar = archive(target, obj);
     let (obj2, header2) = build(target);
@@ -205,60 +182,23 @@ fn harness(target: &Target, dir: PathBuf) -> Option<PathBuf> {
     );
     assert_eq!(header, header2);
     assert_eq!(check_standalone(&ar, PREFIX).unwrap().exports, EXPORTS);
-
-    std::fs::write(dir.join("libkern.a"), &ar).unwrap();
-    std::fs::write(dir.join("kern.h"), &header).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/c/kernels_harness.c");
-    let exe = dir.join("kernels_harness");
-    let out = Command::new("cc")
-        .args([
-            "-std=c11",
-            "-Wall",
-            "-Wextra",
-            "-pedantic",
-            "-Werror",
-            "-O1",
-            "-I",
-        ])
-        .arg(&dir)
-        .arg(&src)
-        .arg(dir.join("libkern.a"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cc failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(exe)
+    Some(build_harness(
+        dir,
+        "kern",
+        &ar,
+        &header,
+        "kernels_harness.c",
+    ))
 }
 
 /// Runs one harness command with floats (and nothing else) on stdin; returns stdout tokens.
 fn run(exe: &Path, args: &[String], input: &[f32]) -> Vec<String> {
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        let text: String = input
-            .iter()
-            .map(|v| format!("{:08x}\n", v.to_bits()))
-            .collect();
-        stdin.write_all(text.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "harness {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text: String = input
+        .iter()
+        .map(|v| format!("{:08x}\n", v.to_bits()))
+        .collect();
+    let out = c::run(exe, &args, text.as_bytes());
     String::from_utf8(out.stdout)
         .unwrap()
         .split_whitespace()
@@ -281,7 +221,7 @@ fn args(v: &[&dyn ToString]) -> Vec<String> {
 #[test]
 fn generated_code_matches_reference_math() {
     let target = Target::host().expect("host target");
-    check_generated(&target, work_dir());
+    check_generated(&target, &work_dir("codegen_kernels"));
 }
 
 /// Again with every feature the CPU has (on x86-64: AVX, FMA, SSE4.1 rounding), so the fused
@@ -294,10 +234,10 @@ fn generated_code_matches_reference_math_with_host_cpu_features() {
         return;
     }
     eprintln!("host features: {}", target.features.join(","));
-    check_generated(&target, sub_dir("codegen_kernels_native"));
+    check_generated(&target, &work_dir("codegen_kernels_native"));
 }
 
-fn check_generated(target: &Target, dir: PathBuf) {
+fn check_generated(target: &Target, dir: &Path) {
     let Some(exe) = harness(target, dir) else {
         return;
     };
@@ -316,7 +256,7 @@ fn check_exp(exe: &Path) {
         v += 0.0137;
     }
     let mut r = Rng(7);
-    x.extend((0..2000).map(|_| r.next() * 20.0));
+    x.extend((0..2000).map(|_| r.signed_unit() * 20.0));
     x.push(0.5); // n % 4 == 1 after the pushes above, exercising the scalar tail
     let got = floats(&run(exe, &args(&[&"exp", &x.len()]), &x));
     let mut worst = 0.0f64;

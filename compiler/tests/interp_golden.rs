@@ -4,8 +4,6 @@
 //! interpret `encode_query` and every teacher-forced `decoder_step`. Agreement here means the
 //! lowering, the folder and the passes compute what the reference computes, before any codegen.
 
-use std::path::PathBuf;
-
 use needle_ir::{
     run_pipeline, ConstStore, Interpreter, Module, Sym, Tensor, DECODER_STEP, ENCODE_QUERY,
     PIPELINE,
@@ -15,10 +13,10 @@ use needle_runtime::forward::{
     decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
 };
 use needle_runtime::model::Model;
+use needle_test_support::{golden, read_json, ForcedCase, GreedyCase};
 use needlec::fold::fill_constants;
 use needlec::load::load_checkpoint;
 use needlec::lower::{lower, FoldMode, MAX_QUERY_TOKENS, TOOLS_TOKEN_ID};
-use serde::Deserialize;
 
 /// The golden README's tolerance: `1e-3` relative to the step's largest golden logit (at least
 /// `1e-2`).
@@ -27,42 +25,6 @@ const MIN_SCALE: f32 = 1e-2;
 /// Greedy steps whose golden top-1/top-2 gap is below this may legitimately flip (README).
 const MIN_GAP: f32 = 1e-3;
 const EOS_ID: i32 = 1;
-
-fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/golden")
-        .join(name)
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(name: &str) -> T {
-    let path = golden(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
-
-/// One entry of `forced_{tiny,small}.json`.
-#[derive(Debug, Deserialize)]
-struct ForcedCase {
-    mode: String,
-    enc_ids: Vec<u32>,
-    dec_ids: Vec<u32>,
-    top5: Vec<Vec<u32>>,
-    top5_vals: Vec<Vec<f32>>,
-    probe_ids: Vec<u32>,
-    probe_vals: Vec<Vec<f32>>,
-}
-
-/// One entry of `greedy_{tiny,small}.json`.
-#[derive(Debug, Deserialize)]
-struct GreedyCase {
-    mode: String,
-    enc_ids: Vec<u32>,
-    n_query_tokens: usize,
-    gen_ids: Vec<u32>,
-    text: String,
-    step_gaps: Vec<f32>,
-}
 
 fn fold_mode(mode: &str) -> FoldMode {
     match mode {
@@ -137,7 +99,7 @@ fn step(it: &mut Interpreter, vocab: usize, tok: i32, p: usize) -> (i32, Vec<f32
 fn forced(pkl: &str, json: &str, mode: &str) {
     let fx = fixture(pkl);
     let vocab = fx.model.config.vocab_size;
-    let cases: Vec<ForcedCase> = read_json(json);
+    let cases: Vec<ForcedCase> = read_json(&golden(json));
     let mut failures = Vec::new();
     let (mut checked, mut worst) = (0usize, 0f32);
     for (ci, case) in cases.iter().enumerate().filter(|(_, c)| c.mode == mode) {
@@ -213,7 +175,7 @@ fn forced_small_folded() {
 fn greedy_tiny_first_query() {
     let fx = fixture("tiny_random.pkl");
     let vocab = fx.model.config.vocab_size;
-    let cases: Vec<GreedyCase> = read_json("greedy_tiny.json");
+    let cases: Vec<GreedyCase> = read_json(&golden("greedy_tiny.json"));
     let first = &cases[0].enc_ids;
     for case in cases.iter().filter(|c| &c.enc_ids == first) {
         assert!(
@@ -261,7 +223,7 @@ fn greedy_tiny_first_query() {
 fn edge_query_lengths_match_the_runtime() {
     let fx = fixture("tiny_random.pkl");
     let vocab = fx.model.config.vocab_size;
-    let cases: Vec<ForcedCase> = read_json("forced_tiny.json");
+    let cases: Vec<ForcedCase> = read_json(&golden("forced_tiny.json"));
     let (_, tool_ids) = split_prompt(&cases[0].enc_ids);
     let tools_side: Vec<u32> = std::iter::once(TOOLS_TOKEN_ID as u32)
         .chain(tool_ids.iter().copied())

@@ -1,10 +1,11 @@
 //! Checkpoint loading: the real reference pickles, safetensors round trips, synthetic
 //! checkpoints, and one test per kind of bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use needle_runtime::checkpoint::{expected_tensors, Checkpoint, DType, Tensor};
 use needle_runtime::config::{ConfigError, ToolAttention};
+use needle_test_support::{repo_root, work_dir};
 use needlec::load::{
     check_checkpoint, inspect_report, load_checkpoint, load_pickle_bytes, save_safetensors,
     LoadError,
@@ -13,7 +14,7 @@ use needlec::synth::{parse_config_spec, synth_checkpoint};
 use safetensors::tensor::{Dtype, TensorView};
 
 fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    repo_root().join(rel)
 }
 
 const TINY_RANDOM: &str = "tests/fixtures/golden/tiny_random.pkl";
@@ -194,10 +195,10 @@ fn numpy_written_pickles_match_numpy_values() {
     }
 }
 
+/// A scratch file of this test binary (one directory shared by all its tests: names differ).
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("needlec-load-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| work_dir("load")).join(name)
 }
 
 #[test]

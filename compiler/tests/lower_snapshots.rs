@@ -6,18 +6,12 @@
 use needle_ir::{parse, print, run_pipeline, verify, PIPELINE};
 use needle_runtime::config::Config;
 use needlec::lower::{lower, FoldMode};
+use needlec::synth::parse_config_spec;
 
-/// The tiny fixture: vocab 4096, d_model 64, 4 heads over 2 KV heads, 2 + 2 layers.
+/// The tiny fixture's config (vocab 4096, d_model 64, 4 heads over 2 KV heads, 2 + 2 layers), as
+/// `needlec synth --config tiny` defines it.
 fn tiny() -> Config {
-    Config {
-        vocab_size: 4096,
-        d_model: 64,
-        num_heads: 4,
-        num_kv_heads: 2,
-        num_encoder_layers: 2,
-        num_decoder_layers: 2,
-        ..Default::default()
-    }
+    parse_config_spec("tiny").expect("the built-in tiny config")
 }
 
 const N_TOOL_TOKENS: usize = 36;

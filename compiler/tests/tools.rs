@@ -1,28 +1,18 @@
 //! Tool-list normalization against the reference's golden files, OpenAI conversion, errors.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use needle_test_support::{golden, read_json, tiny_needle, work_dir};
 use needlec::tools::{load_tools_arg, parse_tools, snake_case, Origin, ToolSet, ToolsError};
 
-const TOOLS_NORM: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/golden/tools_norm.json"
-);
-const CASES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/golden/cases.json"
-);
-const EXAMPLE_TOOLS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../examples/tiny-needle/tools.json"
-);
-const EXAMPLE_SAMPLES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../examples/tiny-needle/samples.json"
-);
+/// The entries of a JSON fixture that holds an array.
+fn entries(path: &Path) -> Vec<serde_json::Value> {
+    read_json(path)
+}
 
-fn golden(path: &str) -> Vec<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// The bundled model's tool list, as the path argument `--tools` takes.
+fn example_tools() -> String {
+    tiny_needle("tools.json").to_str().unwrap().to_string()
 }
 
 fn ok(text: &str) -> ToolSet {
@@ -38,7 +28,7 @@ fn err(text: &str) -> ToolsError {
 
 #[test]
 fn golden_tools_norm_all_cases() {
-    let cases = golden(TOOLS_NORM);
+    let cases = entries(&golden("tools_norm.json"));
     assert_eq!(cases.len(), 11);
     for case in &cases {
         let input = case["input"].as_str().unwrap();
@@ -70,7 +60,7 @@ fn golden_cases_answers_use_our_snake_names() {
     // The reference's answers call tools by the snake names it built (e.g. `navigateTo` ->
     // `navigate_to`). Teacher-forced answers may call a tool of another case's list, so check
     // against all lists together.
-    let cases = golden(CASES);
+    let cases = entries(&golden("cases.json"));
     let tools: Vec<_> = cases
         .iter()
         .flat_map(|c| ok(c["tools"].as_str().unwrap()).tools)
@@ -126,8 +116,8 @@ fn snake_case_rule() {
 
 #[test]
 fn example_tools_file_by_path_and_inline() {
-    let by_path = load_tools_arg(EXAMPLE_TOOLS).unwrap();
-    let text = std::fs::read_to_string(EXAMPLE_TOOLS).unwrap();
+    let by_path = load_tools_arg(&example_tools()).unwrap();
+    let text = std::fs::read_to_string(example_tools()).unwrap();
     let inline = load_tools_arg(&format!("\n  {text}")).unwrap();
     assert_eq!(by_path, inline);
     let names: Vec<&str> = by_path.tools.iter().map(|t| t.name.as_str()).collect();
@@ -144,7 +134,7 @@ fn example_tools_file_by_path_and_inline() {
     );
     assert_eq!(by_path.tools[4].param_keys, ["room", "state"]);
     // The reference's expected answers only use keys of the tool they call.
-    for sample in golden(EXAMPLE_SAMPLES) {
+    for sample in entries(&tiny_needle("samples.json")) {
         let expected: Vec<serde_json::Value> =
             serde_json::from_str(sample["expected"].as_str().unwrap()).unwrap();
         for call in expected {
@@ -158,7 +148,7 @@ fn example_tools_file_by_path_and_inline() {
 }
 
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("needlec-tools-{}-{name}", std::process::id()));
+    let path = work_dir(&format!("tools-{name}")).join(name);
     std::fs::write(&path, bytes).unwrap();
     path
 }
@@ -438,7 +428,7 @@ fn json_error_in_file_names_the_file() {
 #[test]
 fn garbage_never_panics() {
     let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-    let text = std::fs::read_to_string(EXAMPLE_TOOLS).unwrap() + OPENAI;
+    let text = std::fs::read_to_string(example_tools()).unwrap() + OPENAI;
     for (cut, _) in text.char_indices() {
         let _ = parse_tools(&text[..cut]);
         let _ = parse_tools(&format!("[{}", &text[cut..]));
@@ -459,19 +449,10 @@ fn garbage_never_panics() {
 
 #[test]
 fn golden_greedy_outputs_with_name_map_from_our_tools() {
-    let paths = [
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/golden/greedy_tiny.json"
-        ),
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/golden/greedy_small.json"
-        ),
-    ];
+    let paths = ["greedy_tiny.json", "greedy_small.json"];
     let mut n = 0;
     for path in paths {
-        for e in golden(path) {
+        for e in entries(&golden(path)) {
             let set = ok(e["tools"].as_str().unwrap());
             let out =
                 needle_runtime::output::postprocess(e["text"].as_str().unwrap(), &set.name_map);
@@ -484,8 +465,8 @@ fn golden_greedy_outputs_with_name_map_from_our_tools() {
 
 #[test]
 fn example_samples_postprocess_to_themselves() {
-    let set = load_tools_arg(EXAMPLE_TOOLS).unwrap();
-    for sample in golden(EXAMPLE_SAMPLES) {
+    let set = load_tools_arg(&example_tools()).unwrap();
+    for sample in entries(&tiny_needle("samples.json")) {
         for key in ["expected", "stock_exact", "fold_folded", "stock_folded"] {
             let out = sample[key].as_str().unwrap();
             let raw = format!("<tool_call>{out}");

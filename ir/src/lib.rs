@@ -12,6 +12,8 @@
 //! [`interp`] (the reference interpreter that runs a module on data). The
 //! lowering from a model config lives in the compiler (`needlec::lower`).
 
+#![forbid(unsafe_code)]
+
 pub mod interp;
 pub mod module;
 pub mod parse;

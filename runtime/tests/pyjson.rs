@@ -5,29 +5,9 @@
 
 use needle_runtime::output::{postprocess, replace_names_in_text};
 use needle_runtime::pyjson::{self, float_repr, parse, to_compact_string, Value};
+use needle_test_support::{golden, read_json, tiny_needle, Rng};
 
-const TOOLS_NORM: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/golden/tools_norm.json"
-);
-const GREEDY: [&str; 2] = [
-    concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/golden/greedy_tiny.json"
-    ),
-    concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/golden/greedy_small.json"
-    ),
-];
-const SAMPLES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../examples/tiny-needle/samples.json"
-);
-
-fn read(path: &str) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
+const GREEDY: [&str; 2] = ["greedy_tiny.json", "greedy_small.json"];
 
 fn roundtrip(text: &str) -> String {
     to_compact_string(&parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}")))
@@ -40,7 +20,7 @@ fn str_of<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
 #[test]
 fn golden_tools_norm_inputs_reserialize_like_python() {
     // Names are already snake in most cases; where they are not, only the name differs.
-    let cases: Vec<serde_json::Value> = serde_json::from_str(&read(TOOLS_NORM)).unwrap();
+    let cases: Vec<serde_json::Value> = read_json(&golden("tools_norm.json"));
     assert_eq!(cases.len(), 11);
     let mut checked = 0;
     for case in &cases {
@@ -214,20 +194,9 @@ fn nesting_is_bounded_without_overflowing_the_stack() {
     assert!(parse(&deep_obj).is_err());
 }
 
-/// Small deterministic generator so the fuzz inputs are reproducible without a dependency.
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn random_and_truncated_input_never_panics() {
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let alphabet: Vec<char> = "{}[]\":,\\ -+.0123456789eEtrufalsnNIiy\u{e9}\u{1F600}\n\tabu"
         .chars()
         .collect();
@@ -236,9 +205,9 @@ fn random_and_truncated_input_never_panics() {
         ("set".to_string(), "SET".to_string()),
     ];
     for _ in 0..20_000 {
-        let len = (rng.next() % 40) as usize;
+        let len = (rng.next_u64() % 40) as usize;
         let s: String = (0..len)
-            .map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize])
+            .map(|_| alphabet[(rng.next_u64() % alphabet.len() as u64) as usize])
             .collect();
         if let Ok(v) = parse(&s) {
             // Whatever parses must survive its own round trip.
@@ -247,14 +216,16 @@ fn random_and_truncated_input_never_panics() {
         let _ = postprocess(&s, &names);
     }
     for _ in 0..2_000 {
-        let bytes: Vec<u8> = (0..(rng.next() % 64)).map(|_| rng.next() as u8).collect();
+        let bytes: Vec<u8> = (0..(rng.next_u64() % 64))
+            .map(|_| rng.next_u64() as u8)
+            .collect();
         let s = String::from_utf8_lossy(&bytes);
         let _ = parse(&s);
         let _ = postprocess(&s, &names);
     }
     // Every prefix of real inputs, cut at each char boundary.
     let mut texts: Vec<String> = Vec::new();
-    let cases: Vec<serde_json::Value> = serde_json::from_str(&read(TOOLS_NORM)).unwrap();
+    let cases: Vec<serde_json::Value> = read_json(&golden("tools_norm.json"));
     for case in &cases {
         texts.push(str_of(case, "input").to_string());
     }
@@ -297,7 +268,7 @@ fn golden_name_map(tools_json: &str) -> Vec<(String, String)> {
 fn golden_greedy_outputs() {
     let mut n = 0;
     for path in GREEDY {
-        let entries: Vec<serde_json::Value> = serde_json::from_str(&read(path)).unwrap();
+        let entries: Vec<serde_json::Value> = read_json(&golden(path));
         for e in &entries {
             let map = golden_name_map(str_of(e, "tools"));
             assert_eq!(
@@ -314,7 +285,7 @@ fn golden_greedy_outputs() {
 
 #[test]
 fn golden_samples_are_fixed_points_and_tool_call_prefix_is_dropped() {
-    let samples: Vec<serde_json::Value> = serde_json::from_str(&read(SAMPLES)).unwrap();
+    let samples: Vec<serde_json::Value> = read_json(&tiny_needle("samples.json"));
     let names = [
         "get_weather",
         "set_timer",

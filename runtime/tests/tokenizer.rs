@@ -1,33 +1,15 @@
 //! Tokenizer parity with the reference (`sentencepiece`) on its golden vectors.
 
-use std::path::Path;
-
 use needle_runtime::tokenizer::{Tokenizer, TokenizerError};
+use needle_test_support::{golden, read_json, tiny_needle};
 use serde_json::Value;
 
-const DEV4K_MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/golden/dev4k.model"
-);
-const TOK_GOLDEN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/golden/tok_dev4k.json"
-);
-const TINY_MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../examples/tiny-needle/tokenizer.model"
-);
-
-fn golden(name: &str) -> Value {
-    let path = format!(
-        "{}/../tests/fixtures/golden/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+fn golden_json(name: &str) -> Value {
+    read_json(&golden(name))
 }
 
 fn dev4k() -> Tokenizer {
-    Tokenizer::from_file(Path::new(DEV4K_MODEL)).unwrap()
+    Tokenizer::from_file(&golden("dev4k.model")).unwrap()
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
@@ -61,7 +43,7 @@ fn vocab_layout_matches_spec() {
 #[test]
 fn golden_ids_pieces_and_decoded() {
     let tok = dev4k();
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(TOK_GOLDEN).unwrap()).unwrap();
+    let cases: Value = golden_json("tok_dev4k.json");
     let cases = cases.as_array().unwrap();
     assert_eq!(cases.len(), 289);
     let mut failures = Vec::new();
@@ -103,7 +85,7 @@ fn golden_greedy_texts_decode() {
     let tok = dev4k();
     let mut n = 0;
     for file in ["greedy_tiny.json", "greedy_small.json"] {
-        for case in golden(file).as_array().unwrap() {
+        for case in golden_json(file).as_array().unwrap() {
             let ids = ids_of(&case["gen_ids"]);
             assert_eq!(
                 tok.decode(&ids),
@@ -121,7 +103,7 @@ fn golden_greedy_texts_decode() {
 fn golden_forced_inputs_encode() {
     let tok = dev4k();
     for file in ["forced_tiny.json", "forced_small.json"] {
-        for case in golden(file).as_array().unwrap() {
+        for case in golden_json(file).as_array().unwrap() {
             let dec = ids_of(&case["dec_ids"]);
             let mut want = vec![1, 4];
             want.extend(tok.encode(case["answer"].as_str().unwrap()));
@@ -154,7 +136,7 @@ fn token_texts_follow_grammar_rules() {
 
 #[test]
 fn tiny_needle_model_loads_and_round_trips() {
-    let tok = Tokenizer::from_file(Path::new(TINY_MODEL)).unwrap();
+    let tok = Tokenizer::from_file(&tiny_needle("tokenizer.model")).unwrap();
     assert_eq!(tok.vocab_size(), 2048);
     assert_eq!(tok.piece(4), Some("<tool_call>"));
     assert_eq!(tok.piece(5), Some("<tools>"));
@@ -181,7 +163,7 @@ fn tiny_needle_model_loads_and_round_trips() {
 
 #[test]
 fn corrupt_models_error_without_panicking() {
-    let bytes = std::fs::read(DEV4K_MODEL).unwrap();
+    let bytes = std::fs::read(golden("dev4k.model")).unwrap();
     // Every truncation point must give an error, not a panic (or, at a field boundary, a
     // smaller model, which must then fail validation or still work).
     for cut in (0..bytes.len())
@@ -221,7 +203,7 @@ fn corrupt_models_error_without_panicking() {
 #[test]
 fn encoding_a_long_tool_list_is_fast() {
     let tok = dev4k();
-    let tools = golden("grammar_dev4k.json")
+    let tools = golden_json("grammar_dev4k.json")
         .as_array()
         .unwrap()
         .iter()
@@ -305,7 +287,7 @@ fn hf_tokenizer_json_of_the_same_model_agrees_with_goldens() {
     let sp = dev4k();
     let hf = Tokenizer::from_hf_json(&dev4k_as_hf_json(&sp)).unwrap();
     assert_eq!(hf.vocab_size(), 4096);
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(TOK_GOLDEN).unwrap()).unwrap();
+    let cases: Value = golden_json("tok_dev4k.json");
     let mut compared = 0;
     for c in cases.as_array().unwrap() {
         let text = c["text"].as_str().unwrap();

@@ -8,6 +8,8 @@
 //! Code generation asks questions ([`Target::simd_f32x4`], [`Target::native_fma`]) instead of
 //! matching on architectures, so adding a target means editing this crate only.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 

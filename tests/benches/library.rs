@@ -16,11 +16,11 @@ use needle_runtime::checkpoint::DType;
 use needle_runtime::config::Config;
 use needle_runtime::decode::{Engine, FoldMode};
 use needle_runtime::model::Model;
+use needle_test_support::c::build_harness;
+use needle_test_support::{golden, work_dir};
 use needlec::build::{build, BuildOptions, Emit};
 use needlec::frontend::load_tokenizer;
 use needlec::tools::parse_tools;
-use needlec_tests::c::{build_harness, work_dir};
-use needlec_tests::golden;
 
 const TOOLS: &str = r#"[{"name":"get_weather","description":"Get current weather for a city.","parameters":{"location":{"type":"string","description":"City name.","required":true}}},{"name":"set_timer","description":"Start a countdown timer.","parameters":{"minutes":{"type":"integer","description":"Timer length in minutes.","required":true}}},{"name":"send_message","description":"Send a text message to a contact.","parameters":{"recipient":{"type":"string","description":"Name of the contact.","required":true},"message":{"type":"string","description":"The message text.","required":true}}}]"#;
 const QUERY: &str = "What's the weather going to be like in San Francisco tomorrow?";

@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use needle_runtime::grammar::{Grammar, GrammarTables};
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
+use needle_test_support::{
+    c, golden, read_json, tiny_needle, tool_keys, work_dir, GrammarCase, Rng, Sample,
+};
 use needlec::codegen::grammar::define_grammar;
 use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
-use needlec_tests::{c, golden, read_json, tiny_needle, Sample};
-use serde_json::Value;
 
 const PREFIX: &str = "gr_";
 const EXPORTS: [&str; 3] = ["gr_grammar_allowed", "gr_grammar_feed", "gr_grammar_reset"];
@@ -58,7 +59,7 @@ fn harness(test: &str, tables: &GrammarTables) -> PathBuf {
     let (obj, header) = build(&target, tables);
     let rep = check_standalone(&obj, PREFIX).unwrap();
     assert_eq!(rep.exports, EXPORTS);
-    let dir = c::work_dir(test);
+    let dir = work_dir(test);
     c::build_harness(
         &dir,
         "gr",
@@ -143,59 +144,24 @@ fn assert_same(
     constrained
 }
 
-/// (name, parameter keys in order) from a normalized tool list.
-fn tool_keys(tools_normalized: &str) -> Vec<(String, Vec<String>)> {
-    let tools: Value = serde_json::from_str(tools_normalized).unwrap();
-    tools
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            let keys = t
-                .get("parameters")
-                .and_then(Value::as_object)
-                .map(|p| p.keys().cloned().collect())
-                .unwrap_or_default();
-            (t["name"].as_str().unwrap().to_string(), keys)
-        })
-        .collect()
-}
-
 #[test]
 fn every_step_of_every_golden_answer_matches() {
     let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
     let texts = tok.token_texts();
-    let cases: Vec<Value> = read_json(&golden("grammar_dev4k.json"));
+    let cases: Vec<GrammarCase> = read_json(&golden("grammar_dev4k.json"));
     assert_eq!(cases.len(), 12);
     let (mut active_steps, mut constrained_steps) = (0, 0);
     for (ci, case) in cases.iter().enumerate() {
-        let tools = tool_keys(case["tools_normalized"].as_str().unwrap());
-        let tables = GrammarTables::new(&texts, &tools);
-        let ids: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let tables = GrammarTables::new(&texts, &tool_keys(&case.tools_normalized));
+        let ids = case.ids.clone();
         let exe = harness(&format!("grammar-golden-{ci}"), &tables);
         let got = run(&exe, std::slice::from_ref(&ids)).remove(0);
-        let steps = case["steps"].as_array().unwrap();
-        assert_eq!(steps.len(), ids.len(), "case {ci}");
-        for (pos, step) in steps.iter().enumerate() {
-            let at = format!("case {ci} ({}) position {pos}", case["answer"]);
-            let want: Allowed = if step["active"].as_bool().unwrap() {
-                active_steps += 1;
-                match &step["allowed"] {
-                    Value::String(s) if s == "all" => None,
-                    Value::Array(ids) => {
-                        constrained_steps += 1;
-                        Some(ids.iter().map(|v| v.as_u64().unwrap() as u32).collect())
-                    }
-                    other => panic!("{at}: bad allowed {other}"),
-                }
-            } else {
-                None
-            };
+        assert_eq!(case.steps.len(), ids.len(), "case {ci}");
+        for (pos, step) in case.steps.iter().enumerate() {
+            let at = format!("case {ci} ({:?}) position {pos}", case.answer);
+            let want: Allowed = step.allowed_ids();
+            active_steps += usize::from(step.active);
+            constrained_steps += usize::from(want.is_some());
             assert_eq!(got[pos], want, "{at}");
         }
         // The step after the last token has no golden entry; the Rust grammar covers it.
@@ -203,23 +169,6 @@ fn every_step_of_every_golden_answer_matches() {
     }
     // Guards against a golden file that silently stopped exercising the grammar.
     assert_eq!((active_steps, constrained_steps), (80, 66));
-}
-
-/// Deterministic pseudo-random numbers (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() >> 33) as usize % n.max(1)
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len())]
-    }
 }
 
 /// Token ids a random sequence draws from, weighted towards what drives the machine.
@@ -281,9 +230,9 @@ impl Pools {
         match r.below(20) {
             0..=6 => r.below(v as usize) as u32,
             7..=8 => r.below(5) as u32, // specials (pad, eos, bos, unk, <tool_call>, ...)
-            9..=10 if !self.bytes.is_empty() => r.pick(&self.bytes),
-            11 => r.pick(&[v, v + 1, v + 1000, 99_999, u32::MAX, 0x8000_0000]),
-            _ => r.pick(&self.structural),
+            9..=10 if !self.bytes.is_empty() => *r.pick(&self.bytes),
+            11 => *r.pick(&[v, v + 1, v + 1000, 99_999, u32::MAX, 0x8000_0000]),
+            _ => *r.pick(&self.structural),
         }
     }
 }
@@ -327,14 +276,14 @@ struct TextGen<'a> {
 impl TextGen<'_> {
     fn ws(&mut self) -> &'static str {
         self.r
-            .pick(&["", "", "", "", " ", " ", "\n", "\t", "\r\n", "  "])
+            .pick::<&str>(&["", "", "", "", " ", " ", "\n", "\t", "\r\n", "  "])
     }
 
     fn string(&mut self) -> String {
         let n = self.r.below(8);
         let mut s = String::from("\"");
         for _ in 0..n {
-            s.push_str(self.r.pick(&[
+            s.push_str(self.r.pick::<&str>(&[
                 "a",
                 "b",
                 "7",
@@ -358,7 +307,10 @@ impl TextGen<'_> {
             ]));
         }
         // Now and then an unterminated or doubly closed string, as a model may produce.
-        s.push_str(self.r.pick(&["\"", "\"", "\"", "\"", "\"", "", "\"\""]));
+        s.push_str(
+            self.r
+                .pick::<&str>(&["\"", "\"", "\"", "\"", "\"", "", "\"\""]),
+        );
         s
     }
 

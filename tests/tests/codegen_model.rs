@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use needle_ir::ConstData;
 use needle_runtime::decode::{FoldMode, TOOLS_ID};
 use needle_targets::Target;
+use needle_test_support::c::{build_harness, run};
+use needle_test_support::{golden, logit_tolerance, read_json, work_dir, ForcedCase};
 use needlec::build::{compile, BuildOptions, Compiled};
 use needlec::codegen::model::{define_model, ModelCode};
 use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
-use needlec_tests::c::{build_harness, run, work_dir};
-use needlec_tests::{golden, logit_tolerance, read_json, ForcedCase};
 
 const PREFIX: &str = "t_";
 

@@ -12,36 +12,16 @@ use needle_runtime::output::postprocess;
 use needle_runtime::pyjson;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::{supported, Target};
+use needle_test_support::{c, golden, read_json, tiny_needle, work_dir, GreedyCase, Rng, Sample};
 use needlec::codegen::output::{
     define_output, OutputCode, STATUS_INEXACT, STATUS_INVALID_UTF8, STATUS_OK, STATUS_TOO_SMALL,
 };
 use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
 use needlec::tools::parse_tools;
-use needlec_tests::{c, golden, read_json, tiny_needle, GreedyCase, Sample};
 
 const PREFIX: &str = "out_";
 const MAX_TEXT: usize = 511 * 16;
-
-/// Deterministic pseudo-random numbers (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() >> 33) as usize % n.max(1)
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 fn build(
     target: &Target,
@@ -77,7 +57,7 @@ fn lib(tag: &str, tok: &Tokenizer, map: &[(String, String)]) -> Lib {
         "{:?}",
         rep.exports
     );
-    let dir = c::work_dir(&format!("codegen_output_{tag}"));
+    let dir = work_dir(&format!("codegen_output_{tag}"));
     let exe = c::build_harness(&dir, "outtest", &ar, &header, "output_harness.c");
     Lib { exe, code }
 }

@@ -7,19 +7,17 @@
 //! scratch, so an out-of-bounds access or a read of uninitialized scratch shows up as a crash or
 //! a wrong id.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
+use needle_test_support::{c, golden, read_json, tiny_needle, work_dir, Rng, Sample};
 use needlec::codegen::tokenizer::{define_tokenizer, TokenizerCode};
 use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
 use needlec::frontend::load_tokenizer;
 use needlec::tools::parse_tools;
-use needlec_tests::{c, golden, read_json, tiny_needle, Sample};
 use serde::Deserialize;
 
 const PREFIX: &str = "tk_";
@@ -68,7 +66,7 @@ fn make_harness(model: &Path, name: &str) -> Harness {
     let ar = write_archive(target.archive_kind(), &[member]).unwrap();
     let rep = check_standalone(&ar, PREFIX).unwrap();
     assert_eq!(rep.exports, vec![format!("{PREFIX}tokenize")]);
-    let dir = c::work_dir(&format!("tokenizer-{name}"));
+    let dir = work_dir(&format!("tokenizer-{name}"));
     let exe = c::build_harness(&dir, name, &ar, &header, "tokenizer_harness.c");
     Harness { tok, exe, code }
 }
@@ -91,7 +89,8 @@ impl Harness {
             input.extend_from_slice(format!("{max_ids} {}\n", text.len()).as_bytes());
             input.extend_from_slice(text);
         }
-        let stdout = run_concurrently(&self.exe, input);
+        let out = c::run(&self.exe, &[], &input);
+        let stdout = String::from_utf8(out.stdout).expect("harness output is text");
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines.len(), cases.len(), "one line per text");
         lines
@@ -117,29 +116,6 @@ impl Harness {
             assert_eq!(got, want, "text {text:?}");
         }
     }
-}
-
-/// Runs `exe` with `input` on stdin. Unlike `c::run`, it feeds stdin from another thread while
-/// reading stdout, so that megabytes of ids cannot fill both pipes and deadlock.
-fn run_concurrently(exe: &Path, input: Vec<u8>) -> String {
-    let mut child = Command::new(exe)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start harness");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let feeder = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().expect("harness runs");
-    feeder.join().expect("feeder thread").expect("feed harness");
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n{}",
-        exe.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("harness output is text")
 }
 
 #[test]
@@ -170,23 +146,6 @@ fn tiny_needle_queries_and_tools_match_runtime() {
     let golden: Vec<GoldenTok> = read_json(&golden("tok_dev4k.json"));
     texts.extend(golden.into_iter().map(|g| g.text));
     h.assert_same(&texts);
-}
-
-/// Deterministic pseudo-random numbers (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() >> 33) as usize % n.max(1)
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
 }
 
 const FRAGMENTS: &[&str] = &[
@@ -545,7 +504,7 @@ fn synthetic_models_match_runtime() {
             escape_whitespaces: false,
         },
     ];
-    let dir = c::work_dir("tokenizer-synthetic");
+    let dir = work_dir("tokenizer-synthetic");
     for (k, v) in variants.iter().enumerate() {
         let path = dir.join(format!("{}.model", v.name));
         std::fs::write(&path, synthetic_model(v)).unwrap();

@@ -14,10 +14,9 @@ use std::process::Command;
 
 use needle_runtime::decode::FoldMode;
 use needle_targets::{supported, Target};
+use needle_test_support::toolchain::require;
+use needle_test_support::{c, golden, read_json, work_dir, GreedyCase};
 use needlec::build::{build, staticlib_file, BuildOptions, Emit};
-use needlec_tests::c::work_dir;
-use needlec_tests::toolchain::require;
-use needlec_tests::{golden, read_json, GreedyCase};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 fn options(
@@ -46,19 +45,11 @@ fn options(
 fn harness_for(target: &Target, out: &Path) -> PathBuf {
     let tc = target.test_toolchain();
     let exe = out.join("library_harness");
-    let src = needlec_tests::repo_root().join("tests/c/library_harness.c");
+    let src = needle_test_support::repo_root().join("tests/c/library_harness.c");
     let res = Command::new(tc.cc)
         .args(tc.cc_args)
-        .args([
-            "-std=c11",
-            "-O1",
-            "-Wall",
-            "-Wextra",
-            "-pedantic",
-            "-Werror",
-            "-pthread",
-            "-DHEADER=\"needle.h\"",
-        ])
+        .args(c::STRICT_C11)
+        .args(["-pthread", "-DHEADER=\"needle.h\""])
         .arg("-I")
         .arg(out)
         .arg(&src)

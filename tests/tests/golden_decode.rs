@@ -3,9 +3,9 @@
 //! checkpoint/fold combinations.
 
 use needle_runtime::decode::{Engine, FoldMode};
+use needle_test_support::{golden, read_json, tiny_needle, Case, GreedyCase, Sample};
 use needlec::frontend::{load, load_model, load_tokenizer};
 use needlec::tools::parse_tools;
-use needlec_tests::{golden, read_json, tiny_needle, Case, GreedyCase, Sample};
 
 /// Steps whose reference top-1/top-2 gap is below this may legitimately flip (golden README).
 const FLIP_GAP: f32 = 1e-3;

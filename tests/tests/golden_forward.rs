@@ -6,7 +6,7 @@ use needle_runtime::forward::{
     decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
 };
 use needle_runtime::model::Model;
-use needlec_tests::{golden, logit_tolerance, read_json, ForcedCase};
+use needle_test_support::{golden, logit_tolerance, read_json, ForcedCase};
 
 fn model(name: &str) -> Model {
     let ckpt = needlec::load::load_checkpoint(&golden(name)).expect("fixture loads");

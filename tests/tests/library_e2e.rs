@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use needle_runtime::decode::{Engine, FoldMode};
+use needle_test_support::c::{build_harness_with, run};
+use needle_test_support::{golden, read_json, tiny_needle, work_dir, Case, GreedyCase, Sample};
 use needlec::build::{build, BuildOptions, Emit};
 use needlec::frontend::{load_model, load_tokenizer};
 use needlec::tools::parse_tools;
-use needlec_tests::c::{build_harness_with, run, work_dir};
-use needlec_tests::{golden, read_json, tiny_needle, Case, GreedyCase, Sample};
 
 fn host() -> String {
     needle_targets::Target::host()
@@ -317,8 +317,8 @@ fn example_app_answers_like_needlec_run() {
     let dir = work_dir("example-app");
     build(&bundled("tiny-needle-folded.pkl", None, 512, &dir)).unwrap();
     let exe = dir.join("ask");
-    let src = needlec_tests::repo_root().join("examples/c/ask.c");
-    let out = std::process::Command::new(needlec_tests::c::cc())
+    let src = needle_test_support::repo_root().join("examples/c/ask.c");
+    let out = std::process::Command::new(needle_test_support::c::cc())
         .args(["-std=c11", "-Wall", "-Wextra", "-pedantic", "-Werror", "-I"])
         .arg(&dir)
         .arg(&src)

@@ -1,0 +1,381 @@
+//! Helpers shared by the tests of the workspace's crates (the runtime's, the compiler's and the
+//! end-to-end tests in `tests/`): one home instead of a copy per test file.
+//!
+//! - fixture paths ([`repo_root`], [`golden`], [`tiny_needle`]) and readers ([`read_json`],
+//!   [`read_text`], the golden-file entries [`ForcedCase`], [`GreedyCase`], [`Case`], [`Sample`],
+//!   [`GrammarCase`]), and the golden logit tolerance ([`logit_tolerance`]);
+//! - [`work_dir`], a fresh scratch directory per test;
+//! - [`Rng`], the seeded xorshift64* generator of the randomized tests;
+//! - [`tool_keys`], the (name, parameter keys) of a normalized tool list;
+//! - [`c`], building C harnesses against generated libraries and running them;
+//! - [`toolchain`], finding host tools or recording a skip.
+//!
+//! It depends on no workspace crate, so `needle-runtime` can take it as a dev-dependency without a
+//! cycle; helpers that need a crate's types stay beside that crate's tests.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("test-support/ has a parent")
+        .to_path_buf()
+}
+
+/// A file under `tests/fixtures/golden/`.
+pub fn golden(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/golden").join(name)
+}
+
+/// A file of the bundled trained model, `examples/tiny-needle/`.
+pub fn tiny_needle(name: &str) -> PathBuf {
+    repo_root().join("examples/tiny-needle").join(name)
+}
+
+/// Reads a text fixture.
+pub fn read_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Reads and parses a JSON fixture.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> T {
+    serde_json::from_str(&read_text(path))
+        .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// One entry of `forced_{tiny,small}.json`.
+#[derive(Debug, Deserialize)]
+pub struct ForcedCase {
+    pub query: String,
+    pub tools: String,
+    pub answer: String,
+    pub mode: String,
+    pub enc_ids: Vec<u32>,
+    pub dec_ids: Vec<u32>,
+    pub top5: Vec<Vec<u32>>,
+    pub top5_vals: Vec<Vec<f32>>,
+    pub probe_ids: Vec<u32>,
+    pub probe_vals: Vec<Vec<f32>>,
+    pub enc_out_l2: f32,
+}
+
+/// One entry of `greedy_{tiny,small}.json`.
+#[derive(Debug, Deserialize)]
+pub struct GreedyCase {
+    pub query: String,
+    pub tools: String,
+    pub mode: String,
+    pub enc_ids: Vec<u32>,
+    pub n_query_tokens: usize,
+    pub gen_ids: Vec<u32>,
+    pub text: String,
+    pub output: String,
+    pub step_gaps: Vec<f32>,
+}
+
+/// One entry of `cases.json`.
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub query: String,
+    pub tools: String,
+    pub answer: String,
+    pub max_gen_len: usize,
+}
+
+/// One entry of `examples/tiny-needle/samples.json`.
+#[derive(Debug, Deserialize)]
+pub struct Sample {
+    pub query: String,
+    pub expected: String,
+    pub stock_exact: String,
+    pub stock_folded: String,
+    pub fold_folded: String,
+    pub stock_exact_min_gap: f32,
+    pub fold_folded_min_gap: f32,
+}
+
+/// One entry of `grammar_dev4k.json`: an answer's token ids and, before each of them, what the
+/// reference's grammar said.
+#[derive(Debug, Deserialize)]
+pub struct GrammarCase {
+    pub tools: String,
+    pub tools_normalized: String,
+    pub answer: String,
+    pub ids: Vec<u32>,
+    pub steps: Vec<GrammarStep>,
+}
+
+/// The reference grammar before one token of a [`GrammarCase`].
+#[derive(Debug, Deserialize)]
+pub struct GrammarStep {
+    pub active: bool,
+    /// When active: `FREE`, `IN_NAME` or `IN_ARG_KEY`.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// When active: `"all"`, or the allowed ids.
+    #[serde(default)]
+    pub allowed: Option<serde_json::Value>,
+}
+
+impl GrammarStep {
+    /// The ids the grammar allows here; `None` when it constrains nothing (inactive, or `"all"`).
+    pub fn allowed_ids(&self) -> Option<Vec<u32>> {
+        use serde_json::Value;
+        match &self.allowed {
+            _ if !self.active => None,
+            Some(Value::String(s)) if s == "all" => None,
+            Some(Value::Array(ids)) => Some(
+                ids.iter()
+                    .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+                    .collect::<Option<_>>()
+                    .unwrap_or_else(|| panic!("allowed ids that are not u32: {ids:?}")),
+            ),
+            other => panic!("an active step whose `allowed` is neither \"all\" nor ids: {other:?}"),
+        }
+    }
+}
+
+/// Logits agree when within 1e-3 of the step's logit scale (the golden README's tolerance).
+pub fn logit_tolerance(golden_values: &[f32]) -> f32 {
+    let scale = golden_values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    1e-3 * scale.max(1e-2)
+}
+
+/// A fresh scratch directory for one test (emptied first; one per process), under
+/// `$CARGO_TARGET_TMPDIR` when that is set, else `needlec-tests/` in the system's temp directory.
+pub fn work_dir(test: &str) -> PathBuf {
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("needlec-tests"));
+    let dir = base.join(format!("{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Deterministic pseudo-random numbers (xorshift64*), so randomized tests are reproducible
+/// without a dependency. The sequence for a seed never changes: some tests pin counts drawn
+/// from it.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() >> 33) as usize % n.max(1)
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    /// One of `items`, uniformly.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// Uniform in [-1, 1), on a grid of 2^-23 (24 random bits).
+    pub fn signed_unit(&mut self) -> f32 {
+        let v = self.next_u64() >> 40;
+        (v as f32 / (1u64 << 23) as f32) - 1.0
+    }
+}
+
+/// (name, parameter keys in order) of each tool of a normalized tool list (Needle's own format,
+/// as in `tools_norm.json`).
+pub fn tool_keys(tools_normalized: &str) -> Vec<(String, Vec<String>)> {
+    use serde_json::Value;
+    let tools: Value = serde_json::from_str(tools_normalized).expect("a JSON tool list");
+    tools
+        .as_array()
+        .expect("a JSON array of tools")
+        .iter()
+        .map(|t| {
+            let keys = t
+                .get("parameters")
+                .and_then(Value::as_object)
+                .map(|p| p.keys().cloned().collect())
+                .unwrap_or_default();
+            (t["name"].as_str().expect("a tool name").to_string(), keys)
+        })
+        .collect()
+}
+
+/// Building and running C harnesses against generated libraries.
+pub mod c {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+
+    /// How every harness is compiled: C11, optimized a little, every warning an error.
+    pub const STRICT_C11: [&str; 6] = [
+        "-std=c11",
+        "-O1",
+        "-Wall",
+        "-Wextra",
+        "-pedantic",
+        "-Werror",
+    ];
+
+    /// The C compiler the tests use (`$CC`, else `cc`).
+    pub fn cc() -> String {
+        std::env::var("CC").unwrap_or_else(|_| "cc".into())
+    }
+
+    /// Writes `lib{name}.a` and `{name}.h` into `dir`, compiles `harness` (a C file under
+    /// `tests/c/`) against them with strict warnings, and returns the executable's path.
+    pub fn build_harness(
+        dir: &Path,
+        name: &str,
+        archive: &[u8],
+        header: &str,
+        harness: &str,
+    ) -> PathBuf {
+        build_harness_with(dir, name, archive, header, harness, &[])
+    }
+
+    /// [`build_harness`] with extra compiler arguments (e.g. `-pthread`).
+    pub fn build_harness_with(
+        dir: &Path,
+        name: &str,
+        archive: &[u8],
+        header: &str,
+        harness: &str,
+        extra: &[&str],
+    ) -> PathBuf {
+        std::fs::write(dir.join(format!("lib{name}.a")), archive).expect("write archive");
+        std::fs::write(dir.join(format!("{name}.h")), header).expect("write header");
+        let src = crate::repo_root().join("tests/c").join(harness);
+        let exe = dir.join(harness.trim_end_matches(".c"));
+        let out = Command::new(cc())
+            .args(STRICT_C11)
+            .arg(format!("-DHEADER=\"{name}.h\""))
+            .arg("-I")
+            .arg(dir)
+            .arg(&src)
+            .arg("-o")
+            .arg(&exe)
+            .arg("-L")
+            .arg(dir)
+            .arg(format!("-l{name}"))
+            .args(extra)
+            .output()
+            .expect("run the C compiler");
+        assert!(
+            out.status.success(),
+            "compiling {} failed:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exe
+    }
+
+    /// Runs `exe` with `args`, feeding `stdin`; panics with its stderr if it fails. Stdin is
+    /// written from another thread so that a harness that answers as it reads cannot deadlock
+    /// on full pipes.
+    pub fn run(exe: &Path, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start harness");
+        let mut pipe = child.stdin.take().expect("stdin");
+        let input = stdin.to_vec();
+        let writer = std::thread::spawn(move || pipe.write_all(&input));
+        let out = child.wait_with_output().expect("harness runs");
+        writer.join().expect("stdin writer").expect("feed harness");
+        assert!(
+            out.status.success(),
+            "{} failed ({}):\n{}",
+            exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+/// Host tools the tests drive (cross compilers, emulators, linkers): found, or the test that
+/// needs one is skipped loudly.
+///
+/// `scripts/test` installs what it can and then runs the suite with `NEEDLEC_SKIP_LOG` naming a
+/// file; each skip appends one line there, and the script prints them all at the end of the run,
+/// so a skipped check never passes silently. With `NEEDLEC_REQUIRE_TOOLS=1` (what `.ci/run`
+/// sets) a missing tool fails the test instead.
+pub mod toolchain {
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    /// The path of `tool`: on `PATH`, or among LLVM's versioned tools (Debian installs
+    /// `ld64.lld` only as `/usr/lib/llvm-N/bin/ld64.lld`).
+    pub fn find(tool: &str) -> Option<PathBuf> {
+        let on_path = std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+        });
+        on_path.or_else(|| {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("llvm-"))
+                })
+                .collect();
+            dirs.sort();
+            dirs.into_iter()
+                .rev()
+                .map(|d| d.join("bin").join(tool))
+                .find(|p| p.is_file())
+        })
+    }
+
+    /// `tool` (from Debian's `package`) for the check `what`; `None` after recording a skip
+    /// when it is missing (a panic instead under `NEEDLEC_REQUIRE_TOOLS=1`).
+    pub fn require(tool: &str, package: &str, what: &str) -> Option<PathBuf> {
+        if let Some(path) = find(tool) {
+            return Some(path);
+        }
+        let reason = format!(
+            "{what}: `{tool}` is missing (install Debian's `{package}`; scripts/test does when it can)"
+        );
+        if std::env::var("NEEDLEC_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("{reason}");
+        }
+        skip(&reason);
+        None
+    }
+
+    /// Records a skipped check: to stderr, and as one line of `$NEEDLEC_SKIP_LOG` when set.
+    pub fn skip(reason: &str) {
+        eprintln!("SKIPPED {reason}");
+        if let Some(log) = std::env::var_os("NEEDLEC_SKIP_LOG") {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap_or_else(|e| panic!("opening the skip log {}: {e}", log.display()));
+            // One write per line, so lines from concurrent tests do not interleave.
+            file.write_all(format!("{reason}\n").as_bytes())
+                .expect("writing the skip log");
+        }
+    }
+}
