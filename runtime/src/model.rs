@@ -9,6 +9,7 @@ use ndarray::{Array1, Array2};
 
 use crate::checkpoint::{expected_tensors, Checkpoint, DEC, ENC};
 use crate::config::{Config, ConfigError};
+use crate::quant::{self, Precision, PrecisionError};
 
 /// Why a checkpoint cannot be used as a Needle v1 model.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub enum ModelError {
         bytes: usize,
         needed: usize,
     },
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
 }
 
 /// Checks that a checkpoint has every tensor its config implies, with the right shape and byte
@@ -127,7 +130,77 @@ fn layer_slice(all: &[f32], layers: usize, i: usize) -> Vec<f32> {
     all[i * per..(i + 1) * per].to_vec()
 }
 
+impl AttentionWeights {
+    /// The four Dense kernels, for transforms that treat them alike.
+    fn kernels_mut(&mut self) -> [&mut Array2<f32>; 4] {
+        [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo]
+    }
+
+    fn map_values(&mut self, f: fn(f32) -> f32) {
+        for w in self.kernels_mut() {
+            w.mapv_inplace(f);
+        }
+        self.q_norm.mapv_inplace(f);
+        self.k_norm.mapv_inplace(f);
+    }
+}
+
 impl Model {
+    /// [`Model::from_checkpoint`], then the weights as `precision` gives them (spec section 7 and
+    /// `docs/spec.md`): `f32` as stored; `f16` every value rounded to IEEE half (a no-op for
+    /// float16 checkpoints); `int8`/`int4` every Dense kernel, per layer, replaced by its
+    /// dequantized group quantization ([`quant::fake_quantize`]), everything else as stored.
+    /// The model stays float32: this is the oracle of every precision.
+    pub fn from_checkpoint_as(
+        ckpt: &Checkpoint,
+        precision: Precision,
+    ) -> Result<Model, ModelError> {
+        validate(ckpt)?;
+        quant::check(ckpt, precision)?;
+        let mut model = Model::from_checkpoint(ckpt)?;
+        match precision {
+            Precision::F32 => {}
+            Precision::F16 => model.map_values(quant::round_to_f16),
+            Precision::Int8 | Precision::Int4 => {
+                let attentions = model.encoder.iter_mut().map(|l| &mut l.attn).chain(
+                    model
+                        .decoder
+                        .iter_mut()
+                        .flat_map(|l| [&mut l.self_attn, &mut l.cross_attn]),
+                );
+                for attn in attentions {
+                    for w in attn.kernels_mut() {
+                        let (k, n) = w.dim();
+                        let row_major = w.as_slice().expect("built row-major");
+                        let dequantized = quant::fake_quantize(row_major, k, n, precision);
+                        *w = Array2::from_shape_vec((k, n), dequantized).expect("same shape");
+                    }
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    /// Applies `f` to every parameter value the model holds.
+    fn map_values(&mut self, f: fn(f32) -> f32) {
+        self.embedding.mapv_inplace(f);
+        self.encoder_norm.mapv_inplace(f);
+        self.decoder_norm.mapv_inplace(f);
+        for layer in &mut self.encoder {
+            layer.norm.mapv_inplace(f);
+            layer.gate = f(layer.gate);
+            layer.attn.map_values(f);
+        }
+        for layer in &mut self.decoder {
+            layer.self_norm.mapv_inplace(f);
+            layer.cross_norm.mapv_inplace(f);
+            layer.self_gate = f(layer.self_gate);
+            layer.cross_gate = f(layer.cross_gate);
+            layer.self_attn.map_values(f);
+            layer.cross_attn.map_values(f);
+        }
+    }
+
     /// Validates the checkpoint ([`validate`]) and converts it to float32.
     pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Model, ModelError> {
         validate(ckpt)?;

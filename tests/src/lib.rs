@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use needle_runtime::quant::Precision;
 use serde::Deserialize;
 
 /// The repository root.
@@ -44,6 +45,9 @@ pub struct ForcedCase {
     pub probe_ids: Vec<u32>,
     pub probe_vals: Vec<Vec<f32>>,
     pub enc_out_l2: f32,
+    /// `int8`/`int4` in the quantized files; absent in the float32 ones.
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 /// One entry of `greedy_{tiny,small}.json`.
@@ -58,6 +62,12 @@ pub struct GreedyCase {
     pub text: String,
     pub output: String,
     pub step_gaps: Vec<f32>,
+    /// `int8`/`int4` in the quantized files; absent in the float32 ones.
+    #[serde(default)]
+    pub precision: Option<String>,
+    /// Present in the quantized files (the float32 ones take it from `cases.json`).
+    #[serde(default)]
+    pub max_gen_len: Option<usize>,
 }
 
 /// One entry of `cases.json`.
@@ -79,6 +89,27 @@ pub struct Sample {
     pub fold_folded: String,
     pub stock_exact_min_gap: f32,
     pub fold_folded_min_gap: f32,
+}
+
+/// The golden file of `kind` (`forced`, `greedy`) for `fixture` (`tiny`, `small`) computed with
+/// the weights in `precision`: `forced_tiny.json` for the checkpoint's own (float16) weights,
+/// `forced_tiny_int4.json` for int4, ...
+pub fn golden_file(kind: &str, fixture: &str, precision: Precision) -> String {
+    match precision {
+        Precision::Int8 | Precision::Int4 => format!("{kind}_{fixture}_{precision}.json"),
+        Precision::F32 | Precision::F16 => format!("{kind}_{fixture}.json"),
+    }
+}
+
+/// The precision a golden record was computed with: its `precision` field, float16 (the
+/// fixtures' stored weights) when it has none.
+pub fn golden_precision(field: &Option<String>) -> Precision {
+    match field {
+        Some(name) => name
+            .parse()
+            .unwrap_or_else(|e| panic!("golden record: {e}")),
+        None => Precision::F16,
+    }
 }
 
 /// Logits agree when within 1e-3 of the step's logit scale (the golden README's tolerance).
