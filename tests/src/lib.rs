@@ -112,6 +112,40 @@ pub fn golden_precision(field: &Option<String>) -> Precision {
     }
 }
 
+impl Sample {
+    /// The reference's output for one checkpoint/fold combination: `stock_exact`,
+    /// `stock_folded` or `fold_folded`.
+    pub fn output(&self, combination: &str) -> &str {
+        match combination {
+            "stock_exact" => &self.stock_exact,
+            "stock_folded" => &self.stock_folded,
+            "fold_folded" => &self.fold_folded,
+            other => panic!("no combination {other:?} in samples.json"),
+        }
+    }
+}
+
+/// One entry of `examples/tiny-needle/samples_quantized.json`: the reference's outputs with its
+/// int8 and int4 weight quantization, `{combination}_{int8,int4}` (and `_min_gap`).
+#[derive(Debug, Deserialize)]
+pub struct QuantizedSample {
+    pub query: String,
+    pub expected: String,
+    #[serde(flatten)]
+    pub fields: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl QuantizedSample {
+    /// The reference's output for `combination` (as [`Sample::output`]) in `precision`.
+    pub fn output(&self, combination: &str, precision: Precision) -> &str {
+        let key = format!("{combination}_{precision}");
+        self.fields
+            .get(&key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("samples_quantized.json: no string `{key}`"))
+    }
+}
+
 /// Logits agree when within 1e-3 of the step's logit scale (the golden README's tolerance).
 pub fn logit_tolerance(golden_values: &[f32]) -> f32 {
     let scale = golden_values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
