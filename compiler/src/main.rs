@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use needle_runtime::decode::{Engine, FoldMode, Generation, DEFAULT_MAX_GEN_LEN};
+use needle_runtime::quant::Precision;
 use needlec::build::{self, BuildOptions, Emit};
 use needlec::frontend;
 
@@ -58,6 +59,15 @@ struct ModelArgs {
     /// At most `max_gen_len - 1` tokens are generated.
     #[arg(long, default_value_t = DEFAULT_MAX_GEN_LEN)]
     max_gen_len: usize,
+    /// Weights as a library built with `--weights` computes them: `int8`/`int4` the reference's
+    /// group quantization of every Dense kernel, `f16` IEEE half. Default: the checkpoint's own
+    /// (`f16` for float16 checkpoints, else `f32`).
+    #[arg(long, value_name = "f32|f16|int8|int4")]
+    weights: Option<Precision>,
+    /// Bound the query to N tokens, as a library built with it: longer queries are cut with
+    /// `--fold tools` and refused with `--fold none`. Default: as many as the model allows.
+    #[arg(long, value_name = "N")]
+    max_query_tokens: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -148,10 +158,23 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by `: `, each cause once: errors that already print their
+/// source in their own message (most of ours do) would otherwise repeat it.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 fn real_main() -> Result<()> {
@@ -303,11 +326,15 @@ fn utf8_query(query: OsString) -> Result<String> {
 }
 
 fn load_engine(args: &ModelArgs) -> Result<Engine> {
-    let fold = args.fold.map(fold_mode);
+    let options = frontend::ModelOptions {
+        fold: args.fold.map(fold_mode),
+        weights: args.weights,
+        max_query_tokens: args.max_query_tokens,
+    };
     let loaded = with_spinner("loading checkpoint, tokenizer and tools", || {
-        frontend::load(&args.checkpoint, &args.tokenizer, &args.tools, fold)
+        frontend::load_with(&args.checkpoint, &args.tokenizer, &args.tools, &options)
     })?;
-    if let Some(warning) = loaded.fold_warning {
+    for warning in loaded.warnings() {
         eprintln!("warning: {warning}");
     }
     Ok(loaded.engine)

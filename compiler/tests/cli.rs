@@ -330,3 +330,231 @@ fn unknown_cpu_and_feature_are_named() {
         "{stderr}"
     );
 }
+
+fn golden(name: &str) -> String {
+    root()
+        .join("tests/fixtures/golden")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes a float32 random checkpoint of `config` (a `needlec synth --config` value) and returns
+/// its path (in a directory of its own: another test removes its scratch directory when done).
+fn synth(config: &str, file: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("needlec-cli-synth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(file).to_str().unwrap().to_string();
+    stdout(&needlec(&["synth", "--config", config, "-o", &path]));
+    path
+}
+
+#[test]
+fn weights_give_the_references_quantized_answers() {
+    // A golden case whose int4 answer differs from both the checkpoint's own weights' and int8's,
+    // with no near-tie in any of the three.
+    let case = |file: &str| -> serde_json::Value {
+        let all: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(golden(file)).unwrap()).unwrap();
+        all[2].clone()
+    };
+    let (ckpt, tok) = (golden("small_random.pkl"), golden("dev4k.model"));
+    let mut outputs = Vec::new();
+    for (weights, file) in [
+        (None, "greedy_small.json"),
+        (Some("f16"), "greedy_small.json"),
+        (Some("int8"), "greedy_small_int8.json"),
+        (Some("int4"), "greedy_small_int4.json"),
+    ] {
+        let want = case(file);
+        assert_eq!(want["mode"], "exact");
+        let mut args = run_args(
+            &ckpt,
+            want["tools"].as_str().unwrap(),
+            &tok,
+            want["query"].as_str().unwrap(),
+        );
+        args.extend(["--max-gen-len", "40"]);
+        if let Some(w) = weights {
+            args.extend(["--weights", w]);
+        }
+        let out = needlec(&args);
+        assert_eq!(
+            stdout(&out),
+            format!("{}\n", want["output"].as_str().unwrap()),
+            "--weights {weights:?}"
+        );
+        assert!(
+            !stderr_of(&out).contains("warning"),
+            "no rounding of a float16 checkpoint"
+        );
+        outputs.push(stdout(&out));
+    }
+    assert_ne!(outputs[0], outputs[3], "int4 changes this answer");
+    assert_ne!(outputs[2], outputs[3], "int4 and int8 differ");
+}
+
+#[test]
+fn trace_takes_the_weights_too() {
+    let (ckpt, tools, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
+    let top_logit = |weights: &str| {
+        let mut args = run_args(&ckpt, &tools, &tok, "Remind me in 8 minutes with a timer");
+        args[0] = "trace";
+        args.extend(["--weights", weights]);
+        let trace: serde_json::Value = serde_json::from_str(&stdout(&needlec(&args))).unwrap();
+        trace["steps"][0]["top"][0][1].as_f64().unwrap()
+    };
+    assert_eq!(top_logit("f16"), top_logit("f32"), "lossless for float16");
+    assert_ne!(
+        top_logit("f16"),
+        top_logit("int4"),
+        "int4 changes the logits"
+    );
+}
+
+#[test]
+fn unknown_weights_are_refused_with_the_choices() {
+    let (ckpt, tools, tok) = (
+        example("tiny-needle.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
+    let mut args = run_args(&ckpt, &tools, &tok, "hi");
+    args.extend(["--weights", "int2"]);
+    let out = needlec(&args);
+    assert!(!out.status.success());
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("unknown weight format `int2`")
+            && stderr.contains("f32, f16, int8 or int4"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn f16_rounding_a_float32_checkpoint_warns_once() {
+    let ckpt = synth("tiny", "tiny-f32.safetensors");
+    let tok = golden("dev4k.model");
+    let tools = r#"[{"name":"set_timer","description":"Start a timer.","parameters":{}}]"#;
+    let mut args = run_args(&ckpt, tools, &tok, "set a timer");
+    args.extend(["--max-gen-len", "4"]);
+    let plain = needlec(&args);
+    stdout(&plain);
+    assert!(
+        !stderr_of(&plain).contains("warning"),
+        "the default is f32 for a float32 checkpoint: {}",
+        stderr_of(&plain)
+    );
+    args.extend(["--weights", "f16"]);
+    let out = needlec(&args);
+    stdout(&out);
+    let stderr = stderr_of(&out);
+    assert_eq!(stderr.matches("warning:").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("rounds this checkpoint's float32"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_kernel_with_an_empty_input_axis_cannot_be_quantized() {
+    // d_model 2 makes the contrastive head's second kernel (d_model / 4 = 0 rows, 128 columns).
+    let ckpt = synth(
+        r#"{"d_model":2,"num_heads":1,"num_kv_heads":1,"vocab_size":4096,"num_encoder_layers":1,"num_decoder_layers":1}"#,
+        "d2.safetensors",
+    );
+    let tok = golden("dev4k.model");
+    let mut args = run_args(&ckpt, "[]", &tok, "hi");
+    args.extend(["--max-gen-len", "3"]);
+    stdout(&needlec(&args));
+    args.extend(["--weights", "int4"]);
+    let out = needlec(&args);
+    assert!(!out.status.success());
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("`contrastive_proj/kernel` has shape [0, 128]")
+            && stderr.contains("input axis")
+            && stderr.contains("use --weights f32 or f16"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("contrastive_proj").count(),
+        1,
+        "said once: {stderr}"
+    );
+}
+
+#[test]
+fn max_query_tokens_of_zero_or_above_the_limit_is_refused() {
+    let (ckpt, tools, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
+    let mut args = run_args(&ckpt, &tools, &tok, "hi");
+    args.extend(["--max-query-tokens", "0"]);
+    let stderr = stderr_of(&needlec(&args));
+    assert!(
+        stderr.contains("--max-query-tokens must be at least 1"),
+        "{stderr}"
+    );
+    let mut args = run_args(&ckpt, &tools, &tok, "hi");
+    args.extend(["--max-query-tokens", "1023"]);
+    let out = needlec(&args);
+    assert!(!out.status.success());
+    let stderr = stderr_of(&out);
+    // The 6-tool list takes 309 tokens: 1024 - 1 - 309 = 714 are left for the query.
+    assert!(
+        stderr.contains("--max-query-tokens 1023 is above this model's limit of 714")
+            && stderr.contains("use at most 714"),
+        "{stderr}"
+    );
+    let mut args = run_args(&ckpt, &tools, &tok, "hi");
+    args.extend(["--max-query-tokens", "714"]);
+    stdout(&needlec(&args));
+}
+
+#[test]
+fn max_query_tokens_cuts_folded_queries_and_refuses_exact_ones() {
+    let (tools, tok) = (example("tools.json"), example("tokenizer.model"));
+    let query = "I need an alarm at 11:50 AM for stretching"; // 10 tokens
+    let trace = |ckpt: &str, fold: &str, bound: &str| {
+        let mut args = run_args(ckpt, &tools, &tok, query);
+        args[0] = "trace";
+        args.extend(["--fold", fold, "--max-query-tokens", bound]);
+        needlec(&args)
+    };
+    let folded = example("tiny-needle-folded.pkl");
+    let cut: serde_json::Value =
+        serde_json::from_str(&stdout(&trace(&folded, "tools", "4"))).unwrap();
+    assert_eq!(cut["n_query_tokens"], 4);
+    assert_eq!(cut["enc_ids"][4], 5, "<tools> right after the cut query");
+    let whole: serde_json::Value =
+        serde_json::from_str(&stdout(&trace(&folded, "tools", "10"))).unwrap();
+    assert_eq!(whole["n_query_tokens"], 10);
+
+    let stock = example("tiny-needle.pkl");
+    let out = trace(&stock, "none", "9");
+    assert!(!out.status.success());
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("the query is 10 tokens, more than the 9") && stderr.contains("refuses"),
+        "{stderr}"
+    );
+    // Within the bound, exact mode answers exactly as without it.
+    let bounded: serde_json::Value =
+        serde_json::from_str(&stdout(&trace(&stock, "none", "10"))).unwrap();
+    let mut args = run_args(&stock, &tools, &tok, query);
+    args[0] = "trace";
+    let free: serde_json::Value = serde_json::from_str(&stdout(&needlec(&args))).unwrap();
+    assert_eq!(bounded, free);
+}

@@ -66,6 +66,66 @@ pub enum EngineError {
     MaxGenLen(usize),
     #[error("answer token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error(
+        "--max-query-tokens must be at least 1 (a bound of 0 would drop every query), got 0; \
+         leave it out to keep as many as the model allows"
+    )]
+    MaxQueryTokensZero,
+    #[error(
+        "--max-query-tokens {requested} is above this model's limit of {limit} query tokens \
+         with this tool list (the reference keeps at most {MAX_QUERY_TOKENS}, and the \
+         {tool_tokens} tool tokens plus `<tools>` leave {room} of the {ENCODER_BUDGET}-token \
+         encoder budget); use at most {limit}, or leave it out for the limit"
+    )]
+    MaxQueryTokensTooLarge {
+        requested: usize,
+        limit: usize,
+        tool_tokens: usize,
+        room: usize,
+    },
+    #[error(
+        "the query is {tokens} tokens, more than the {max} that --max-query-tokens allows; with \
+         --fold none the reference would keep it and cut the tool list instead, which a library \
+         built with this bound cannot do, so it refuses rather than answer differently (and so \
+         does this): shorten the query or raise --max-query-tokens"
+    )]
+    QueryTooLong { tokens: usize, max: usize },
+}
+
+/// The most query tokens a prompt can hold with a tool list of `n_tool_tokens` tokens: the
+/// reference's [`MAX_QUERY_TOKENS`], or less when the tools leave less of the encoder budget.
+/// `--max-query-tokens` may not exceed it.
+pub fn query_token_limit(n_tool_tokens: usize) -> usize {
+    MAX_QUERY_TOKENS.min(ENCODER_BUDGET.saturating_sub(1 + n_tool_tokens))
+}
+
+/// Checks a `--max-query-tokens` request against the model's limit for this tool list
+/// ([`query_token_limit`]); `needlec run`, `trace` and `build` share it so that they agree.
+pub fn check_max_query_tokens(
+    requested: usize,
+    n_tool_tokens: usize,
+) -> Result<usize, EngineError> {
+    let limit = query_token_limit(n_tool_tokens);
+    if requested == 0 {
+        return Err(EngineError::MaxQueryTokensZero);
+    }
+    if requested > limit {
+        return Err(EngineError::MaxQueryTokensTooLarge {
+            requested,
+            limit,
+            tool_tokens: n_tool_tokens,
+            room: ENCODER_BUDGET.saturating_sub(1 + n_tool_tokens),
+        });
+    }
+    Ok(requested)
+}
+
+/// Whether a query longer than `max_query_tokens` is refused rather than cut. In exact mode the
+/// reference keeps up to [`MAX_QUERY_TOKENS`] query tokens and cuts the tools to fit; below that
+/// bound, cutting the query would answer differently, so it is refused. Folded mode cannot cut
+/// its precomputed tools and always cuts the query.
+pub fn refuses_long_queries(fold: FoldMode, max_query_tokens: usize) -> bool {
+    fold == FoldMode::None && max_query_tokens < MAX_QUERY_TOKENS
 }
 
 /// The encoder input for one query.
@@ -113,6 +173,8 @@ pub struct Engine {
     tool_ids: Vec<u32>,
     grammar: GrammarTables,
     folded: Option<FoldedTools>,
+    /// `--max-query-tokens`, checked against [`query_token_limit`]; `None`: the reference's cut.
+    query_bound: Option<usize>,
 }
 
 impl Engine {
@@ -146,7 +208,19 @@ impl Engine {
             tool_ids,
             grammar,
             folded,
+            query_bound: None,
         })
+    }
+
+    /// Bounds the query to `max_query_tokens` tokens (`--max-query-tokens`), exactly as a library
+    /// built with the same bound: a longer query is cut in folded mode and refused in exact mode
+    /// ([`refuses_long_queries`]).
+    pub fn with_max_query_tokens(mut self, max_query_tokens: usize) -> Result<Engine, EngineError> {
+        self.query_bound = Some(check_max_query_tokens(
+            max_query_tokens,
+            self.tool_ids.len(),
+        )?);
+        Ok(self)
     }
 
     /// Token ids of the normalized tool list (before any cut).
@@ -154,18 +228,39 @@ impl Engine {
         &self.tool_ids
     }
 
-    /// The most query tokens this engine keeps. Exact mode keeps the reference's 1022 and cuts
-    /// the tools to fit; folded mode cannot cut its precomputed tools, so it cuts the query.
+    /// The most query tokens this engine keeps: the `--max-query-tokens` bound when set. Without
+    /// one, exact mode keeps the reference's 1022 and cuts the tools to fit; folded mode cannot
+    /// cut its precomputed tools, so it cuts the query.
     pub fn max_query_tokens(&self) -> usize {
-        match self.fold {
-            FoldMode::None => MAX_QUERY_TOKENS,
-            FoldMode::Tools => MAX_QUERY_TOKENS.min(ENCODER_BUDGET - 1 - self.tool_ids.len()),
+        match (self.query_bound, self.fold) {
+            (Some(bound), _) => bound,
+            (None, FoldMode::None) => MAX_QUERY_TOKENS,
+            (None, FoldMode::Tools) => query_token_limit(self.tool_ids.len()),
         }
     }
 
-    /// The encoder input for a query (spec section 3).
+    /// The encoder input for a query (spec section 3), the query cut to
+    /// [`Engine::max_query_tokens`]; [`Engine::generate`] and [`Engine::forced`] refuse first
+    /// where [`refuses_long_queries`] says so ([`Engine::checked_prompt`]).
     pub fn prompt(&self, query: &str) -> Prompt {
-        let mut enc_ids = self.tokenizer.encode(query);
+        self.prompt_of(self.tokenizer.encode(query))
+    }
+
+    /// [`Engine::prompt`], or [`EngineError::QueryTooLong`] where a library built with the same
+    /// bound refuses the query.
+    pub fn checked_prompt(&self, query: &str) -> Result<Prompt, EngineError> {
+        let ids = self.tokenizer.encode(query);
+        let max = self.max_query_tokens();
+        if ids.len() > max && refuses_long_queries(self.fold, max) {
+            return Err(EngineError::QueryTooLong {
+                tokens: ids.len(),
+                max,
+            });
+        }
+        Ok(self.prompt_of(ids))
+    }
+
+    fn prompt_of(&self, mut enc_ids: Vec<u32>) -> Prompt {
         enc_ids.truncate(self.max_query_tokens());
         let n_query_tokens = enc_ids.len();
         enc_ids.push(TOOLS_ID);
@@ -195,12 +290,15 @@ impl Engine {
         if max_gen_len < 2 {
             return Err(EngineError::MaxGenLen(max_gen_len));
         }
-        Ok(
-            self.decode(query, max_gen_len - 1, |_, logits, allowed| match allowed {
+        let prompt = self.checked_prompt(query)?;
+        Ok(self.decode(
+            prompt,
+            max_gen_len - 1,
+            |_, logits, allowed| match allowed {
                 Some(ids) => argmax_among(logits, ids),
                 None => argmax(logits),
-            }),
-        )
+            },
+        ))
     }
 
     /// Teacher-forced run over `[EOS, <tool_call>] + answer_ids`: the logits at every decoder
@@ -210,23 +308,23 @@ impl Engine {
         if let Some(&id) = answer_ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(EngineError::TokenOutOfRange { id, vocab });
         }
+        let prompt = self.checked_prompt(query)?;
         let mut forced = vec![TOOL_CALL_ID];
         forced.extend_from_slice(answer_ids);
-        Ok(self.decode(query, forced.len() + 1, |i, _, _| {
+        Ok(self.decode(prompt, forced.len() + 1, |i, _, _| {
             forced.get(i).copied().unwrap_or(EOS_ID)
         }))
     }
 
-    /// The decode loop both views share: from `[EOS]`, at most `max_steps` decoder steps, each
+    /// The decode loop both views share: from `[EOS]` over the encoded `prompt`, at most `max_steps` decoder steps, each
     /// recording the logits and the grammar's view, then taking `choose(step, logits, allowed)`
     /// as the next token; EOS ends it.
     fn decode(
         &self,
-        query: &str,
+        prompt: Prompt,
         max_steps: usize,
         mut choose: impl FnMut(usize, &[f32], Option<&[u32]>) -> u32,
     ) -> Generation {
-        let prompt = self.prompt(query);
         let cross = self.encode_prompt(&prompt);
         let mut cache = DecoderCache::new(&self.model);
         let mut grammar = Grammar::new(&self.grammar);
@@ -324,4 +422,44 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.truncate(k);
     idx.sort_by(cmp);
     idx.into_iter().map(|i| (i, logits[i as usize])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_limit_is_the_reference_cut_or_the_room_the_tools_leave() {
+        assert_eq!(query_token_limit(0), MAX_QUERY_TOKENS);
+        assert_eq!(query_token_limit(1), MAX_QUERY_TOKENS);
+        assert_eq!(query_token_limit(100), 1024 - 1 - 100);
+    }
+
+    #[test]
+    fn max_query_tokens_is_checked() {
+        assert!(matches!(
+            check_max_query_tokens(0, 100),
+            Err(EngineError::MaxQueryTokensZero)
+        ));
+        assert_eq!(check_max_query_tokens(1, 100).unwrap(), 1);
+        assert_eq!(check_max_query_tokens(923, 100).unwrap(), 923);
+        let err = check_max_query_tokens(924, 100).unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::MaxQueryTokensTooLarge {
+                requested: 924,
+                limit: 923,
+                tool_tokens: 100,
+                room: 923
+            }
+        ));
+        assert!(err.to_string().contains("use at most 923"), "{err}");
+    }
+
+    #[test]
+    fn only_exact_mode_below_the_reference_cut_refuses() {
+        assert!(refuses_long_queries(FoldMode::None, 128));
+        assert!(!refuses_long_queries(FoldMode::None, MAX_QUERY_TOKENS));
+        assert!(!refuses_long_queries(FoldMode::Tools, 128));
+    }
 }

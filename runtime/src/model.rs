@@ -9,6 +9,7 @@ use ndarray::{Array1, Array2};
 
 use crate::checkpoint::{expected_tensors, Checkpoint, DEC, ENC};
 use crate::config::{Config, ConfigError};
+use crate::quant::{self, Precision, PrecisionError};
 
 /// Why a checkpoint cannot be used as a Needle v1 model.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub enum ModelError {
         bytes: usize,
         needed: usize,
     },
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
 }
 
 /// Checks that a checkpoint has every tensor its config implies, with the right shape and byte
@@ -127,7 +130,80 @@ fn layer_slice(all: &[f32], layers: usize, i: usize) -> Vec<f32> {
     all[i * per..(i + 1) * per].to_vec()
 }
 
+impl AttentionWeights {
+    /// The four Dense kernels, for transforms that treat them alike.
+    fn kernels_mut(&mut self) -> [&mut Array2<f32>; 4] {
+        [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo]
+    }
+
+    fn map_values(&mut self, f: fn(f32) -> f32) {
+        for w in self.kernels_mut() {
+            w.mapv_inplace(f);
+        }
+        self.q_norm.mapv_inplace(f);
+        self.k_norm.mapv_inplace(f);
+    }
+}
+
 impl Model {
+    /// [`Model::from_checkpoint`], then the weights as `precision` gives them (spec section 7 and
+    /// `docs/spec.md`): `f32` as stored; `f16` every value rounded to IEEE half (a no-op for
+    /// float16 checkpoints); `int8`/`int4` every Dense kernel, per layer, replaced by its
+    /// dequantized group quantization ([`quant::fake_quantize`]), everything else as stored.
+    /// The model stays float32: this is the oracle of every precision.
+    pub fn from_checkpoint_as(
+        ckpt: &Checkpoint,
+        precision: Precision,
+    ) -> Result<Model, ModelError> {
+        validate(ckpt)?;
+        quant::check(ckpt, precision)?;
+        let mut model = Model::from_checkpoint(ckpt)?;
+        match precision {
+            // Rounding values that are already half is the identity: skip the pass.
+            Precision::F16 if quant::f16_rounds(ckpt, precision) => {
+                model.map_values(quant::round_to_f16)
+            }
+            Precision::F32 | Precision::F16 => {}
+            Precision::Int8 | Precision::Int4 => {
+                let attentions = model.encoder.iter_mut().map(|l| &mut l.attn).chain(
+                    model
+                        .decoder
+                        .iter_mut()
+                        .flat_map(|l| [&mut l.self_attn, &mut l.cross_attn]),
+                );
+                for attn in attentions {
+                    for w in attn.kernels_mut() {
+                        let (k, n) = w.dim();
+                        let row_major = w.as_slice().expect("built row-major");
+                        let dequantized = quant::fake_quantize(row_major, k, n, precision);
+                        *w = Array2::from_shape_vec((k, n), dequantized).expect("same shape");
+                    }
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    /// Applies `f` to every parameter value the model holds.
+    fn map_values(&mut self, f: fn(f32) -> f32) {
+        self.embedding.mapv_inplace(f);
+        self.encoder_norm.mapv_inplace(f);
+        self.decoder_norm.mapv_inplace(f);
+        for layer in &mut self.encoder {
+            layer.norm.mapv_inplace(f);
+            layer.gate = f(layer.gate);
+            layer.attn.map_values(f);
+        }
+        for layer in &mut self.decoder {
+            layer.self_norm.mapv_inplace(f);
+            layer.cross_norm.mapv_inplace(f);
+            layer.self_gate = f(layer.self_gate);
+            layer.cross_gate = f(layer.cross_gate);
+            layer.self_attn.map_values(f);
+            layer.cross_attn.map_values(f);
+        }
+    }
+
     /// Validates the checkpoint ([`validate`]) and converts it to float32.
     pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Model, ModelError> {
         validate(ckpt)?;
@@ -184,5 +260,102 @@ impl Model {
             decoder_norm: Array1::from_vec(t("decoder/ZCRMSNorm_0/scale").to_vec()),
             config: c,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Tensor;
+
+    /// A float32 checkpoint of `config` whose values are not representable in half.
+    fn checkpoint(config: Config) -> Checkpoint {
+        let tensors = expected_tensors(&config)
+            .into_iter()
+            .map(|(path, shape)| {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n)
+                    .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1.0001e-3)
+                    .collect();
+                (path, Tensor::from_f32(shape, &values))
+            })
+            .collect();
+        Checkpoint { config, tensors }
+    }
+
+    fn small() -> Config {
+        Config {
+            vocab_size: 16,
+            d_model: 40, // one group of 32 rows and a short one of 8
+            num_heads: 2,
+            num_kv_heads: 1,
+            num_encoder_layers: 1,
+            num_decoder_layers: 1,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn precisions_change_exactly_what_they_should() {
+        let ckpt = checkpoint(small());
+        let f32_model = Model::from_checkpoint_as(&ckpt, Precision::F32).unwrap();
+        let f16_model = Model::from_checkpoint_as(&ckpt, Precision::F16).unwrap();
+        let int4 = Model::from_checkpoint_as(&ckpt, Precision::Int4).unwrap();
+        // f16: every value rounded, the embedding included.
+        let (e32, e16) = (&f32_model.embedding, &f16_model.embedding);
+        assert!(e32
+            .iter()
+            .zip(e16)
+            .all(|(a, b)| quant::round_to_f16(*a) == *b));
+        assert!(e32.iter().zip(e16).any(|(a, b)| a != b));
+        assert_eq!(
+            f16_model.decoder[0].cross_gate,
+            quant::round_to_f16(f32_model.decoder[0].cross_gate)
+        );
+        // int4: the kernels are their dequantized quantization, everything else as stored.
+        let (a, b) = (
+            &f32_model.decoder[0].cross_attn,
+            &int4.decoder[0].cross_attn,
+        );
+        let (k, n) = a.wv.dim();
+        let want = quant::fake_quantize(a.wv.as_slice().unwrap(), k, n, Precision::Int4);
+        assert_eq!(b.wv.as_slice().unwrap(), &want[..]);
+        assert_ne!(a.wv, b.wv);
+        assert_eq!(a.k_norm, b.k_norm);
+        assert_eq!(f32_model.embedding, int4.embedding);
+        assert_eq!(f32_model.encoder[0].gate, int4.encoder[0].gate);
+    }
+
+    #[test]
+    fn an_empty_input_axis_is_an_error_not_a_panic() {
+        // d_model 2: the contrastive head's second kernel has d_model / 4 = 0 rows.
+        let ckpt = checkpoint(Config {
+            d_model: 2,
+            num_heads: 1,
+            ..small()
+        });
+        for p in [Precision::Int8, Precision::Int4] {
+            let err = Model::from_checkpoint_as(&ckpt, p).unwrap_err();
+            assert!(
+                matches!(&err, ModelError::Precision(PrecisionError::EmptyInputAxis { path, .. })
+                    if path == "contrastive_proj/kernel"),
+                "{err}"
+            );
+        }
+        assert!(Model::from_checkpoint_as(&ckpt, Precision::F16).is_ok());
+    }
+
+    #[test]
+    fn f16_refuses_values_half_cannot_hold() {
+        let mut ckpt = checkpoint(small());
+        let path = format!("{ENC}/attn_gate");
+        ckpt.tensors
+            .insert(path.clone(), Tensor::from_f32(vec![1], &[1e6]));
+        let err = Model::from_checkpoint_as(&ckpt, Precision::F16).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Precision(PrecisionError::F16Overflow { path: p, .. }) if *p == path),
+            "{err}"
+        );
+        assert!(Model::from_checkpoint_as(&ckpt, Precision::F32).is_ok());
     }
 }

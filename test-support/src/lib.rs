@@ -62,6 +62,9 @@ pub struct ForcedCase {
     pub probe_ids: Vec<u32>,
     pub probe_vals: Vec<Vec<f32>>,
     pub enc_out_l2: f32,
+    /// `int8`/`int4` in the quantized files; absent in the float32 ones.
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 /// One entry of `greedy_{tiny,small}.json`.
@@ -76,6 +79,12 @@ pub struct GreedyCase {
     pub text: String,
     pub output: String,
     pub step_gaps: Vec<f32>,
+    /// `int8`/`int4` in the quantized files; absent in the float32 ones.
+    #[serde(default)]
+    pub precision: Option<String>,
+    /// Present in the quantized files (the float32 ones take it from `cases.json`).
+    #[serde(default)]
+    pub max_gen_len: Option<usize>,
 }
 
 /// One entry of `cases.json`.
@@ -97,6 +106,57 @@ pub struct Sample {
     pub fold_folded: String,
     pub stock_exact_min_gap: f32,
     pub fold_folded_min_gap: f32,
+}
+
+impl Sample {
+    /// The reference's output for one checkpoint/fold combination: `stock_exact`,
+    /// `stock_folded` or `fold_folded`.
+    pub fn output(&self, combination: &str) -> &str {
+        match combination {
+            "stock_exact" => &self.stock_exact,
+            "stock_folded" => &self.stock_folded,
+            "fold_folded" => &self.fold_folded,
+            other => panic!("no combination {other:?} in samples.json"),
+        }
+    }
+}
+
+/// One entry of `examples/tiny-needle/samples_quantized.json`: the reference's outputs with its
+/// int8 and int4 weight quantization, `{combination}_{int8,int4}` (and `_min_gap`).
+#[derive(Debug, Deserialize)]
+pub struct QuantizedSample {
+    pub query: String,
+    pub expected: String,
+    #[serde(flatten)]
+    pub fields: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl QuantizedSample {
+    /// The reference's output for `combination` (as [`Sample::output`]) with the weights in
+    /// `precision` (`int8` or `int4`).
+    pub fn output(&self, combination: &str, precision: &str) -> &str {
+        let key = format!("{combination}_{precision}");
+        self.fields
+            .get(&key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("samples_quantized.json: no string `{key}`"))
+    }
+}
+
+/// The golden file of `kind` (`forced`, `greedy`) for `fixture` (`tiny`, `small`) computed with
+/// the weights in `precision` (`--weights` spelling): `forced_tiny_int4.json` for int4,
+/// `forced_tiny.json` for the checkpoint's own (float16) weights (`f16`, `f32`).
+pub fn golden_file(kind: &str, fixture: &str, precision: &str) -> String {
+    match precision {
+        "int8" | "int4" => format!("{kind}_{fixture}_{precision}.json"),
+        _ => format!("{kind}_{fixture}.json"),
+    }
+}
+
+/// The precision a golden record was computed with: its `precision` field, `f16` (the
+/// fixtures' stored weights) when it has none.
+pub fn golden_precision(field: &Option<String>) -> &str {
+    field.as_deref().unwrap_or("f16")
 }
 
 /// One entry of `grammar_dev4k.json`: an answer's token ids and, before each of them, what the

@@ -1,24 +1,35 @@
-//! The forward pass against the reference's teacher-forced logits (`forced_{tiny,small}.json`):
-//! both random fixtures, both fold modes, every decoder position.
+//! The forward pass against the reference's teacher-forced logits (`forced_{tiny,small}.json`,
+//! and `forced_{tiny,small}_{int8,int4}.json` with the reference's weight quantization): both
+//! random fixtures, both fold modes, every decoder position.
 
 use needle_runtime::decode::TOOLS_ID;
 use needle_runtime::forward::{
     decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
 };
 use needle_runtime::model::Model;
-use needle_test_support::{golden, logit_tolerance, read_json, ForcedCase};
+use needle_runtime::quant::Precision;
+use needle_test_support::{
+    golden, golden_file, golden_precision, logit_tolerance, read_json, ForcedCase,
+};
 
-fn model(name: &str) -> Model {
+fn model(name: &str, precision: Precision) -> Model {
     let ckpt = needlec::load::load_checkpoint(&golden(name)).expect("fixture loads");
-    Model::from_checkpoint(&ckpt).expect("fixture is a valid model")
+    Model::from_checkpoint_as(&ckpt, precision).expect("fixture is a valid model")
 }
 
-fn check_fixture(checkpoint: &str, forced: &str) {
-    let model = model(checkpoint);
-    let cases: Vec<ForcedCase> = read_json(&golden(forced));
+/// `fixture` is `tiny` or `small`; the weights are the checkpoint's in `precision`.
+fn check_fixture(fixture: &str, precision: Precision) {
+    let model = model(&format!("{fixture}_random.pkl"), precision);
+    let forced = golden_file("forced", fixture, precision.name());
+    let cases: Vec<ForcedCase> = read_json(&golden(&forced));
     assert_eq!(cases.len(), 16, "8 cases x 2 modes");
     for (n, case) in cases.iter().enumerate() {
         let what = format!("{forced} #{n} ({} mode, query {:?})", case.mode, case.query);
+        assert_eq!(
+            golden_precision(&case.precision),
+            precision.name(),
+            "{what}"
+        );
         let tools_start = case
             .enc_ids
             .iter()
@@ -84,18 +95,38 @@ fn check_fixture(checkpoint: &str, forced: &str) {
 
 #[test]
 fn forced_tiny_matches_reference() {
-    check_fixture("tiny_random.pkl", "forced_tiny.json");
+    check_fixture("tiny", Precision::F16);
 }
 
 #[test]
 fn forced_small_matches_reference() {
-    check_fixture("small_random.pkl", "forced_small.json");
+    check_fixture("small", Precision::F16);
+}
+
+#[test]
+fn forced_tiny_int8_matches_reference() {
+    check_fixture("tiny", Precision::Int8);
+}
+
+#[test]
+fn forced_tiny_int4_matches_reference() {
+    check_fixture("tiny", Precision::Int4);
+}
+
+#[test]
+fn forced_small_int8_matches_reference() {
+    check_fixture("small", Precision::Int8);
+}
+
+#[test]
+fn forced_small_int4_matches_reference() {
+    check_fixture("small", Precision::Int4);
 }
 
 /// The folded path (tools side precomputed once, query encoded against it) is the masked encoder.
 #[test]
 fn folded_path_equals_masked_encoder() {
-    let model = model("small_random.pkl");
+    let model = model("small_random.pkl", Precision::F16);
     let cases: Vec<ForcedCase> = read_json(&golden("forced_small.json"));
     for case in cases.iter().filter(|c| c.mode == "folded") {
         let tools_start = case.enc_ids.iter().position(|&id| id == TOOLS_ID).unwrap();
