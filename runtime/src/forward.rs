@@ -4,7 +4,7 @@
 //! Matrices are row-major `(positions, features)`; matrix products go through `ndarray`
 //! (backed by the `matrixmultiply` GEMM).
 
-use ndarray::{concatenate, s, Array1, Array2, ArrayView2, Axis};
+use ndarray::{concatenate, Array1, Array2, ArrayView2, Axis, Slice};
 
 use crate::config::Config;
 use crate::model::{AttentionWeights, Model};
@@ -116,9 +116,11 @@ fn attend(
     let mut out = Array2::<f32>::zeros((tq, config.num_heads * h));
     for head in 0..config.num_heads {
         let kv = head / group;
-        let qh = q.slice(s![.., head * h..(head + 1) * h]);
-        let kh = k.slice(s![.., kv * h..(kv + 1) * h]);
-        let vh = v.slice(s![.., kv * h..(kv + 1) * h]);
+        // Columns of one head (`slice_axis`, not the `s!` macro, which expands to unsafe code).
+        let cols = |i: usize| Slice::from(i * h..(i + 1) * h);
+        let qh = q.slice_axis(Axis(1), cols(head));
+        let kh = k.slice_axis(Axis(1), cols(kv));
+        let vh = v.slice_axis(Axis(1), cols(kv));
         let mut scores = qh.dot(&kh.t()) * scale;
         for i in 0..tq {
             let mut row = scores.row_mut(i);
@@ -131,7 +133,7 @@ fn attend(
             }
             softmax(row.as_slice_mut().expect("standard layout"));
         }
-        out.slice_mut(s![.., head * h..(head + 1) * h])
+        out.slice_axis_mut(Axis(1), cols(head))
             .assign(&scores.dot(&vh));
     }
     out

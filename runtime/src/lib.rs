@@ -9,9 +9,7 @@
 //! [`decode`] drives greedy generation, and [`output`] turns the generated text into what the user
 //! gets (tool names restored).
 
-// `deny` rather than `forbid`: ndarray's `s!` expands to an unsafe block under its own
-// `#[allow(unsafe_code)]`, which `forbid` would reject. No unsafe is written here.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod config;
