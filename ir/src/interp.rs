@@ -7,7 +7,7 @@
 //!
 //! Everything is checked as it runs: operand shapes, the type each instruction declares (under
 //! the current binding of `q` and `p`), constant data against its declaration, token ids, table
-//! rows and buffer rows. A malformed module or input gives an [`InterpError`], never a panic.
+//! rows and buffer rows. A malformed module or input gives an [`IrError`], never a panic.
 //!
 //! # Symbols
 //!
@@ -25,8 +25,8 @@
 //! by rounding.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 
+use crate::error::IrError;
 use crate::module::{ConstData, ConstStore, Function, Inst, Module, Op, Operand};
 use crate::types::{ElemType, Expr, Sym, Type};
 
@@ -106,32 +106,6 @@ impl Tensor {
             shape: self.shape.clone(),
             data: Data::of(&self.data),
         }
-    }
-}
-
-/// Why a call failed: where (function, value, op) and what.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct InterpError {
-    pub func: Option<String>,
-    /// The instruction's result (`None` for `store` and errors outside instructions).
-    pub value: Option<String>,
-    pub op: Option<&'static str>,
-    pub message: String,
-}
-
-impl fmt::Display for InterpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.func {
-            Some(func) => write!(f, "in @{func}")?,
-            None => write!(f, "in the module")?,
-        }
-        match (&self.value, self.op) {
-            (Some(v), Some(op)) => write!(f, ", %{v} = {op}")?,
-            (None, Some(op)) => write!(f, ", {op}")?,
-            (Some(v), None) => write!(f, ", %{v}")?,
-            (None, None) => {}
-        }
-        write!(f, ": {}", self.message)
     }
 }
 
@@ -242,15 +216,10 @@ pub struct Interpreter<'m> {
 impl<'m> Interpreter<'m> {
     /// Allocates the module's buffers. Constants are checked when an op reads them, so a store
     /// may hold only what the functions that run need.
-    pub fn new(module: &'m Module, consts: &'m ConstStore) -> Result<Interpreter<'m>, InterpError> {
+    pub fn new(module: &'m Module, consts: &'m ConstStore) -> Result<Interpreter<'m>, IrError> {
         let mut buffers = BTreeMap::new();
         for b in &module.buffers {
-            let err = |message: String| InterpError {
-                func: None,
-                value: Some(format!("${}", b.name)),
-                op: None,
-                message,
-            };
+            let err = |message: String| IrError::module(format!("${}", b.name), message);
             let shape =
                 b.ty.static_dims()
                     .filter(|s| !s.is_empty())
@@ -281,7 +250,7 @@ impl<'m> Interpreter<'m> {
         func: &str,
         args: &[Tensor],
         dims: &[(Sym, i64)],
-    ) -> Result<Vec<Tensor>, InterpError> {
+    ) -> Result<Vec<Tensor>, IrError> {
         self.call_observed(func, args, dims, |_, _| {})
     }
 
@@ -293,29 +262,21 @@ impl<'m> Interpreter<'m> {
         args: &[Tensor],
         dims: &[(Sym, i64)],
         mut observe: impl FnMut(&Inst, Option<&Tensor>),
-    ) -> Result<Vec<Tensor>, InterpError> {
+    ) -> Result<Vec<Tensor>, IrError> {
         let module = self.module;
-        let f = module.func(func).ok_or_else(|| InterpError {
+        let f = module.func(func).ok_or_else(|| IrError {
             func: None,
             value: None,
             op: None,
             message: format!("no function @{func}"),
         })?;
-        let err = |message: String| InterpError {
-            func: Some(f.name.clone()),
-            value: None,
-            op: None,
-            message,
-        };
+        let err = |message: String| IrError::in_func(&f.name, None, message);
         self.values.clear();
         self.bind(f, args, dims).map_err(err)?;
         for inst in &f.body {
-            let result = self.exec(inst).map_err(|message| InterpError {
-                func: Some(f.name.clone()),
-                value: inst.result.as_ref().map(|r| r.name.clone()),
-                op: Some(inst.op.name()),
-                message,
-            })?;
+            let result = self
+                .exec(inst)
+                .map_err(|message| IrError::in_func(&f.name, Some(inst), message))?;
             match (&inst.result, result) {
                 (Some(r), Some(t)) => {
                     observe(inst, Some(&t));

@@ -9,9 +9,11 @@
 //!
 //! Stages, one file each: [`types`] and [`module`] (the data), [`print`] and [`parse`] (the text
 //! format, which round-trips), [`verify`] (well-formedness), [`passes`] (the pipeline),
-//! [`interp`] (the reference interpreter that runs a module on data). The
-//! lowering from a model config lives in the compiler (`needlec::lower`).
+//! [`interp`] (the reference interpreter that runs a module on data); both the verifier and the
+//! interpreter report an [`IrError`] ([`error`]). The lowering from a model config lives in the
+//! compiler (`needlec::lower`).
 
+pub mod error;
 pub mod interp;
 pub mod module;
 pub mod parse;
@@ -20,7 +22,8 @@ pub mod print;
 pub mod types;
 pub mod verify;
 
-pub use interp::{InterpError, Interpreter, Tensor};
+pub use error::IrError;
+pub use interp::{Interpreter, Tensor};
 pub use module::{
     BufferDecl, ConstData, ConstDecl, ConstStore, DimDecl, Function, Inst, Module, Op, Operand,
     Param, DECODER_STEP, ENCODE_QUERY,
@@ -29,7 +32,7 @@ pub use parse::{parse, ParseError};
 pub use passes::{run_pipeline, Pass, PassError, PIPELINE};
 pub use print::print;
 pub use types::{ConstKind, ElemType, Expr, Storage, Sym, Type};
-pub use verify::{verify, VerifyError};
+pub use verify::verify;
 
 #[cfg(test)]
 mod test_sample;

@@ -8,9 +8,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::error::IrError;
 use crate::module::{ConstData, ConstDecl, ConstStore, Module, Op, Operand};
 use crate::types::Storage;
-use crate::verify::{verify, VerifyError};
+use crate::verify::verify;
 
 /// A pass: its name (as in `--print-after NAME`) and what it does.
 pub struct Pass {
@@ -25,10 +26,7 @@ pub enum PassError {
     #[error("pass {pass}: {message}")]
     Failed { pass: &'static str, message: String },
     #[error("after pass {pass}: {error}")]
-    Verify {
-        pass: &'static str,
-        error: VerifyError,
-    },
+    Verify { pass: &'static str, error: IrError },
 }
 
 /// The default pipeline, in order. Dead-weight elimination runs last so it also drops the
