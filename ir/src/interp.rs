@@ -919,33 +919,40 @@ fn logits(x: &View, table: &View) -> Check<Tensor> {
     Ok(Tensor::f32(vec![n, v], out))
 }
 
-/// `argmax_masked`: per row, the first index of the largest logit among those whose `allowed`
-/// byte is nonzero (`numpy.argmax` among the allowed: the first on ties, and a NaN counts as the
-/// largest, as numpy's does). An all-zero mask falls back to the unconstrained argmax, as the
-/// runtime's `argmax_among` does with an empty allowed set.
+/// `argmax_masked` (see [`Op::ArgmaxMasked`]): per row, the id of the largest logit among the
+/// `allowed` ids, ties to the lowest id and a NaN counting as the largest (the first NaN in
+/// list order wins, as in the library's kernel), ids outside the vocabulary skipped (-1 when
+/// none is left); no ids at all is the unconstrained argmax, numpy's first maximum.
 fn argmax_masked(logits: &View, allowed: &View) -> Check<Tensor> {
     let ([n, v], ls) = logits.f32::<2>("logits")?;
-    let (Data::U8(mask), [v2]) = (allowed.data, allowed.shape.as_slice()) else {
+    let (Data::I32(ids), [_]) = (allowed.data, allowed.shape.as_slice()) else {
         return Err(format!(
-            "allowed is {}, expected u8 of rank 1",
+            "allowed is {}, expected i32 ids of rank 1",
             allowed.describe()
         ));
     };
-    if v != *v2 {
-        return Err(format!("{v} logits but a mask of {v2}"));
+    if v == 0 {
+        return Err("argmax over an empty vocabulary".into());
     }
-    let any_allowed = mask.iter().any(|&m| m != 0);
+    let candidates: Vec<usize> = if ids.is_empty() {
+        (0..v).collect()
+    } else {
+        ids.iter()
+            .filter_map(|&id| usize::try_from(id).ok().filter(|&id| id < v))
+            .collect()
+    };
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let row = &ls[i * v..(i + 1) * v];
         let mut best: Option<usize> = None;
-        for (j, &x) in row.iter().enumerate() {
-            if any_allowed && mask[j] == 0 {
-                continue;
-            }
+        for &j in &candidates {
+            let x = row[j];
             let better = match best {
                 None => true,
-                Some(b) => !row[b].is_nan() && (x > row[b] || x.is_nan()),
+                Some(b) => {
+                    let bv = row[b];
+                    !bv.is_nan() && (x.is_nan() || x > bv || (x == bv && j < b))
+                }
             };
             if better {
                 best = Some(j);
@@ -953,7 +960,7 @@ fn argmax_masked(logits: &View, allowed: &View) -> Check<Tensor> {
         }
         let id = match best {
             Some(j) => i32::try_from(j).map_err(|_| format!("index {j} does not fit i32"))?,
-            None => return Err("argmax over an empty vocabulary".into()),
+            None => -1,
         };
         out.push(id);
     }
@@ -1182,34 +1189,46 @@ func @f(%q: f32[1,2,1], %k: f32[1,1,1], %v: f32[1,1,1]) {
     fn argmax_takes_the_first_maximum_among_the_allowed() {
         let text = "\
 needle_ir v1
-func @f(%l: f32[1,5], %m: u8[5]) {
-  %n = argmax_masked %l, %m : i32[1]
+dim a in 0..=5
+func @f(%l: f32[1,5], %allowed: i32[a]) {
+  %n = argmax_masked %l, %allowed : i32[1]
   return %n
 }
 ";
         let (m, store) = setup(text, &[]);
         let mut it = Interpreter::new(&m, &store).unwrap();
-        let mut argmax = |l: [f32; 5], mask: [u8; 5]| {
+        let mut argmax = |l: [f32; 5], ids: &[i32]| {
             let out = it
                 .call(
                     "f",
                     &[
                         Tensor::f32(vec![1, 5], l.to_vec()),
-                        Tensor::u8(vec![5], mask.to_vec()),
+                        Tensor::i32(vec![ids.len()], ids.to_vec()),
                     ],
                     &[],
                 )
                 .unwrap();
+            assert_eq!(it.binding(Sym::A), Some(ids.len() as i64));
             out[0].as_i32().unwrap()[0]
         };
         let l = [1., 3., 3., 2., 3.];
-        assert_eq!(argmax(l, [1; 5]), 1);
-        assert_eq!(argmax(l, [1, 0, 1, 1, 1]), 2);
-        assert_eq!(argmax(l, [1, 0, 0, 1, 0]), 3);
-        // No token allowed: the unconstrained argmax, as the runtime falls back.
-        assert_eq!(argmax(l, [0; 5]), 1);
+        assert_eq!(argmax(l, &[0, 1, 2, 3, 4]), 1);
+        assert_eq!(argmax(l, &[0, 2, 3, 4]), 2);
+        assert_eq!(argmax(l, &[0, 3]), 3);
+        // One allowed id (a forced step): that id, whatever the logits.
+        assert_eq!(argmax(l, &[0]), 0);
+        // Ties go to the lowest id, whatever the list's order.
+        assert_eq!(argmax(l, &[4, 2]), 2);
+        // No list: an unconstrained step, the first maximum.
+        assert_eq!(argmax(l, &[]), 1);
+        // Ids outside the vocabulary are skipped, as the library's kernel does; none left: -1.
+        assert_eq!(argmax(l, &[-1, 3, 7]), 3);
+        assert_eq!(argmax(l, &[5, -2]), -1);
         // A NaN is the maximum, as in numpy.
-        assert_eq!(argmax([1., f32::NAN, 5., f32::NAN, 0.], [1; 5]), 1);
+        assert_eq!(
+            argmax([1., f32::NAN, 5., f32::NAN, 0.], &[0, 1, 2, 3, 4]),
+            1
+        );
     }
 
     #[test]
@@ -1355,13 +1374,17 @@ func @f(%x: f32[1,1]) {
         let mut token = 1;
         let mut out = Vec::new();
         for p in 0..3 {
+            // Unconstrained, then every id but 0 allowed, then ids 2..9.
+            let ids: Vec<i32> = match p {
+                0 => Vec::new(),
+                1 => (1..16).collect(),
+                _ => (2..9).collect(),
+            };
+            let allowed = Tensor::i32(vec![ids.len()], ids);
             let r = it
                 .call(
                     "decoder_step",
-                    &[
-                        Tensor::i32(vec![1], vec![token]),
-                        Tensor::u8(vec![16], vec![1; 16]),
-                    ],
+                    &[Tensor::i32(vec![1], vec![token]), allowed.clone()],
                     &[(Sym::P, p)],
                 )
                 .unwrap();

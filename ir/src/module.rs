@@ -21,6 +21,7 @@ pub struct Module {
 }
 
 /// `dim q in 0..=987`: the symbol's inclusive range. Workspace sizes use the maximum.
+/// `q` and `p` are fixed by the lowering; `a`, the allowed-id count, ranges over `0..=V`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DimDecl {
     pub sym: Sym,
@@ -127,8 +128,13 @@ pub enum Op {
     Residual { x: String, y: String, scale: String },
     /// `logits %x, @table`: `x @ table^T` (tied embedding).
     Logits { x: String, table: String },
-    /// `argmax_masked %logits, %allowed`: per row, the first index of the largest logit among
-    /// those whose `allowed` byte is nonzero. The driver passes all ones when unconstrained.
+    /// `argmax_masked %logits, %allowed`: per row of logits `f32[n, V]`, the id of the largest
+    /// logit among the ids listed in `allowed : i32[a]` (the grammar's allowed ids, ascending),
+    /// ties to the lowest id, a NaN counting as the largest (as numpy's argmax). Ids outside
+    /// `0..V` are skipped; when every listed id is, the result is -1. An empty list (`a = 0`)
+    /// is an unconstrained step: the first maximum over every id. This is what the library runs:
+    /// its step takes the list as `(allowed, n_allowed)` and never sees a `u8[V]` mask, so steps
+    /// with few allowed ids (sparse logits) or one (a forced token) can be told from the list.
     ArgmaxMasked { logits: String, allowed: String },
 }
 

@@ -137,7 +137,7 @@ mod tests {
 
     #[test]
     fn expressions_print_canonically_and_read_back() {
-        let e = |q, p, offset| Expr { q, p, offset };
+        let e = |q, p, offset| Expr { q, p, a: 0, offset };
         let cases = [
             (e(0, 0, 0), "0"),
             (e(0, 0, -4), "-4"),

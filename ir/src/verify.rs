@@ -202,8 +202,12 @@ impl<'a> FuncVerifier<'a> {
             if !self.m.dims.iter().any(|d| d.sym == s) {
                 return Err(format!("symbol `{}` has no `dim` declaration", s.name()));
             }
-            if s == Sym::P && self.f.name == ENCODE_QUERY {
-                return Err("`p` (the decoder position) does not exist in encode_query".into());
+            if !s.in_encoder() && self.f.name == ENCODE_QUERY {
+                return Err(format!(
+                    "`{}` ({}) does not exist in encode_query",
+                    s.name(),
+                    s.meaning()
+                ));
             }
         }
         Ok(())
@@ -435,11 +439,8 @@ impl<'a> FuncVerifier<'a> {
                 Ok(Type::f32(vec![n, v]))
             }
             Op::ArgmaxMasked { logits, allowed } => {
-                let [n, v] = f32_dims::<2>("logits", self.value(logits)?)?;
-                let [v2] = dims_of::<1>("allowed", ElemType::U8, self.value(allowed)?)?;
-                if v != v2 {
-                    return Err(format!("{v} logits but a mask of {v2}"));
-                }
+                let [n, _vocab] = f32_dims::<2>("logits", self.value(logits)?)?;
+                dims_of::<1>("allowed ids", ElemType::I32, self.value(allowed)?)?;
                 Ok(Type::new(ElemType::I32, vec![n]))
             }
         }
@@ -607,6 +608,22 @@ mod tests {
         assert!(
             e.message
                 .starts_with("`p` (the decoder position) does not exist in encode_query"),
+            "{e}"
+        );
+        let e = error("%allowed: i32[a]", "%allowed: u8[16]");
+        assert_eq!(e.op, Some("argmax_masked"));
+        assert!(
+            e.message
+                .starts_with("allowed ids is u8[16], expected i32 of rank 1"),
+            "{e}"
+        );
+        let e = error(
+            "%ids = concat %query, @tools : i32[q+3]",
+            "%ids = concat %query, @tools : i32[q+a+3]",
+        );
+        assert!(
+            e.message
+                .starts_with("`a` (the allowed-id count) does not exist in encode_query"),
             "{e}"
         );
         let e = error("return %next", "return %logits");

@@ -17,13 +17,12 @@
 //!   read, so a new query's steps from `pos = 0` never see an earlier query's rows. Returns -1
 //!   (computing nothing) when `pos >= max_positions` or `token` is not below the vocabulary.
 //!
-//! # Allowed ids instead of a mask
+//! # Allowed ids
 //!
-//! The IR's `argmax_masked %logits, %allowed` takes a `u8[V]` mask. The driver's grammar yields
-//! a sorted list of allowed ids instead, so codegen replaces the mask parameter by the pair
-//! `(allowed, n_allowed)`: `allowed == NULL` (or an empty list, the all-zero mask that the IR
-//! reads as unconstrained) takes the first maximum over every id, as numpy's argmax (NaN counts
-//! as the maximum); otherwise the largest logit among the listed ids, ties to the lowest id.
+//! The IR's `argmax_masked %logits, %allowed` takes the grammar's allowed ids as
+//! `%allowed : i32[a]`; the step receives them as the pair `(allowed, n_allowed)`, which is also
+//! where the symbol `a` comes from. `allowed == NULL` is the IR's empty list: an unconstrained
+//! step.
 //!
 //! # Workspace
 //!
@@ -448,7 +447,7 @@ enum Loc {
     /// A pointer parameter of the entry point.
     Param(usize),
     Logits,
-    /// The mask parameter, replaced by `(allowed, n_allowed)`.
+    /// The allowed-ids parameter, passed as `(allowed, n_allowed)`.
     Allowed,
     /// The entry point's return value.
     Returned,
@@ -655,8 +654,8 @@ fn plan(
         (Entry::Decode, [(token, tty), (allowed, aty)])
             if tty.elem == ElemType::I32
                 && tty.shape == [Expr::lit(1)]
-                && aty.elem == ElemType::U8
-                && aty.shape.len() == 1 =>
+                && aty.elem == ElemType::I32
+                && aty.shape == [Expr::sym(Sym::A)] =>
         {
             let last = p.last_use(token, 0);
             let g = p.alloc(4, last);
@@ -908,8 +907,8 @@ fn plan(
                     || !f.results.contains(&r.name)
                 {
                     return Err(invalid(
-                        "argmax_masked must pick the returned token of one row of logits with \
-                         the step's mask parameter",
+                        "argmax_masked must pick the returned token of one row of logits among \
+                         the step's allowed-ids parameter",
                     ));
                 }
                 let vocab = static_dim(&lt, 1)?;
@@ -998,7 +997,9 @@ fn emit_entry(
     }
     ks.define_function(id, &data, &callees, |g, params, addrs, frefs| {
         let ws = params[0];
-        let (q, p) = match entry {
+        // The symbols' run-time values; `p` and `a` do not exist in the encoder (the verifier
+        // keeps them out of it).
+        let (q, p, a) = match entry {
             Entry::Encode => {
                 let q = params[2];
                 let bad = g.b.ins().icmp_imm_u(
@@ -1009,7 +1010,7 @@ fn emit_entry(
                 g.if_then(bad, |g| g.ret(&[]));
                 g.b.ins().store(mem(), q, ws, STATE_OFFSET as i32);
                 let zero = g.iconst(0);
-                (q, zero)
+                (q, zero, zero)
             }
             Entry::Decode => {
                 let (token, pos) = (params[1], params[2]);
@@ -1037,12 +1038,12 @@ fn emit_entry(
                 if let Some(slot) = plan.token_slot {
                     g.b.ins().store(mem(), token, ws, slot as i32);
                 }
-                (q, pos)
+                (q, pos, params[4])
             }
         };
         let eval = |g: &mut Gen<'_>, e: &Expr| -> Value {
             let mut v = g.iconst(e.offset);
-            for (coeff, sym) in [(e.q, q), (e.p, p)] {
+            for (coeff, sym) in [(e.q, q), (e.p, p), (e.a, a)] {
                 if coeff != 0 {
                     let t = g.b.ins().imul_imm_s(sym, coeff);
                     v = g.b.ins().iadd(v, t);
