@@ -27,7 +27,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::IrError;
-use crate::module::{ConstData, ConstStore, Function, Inst, Module, Op, Operand};
+use crate::module::{
+    gate_scale, zc_norm_scale, ConstData, ConstStore, Function, Inst, Module, Op, Operand,
+};
 use crate::types::{ElemType, Expr, Sym, Type};
 
 /// Epsilon inside the norms' square root (spec section 2, [`Op::ZcRmsNorm`]).
@@ -533,7 +535,7 @@ impl<'m> Interpreter<'m> {
             Op::Reshape { x } => reshape(&self.value_view(x)?, declared.clone())?,
             Op::ZcRmsNorm { x, scale } => {
                 let g = self.const_view(scale)?.f32::<1>(&format!("@{scale}"))?.1;
-                let plus1: Vec<f32> = g.iter().map(|g| 1.0 + g).collect();
+                let plus1: Vec<f32> = g.iter().map(|&g| zc_norm_scale(g)).collect();
                 norm(&self.value_view(x)?, Some(&plus1))?
             }
             Op::RmsNorm { x, scale } => {
@@ -556,9 +558,7 @@ impl<'m> Interpreter<'m> {
                 attention(&self.value_view(q)?, &blocks)?
             }
             Op::GatedResidual { x, y, gate } => {
-                let g = self.scalar(gate)?;
-                // The reference's float32 sigmoid.
-                let s = 1.0 / (1.0 + (-g).exp());
+                let s = gate_scale(self.scalar(gate)?);
                 residual(&self.value_view(x)?, &self.value_view(y)?, s)?
             }
             Op::Residual { x, y, scale } => residual(

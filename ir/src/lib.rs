@@ -25,11 +25,11 @@ pub mod verify;
 pub use error::IrError;
 pub use interp::{Interpreter, Tensor};
 pub use module::{
-    BufferDecl, ConstData, ConstDecl, ConstStore, DimDecl, Function, Inst, Module, Op, Operand,
-    Param, DECODER_STEP, ENCODE_QUERY,
+    gate_scale, zc_norm_scale, BufferDecl, ConstData, ConstDecl, ConstStore, DimDecl, Function,
+    Inst, Module, Op, Operand, Param, DECODER_STEP, ENCODE_QUERY,
 };
 pub use parse::{parse, ParseError};
-pub use passes::{run_pipeline, Pass, PassError, PIPELINE};
+pub use passes::{check_pipeline_ran, run_pipeline, Pass, PassError, PIPELINE};
 pub use print::print;
 pub use types::{ConstKind, ElemType, Expr, Storage, Sym, Type};
 pub use verify::verify;

@@ -229,3 +229,25 @@ fn every_supported_target_generates_a_standalone_model() {
         assert!(rep.exports.is_empty(), "{target}: {:?}", rep.exports);
     }
 }
+
+/// Codegen implements the ops the pass pipeline leaves; the lowered module (with `zcrmsnorm`
+/// and `gated_residual`, which only `fold-constants` turns into what codegen knows) is refused
+/// with an error that says to run the pipeline, never compiled a second way.
+#[test]
+fn a_module_the_passes_have_not_run_on_is_refused() {
+    let compiled = compile_case(
+        "tiny_random.pkl",
+        &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools,
+        FoldMode::None,
+    );
+    let (stage, text) = &compiled.stages[0];
+    assert_eq!(stage, "lowered");
+    let lowered = needle_ir::parse(text).unwrap();
+    let mut ks = KernelSet::new(&Target::host().unwrap(), PREFIX).unwrap();
+    let e = define_model(&mut ks, &lowered, &compiled.store, false).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("is removed by the `fold-constants` pass: run the pass pipeline"),
+        "{e}"
+    );
+}

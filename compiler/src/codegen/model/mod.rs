@@ -42,8 +42,8 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 use needle_ir::{
-    verify, ConstData, ConstStore, ElemType, Expr, Function, Module, Op, Operand, Storage, Sym,
-    Type, DECODER_STEP, ENCODE_QUERY,
+    check_pipeline_ran, verify, ConstData, ConstStore, ElemType, Expr, Function, Module, Op,
+    Operand, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
 };
 
 use crate::codegen::gen::{mem, Gen};
@@ -93,6 +93,7 @@ pub fn define_model(
     export: bool,
 ) -> Result<ModelCode, CodegenError> {
     verify(module).map_err(|e| invalid(format!("the IR module does not verify: {e}")))?;
+    check_pipeline_ran(module).map_err(|e| invalid(e.to_string()))?;
     let enc = module
         .func(ENCODE_QUERY)
         .ok_or_else(|| invalid(format!("the module has no @{ENCODE_QUERY}")))?;
@@ -347,17 +348,6 @@ impl Cx<'_> {
         let sym = self.symbol("c", name);
         let id = self.ks.declare_f32_data(&sym, &values)?;
         self.data.insert(name.to_string(), id);
-        Ok(id)
-    }
-
-    /// Data derived at build time from a constant, declared once under `key`.
-    fn derived(&mut self, key: &str, values: &[f32]) -> Result<DataId, CodegenError> {
-        if let Some(&id) = self.data.get(key) {
-            return Ok(id);
-        }
-        let sym = self.symbol("c", key);
-        let id = self.ks.declare_f32_data(&sym, values)?;
-        self.data.insert(key.to_string(), id);
         Ok(id)
     }
 
@@ -763,25 +753,24 @@ fn plan(
                 }
                 Some(loc)
             }
-            Op::ZcRmsNorm { x, scale }
-            | Op::RmsNorm {
+            Op::RmsNorm {
                 x,
                 scale: Some(scale),
             } => {
                 let r = res("norm")?;
                 let d = static_dim(&r.ty, r.ty.shape.len() - 1)?;
-                let zero_centred = matches!(inst.op, Op::ZcRmsNorm { .. });
-                let (key, data) = if zero_centred {
-                    let plus1: Vec<f32> = p.cx.f32_values(scale)?.iter().map(|g| 1.0 + g).collect();
-                    let key = format!("{scale}#plus1");
-                    (key.clone(), p.cx.derived(&key, &plus1)?)
-                } else {
-                    (scale.clone(), p.cx.data(scale)?)
-                };
-                let k = p.cx.kernel(format!("norm:{d}:{key}"), "norm", |ks, n| {
+                let data = p.cx.data(scale)?;
+                let k = p.cx.kernel(format!("norm:{d}:{scale}"), "norm", |ks, n| {
                     kernels::rmsnorm(ks, n, d, Some(data))
                 })?;
                 norm_call(&mut p, k, x, r, i)?
+            }
+            // `check_pipeline_ran` turned these away before planning started.
+            Op::ZcRmsNorm { .. } | Op::GatedResidual { .. } => {
+                return Err(invalid(format!(
+                    "`{}` reached codegen: run the pass pipeline first",
+                    inst.op.name()
+                )))
             }
             Op::RmsNorm { x, scale: None } => {
                 let r = res("norm")?;
@@ -860,15 +849,9 @@ fn plan(
                 p.call(copy, args);
                 None
             }
-            Op::GatedResidual { x, y, gate: s } | Op::Residual { x, y, scale: s } => {
+            Op::Residual { x, y, scale } => {
                 let r = res("residual")?;
-                let v = p.cx.scalar(s)?;
-                // sigmoid as the reference computes it in float32.
-                let s = if matches!(inst.op, Op::GatedResidual { .. }) {
-                    1.0 / (1.0 + (-v).exp())
-                } else {
-                    v
-                };
+                let s = p.cx.scalar(scale)?;
                 let k = p.residual_kernel()?;
                 let loc = p.in_place(&r.name, &r.ty, x, i)?;
                 let args = vec![
