@@ -742,6 +742,10 @@ mod tests {
             (26, "`]`", "`8`")
         );
 
+        let e = error(&SAMPLE.replacen("tool_tokens plain", "grammar_table plain", 1));
+        assert!(e.expected.starts_with("a constant kind"), "{e}");
+        assert_eq!(e.found, "`grammar_table`");
+
         let e = error(&SAMPLE.replacen("weight i8g4", "weight i8g0", 1));
         assert!(e.expected.contains("storage"), "{e}");
 

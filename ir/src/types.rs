@@ -251,20 +251,16 @@ pub enum ConstKind {
     RopeTable,
     /// Token ids fixed at build time (`<tools>` and the tool list's tokens).
     ToolTokens,
-    /// Tables the query tokenizer runs over (reserved for the driver's codegen).
-    TokenizerTable,
-    /// Build-time grammar tables (reserved for a later issue).
-    GrammarTable,
+    // The tokenizer's and the grammar's tables are not IR constants: they serve the driver
+    // around the model, and their generators read them from the runtime's tables directly.
 }
 
 impl ConstKind {
-    pub const ALL: [ConstKind; 6] = [
+    pub const ALL: [ConstKind; 4] = [
         ConstKind::Weight,
         ConstKind::FoldedKv,
         ConstKind::RopeTable,
         ConstKind::ToolTokens,
-        ConstKind::TokenizerTable,
-        ConstKind::GrammarTable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -273,8 +269,6 @@ impl ConstKind {
             ConstKind::FoldedKv => "folded_kv",
             ConstKind::RopeTable => "rope_table",
             ConstKind::ToolTokens => "tool_tokens",
-            ConstKind::TokenizerTable => "tokenizer_table",
-            ConstKind::GrammarTable => "grammar_table",
         }
     }
 }
