@@ -18,6 +18,7 @@ pub mod interp;
 pub mod module;
 pub mod parse;
 pub mod passes;
+pub mod plan;
 pub mod print;
 pub mod types;
 pub mod verify;
@@ -30,6 +31,7 @@ pub use module::{
 };
 pub use parse::{parse, ParseError};
 pub use passes::{check_pipeline_ran, run_pipeline, Pass, PassError, PIPELINE};
+pub use plan::{print_planned, Place, WorkspacePlan};
 pub use print::print;
 pub use types::{ConstKind, ElemType, Expr, Storage, Sym, Type};
 pub use verify::verify;
