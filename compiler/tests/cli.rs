@@ -343,3 +343,53 @@ fn unknown_cpu_and_feature_are_named() {
         "{stderr}"
     );
 }
+
+/// `--emit ir` writes the IR after every stage; the last, what codegen compiles, carries the
+/// workspace plan as comments, and still reads back as a module that verifies.
+#[test]
+fn emit_ir_shows_every_stage_and_the_workspace_plan() {
+    let dir = std::env::temp_dir().join(format!("needlec-cli-ir-{}", std::process::id()));
+    let out = needlec(&[
+        "build",
+        "--checkpoint",
+        &example("tiny-needle-folded.pkl"),
+        "--tokenizer",
+        &example("tokenizer.model"),
+        "--tools",
+        &example("tools.json"),
+        "--emit",
+        "ir",
+        "--out-dir",
+        dir.to_str().unwrap(),
+    ]);
+    stdout(&out);
+    let text = std::fs::read_to_string(dir.join("needle.ir")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let stages: Vec<(&str, &str)> = text
+        .split("; ---- after ")
+        .skip(1)
+        .map(|s| s.split_once('\n').unwrap())
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
+    assert_eq!(
+        names,
+        [
+            "lowered",
+            "fold-constants",
+            "fuse-norm-matmul",
+            "dead-weight-elim"
+        ]
+    );
+    for (i, (name, ir)) in stages.iter().enumerate() {
+        let planned = ir.contains("# workspace plan of the model: ");
+        assert_eq!(planned, i == stages.len() - 1, "{name}");
+        let m = needle_ir::parse(ir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        needle_ir::verify(&m).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let last = stages.last().unwrap().1;
+    assert!(
+        last.contains("  # %allowed: the caller's memory\n"),
+        "{last}"
+    );
+    assert!(last.contains(": i32[1]  # returned, no memory\n"), "{last}");
+}

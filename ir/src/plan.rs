@@ -472,7 +472,8 @@ impl Notes for PlanNotes<'_> {
         let p = self.0;
         let mut out = vec![
             format!(
-                "workspace plan: {} bytes, aligned to {ALIGN}",
+                "workspace plan of the model: {} bytes, aligned to {ALIGN} (a library puts its \
+                 driver's regions after them)",
                 p.total_bytes
             ),
             format!("  state word (q)  {}", region_text(p.state)),
@@ -641,7 +642,7 @@ mod tests {
     fn the_planned_text_reads_back_as_the_same_module() {
         let (m, plan) = sample_plan();
         let text = print_planned(&m, &plan);
-        assert!(text.contains("# workspace plan: "), "{text}");
+        assert!(text.contains("# workspace plan of the model: "), "{text}");
         assert!(text.contains("  # %query: the caller's memory\n"), "{text}");
         assert!(
             text.contains(
