@@ -213,8 +213,8 @@ enum Arg {
         at: Expr,
         row_bytes: usize,
     },
-    /// The address of embedded data.
-    Data(DataId),
+    /// The address of embedded data: an index into the entry point's [`Plan::data`].
+    Data(usize),
     /// A parameter of the entry point.
     Param(usize),
     /// The product of the dimensions, times a constant.
@@ -225,13 +225,19 @@ enum Arg {
 }
 
 struct Call {
-    f: FuncId,
+    /// An index into the entry point's [`Plan::callees`].
+    callee: usize,
     args: Vec<Arg>,
 }
 
 /// An entry point's kernel calls, in order.
 struct Plan {
     calls: Vec<Call>,
+    /// The kernels the calls name, each once, in first-use order: what the entry point
+    /// imports, so that a call's `callee` is its position here.
+    callees: Vec<FuncId>,
+    /// The embedded data the calls address, likewise.
+    data: Vec<DataId>,
     /// The call whose result the entry point returns.
     ret: Option<usize>,
     /// Where `decoder_step` puts its token (the IR's `%token : i32[1]`).
@@ -405,6 +411,19 @@ struct Planner<'p, 'a> {
     ws: &'p WorkspacePlan,
     vals: HashMap<String, Val>,
     calls: Vec<Call>,
+    callees: Vec<FuncId>,
+    data: Vec<DataId>,
+}
+
+/// `x`'s position in `list`, appending it the first time: the import index calls refer to.
+fn import<T: PartialEq>(list: &mut Vec<T>, x: T) -> usize {
+    match list.iter().position(|y| *y == x) {
+        Some(i) => i,
+        None => {
+            list.push(x);
+            list.len() - 1
+        }
+    }
 }
 
 impl Planner<'_, '_> {
@@ -463,7 +482,8 @@ impl Planner<'_, '_> {
                     .ok_or_else(|| invalid(format!("@{n} is not declared")))?
                     .ty
                     .clone();
-                Ok((Arg::Data(self.cx.data(n)?), ty))
+                let id = self.cx.data(n)?;
+                Ok((Arg::Data(import(&mut self.data, id)), ty))
             }
             Operand::Buffer { name, len } => {
                 let decl = self
@@ -480,7 +500,8 @@ impl Planner<'_, '_> {
     }
 
     fn call(&mut self, f: FuncId, args: Vec<Arg>) {
-        self.calls.push(Call { f, args });
+        let callee = import(&mut self.callees, f);
+        self.calls.push(Call { callee, args });
     }
 
     fn copy_kernel(&mut self) -> Result<FuncId, CodegenError> {
@@ -509,6 +530,8 @@ fn plan(
         ws,
         vals: HashMap::new(),
         calls: Vec::new(),
+        callees: Vec::new(),
+        data: Vec::new(),
     };
 
     let mut token_slot = None;
@@ -825,6 +848,8 @@ fn plan(
     }
     Ok(Plan {
         calls: p.calls,
+        callees: p.callees,
+        data: p.data,
         ret,
         token_slot,
         state_offset: ws.state.offset,
@@ -854,21 +879,9 @@ fn emit_entry(
     entry: Entry,
     limits: &Limits,
 ) -> Result<(), CodegenError> {
-    let mut data: Vec<DataId> = Vec::new();
-    let mut callees: Vec<FuncId> = Vec::new();
-    for c in &plan.calls {
-        if !callees.contains(&c.f) {
-            callees.push(c.f);
-        }
-        for a in &c.args {
-            if let Arg::Data(d) = a {
-                if !data.contains(d) {
-                    data.push(*d);
-                }
-            }
-        }
-    }
-    ks.define_function(id, &data, &callees, |g, params, addrs, frefs| {
+    // `addrs` and `frefs` come in the order of `plan.data` and `plan.callees`, which the
+    // calls' indices were taken from: every index is in range by construction.
+    ks.define_function(id, &plan.data, &plan.callees, |g, params, addrs, frefs| {
         let ws = params[0];
         // The symbols' run-time values; `p` and `a` do not exist in the encoder (the verifier
         // keeps them out of it).
@@ -936,7 +949,7 @@ fn emit_entry(
                         let at = eval(g, at);
                         g.addr(base, at, *row_bytes as i64)
                     }
-                    Arg::Data(d) => addrs[data.iter().position(|x| x == d).unwrap_or(0)],
+                    Arg::Data(i) => addrs[*i],
                     Arg::Param(i) => params[*i],
                     Arg::Count(dims, factor) => {
                         let mut v = g.iconst(*factor as i64);
@@ -954,7 +967,7 @@ fn emit_entry(
                     Arg::F32(x) => g.f32(*x),
                 })
                 .collect();
-            let f = frefs[callees.iter().position(|x| *x == c.f).unwrap_or(0)];
+            let f = frefs[c.callee];
             let r = g.call(f, &args);
             if plan.ret == Some(ci) {
                 result = r;
