@@ -1,14 +1,18 @@
 //! The needlec IR: what runs at run time, at the level of the model.
 //!
-//! A [`Module`] holds tensors with static shapes except for two symbols (`q`, the query length,
-//! and `p`, the decoder position), named constants referenced by `@name` whose data lives beside
-//! the module in a [`ConstStore`], workspace buffers (`$name`: KV cache, cross-attention K/V) and
-//! two entry points, `encode_query` and `decoder_step`, each a straight-line list of model-level
-//! ops (`embed`, `matmul`, `zcrmsnorm`, `rope`, `attention`, `gated_residual`, `logits`,
-//! `argmax_masked`, ...).
+//! A [`Module`] holds tensors with static shapes except for three symbols (`q`, the query
+//! length, `p`, the decoder position, and `a`, the number of token ids a step may choose among),
+//! named constants referenced by `@name` whose data lives beside the module in a
+//! [`ConstStore`], workspace buffers (`$name`: KV cache, cross-attention K/V) and two entry
+//! points, `encode_query` and `decoder_step`, each a straight-line list of model-level ops
+//! (`embed`, `matmul`, `zcrmsnorm`, `rope`, `attention`, `gated_residual`, `logits`,
+//! `argmax_masked`, ...). The module is the contract that ships: codegen implements exactly
+//! these ops on the module the [`PIPELINE`] leaves ([`check_pipeline_ran`]), at the workspace
+//! places [`WorkspacePlan`] assigns, and the interpreter runs the same semantics on data.
 //!
 //! Stages, one file each: [`types`] and [`module`] (the data), [`print`] and [`parse`] (the text
 //! format, which round-trips), [`verify`] (well-formedness), [`passes`] (the pipeline),
+//! [`plan`] (the workspace layout, an analysis codegen consumes and `--emit ir` prints),
 //! [`interp`] (the reference interpreter that runs a module on data); both the verifier and the
 //! interpreter report an [`IrError`] ([`error`]). The lowering from a model config lives in the
 //! compiler (`needlec::lower`).
