@@ -40,6 +40,12 @@ fn harness(dir: &std::path::Path, compiled: &Compiled) -> (PathBuf, ModelCode) {
     let target = Target::host().unwrap();
     let mut ks = KernelSet::new(&target, PREFIX).unwrap();
     let code = define_model(&mut ks, &compiled.module, &compiled.store, true).unwrap();
+    // The layout the code uses is the IR's workspace plan (what `--emit ir` prints).
+    let plan = needle_ir::WorkspacePlan::of(&compiled.module).unwrap();
+    assert_eq!(
+        (code.workspace_bytes, code.logits_offset),
+        (plan.total_bytes, plan.logits.offset)
+    );
     let functions = ks.functions().to_vec();
     let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["t_model_encode_query", "t_model_decoder_step"]);
