@@ -341,8 +341,8 @@ impl<'a> FuncPlanner<'a> {
             Operand::Buffer { len, .. } => Some(*len),
         };
         let rows = rows.ok_or_else(|| self.err(Some(inst), "a K/V block without rows"))?;
-        max_bytes(self.m, &Type::new(crate::ElemType::U8, vec![rows]))
-            .ok_or_else(|| self.err(Some(inst), format!("{rows} rows are too many")))
+        usize::try_from(rows.range(|s| self.m.dim_bounds(s)).1.max(0))
+            .map_err(|_| self.err(Some(inst), format!("{rows} rows are too many")))
     }
 
     /// Where the result `r` of `inst` (at index `i`) goes, its slot, and the op's scratch.
