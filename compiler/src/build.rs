@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use needle_ir::{print, run_pipeline, ConstStore, Module, PassError, PIPELINE};
+use needle_ir::{
+    print, print_planned, run_pipeline, ConstStore, IrError, Module, PassError, WorkspacePlan,
+    PIPELINE,
+};
 use needle_runtime::checkpoint::Checkpoint;
 use needle_runtime::decode::{FoldMode, ENCODER_BUDGET, MAX_QUERY_TOKENS};
 use needle_runtime::model::Model;
@@ -70,6 +73,8 @@ pub enum BuildError {
     ToolsTooLong(usize),
     #[error("IR pass failed: {0}")]
     Pass(#[from] PassError),
+    #[error("planning the workspace: {0}")]
+    Plan(IrError),
     #[error("folding: {0}")]
     Fold(String),
     #[error(transparent)]
@@ -91,7 +96,8 @@ pub struct Compiled {
     pub module: Module,
     pub store: ConstStore,
     pub fold: FoldMode,
-    /// The IR after lowering and after each pass, for `--emit ir`.
+    /// The IR after lowering and after each pass, for `--emit ir`; the last one annotated with
+    /// the workspace plan.
     pub stages: Vec<(String, String)>,
     pub fold_warning: Option<String>,
     pub model: Model,
@@ -138,6 +144,11 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         stages.push((pass.to_string(), print(m)))
     })?;
     store.check(&module).map_err(BuildError::Fold)?;
+    // The last stage is what codegen compiles: show it with the workspace plan codegen uses.
+    let plan = WorkspacePlan::of(&module).map_err(BuildError::Plan)?;
+    if let Some((_, text)) = stages.last_mut() {
+        *text = print_planned(&module, &plan);
+    }
     Ok(Compiled {
         module,
         store,

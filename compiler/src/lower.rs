@@ -6,9 +6,10 @@
 //!
 //! - `encode_query(%query: i32[q])` runs the encoder and stores, for every decoder layer, the
 //!   cross-attention K/V of the encoder output in workspace buffers `$cross.{l}.k/v`.
-//! - `decoder_step(%token: i32[1], %allowed: u8[V]) -> i32[1]` consumes the token at position
+//! - `decoder_step(%token: i32[1], %allowed: i32[a]) -> i32[1]` consumes the token at position
 //!   `p` (0 for the initial EOS), appends its self-attention K/V to `$dec.{l}.self_k/v` at row
-//!   `p`, attends over rows `..p+1` and over the cross K/V, and returns the masked argmax.
+//!   `p`, attends over rows `..p+1` and over the cross K/V, and returns the argmax among the `a`
+//!   allowed ids (all ids when `a` is 0).
 //!
 //! # Exact mode (`FoldMode::None`)
 //!
@@ -103,11 +104,7 @@ impl Dims {
     fn enc_rope_start(&self) -> Expr {
         match self.fold {
             FoldMode::None => lit(0),
-            FoldMode::Tools => Expr {
-                q: -1,
-                p: 0,
-                offset: self.q_max as i64,
-            },
+            FoldMode::Tools => Expr::lit(self.q_max as i64).with_coeff(Sym::Q, -1),
         }
     }
 
@@ -245,6 +242,11 @@ pub fn lower(
                 sym: Sym::P,
                 min: 0,
                 max: MAX_DECODE_STEPS as i64 - 1,
+            },
+            DimDecl {
+                sym: Sym::A,
+                min: 0,
+                max: dims.vocab as i64,
             },
         ],
         consts,
@@ -628,7 +630,7 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
             },
             Param {
                 name: "allowed".into(),
-                ty: Type::fixed(ElemType::U8, &[dims.vocab]),
+                ty: Type::new(ElemType::I32, vec![Expr::sym(Sym::A)]),
             },
         ],
         body: b.body,

@@ -331,13 +331,9 @@ fn unknown_cpu_and_feature_are_named() {
     );
 }
 
-fn golden(name: &str) -> String {
-    root()
-        .join("tests/fixtures/golden")
-        .join(name)
-        .to_str()
-        .unwrap()
-        .to_string()
+/// A golden fixture's path as an argument.
+fn golden_arg(name: &str) -> String {
+    golden(name).to_str().unwrap().to_string()
 }
 
 fn stderr_of(out: &Output) -> String {
@@ -360,10 +356,10 @@ fn weights_give_the_references_quantized_answers() {
     // with no near-tie in any of the three.
     let case = |file: &str| -> serde_json::Value {
         let all: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(golden(file)).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(golden_arg(file)).unwrap()).unwrap();
         all[2].clone()
     };
-    let (ckpt, tok) = (golden("small_random.pkl"), golden("dev4k.model"));
+    let (ckpt, tok) = (golden_arg("small_random.pkl"), golden_arg("dev4k.model"));
     let mut outputs = Vec::new();
     for (weights, file) in [
         (None, "greedy_small.json"),
@@ -443,7 +439,7 @@ fn unknown_weights_are_refused_with_the_choices() {
 #[test]
 fn f16_rounding_a_float32_checkpoint_warns_once() {
     let ckpt = synth("tiny", "tiny-f32.safetensors");
-    let tok = golden("dev4k.model");
+    let tok = golden_arg("dev4k.model");
     let tools = r#"[{"name":"set_timer","description":"Start a timer.","parameters":{}}]"#;
     let mut args = run_args(&ckpt, tools, &tok, "set a timer");
     args.extend(["--max-gen-len", "4"]);
@@ -472,7 +468,7 @@ fn a_kernel_with_an_empty_input_axis_cannot_be_quantized() {
         r#"{"d_model":2,"num_heads":1,"num_kv_heads":1,"vocab_size":4096,"num_encoder_layers":1,"num_decoder_layers":1}"#,
         "d2.safetensors",
     );
-    let tok = golden("dev4k.model");
+    let tok = golden_arg("dev4k.model");
     let mut args = run_args(&ckpt, "[]", &tok, "hi");
     args.extend(["--max-gen-len", "3"]);
     stdout(&needlec(&args));
@@ -557,4 +553,54 @@ fn max_query_tokens_cuts_folded_queries_and_refuses_exact_ones() {
     args[0] = "trace";
     let free: serde_json::Value = serde_json::from_str(&stdout(&needlec(&args))).unwrap();
     assert_eq!(bounded, free);
+}
+
+/// `--emit ir` writes the IR after every stage; the last, what codegen compiles, carries the
+/// workspace plan as comments, and still reads back as a module that verifies.
+#[test]
+fn emit_ir_shows_every_stage_and_the_workspace_plan() {
+    let dir = std::env::temp_dir().join(format!("needlec-cli-ir-{}", std::process::id()));
+    let out = needlec(&[
+        "build",
+        "--checkpoint",
+        &example("tiny-needle-folded.pkl"),
+        "--tokenizer",
+        &example("tokenizer.model"),
+        "--tools",
+        &example("tools.json"),
+        "--emit",
+        "ir",
+        "--out-dir",
+        dir.to_str().unwrap(),
+    ]);
+    stdout(&out);
+    let text = std::fs::read_to_string(dir.join("needle.ir")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let stages: Vec<(&str, &str)> = text
+        .split("; ---- after ")
+        .skip(1)
+        .map(|s| s.split_once('\n').unwrap())
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
+    assert_eq!(
+        names,
+        [
+            "lowered",
+            "fold-constants",
+            "fuse-norm-matmul",
+            "dead-weight-elim"
+        ]
+    );
+    for (i, (name, ir)) in stages.iter().enumerate() {
+        let planned = ir.contains("# workspace plan of the model: ");
+        assert_eq!(planned, i == stages.len() - 1, "{name}");
+        let m = needle_ir::parse(ir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        needle_ir::verify(&m).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let last = stages.last().unwrap().1;
+    assert!(
+        last.contains("  # %allowed: the caller's memory\n"),
+        "{last}"
+    );
+    assert!(last.contains(": i32[1]  # returned, no memory\n"), "{last}");
 }

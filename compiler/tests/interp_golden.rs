@@ -72,8 +72,9 @@ fn token(id: i32) -> Tensor {
     Tensor::i32(vec![1], vec![id])
 }
 
+/// Every id listed as allowed (the step's `%allowed : i32[a]` with `a = V`).
 fn all_allowed(vocab: usize) -> Tensor {
-    Tensor::u8(vec![vocab], vec![1; vocab])
+    Tensor::i32(vec![vocab], (0..vocab as i32).collect())
 }
 
 /// Runs decoder steps from position `p`: returns the argmax and the step's logits.
@@ -170,7 +171,7 @@ fn forced_small_folded() {
 /// Greedy decoding of `greedy_tiny.json`'s first query in both modes, fed back its own argmax
 /// with every token allowed, for as long as the golden steps are clear (gap above `MIN_GAP`).
 /// The random model's text never contains a `"`, so the reference grammar (which starts at
-/// `"name":"`) was never active and the all-allowed mask is the reference's.
+/// `"name":"`) was never active and listing every id is the reference's choice.
 #[test]
 fn greedy_tiny_first_query() {
     let fx = fixture("tiny_random.pkl");

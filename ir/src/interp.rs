@@ -7,7 +7,7 @@
 //!
 //! Everything is checked as it runs: operand shapes, the type each instruction declares (under
 //! the current binding of `q` and `p`), constant data against its declaration, token ids, table
-//! rows and buffer rows. A malformed module or input gives an [`InterpError`], never a panic.
+//! rows and buffer rows. A malformed module or input gives an [`IrError`], never a panic.
 //!
 //! # Symbols
 //!
@@ -25,9 +25,11 @@
 //! by rounding.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 
-use crate::module::{ConstData, ConstStore, Function, Inst, Module, Op, Operand};
+use crate::error::IrError;
+use crate::module::{
+    gate_scale, zc_norm_scale, ConstData, ConstStore, Function, Inst, Module, Op, Operand,
+};
 use crate::types::{ElemType, Expr, Sym, Type};
 
 /// Epsilon inside the norms' square root (spec section 2, [`Op::ZcRmsNorm`]).
@@ -106,32 +108,6 @@ impl Tensor {
             shape: self.shape.clone(),
             data: Data::of(&self.data),
         }
-    }
-}
-
-/// Why a call failed: where (function, value, op) and what.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct InterpError {
-    pub func: Option<String>,
-    /// The instruction's result (`None` for `store` and errors outside instructions).
-    pub value: Option<String>,
-    pub op: Option<&'static str>,
-    pub message: String,
-}
-
-impl fmt::Display for InterpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.func {
-            Some(func) => write!(f, "in @{func}")?,
-            None => write!(f, "in the module")?,
-        }
-        match (&self.value, self.op) {
-            (Some(v), Some(op)) => write!(f, ", %{v} = {op}")?,
-            (None, Some(op)) => write!(f, ", {op}")?,
-            (Some(v), None) => write!(f, ", %{v}")?,
-            (None, None) => {}
-        }
-        write!(f, ": {}", self.message)
     }
 }
 
@@ -242,15 +218,10 @@ pub struct Interpreter<'m> {
 impl<'m> Interpreter<'m> {
     /// Allocates the module's buffers. Constants are checked when an op reads them, so a store
     /// may hold only what the functions that run need.
-    pub fn new(module: &'m Module, consts: &'m ConstStore) -> Result<Interpreter<'m>, InterpError> {
+    pub fn new(module: &'m Module, consts: &'m ConstStore) -> Result<Interpreter<'m>, IrError> {
         let mut buffers = BTreeMap::new();
         for b in &module.buffers {
-            let err = |message: String| InterpError {
-                func: None,
-                value: Some(format!("${}", b.name)),
-                op: None,
-                message,
-            };
+            let err = |message: String| IrError::module(format!("${}", b.name), message);
             let shape =
                 b.ty.static_dims()
                     .filter(|s| !s.is_empty())
@@ -281,7 +252,7 @@ impl<'m> Interpreter<'m> {
         func: &str,
         args: &[Tensor],
         dims: &[(Sym, i64)],
-    ) -> Result<Vec<Tensor>, InterpError> {
+    ) -> Result<Vec<Tensor>, IrError> {
         self.call_observed(func, args, dims, |_, _| {})
     }
 
@@ -293,29 +264,21 @@ impl<'m> Interpreter<'m> {
         args: &[Tensor],
         dims: &[(Sym, i64)],
         mut observe: impl FnMut(&Inst, Option<&Tensor>),
-    ) -> Result<Vec<Tensor>, InterpError> {
+    ) -> Result<Vec<Tensor>, IrError> {
         let module = self.module;
-        let f = module.func(func).ok_or_else(|| InterpError {
+        let f = module.func(func).ok_or_else(|| IrError {
             func: None,
             value: None,
             op: None,
             message: format!("no function @{func}"),
         })?;
-        let err = |message: String| InterpError {
-            func: Some(f.name.clone()),
-            value: None,
-            op: None,
-            message,
-        };
+        let err = |message: String| IrError::in_func(&f.name, None, message);
         self.values.clear();
         self.bind(f, args, dims).map_err(err)?;
         for inst in &f.body {
-            let result = self.exec(inst).map_err(|message| InterpError {
-                func: Some(f.name.clone()),
-                value: inst.result.as_ref().map(|r| r.name.clone()),
-                op: Some(inst.op.name()),
-                message,
-            })?;
+            let result = self
+                .exec(inst)
+                .map_err(|message| IrError::in_func(&f.name, Some(inst), message))?;
             match (&inst.result, result) {
                 (Some(r), Some(t)) => {
                     observe(inst, Some(&t));
@@ -572,7 +535,7 @@ impl<'m> Interpreter<'m> {
             Op::Reshape { x } => reshape(&self.value_view(x)?, declared.clone())?,
             Op::ZcRmsNorm { x, scale } => {
                 let g = self.const_view(scale)?.f32::<1>(&format!("@{scale}"))?.1;
-                let plus1: Vec<f32> = g.iter().map(|g| 1.0 + g).collect();
+                let plus1: Vec<f32> = g.iter().map(|&g| zc_norm_scale(g)).collect();
                 norm(&self.value_view(x)?, Some(&plus1))?
             }
             Op::RmsNorm { x, scale } => {
@@ -595,9 +558,7 @@ impl<'m> Interpreter<'m> {
                 attention(&self.value_view(q)?, &blocks)?
             }
             Op::GatedResidual { x, y, gate } => {
-                let g = self.scalar(gate)?;
-                // The reference's float32 sigmoid.
-                let s = 1.0 / (1.0 + (-g).exp());
+                let s = gate_scale(self.scalar(gate)?);
                 residual(&self.value_view(x)?, &self.value_view(y)?, s)?
             }
             Op::Residual { x, y, scale } => residual(
@@ -958,33 +919,40 @@ fn logits(x: &View, table: &View) -> Check<Tensor> {
     Ok(Tensor::f32(vec![n, v], out))
 }
 
-/// `argmax_masked`: per row, the first index of the largest logit among those whose `allowed`
-/// byte is nonzero (`numpy.argmax` among the allowed: the first on ties, and a NaN counts as the
-/// largest, as numpy's does). An all-zero mask falls back to the unconstrained argmax, as the
-/// runtime's `argmax_among` does with an empty allowed set.
+/// `argmax_masked` (see [`Op::ArgmaxMasked`]): per row, the id of the largest logit among the
+/// `allowed` ids, ties to the lowest id and a NaN counting as the largest (the first NaN in
+/// list order wins, as in the library's kernel), ids outside the vocabulary skipped (-1 when
+/// none is left); no ids at all is the unconstrained argmax, numpy's first maximum.
 fn argmax_masked(logits: &View, allowed: &View) -> Check<Tensor> {
     let ([n, v], ls) = logits.f32::<2>("logits")?;
-    let (Data::U8(mask), [v2]) = (allowed.data, allowed.shape.as_slice()) else {
+    let (Data::I32(ids), [_]) = (allowed.data, allowed.shape.as_slice()) else {
         return Err(format!(
-            "allowed is {}, expected u8 of rank 1",
+            "allowed is {}, expected i32 ids of rank 1",
             allowed.describe()
         ));
     };
-    if v != *v2 {
-        return Err(format!("{v} logits but a mask of {v2}"));
+    if v == 0 {
+        return Err("argmax over an empty vocabulary".into());
     }
-    let any_allowed = mask.iter().any(|&m| m != 0);
+    let candidates: Vec<usize> = if ids.is_empty() {
+        (0..v).collect()
+    } else {
+        ids.iter()
+            .filter_map(|&id| usize::try_from(id).ok().filter(|&id| id < v))
+            .collect()
+    };
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let row = &ls[i * v..(i + 1) * v];
         let mut best: Option<usize> = None;
-        for (j, &x) in row.iter().enumerate() {
-            if any_allowed && mask[j] == 0 {
-                continue;
-            }
+        for &j in &candidates {
+            let x = row[j];
             let better = match best {
                 None => true,
-                Some(b) => !row[b].is_nan() && (x > row[b] || x.is_nan()),
+                Some(b) => {
+                    let bv = row[b];
+                    !bv.is_nan() && (x.is_nan() || x > bv || (x == bv && j < b))
+                }
             };
             if better {
                 best = Some(j);
@@ -992,7 +960,7 @@ fn argmax_masked(logits: &View, allowed: &View) -> Check<Tensor> {
         }
         let id = match best {
             Some(j) => i32::try_from(j).map_err(|_| format!("index {j} does not fit i32"))?,
-            None => return Err("argmax over an empty vocabulary".into()),
+            None => -1,
         };
         out.push(id);
     }
@@ -1221,34 +1189,46 @@ func @f(%q: f32[1,2,1], %k: f32[1,1,1], %v: f32[1,1,1]) {
     fn argmax_takes_the_first_maximum_among_the_allowed() {
         let text = "\
 needle_ir v1
-func @f(%l: f32[1,5], %m: u8[5]) {
-  %n = argmax_masked %l, %m : i32[1]
+dim a in 0..=5
+func @f(%l: f32[1,5], %allowed: i32[a]) {
+  %n = argmax_masked %l, %allowed : i32[1]
   return %n
 }
 ";
         let (m, store) = setup(text, &[]);
         let mut it = Interpreter::new(&m, &store).unwrap();
-        let mut argmax = |l: [f32; 5], mask: [u8; 5]| {
+        let mut argmax = |l: [f32; 5], ids: &[i32]| {
             let out = it
                 .call(
                     "f",
                     &[
                         Tensor::f32(vec![1, 5], l.to_vec()),
-                        Tensor::u8(vec![5], mask.to_vec()),
+                        Tensor::i32(vec![ids.len()], ids.to_vec()),
                     ],
                     &[],
                 )
                 .unwrap();
+            assert_eq!(it.binding(Sym::A), Some(ids.len() as i64));
             out[0].as_i32().unwrap()[0]
         };
         let l = [1., 3., 3., 2., 3.];
-        assert_eq!(argmax(l, [1; 5]), 1);
-        assert_eq!(argmax(l, [1, 0, 1, 1, 1]), 2);
-        assert_eq!(argmax(l, [1, 0, 0, 1, 0]), 3);
-        // No token allowed: the unconstrained argmax, as the runtime falls back.
-        assert_eq!(argmax(l, [0; 5]), 1);
+        assert_eq!(argmax(l, &[0, 1, 2, 3, 4]), 1);
+        assert_eq!(argmax(l, &[0, 2, 3, 4]), 2);
+        assert_eq!(argmax(l, &[0, 3]), 3);
+        // One allowed id (a forced step): that id, whatever the logits.
+        assert_eq!(argmax(l, &[0]), 0);
+        // Ties go to the lowest id, whatever the list's order.
+        assert_eq!(argmax(l, &[4, 2]), 2);
+        // No list: an unconstrained step, the first maximum.
+        assert_eq!(argmax(l, &[]), 1);
+        // Ids outside the vocabulary are skipped, as the library's kernel does; none left: -1.
+        assert_eq!(argmax(l, &[-1, 3, 7]), 3);
+        assert_eq!(argmax(l, &[5, -2]), -1);
         // A NaN is the maximum, as in numpy.
-        assert_eq!(argmax([1., f32::NAN, 5., f32::NAN, 0.], [1; 5]), 1);
+        assert_eq!(
+            argmax([1., f32::NAN, 5., f32::NAN, 0.], &[0, 1, 2, 3, 4]),
+            1
+        );
     }
 
     #[test]
@@ -1394,13 +1374,17 @@ func @f(%x: f32[1,1]) {
         let mut token = 1;
         let mut out = Vec::new();
         for p in 0..3 {
+            // Unconstrained, then every id but 0 allowed, then ids 2..9.
+            let ids: Vec<i32> = match p {
+                0 => Vec::new(),
+                1 => (1..16).collect(),
+                _ => (2..9).collect(),
+            };
+            let allowed = Tensor::i32(vec![ids.len()], ids);
             let r = it
                 .call(
                     "decoder_step",
-                    &[
-                        Tensor::i32(vec![1], vec![token]),
-                        Tensor::u8(vec![16], vec![1; 16]),
-                    ],
+                    &[Tensor::i32(vec![1], vec![token]), allowed.clone()],
                     &[(Sym::P, p)],
                 )
                 .unwrap();

@@ -21,6 +21,7 @@ pub struct Module {
 }
 
 /// `dim q in 0..=987`: the symbol's inclusive range. Workspace sizes use the maximum.
+/// `q` and `p` are fixed by the lowering; `a`, the allowed-id count, ranges over `0..=V`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DimDecl {
     pub sym: Sym,
@@ -97,7 +98,8 @@ pub enum Op {
     MatMul { x: String, w: String },
     /// `reshape %x`: same rows, the rest re-split (heads split or merged); the result type says how.
     Reshape { x: String },
-    /// `zcrmsnorm %x, @g`: `x / sqrt(mean(x^2) + 1e-6) * (1 + g)` over the last axis.
+    /// `zcrmsnorm %x, @g`: `x / sqrt(mean(x^2) + 1e-6) * (1 + g)` over the last axis
+    /// ([`zc_norm_scale`]). `fold-constants` rewrites it to `rmsnorm`; codegen never sees it.
     ZcRmsNorm { x: String, scale: String },
     /// `rmsnorm %x[, @s]`: `x / sqrt(mean(x^2) + 1e-6)`, times `s` when given.
     RmsNorm { x: String, scale: Option<String> },
@@ -121,15 +123,33 @@ pub enum Op {
         buffer: String,
         at: Expr,
     },
-    /// `gated_residual %x, %y, @g`: `x + sigmoid(g) * y`, g a scalar.
+    /// `gated_residual %x, %y, @g`: `x + sigmoid(g) * y`, g a scalar ([`gate_scale`]).
+    /// `fold-constants` rewrites it to `residual`; codegen never sees it.
     GatedResidual { x: String, y: String, gate: String },
     /// `residual %x, %y, @s`: `x + s * y`, s a scalar (a gated residual after fold-constants).
     Residual { x: String, y: String, scale: String },
     /// `logits %x, @table`: `x @ table^T` (tied embedding).
     Logits { x: String, table: String },
-    /// `argmax_masked %logits, %allowed`: per row, the first index of the largest logit among
-    /// those whose `allowed` byte is nonzero. The driver passes all ones when unconstrained.
+    /// `argmax_masked %logits, %allowed`: per row of logits `f32[n, V]`, the id of the largest
+    /// logit among the ids listed in `allowed : i32[a]` (the grammar's allowed ids, ascending),
+    /// ties to the lowest id, a NaN counting as the largest (as numpy's argmax). Ids outside
+    /// `0..V` are skipped; when every listed id is, the result is -1. An empty list (`a = 0`)
+    /// is an unconstrained step: the first maximum over every id. This is what the library runs:
+    /// its step takes the list as `(allowed, n_allowed)` and never sees a `u8[V]` mask, so steps
+    /// with few allowed ids (sparse logits) or one (a forced token) can be told from the list.
     ArgmaxMasked { logits: String, allowed: String },
+}
+
+/// The factor a `zcrmsnorm` scale `g` multiplies its column by: `1 + g` (zero-centred, so a
+/// scale of zero is the identity). The one definition the interpreter and `fold-constants` use.
+pub fn zc_norm_scale(g: f32) -> f32 {
+    1.0 + g
+}
+
+/// The factor a `gated_residual` gate `g` multiplies `y` by: `sigmoid(g)`, computed as the
+/// reference does in float32. The one definition the interpreter and `fold-constants` use.
+pub fn gate_scale(g: f32) -> f32 {
+    1.0 / (1.0 + (-g).exp())
 }
 
 impl Op {
@@ -172,6 +192,15 @@ impl Op {
             Op::Residual { x, y, scale } => vec![v(x), v(y), c(scale)],
             Op::Logits { x, table } => vec![v(x), c(table)],
             Op::ArgmaxMasked { logits, allowed } => vec![v(logits), v(allowed)],
+        }
+    }
+
+    /// The pass that removes this op, for ops that exist only before the pipeline (the
+    /// checkpoint's parametrization, which codegen does not implement); `None` for the rest.
+    pub fn removed_by_pass(&self) -> Option<&'static str> {
+        match self {
+            Op::ZcRmsNorm { .. } | Op::GatedResidual { .. } => Some("fold-constants"),
+            _ => None,
         }
     }
 

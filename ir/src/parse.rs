@@ -352,9 +352,9 @@ impl Parser {
                     self.bump();
                     Ok(s)
                 }
-                None => self.err("a symbol (`q` or `p`)"),
+                None => self.err("a symbol (`q`, `p` or `a`)"),
             },
-            _ => self.err("a symbol (`q` or `p`)"),
+            _ => self.err("a symbol (`q`, `p` or `a`)"),
         }
     }
 
@@ -453,13 +453,9 @@ impl Parser {
         loop {
             let term = self.term()?;
             let term = if negative {
-                match (
-                    term.q.checked_neg(),
-                    term.p.checked_neg(),
-                    term.offset.checked_neg(),
-                ) {
-                    (Some(q), Some(p), Some(offset)) => Expr { q, p, offset },
-                    _ => return self.err("a smaller number"),
+                match term.checked_neg() {
+                    Some(e) => e,
+                    None => return self.err("a smaller number"),
                 }
             } else {
                 term
@@ -488,15 +484,10 @@ impl Parser {
                 }
                 self.bump();
                 let s = self.sym()?;
-                let mut e = Expr::default();
-                match s {
-                    Sym::Q => e.q = n,
-                    Sym::P => e.p = n,
-                }
-                Ok(e)
+                Ok(Expr::default().with_coeff(s, n))
             }
             Tok::Ident(_) => Ok(Expr::sym(self.sym()?)),
-            _ => self.err("an integer or a symbol (`q` or `p`)"),
+            _ => self.err("an integer or a symbol (`q`, `p` or `a`)"),
         }
     }
 
@@ -741,15 +732,19 @@ mod tests {
 
         let text = SAMPLE.replacen("%q = matmul %n, @wq", "%q = frobnicate %n, @wq", 1);
         let e = error(&text);
-        assert_eq!((e.line, e.col), (27, 8), "{e}");
+        assert_eq!((e.line, e.col), (28, 8), "{e}");
         assert!(e.expected.starts_with("an op name"), "{e}");
         assert_eq!(e.found, "`frobnicate`");
 
         let e = error(&SAMPLE.replacen("f32[q+3,8]", "f32[q+3 8]", 1));
         assert_eq!(
             (e.line, e.expected.as_str(), e.found.as_str()),
-            (25, "`]`", "`8`")
+            (26, "`]`", "`8`")
         );
+
+        let e = error(&SAMPLE.replacen("tool_tokens plain", "grammar_table plain", 1));
+        assert!(e.expected.starts_with("a constant kind"), "{e}");
+        assert_eq!(e.found, "`grammar_table`");
 
         let e = error(&SAMPLE.replacen("weight i8g4", "weight i8g0", 1));
         assert!(e.expected.contains("storage"), "{e}");

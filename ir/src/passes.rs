@@ -8,9 +8,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::module::{ConstData, ConstDecl, ConstStore, Module, Op, Operand};
+use crate::error::IrError;
+use crate::module::{
+    gate_scale, zc_norm_scale, ConstData, ConstDecl, ConstStore, Module, Op, Operand,
+};
 use crate::types::Storage;
-use crate::verify::{verify, VerifyError};
+use crate::verify::verify;
 
 /// A pass: its name (as in `--print-after NAME`) and what it does.
 pub struct Pass {
@@ -25,10 +28,7 @@ pub enum PassError {
     #[error("pass {pass}: {message}")]
     Failed { pass: &'static str, message: String },
     #[error("after pass {pass}: {error}")]
-    Verify {
-        pass: &'static str,
-        error: VerifyError,
-    },
+    Verify { pass: &'static str, error: IrError },
 }
 
 /// The default pipeline, in order. Dead-weight elimination runs last so it also drops the
@@ -65,6 +65,27 @@ pub fn run_pipeline(
         observe(pass.name, &module);
     }
     Ok(module)
+}
+
+/// Checks that `m` holds no op that only exists before the pipeline ([`Op::removed_by_pass`]):
+/// what consumers of the pipeline's output (codegen) call before they start.
+pub fn check_pipeline_ran(m: &Module) -> Result<(), IrError> {
+    for f in &m.funcs {
+        for inst in &f.body {
+            if let Some(pass) = inst.op.removed_by_pass() {
+                return Err(IrError::in_func(
+                    &f.name,
+                    Some(inst),
+                    format!(
+                        "`{}` is removed by the `{pass}` pass: run the pass pipeline \
+                         (needle_ir::PIPELINE) before code generation",
+                        inst.op.name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// f32 data of `name`, or the error saying it is missing.
@@ -127,7 +148,7 @@ pub fn fold_constants(
             Op::GatedResidual { x, y, gate } => {
                 let new = format!("{gate}.sigmoid");
                 derive_const(&mut m, &mut store, PASS, gate, &new, |g| {
-                    g.iter().map(|&g| 1.0 / (1.0 + (-g).exp())).collect()
+                    g.iter().map(|&g| gate_scale(g)).collect()
                 })?;
                 inst.op = Op::Residual {
                     x: x.clone(),
@@ -138,7 +159,7 @@ pub fn fold_constants(
             Op::ZcRmsNorm { x, scale } => {
                 let new = format!("{scale}.plus1");
                 derive_const(&mut m, &mut store, PASS, scale, &new, |g| {
-                    g.iter().map(|&g| 1.0 + g).collect()
+                    g.iter().map(|&g| zc_norm_scale(g)).collect()
                 })?;
                 inst.op = Op::RmsNorm {
                     x: x.clone(),
@@ -373,6 +394,13 @@ mod tests {
         assert_eq!(
             seen,
             ["fold-constants", "fuse-norm-matmul", "dead-weight-elim"]
+        );
+        check_pipeline_ran(&out).unwrap();
+        let e = check_pipeline_ran(&sample()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "in @encode_query, %n = zcrmsnorm: `zcrmsnorm` is removed by the `fold-constants` \
+             pass: run the pass pipeline (needle_ir::PIPELINE) before code generation"
         );
         store.check(&out).unwrap();
         assert!(out.const_decl("norm").is_none() && out.const_decl("norm.plus1").is_none());

@@ -22,9 +22,41 @@ use crate::module::{Function, Inst, Module, Op, Operand};
 pub const HEADER: &str = "needle_ir v1";
 
 pub fn print(module: &Module) -> String {
+    print_with(module, &NoNotes)
+}
+
+/// Comments an analysis adds to the text (`#` lines, which the parser skips): see
+/// `crate::plan::print_planned`.
+pub(crate) trait Notes {
+    /// Lines right after the header.
+    fn module(&self) -> Vec<String>;
+    /// Lines at the top of a function's body.
+    fn func(&self, f: &Function) -> Vec<String>;
+    /// The end of instruction `i`'s line.
+    fn inst(&self, f: &Function, i: usize) -> Option<String>;
+}
+
+struct NoNotes;
+
+impl Notes for NoNotes {
+    fn module(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn func(&self, _: &Function) -> Vec<String> {
+        Vec::new()
+    }
+    fn inst(&self, _: &Function, _: usize) -> Option<String> {
+        None
+    }
+}
+
+pub(crate) fn print_with(module: &Module, notes: &dyn Notes) -> String {
     let mut out = String::new();
     out.push_str(HEADER);
     out.push('\n');
+    for line in notes.module() {
+        let _ = writeln!(out, "# {line}");
+    }
     for d in &module.dims {
         let _ = writeln!(out, "dim {} in {}..={}", d.sym.name(), d.min, d.max);
     }
@@ -49,21 +81,27 @@ pub fn print(module: &Module) -> String {
     }
     for f in &module.funcs {
         out.push('\n');
-        print_function(&mut out, f);
+        print_function(&mut out, f, notes);
     }
     out
 }
 
-fn print_function(out: &mut String, f: &Function) {
+fn print_function(out: &mut String, f: &Function, notes: &dyn Notes) {
     let params: Vec<String> = f
         .params
         .iter()
         .map(|p| format!("%{}: {}", p.name, p.ty))
         .collect();
     let _ = writeln!(out, "func @{}({}) {{", f.name, params.join(", "));
-    for inst in &f.body {
+    for line in notes.func(f) {
+        let _ = writeln!(out, "  # {line}");
+    }
+    for (i, inst) in f.body.iter().enumerate() {
         out.push_str("  ");
         out.push_str(&print_inst(inst));
+        if let Some(note) = notes.inst(f, i) {
+            let _ = write!(out, "  # {note}");
+        }
         out.push('\n');
     }
     let results: Vec<String> = f.results.iter().map(|r| format!("%{r}")).collect();
@@ -137,7 +175,7 @@ mod tests {
 
     #[test]
     fn expressions_print_canonically_and_read_back() {
-        let e = |q, p, offset| Expr { q, p, offset };
+        let e = |q, p, offset| Expr { q, p, a: 0, offset };
         let cases = [
             (e(0, 0, 0), "0"),
             (e(0, 0, -4), "-4"),

@@ -6,6 +6,7 @@ pub const SAMPLE: &str = "\
 needle_ir v1
 dim q in 0..=8
 dim p in 0..=3
+dim a in 0..=16
 
 const @emb : f32[16,8] weight plain
 const @norm : f32[8] weight plain
@@ -43,7 +44,7 @@ func @encode_query(%query: i32[q]) {
   return
 }
 
-func @decoder_step(%token: i32[1], %allowed: u8[16]) {
+func @decoder_step(%token: i32[1], %allowed: i32[a]) {
   %x = embed @emb, %token, scale=2.828427 : f32[1,8]
   %qh0 = reshape %x : f32[1,2,4]
   %n = rmsnorm %qh0, @qn : f32[1,2,4]

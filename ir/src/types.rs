@@ -7,7 +7,7 @@ use std::fmt;
 pub enum ElemType {
     F32,
     I32,
-    /// Bytes: the grammar's allowed-token mask, tokenizer and grammar tables.
+    /// Bytes.
     U8,
 }
 
@@ -38,26 +38,45 @@ pub enum Sym {
     Q,
     /// Position of the token a `decoder_step` consumes (0 for the initial EOS).
     P,
+    /// How many token ids a `decoder_step` may choose among (the grammar's allowed list; 0 when
+    /// the step is unconstrained): the length of its `%allowed : i32[a]`.
+    A,
 }
 
 impl Sym {
-    pub const ALL: [Sym; 2] = [Sym::Q, Sym::P];
+    pub const ALL: [Sym; 3] = [Sym::Q, Sym::P, Sym::A];
 
     pub fn name(self) -> &'static str {
         match self {
             Sym::Q => "q",
             Sym::P => "p",
+            Sym::A => "a",
         }
+    }
+
+    /// What the symbol stands for, in words (for messages).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Sym::Q => "the query length",
+            Sym::P => "the decoder position",
+            Sym::A => "the allowed-id count",
+        }
+    }
+
+    /// Whether the symbol exists in `encode_query`, which runs before any decoder step.
+    pub fn in_encoder(self) -> bool {
+        self == Sym::Q
     }
 }
 
-/// An affine expression `q_coeff*q + p_coeff*p + offset`: a dimension, a row offset or a
-/// position. Affine is all the model needs (`q+37`, `p+1`, `987-q`), and it keeps equality
+/// An affine expression `q_coeff*q + p_coeff*p + a_coeff*a + offset`: a dimension, a row offset
+/// or a position. Affine is all the model needs (`q+37`, `p+1`, `987-q`), and it keeps equality
 /// structural: two shapes agree exactly when their expressions are equal.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Expr {
     pub q: i64,
     pub p: i64,
+    pub a: i64,
     pub offset: i64,
 }
 
@@ -66,35 +85,39 @@ impl Expr {
         Expr {
             q: 0,
             p: 0,
+            a: 0,
             offset: n,
         }
     }
 
     pub const fn sym(s: Sym) -> Expr {
+        Expr::lit(0).with_coeff(s, 1)
+    }
+
+    /// The same expression with `s`'s coefficient set to `c`.
+    pub const fn with_coeff(mut self, s: Sym, c: i64) -> Expr {
         match s {
-            Sym::Q => Expr {
-                q: 1,
-                p: 0,
-                offset: 0,
-            },
-            Sym::P => Expr {
-                q: 0,
-                p: 1,
-                offset: 0,
-            },
+            Sym::Q => self.q = c,
+            Sym::P => self.p = c,
+            Sym::A => self.a = c,
         }
+        self
     }
 
     pub fn coeff(&self, s: Sym) -> i64 {
         match s {
             Sym::Q => self.q,
             Sym::P => self.p,
+            Sym::A => self.a,
         }
     }
 
     /// The value when no symbol occurs, else `None`.
     pub fn as_static(&self) -> Option<i64> {
-        (self.q == 0 && self.p == 0).then_some(self.offset)
+        Sym::ALL
+            .iter()
+            .all(|&s| self.coeff(s) == 0)
+            .then_some(self.offset)
     }
 
     /// Sum, or `None` on overflow (only reachable from absurd parsed input).
@@ -102,7 +125,18 @@ impl Expr {
         Some(Expr {
             q: self.q.checked_add(other.q)?,
             p: self.p.checked_add(other.p)?,
+            a: self.a.checked_add(other.a)?,
             offset: self.offset.checked_add(other.offset)?,
+        })
+    }
+
+    /// `-self`, or `None` on overflow.
+    pub fn checked_neg(self) -> Option<Expr> {
+        Some(Expr {
+            q: self.q.checked_neg()?,
+            p: self.p.checked_neg()?,
+            a: self.a.checked_neg()?,
+            offset: self.offset.checked_neg()?,
         })
     }
 
@@ -217,20 +251,16 @@ pub enum ConstKind {
     RopeTable,
     /// Token ids fixed at build time (`<tools>` and the tool list's tokens).
     ToolTokens,
-    /// Tables the query tokenizer runs over (reserved for the driver's codegen).
-    TokenizerTable,
-    /// Build-time grammar tables (reserved for a later issue).
-    GrammarTable,
+    // The tokenizer's and the grammar's tables are not IR constants: they serve the driver
+    // around the model, and their generators read them from the runtime's tables directly.
 }
 
 impl ConstKind {
-    pub const ALL: [ConstKind; 6] = [
+    pub const ALL: [ConstKind; 4] = [
         ConstKind::Weight,
         ConstKind::FoldedKv,
         ConstKind::RopeTable,
         ConstKind::ToolTokens,
-        ConstKind::TokenizerTable,
-        ConstKind::GrammarTable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -239,8 +269,6 @@ impl ConstKind {
             ConstKind::FoldedKv => "folded_kv",
             ConstKind::RopeTable => "rope_table",
             ConstKind::ToolTokens => "tool_tokens",
-            ConstKind::TokenizerTable => "tokenizer_table",
-            ConstKind::GrammarTable => "grammar_table",
         }
     }
 }

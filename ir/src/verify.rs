@@ -4,59 +4,23 @@
 //! exist. Errors name the function, the value and the op.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 
+use crate::error::IrError;
 use crate::module::{Function, Inst, Module, Op, Operand, DECODER_STEP, ENCODE_QUERY};
 use crate::print::print_inst;
 use crate::types::{ConstKind, ElemType, Expr, Storage, Sym, Type};
 
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct VerifyError {
-    /// The function, when the problem is inside one.
-    pub func: Option<String>,
-    /// The value the failing instruction defines (or the declaration's name).
-    pub value: Option<String>,
-    /// The failing op's name.
-    pub op: Option<&'static str>,
-    pub message: String,
-}
-
-impl fmt::Display for VerifyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.func {
-            Some(func) => write!(f, "in @{func}")?,
-            None => write!(f, "in the module")?,
-        }
-        match (&self.value, self.op) {
-            (Some(v), Some(op)) => write!(f, ", %{v} = {op}")?,
-            (None, Some(op)) => write!(f, ", {op}")?,
-            (Some(v), None) => write!(f, ", {v}")?,
-            (None, None) => {}
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-fn module_err(what: impl Into<String>, message: impl Into<String>) -> VerifyError {
-    VerifyError {
-        func: None,
-        value: Some(what.into()),
-        op: None,
-        message: message.into(),
-    }
-}
-
-pub fn verify(m: &Module) -> Result<(), VerifyError> {
+pub fn verify(m: &Module) -> Result<(), IrError> {
     let mut seen = BTreeSet::new();
     for d in &m.dims {
         if !seen.insert(d.sym) {
-            return Err(module_err(
+            return Err(IrError::module(
                 format!("dim {}", d.sym.name()),
                 "declared twice",
             ));
         }
         if d.min < 0 || d.min > d.max {
-            return Err(module_err(
+            return Err(IrError::module(
                 format!("dim {}", d.sym.name()),
                 format!("range {}..={} is empty or negative", d.min, d.max),
             ));
@@ -66,10 +30,13 @@ pub fn verify(m: &Module) -> Result<(), VerifyError> {
     for c in &m.consts {
         let what = format!("@{}", c.name);
         if !names.insert(c.name.as_str()) {
-            return Err(module_err(what, "declared twice"));
+            return Err(IrError::module(what, "declared twice"));
         }
         let Some(dims) = c.ty.static_dims() else {
-            return Err(module_err(what, format!("type {} is not static", c.ty)));
+            return Err(IrError::module(
+                what,
+                format!("type {} is not static", c.ty),
+            ));
         };
         if let Storage::I8 { group } | Storage::I4 { group } = c.storage {
             let ok = c.kind == ConstKind::Weight
@@ -78,7 +45,7 @@ pub fn verify(m: &Module) -> Result<(), VerifyError> {
                 && group > 0
                 && dims[0] % group as usize == 0;
             if !ok {
-                return Err(module_err(
+                return Err(IrError::module(
                     what,
                     format!(
                         "storage {} needs an f32 matrix weight whose rows divide into groups of \
@@ -95,10 +62,10 @@ pub fn verify(m: &Module) -> Result<(), VerifyError> {
     for b in &m.buffers {
         let what = format!("${}", b.name);
         if !names.insert(b.name.as_str()) {
-            return Err(module_err(what, "declared twice"));
+            return Err(IrError::module(what, "declared twice"));
         }
         if b.ty.shape.is_empty() || b.ty.static_dims().is_none() {
-            return Err(module_err(
+            return Err(IrError::module(
                 what,
                 format!("type {} must be static with rows", b.ty),
             ));
@@ -107,7 +74,7 @@ pub fn verify(m: &Module) -> Result<(), VerifyError> {
     let mut names = BTreeSet::new();
     for f in &m.funcs {
         if !names.insert(f.name.as_str()) {
-            return Err(module_err(
+            return Err(IrError::module(
                 format!("@{}", f.name),
                 "function declared twice",
             ));
@@ -123,15 +90,10 @@ pub fn verify(m: &Module) -> Result<(), VerifyError> {
 }
 
 /// The driver calls these two with fixed signatures; anything else is a lowering bug.
-fn check_entry_points(m: &Module) -> Result<(), VerifyError> {
-    let entry_err = |name: &str, message: String| VerifyError {
-        func: Some(name.into()),
-        value: None,
-        op: None,
-        message,
-    };
+fn check_entry_points(m: &Module) -> Result<(), IrError> {
+    let entry_err = |name: &str, message: String| IrError::in_func(name, None, message);
     let Some(enc) = m.func(ENCODE_QUERY) else {
-        return Err(module_err(
+        return Err(IrError::module(
             format!("@{ENCODE_QUERY}"),
             "entry point missing",
         ));
@@ -144,7 +106,7 @@ fn check_entry_points(m: &Module) -> Result<(), VerifyError> {
         ));
     }
     let Some(dec) = m.func(DECODER_STEP) else {
-        return Err(module_err(
+        return Err(IrError::module(
             format!("@{DECODER_STEP}"),
             "entry point missing",
         ));
@@ -184,16 +146,11 @@ struct FuncVerifier<'a> {
 type Check<T> = Result<T, String>;
 
 impl<'a> FuncVerifier<'a> {
-    fn err(&self, inst: Option<&Inst>, message: impl Into<String>) -> VerifyError {
-        VerifyError {
-            func: Some(self.f.name.clone()),
-            value: inst.and_then(|i| i.result.as_ref()).map(|r| r.name.clone()),
-            op: inst.map(|i| i.op.name()),
-            message: message.into(),
-        }
+    fn err(&self, inst: Option<&Inst>, message: impl Into<String>) -> IrError {
+        IrError::in_func(&self.f.name, inst, message)
     }
 
-    fn run(mut self) -> Result<(), VerifyError> {
+    fn run(mut self) -> Result<(), IrError> {
         let f = self.f;
         for p in &f.params {
             self.check_type(&p.ty)
@@ -245,8 +202,12 @@ impl<'a> FuncVerifier<'a> {
             if !self.m.dims.iter().any(|d| d.sym == s) {
                 return Err(format!("symbol `{}` has no `dim` declaration", s.name()));
             }
-            if s == Sym::P && self.f.name == ENCODE_QUERY {
-                return Err("`p` (the decoder position) does not exist in encode_query".into());
+            if !s.in_encoder() && self.f.name == ENCODE_QUERY {
+                return Err(format!(
+                    "`{}` ({}) does not exist in encode_query",
+                    s.name(),
+                    s.meaning()
+                ));
             }
         }
         Ok(())
@@ -478,11 +439,8 @@ impl<'a> FuncVerifier<'a> {
                 Ok(Type::f32(vec![n, v]))
             }
             Op::ArgmaxMasked { logits, allowed } => {
-                let [n, v] = f32_dims::<2>("logits", self.value(logits)?)?;
-                let [v2] = dims_of::<1>("allowed", ElemType::U8, self.value(allowed)?)?;
-                if v != v2 {
-                    return Err(format!("{v} logits but a mask of {v2}"));
-                }
+                let [n, _vocab] = f32_dims::<2>("logits", self.value(logits)?)?;
+                dims_of::<1>("allowed ids", ElemType::I32, self.value(allowed)?)?;
                 Ok(Type::new(ElemType::I32, vec![n]))
             }
         }
@@ -509,7 +467,7 @@ mod tests {
     use crate::{parse, verify};
 
     /// Verifies the sample with `from` replaced by `to` (which must occur) and returns the error.
-    fn error(from: &str, to: &str) -> super::VerifyError {
+    fn error(from: &str, to: &str) -> super::IrError {
         assert!(SAMPLE.contains(from), "{from}");
         let m = parse(&SAMPLE.replacen(from, to, 1)).unwrap();
         verify(&m).expect_err("should not verify")
@@ -650,6 +608,22 @@ mod tests {
         assert!(
             e.message
                 .starts_with("`p` (the decoder position) does not exist in encode_query"),
+            "{e}"
+        );
+        let e = error("%allowed: i32[a]", "%allowed: u8[16]");
+        assert_eq!(e.op, Some("argmax_masked"));
+        assert!(
+            e.message
+                .starts_with("allowed ids is u8[16], expected i32 of rank 1"),
+            "{e}"
+        );
+        let e = error(
+            "%ids = concat %query, @tools : i32[q+3]",
+            "%ids = concat %query, @tools : i32[q+a+3]",
+        );
+        assert!(
+            e.message
+                .starts_with("`a` (the allowed-id count) does not exist in encode_query"),
             "{e}"
         );
         let e = error("return %next", "return %logits");

@@ -40,6 +40,12 @@ fn harness(dir: &std::path::Path, compiled: &Compiled) -> (PathBuf, ModelCode) {
     let target = Target::host().unwrap();
     let mut ks = KernelSet::new(&target, PREFIX).unwrap();
     let code = define_model(&mut ks, &compiled.module, &compiled.store, true).unwrap();
+    // The layout the code uses is the IR's workspace plan (what `--emit ir` prints).
+    let plan = needle_ir::WorkspacePlan::of(&compiled.module).unwrap();
+    assert_eq!(
+        (code.workspace_bytes, code.logits_offset),
+        (plan.total_bytes, plan.logits.offset)
+    );
     let functions = ks.functions().to_vec();
     let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["t_model_encode_query", "t_model_decoder_step"]);
@@ -228,4 +234,26 @@ fn every_supported_target_generates_a_standalone_model() {
         let rep = check_standalone(&obj, PREFIX).unwrap_or_else(|e| panic!("{target}: {e}"));
         assert!(rep.exports.is_empty(), "{target}: {:?}", rep.exports);
     }
+}
+
+/// Codegen implements the ops the pass pipeline leaves; the lowered module (with `zcrmsnorm`
+/// and `gated_residual`, which only `fold-constants` turns into what codegen knows) is refused
+/// with an error that says to run the pipeline, never compiled a second way.
+#[test]
+fn a_module_the_passes_have_not_run_on_is_refused() {
+    let compiled = compile_case(
+        "tiny_random.pkl",
+        &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools,
+        FoldMode::None,
+    );
+    let (stage, text) = &compiled.stages[0];
+    assert_eq!(stage, "lowered");
+    let lowered = needle_ir::parse(text).unwrap();
+    let mut ks = KernelSet::new(&Target::host().unwrap(), PREFIX).unwrap();
+    let e = define_model(&mut ks, &lowered, &compiled.store, false).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("is removed by the `fold-constants` pass: run the pass pipeline"),
+        "{e}"
+    );
 }

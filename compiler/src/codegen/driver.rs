@@ -142,8 +142,9 @@ pub struct Parts<'a> {
     pub output: &'a OutputCode,
 }
 
-/// Plans the workspace after the model's region.
-pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> (WorkspaceLayout, LibraryInfo) {
+/// Plans the workspace after the model's region, once per library: the library reports the
+/// limits in it and [`define_driver`] generates code for it.
+pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
     let a = WORKSPACE_ALIGN;
     let mut at = align_up(parts.model.workspace_bytes, a);
     let mut region = |bytes: usize| {
@@ -174,15 +175,14 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> (WorkspaceLayout, Libra
         output,
         total: at,
     };
-    let info = LibraryInfo {
-        layout: layout.clone(),
+    LibraryInfo {
+        layout,
         max_query_tokens: parts.model.max_query_tokens,
         max_query_bytes: limits.max_query_bytes,
         max_gen_len: limits.max_gen_len,
         max_text_bytes,
         max_output_bytes,
-    };
-    (layout, info)
+    }
 }
 
 /// `base + offset` for a workspace region.
@@ -191,15 +191,16 @@ fn at(g: &mut Gen<'_>, base: Value, offset: usize) -> Value {
     g.b.ins().iadd(base, off)
 }
 
-/// Generates the driver and the exported C interface.
+/// Generates the driver and the exported C interface for the workspace `info` (from [`plan`]).
 pub fn define_driver(
     ks: &mut KernelSet,
     parts: &Parts<'_>,
     limits: &DriverLimits,
+    info: &LibraryInfo,
     config_values: &[u32],
     tool_names: &[String],
-) -> Result<LibraryInfo, CodegenError> {
-    let (layout, info) = plan(parts, limits);
+) -> Result<(), CodegenError> {
+    let layout = &info.layout;
     let max_steps = (limits.max_gen_len - 1) as i64;
     let vocab = limits.vocab_size as i64;
 
@@ -460,7 +461,7 @@ pub fn define_driver(
         Some(g.b.ins().iadd(base, off))
     })?;
 
-    Ok(info)
+    Ok(())
 }
 
 /// The checks both entry points start with: the workspace, a writable `*out_len` (zeroed, so

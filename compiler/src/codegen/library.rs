@@ -88,23 +88,23 @@ pub fn generate(
         c.num_decoder_layers as u32,
         u32::from(compiled.fold == FoldMode::Tools),
     ];
-    // The limits are known once the workspace is planned; plan first with placeholders.
     let originals: Vec<String> = compiled
         .tools
         .name_map
         .iter()
         .map(|(_, original)| original.clone())
         .collect();
-    let (_, planned) = super::driver::plan(&parts, &limits);
+    // The limits the library reports are the planned workspace's.
+    let info = super::driver::plan(&parts, &limits);
     values.extend([
-        planned.max_query_tokens as u32,
-        planned.max_query_bytes as u32,
-        planned.max_gen_len as u32,
-        planned.max_output_bytes as u32,
+        info.max_query_tokens as u32,
+        info.max_query_bytes as u32,
+        info.max_gen_len as u32,
+        info.max_output_bytes as u32,
         originals.len() as u32,
     ]);
     debug_assert_eq!(values.len(), INFO_FIELDS.len());
-    let info = define_driver(&mut ks, &parts, &limits, &values, &originals)?;
+    define_driver(&mut ks, &parts, &limits, &info, &values, &originals)?;
     let header = header_text(name, compiled, &info, &ks);
     let object = ks.finish()?;
     Ok(Library {

@@ -755,11 +755,11 @@ fn attend_head(
 }
 
 /// `int32_t argmax(const float *logits, const int32_t *allowed, size_t n_allowed)`: the IR's
-/// `argmax_masked` with the grammar's mask given as a list of allowed ids instead of a `u8[V]`
-/// mask. `allowed == NULL`, or an empty list (the mask "all zero", which the IR reads as
-/// unconstrained): the first maximum over all `vocab` ids, NaN counting as the maximum (numpy's
-/// argmax). Otherwise the largest logit among the listed ids, ties to the lowest id (the list
-/// need not even be sorted); ids `>= vocab` are skipped, and -1 is returned when none is valid.
+/// `argmax_masked` over its `%allowed : i32[a]` ids (`n_allowed` = `a`). `allowed == NULL`, or
+/// an empty list (which the IR reads as unconstrained): the first maximum over all `vocab` ids,
+/// NaN counting as the maximum (numpy's argmax). Otherwise the largest logit among the listed
+/// ids, ties to the lowest id (the list need not even be sorted); ids `>= vocab` are skipped,
+/// and -1 is returned when none is valid.
 pub fn argmax(ks: &mut KernelSet, name: &str, vocab: usize) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstF32Ptr, "logits"),

@@ -17,23 +17,19 @@
 //!   read, so a new query's steps from `pos = 0` never see an earlier query's rows. Returns -1
 //!   (computing nothing) when `pos >= max_positions` or `token` is not below the vocabulary.
 //!
-//! # Allowed ids instead of a mask
+//! # Allowed ids
 //!
-//! The IR's `argmax_masked %logits, %allowed` takes a `u8[V]` mask. The driver's grammar yields
-//! a sorted list of allowed ids instead, so codegen replaces the mask parameter by the pair
-//! `(allowed, n_allowed)`: `allowed == NULL` (or an empty list, the all-zero mask that the IR
-//! reads as unconstrained) takes the first maximum over every id, as numpy's argmax (NaN counts
-//! as the maximum); otherwise the largest logit among the listed ids, ties to the lowest id.
+//! The IR's `argmax_masked %logits, %allowed` takes the grammar's allowed ids as
+//! `%allowed : i32[a]`; the step receives them as the pair `(allowed, n_allowed)`, which is also
+//! where the symbol `a` comes from. `allowed == NULL` is the IR's empty list: an unconstrained
+//! step.
 //!
 //! # Workspace
 //!
-//! `ws` (16-byte aligned) holds, at offsets fixed at build time: a 16-byte state word (`q`),
-//! every IR buffer (cross K/V, self-attention caches) at its static size, the logits, then one
-//! arena for the SSA values of whichever entry point runs (the two never run at once, so they
-//! share it). Arena slots are planned per function by a linear scan over the straight-line
-//! body: each value gets the space of its largest shape (the `q`/`p` bounds), `reshape` aliases
-//! its input, norms, RoPE and residuals write over an input that dies there, and space is
-//! reused once a value's last use has passed.
+//! `ws` (16-byte aligned) is laid out exactly as [`needle_ir::WorkspacePlan`] says: the state
+//! word (`q`), every IR buffer, the logits, then one arena for the SSA values of whichever entry
+//! point runs, each value at the slot the plan gives it. This module only turns the plan's
+//! places into kernel arguments; `needlec build --emit ir` prints the same plan beside the IR.
 
 mod kernels;
 
@@ -43,8 +39,8 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 use needle_ir::{
-    verify, ConstData, ConstStore, ElemType, Expr, Function, Module, Op, Operand, Storage, Sym,
-    Type, DECODER_STEP, ENCODE_QUERY,
+    check_pipeline_ran, verify, ConstData, ConstStore, ElemType, Expr, Function, Module, Op,
+    Operand, Place, Storage, Sym, Type, WorkspacePlan, DECODER_STEP, ENCODE_QUERY,
 };
 
 use crate::codegen::gen::{mem, Gen};
@@ -72,14 +68,6 @@ pub struct ModelCode {
     pub max_positions: usize,
 }
 
-const ALIGN: usize = 16;
-/// The state word (`q` as a `size_t`) sits at the start of the workspace.
-const STATE_OFFSET: usize = 0;
-
-fn round_up(n: usize) -> usize {
-    n.div_ceil(ALIGN) * ALIGN
-}
-
 fn invalid(msg: impl Into<String>) -> CodegenError {
     CodegenError::Invalid(msg.into())
 }
@@ -94,6 +82,7 @@ pub fn define_model(
     export: bool,
 ) -> Result<ModelCode, CodegenError> {
     verify(module).map_err(|e| invalid(format!("the IR module does not verify: {e}")))?;
+    check_pipeline_ran(module).map_err(|e| invalid(e.to_string()))?;
     let enc = module
         .func(ENCODE_QUERY)
         .ok_or_else(|| invalid(format!("the module has no @{ENCODE_QUERY}")))?;
@@ -108,35 +97,20 @@ pub fn define_model(
     let max_query_tokens = q_hi as usize;
     let max_positions = p_hi as usize + 1;
 
-    // Fixed part of the layout: state, buffers, logits.
-    let mut off = round_up(STATE_OFFSET + 16);
-    let mut buffers = HashMap::new();
-    for b in &module.buffers {
-        let dims =
-            b.ty.static_dims()
-                .ok_or_else(|| invalid(format!("buffer ${} : {} is not static", b.name, b.ty)))?;
-        let row_bytes = dims[1..].iter().product::<usize>() * b.ty.elem.size();
-        let bytes = dims.iter().product::<usize>() * b.ty.elem.size();
-        buffers.insert(b.name.clone(), (off, row_bytes));
-        off = round_up(off + bytes);
-    }
-    let logits_ty = dec
-        .body
-        .iter()
-        .find_map(|i| match (&i.op, &i.result) {
-            (Op::Logits { .. }, Some(r)) => Some(r.ty.clone()),
-            _ => None,
-        })
-        .ok_or_else(|| invalid(format!("@{DECODER_STEP} computes no logits")))?;
-    let vocab = logits_ty
+    let ws_plan =
+        WorkspacePlan::of(module).map_err(|e| invalid(format!("planning the workspace: {e}")))?;
+    let vocab = ws_plan
+        .logits_ty
         .shape
         .get(1)
         .and_then(|e| e.as_static())
-        .ok_or_else(|| invalid(format!("logits : {logits_ty} have no static vocabulary")))?
-        as usize;
-    let logits_offset = off;
-    let logits_bytes = max_bytes(module, &logits_ty);
-    let arena_start = round_up(off + logits_bytes);
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| {
+            invalid(format!(
+                "logits : {} have no static vocabulary",
+                ws_plan.logits_ty
+            ))
+        })?;
 
     let mut cx = Cx {
         ks,
@@ -147,15 +121,8 @@ pub fn define_model(
         kernels: HashMap::new(),
         count: 0,
     };
-    let layout = Layout {
-        buffers,
-        logits_offset,
-        logits_bytes,
-        arena_start,
-    };
-    let enc_plan = plan(&mut cx, &layout, enc, Entry::Encode)?;
-    let dec_plan = plan(&mut cx, &layout, dec, Entry::Decode)?;
-    let workspace_bytes = round_up(enc_plan.arena_end.max(dec_plan.arena_end));
+    let enc_plan = plan(&mut cx, &ws_plan, enc, Entry::Encode)?;
+    let dec_plan = plan(&mut cx, &ws_plan, dec, Entry::Decode)?;
 
     let ks = cx.ks;
     let encode_query = ks.declare_function(
@@ -198,9 +165,9 @@ pub fn define_model(
     Ok(ModelCode {
         encode_query,
         decoder_step,
-        workspace_bytes,
-        workspace_align: ALIGN,
-        logits_offset,
+        workspace_bytes: ws_plan.total_bytes,
+        workspace_align: needle_ir::plan::ALIGN,
+        logits_offset: ws_plan.logits.offset,
         max_query_tokens,
         max_positions,
     })
@@ -212,28 +179,10 @@ enum Entry {
     Decode,
 }
 
-struct Layout {
-    /// Buffer name -> (offset, bytes per row).
-    buffers: HashMap<String, (usize, usize)>,
-    logits_offset: usize,
-    logits_bytes: usize,
-    arena_start: usize,
-}
-
 struct Limits {
     max_query_tokens: usize,
     max_positions: usize,
     vocab: usize,
-}
-
-/// Bytes of a tensor of type `ty` at its largest (dimensions at their bounds).
-fn max_bytes(m: &Module, ty: &Type) -> usize {
-    let n: i128 = ty
-        .shape
-        .iter()
-        .map(|e| e.range(|s| m.dim_bounds(s)).1.max(0))
-        .product();
-    usize::try_from(n).unwrap_or(usize::MAX / 2) * ty.elem.size()
 }
 
 /// The static product of the dimensions after the first.
@@ -264,8 +213,8 @@ enum Arg {
         at: Expr,
         row_bytes: usize,
     },
-    /// The address of embedded data.
-    Data(DataId),
+    /// The address of embedded data: an index into the entry point's [`Plan::data`].
+    Data(usize),
     /// A parameter of the entry point.
     Param(usize),
     /// The product of the dimensions, times a constant.
@@ -276,17 +225,25 @@ enum Arg {
 }
 
 struct Call {
-    f: FuncId,
+    /// An index into the entry point's [`Plan::callees`].
+    callee: usize,
     args: Vec<Arg>,
 }
 
+/// An entry point's kernel calls, in order.
 struct Plan {
     calls: Vec<Call>,
+    /// The kernels the calls name, each once, in first-use order: what the entry point
+    /// imports, so that a call's `callee` is its position here.
+    callees: Vec<FuncId>,
+    /// The embedded data the calls address, likewise.
+    data: Vec<DataId>,
     /// The call whose result the entry point returns.
     ret: Option<usize>,
     /// Where `decoder_step` puts its token (the IR's `%token : i32[1]`).
     token_slot: Option<usize>,
-    arena_end: usize,
+    /// Where the state word (`q`) is recorded.
+    state_offset: usize,
 }
 
 /// Module-wide codegen state: constants and kernels, each declared once.
@@ -348,17 +305,6 @@ impl Cx<'_> {
         let sym = self.symbol("c", name);
         let id = self.ks.declare_f32_data(&sym, &values)?;
         self.data.insert(name.to_string(), id);
-        Ok(id)
-    }
-
-    /// Data derived at build time from a constant, declared once under `key`.
-    fn derived(&mut self, key: &str, values: &[f32]) -> Result<DataId, CodegenError> {
-        if let Some(&id) = self.data.get(key) {
-            return Ok(id);
-        }
-        let sym = self.symbol("c", key);
-        let id = self.ks.declare_f32_data(&sym, values)?;
-        self.data.insert(key.to_string(), id);
         Ok(id)
     }
 
@@ -440,15 +386,15 @@ impl Cx<'_> {
     }
 }
 
-/// Where a value lives.
+/// Where a value lives, as the kernels address it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Loc {
-    /// An arena slot group (values sharing storage).
-    Arena(usize),
+    /// `ws + offset` (an arena slot).
+    Ws(usize),
     /// A pointer parameter of the entry point.
     Param(usize),
     Logits,
-    /// The mask parameter, replaced by `(allowed, n_allowed)`.
+    /// The allowed-ids parameter, passed as `(allowed, n_allowed)`.
     Allowed,
     /// The entry point's return value.
     Returned,
@@ -459,76 +405,36 @@ struct Val {
     ty: Type,
 }
 
-struct Group {
-    off: usize,
-    size: usize,
-    /// Index of the last instruction that reads it.
-    last: usize,
-    live: bool,
-}
-
+/// Turns one function's instructions into kernel calls at the places the workspace plan gives.
 struct Planner<'p, 'a> {
     cx: &'p mut Cx<'a>,
-    layout: &'p Layout,
+    ws: &'p WorkspacePlan,
     vals: HashMap<String, Val>,
-    groups: Vec<Group>,
-    last: HashMap<String, usize>,
     calls: Vec<Call>,
-    arena_end: usize,
+    callees: Vec<FuncId>,
+    data: Vec<DataId>,
+}
+
+/// `x`'s position in `list`, appending it the first time: the import index calls refer to.
+fn import<T: PartialEq>(list: &mut Vec<T>, x: T) -> usize {
+    match list.iter().position(|y| *y == x) {
+        Some(i) => i,
+        None => {
+            list.push(x);
+            list.len() - 1
+        }
+    }
 }
 
 impl Planner<'_, '_> {
-    /// The lowest free arena offset that fits `bytes`.
-    fn alloc(&mut self, bytes: usize, last: usize) -> usize {
-        let size = round_up(bytes.max(1));
-        let mut live: Vec<(usize, usize)> = self
-            .groups
-            .iter()
-            .filter(|g| g.live)
-            .map(|g| (g.off, g.size))
-            .collect();
-        live.sort_unstable();
-        let mut off = self.layout.arena_start;
-        for (o, s) in live {
-            if o >= off + size {
-                break;
-            }
-            off = off.max(o + s);
+    /// The kernels' view of a planned place; `caller` is what the caller's memory is here.
+    fn loc(&self, place: Place, caller: Loc) -> Loc {
+        match place {
+            Place::Arena(r) => Loc::Ws(r.offset),
+            Place::Caller => caller,
+            Place::Logits => Loc::Logits,
+            Place::Returned => Loc::Returned,
         }
-        self.arena_end = self.arena_end.max(off + size);
-        self.groups.push(Group {
-            off,
-            size,
-            last,
-            live: true,
-        });
-        self.groups.len() - 1
-    }
-
-    fn last_use(&self, name: &str, def: usize) -> usize {
-        self.last.get(name).copied().unwrap_or(def).max(def)
-    }
-
-    /// A fresh slot for result `name` of type `ty`, defined at instruction `i`.
-    fn fresh(&mut self, name: &str, ty: &Type, i: usize) -> Loc {
-        let bytes = max_bytes(self.cx.m, ty);
-        let last = self.last_use(name, i);
-        Loc::Arena(self.alloc(bytes, last))
-    }
-
-    /// The result's slot: `x`'s when `x` is an arena value that dies at `i` and is large
-    /// enough (ops that may write over their input), else a fresh one.
-    fn in_place(&mut self, name: &str, ty: &Type, x: &str, i: usize) -> Result<Loc, CodegenError> {
-        let bytes = max_bytes(self.cx.m, ty);
-        let last = self.last_use(name, i);
-        if let Loc::Arena(g) = self.val(x)?.loc {
-            let grp = &mut self.groups[g];
-            if grp.live && grp.last <= i && grp.size >= bytes {
-                grp.last = last;
-                return Ok(Loc::Arena(g));
-            }
-        }
-        Ok(self.fresh(name, ty, i))
     }
 
     fn val(&self, name: &str) -> Result<&Val, CodegenError> {
@@ -539,9 +445,9 @@ impl Planner<'_, '_> {
 
     fn loc_arg(&self, loc: Loc, what: &str) -> Result<Arg, CodegenError> {
         match loc {
-            Loc::Arena(g) => Ok(Arg::Ws(self.groups[g].off)),
+            Loc::Ws(off) => Ok(Arg::Ws(off)),
             Loc::Param(i) => Ok(Arg::Param(i)),
-            Loc::Logits => Ok(Arg::Ws(self.layout.logits_offset)),
+            Loc::Logits => Ok(Arg::Ws(self.ws.logits.offset)),
             Loc::Allowed | Loc::Returned => {
                 Err(invalid(format!("{what} cannot be read as a tensor here")))
             }
@@ -556,6 +462,14 @@ impl Planner<'_, '_> {
         Ok(self.val(name)?.ty.clone())
     }
 
+    /// A workspace buffer's planned region: (offset, bytes per row).
+    fn buffer(&self, name: &str) -> Result<(usize, usize), CodegenError> {
+        self.ws
+            .buffer(name)
+            .map(|b| (b.region.offset, b.row_bytes))
+            .ok_or_else(|| invalid(format!("${name} has no planned region")))
+    }
+
     /// An `attention`/`concat` operand: its address and type (a buffer's rows cut to `len`).
     fn operand(&mut self, o: &Operand) -> Result<(Arg, Type), CodegenError> {
         match o {
@@ -568,7 +482,8 @@ impl Planner<'_, '_> {
                     .ok_or_else(|| invalid(format!("@{n} is not declared")))?
                     .ty
                     .clone();
-                Ok((Arg::Data(self.cx.data(n)?), ty))
+                let id = self.cx.data(n)?;
+                Ok((Arg::Data(import(&mut self.data, id)), ty))
             }
             Operand::Buffer { name, len } => {
                 let decl = self
@@ -578,18 +493,15 @@ impl Planner<'_, '_> {
                     .ok_or_else(|| invalid(format!("${name} is not declared")))?;
                 let mut ty = decl.ty.clone();
                 ty.shape[0] = *len;
-                let &(off, _) = self
-                    .layout
-                    .buffers
-                    .get(name)
-                    .ok_or_else(|| invalid(format!("${name} has no slot")))?;
+                let (off, _) = self.buffer(name)?;
                 Ok((Arg::Ws(off), ty))
             }
         }
     }
 
     fn call(&mut self, f: FuncId, args: Vec<Arg>) {
-        self.calls.push(Call { f, args });
+        let callee = import(&mut self.callees, f);
+        self.calls.push(Call { callee, args });
     }
 
     fn copy_kernel(&mut self) -> Result<FuncId, CodegenError> {
@@ -603,51 +515,44 @@ impl Planner<'_, '_> {
     }
 }
 
-/// Plans one entry point: its kernel calls and its arena.
+/// Plans one entry point's kernel calls, at the places `ws` gives its values.
 fn plan(
     cx: &mut Cx<'_>,
-    layout: &Layout,
+    ws: &WorkspacePlan,
     f: &Function,
     entry: Entry,
 ) -> Result<Plan, CodegenError> {
-    // Last reader of each value; a reshape's readers read its input too.
-    let mut last: HashMap<String, usize> = HashMap::new();
-    for (i, inst) in f.body.iter().enumerate() {
-        for o in inst.op.operands() {
-            if let Operand::Value(n) = o {
-                last.insert(n, i);
-            }
-        }
-    }
-    for inst in f.body.iter().rev() {
-        if let (Op::Reshape { x }, Some(r)) = (&inst.op, &inst.result) {
-            if let Some(&l) = last.get(&r.name) {
-                let e = last.entry(x.clone()).or_insert(l);
-                *e = (*e).max(l);
-            }
-        }
-    }
+    let fp = ws
+        .func(&f.name)
+        .ok_or_else(|| invalid(format!("@{} has no workspace plan", f.name)))?;
     let mut p = Planner {
         cx,
-        layout,
+        ws,
         vals: HashMap::new(),
-        groups: Vec::new(),
-        last,
         calls: Vec::new(),
-        arena_end: layout.arena_start,
+        callees: Vec::new(),
+        data: Vec::new(),
     };
 
     let mut token_slot = None;
     let param_names: Vec<(&str, &Type)> =
         f.params.iter().map(|x| (x.name.as_str(), &x.ty)).collect();
+    let planned = |k: usize| {
+        fp.params
+            .get(k)
+            .copied()
+            .ok_or_else(|| invalid(format!("@{}: parameter {k} has no place", f.name)))
+    };
     match (entry, param_names.as_slice()) {
         (Entry::Encode, [(query, ty)])
             if ty.elem == ElemType::I32 && ty.shape == [Expr::sym(Sym::Q)] =>
         {
+            // The query ids stay in the caller's memory: the entry point's `ids`.
+            let loc = p.loc(planned(0)?, Loc::Param(1));
             p.vals.insert(
                 query.to_string(),
                 Val {
-                    loc: Loc::Param(1),
+                    loc,
                     ty: (*ty).clone(),
                 },
             );
@@ -655,23 +560,26 @@ fn plan(
         (Entry::Decode, [(token, tty), (allowed, aty)])
             if tty.elem == ElemType::I32
                 && tty.shape == [Expr::lit(1)]
-                && aty.elem == ElemType::U8
-                && aty.shape.len() == 1 =>
+                && aty.elem == ElemType::I32
+                && aty.shape == [Expr::sym(Sym::A)] =>
         {
-            let last = p.last_use(token, 0);
-            let g = p.alloc(4, last);
-            token_slot = Some(p.groups[g].off);
+            // The token comes by value; the step stores it where the plan put it.
+            let Place::Arena(slot) = planned(0)? else {
+                return Err(invalid(format!("@{}: %{token} has no arena slot", f.name)));
+            };
+            token_slot = Some(slot.offset);
             p.vals.insert(
                 token.to_string(),
                 Val {
-                    loc: Loc::Arena(g),
+                    loc: Loc::Ws(slot.offset),
                     ty: (*tty).clone(),
                 },
             );
+            let loc = p.loc(planned(1)?, Loc::Allowed);
             p.vals.insert(
                 allowed.to_string(),
                 Val {
-                    loc: Loc::Allowed,
+                    loc,
                     ty: (*aty).clone(),
                 },
             );
@@ -690,6 +598,15 @@ fn plan(
         let res = |what: &str| {
             result.ok_or_else(|| invalid(format!("`{what}` in @{} has no result", f.name)))
         };
+        // Where the plan put the result (the caller's memory holds no result).
+        let planned = fp
+            .insts
+            .get(i)
+            .and_then(|ip| ip.result)
+            .map(|place| p.loc(place, Loc::Returned));
+        let placed = |what: &str| {
+            planned.ok_or_else(|| invalid(format!("`{what}` in @{} has no planned place", f.name)))
+        };
         let loc = match &inst.op {
             Op::Embed { table, ids, scale } => {
                 let r = res("embed")?;
@@ -700,7 +617,7 @@ fn plan(
                     "embed",
                     |ks, n| kernels::embed(ks, n, &w, scale),
                 )?;
-                let loc = p.fresh(&r.name, &r.ty, i);
+                let loc = placed(inst.op.name())?;
                 let args = vec![
                     p.ptr(ids)?,
                     p.loc_arg(loc, "embed")?,
@@ -715,7 +632,7 @@ fn plan(
                     return Err(invalid(format!("concat of {}: 4-byte elements only", r.ty)));
                 }
                 let copy = p.copy_kernel()?;
-                let loc = p.fresh(&r.name, &r.ty, i);
+                let loc = placed(inst.op.name())?;
                 let Arg::Ws(off) = p.loc_arg(loc, "concat")? else {
                     return Err(invalid("concat result outside the arena"));
                 };
@@ -745,7 +662,7 @@ fn plan(
                 let k = p.cx.kernel(format!("matmul:{w}"), "matmul", |ks, n| {
                     kernels::matmul(ks, n, &wr)
                 })?;
-                let loc = p.fresh(&r.name, &r.ty, i);
+                let loc = placed(inst.op.name())?;
                 let args = vec![
                     p.ptr(x)?,
                     p.loc_arg(loc, "matmul")?,
@@ -754,35 +671,26 @@ fn plan(
                 p.call(k, args);
                 Some(loc)
             }
-            Op::Reshape { x } => {
-                let loc = p.val(x)?.loc;
-                if let Loc::Arena(g) = loc {
-                    let r = res("reshape")?;
-                    let l = p.last_use(&r.name, i);
-                    let grp = &mut p.groups[g];
-                    grp.last = grp.last.max(l);
-                }
-                Some(loc)
-            }
-            Op::ZcRmsNorm { x, scale }
-            | Op::RmsNorm {
+            // The plan gives a reshape its input's place: nothing to copy.
+            Op::Reshape { .. } => Some(placed("reshape")?),
+            Op::RmsNorm {
                 x,
                 scale: Some(scale),
             } => {
                 let r = res("norm")?;
                 let d = static_dim(&r.ty, r.ty.shape.len() - 1)?;
-                let zero_centred = matches!(inst.op, Op::ZcRmsNorm { .. });
-                let (key, data) = if zero_centred {
-                    let plus1: Vec<f32> = p.cx.f32_values(scale)?.iter().map(|g| 1.0 + g).collect();
-                    let key = format!("{scale}#plus1");
-                    (key.clone(), p.cx.derived(&key, &plus1)?)
-                } else {
-                    (scale.clone(), p.cx.data(scale)?)
-                };
-                let k = p.cx.kernel(format!("norm:{d}:{key}"), "norm", |ks, n| {
+                let data = p.cx.data(scale)?;
+                let k = p.cx.kernel(format!("norm:{d}:{scale}"), "norm", |ks, n| {
                     kernels::rmsnorm(ks, n, d, Some(data))
                 })?;
-                norm_call(&mut p, k, x, r, i)?
+                norm_call(&mut p, k, x, r, placed("norm")?)?
+            }
+            // `check_pipeline_ran` turned these away before planning started.
+            Op::ZcRmsNorm { .. } | Op::GatedResidual { .. } => {
+                return Err(invalid(format!(
+                    "`{}` reached codegen: run the pass pipeline first",
+                    inst.op.name()
+                )))
             }
             Op::RmsNorm { x, scale: None } => {
                 let r = res("norm")?;
@@ -790,7 +698,7 @@ fn plan(
                 let k = p.cx.kernel(format!("norm:{d}"), "norm", |ks, n| {
                     kernels::rmsnorm(ks, n, d, None)
                 })?;
-                norm_call(&mut p, k, x, r, i)?
+                norm_call(&mut p, k, x, r, placed("norm")?)?
             }
             Op::Rope { x, table, start } => {
                 let r = res("rope")?;
@@ -800,7 +708,7 @@ fn plan(
                     p.cx.kernel(format!("rope:{table}:{heads}:{h}"), "rope", |ks, n| {
                         kernels::rope(ks, n, t, heads, h)
                     })?;
-                let loc = p.in_place(&r.name, &r.ty, x, i)?;
+                let loc = placed(inst.op.name())?;
                 let args = vec![
                     p.ptr(x)?,
                     p.loc_arg(loc, "rope")?,
@@ -814,11 +722,9 @@ fn plan(
                 let r = res("attention")?;
                 let (heads, h) = (static_dim(&r.ty, 1)?, static_dim(&r.ty, 2)?);
                 let mut blocks = Vec::new();
-                let mut keys_max = 0usize;
                 for (k, v) in kv {
                     let (kp, kt) = p.operand(k)?;
                     let (vp, _) = p.operand(v)?;
-                    keys_max += max_bytes(p.cx.m, &Type::f32(vec![kt.shape[0]])) / 4;
                     blocks.push((kp, vp, kt));
                 }
                 let kv_heads = static_dim(&blocks[0].2, 1)?;
@@ -828,13 +734,16 @@ fn plan(
                     "attention",
                     |ks, n| kernels::attention(ks, n, nb, heads, kv_heads, h),
                 )?;
-                let loc = p.fresh(&r.name, &r.ty, i);
-                let scores = p.alloc(keys_max * 4, i);
+                let loc = placed(inst.op.name())?;
+                let scores =
+                    fp.insts.get(i).and_then(|ip| ip.scratch).ok_or_else(|| {
+                        invalid("attention has no planned scratch for its scores")
+                    })?;
                 let mut args = vec![
                     p.ptr(q)?,
                     p.loc_arg(loc, "attention")?,
                     Arg::Count(vec![r.ty.shape[0]], 1),
-                    Arg::Ws(p.groups[scores].off),
+                    Arg::Ws(scores.offset),
                 ];
                 for (kp, vp, kt) in blocks {
                     args.extend([kp, vp, Arg::Count(vec![kt.shape[0]], 1)]);
@@ -844,10 +753,7 @@ fn plan(
             }
             Op::Store { value, buffer, at } => {
                 let copy = p.copy_kernel()?;
-                let &(off, row_bytes) = layout
-                    .buffers
-                    .get(buffer)
-                    .ok_or_else(|| invalid(format!("${buffer} has no slot")))?;
+                let (off, row_bytes) = p.buffer(buffer)?;
                 let ty = p.ty(value)?;
                 let args = vec![
                     Arg::WsRow {
@@ -861,17 +767,11 @@ fn plan(
                 p.call(copy, args);
                 None
             }
-            Op::GatedResidual { x, y, gate: s } | Op::Residual { x, y, scale: s } => {
+            Op::Residual { x, y, scale } => {
                 let r = res("residual")?;
-                let v = p.cx.scalar(s)?;
-                // sigmoid as the reference computes it in float32.
-                let s = if matches!(inst.op, Op::GatedResidual { .. }) {
-                    1.0 / (1.0 + (-v).exp())
-                } else {
-                    v
-                };
+                let s = p.cx.scalar(scale)?;
                 let k = p.residual_kernel()?;
-                let loc = p.in_place(&r.name, &r.ty, x, i)?;
+                let loc = placed(inst.op.name())?;
                 let args = vec![
                     p.ptr(x)?,
                     p.ptr(y)?,
@@ -884,8 +784,8 @@ fn plan(
             }
             Op::Logits { x, table } => {
                 let r = res("logits")?;
-                if max_bytes(p.cx.m, &r.ty) > layout.logits_bytes {
-                    return Err(invalid("more than one logits result"));
+                if placed("logits")? != Loc::Logits {
+                    return Err(invalid("logits planned outside the logits region"));
                 }
                 let w = p.cx.weight(table)?;
                 let k = p.cx.kernel(format!("logits:{table}"), "logits", |ks, n| {
@@ -893,7 +793,7 @@ fn plan(
                 })?;
                 let args = vec![
                     p.ptr(x)?,
-                    Arg::Ws(layout.logits_offset),
+                    Arg::Ws(p.ws.logits.offset),
                     Arg::Count(vec![r.ty.shape[0]], 1),
                 ];
                 p.call(k, args);
@@ -908,8 +808,8 @@ fn plan(
                     || !f.results.contains(&r.name)
                 {
                     return Err(invalid(
-                        "argmax_masked must pick the returned token of one row of logits with \
-                         the step's mask parameter",
+                        "argmax_masked must pick the returned token of one row of logits among \
+                         the step's allowed-ids parameter",
                     ));
                 }
                 let vocab = static_dim(&lt, 1)?;
@@ -931,11 +831,6 @@ fn plan(
                 },
             );
         }
-        for g in p.groups.iter_mut() {
-            if g.live && g.last <= i {
-                g.live = false;
-            }
-        }
     }
     match (entry, ret, f.results.len()) {
         (Entry::Encode, None, 0) | (Entry::Decode, Some(_), 1) => {}
@@ -953,21 +848,23 @@ fn plan(
     }
     Ok(Plan {
         calls: p.calls,
+        callees: p.callees,
+        data: p.data,
         ret,
         token_slot,
-        arena_end: p.arena_end,
+        state_offset: ws.state.offset,
     })
 }
 
-/// A norm over the last axis of `x` (rows = every other dimension), in place when it can.
+/// A norm over the last axis of `x` (rows = every other dimension), into `loc` (which the plan
+/// may have made `x`'s own).
 fn norm_call(
     p: &mut Planner<'_, '_>,
     k: FuncId,
     x: &str,
     r: &needle_ir::Param,
-    i: usize,
+    loc: Loc,
 ) -> Result<Option<Loc>, CodegenError> {
-    let loc = p.in_place(&r.name, &r.ty, x, i)?;
     let rows = r.ty.shape[..r.ty.shape.len() - 1].to_vec();
     let args = vec![p.ptr(x)?, p.loc_arg(loc, "norm")?, Arg::Count(rows, 1)];
     p.call(k, args);
@@ -982,23 +879,13 @@ fn emit_entry(
     entry: Entry,
     limits: &Limits,
 ) -> Result<(), CodegenError> {
-    let mut data: Vec<DataId> = Vec::new();
-    let mut callees: Vec<FuncId> = Vec::new();
-    for c in &plan.calls {
-        if !callees.contains(&c.f) {
-            callees.push(c.f);
-        }
-        for a in &c.args {
-            if let Arg::Data(d) = a {
-                if !data.contains(d) {
-                    data.push(*d);
-                }
-            }
-        }
-    }
-    ks.define_function(id, &data, &callees, |g, params, addrs, frefs| {
+    // `addrs` and `frefs` come in the order of `plan.data` and `plan.callees`, which the
+    // calls' indices were taken from: every index is in range by construction.
+    ks.define_function(id, &plan.data, &plan.callees, |g, params, addrs, frefs| {
         let ws = params[0];
-        let (q, p) = match entry {
+        // The symbols' run-time values; `p` and `a` do not exist in the encoder (the verifier
+        // keeps them out of it).
+        let (q, p, a) = match entry {
             Entry::Encode => {
                 let q = params[2];
                 let bad = g.b.ins().icmp_imm_u(
@@ -1007,9 +894,9 @@ fn emit_entry(
                     limits.max_query_tokens as i64,
                 );
                 g.if_then(bad, |g| g.ret(&[]));
-                g.b.ins().store(mem(), q, ws, STATE_OFFSET as i32);
+                g.b.ins().store(mem(), q, ws, plan.state_offset as i32);
                 let zero = g.iconst(0);
-                (q, zero)
+                (q, zero, zero)
             }
             Entry::Decode => {
                 let (token, pos) = (params[1], params[2]);
@@ -1030,19 +917,19 @@ fn emit_entry(
                 });
                 // The recorded q, bounded so that a step without a query stays in bounds.
                 let pt = g.ptr;
-                let q = g.b.ins().load(pt, mem(), ws, STATE_OFFSET as i32);
+                let q = g.b.ins().load(pt, mem(), ws, plan.state_offset as i32);
                 let qmax = g.iconst(limits.max_query_tokens as i64);
                 let over = g.icmp(IntCC::UnsignedGreaterThan, q, qmax);
                 let q = g.b.ins().select(over, qmax, q);
                 if let Some(slot) = plan.token_slot {
                     g.b.ins().store(mem(), token, ws, slot as i32);
                 }
-                (q, pos)
+                (q, pos, params[4])
             }
         };
         let eval = |g: &mut Gen<'_>, e: &Expr| -> Value {
             let mut v = g.iconst(e.offset);
-            for (coeff, sym) in [(e.q, q), (e.p, p)] {
+            for (coeff, sym) in [(e.q, q), (e.p, p), (e.a, a)] {
                 if coeff != 0 {
                     let t = g.b.ins().imul_imm_s(sym, coeff);
                     v = g.b.ins().iadd(v, t);
@@ -1062,7 +949,7 @@ fn emit_entry(
                         let at = eval(g, at);
                         g.addr(base, at, *row_bytes as i64)
                     }
-                    Arg::Data(d) => addrs[data.iter().position(|x| x == d).unwrap_or(0)],
+                    Arg::Data(i) => addrs[*i],
                     Arg::Param(i) => params[*i],
                     Arg::Count(dims, factor) => {
                         let mut v = g.iconst(*factor as i64);
@@ -1080,7 +967,7 @@ fn emit_entry(
                     Arg::F32(x) => g.f32(*x),
                 })
                 .collect();
-            let f = frefs[callees.iter().position(|x| *x == c.f).unwrap_or(0)];
+            let f = frefs[c.callee];
             let r = g.call(f, &args);
             if plan.ret == Some(ci) {
                 result = r;
