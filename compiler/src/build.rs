@@ -12,7 +12,7 @@ use needle_targets::Target;
 
 use crate::codegen::library::generate;
 use crate::codegen::CodegenError;
-use crate::emit::{check_standalone, write_archive, ArchiveMember};
+use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 
 use crate::frontend::{load_tokenizer, resolve_fold, FrontendError};
 use crate::load::load_checkpoint;
@@ -76,6 +76,8 @@ pub enum BuildError {
     Target(#[from] needle_targets::TargetError),
     #[error("code generation: {0}")]
     Codegen(#[from] CodegenError),
+    #[error(transparent)]
+    Emit(#[from] EmitError),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,

@@ -3,6 +3,7 @@
 //! Data flows one way: [`load`] reads a checkpoint, [`tools`] normalizes the app's tool list,
 //! folding precomputes the tools side, lowering builds the IR, codegen emits native code.
 
+pub mod abi;
 pub mod build;
 pub mod codegen;
 pub mod emit;

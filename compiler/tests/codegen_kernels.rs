@@ -21,8 +21,9 @@ use std::process::{Command, Stdio};
 
 use cranelift_codegen::ir::InstBuilder;
 use needle_targets::{supported, Target};
+use needlec::abi::{write_header, CType};
 use needlec::codegen::{math, KernelSet};
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember, CType};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 
 const PREFIX: &str = "nk_";
 /// The exported functions; the local helper `nk_table_at` and the data must not be among them.

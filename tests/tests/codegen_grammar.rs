@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use needle_runtime::grammar::{Grammar, GrammarTables};
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
+use needlec::abi::write_header;
 use needlec::codegen::grammar::define_grammar;
 use needlec::codegen::KernelSet;
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 use needlec_tests::{c, golden, read_json, tiny_needle, Sample};
 use serde_json::Value;
 

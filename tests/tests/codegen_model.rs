@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use needle_ir::ConstData;
 use needle_runtime::decode::{FoldMode, TOOLS_ID};
 use needle_targets::Target;
+use needlec::abi::write_header;
 use needlec::build::{compile, BuildOptions, Compiled};
 use needlec::codegen::model::{define_model, ModelCode};
 use needlec::codegen::KernelSet;
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 use needlec_tests::c::{build_harness, run, work_dir};
 use needlec_tests::{golden, logit_tolerance, read_json, ForcedCase};
 

@@ -14,9 +14,10 @@ use std::sync::OnceLock;
 
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
+use needlec::abi::write_header;
 use needlec::codegen::tokenizer::{define_tokenizer, TokenizerCode};
 use needlec::codegen::KernelSet;
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 use needlec::frontend::load_tokenizer;
 use needlec::tools::parse_tools;
 use needlec_tests::{c, golden, read_json, tiny_needle, Sample};

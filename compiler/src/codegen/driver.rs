@@ -22,7 +22,7 @@ use super::model::ModelCode;
 use super::output::OutputCode;
 use super::tokenizer::TokenizerCode;
 use super::{CodegenError, KernelSet};
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// Status codes of the C interface (`NAME_OK`, `NAME_ERR_*`).
 pub const STATUSES: &[(&str, i32, &str)] = &[

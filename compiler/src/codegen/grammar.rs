@@ -54,7 +54,7 @@ use needle_runtime::grammar::{GrammarTables, NONE};
 
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// The generated grammar functions, for the driver.
 #[derive(Clone, Copy, Debug)]

@@ -14,8 +14,8 @@ use super::model::define_model;
 use super::output::define_output;
 use super::tokenizer::define_tokenizer;
 use super::{CodegenError, KernelSet};
+use crate::abi::write_header;
 use crate::build::Compiled;
-use crate::emit::header::write_header;
 
 /// The longest query, in bytes, the library accepts: enough for far more than the 1022 tokens
 /// the model reads, and what the tokenizer's scratch is planned for.

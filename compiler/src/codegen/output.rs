@@ -58,7 +58,7 @@ use needle_runtime::tokenizer::{PieceKind, Tokenizer, SPACE_SYMBOL};
 use super::gen::{mem, mem_ro, Gen};
 use super::kernels::KernelSet;
 use super::CodegenError;
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// `postprocess` wrote the result.
 pub const STATUS_OK: i32 = 0;

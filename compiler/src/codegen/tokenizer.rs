@@ -41,7 +41,7 @@ use needle_runtime::tokenizer::{PieceKind, Tokenizer, NO_ID};
 
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// The generated tokenizer, as the driver needs it.
 #[derive(Clone, Copy, Debug)]
