@@ -10,7 +10,7 @@ use needle_runtime::model::Model;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
 
-use crate::codegen::library::generate;
+use crate::codegen::library::{generate, LibraryInput};
 use crate::codegen::CodegenError;
 use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 
@@ -181,13 +181,24 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let compiled = compile(opts)?;
     let needs_code = opts.emit.iter().any(|e| *e != Emit::Ir);
     let library = if needs_code {
-        let lib = generate(
-            &compiled,
-            &compiled.tokenizer,
-            &target,
-            &opts.name,
-            opts.max_gen_len,
-        )?;
+        let signatures: Vec<(String, Vec<String>)> = compiled
+            .tools
+            .tools
+            .iter()
+            .map(|t| (t.name.clone(), t.param_keys.clone()))
+            .collect();
+        let input = LibraryInput {
+            module: &compiled.module,
+            store: &compiled.store,
+            fold: compiled.fold,
+            config: &compiled.model.config,
+            tokenizer: &compiled.tokenizer,
+            signatures: &signatures,
+            name_map: &compiled.tools.name_map,
+            name: &opts.name,
+            max_gen_len: opts.max_gen_len,
+        };
+        let lib = generate(&input, &target)?;
         // A library that references anything outside itself, or exports an unprefixed symbol,
         // is a needlec bug: refuse to write it.
         check_standalone(&lib.object, &format!("{}_", opts.name))?;
