@@ -17,6 +17,7 @@ use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 use crate::frontend::{load_tokenizer, resolve_fold, FrontendError};
 use crate::load::load_checkpoint;
 use crate::lower::lower;
+use crate::materialize::materialize_constants;
 use crate::tools::{load_tools_arg, ToolSet};
 
 /// What `needlec build` writes.
@@ -70,8 +71,8 @@ pub enum BuildError {
     ToolsTooLong(usize),
     #[error("IR pass failed: {0}")]
     Pass(#[from] PassError),
-    #[error("folding: {0}")]
-    Fold(String),
+    #[error("filling the constants: {0}")]
+    Materialize(String),
     #[error(transparent)]
     Target(#[from] needle_targets::TargetError),
     #[error("code generation: {0}")]
@@ -133,13 +134,13 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
     let module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
     let mut store = ConstStore::default();
-    crate::fold::fill_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
-        .map_err(BuildError::Fold)?;
+    materialize_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
+        .map_err(BuildError::Materialize)?;
     let mut stages = vec![("lowered".to_string(), print(&module))];
     let module = run_pipeline(module, Some(&mut store), PIPELINE, |pass, m| {
         stages.push((pass.to_string(), print(m)))
     })?;
-    store.check(&module).map_err(BuildError::Fold)?;
+    store.check(&module).map_err(BuildError::Materialize)?;
     Ok(Compiled {
         module,
         store,

@@ -6,10 +6,12 @@
 pub mod abi;
 pub mod build;
 pub mod codegen;
+pub mod const_names;
 pub mod emit;
 pub mod fold;
 pub mod frontend;
 pub mod load;
 pub mod lower;
+pub mod materialize;
 pub mod synth;
 pub mod tools;

@@ -15,9 +15,9 @@ use needle_runtime::forward::{
     decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
 };
 use needle_runtime::model::Model;
-use needlec::fold::fill_constants;
 use needlec::load::load_checkpoint;
 use needlec::lower::{lower, FoldMode, MAX_QUERY_TOKENS, TOOLS_TOKEN_ID};
+use needlec::materialize::materialize_constants;
 use serde::Deserialize;
 
 /// The golden README's tolerance: `1e-3` relative to the step's largest golden logit (at least
@@ -98,8 +98,8 @@ fn fixture(pkl: &str) -> Fixture {
 fn compile(fx: &Fixture, fold: FoldMode, tool_ids: &[u32]) -> (Module, ConstStore) {
     let module = lower(&fx.model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
     let mut store = ConstStore::default();
-    fill_constants(&module, &fx.checkpoint, &fx.model, tool_ids, &mut store)
-        .unwrap_or_else(|e| panic!("fill_constants: {e}"));
+    materialize_constants(&module, &fx.checkpoint, &fx.model, tool_ids, &mut store)
+        .unwrap_or_else(|e| panic!("materialize_constants: {e}"));
     let module = run_pipeline(module, Some(&mut store), PIPELINE, |_, _| {})
         .unwrap_or_else(|e| panic!("pipeline: {e}"));
     store.check(&module).unwrap();

@@ -268,7 +268,7 @@ impl Engine {
 }
 
 /// `[<tools>] + tool ids`: the positions that folding precomputes.
-fn tools_side(tool_ids: &[u32]) -> Vec<u32> {
+pub fn tools_side(tool_ids: &[u32]) -> Vec<u32> {
     let mut ids = Vec::with_capacity(tool_ids.len() + 1);
     ids.push(TOOLS_ID);
     ids.extend_from_slice(tool_ids);
