@@ -95,7 +95,7 @@ pub struct Compiled {
     pub store: ConstStore,
     pub fold: FoldMode,
     /// The IR after lowering and after each pass, for `--emit ir`.
-    pub stages: Vec<(String, String)>,
+    pub stages: IrStages,
     pub fold_warning: Option<String>,
     pub model: Model,
     pub tokenizer: Tokenizer,
@@ -136,10 +136,7 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     let mut store = ConstStore::default();
     materialize_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
         .map_err(BuildError::Materialize)?;
-    let mut stages = vec![("lowered".to_string(), print(&module))];
-    let module = run_pipeline(module, Some(&mut store), PIPELINE, |pass, m| {
-        stages.push((pass.to_string(), print(m)))
-    })?;
+    let (module, stages) = run_passes(module, Some(&mut store))?;
     store.check(&module).map_err(BuildError::Materialize)?;
     Ok(Compiled {
         module,
@@ -154,16 +151,48 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     })
 }
 
-/// The `--emit ir` text: every stage, each under a header line naming it.
-pub fn ir_text(compiled: &Compiled) -> String {
-    let mut out = String::new();
-    for (stage, text) in &compiled.stages {
-        out.push_str(&format!("; ---- after {stage}\n{text}"));
-        if !text.ends_with('\n') {
-            out.push('\n');
-        }
+/// The IR after lowering and after each pass, in pipeline order: what `--emit ir` prints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IrStages {
+    /// `(stage, IR text)`: `lowered`, then one entry per pass, named after it.
+    pub stages: Vec<(String, String)>,
+}
+
+impl IrStages {
+    /// The IR text after `stage` (`lowered` or a pass's name).
+    pub fn after(&self, stage: &str) -> Option<&str> {
+        self.stages
+            .iter()
+            .find(|(s, _)| s == stage)
+            .map(|(_, text)| text.as_str())
     }
-    out
+
+    /// The `--emit ir` text: every stage, each under a header line naming it.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for (stage, text) in &self.stages {
+            out.push_str(&format!("; ---- after {stage}\n{text}"));
+            if !text.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// Runs the pass pipeline on a lowered module, rewriting its constants' data along with it
+/// when `store` is given, and records the IR after lowering and after every pass. The one path
+/// from a lowered module to an optimized one: `needlec build`, `--emit ir` and the IR snapshots
+/// all go through it.
+pub fn run_passes(
+    module: Module,
+    store: Option<&mut ConstStore>,
+) -> Result<(Module, IrStages), PassError> {
+    let mut stages = vec![("lowered".to_string(), print(&module))];
+    let module = run_pipeline(module, store, PIPELINE, |pass, m| {
+        stages.push((pass.to_string(), print(m)))
+    })?;
+    Ok((module, IrStages { stages }))
 }
 
 /// What a build did.
@@ -215,7 +244,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let mut written = Vec::new();
     for emit in &opts.emit {
         let (file, bytes) = match (emit, &library) {
-            (Emit::Ir, _) => (format!("{name}.ir"), ir_text(&compiled).into_bytes()),
+            (Emit::Ir, _) => (format!("{name}.ir"), compiled.stages.text().into_bytes()),
             (Emit::Header, Some(lib)) => (format!("{name}.h"), lib.header.clone().into_bytes()),
             (Emit::Obj, Some(lib)) => (
                 format!("{name}.{}", target.object_extension()),
@@ -283,4 +312,39 @@ fn is_c_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use needle_runtime::config::Config;
+
+    use super::*;
+
+    #[test]
+    fn run_passes_records_every_stage_in_pipeline_order() {
+        let config = Config {
+            vocab_size: 4096,
+            d_model: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            num_encoder_layers: 2,
+            num_decoder_layers: 2,
+            ..Default::default()
+        };
+        let m = lower(&config, FoldMode::Tools, 36, 1022);
+        let (out, stages) = run_passes(m.clone(), None).unwrap();
+        let names: Vec<&str> = stages.stages.iter().map(|(s, _)| s.as_str()).collect();
+        let passes: Vec<&str> = PIPELINE.iter().map(|p| p.name).collect();
+        assert_eq!(names[0], "lowered");
+        assert_eq!(names[1..], passes[..]);
+        assert_eq!(stages.after("lowered"), Some(&*print(&m)));
+        let folded = stages.after("fold-constants").unwrap();
+        assert!(folded.contains("@enc.0.gate.sigmoid") && folded.contains("@contrastive.proj"));
+        let last = stages.stages.last().unwrap().1.as_str();
+        assert_eq!(last, print(&out));
+        assert!(!last.contains("@contrastive.proj"));
+        let text = stages.text();
+        assert!(text.starts_with("; ---- after lowered\n"), "{text}");
+        assert!(text.contains("\n; ---- after dead-weight-elim\n"), "{text}");
+    }
 }

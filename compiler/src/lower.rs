@@ -46,9 +46,8 @@
 //! for; [`crate::materialize`] fills their data after lowering.
 
 use needle_ir::{
-    print, run_pipeline, BufferDecl, ConstDecl, ConstKind, DimDecl, ElemType, Expr, Function, Inst,
-    Module, Op, Operand, Param, PassError, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
-    PIPELINE,
+    BufferDecl, ConstDecl, ConstKind, DimDecl, ElemType, Expr, Function, Inst, Module, Op, Operand,
+    Param, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
 };
 use needle_runtime::config::Config;
 
@@ -635,32 +634,11 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
     }
 }
 
-/// `--emit ir`: the module's text after the passes up to and including `after` (all of them
-/// when `None`; `Some("lowered")` for none).
-pub fn emit_ir(module: Module, after: Option<&str>) -> Result<String, PassError> {
-    let count = match after {
-        None => PIPELINE.len(),
-        Some("lowered") => 0,
-        Some(name) => match PIPELINE.iter().position(|p| p.name == name) {
-            Some(i) => i + 1,
-            None => {
-                let names: Vec<&str> = PIPELINE.iter().map(|p| p.name).collect();
-                return Err(PassError::Failed {
-                    pass: "emit",
-                    message: format!("no pass `{name}`; passes: lowered, {}", names.join(", ")),
-                });
-            }
-        },
-    };
-    let module = run_pipeline(module, None, &PIPELINE[..count], |_, _| {})?;
-    Ok(print(&module))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::const_names::{const_source, ConstSource, FoldedBlock};
-    use needle_ir::{verify, ConstData, ConstStore};
+    use needle_ir::{print, run_pipeline, verify, ConstData, ConstStore, PIPELINE};
 
     fn tiny() -> Config {
         Config {
@@ -779,21 +757,5 @@ mod tests {
             panic!()
         };
         assert_eq!(g, &vec![0.5]);
-    }
-
-    #[test]
-    fn emit_ir_prints_after_a_named_pass() {
-        let m = lower(&tiny(), FoldMode::Tools, 36, 1022);
-        let lowered = emit_ir(m.clone(), Some("lowered")).unwrap();
-        assert_eq!(lowered, print(&m));
-        let folded = emit_ir(m.clone(), Some("fold-constants")).unwrap();
-        assert!(folded.contains("@enc.0.gate.sigmoid") && folded.contains("@contrastive.proj"));
-        let all = emit_ir(m.clone(), None).unwrap();
-        assert!(!all.contains("@contrastive.proj"));
-        let e = emit_ir(m, Some("nope")).unwrap_err().to_string();
-        assert!(
-            e.contains("no pass `nope`; passes: lowered, fold-constants"),
-            "{e}"
-        );
     }
 }
