@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use needle_ir::{print, run_pipeline, ConstStore, Module, PassError, PIPELINE};
 use needle_runtime::checkpoint::Checkpoint;
-use needle_runtime::decode::{FoldMode, ENCODER_BUDGET, MAX_QUERY_TOKENS};
+use needle_runtime::decode::{check_tools_fit, FoldMode, MAX_DECODE_STEPS, MAX_QUERY_TOKENS};
 use needle_runtime::model::Model;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
@@ -64,11 +64,6 @@ pub enum BuildError {
     BadName(String),
     #[error("--max-gen-len must be between 2 and {max} (it allows max_gen_len - 1 generated tokens), got {got}")]
     MaxGenLen { got: usize, max: usize },
-    #[error(
-        "the tool list takes {0} tokens, which leaves no room for a query in the {ENCODER_BUDGET}-token \
-         encoder budget (the `<tools>` marker takes one more); shorten descriptions or drop tools"
-    )]
-    ToolsTooLong(usize),
     #[error("IR pass failed: {0}")]
     Pass(#[from] PassError),
     #[error("filling the constants: {0}")]
@@ -86,8 +81,9 @@ pub enum BuildError {
     },
 }
 
-/// The decoder's positions are bounded by the lowering's position dimension.
-pub const MAX_GEN_LEN_LIMIT: usize = 512;
+/// The largest `--max-gen-len`: the library's decoder positions are planned for
+/// [`MAX_DECODE_STEPS`] steps.
+pub const MAX_GEN_LEN_LIMIT: usize = MAX_DECODE_STEPS + 1;
 
 /// A lowered, folded and optimized program with its constants: what codegen consumes.
 pub struct Compiled {
@@ -128,9 +124,7 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let tools = load_tools_arg(&opts.tools).map_err(FrontendError::from)?;
     let tool_ids = tokenizer.encode(&tools.normalized_json);
-    if tool_ids.len() + 1 >= ENCODER_BUDGET {
-        return Err(BuildError::ToolsTooLong(tool_ids.len()));
-    }
+    check_tools_fit(tool_ids.len()).map_err(FrontendError::from)?;
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
     let module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
     let mut store = ConstStore::default();

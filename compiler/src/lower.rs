@@ -50,17 +50,9 @@ use needle_ir::{
     Param, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
 };
 use needle_runtime::config::Config;
+use needle_runtime::decode::{check_tools_fit, ENCODER_BUDGET, MAX_DECODE_STEPS, MAX_QUERY_TOKENS};
 
 use crate::const_names::checkpoint_weights;
-
-/// The reference's encoder input limit: query, `<tools>` and tool tokens together (spec 3).
-pub const MAX_ENCODER_TOKENS: usize = 1024;
-/// The reference cuts the query to this many tokens (spec 3).
-pub const MAX_QUERY_TOKENS: usize = 1022;
-/// At most `max_gen_len - 1` decoder steps (spec 3), so positions `0..511`.
-pub const MAX_DECODE_STEPS: usize = 511;
-/// The `<tools>` token that starts the tools side.
-pub const TOOLS_TOKEN_ID: i32 = 5;
 
 /// Whether the tools side of the encoder is computed at build time (`--fold tools`) or run
 /// (`--fold none`): the runtime's notion, so `needlec run` and `needlec build` agree on it.
@@ -139,7 +131,7 @@ fn lit(n: usize) -> Expr {
 /// # Panics
 ///
 /// If the config is not valid (`Config::validate`), or the tools side leaves no room for a query
-/// (`n_tool_tokens + 1 >= 1024`): the caller checks both first.
+/// (`decode::check_tools_fit`): the caller checks both first.
 pub fn lower(
     config: &Config,
     fold: FoldMode,
@@ -151,11 +143,10 @@ pub fn lower(
         "lower needs a valid config: {:?}",
         config.validate()
     );
+    if let Err(e) = check_tools_fit(n_tool_tokens) {
+        panic!("lower needs a tool list that fits: {e}");
+    }
     let tools_side = n_tool_tokens + 1;
-    assert!(
-        tools_side < MAX_ENCODER_TOKENS,
-        "{n_tool_tokens} tool tokens leave no room for a query in {MAX_ENCODER_TOKENS} tokens"
-    );
     let dims = Dims {
         d: config.d_model,
         heads: config.num_heads,
@@ -165,7 +156,7 @@ pub fn lower(
         tools_side,
         q_max: max_query_tokens
             .min(MAX_QUERY_TOKENS)
-            .min(MAX_ENCODER_TOKENS - tools_side),
+            .min(ENCODER_BUDGET - tools_side),
         fold,
     };
     let mut consts: Vec<ConstDecl> = checkpoint_weights(config)

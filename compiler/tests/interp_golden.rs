@@ -11,12 +11,13 @@ use needle_ir::{
     PIPELINE,
 };
 use needle_runtime::checkpoint::Checkpoint;
+use needle_runtime::decode::{MAX_QUERY_TOKENS, TOOLS_ID};
 use needle_runtime::forward::{
     decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
 };
 use needle_runtime::model::Model;
 use needlec::load::load_checkpoint;
-use needlec::lower::{lower, FoldMode, MAX_QUERY_TOKENS, TOOLS_TOKEN_ID};
+use needlec::lower::{lower, FoldMode};
 use needlec::materialize::materialize_constants;
 use serde::Deserialize;
 
@@ -76,7 +77,7 @@ fn fold_mode(mode: &str) -> FoldMode {
 fn split_prompt(enc_ids: &[u32]) -> (Vec<i32>, Vec<u32>) {
     let at = enc_ids
         .iter()
-        .position(|&id| id as i32 == TOOLS_TOKEN_ID)
+        .position(|&id| id == TOOLS_ID)
         .expect("the prompt has a <tools> token");
     let query = enc_ids[..at].iter().map(|&id| id as i32).collect();
     (query, enc_ids[at + 1..].to_vec())
@@ -263,7 +264,7 @@ fn edge_query_lengths_match_the_runtime() {
     let vocab = fx.model.config.vocab_size;
     let cases: Vec<ForcedCase> = read_json("forced_tiny.json");
     let (_, tool_ids) = split_prompt(&cases[0].enc_ids);
-    let tools_side: Vec<u32> = std::iter::once(TOOLS_TOKEN_ID as u32)
+    let tools_side: Vec<u32> = std::iter::once(TOOLS_ID)
         .chain(tool_ids.iter().copied())
         .collect();
     for fold in [FoldMode::None, FoldMode::Tools] {
