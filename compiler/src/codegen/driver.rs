@@ -436,20 +436,7 @@ pub fn define_driver(
         blob.extend_from_slice(name.as_bytes());
         blob.push(0);
     }
-    let big = matches!(
-        ks.target().triple.endianness(),
-        Ok(target_lexicon::Endianness::Big)
-    );
-    let mut table: Vec<u8> = offsets
-        .iter()
-        .flat_map(|&o| {
-            if big {
-                o.to_be_bytes()
-            } else {
-                o.to_le_bytes()
-            }
-        })
-        .collect();
+    let mut table = ks.target().u32_bytes(offsets.iter().copied());
     let names_at = table.len();
     table.extend_from_slice(&blob);
     table.push(0);

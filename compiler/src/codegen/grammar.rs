@@ -51,6 +51,7 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 use needle_runtime::grammar::{GrammarTables, NONE};
+use needle_targets::Target;
 
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
@@ -106,12 +107,9 @@ pub fn define_grammar(
     export: bool,
 ) -> Result<GrammarCode, CodegenError> {
     let t = FlatTables::new(tables)?;
-    let big = matches!(
-        ks.target().triple.endianness(),
-        Ok(target_lexicon::Endianness::Big)
-    );
     let data = |ks: &mut KernelSet, name: &str, v: &[u32]| -> Result<DataId, CodegenError> {
-        ks.declare_rodata(&format!("grammar_{name}"), u32_bytes(v, big), 4)
+        let bytes = u32_bytes(ks.target(), v);
+        ks.declare_rodata(&format!("grammar_{name}"), bytes, 4)
     };
     let tok_start = data(ks, "tok_start", &t.tok_start)?;
     let tok_chars = data(ks, "tok_chars", &t.tok_chars)?;
@@ -545,20 +543,12 @@ fn load_ro_at(g: &mut Gen<'_>, table: Value, k: Value) -> Value {
     g.b.ins().load(types::I32, mem_ro(), p, 0)
 }
 
-fn u32_bytes(v: &[u32], big: bool) -> Vec<u8> {
+fn u32_bytes(target: &Target, v: &[u32]) -> Vec<u8> {
     // A zero-length data object would be a zero-sized symbol; one padding word keeps every table
     // a normal object (it is never read: its count is 0).
     let pad = [0u32];
     let v = if v.is_empty() { &pad[..] } else { v };
-    v.iter()
-        .flat_map(|x| {
-            if big {
-                x.to_be_bytes()
-            } else {
-                x.to_le_bytes()
-            }
-        })
-        .collect()
+    target.u32_bytes(v.iter().copied())
 }
 
 /// The tables as generated code reads them, checked for consistency so that the code never

@@ -118,20 +118,7 @@ impl KernelSet {
 
     /// Read-only f32 array in the target's byte order, 16-byte aligned (vector loads).
     pub fn declare_f32_data(&mut self, name: &str, values: &[f32]) -> Result<DataId, CodegenError> {
-        let big = matches!(
-            self.target.triple.endianness(),
-            Ok(target_lexicon::Endianness::Big)
-        );
-        let bytes = values
-            .iter()
-            .flat_map(|v| {
-                if big {
-                    v.to_be_bytes()
-                } else {
-                    v.to_le_bytes()
-                }
-            })
-            .collect();
+        let bytes = self.target.f32_bytes(values.iter().copied());
         self.declare_rodata(name, bytes, 16)
     }
 

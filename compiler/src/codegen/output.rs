@@ -177,19 +177,6 @@ fn parse_byte_piece(piece: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
-fn u32_bytes(values: &[u32], big: bool) -> Vec<u8> {
-    values
-        .iter()
-        .flat_map(|v| {
-            if big {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            }
-        })
-        .collect()
-}
-
 fn to_u32(v: usize, what: &str) -> Result<u32, CodegenError> {
     u32::try_from(v).map_err(|_| CodegenError::Invalid(format!("{what} exceeds 4 GiB")))
 }
@@ -203,11 +190,6 @@ pub fn define_output(
     max_text_bytes: usize,
     export: bool,
 ) -> Result<OutputCode, CodegenError> {
-    let big = matches!(
-        ks.target().triple.endianness(),
-        Ok(target_lexicon::Endianness::Big)
-    );
-
     // ---- detokenizer tables -------------------------------------------------------------------
     let t = tok.tables();
     let strip_enabled = t.add_dummy_prefix || t.remove_extra_whitespaces;
@@ -246,7 +228,7 @@ pub fn define_output(
     flags.push(P_SKIP); // never read; keeps the table non-empty
     surfaces.push(0);
     let d_flags = ks.declare_rodata("output_piece_flags", flags, 1)?;
-    let d_offs = ks.declare_rodata("output_piece_offsets", u32_bytes(&offsets, big), 4)?;
+    let d_offs = ks.declare_rodata("output_piece_offsets", ks.target().u32_bytes(offsets), 4)?;
     let d_surf = ks.declare_rodata("output_piece_bytes", surfaces, 1)?;
 
     // ---- name tables --------------------------------------------------------------------------
@@ -285,7 +267,7 @@ pub fn define_output(
     name_bytes.push(0);
     name_tab.push(0);
     let d_names = ks.declare_rodata("output_names", name_bytes, 1)?;
-    let d_name_tab = ks.declare_rodata("output_name_table", u32_bytes(&name_tab, big), 4)?;
+    let d_name_tab = ks.declare_rodata("output_name_table", ks.target().u32_bytes(name_tab), 4)?;
     let d_consts = ks.declare_rodata("output_consts", consts, 1)?;
     let plan = Plan {
         max_orig,

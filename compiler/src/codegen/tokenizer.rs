@@ -116,20 +116,7 @@ impl Layout {
 
 /// u32 values as bytes in the target's order.
 fn u32_bytes(ks: &KernelSet, values: impl IntoIterator<Item = u32>) -> Vec<u8> {
-    let big = matches!(
-        ks.target().triple.endianness(),
-        Ok(target_lexicon::Endianness::Big)
-    );
-    let mut out: Vec<u8> = values
-        .into_iter()
-        .flat_map(|v| {
-            if big {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            }
-        })
-        .collect();
+    let mut out = ks.target().u32_bytes(values);
     if out.is_empty() {
         // An empty table is never read, but an empty data object is not worth the edge case.
         out.extend_from_slice(&[0; 4]);
