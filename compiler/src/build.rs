@@ -1,5 +1,6 @@
-//! `needlec build`: the whole pipeline, load -> fold -> lower -> passes -> codegen -> emit, for one
-//! app's fixed tool list.
+//! `needlec build`: the whole pipeline, load -> lower -> materialize constants (folding the tools
+//! side when asked) -> passes -> codegen -> emit, for one app's fixed tool list. The only module
+//! that knows the order of the stages.
 
 use std::path::{Path, PathBuf};
 
@@ -85,7 +86,7 @@ pub enum BuildError {
 /// [`MAX_DECODE_STEPS`] steps.
 pub const MAX_GEN_LEN_LIMIT: usize = MAX_DECODE_STEPS + 1;
 
-/// A lowered, folded and optimized program with its constants: what codegen consumes.
+/// A lowered and optimized program with its constants' data: what codegen consumes.
 pub struct Compiled {
     pub module: Module,
     pub store: ConstStore,
@@ -99,7 +100,7 @@ pub struct Compiled {
     pub tool_ids: Vec<u32>,
 }
 
-/// Runs load -> fold -> lower -> passes.
+/// Runs load -> lower -> materialize constants -> passes.
 pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     // An unsupported target is refused before any work is done.
     target_of(opts)?;
