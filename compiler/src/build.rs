@@ -86,7 +86,8 @@ pub enum BuildError {
 /// [`MAX_DECODE_STEPS`] steps.
 pub const MAX_GEN_LEN_LIMIT: usize = MAX_DECODE_STEPS + 1;
 
-/// A lowered and optimized program with its constants' data: what codegen consumes.
+/// A lowered and optimized program with its constants' data and the inputs it was built from:
+/// what [`build`] hands codegen, as a [`LibraryInput`].
 pub struct Compiled {
     pub module: Module,
     pub store: ConstStore,
