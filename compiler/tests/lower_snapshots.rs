@@ -5,6 +5,7 @@
 
 use needle_ir::{parse, print, verify};
 use needle_runtime::config::Config;
+use needle_runtime::decode::MAX_QUERY_TOKENS;
 use needlec::build::run_passes;
 use needlec::lower::{lower, FoldMode};
 
@@ -22,7 +23,6 @@ fn tiny() -> Config {
 }
 
 const N_TOOL_TOKENS: usize = 36;
-const MAX_QUERY_TOKENS: usize = 1022;
 
 fn snapshot_pipeline(fold: FoldMode, mode: &str) {
     let module = lower(&tiny(), fold, N_TOOL_TOKENS, MAX_QUERY_TOKENS);
