@@ -1,5 +1,6 @@
-//! `needlec build`: the whole pipeline, load -> fold -> lower -> passes -> codegen -> emit, for one
-//! app's fixed tool list.
+//! `needlec build`: the whole pipeline, load -> lower -> materialize constants (folding the tools
+//! side when asked) -> passes -> codegen -> emit, for one app's fixed tool list. The only module
+//! that knows the order of the stages.
 
 use std::path::{Path, PathBuf};
 
@@ -8,18 +9,19 @@ use needle_ir::{
     PIPELINE,
 };
 use needle_runtime::checkpoint::Checkpoint;
-use needle_runtime::decode::{FoldMode, ENCODER_BUDGET, MAX_QUERY_TOKENS};
+use needle_runtime::decode::{check_tools_fit, FoldMode, MAX_DECODE_STEPS, MAX_QUERY_TOKENS};
 use needle_runtime::model::Model;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
 
-use crate::codegen::library::generate;
+use crate::codegen::library::{generate, LibraryInput};
 use crate::codegen::CodegenError;
-use crate::emit::{check_standalone, write_archive, ArchiveMember};
+use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 
 use crate::frontend::{load_tokenizer, resolve_fold, FrontendError};
 use crate::load::load_checkpoint;
 use crate::lower::lower;
+use crate::materialize::materialize_constants;
 use crate::tools::{load_tools_arg, ToolSet};
 
 /// What `needlec build` writes.
@@ -66,21 +68,18 @@ pub enum BuildError {
     BadName(String),
     #[error("--max-gen-len must be between 2 and {max} (it allows max_gen_len - 1 generated tokens), got {got}")]
     MaxGenLen { got: usize, max: usize },
-    #[error(
-        "the tool list takes {0} tokens, which leaves no room for a query in the {ENCODER_BUDGET}-token \
-         encoder budget (the `<tools>` marker takes one more); shorten descriptions or drop tools"
-    )]
-    ToolsTooLong(usize),
     #[error("IR pass failed: {0}")]
     Pass(#[from] PassError),
     #[error("planning the workspace: {0}")]
     Plan(IrError),
-    #[error("folding: {0}")]
-    Fold(String),
+    #[error("filling the constants: {0}")]
+    Materialize(String),
     #[error(transparent)]
     Target(#[from] needle_targets::TargetError),
     #[error("code generation: {0}")]
     Codegen(#[from] CodegenError),
+    #[error(transparent)]
+    Emit(#[from] EmitError),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -88,17 +87,19 @@ pub enum BuildError {
     },
 }
 
-/// The decoder's positions are bounded by the lowering's position dimension.
-pub const MAX_GEN_LEN_LIMIT: usize = 512;
+/// The largest `--max-gen-len`: the library's decoder positions are planned for
+/// [`MAX_DECODE_STEPS`] steps.
+pub const MAX_GEN_LEN_LIMIT: usize = MAX_DECODE_STEPS + 1;
 
-/// A lowered, folded and optimized program with its constants: what codegen consumes.
+/// A lowered and optimized program with its constants' data and the inputs it was built from:
+/// what [`build`] hands codegen, as a [`LibraryInput`].
 pub struct Compiled {
     pub module: Module,
     pub store: ConstStore,
     pub fold: FoldMode,
     /// The IR after lowering and after each pass, for `--emit ir`; the last one annotated with
     /// the workspace plan.
-    pub stages: Vec<(String, String)>,
+    pub stages: IrStages,
     pub fold_warning: Option<String>,
     pub model: Model,
     pub tokenizer: Tokenizer,
@@ -106,7 +107,7 @@ pub struct Compiled {
     pub tool_ids: Vec<u32>,
 }
 
-/// Runs load -> fold -> lower -> passes.
+/// Runs load -> lower -> materialize constants -> passes.
 pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     // An unsupported target is refused before any work is done.
     target_of(opts)?;
@@ -131,22 +132,17 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let tools = load_tools_arg(&opts.tools).map_err(FrontendError::from)?;
     let tool_ids = tokenizer.encode(&tools.normalized_json);
-    if tool_ids.len() + 1 >= ENCODER_BUDGET {
-        return Err(BuildError::ToolsTooLong(tool_ids.len()));
-    }
+    check_tools_fit(tool_ids.len()).map_err(FrontendError::from)?;
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
     let module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
     let mut store = ConstStore::default();
-    crate::fold::fill_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
-        .map_err(BuildError::Fold)?;
-    let mut stages = vec![("lowered".to_string(), print(&module))];
-    let module = run_pipeline(module, Some(&mut store), PIPELINE, |pass, m| {
-        stages.push((pass.to_string(), print(m)))
-    })?;
-    store.check(&module).map_err(BuildError::Fold)?;
+    materialize_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
+        .map_err(BuildError::Materialize)?;
+    let (module, mut stages) = run_passes(module, Some(&mut store))?;
+    store.check(&module).map_err(BuildError::Materialize)?;
     // The last stage is what codegen compiles: show it with the workspace plan codegen uses.
     let plan = WorkspacePlan::of(&module).map_err(BuildError::Plan)?;
-    if let Some((_, text)) = stages.last_mut() {
+    if let Some((_, text)) = stages.stages.last_mut() {
         *text = print_planned(&module, &plan);
     }
     Ok(Compiled {
@@ -162,16 +158,48 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     })
 }
 
-/// The `--emit ir` text: every stage, each under a header line naming it.
-pub fn ir_text(compiled: &Compiled) -> String {
-    let mut out = String::new();
-    for (stage, text) in &compiled.stages {
-        out.push_str(&format!("; ---- after {stage}\n{text}"));
-        if !text.ends_with('\n') {
-            out.push('\n');
-        }
+/// The IR after lowering and after each pass, in pipeline order: what `--emit ir` prints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IrStages {
+    /// `(stage, IR text)`: `lowered`, then one entry per pass, named after it.
+    pub stages: Vec<(String, String)>,
+}
+
+impl IrStages {
+    /// The IR text after `stage` (`lowered` or a pass's name).
+    pub fn after(&self, stage: &str) -> Option<&str> {
+        self.stages
+            .iter()
+            .find(|(s, _)| s == stage)
+            .map(|(_, text)| text.as_str())
     }
-    out
+
+    /// The `--emit ir` text: every stage, each under a header line naming it.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for (stage, text) in &self.stages {
+            out.push_str(&format!("; ---- after {stage}\n{text}"));
+            if !text.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// Runs the pass pipeline on a lowered module, rewriting its constants' data along with it
+/// when `store` is given, and records the IR after lowering and after every pass. The one path
+/// from a lowered module to an optimized one: `needlec build`, `--emit ir` and the IR snapshots
+/// all go through it.
+pub fn run_passes(
+    module: Module,
+    store: Option<&mut ConstStore>,
+) -> Result<(Module, IrStages), PassError> {
+    let mut stages = vec![("lowered".to_string(), print(&module))];
+    let module = run_pipeline(module, store, PIPELINE, |pass, m| {
+        stages.push((pass.to_string(), print(m)))
+    })?;
+    Ok((module, IrStages { stages }))
 }
 
 /// What a build did.
@@ -190,13 +218,24 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let compiled = compile(opts)?;
     let needs_code = opts.emit.iter().any(|e| *e != Emit::Ir);
     let library = if needs_code {
-        let lib = generate(
-            &compiled,
-            &compiled.tokenizer,
-            &target,
-            &opts.name,
-            opts.max_gen_len,
-        )?;
+        let signatures: Vec<(String, Vec<String>)> = compiled
+            .tools
+            .tools
+            .iter()
+            .map(|t| (t.name.clone(), t.param_keys.clone()))
+            .collect();
+        let input = LibraryInput {
+            module: &compiled.module,
+            store: &compiled.store,
+            fold: compiled.fold,
+            config: &compiled.model.config,
+            tokenizer: &compiled.tokenizer,
+            signatures: &signatures,
+            name_map: &compiled.tools.name_map,
+            name: &opts.name,
+            max_gen_len: opts.max_gen_len,
+        };
+        let lib = generate(&input, &target)?;
         // A library that references anything outside itself, or exports an unprefixed symbol,
         // is a needlec bug: refuse to write it.
         check_standalone(&lib.object, &format!("{}_", opts.name))?;
@@ -212,7 +251,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let mut written = Vec::new();
     for emit in &opts.emit {
         let (file, bytes) = match (emit, &library) {
-            (Emit::Ir, _) => (format!("{name}.ir"), ir_text(&compiled).into_bytes()),
+            (Emit::Ir, _) => (format!("{name}.ir"), compiled.stages.text().into_bytes()),
             (Emit::Header, Some(lib)) => (format!("{name}.h"), lib.header.clone().into_bytes()),
             (Emit::Obj, Some(lib)) => (
                 format!("{name}.{}", target.object_extension()),
@@ -280,4 +319,39 @@ fn is_c_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use needle_runtime::config::Config;
+
+    use super::*;
+
+    #[test]
+    fn run_passes_records_every_stage_in_pipeline_order() {
+        let config = Config {
+            vocab_size: 4096,
+            d_model: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            num_encoder_layers: 2,
+            num_decoder_layers: 2,
+            ..Default::default()
+        };
+        let m = lower(&config, FoldMode::Tools, 36, 1022);
+        let (out, stages) = run_passes(m.clone(), None).unwrap();
+        let names: Vec<&str> = stages.stages.iter().map(|(s, _)| s.as_str()).collect();
+        let passes: Vec<&str> = PIPELINE.iter().map(|p| p.name).collect();
+        assert_eq!(names[0], "lowered");
+        assert_eq!(names[1..], passes[..]);
+        assert_eq!(stages.after("lowered"), Some(&*print(&m)));
+        let folded = stages.after("fold-constants").unwrap();
+        assert!(folded.contains("@enc.0.gate.sigmoid") && folded.contains("@contrastive.proj"));
+        let last = stages.stages.last().unwrap().1.as_str();
+        assert_eq!(last, print(&out));
+        assert!(!last.contains("@contrastive.proj"));
+        let text = stages.text();
+        assert!(text.starts_with("; ---- after lowered\n"), "{text}");
+        assert!(text.contains("\n; ---- after dead-weight-elim\n"), "{text}");
+    }
 }

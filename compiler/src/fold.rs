@@ -1,75 +1,51 @@
-//! Folding: the build-time evaluation that fills every constant of a lowered module that is not a
-//! checkpoint slice: the RoPE table, the tool tokens, and (for `--fold tools`) the tools side's
-//! encoder and cross-attention K/V, computed once with the runtime's own forward pass.
+//! Folding: the tools-side precomputation (spec section 6). Tool positions attend only to tool
+//! positions, so for `--fold tools` their encoder K/V and the decoder's cross-attention K/V
+//! of their encoder output are computed once at build time, with the runtime's own forward
+//! pass, and shipped as the constants `@fold.*` ([`crate::const_names::FoldedBlock`]).
 //!
-//! The layouts follow the contract documented in [`crate::lower`]: folded encoder K after
-//! `k_norm` and RoPE at positions `q_max..q_max+S`, everything `[S, K, h]` row-major (the same
-//! bytes as the runtime's `(S, K*h)` matrices).
+//! The layouts follow the lowering's contract (see [`crate::lower`]): encoder K after `k_norm`
+//! and RoPE at positions `q_max..q_max+S`, everything `[S, K, h]` row-major (the same bytes as
+//! the runtime's `(S, K*h)` matrices). [`crate::materialize`] puts the blocks into the store.
 
-use needle_ir::{ConstData, ConstStore, Module, Sym};
-use needle_runtime::checkpoint::Checkpoint;
-use needle_runtime::decode::TOOLS_ID;
 use needle_runtime::forward::{rope, rope_frequencies, FoldedTools};
 use needle_runtime::model::Model;
 
-use crate::lower::{const_source, fill_weights, ConstSource, FoldedBlock};
+use crate::const_names::FoldedBlock;
 
-/// Fills `store` with the data of every constant `module` declares: checkpoint slices, the RoPE
-/// table, the tools-side token ids (`<tools>` first), and the folded K/V when the module has them.
-pub fn fill_constants(
-    module: &Module,
-    checkpoint: &Checkpoint,
-    model: &Model,
-    tool_ids: &[u32],
-    store: &mut ConstStore,
-) -> Result<(), String> {
-    let config = &model.config;
-    fill_weights(module, config, checkpoint, store)?;
-    let tools_side: Vec<u32> = std::iter::once(TOOLS_ID)
-        .chain(tool_ids.iter().copied())
-        .collect();
-    let freqs = rope_frequencies(config);
-    let half = config.head_dim() / 2;
-    // Folded constants sit at positions q_max.. (the lowering's position plan).
-    let q_max = module.dim_bounds(Sym::Q).1 as usize;
-    let mut folded: Option<FoldedTools> = None;
-    for c in &module.consts {
-        let data = match const_source(config, &c.name) {
-            None | Some(ConstSource::Checkpoint { .. }) => continue,
-            Some(ConstSource::RopeTable) => {
-                let rows =
-                    c.ty.static_dims()
-                        .and_then(|d| d.first().copied())
-                        .unwrap_or(0);
-                let mut t = Vec::with_capacity(rows * 2 * half);
-                for r in 0..rows {
-                    // The same float32 arithmetic as the runtime's RoPE.
-                    let (sin, cos): (Vec<f32>, Vec<f32>) =
-                        freqs.iter().map(|f| (r as f32 * f).sin_cos()).unzip();
-                    t.extend(cos);
-                    t.extend(sin);
-                }
-                ConstData::F32(t)
-            }
-            Some(ConstSource::ToolTokens) => {
-                ConstData::I32(tools_side.iter().map(|&id| id as i32).collect())
-            }
-            Some(ConstSource::FoldedKv { block, layer }) => {
-                let f = folded.get_or_insert_with(|| FoldedTools::precompute(model, &tools_side));
-                let m = match block {
-                    FoldedBlock::EncoderK => {
-                        let mut k = f.encoder_kv[layer].0.clone();
-                        rope(&mut k, config.head_dim(), &freqs, q_max);
-                        k
-                    }
-                    FoldedBlock::EncoderV => f.encoder_kv[layer].1.clone(),
-                    FoldedBlock::CrossK => f.cross_kv.layers[layer].0.clone(),
-                    FoldedBlock::CrossV => f.cross_kv.layers[layer].1.clone(),
-                };
-                ConstData::F32(m.iter().copied().collect())
-            }
-        };
-        store.insert(c.name.clone(), data);
+/// The tools side's K/V for every layer, computed once.
+pub struct FoldedToolsSide {
+    folded: FoldedTools,
+    head_dim: usize,
+    freqs: Vec<f32>,
+    /// The tools side's first RoPE position: the query's maximum length.
+    q_max: usize,
+}
+
+impl FoldedToolsSide {
+    /// Runs the tools side (`<tools>` then the tool tokens) through the model with the isolated
+    /// mask; `q_max` is where the lowering puts its first position.
+    pub fn precompute(model: &Model, tools_side: &[u32], q_max: usize) -> Self {
+        FoldedToolsSide {
+            folded: FoldedTools::precompute(model, tools_side),
+            head_dim: model.config.head_dim(),
+            freqs: rope_frequencies(&model.config),
+            q_max,
+        }
     }
-    store.check(module)
+
+    /// One folded block of `layer`, as the constant `@fold.*` holds it.
+    pub fn block(&self, block: FoldedBlock, layer: usize) -> Vec<f32> {
+        let f = &self.folded;
+        let m = match block {
+            FoldedBlock::EncoderK => {
+                let mut k = f.encoder_kv[layer].0.clone();
+                rope(&mut k, self.head_dim, &self.freqs, self.q_max);
+                k
+            }
+            FoldedBlock::EncoderV => f.encoder_kv[layer].1.clone(),
+            FoldedBlock::CrossK => f.cross_kv.layers[layer].0.clone(),
+            FoldedBlock::CrossV => f.cross_kv.layers[layer].1.clone(),
+        };
+        m.iter().copied().collect()
+    }
 }

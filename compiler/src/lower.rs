@@ -1,6 +1,6 @@
 //! Lowering: from a model config and the fold mode to the IR (`needle_ir`) of what runs at run
 //! time. The tools side is fixed at build time; here it is only a length (`n_tool_tokens`) and,
-//! in folded mode, constants that the folder fills.
+//! in folded mode, constants that folding precomputes.
 //!
 //! # The program
 //!
@@ -43,27 +43,17 @@
 //!
 //! # Constant names
 //!
-//! Checkpoint tensors get short names from their paths ([`checkpoint_weights`]); per-layer
-//! slices of stacked tensors carry the layer: `@enc.{l}.q_proj` is
-//! `encoder/layers/EncoderBlock_0/self_attn/q_proj/kernel[l]`. [`const_source`] says where any
-//! constant's data comes from.
+//! Constants are declared by the names of [`crate::const_names`], which says what each stands
+//! for; [`crate::materialize`] fills their data after lowering.
 
 use needle_ir::{
-    print, run_pipeline, BufferDecl, ConstData, ConstDecl, ConstKind, ConstStore, DimDecl,
-    ElemType, Expr, Function, Inst, Module, Op, Operand, Param, PassError, Storage, Sym, Type,
-    DECODER_STEP, ENCODE_QUERY, PIPELINE,
+    BufferDecl, ConstDecl, ConstKind, DimDecl, ElemType, Expr, Function, Inst, Module, Op, Operand,
+    Param, Storage, Sym, Type, DECODER_STEP, ENCODE_QUERY,
 };
-use needle_runtime::checkpoint::{expected_tensors, Checkpoint, DEC, ENC};
 use needle_runtime::config::Config;
+use needle_runtime::decode::{check_tools_fit, ENCODER_BUDGET, MAX_DECODE_STEPS, MAX_QUERY_TOKENS};
 
-/// The reference's encoder input limit: query, `<tools>` and tool tokens together (spec 3).
-pub const MAX_ENCODER_TOKENS: usize = 1024;
-/// The reference cuts the query to this many tokens (spec 3).
-pub const MAX_QUERY_TOKENS: usize = 1022;
-/// At most `max_gen_len - 1` decoder steps (spec 3), so positions `0..511`.
-pub const MAX_DECODE_STEPS: usize = 511;
-/// The `<tools>` token that starts the tools side.
-pub const TOOLS_TOKEN_ID: i32 = 5;
+use crate::const_names::checkpoint_weights;
 
 /// Whether the tools side of the encoder is computed at build time (`--fold tools`) or run
 /// (`--fold none`): the runtime's notion, so `needlec run` and `needlec build` agree on it.
@@ -138,7 +128,7 @@ fn lit(n: usize) -> Expr {
 /// # Panics
 ///
 /// If the config is not valid (`Config::validate`), or the tools side leaves no room for a query
-/// (`n_tool_tokens + 1 >= 1024`): the caller checks both first.
+/// (`decode::check_tools_fit`): the caller checks both first.
 pub fn lower(
     config: &Config,
     fold: FoldMode,
@@ -150,11 +140,10 @@ pub fn lower(
         "lower needs a valid config: {:?}",
         config.validate()
     );
+    if let Err(e) = check_tools_fit(n_tool_tokens) {
+        panic!("lower needs a tool list that fits: {e}");
+    }
     let tools_side = n_tool_tokens + 1;
-    assert!(
-        tools_side < MAX_ENCODER_TOKENS,
-        "{n_tool_tokens} tool tokens leave no room for a query in {MAX_ENCODER_TOKENS} tokens"
-    );
     let dims = Dims {
         d: config.d_model,
         heads: config.num_heads,
@@ -164,7 +153,7 @@ pub fn lower(
         tools_side,
         q_max: max_query_tokens
             .min(MAX_QUERY_TOKENS)
-            .min(MAX_ENCODER_TOKENS - tools_side),
+            .min(ENCODER_BUDGET - tools_side),
         fold,
     };
     let mut consts: Vec<ConstDecl> = checkpoint_weights(config)
@@ -638,215 +627,11 @@ fn decoder_step(config: &Config, dims: &Dims) -> Function {
     }
 }
 
-/// A checkpoint tensor (or one layer of a stacked one) as an IR constant.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckpointWeight {
-    /// IR name, without `@`.
-    pub name: String,
-    /// `/`-joined checkpoint path.
-    pub path: String,
-    /// The slice along the leading layer axis, for stacked per-layer tensors.
-    pub layer: Option<usize>,
-    /// Shape of the constant (the slice's).
-    pub shape: Vec<usize>,
-}
-
-/// Every checkpoint tensor as IR constants, layer by layer, in the checkpoint's order (all of
-/// them: the contrastive head too, which `dead-weight-elim` then drops).
-pub fn checkpoint_weights(config: &Config) -> Vec<CheckpointWeight> {
-    let tensors = expected_tensors(config);
-    let stack_of = |path: &str| {
-        [ENC, DEC]
-            .into_iter()
-            .find(|s| path.starts_with(&format!("{s}/")))
-    };
-    let mut out = Vec::new();
-    let mut emitted_stacks = Vec::new();
-    for (path, shape) in &tensors {
-        match stack_of(path) {
-            None => out.push(CheckpointWeight {
-                name: short_name(path, None),
-                path: path.clone(),
-                layer: None,
-                shape: shape.clone(),
-            }),
-            // A stack is emitted whole at its first tensor, layer-major, so that a layer's
-            // constants read together.
-            Some(stack) if !emitted_stacks.contains(&stack) => {
-                emitted_stacks.push(stack);
-                let members: Vec<&(String, Vec<usize>)> = tensors
-                    .iter()
-                    .filter(|(p, _)| stack_of(p) == Some(stack))
-                    .collect();
-                let layers = members
-                    .first()
-                    .and_then(|(_, s)| s.first().copied())
-                    .unwrap_or(0);
-                for l in 0..layers {
-                    for (p, s) in &members {
-                        out.push(CheckpointWeight {
-                            name: short_name(p, Some(l)),
-                            path: p.clone(),
-                            layer: Some(l),
-                            shape: s[1..].to_vec(),
-                        });
-                    }
-                }
-            }
-            Some(_) => {}
-        }
-    }
-    out
-}
-
-/// The short IR name of a checkpoint path (and layer), e.g.
-/// `decoder/layers/DecoderBlock_0/cross_attn/k_proj/kernel` layer 1 -> `dec.1.cross.k_proj`.
-fn short_name(path: &str, layer: Option<usize>) -> String {
-    let trimmed = path.trim_end_matches("/kernel").trim_end_matches("/scale");
-    let stacked = |prefix: &str, rest: &str, l: usize| -> String {
-        let rest = match (prefix, rest) {
-            ("enc", "ZCRMSNorm_0") => "norm".to_string(),
-            ("enc", "attn_gate") => "gate".to_string(),
-            ("dec", "ZCRMSNorm_0") => "self_norm".to_string(),
-            ("dec", "ZCRMSNorm_1") => "cross_norm".to_string(),
-            ("dec", "self_attn_gate") => "self_gate".to_string(),
-            ("dec", "cross_attn_gate") => "cross_gate".to_string(),
-            ("enc", r) => r.trim_start_matches("self_attn/").replace('/', "."),
-            (_, r) => r
-                .replace("self_attn/", "self/")
-                .replace("cross_attn/", "cross/")
-                .replace('/', "."),
-        };
-        format!("{prefix}.{l}.{rest}")
-    };
-    match (layer, trimmed) {
-        (Some(l), p) if p.starts_with(&format!("{ENC}/")) => stacked("enc", &p[ENC.len() + 1..], l),
-        (Some(l), p) if p.starts_with(&format!("{DEC}/")) => stacked("dec", &p[DEC.len() + 1..], l),
-        (_, "embedding/embedding") => "embedding".into(),
-        (_, "encoder/final_norm") => "enc.final_norm".into(),
-        (_, "decoder/ZCRMSNorm_0") => "dec.final_norm".into(),
-        (_, "contrastive_hidden") => "contrastive.hidden".into(),
-        (_, "contrastive_hidden/bias") => "contrastive.hidden_bias".into(),
-        (_, "contrastive_proj") => "contrastive.proj".into(),
-        (_, p) => p.replace('/', "."),
-    }
-}
-
-/// Which folded block a `folded_kv` constant is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FoldedBlock {
-    /// Encoder self-attention K of the tools side: after `k_norm` and RoPE at positions
-    /// `q_max..q_max+S` (`[S, K, h]`).
-    EncoderK,
-    /// Encoder self-attention V of the tools side.
-    EncoderV,
-    /// Decoder cross-attention K of the tools side's encoder output, after `k_norm`.
-    CrossK,
-    /// Decoder cross-attention V of the tools side's encoder output.
-    CrossV,
-}
-
-/// Where a constant's data comes from (what fills the `ConstStore` before the passes run).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConstSource {
-    /// A checkpoint tensor, or its `layer` slice along the leading axis.
-    Checkpoint { path: String, layer: Option<usize> },
-    /// Row `r`: `cos(r f_j)` for `j < h/2`, then `sin(r f_j)`; `f_j = rope_theta^(-2j/h)`.
-    RopeTable,
-    /// `<tools>` (id 5) then the tool list's token ids.
-    ToolTokens,
-    /// Tools-side K/V computed at build time with the isolated mask (spec section 6).
-    FoldedKv { block: FoldedBlock, layer: usize },
-}
-
-/// The source of the constant named `name` (without `@`) in a module lowered from `config`.
-/// Names that passes derive (`.sigmoid`, `.plus1`, `.scaled`) have their data computed by the
-/// pass, so they have no source here.
-pub fn const_source(config: &Config, name: &str) -> Option<ConstSource> {
-    if let Some(w) = checkpoint_weights(config)
-        .into_iter()
-        .find(|w| w.name == name)
-    {
-        return Some(ConstSource::Checkpoint {
-            path: w.path,
-            layer: w.layer,
-        });
-    }
-    match name {
-        "rope" => return Some(ConstSource::RopeTable),
-        "prompt.tools" => return Some(ConstSource::ToolTokens),
-        _ => {}
-    }
-    let rest = name.strip_prefix("fold.")?;
-    let (side, rest) = rest.split_once('.')?;
-    let (layer, what) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (block, layers) = match (side, what) {
-        ("enc", "k") => (FoldedBlock::EncoderK, config.num_encoder_layers),
-        ("enc", "v") => (FoldedBlock::EncoderV, config.num_encoder_layers),
-        ("dec", "cross_k") => (FoldedBlock::CrossK, config.num_decoder_layers),
-        ("dec", "cross_v") => (FoldedBlock::CrossV, config.num_decoder_layers),
-        _ => return None,
-    };
-    (layer < layers).then_some(ConstSource::FoldedKv { block, layer })
-}
-
-/// Fills the store with the data of every checkpoint-sourced constant of `module` (one layer's
-/// slice of a stacked tensor, widened to f32). Tables and folded K/V come from elsewhere.
-pub fn fill_weights(
-    module: &Module,
-    config: &Config,
-    checkpoint: &Checkpoint,
-    store: &mut ConstStore,
-) -> Result<(), String> {
-    for c in &module.consts {
-        let Some(ConstSource::Checkpoint { path, layer }) = const_source(config, &c.name) else {
-            continue;
-        };
-        let tensor = checkpoint
-            .tensors
-            .get(&path)
-            .ok_or_else(|| format!("checkpoint has no tensor {path} for @{}", c.name))?;
-        let values = tensor.to_f32();
-        let want: usize = c.ty.static_dims().unwrap_or_default().iter().product();
-        let start = layer.unwrap_or(0) * want;
-        let slice = values.get(start..start + want).ok_or_else(|| {
-            format!(
-                "{path} {:?} is too small for @{} : {}",
-                tensor.shape, c.name, c.ty
-            )
-        })?;
-        store.insert(c.name.clone(), ConstData::F32(slice.to_vec()));
-    }
-    Ok(())
-}
-
-/// `--emit ir`: the module's text after the passes up to and including `after` (all of them
-/// when `None`; `Some("lowered")` for none).
-pub fn emit_ir(module: Module, after: Option<&str>) -> Result<String, PassError> {
-    let count = match after {
-        None => PIPELINE.len(),
-        Some("lowered") => 0,
-        Some(name) => match PIPELINE.iter().position(|p| p.name == name) {
-            Some(i) => i + 1,
-            None => {
-                let names: Vec<&str> = PIPELINE.iter().map(|p| p.name).collect();
-                return Err(PassError::Failed {
-                    pass: "emit",
-                    message: format!("no pass `{name}`; passes: lowered, {}", names.join(", ")),
-                });
-            }
-        },
-    };
-    let module = run_pipeline(module, None, &PIPELINE[..count], |_, _| {})?;
-    Ok(print(&module))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use needle_ir::verify;
-    use needle_runtime::checkpoint::Tensor;
+    use crate::const_names::{const_source, ConstSource, FoldedBlock};
+    use needle_ir::{print, run_pipeline, verify, ConstData, ConstStore, PIPELINE};
 
     fn tiny() -> Config {
         Config {
@@ -890,68 +675,6 @@ mod tests {
     #[should_panic(expected = "no room for a query")]
     fn a_tools_side_that_fills_the_encoder_is_refused() {
         lower(&tiny(), FoldMode::Tools, 1023, 1022);
-    }
-
-    #[test]
-    fn weights_cover_the_checkpoint_exactly() {
-        let config = Config::full();
-        let weights = checkpoint_weights(&config);
-        let mut names: Vec<&str> = weights.iter().map(|w| w.name.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), weights.len(), "IR names must be unique");
-        for (path, shape) in expected_tensors(&config) {
-            let slices: Vec<&CheckpointWeight> =
-                weights.iter().filter(|w| w.path == path).collect();
-            let stacked = path.starts_with(ENC) || path.starts_with(DEC);
-            if stacked {
-                assert_eq!(slices.len(), shape[0], "{path}");
-                for (l, w) in slices.iter().enumerate() {
-                    assert_eq!((w.layer, &w.shape[..]), (Some(l), &shape[1..]), "{path}");
-                }
-            } else {
-                assert_eq!(slices.len(), 1, "{path}");
-                assert_eq!(
-                    (slices[0].layer, &slices[0].shape),
-                    (None, &shape),
-                    "{path}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn short_names_read_like_their_paths() {
-        let w = checkpoint_weights(&tiny());
-        let find = |name: &str| {
-            w.iter()
-                .find(|w| w.name == name)
-                .map(|w| (w.path.as_str(), w.layer))
-        };
-        assert_eq!(
-            find("enc.1.q_proj"),
-            Some((&*format!("{ENC}/self_attn/q_proj/kernel"), Some(1)))
-        );
-        assert_eq!(
-            find("enc.0.gate"),
-            Some((&*format!("{ENC}/attn_gate"), Some(0)))
-        );
-        assert_eq!(
-            find("dec.1.cross.k_norm"),
-            Some((&*format!("{DEC}/cross_attn/k_norm/scale"), Some(1)))
-        );
-        assert_eq!(
-            find("dec.0.cross_norm"),
-            Some((&*format!("{DEC}/ZCRMSNorm_1/scale"), Some(0)))
-        );
-        assert_eq!(
-            find("dec.final_norm"),
-            Some(("decoder/ZCRMSNorm_0/scale", None))
-        );
-        assert_eq!(
-            find("contrastive.hidden_bias"),
-            Some(("contrastive_hidden/bias", None))
-        );
     }
 
     #[test]
@@ -1027,54 +750,5 @@ mod tests {
             panic!()
         };
         assert_eq!(g, &vec![0.5]);
-    }
-
-    #[test]
-    fn weights_are_filled_from_checkpoint_slices() {
-        let config = tiny();
-        let tensors = expected_tensors(&config)
-            .into_iter()
-            .map(|(path, shape)| {
-                let n: usize = shape.iter().product();
-                let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
-                (path, Tensor::from_f32(shape, &values))
-            })
-            .collect();
-        let checkpoint = Checkpoint {
-            config: config.clone(),
-            tensors,
-        };
-        let m = lower(&config, FoldMode::None, 36, 1022);
-        let mut store = ConstStore::default();
-        fill_weights(&m, &config, &checkpoint, &mut store).unwrap();
-        // Layer 1 of the stacked (L, D, K*h) k_proj starts after layer 0's 64*32 values.
-        let Some(ConstData::F32(k)) = store.get("enc.1.k_proj") else {
-            panic!()
-        };
-        assert_eq!((k.len(), k[0]), (64 * 32, (64 * 32) as f32));
-        let Some(ConstData::F32(g)) = store.get("dec.1.cross_gate") else {
-            panic!()
-        };
-        assert_eq!(g, &vec![1.0]);
-        assert!(
-            store.get("rope").is_none(),
-            "tables are not checkpoint tensors"
-        );
-    }
-
-    #[test]
-    fn emit_ir_prints_after_a_named_pass() {
-        let m = lower(&tiny(), FoldMode::Tools, 36, 1022);
-        let lowered = emit_ir(m.clone(), Some("lowered")).unwrap();
-        assert_eq!(lowered, print(&m));
-        let folded = emit_ir(m.clone(), Some("fold-constants")).unwrap();
-        assert!(folded.contains("@enc.0.gate.sigmoid") && folded.contains("@contrastive.proj"));
-        let all = emit_ir(m.clone(), None).unwrap();
-        assert!(!all.contains("@contrastive.proj"));
-        let e = emit_ir(m, Some("nope")).unwrap_err().to_string();
-        assert!(
-            e.contains("no pass `nope`; passes: lowered, fold-constants"),
-            "{e}"
-        );
     }
 }

@@ -22,8 +22,9 @@ use needle_targets::{supported, Target};
 use needle_test_support::c::{self, build_harness};
 use needle_test_support::toolchain::require;
 use needle_test_support::{work_dir, Rng};
+use needlec::abi::{write_header, CType};
 use needlec::codegen::{math, KernelSet};
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember, CType};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 
 const PREFIX: &str = "nk_";
 /// The exported functions; the local helper `nk_table_at` and the data must not be among them.

@@ -9,14 +9,15 @@ use needle_ir::{
     PIPELINE,
 };
 use needle_runtime::checkpoint::Checkpoint;
+use needle_runtime::decode::{MAX_QUERY_TOKENS, TOOLS_ID};
 use needle_runtime::forward::{
     decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
 };
 use needle_runtime::model::Model;
 use needle_test_support::{golden, read_json, ForcedCase, GreedyCase};
-use needlec::fold::fill_constants;
 use needlec::load::load_checkpoint;
-use needlec::lower::{lower, FoldMode, MAX_QUERY_TOKENS, TOOLS_TOKEN_ID};
+use needlec::lower::{lower, FoldMode};
+use needlec::materialize::materialize_constants;
 
 /// The golden README's tolerance: `1e-3` relative to the step's largest golden logit (at least
 /// `1e-2`).
@@ -38,7 +39,7 @@ fn fold_mode(mode: &str) -> FoldMode {
 fn split_prompt(enc_ids: &[u32]) -> (Vec<i32>, Vec<u32>) {
     let at = enc_ids
         .iter()
-        .position(|&id| id as i32 == TOOLS_TOKEN_ID)
+        .position(|&id| id == TOOLS_ID)
         .expect("the prompt has a <tools> token");
     let query = enc_ids[..at].iter().map(|&id| id as i32).collect();
     (query, enc_ids[at + 1..].to_vec())
@@ -60,8 +61,8 @@ fn fixture(pkl: &str) -> Fixture {
 fn compile(fx: &Fixture, fold: FoldMode, tool_ids: &[u32]) -> (Module, ConstStore) {
     let module = lower(&fx.model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
     let mut store = ConstStore::default();
-    fill_constants(&module, &fx.checkpoint, &fx.model, tool_ids, &mut store)
-        .unwrap_or_else(|e| panic!("fill_constants: {e}"));
+    materialize_constants(&module, &fx.checkpoint, &fx.model, tool_ids, &mut store)
+        .unwrap_or_else(|e| panic!("materialize_constants: {e}"));
     let module = run_pipeline(module, Some(&mut store), PIPELINE, |_, _| {})
         .unwrap_or_else(|e| panic!("pipeline: {e}"));
     store.check(&module).unwrap();
@@ -226,7 +227,7 @@ fn edge_query_lengths_match_the_runtime() {
     let vocab = fx.model.config.vocab_size;
     let cases: Vec<ForcedCase> = read_json(&golden("forced_tiny.json"));
     let (_, tool_ids) = split_prompt(&cases[0].enc_ids);
-    let tools_side: Vec<u32> = std::iter::once(TOOLS_TOKEN_ID as u32)
+    let tools_side: Vec<u32> = std::iter::once(TOOLS_ID)
         .chain(tool_ids.iter().copied())
         .collect();
     for fold in [FoldMode::None, FoldMode::Tools] {

@@ -3,8 +3,10 @@
 //! `INSTA_UPDATE=always cargo test -p needlec --test lower_snapshots` and a diff of
 //! `compiler/tests/snapshots/` (or `cargo insta review`).
 
-use needle_ir::{parse, print, run_pipeline, verify, PIPELINE};
+use needle_ir::{parse, print, verify};
 use needle_runtime::config::Config;
+use needle_runtime::decode::MAX_QUERY_TOKENS;
+use needlec::build::run_passes;
 use needlec::lower::{lower, FoldMode};
 use needlec::synth::parse_config_spec;
 
@@ -15,17 +17,13 @@ fn tiny() -> Config {
 }
 
 const N_TOOL_TOKENS: usize = 36;
-const MAX_QUERY_TOKENS: usize = 1022;
 
 fn snapshot_pipeline(fold: FoldMode, mode: &str) {
     let module = lower(&tiny(), fold, N_TOOL_TOKENS, MAX_QUERY_TOKENS);
     verify(&module).unwrap();
-    let mut stages = vec![("lowered".to_string(), print(&module))];
-    run_pipeline(module, None, PIPELINE, |pass, m| {
-        stages.push((pass.to_string(), print(m)))
-    })
-    .unwrap();
-    for (i, (stage, text)) in stages.iter().enumerate() {
+    // The same path as `needlec build` and `--emit ir`.
+    let (_, stages) = run_passes(module, None).unwrap();
+    for (i, (stage, text)) in stages.stages.iter().enumerate() {
         // Every stage's text must read back to itself.
         assert_eq!(&print(&parse(text).unwrap()), text, "{stage}");
         insta::assert_snapshot!(format!("{mode}_{i}_{stage}"), text);

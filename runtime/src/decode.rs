@@ -17,6 +17,10 @@ pub const ENCODER_BUDGET: usize = 1024;
 pub const MAX_QUERY_TOKENS: usize = 1022;
 /// The reference's default `max_gen_len`: at most `max_gen_len - 1` generated tokens.
 pub const DEFAULT_MAX_GEN_LEN: usize = 512;
+/// The most decoder steps (positions `0..MAX_DECODE_STEPS`) a compiled library plans its KV
+/// cache for: the reference's default `max_gen_len - 1`, so a build's `max_gen_len` is at most
+/// `MAX_DECODE_STEPS + 1`. The runtime itself has no such bound.
+pub const MAX_DECODE_STEPS: usize = DEFAULT_MAX_GEN_LEN - 1;
 
 /// How the tools side of the encoder is computed (spec section 6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,11 +196,7 @@ impl Engine {
             });
         }
         let tool_ids = tokenizer.encode(&tools.normalized_json);
-        if tool_ids.len() + 1 >= ENCODER_BUDGET {
-            return Err(EngineError::ToolsTooLong {
-                tool_tokens: tool_ids.len(),
-            });
-        }
+        check_tools_fit(tool_ids.len())?;
         let grammar = GrammarTables::new(&tokenizer.token_texts(), &tools.signatures);
         let folded = (fold == FoldMode::Tools)
             .then(|| FoldedTools::precompute(&model, &tools_side(&tool_ids)));
@@ -365,8 +365,18 @@ impl Engine {
     }
 }
 
+/// Refuses a tool list of `tool_tokens` tokens that leaves no room for a query in the
+/// [`ENCODER_BUDGET`] (the `<tools>` marker takes one more): the reference would cut the tools
+/// to nothing, which no caller wants.
+pub fn check_tools_fit(tool_tokens: usize) -> Result<(), EngineError> {
+    if tool_tokens + 1 >= ENCODER_BUDGET {
+        return Err(EngineError::ToolsTooLong { tool_tokens });
+    }
+    Ok(())
+}
+
 /// `[<tools>] + tool ids`: the positions that folding precomputes.
-fn tools_side(tool_ids: &[u32]) -> Vec<u32> {
+pub fn tools_side(tool_ids: &[u32]) -> Vec<u32> {
     let mut ids = Vec::with_capacity(tool_ids.len() + 1);
     ids.push(TOOLS_ID);
     ids.extend_from_slice(tool_ids);

@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
-use target_lexicon::{Architecture, BinaryFormat, Triple};
+use target_lexicon::{Architecture, BinaryFormat, Endianness, Triple};
 
 /// The triples needlec can build for, with a one-line note each.
 const SUPPORTED: &[(&str, &str)] = &[
@@ -370,6 +370,34 @@ impl Target {
         }
     }
 
+    /// Whether the target stores multi-byte values most significant byte first. None of the
+    /// supported targets does; data writers ask through [`Target::u32_bytes`] and
+    /// [`Target::f32_bytes`] anyway, so no generator hard-codes an order.
+    pub fn is_big_endian(&self) -> bool {
+        matches!(self.triple.endianness(), Ok(Endianness::Big))
+    }
+
+    /// `u32` values as the target stores them in memory: what generated code loads from a
+    /// read-only table.
+    pub fn u32_bytes(&self, values: impl IntoIterator<Item = u32>) -> Vec<u8> {
+        let big = self.is_big_endian();
+        values
+            .into_iter()
+            .flat_map(|v| {
+                if big {
+                    v.to_be_bytes()
+                } else {
+                    v.to_le_bytes()
+                }
+            })
+            .collect()
+    }
+
+    /// `f32` values as the target stores them in memory (IEEE 754 bits in its byte order).
+    pub fn f32_bytes(&self, values: impl IntoIterator<Item = f32>) -> Vec<u8> {
+        self.u32_bytes(values.into_iter().map(f32::to_bits))
+    }
+
     /// Prefix the object format puts before C names (`_` on Apple). The `object` crate, used by
     /// cranelift-object, adds it itself when writing symbols: code generation declares plain C
     /// names; only readers of symbol tables (archive index, self-checks) need this.
@@ -392,15 +420,6 @@ impl Target {
             ObjectFormat::Coff => "lib",
             _ => "a",
         }
-    }
-
-    /// Whether the target stores multi-byte values most significant byte first: tables and
-    /// weights embedded in its object are written in this order.
-    pub fn big_endian(&self) -> bool {
-        matches!(
-            self.triple.endianness(),
-            Ok(target_lexicon::Endianness::Big)
-        )
     }
 
     /// Whether Cranelift lowers f32x4 arithmetic to native vector instructions here. RISC-V
@@ -634,6 +653,25 @@ mod tests {
         assert!(Target::with_features("riscv64gc-unknown-linux-gnu", &["v"])
             .unwrap()
             .simd_f32x4());
+    }
+
+    #[test]
+    fn data_bytes_follow_the_target_byte_order() {
+        for t in supported() {
+            let target = Target::from_triple(t.triple).unwrap();
+            // Every supported target is little-endian; a big-endian one must flip this.
+            assert!(!target.is_big_endian(), "{}", t.triple);
+            assert_eq!(
+                target.u32_bytes([0x0102_0304, 7]),
+                [4, 3, 2, 1, 7, 0, 0, 0],
+                "{}",
+                t.triple
+            );
+            assert_eq!(
+                target.f32_bytes([1.0, -2.0]),
+                [0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]
+            );
+        }
     }
 
     #[test]

@@ -18,9 +18,10 @@ use needle_targets::{supported, Target};
 use needle_test_support::{
     c, golden, read_json, tiny_needle, tool_keys, work_dir, GrammarCase, Rng, Sample,
 };
+use needlec::abi::write_header;
 use needlec::codegen::grammar::define_grammar;
 use needlec::codegen::KernelSet;
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 
 const PREFIX: &str = "gr_";
 const EXPORTS: [&str; 3] = ["gr_grammar_allowed", "gr_grammar_feed", "gr_grammar_reset"];

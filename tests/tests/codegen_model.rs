@@ -11,10 +11,11 @@ use needle_runtime::decode::{FoldMode, TOOLS_ID};
 use needle_targets::Target;
 use needle_test_support::c::{build_harness, run};
 use needle_test_support::{golden, logit_tolerance, read_json, work_dir, ForcedCase};
+use needlec::abi::write_header;
 use needlec::build::{compile, BuildOptions, Compiled};
 use needlec::codegen::model::{define_model, ModelCode};
 use needlec::codegen::KernelSet;
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 
 const PREFIX: &str = "t_";
 
@@ -246,9 +247,7 @@ fn a_module_the_passes_have_not_run_on_is_refused() {
         &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools,
         FoldMode::None,
     );
-    let (stage, text) = &compiled.stages[0];
-    assert_eq!(stage, "lowered");
-    let lowered = needle_ir::parse(text).unwrap();
+    let lowered = needle_ir::parse(compiled.stages.after("lowered").unwrap()).unwrap();
     let mut ks = KernelSet::new(&Target::host().unwrap(), PREFIX).unwrap();
     let e = define_model(&mut ks, &lowered, &compiled.store, false).unwrap_err();
     assert!(

@@ -13,11 +13,12 @@ use needle_runtime::pyjson;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::{supported, Target};
 use needle_test_support::{c, golden, read_json, tiny_needle, work_dir, GreedyCase, Rng, Sample};
+use needlec::abi::write_header;
 use needlec::codegen::output::{
     define_output, OutputCode, STATUS_INEXACT, STATUS_INVALID_UTF8, STATUS_OK, STATUS_TOO_SMALL,
 };
 use needlec::codegen::KernelSet;
-use needlec::emit::{check_standalone, write_archive, write_header, ArchiveMember};
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 use needlec::tools::parse_tools;
 
 const PREFIX: &str = "out_";

@@ -8,7 +8,7 @@
 //!   argument order) or by element index (`*_at` / `set_*_at`);
 //! * byte runs: [`copy_bytes`], [`bytes_equal`] (inline) and the bodies of the callable
 //!   [`memeq_body`] and [`put_body`];
-//! * u32 tables in the target's byte order: [`u32_bytes`], [`declare_u32_table`].
+//! * u32 tables in the target's byte order (`Target::u32_bytes`): [`declare_u32_table`].
 //!
 //! Every helper emits a fixed instruction sequence: generators that share one emit the same code
 //! they did with their own copies, so changing a helper changes every caller's output.
@@ -17,7 +17,6 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, Block, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::Variable;
 use cranelift_module::DataId;
-use needle_targets::Target;
 
 use super::gen::{mem, Gen};
 use super::{CodegenError, KernelSet};
@@ -289,21 +288,6 @@ pub fn put_body(g: &mut Gen<'_>, dst: Value, cap: Value, w: Value, src: Value, n
 
 // ---- u32 tables -------------------------------------------------------------------------------
 
-/// u32 values as bytes in `target`'s byte order.
-pub fn u32_bytes(target: &Target, values: impl IntoIterator<Item = u32>) -> Vec<u8> {
-    let big = target.big_endian();
-    values
-        .into_iter()
-        .flat_map(|v| {
-            if big {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            }
-        })
-        .collect()
-}
-
 /// Declares read-only u32 `values` in the target's byte order. An empty table gets one zero
 /// word (never read: its count is 0), so that no data object is zero-sized.
 pub fn declare_u32_table(
@@ -312,7 +296,7 @@ pub fn declare_u32_table(
     values: impl IntoIterator<Item = u32>,
     align: u64,
 ) -> Result<DataId, CodegenError> {
-    let mut bytes = u32_bytes(ks.target(), values);
+    let mut bytes = ks.target().u32_bytes(values);
     if bytes.is_empty() {
         bytes.extend_from_slice(&[0; 4]);
     }

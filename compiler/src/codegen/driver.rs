@@ -16,14 +16,14 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 
-use super::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, to_ptr, u32_at, u32_bytes};
+use super::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, to_ptr, u32_at};
 use super::gen::{mem, Gen};
 use super::grammar::GrammarCode;
 use super::model::ModelCode;
 use super::output::OutputCode;
 use super::tokenizer::TokenizerCode;
 use super::{CodegenError, KernelSet};
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// Status codes of the C interface (`NAME_OK`, `NAME_ERR_*`).
 pub const STATUSES: &[(&str, i32, &str)] = &[
@@ -434,7 +434,7 @@ pub fn define_driver(
         blob.extend_from_slice(name.as_bytes());
         blob.push(0);
     }
-    let mut table = u32_bytes(ks.target(), offsets);
+    let mut table = ks.target().u32_bytes(offsets);
     let names_at = table.len();
     table.extend_from_slice(&blob);
     table.push(0);

@@ -55,7 +55,7 @@ use needle_runtime::grammar::{GrammarTables, NONE};
 use super::bytes::{declare_u32_table, i32_at, iconst32, load_i32, store_u32, to_ptr};
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// The generated grammar functions, for the driver.
 #[derive(Clone, Copy, Debug)]

@@ -18,12 +18,11 @@ use cranelift_module::{DataDescription, DataId, FuncId, Linkage, Module};
 use cranelift_object::ObjectModule;
 use needle_targets::Target;
 
-use super::bytes::u32_bytes;
 use super::gen::Gen;
+use super::object;
 use super::weights::{WeightFormat, WeightRef};
 use super::CodegenError;
-use crate::emit::header::{CFunction, CType};
-use crate::emit::object as emit_object;
+use crate::abi::{CFunction, CType};
 
 /// Builds one object file. All symbols get `prefix`; functions are exported or local as
 /// declared ([`KernelSet::declare_function`]), data is local to the object.
@@ -51,7 +50,7 @@ impl KernelSet {
                 "symbol prefix `{prefix}` is not a C identifier"
             )));
         }
-        let module = emit_object::new_module(target, &format!("{prefix}kernels"))?;
+        let module = object::new_module(target, &format!("{prefix}kernels"))?;
         let ctx = module.make_context();
         Ok(KernelSet {
             target: target.clone(),
@@ -79,7 +78,7 @@ impl KernelSet {
 
     /// The object file bytes.
     pub fn finish(self) -> Result<Vec<u8>, CodegenError> {
-        emit_object::finish(self.module)
+        object::finish(self.module)
     }
 
     fn symbol(&mut self, name: &str) -> Result<String, CodegenError> {
@@ -119,7 +118,7 @@ impl KernelSet {
 
     /// Read-only f32 array in the target's byte order, 16-byte aligned (vector loads).
     pub fn declare_f32_data(&mut self, name: &str, values: &[f32]) -> Result<DataId, CodegenError> {
-        let bytes = u32_bytes(&self.target, values.iter().map(|v| v.to_bits()));
+        let bytes = self.target.f32_bytes(values.iter().copied());
         self.declare_rodata(name, bytes, 16)
     }
 

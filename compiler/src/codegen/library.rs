@@ -1,6 +1,8 @@
 //! One whole library: the model, tokenizer, grammar and output code plus the driver, generated
 //! into one object, and the C header that describes its interface.
 
+use needle_ir::{ConstStore, Module};
+use needle_runtime::config::Config;
 use needle_runtime::decode::FoldMode;
 use needle_runtime::grammar::GrammarTables;
 use needle_runtime::tokenizer::Tokenizer;
@@ -14,8 +16,7 @@ use super::model::define_model;
 use super::output::define_output;
 use super::tokenizer::define_tokenizer;
 use super::{CodegenError, KernelSet};
-use crate::build::Compiled;
-use crate::emit::header::write_header;
+use crate::abi::write_header;
 
 /// The longest query, in bytes, the library accepts: enough for far more than the 1022 tokens
 /// the model reads, and what the tokenizer's scratch is planned for.
@@ -31,25 +32,39 @@ pub struct Library {
 /// The ABI version reported by `NAME_model_info`; bump it when the C interface changes.
 pub const ABI_VERSION: u32 = 1;
 
-/// Generates the library for `target`; every symbol starts with `name` and `_`.
-pub fn generate(
-    compiled: &Compiled,
-    tokenizer: &Tokenizer,
-    target: &Target,
-    name: &str,
-    max_gen_len: usize,
-) -> Result<Library, CodegenError> {
+/// Everything a library is generated from: the optimized program with its constants' data, and
+/// the tokenizer and tool list the tokenizer, grammar and output code are built for.
+pub struct LibraryInput<'a> {
+    /// The module after the whole pass pipeline.
+    pub module: &'a Module,
+    /// The data of every constant `module` declares.
+    pub store: &'a ConstStore,
+    pub fold: FoldMode,
+    pub config: &'a Config,
+    pub tokenizer: &'a Tokenizer,
+    /// `(snake_case name, parameter keys)` per tool, in tool order: what the grammar constrains.
+    pub signatures: &'a [(String, Vec<String>)],
+    /// `(snake_case name, original name)` per tool, in tool order: what the output restores.
+    pub name_map: &'a [(String, String)],
+    /// Prefix of every symbol (with `_`) and macro: a C identifier.
+    pub name: &'a str,
+    /// At most `max_gen_len - 1` generated tokens.
+    pub max_gen_len: usize,
+}
+
+/// Generates the library for `target`; every symbol starts with `input.name` and `_`.
+pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, CodegenError> {
+    let &LibraryInput {
+        tokenizer,
+        name,
+        max_gen_len,
+        ..
+    } = input;
     let prefix = format!("{name}_");
     let mut ks = KernelSet::new(target, &prefix)?;
-    let model = define_model(&mut ks, &compiled.module, &compiled.store, false)?;
+    let model = define_model(&mut ks, input.module, input.store, false)?;
     let tokenizer_code = define_tokenizer(&mut ks, tokenizer, MAX_QUERY_BYTES, false)?;
-    let signatures: Vec<(String, Vec<String>)> = compiled
-        .tools
-        .tools
-        .iter()
-        .map(|t| (t.name.clone(), t.param_keys.clone()))
-        .collect();
-    let tables = GrammarTables::new(&tokenizer.token_texts(), &signatures);
+    let tables = GrammarTables::new(&tokenizer.token_texts(), input.signatures);
     let grammar = define_grammar(&mut ks, &tables, false)?;
     // Detokenized text is never longer than the generated pieces' own bytes.
     let max_piece = (0..tokenizer.vocab_size() as u32)
@@ -57,13 +72,7 @@ pub fn generate(
         .map(str::len)
         .max();
     let max_text = (max_gen_len - 1) * max_piece.unwrap_or(1).max(1);
-    let output = define_output(
-        &mut ks,
-        tokenizer,
-        &compiled.tools.name_map,
-        max_text,
-        false,
-    )?;
+    let output = define_output(&mut ks, tokenizer, input.name_map, max_text, false)?;
     let parts = Parts {
         model: &model,
         tokenizer: &tokenizer_code,
@@ -72,12 +81,12 @@ pub fn generate(
     };
     let limits = DriverLimits {
         max_query_bytes: MAX_QUERY_BYTES,
-        refuse_long_queries: compiled.fold == FoldMode::None
+        refuse_long_queries: input.fold == FoldMode::None
             && model.max_query_tokens < needle_runtime::decode::MAX_QUERY_TOKENS,
         max_gen_len,
-        vocab_size: compiled.model.config.vocab_size,
+        vocab_size: input.config.vocab_size,
     };
-    let c = &compiled.model.config;
+    let c = input.config;
     let mut values = vec![
         ABI_VERSION,
         c.vocab_size as u32,
@@ -86,10 +95,9 @@ pub fn generate(
         c.num_kv_heads as u32,
         c.num_encoder_layers as u32,
         c.num_decoder_layers as u32,
-        u32::from(compiled.fold == FoldMode::Tools),
+        u32::from(input.fold == FoldMode::Tools),
     ];
-    let originals: Vec<String> = compiled
-        .tools
+    let originals: Vec<String> = input
         .name_map
         .iter()
         .map(|(_, original)| original.clone())
@@ -105,7 +113,7 @@ pub fn generate(
     ]);
     debug_assert_eq!(values.len(), INFO_FIELDS.len());
     define_driver(&mut ks, &parts, &limits, &info, &values, &originals)?;
-    let header = header_text(name, compiled, &info, &ks);
+    let header = header_text(input, &info, &ks);
     let object = ks.finish()?;
     Ok(Library {
         object,
@@ -114,9 +122,10 @@ pub fn generate(
     })
 }
 
-fn header_text(name: &str, compiled: &Compiled, info: &LibraryInfo, ks: &KernelSet) -> String {
+fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> String {
+    let name = input.name;
     let up = name.to_ascii_uppercase();
-    let c = &compiled.model.config;
+    let c = input.config;
     let mut extra = String::new();
     let mut define = |macro_name: &str, value: String, doc: &str| {
         extra.push_str(&format!("/* {doc} */\n#define {up}_{macro_name} {value}\n"));
@@ -158,7 +167,7 @@ fn header_text(name: &str, compiled: &Compiled, info: &LibraryInfo, ks: &KernelS
     );
     define(
         "FOLD_TOOLS",
-        u32::from(compiled.fold == FoldMode::Tools).to_string(),
+        u32::from(input.fold == FoldMode::Tools).to_string(),
         "1: tools side folded",
     );
     extra.push('\n');

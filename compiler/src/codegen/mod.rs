@@ -8,7 +8,7 @@
 //! Generated code references no symbol outside its own object: no libc, no libm, no allocator.
 //! Cranelift silently lowers a few instructions to library calls on some targets (`fma` below
 //! x86 FMA3; `floor`/`ceil`/`nearest`/`trunc` below SSE4.1), so this module never emits them
-//! unless [`needle_targets::Target`] says they are native, and [`crate::emit::check`] verifies
+//! unless [`needle_targets::Target`] says they are native, and `emit::check_standalone` verifies
 //! the result has no undefined symbols.
 
 pub mod bytes;
@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod library;
 pub mod math;
 pub mod model;
+pub mod object;
 pub mod output;
 pub mod tokenizer;
 pub mod weights;
@@ -29,7 +30,7 @@ pub use weights::{WeightFormat, WeightRef};
 
 use needle_targets::TargetError;
 
-/// Errors from code generation and emission.
+/// Errors from code generation.
 #[derive(Debug, thiserror::Error)]
 pub enum CodegenError {
     #[error(transparent)]

@@ -45,7 +45,7 @@ use super::bytes::{
 };
 use super::gen::{mem, mem_ro, Gen};
 use super::{CodegenError, KernelSet};
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// The generated tokenizer, as the driver needs it.
 #[derive(Clone, Copy, Debug)]

@@ -10,7 +10,7 @@
 use needle_targets::ArchiveKind;
 use object::{Object, ObjectSymbol};
 
-use crate::codegen::CodegenError;
+use super::EmitError;
 
 /// One object file in an archive.
 #[derive(Clone, Debug)]
@@ -24,15 +24,15 @@ const MAGIC: &[u8] = b"!<arch>\n";
 const HEADER_LEN: usize = 60;
 
 /// The defined global symbols of an object file, as its symbol table spells them (mangled).
-fn defined_globals(m: &ArchiveMember) -> Result<Vec<Vec<u8>>, CodegenError> {
+fn defined_globals(m: &ArchiveMember) -> Result<Vec<Vec<u8>>, EmitError> {
     let file = object::File::parse(&*m.data)
-        .map_err(|e| CodegenError::Object(format!("archive member `{}`: {e}", m.name)))?;
+        .map_err(|e| EmitError::Archive(format!("archive member `{}`: {e}", m.name)))?;
     let mut out = Vec::new();
     for s in file.symbols() {
         if s.is_global() && !s.is_undefined() {
             let name = s
                 .name_bytes()
-                .map_err(|e| CodegenError::Object(e.to_string()))?;
+                .map_err(|e| EmitError::Archive(e.to_string()))?;
             if !name.is_empty() {
                 out.push(name.to_vec());
             }
@@ -41,9 +41,9 @@ fn defined_globals(m: &ArchiveMember) -> Result<Vec<Vec<u8>>, CodegenError> {
     Ok(out)
 }
 
-fn header(out: &mut Vec<u8>, name: &[u8], size: usize) -> Result<(), CodegenError> {
+fn header(out: &mut Vec<u8>, name: &[u8], size: usize) -> Result<(), EmitError> {
     if name.len() > 16 || size > 9_999_999_999 {
-        return Err(CodegenError::Object(
+        return Err(EmitError::Archive(
             "archive member name or size out of range".into(),
         ));
     }
@@ -68,20 +68,17 @@ fn pad_to(out: &mut Vec<u8>, align: usize, fill: u8) {
     out.resize(out.len().next_multiple_of(align), fill);
 }
 
-fn too_big() -> CodegenError {
-    CodegenError::Object("archive larger than 4 GiB".into())
+fn too_big() -> EmitError {
+    EmitError::Archive("archive larger than 4 GiB".into())
 }
 
-fn u32_of(v: usize) -> Result<u32, CodegenError> {
+fn u32_of(v: usize) -> Result<u32, EmitError> {
     u32::try_from(v).map_err(|_| too_big())
 }
 
 /// An archive of `members` in the layout `kind` expects, with a symbol index of every defined
 /// global symbol of every member.
-pub fn write_archive(
-    kind: ArchiveKind,
-    members: &[ArchiveMember],
-) -> Result<Vec<u8>, CodegenError> {
+pub fn write_archive(kind: ArchiveKind, members: &[ArchiveMember]) -> Result<Vec<u8>, EmitError> {
     let syms: Vec<Vec<Vec<u8>>> = members
         .iter()
         .map(defined_globals)
@@ -97,7 +94,7 @@ fn write_gnu(
     members: &[ArchiveMember],
     syms: &[Vec<Vec<u8>>],
     coff: bool,
-) -> Result<Vec<u8>, CodegenError> {
+) -> Result<Vec<u8>, EmitError> {
     let nsyms: usize = syms.iter().map(Vec::len).sum();
     let names_len: usize = syms.iter().flatten().map(|s| s.len() + 1).sum();
     let symtab_size = 4 + 4 * nsyms + names_len;
@@ -110,7 +107,7 @@ fn write_gnu(
     let mut name_fields = Vec::new();
     for m in members {
         if m.name.is_empty() || m.name.contains('/') || m.name.contains('\n') {
-            return Err(CodegenError::Object(format!(
+            return Err(EmitError::Archive(format!(
                 "bad archive member name `{}`",
                 m.name
             )));
@@ -190,7 +187,7 @@ fn write_gnu(
     Ok(out)
 }
 
-fn write_bsd(members: &[ArchiveMember], syms: &[Vec<Vec<u8>>]) -> Result<Vec<u8>, CodegenError> {
+fn write_bsd(members: &[ArchiveMember], syms: &[Vec<Vec<u8>>]) -> Result<Vec<u8>, EmitError> {
     // Names are stored after the header as `#1/len`, padded with NULs so that member data
     // starts 8-aligned (the archive start is 8-aligned and headers are 60 bytes).
     fn name_len(name: &str, header_at: usize) -> usize {
@@ -216,7 +213,7 @@ fn write_bsd(members: &[ArchiveMember], syms: &[Vec<Vec<u8>>]) -> Result<Vec<u8>
     let mut member_name_lens = Vec::new();
     for m in members {
         if m.name.is_empty() || m.name.contains('/') {
-            return Err(CodegenError::Object(format!(
+            return Err(EmitError::Archive(format!(
                 "bad archive member name `{}`",
                 m.name
             )));
@@ -231,7 +228,7 @@ fn write_bsd(members: &[ArchiveMember], syms: &[Vec<Vec<u8>>]) -> Result<Vec<u8>
     let mut out = Vec::with_capacity(offset);
     out.extend_from_slice(MAGIC);
     let write_name =
-        |out: &mut Vec<u8>, name: &str, nl: usize, body: usize| -> Result<(), CodegenError> {
+        |out: &mut Vec<u8>, name: &str, nl: usize, body: usize| -> Result<(), EmitError> {
             header(out, format!("#1/{nl}").as_bytes(), nl + pad8(body))?;
             let at = out.len();
             out.extend_from_slice(name.as_bytes());

@@ -5,8 +5,8 @@
 use object::read::archive::ArchiveFile;
 use object::{BinaryFormat, Object, ObjectSymbol};
 
-use super::object::FORBIDDEN_LIBCALL_PREFIX;
-use crate::codegen::CodegenError;
+use super::EmitError;
+use crate::abi::FORBIDDEN_LIBCALL_PREFIX;
 
 /// What a successful check found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,19 +18,16 @@ pub struct StandaloneReport {
 }
 
 /// Checks an object file or a static archive of them.
-pub fn check_standalone(bytes: &[u8], prefix: &str) -> Result<StandaloneReport, CodegenError> {
+pub fn check_standalone(bytes: &[u8], prefix: &str) -> Result<StandaloneReport, EmitError> {
     let mut report = StandaloneReport::default();
     let mut problems = Vec::new();
     if bytes.starts_with(b"!<arch>\n") {
         let ar =
-            ArchiveFile::parse(bytes).map_err(|e| CodegenError::Object(format!("archive: {e}")))?;
+            ArchiveFile::parse(bytes).map_err(|e| EmitError::Check(format!("archive: {e}")))?;
         let mut index = Vec::new();
-        if let Some(syms) = ar
-            .symbols()
-            .map_err(|e| CodegenError::Object(e.to_string()))?
-        {
+        if let Some(syms) = ar.symbols().map_err(|e| EmitError::Check(e.to_string()))? {
             for s in syms {
-                let s = s.map_err(|e| CodegenError::Object(e.to_string()))?;
+                let s = s.map_err(|e| EmitError::Check(e.to_string()))?;
                 index.push(String::from_utf8_lossy(s.name()).into_owned());
             }
         } else {
@@ -38,11 +35,9 @@ pub fn check_standalone(bytes: &[u8], prefix: &str) -> Result<StandaloneReport, 
         }
         let mut defined = Vec::new();
         for m in ar.members() {
-            let m = m.map_err(|e| CodegenError::Object(e.to_string()))?;
+            let m = m.map_err(|e| EmitError::Check(e.to_string()))?;
             let name = String::from_utf8_lossy(m.name()).into_owned();
-            let data = m
-                .data(bytes)
-                .map_err(|e| CodegenError::Object(e.to_string()))?;
+            let data = m.data(bytes).map_err(|e| EmitError::Check(e.to_string()))?;
             check_object(
                 &name,
                 data,
@@ -70,7 +65,7 @@ pub fn check_standalone(bytes: &[u8], prefix: &str) -> Result<StandaloneReport, 
         )?;
     }
     if !problems.is_empty() {
-        return Err(CodegenError::Object(format!(
+        return Err(EmitError::Check(format!(
             "output is not standalone:\n  {}",
             problems.join("\n  ")
         )));
@@ -86,9 +81,8 @@ fn check_object(
     report: &mut StandaloneReport,
     problems: &mut Vec<String>,
     defined: &mut Vec<String>,
-) -> Result<(), CodegenError> {
-    let file =
-        object::File::parse(data).map_err(|e| CodegenError::Object(format!("{what}: {e}")))?;
+) -> Result<(), EmitError> {
+    let file = object::File::parse(data).map_err(|e| EmitError::Check(format!("{what}: {e}")))?;
     report.objects += 1;
     let mangle = if file.format() == BinaryFormat::MachO {
         "_"
@@ -96,7 +90,7 @@ fn check_object(
         ""
     };
     for s in file.symbols() {
-        let raw = s.name().map_err(|e| CodegenError::Object(e.to_string()))?;
+        let raw = s.name().map_err(|e| EmitError::Check(e.to_string()))?;
         if s.is_undefined() {
             if raw.is_empty() {
                 continue; // ELF's null symbol

@@ -11,11 +11,11 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 
+use crate::abi::CType;
 use crate::codegen::gen::{mem, mem_ro, Gen, V4Var};
 use crate::codegen::math;
 use crate::codegen::weights::{WeightAccess, WeightBlock, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
-use crate::emit::CType;
 
 /// Epsilon of the RMS norms (IR `zcrmsnorm`/`rmsnorm`, spec section 2).
 const NORM_EPS: f32 = 1e-6;

@@ -43,10 +43,10 @@ use needle_ir::{
     Operand, Place, Storage, Sym, Type, WorkspacePlan, DECODER_STEP, ENCODE_QUERY,
 };
 
+use crate::abi::CType;
 use crate::codegen::gen::{mem, Gen};
 use crate::codegen::weights::{WeightFormat, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
-use crate::emit::CType;
 
 /// What the driver needs to call the model code.
 #[derive(Clone, Debug, PartialEq, Eq)]

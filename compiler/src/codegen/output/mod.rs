@@ -71,7 +71,7 @@ use super::bytes::{
 use super::gen::{mem, Gen};
 use super::kernels::KernelSet;
 use super::CodegenError;
-use crate::emit::header::CType;
+use crate::abi::CType;
 
 /// `postprocess` wrote the result.
 pub const STATUS_OK: i32 = 0;

@@ -1,17 +1,15 @@
-//! Object files through cranelift-object.
+//! The Cranelift object module every [`super::KernelSet`] writes into, and its finished bytes.
 
 use cranelift_module::default_libcall_names;
 use cranelift_object::{ObjectBuilder, ObjectModule};
 use needle_targets::Target;
 
-use crate::codegen::CodegenError;
+use super::CodegenError;
+use crate::abi::FORBIDDEN_LIBCALL_PREFIX;
 
-/// Prefix of the names given to any library call Cranelift inserts. Generated code must never
-/// contain one; if a lowering sneaks one in, the undefined symbol gets this recognizable name
-/// and [`super::check::check_standalone`] rejects the object.
-pub const FORBIDDEN_LIBCALL_PREFIX: &str = "needlec_forbidden_libcall_";
-
-/// A fresh object module for `target`; `name` becomes the object's file symbol.
+/// A fresh object module for `target`; `name` becomes the object's file symbol. Any library
+/// call Cranelift inserts is named with [`FORBIDDEN_LIBCALL_PREFIX`], so the standalone check
+/// recognizes it.
 pub fn new_module(target: &Target, name: &str) -> Result<ObjectModule, CodegenError> {
     let isa = target.isa()?;
     let default_names = default_libcall_names();

@@ -1,7 +1,17 @@
-//! C header for a generated library: include guard, `extern "C"`, and only `<stdint.h>` and
-//! `<stddef.h>` (the library itself depends on nothing, its header should not either).
+//! The C interface of a generated library, as codegen and emit both see it: the C types its
+//! functions take and return ([`CType`]), their declarations ([`CFunction`]), the header that
+//! declares them ([`write_header`]: include guard, `extern "C"`, and only `<stdint.h>` and
+//! `<stddef.h>`, since the library itself depends on nothing), and the symbol rule the
+//! standalone check enforces ([`FORBIDDEN_LIBCALL_PREFIX`]).
+//!
+//! This module depends on nothing else in the crate, so any stage may use it.
 
 use std::fmt::Write as _;
+
+/// Prefix of the names given to any library call Cranelift inserts. Generated code must never
+/// contain one; if a lowering sneaks one in, the undefined symbol gets this recognizable name
+/// and the standalone check (`emit::check_standalone`) rejects the object.
+pub const FORBIDDEN_LIBCALL_PREFIX: &str = "needlec_forbidden_libcall_";
 
 /// The C types generated functions use in their interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
