@@ -17,6 +17,7 @@ use crate::emit::{check_standalone, write_archive, ArchiveMember};
 use crate::frontend::{load_tokenizer, resolve_fold, FrontendError};
 use crate::load::load_checkpoint;
 use crate::lower::lower;
+use crate::precision::Precision;
 use crate::tools::{load_tools_arg, ToolSet};
 
 /// What `needlec build` writes.
@@ -45,6 +46,9 @@ pub struct BuildOptions {
     /// Extra opt-in ISA features (`fma`, `dotprod`, `v`, ...).
     pub features: Vec<String>,
     pub fold: Option<FoldMode>,
+    /// How weights are stored (`--weights`); `None`: the lossless format for the checkpoint
+    /// ([`crate::precision::lossless`]).
+    pub weights: Option<Precision>,
     pub max_gen_len: usize,
     /// Prefix of every exported symbol and macro: a C identifier.
     pub name: String,
@@ -94,6 +98,11 @@ pub struct Compiled {
     /// The IR after lowering and after each pass, for `--emit ir`.
     pub stages: Vec<(String, String)>,
     pub fold_warning: Option<String>,
+    /// How the weights are stored.
+    pub precision: Precision,
+    /// Set when `precision` rounds the checkpoint's values: show it once.
+    pub weights_notice: Option<String>,
+    /// The float32 model the library computes with (the checkpoint's, after `precision`).
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub tools: ToolSet,
@@ -122,6 +131,11 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         path: opts.checkpoint.clone(),
         source,
     })?;
+    let precision = opts
+        .weights
+        .unwrap_or_else(|| crate::precision::lossless(&checkpoint));
+    let weights_notice = crate::precision::rounding_notice(&checkpoint, precision);
+    let model = crate::precision::effective_model(&model, precision);
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let tools = load_tools_arg(&opts.tools).map_err(FrontendError::from)?;
     let tool_ids = tokenizer.encode(&tools.normalized_json);
@@ -129,10 +143,18 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         return Err(BuildError::ToolsTooLong(tool_ids.len()));
     }
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
-    let module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
+    let mut module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
     let mut store = ConstStore::default();
     crate::fold::fill_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
         .map_err(BuildError::Fold)?;
+    crate::precision::apply(
+        &mut module,
+        &mut store,
+        &model.config,
+        &checkpoint,
+        precision,
+    )
+    .map_err(BuildError::Fold)?;
     let mut stages = vec![("lowered".to_string(), print(&module))];
     let module = run_pipeline(module, Some(&mut store), PIPELINE, |pass, m| {
         stages.push((pass.to_string(), print(m)))
@@ -144,6 +166,8 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         fold,
         stages,
         fold_warning,
+        precision,
+        weights_notice,
         model,
         tokenizer,
         tools,
@@ -169,6 +193,8 @@ pub struct BuildReport {
     pub written: Vec<PathBuf>,
     /// Set when the fold mode departs from the checkpoint's semantics: show it once.
     pub fold_warning: Option<String>,
+    /// Set when `--weights` rounds the checkpoint's values: show it once.
+    pub weights_notice: Option<String>,
     /// One line for the user: target, fold mode, workspace size.
     pub summary: String,
 }
@@ -225,18 +251,25 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     }
     let summary = match &library {
         Some(lib) => format!(
-            "{target}, --fold {}: {} query tokens at most, workspace {} bytes, code and data {} bytes",
+            "{target}, --fold {}, --weights {}: {} query tokens at most, workspace {} bytes, code \
+             and data {} bytes",
             compiled.fold.name(),
+            compiled.precision,
             lib.info.max_query_tokens,
             lib.info.layout.total,
             lib.object.len()
         ),
-        None => format!("{target}, --fold {}", compiled.fold.name()),
+        None => format!(
+            "{target}, --fold {}, --weights {}",
+            compiled.fold.name(),
+            compiled.precision
+        ),
     };
     Ok(BuildReport {
         written,
         summary,
         fold_warning: compiled.fold_warning,
+        weights_notice: compiled.weights_notice,
     })
 }
 

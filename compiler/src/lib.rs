@@ -10,5 +10,6 @@ pub mod fold;
 pub mod frontend;
 pub mod load;
 pub mod lower;
+pub mod precision;
 pub mod synth;
 pub mod tools;

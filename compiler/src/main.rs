@@ -93,6 +93,11 @@ enum Command {
         /// Fold the tools side into constants; the default follows the checkpoint.
         #[arg(long, value_enum)]
         fold: Option<FoldArg>,
+        /// How weights are stored: `f32`, `f16` (IEEE half), `int8` or `int4` (the reference's
+        /// group-wise quantization of every Dense kernel; `int4` is the phone build). Default:
+        /// the lossless one for the checkpoint (`f16` for float16 checkpoints, else `f32`).
+        #[arg(long, value_parser = parse_weights)]
+        weights: Option<needlec::precision::Precision>,
         #[arg(long, default_value_t = DEFAULT_MAX_GEN_LEN)]
         max_gen_len: usize,
         /// Prefix of every exported symbol and macro.
@@ -168,6 +173,7 @@ fn real_main() -> Result<()> {
             cpu,
             features,
             fold,
+            weights,
             max_gen_len,
             name,
             emit,
@@ -198,6 +204,7 @@ fn real_main() -> Result<()> {
                 cpu,
                 features,
                 fold: fold.map(fold_mode),
+                weights,
                 max_gen_len,
                 name,
                 emit,
@@ -206,6 +213,9 @@ fn real_main() -> Result<()> {
             let report = with_spinner("building", || build::build(&opts))?;
             if let Some(warning) = report.fold_warning {
                 eprintln!("warning: {warning}");
+            }
+            if let Some(notice) = report.weights_notice {
+                eprintln!("note: {notice}");
             }
             eprintln!("{}", report.summary);
             for path in report.written {
@@ -349,4 +359,18 @@ fn with_spinner<T>(what: &str, f: impl FnOnce() -> T) -> T {
     let out = f();
     spinner.finish_and_clear();
     out
+}
+
+/// `--weights`: one of the names of [`needlec::precision::Precision`].
+fn parse_weights(s: &str) -> Result<needlec::precision::Precision, String> {
+    needlec::precision::Precision::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = needlec::precision::Precision::ALL
+            .iter()
+            .map(|p| p.name())
+            .collect();
+        format!(
+            "unknown weight format {s:?}: use one of {} (int4 is the smallest)",
+            names.join(", ")
+        )
+    })
 }

@@ -48,6 +48,7 @@ fn library_time(dir: &Path, checkpoint: &Path, fold: FoldMode, max_gen_len: usiz
         cpu: None,
         features: vec![],
         fold: Some(fold),
+        weights: None,
         max_gen_len,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],

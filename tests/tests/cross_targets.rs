@@ -35,6 +35,7 @@ fn options(
         cpu: None,
         features: target.features.iter().map(|f| f.to_string()).collect(),
         fold: Some(fold),
+        weights: None,
         max_gen_len: 40,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],

@@ -34,6 +34,7 @@ fn options(
         cpu: None,
         features: vec![],
         fold,
+        weights: None,
         max_gen_len,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],
