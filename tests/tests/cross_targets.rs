@@ -15,6 +15,7 @@ use std::process::Command;
 use needle_runtime::decode::FoldMode;
 use needle_targets::{supported, Target};
 use needlec::build::{build, staticlib_file, BuildOptions, Emit};
+use needlec::precision::Precision;
 use needlec_tests::c::work_dir;
 use needlec_tests::toolchain::require;
 use needlec_tests::{golden, read_json, GreedyCase};
@@ -25,6 +26,7 @@ fn options(
     checkpoint: &str,
     tools: &str,
     fold: FoldMode,
+    weights: Option<Precision>,
     out: &Path,
 ) -> BuildOptions {
     BuildOptions {
@@ -35,7 +37,7 @@ fn options(
         cpu: None,
         features: target.features.iter().map(|f| f.to_string()).collect(),
         fold: Some(fold),
-        weights: None,
+        weights,
         max_gen_len: 40,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
@@ -148,18 +150,25 @@ fn check_emulated_with(
     }
     let host = Target::host().unwrap();
     let target = Target::with_features(triple, features).unwrap();
-    for &checkpoint in checkpoints {
+    // The default weights for every checkpoint; int4 (packed nibbles, group scales) for the
+    // first: every weight format decodes the same on every target.
+    let builds = checkpoints.iter().enumerate().flat_map(|(i, &c)| {
+        let int4 = (i == 0).then_some((c, Some(Precision::Int4)));
+        std::iter::once((c, None)).chain(int4)
+    });
+    for (checkpoint, weights) in builds {
         for fold in [FoldMode::None, FoldMode::Tools] {
             for (g, (tools, queries)) in golden_groups().iter().enumerate() {
                 let queries: Vec<&str> = queries.iter().map(String::as_str).collect();
-                let tag = format!("{target}-{checkpoint}-{}-{g}", fold.name())
+                let w = weights.map_or("default", |p| p.name());
+                let tag = format!("{target}-{checkpoint}-{w}-{}-{g}", fold.name())
                     .replace([' ', '(', ')', ',', '+'], "_");
                 let dir = work_dir(&tag);
                 let outputs: Vec<String> = [&host, &target]
                     .iter()
                     .map(|t| {
                         let out = dir.join(t.name);
-                        build(&options(t, checkpoint, tools, fold, &out)).unwrap();
+                        build(&options(t, checkpoint, tools, fold, weights, &out)).unwrap();
                         let exe = harness_for(t, &out);
                         run_queries(t, &exe, &queries)
                     })
@@ -210,6 +219,8 @@ fn every_target_object_is_well_formed_and_links() {
             "tiny_random.pkl",
             &tools,
             FoldMode::Tools,
+            // The packed int4 format: two data objects per weight (q and scales).
+            Some(Precision::Int4),
             &dir,
         ))
         .unwrap();
