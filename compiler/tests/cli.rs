@@ -343,3 +343,27 @@ fn unknown_cpu_and_feature_are_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn unknown_weight_format_is_refused_with_the_choices() {
+    let out = needlec(&[
+        "build",
+        "--checkpoint",
+        "/nonexistent.pkl",
+        "--tokenizer",
+        "/nonexistent.model",
+        "--tools",
+        "[]",
+        "--weights",
+        "int2",
+        "--out-dir",
+        "/tmp/needlec-never",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown weight format \"int2\": use one of f32, f16, int8, int4"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("nonexistent"), "{stderr}");
+}
