@@ -547,24 +547,33 @@ fn odd_widths_answer_like_the_runtime() {
         .collect();
     let model = needle_runtime::model::Model::from_checkpoint(&ckpt).unwrap();
     let tokenizer = load_tokenizer(&golden("dev4k.model")).unwrap();
-    for fold in [FoldMode::None, FoldMode::Tools] {
-        let exe = build_library(&format!("odd-{}", fold.name()), |out| {
-            options(&path, &golden("dev4k.model"), tools, Some(fold), 24, out)
-        });
-        let engine = Engine::new(
-            model.clone(),
-            tokenizer.clone(),
-            parse_tools(tools).unwrap().context(),
-            fold,
-        )
-        .unwrap();
-        for (q, (status, output)) in queries.iter().zip(answers(&exe, "answer", &queries)) {
-            assert_eq!(status, 0);
-            assert_eq!(
-                output,
-                engine.generate(q, 24).unwrap().output,
-                "{fold:?} {q:?}"
-            );
+    // Every weight format: 44 rows make a short last quantization group (32 + 12), and 44 and
+    // 22 columns leave row-major tails after the panels of 8. The runtime computes with the
+    // same rounded or quantized kernels.
+    for weights in Precision::ALL {
+        let model = effective_model(&model, weights);
+        for fold in [FoldMode::None, FoldMode::Tools] {
+            let exe = build_library(&format!("odd-{weights}-{}", fold.name()), |out| {
+                BuildOptions {
+                    weights: Some(weights),
+                    ..options(&path, &golden("dev4k.model"), tools, Some(fold), 24, out)
+                }
+            });
+            let engine = Engine::new(
+                model.clone(),
+                tokenizer.clone(),
+                parse_tools(tools).unwrap().context(),
+                fold,
+            )
+            .unwrap();
+            for (q, (status, output)) in queries.iter().zip(answers(&exe, "answer", &queries)) {
+                assert_eq!(status, 0);
+                assert_eq!(
+                    output,
+                    engine.generate(q, 24).unwrap().output,
+                    "--weights {weights} {fold:?} {q:?}"
+                );
+            }
         }
     }
 }
