@@ -406,20 +406,24 @@ impl WeightBlock {
         cols: &[i64],
         mut body: impl FnMut(&mut Gen<'_>, Value, &[V4]),
     ) {
-        self.rows(g, |g, kk, row, scales| {
-            let ws: Vec<V4> = match scales {
-                None => cols.iter().map(|&c| row.load4_at(g, c)).collect(),
-                Some(s) => cols
-                    .iter()
-                    .map(|&c| {
-                        let sc = s.load4_at(g, c);
-                        let q = row.load4_at(g, c);
-                        g.vmul(q, sc)
-                    })
-                    .collect(),
-            };
-            body(g, kk, &ws)
-        })
+        self.rows(
+            g,
+            |g, srow| cols.iter().map(|&c| srow.load4_at(g, c)).collect(),
+            |g, kk, row, scales: Option<&Vec<V4>>| {
+                let ws: Vec<V4> = match scales {
+                    None => cols.iter().map(|&c| row.load4_at(g, c)).collect(),
+                    Some(sc) => cols
+                        .iter()
+                        .zip(sc)
+                        .map(|(&c, &s)| {
+                            let q = row.load4_at(g, c);
+                            g.vmul(q, s)
+                        })
+                        .collect(),
+                };
+                body(g, kk, &ws)
+            },
+        )
     }
 
     /// [`WeightBlock::for_each_row`] for one column `col`: `body(g, k, W[k][col])`.
@@ -429,25 +433,30 @@ impl WeightBlock {
         col: i64,
         mut body: impl FnMut(&mut Gen<'_>, Value, Value),
     ) {
-        self.rows(g, |g, kk, row, scales| {
-            let w = match scales {
-                None => row.load1_at(g, col),
-                Some(s) => {
-                    let sc = s.load1_at(g, col);
-                    let q = row.load1_at(g, col);
-                    g.b.ins().fmul(q, sc)
-                }
-            };
-            body(g, kk, w)
-        })
+        self.rows(
+            g,
+            |g, srow| srow.load1_at(g, col),
+            |g, kk, row, scale: Option<&Value>| {
+                let w = match scale {
+                    None => row.load1_at(g, col),
+                    Some(&s) => {
+                        let q = row.load1_at(g, col);
+                        g.b.ins().fmul(q, s)
+                    }
+                };
+                body(g, kk, w)
+            },
+        )
     }
 
-    /// Rows in order; for an integer format group by group, each group's scale row at hand
-    /// (a row's raw loads are then `q` as float32, to be scaled).
-    fn rows(
+    /// Rows in order. For an integer format group by group: `scales` loads what the rows of a
+    /// group share from its scale row, once per group, and `body` gets it (a row's raw loads
+    /// are then `q` as float32, to be scaled).
+    fn rows<S>(
         &self,
         g: &mut Gen<'_>,
-        mut body: impl FnMut(&mut Gen<'_>, Value, &WeightRow, Option<&WeightRow>),
+        mut scales: impl FnMut(&mut Gen<'_>, &WeightRow) -> S,
+        mut body: impl FnMut(&mut Gen<'_>, Value, &WeightRow, Option<&S>),
     ) {
         let Some(sc) = self.scales else {
             g.for_const(0, self.k, 1, |g, kk| {
@@ -464,19 +473,21 @@ impl WeightBlock {
         };
         g.for_const(0, full, 1, |g, gi| {
             let srow = scale_row(g, gi);
+            let s = scales(g, &srow);
             let k0 = g.b.ins().imul_imm_s(gi, sc.group);
             g.for_const(0, sc.group, 1, |g, r| {
                 let kk = g.b.ins().iadd(k0, r);
                 let row = self.row(g, kk);
-                body(g, kk, &row, Some(&srow))
+                body(g, kk, &row, Some(&s))
             });
         });
         if full * sc.group < self.k {
             let gi = g.iconst(full);
             let srow = scale_row(g, gi);
+            let s = scales(g, &srow);
             g.for_const(full * sc.group, self.k, 1, |g, kk| {
                 let row = self.row(g, kk);
-                body(g, kk, &row, Some(&srow))
+                body(g, kk, &row, Some(&s))
             });
         }
     }
