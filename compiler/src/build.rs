@@ -18,10 +18,11 @@ use crate::codegen::library::{generate, LibraryInput};
 use crate::codegen::CodegenError;
 use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 
-use crate::frontend::{load_tokenizer, resolve_fold, FrontendError};
+use crate::frontend::{load_tokenizer, resolve_fold, resolve_weights, FrontendError};
 use crate::load::load_checkpoint;
 use crate::lower::lower;
 use crate::materialize::materialize_constants;
+use crate::precision::Precision;
 use crate::tools::{load_tools_arg, ToolSet};
 
 /// What `needlec build` writes.
@@ -50,6 +51,9 @@ pub struct BuildOptions {
     /// Extra opt-in ISA features (`fma`, `dotprod`, `v`, ...).
     pub features: Vec<String>,
     pub fold: Option<FoldMode>,
+    /// How weights are stored (`--weights`); `None`: the lossless format for the checkpoint
+    /// ([`needle_runtime::quant::lossless`]).
+    pub weights: Option<Precision>,
     pub max_gen_len: usize,
     /// Prefix of every exported symbol and macro: a C identifier.
     pub name: String,
@@ -101,6 +105,11 @@ pub struct Compiled {
     /// the workspace plan.
     pub stages: IrStages,
     pub fold_warning: Option<String>,
+    /// How the weights are stored.
+    pub precision: Precision,
+    /// Set when `precision` rounds the checkpoint's values: show it once.
+    pub weights_notice: Option<String>,
+    /// The float32 model the library computes with (the checkpoint's, after `precision`).
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub tools: ToolSet,
@@ -125,19 +134,32 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
             path: opts.checkpoint.clone(),
             source: Box::new(source),
         })?;
-    let model = Model::from_checkpoint(&checkpoint).map_err(|source| FrontendError::Model {
-        path: opts.checkpoint.clone(),
-        source,
+    // The float32 model the library computes with: the checkpoint's weights in `precision`
+    // (what folding precomputes the tools side from).
+    let (precision, weights_notice) = resolve_weights(opts.weights, &checkpoint);
+    let model = Model::from_checkpoint_as(&checkpoint, precision).map_err(|source| {
+        FrontendError::Model {
+            path: opts.checkpoint.clone(),
+            source,
+        }
     })?;
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let tools = load_tools_arg(&opts.tools).map_err(FrontendError::from)?;
     let tool_ids = tokenizer.encode(&tools.normalized_json);
     check_tools_fit(tool_ids.len()).map_err(FrontendError::from)?;
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
-    let module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
+    let mut module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
     let mut store = ConstStore::default();
     materialize_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
         .map_err(BuildError::Materialize)?;
+    crate::precision::apply(
+        &mut module,
+        &mut store,
+        &model.config,
+        &checkpoint,
+        precision,
+    )
+    .map_err(BuildError::Materialize)?;
     let (module, mut stages) = run_passes(module, Some(&mut store))?;
     store.check(&module).map_err(BuildError::Materialize)?;
     // The last stage is what codegen compiles: show it with the workspace plan codegen uses.
@@ -151,6 +173,8 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         fold,
         stages,
         fold_warning,
+        precision,
+        weights_notice,
         model,
         tokenizer,
         tools,
@@ -208,6 +232,8 @@ pub struct BuildReport {
     pub written: Vec<PathBuf>,
     /// Set when the fold mode departs from the checkpoint's semantics: show it once.
     pub fold_warning: Option<String>,
+    /// Set when `--weights` rounds the checkpoint's values: show it once.
+    pub weights_notice: Option<String>,
     /// One line for the user: target, fold mode, workspace size.
     pub summary: String,
 }
@@ -275,18 +301,25 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     }
     let summary = match &library {
         Some(lib) => format!(
-            "{target}, --fold {}: {} query tokens at most, workspace {} bytes, code and data {} bytes",
+            "{target}, --fold {}, --weights {}: {} query tokens at most, workspace {} bytes, code \
+             and data {} bytes",
             compiled.fold.name(),
+            compiled.precision,
             lib.info.max_query_tokens,
             lib.info.layout.total,
             lib.object.len()
         ),
-        None => format!("{target}, --fold {}", compiled.fold.name()),
+        None => format!(
+            "{target}, --fold {}, --weights {}",
+            compiled.fold.name(),
+            compiled.precision
+        ),
     };
     Ok(BuildReport {
         written,
         summary,
         fold_warning: compiled.fold_warning,
+        weights_notice: compiled.weights_notice,
     })
 }
 

@@ -21,5 +21,6 @@ pub mod frontend;
 pub mod load;
 pub mod lower;
 pub mod materialize;
+pub mod precision;
 pub mod synth;
 pub mod tools;

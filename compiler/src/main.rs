@@ -105,6 +105,11 @@ enum Command {
         /// Fold the tools side into constants; the default follows the checkpoint.
         #[arg(long, value_enum)]
         fold: Option<FoldArg>,
+        /// How weights are stored: `f32`, `f16` (IEEE half), `int8` or `int4` (the reference's
+        /// group-wise quantization of every Dense kernel; `int4` is the phone build). Default:
+        /// the lossless one for the checkpoint (`f16` for float16 checkpoints, else `f32`).
+        #[arg(long)]
+        weights: Option<Precision>,
         #[arg(long, default_value_t = DEFAULT_MAX_GEN_LEN)]
         max_gen_len: usize,
         /// Prefix of every exported symbol and macro.
@@ -193,6 +198,7 @@ fn real_main() -> Result<()> {
             cpu,
             features,
             fold,
+            weights,
             max_gen_len,
             name,
             emit,
@@ -223,6 +229,7 @@ fn real_main() -> Result<()> {
                 cpu,
                 features,
                 fold: fold.map(fold_mode),
+                weights,
                 max_gen_len,
                 name,
                 emit,
@@ -231,6 +238,9 @@ fn real_main() -> Result<()> {
             let report = with_spinner("building", || build::build(&opts))?;
             if let Some(warning) = report.fold_warning {
                 eprintln!("warning: {warning}");
+            }
+            if let Some(notice) = report.weights_notice {
+                eprintln!("note: {notice}");
             }
             eprintln!("{}", report.summary);
             for path in report.written {

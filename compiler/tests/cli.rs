@@ -604,3 +604,28 @@ fn emit_ir_shows_every_stage_and_the_workspace_plan() {
     );
     assert!(last.contains(": i32[1]  # returned, no memory\n"), "{last}");
 }
+
+#[test]
+fn unknown_weight_format_is_refused_with_the_choices() {
+    let out = needlec(&[
+        "build",
+        "--checkpoint",
+        "/nonexistent.pkl",
+        "--tokenizer",
+        "/nonexistent.model",
+        "--tools",
+        "[]",
+        "--weights",
+        "int2",
+        "--out-dir",
+        "/tmp/needlec-never",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown weight format `int2`")
+            && stderr.contains("f32, f16, int8 or int4"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("nonexistent"), "{stderr}");
+}

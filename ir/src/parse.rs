@@ -391,7 +391,7 @@ impl Parser {
     }
 
     fn storage(&mut self) -> PResult<Storage> {
-        let expected = "a storage (`plain`, `i8gN` or `i4gN`)";
+        let expected = "a storage (`plain`, `f16`, `i8gN` or `i4gN`)";
         let Tok::Ident(w) = self.peek() else {
             return self.err(expected);
         };
@@ -402,6 +402,8 @@ impl Parser {
         };
         let storage = if w == "plain" {
             Storage::Plain
+        } else if w == "f16" {
+            Storage::F16
         } else if let Some(group) = group("i8g") {
             Storage::I8 { group }
         } else if let Some(group) = group("i4g") {

@@ -279,7 +279,10 @@ impl ConstKind {
 pub enum Storage {
     /// As the logical element type.
     Plain,
-    /// int8 with one f32 scale per `group` consecutive input rows of a matmul weight.
+    /// IEEE half (binary16), widened to f32 on load: exact for values that are halves.
+    F16,
+    /// int8 with one f32 scale per `group` consecutive input rows and column of a matmul
+    /// weight (the last group may be short: the reference pads it with zeros).
     I8 { group: u32 },
     /// int4, likewise.
     I4 { group: u32 },
@@ -289,6 +292,7 @@ impl fmt::Display for Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Storage::Plain => write!(f, "plain"),
+            Storage::F16 => write!(f, "f16"),
             Storage::I8 { group } => write!(f, "i8g{group}"),
             Storage::I4 { group } => write!(f, "i4g{group}"),
         }

@@ -38,24 +38,30 @@ pub fn verify(m: &Module) -> Result<(), IrError> {
                 format!("type {} is not static", c.ty),
             ));
         };
-        if let Storage::I8 { group } | Storage::I4 { group } = c.storage {
-            let ok = c.kind == ConstKind::Weight
-                && c.ty.elem == ElemType::F32
-                && dims.len() == 2
-                && group > 0
-                && dims[0] % group as usize == 0;
-            if !ok {
-                return Err(IrError::module(
-                    what,
-                    format!(
-                        "storage {} needs an f32 matrix weight whose rows divide into groups of \
-                         {group}, not {} {}",
-                        c.storage,
-                        c.kind.name(),
-                        c.ty
-                    ),
-                ));
+        let weight = c.kind == ConstKind::Weight && c.ty.elem == ElemType::F32;
+        let ok = match c.storage {
+            Storage::Plain => true,
+            Storage::F16 => weight,
+            // Groups run along the rows; a short last group is the reference's zero padding.
+            Storage::I8 { group } | Storage::I4 { group } => {
+                weight && dims.len() == 2 && group > 0 && group as usize <= dims[0]
             }
+        };
+        if !ok {
+            return Err(IrError::module(
+                what,
+                format!(
+                    "storage {} needs an f32 weight{}, not {} {}",
+                    c.storage,
+                    match c.storage {
+                        Storage::I8 { .. } | Storage::I4 { .. } =>
+                            " matrix with at least as many rows as its group",
+                        _ => "",
+                    },
+                    c.kind.name(),
+                    c.ty
+                ),
+            ));
         }
     }
     let mut names = BTreeSet::new();
@@ -586,13 +592,27 @@ mod tests {
         );
         let e = error(
             "const @dk : f32[8,4] weight plain",
-            "const @dk : f32[8,4] weight i4g3",
+            "const @dk : f32[8,4] weight i4g16",
         );
         assert!(
             e.message
-                .starts_with("storage i4g3 needs an f32 matrix weight"),
+                .starts_with("storage i4g16 needs an f32 weight matrix"),
             "{e}"
         );
+        let e = error(
+            "const @tools : i32[3] tool_tokens plain",
+            "const @tools : i32[3] tool_tokens f16",
+        );
+        assert!(
+            e.message.starts_with("storage f16 needs an f32 weight,"),
+            "{e}"
+        );
+        // A short last group is the reference's zero padding: 8 rows in groups of 3.
+        let ok = SAMPLE.replace(
+            "const @dk : f32[8,4] weight plain",
+            "const @dk : f32[8,4] weight i4g3",
+        );
+        verify(&parse(&ok).unwrap()).unwrap();
         let e = error(
             "const @dk : f32[8,4] weight plain",
             "const @dk : f32[q,4] weight plain",

@@ -20,6 +20,7 @@ use needle_test_support::c::build_harness;
 use needle_test_support::{golden, work_dir};
 use needlec::build::{build, BuildOptions, Emit};
 use needlec::frontend::load_tokenizer;
+use needlec::precision::Precision;
 use needlec::tools::parse_tools;
 
 const TOOLS: &str = r#"[{"name":"get_weather","description":"Get current weather for a city.","parameters":{"location":{"type":"string","description":"City name.","required":true}}},{"name":"set_timer","description":"Start a countdown timer.","parameters":{"minutes":{"type":"integer","description":"Timer length in minutes.","required":true}}},{"name":"send_message","description":"Send a text message to a contact.","parameters":{"recipient":{"type":"string","description":"Name of the contact.","required":true},"message":{"type":"string","description":"The message text.","required":true}}}]"#;
@@ -38,8 +39,15 @@ fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn library_time(dir: &Path, checkpoint: &Path, fold: FoldMode, max_gen_len: usize) -> f64 {
-    let out = dir.join(format!("{}-{max_gen_len}", fold.name()));
+/// Seconds of one library call, and the archive's bytes.
+fn library_time(
+    dir: &Path,
+    checkpoint: &Path,
+    fold: FoldMode,
+    weights: Precision,
+    max_gen_len: usize,
+) -> (f64, u64) {
+    let out = dir.join(format!("{}-{weights}-{max_gen_len}", fold.name()));
     let opts = BuildOptions {
         checkpoint: checkpoint.to_path_buf(),
         tokenizer: golden("dev4k.model"),
@@ -48,6 +56,7 @@ fn library_time(dir: &Path, checkpoint: &Path, fold: FoldMode, max_gen_len: usiz
         cpu: None,
         features: vec![],
         fold: Some(fold),
+        weights: Some(weights),
         max_gen_len,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],
@@ -66,11 +75,12 @@ fn library_time(dir: &Path, checkpoint: &Path, fold: FoldMode, max_gen_len: usiz
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    String::from_utf8(run.stdout)
+    let secs = String::from_utf8(run.stdout)
         .unwrap()
         .trim()
         .parse()
-        .unwrap()
+        .unwrap();
+    (secs, archive.len() as u64)
 }
 
 fn main() {
@@ -127,8 +137,6 @@ fn main() {
         let rt_long = best_of(REPEATS, || {
             engine.generate(QUERY, DECODE_LEN).unwrap();
         });
-        let lib_short = library_time(&dir, &path, fold, 2);
-        let lib_long = library_time(&dir, &path, fold, DECODE_LEN);
 
         let row = |name: &str, short: f64, long: f64| {
             let prefill = prefill_tokens / short;
@@ -144,14 +152,20 @@ fn main() {
             (prefill, decode, long)
         };
         let r = row("runtime", rt_short, rt_long);
-        let l = row("library", lib_short, lib_long);
-        println!(
-            "{:<8} {:<8} {:>13.2}x {:>13.2}x {:>9.2}x  (library / runtime; call: runtime / library)",
-            fold.name(),
-            "ratio",
-            l.0 / r.0,
-            l.1 / r.1,
-            r.2 / l.2
-        );
+        // The library in every weight format (`--weights`), side by side.
+        for weights in Precision::ALL {
+            let (lib_short, bytes) = library_time(&dir, &path, fold, weights, 2);
+            let (lib_long, _) = library_time(&dir, &path, fold, weights, DECODE_LEN);
+            let l = row(&format!("lib {weights}"), lib_short, lib_long);
+            println!(
+                "{:<8} {:<8} {:>13.2}x {:>13.2}x {:>9.2}x  (library / runtime; call: runtime / \
+                 library); archive {bytes} bytes",
+                fold.name(),
+                "ratio",
+                l.0 / r.0,
+                l.1 / r.1,
+                r.2 / l.2
+            );
+        }
     }
 }

@@ -16,10 +16,16 @@ use needlec::build::{compile, BuildOptions, Compiled};
 use needlec::codegen::model::{define_model, ModelCode};
 use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, ArchiveMember};
+use needlec::precision::Precision;
 
 const PREFIX: &str = "t_";
 
-fn compile_case(checkpoint: &str, tools: &str, fold: FoldMode) -> Compiled {
+fn compile_case(
+    checkpoint: &str,
+    tools: &str,
+    fold: FoldMode,
+    weights: Option<Precision>,
+) -> Compiled {
     let opts = BuildOptions {
         checkpoint: golden(checkpoint),
         tokenizer: golden("dev4k.model"),
@@ -28,6 +34,7 @@ fn compile_case(checkpoint: &str, tools: &str, fold: FoldMode) -> Compiled {
         cpu: None,
         features: vec![],
         fold: Some(fold),
+        weights,
         max_gen_len: 512,
         name: "t".into(),
         emit: vec![],
@@ -70,8 +77,9 @@ fn harness(dir: &std::path::Path, compiled: &Compiled) -> (PathBuf, ModelCode) {
     (exe, code)
 }
 
-/// Runs every golden case of `mode` in `forced` through generated code.
-fn check(checkpoint: &str, forced: &str, mode: &str) {
+/// Runs every golden case of `mode` in `forced` through generated code (weights stored as
+/// `weights`, which must be the golden file's precision: the default for the float ones).
+fn check(checkpoint: &str, forced: &str, mode: &str, weights: Option<Precision>) {
     let fold = match mode {
         "exact" => FoldMode::None,
         _ => FoldMode::Tools,
@@ -82,9 +90,10 @@ fn check(checkpoint: &str, forced: &str, mode: &str) {
         by_tools.entry(c.tools.as_str()).or_default().push(c);
     }
     assert!(!by_tools.is_empty());
-    let dir = work_dir(&format!("codegen_model-{checkpoint}-{mode}"));
+    let weights_name = weights.map_or("default", |p| p.name());
+    let dir = work_dir(&format!("codegen_model-{forced}-{mode}-{weights_name}"));
     for (n, (tools, group)) in by_tools.iter().enumerate() {
-        let compiled = compile_case(checkpoint, tools, fold);
+        let compiled = compile_case(checkpoint, tools, fold, weights);
         let sub = dir.join(n.to_string());
         std::fs::create_dir_all(&sub).unwrap();
         let (exe, code) = harness(&sub, &compiled);
@@ -145,7 +154,7 @@ fn check(checkpoint: &str, forced: &str, mode: &str) {
                 "{checkpoint} {mode} {:?}: a second run in the same workspace differs",
                 case.query
             );
-            let what = format!("{checkpoint} {mode} {:?}", case.query);
+            let what = format!("{forced} {mode} {:?}", case.query);
             let lines: Vec<&str> = runs[i].lines().collect();
             assert_eq!(lines.len(), case.dec_ids.len(), "{what}");
             for (pos, line) in lines.iter().enumerate() {
@@ -193,22 +202,61 @@ fn check(checkpoint: &str, forced: &str, mode: &str) {
 
 #[test]
 fn tiny_exact() {
-    check("tiny_random.pkl", "forced_tiny.json", "exact");
+    check("tiny_random.pkl", "forced_tiny.json", "exact", None);
 }
 
 #[test]
 fn tiny_folded() {
-    check("tiny_random.pkl", "forced_tiny.json", "folded");
+    check("tiny_random.pkl", "forced_tiny.json", "folded", None);
 }
 
 #[test]
 fn small_exact() {
-    check("small_random.pkl", "forced_small.json", "exact");
+    check("small_random.pkl", "forced_small.json", "exact", None);
 }
 
 #[test]
 fn small_folded() {
-    check("small_random.pkl", "forced_small.json", "folded");
+    check("small_random.pkl", "forced_small.json", "folded", None);
+}
+
+/// The reference's int8 goldens: the library keeps `q` and the scales and dequantizes in
+/// registers, so its logits are the reference's quantized model's.
+#[test]
+fn int8_both_fixtures_both_modes() {
+    for (checkpoint, forced) in [
+        ("tiny_random.pkl", "forced_tiny_int8.json"),
+        ("small_random.pkl", "forced_small_int8.json"),
+    ] {
+        for mode in ["exact", "folded"] {
+            check(checkpoint, forced, mode, Some(Precision::Int8));
+        }
+    }
+}
+
+/// The same for int4, the format the reference's quantization-aware training targeted.
+#[test]
+fn int4_both_fixtures_both_modes() {
+    for (checkpoint, forced) in [
+        ("tiny_random.pkl", "forced_tiny_int4.json"),
+        ("small_random.pkl", "forced_small_int4.json"),
+    ] {
+        for mode in ["exact", "folded"] {
+            check(checkpoint, forced, mode, Some(Precision::Int4));
+        }
+    }
+}
+
+/// `--weights f32` of a float16 checkpoint computes with the same values as the default (f16
+/// storage): the reference's float logits.
+#[test]
+fn tiny_f32_storage_exact() {
+    check(
+        "tiny_random.pkl",
+        "forced_tiny.json",
+        "exact",
+        Some(Precision::F32),
+    );
 }
 
 /// Every supported target (and the vector-less and vector RISC-V variants) generates the model
@@ -219,6 +267,7 @@ fn every_supported_target_generates_a_standalone_model() {
         "tiny_random.pkl",
         &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools,
         FoldMode::Tools,
+        None,
     );
     let mut targets: Vec<(&str, Vec<&str>)> = needle_targets::supported()
         .into_iter()
@@ -226,14 +275,27 @@ fn every_supported_target_generates_a_standalone_model() {
         .collect();
     targets.push(("riscv64gc-unknown-linux-gnu", vec!["v"]));
     targets.push(("x86_64-unknown-linux-gnu", vec!["avx2", "fma"]));
+    // Every weight format decodes on every target (f16 is the fixture's default).
+    let tools = &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools;
+    let formats: Vec<(Precision, Compiled)> = [Precision::F32, Precision::Int8, Precision::Int4]
+        .into_iter()
+        .map(|p| {
+            let c = compile_case("tiny_random.pkl", tools, FoldMode::Tools, Some(p));
+            (p, c)
+        })
+        .chain([(Precision::F16, compiled)])
+        .collect();
     for (triple, features) in targets {
         let target = Target::with_features(triple, &features).unwrap();
-        let mut ks = KernelSet::new(&target, PREFIX).unwrap();
-        define_model(&mut ks, &compiled.module, &compiled.store, false)
-            .unwrap_or_else(|e| panic!("{target}: {e}"));
-        let obj = ks.finish().unwrap();
-        let rep = check_standalone(&obj, PREFIX).unwrap_or_else(|e| panic!("{target}: {e}"));
-        assert!(rep.exports.is_empty(), "{target}: {:?}", rep.exports);
+        for (p, compiled) in &formats {
+            let mut ks = KernelSet::new(&target, PREFIX).unwrap();
+            define_model(&mut ks, &compiled.module, &compiled.store, false)
+                .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
+            let obj = ks.finish().unwrap();
+            let rep = check_standalone(&obj, PREFIX)
+                .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
+            assert!(rep.exports.is_empty(), "{target}: {:?}", rep.exports);
+        }
     }
 }
 
@@ -246,6 +308,7 @@ fn a_module_the_passes_have_not_run_on_is_refused() {
         "tiny_random.pkl",
         &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools,
         FoldMode::None,
+        None,
     );
     let lowered = needle_ir::parse(compiled.stages.after("lowered").unwrap()).unwrap();
     let mut ks = KernelSet::new(&Target::host().unwrap(), PREFIX).unwrap();

@@ -17,6 +17,7 @@ use needle_targets::{supported, Target};
 use needle_test_support::toolchain::require;
 use needle_test_support::{c, golden, read_json, work_dir, GreedyCase};
 use needlec::build::{build, staticlib_file, BuildOptions, Emit};
+use needlec::precision::Precision;
 use object::{Object, ObjectSection, ObjectSymbol};
 
 fn options(
@@ -24,6 +25,7 @@ fn options(
     checkpoint: &str,
     tools: &str,
     fold: FoldMode,
+    weights: Option<Precision>,
     out: &Path,
 ) -> BuildOptions {
     BuildOptions {
@@ -34,6 +36,7 @@ fn options(
         cpu: None,
         features: target.features.iter().map(|f| f.to_string()).collect(),
         fold: Some(fold),
+        weights,
         max_gen_len: 40,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
@@ -138,18 +141,25 @@ fn check_emulated_with(
     }
     let host = Target::host().unwrap();
     let target = Target::with_features(triple, features).unwrap();
-    for &checkpoint in checkpoints {
+    // The default weights for every checkpoint; int4 (packed nibbles, group scales) for the
+    // first: every weight format decodes the same on every target.
+    let builds = checkpoints.iter().enumerate().flat_map(|(i, &c)| {
+        let int4 = (i == 0).then_some((c, Some(Precision::Int4)));
+        std::iter::once((c, None)).chain(int4)
+    });
+    for (checkpoint, weights) in builds {
         for fold in [FoldMode::None, FoldMode::Tools] {
             for (g, (tools, queries)) in golden_groups().iter().enumerate() {
                 let queries: Vec<&str> = queries.iter().map(String::as_str).collect();
-                let tag = format!("{target}-{checkpoint}-{}-{g}", fold.name())
+                let w = weights.map_or("default", |p| p.name());
+                let tag = format!("{target}-{checkpoint}-{w}-{}-{g}", fold.name())
                     .replace([' ', '(', ')', ',', '+'], "_");
                 let dir = work_dir(&tag);
                 let outputs: Vec<String> = [&host, &target]
                     .iter()
                     .map(|t| {
                         let out = dir.join(t.name);
-                        build(&options(t, checkpoint, tools, fold, &out)).unwrap();
+                        build(&options(t, checkpoint, tools, fold, weights, &out)).unwrap();
                         let exe = harness_for(t, &out);
                         run_queries(t, &exe, &queries)
                     })
@@ -200,6 +210,8 @@ fn every_target_object_is_well_formed_and_links() {
             "tiny_random.pkl",
             &tools,
             FoldMode::Tools,
+            // The packed int4 format: two data objects per weight (q and scales).
+            Some(Precision::Int4),
             &dir,
         ))
         .unwrap();

@@ -2,13 +2,15 @@
 //! `libneedle.a`, and its answers compared with the reference's golden outputs and with
 //! `needlec run`'s engine, in both fold modes, plus the C interface's contracts.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use needle_runtime::decode::{Engine, FoldMode};
 use needle_test_support::c::{build_harness_with, run};
 use needle_test_support::{golden, read_json, tiny_needle, work_dir, Case, GreedyCase, Sample};
 use needlec::build::{build, BuildOptions, Emit};
-use needlec::frontend::{load_model, load_tokenizer};
+use needlec::frontend::{load_model, load_model_as, load_tokenizer};
+use needlec::precision::Precision;
 use needlec::tools::parse_tools;
 
 fn host() -> String {
@@ -34,6 +36,7 @@ fn options(
         cpu: None,
         features: vec![],
         fold,
+        weights: None,
         max_gen_len,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],
@@ -101,10 +104,13 @@ fn answers(exe: &Path, mode: &str, queries: &[&str]) -> Vec<(i32, String)> {
         .collect()
 }
 
-fn check_golden(checkpoint: &str, greedy: &str) {
+/// Every greedy golden case of `greedy` through libraries built with `--weights weights` (the
+/// golden file's precision; `None`: the default, for the float goldens): the reference's output
+/// wherever it had no near-tie, and always `needlec run`'s engine over the same weights.
+fn check_golden(checkpoint: &str, greedy: &str, weights: Option<Precision>) {
     let cases: Vec<Case> = read_json(&golden("cases.json"));
     let expected: Vec<GreedyCase> = read_json(&golden(greedy));
-    let model = load_model(&golden(checkpoint)).unwrap();
+    let model = load_model_as(&golden(checkpoint), weights).unwrap().model;
     let tokenizer = load_tokenizer(&golden("dev4k.model")).unwrap();
     // One library per (mode, tool list): the tools are fixed at build time.
     let mut groups: Vec<(String, String)> = expected
@@ -121,8 +127,9 @@ fn check_golden(checkpoint: &str, greedy: &str) {
             FoldMode::None
         };
         let max_gen_len = cases[0].max_gen_len;
-        let exe = build_library(&format!("{greedy}-{g}"), |out| {
-            options(
+        let exe = build_library(&format!("{greedy}-{g}"), |out| BuildOptions {
+            weights,
+            ..options(
                 &golden(checkpoint),
                 &golden("dev4k.model"),
                 tools,
@@ -159,12 +166,112 @@ fn check_golden(checkpoint: &str, greedy: &str) {
 
 #[test]
 fn golden_cases_tiny_both_modes() {
-    check_golden("tiny_random.pkl", "greedy_tiny.json");
+    check_golden("tiny_random.pkl", "greedy_tiny.json", None);
 }
 
 #[test]
 fn golden_cases_small_both_modes() {
-    check_golden("small_random.pkl", "greedy_small.json");
+    check_golden("small_random.pkl", "greedy_small.json", None);
+}
+
+#[test]
+fn golden_cases_int8_both_fixtures_both_modes() {
+    check_golden(
+        "tiny_random.pkl",
+        "greedy_tiny_int8.json",
+        Some(Precision::Int8),
+    );
+    check_golden(
+        "small_random.pkl",
+        "greedy_small_int8.json",
+        Some(Precision::Int8),
+    );
+}
+
+#[test]
+fn golden_cases_int4_both_fixtures_both_modes() {
+    check_golden(
+        "tiny_random.pkl",
+        "greedy_tiny_int4.json",
+        Some(Precision::Int4),
+    );
+    check_golden(
+        "small_random.pkl",
+        "greedy_small_int4.json",
+        Some(Precision::Int4),
+    );
+}
+
+/// The bundled trained model built `--weights int8` and `int4`: the reference's quantized
+/// outputs for all 40 samples in the three checkpoint/fold combinations
+/// (`samples_quantized.json`), and archives that shrink as the formats say.
+#[test]
+fn tiny_needle_quantized_samples_all_combinations() {
+    let samples: Vec<BTreeMap<String, serde_json::Value>> =
+        read_json(&tiny_needle("samples_quantized.json"));
+    let queries: Vec<&str> = samples
+        .iter()
+        .map(|s| s["query"].as_str().expect("query"))
+        .collect();
+    let combos = [
+        ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
+        ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
+        ("tiny-needle-folded.pkl", None, "fold_folded"),
+    ];
+    for p in [Precision::Int8, Precision::Int4] {
+        for (i, (checkpoint, fold, combo)) in combos.into_iter().enumerate() {
+            let exe = build_library(&format!("samples-{p}-{i}"), |out| BuildOptions {
+                weights: Some(p),
+                ..bundled(checkpoint, fold, 512, out)
+            });
+            let got = answers(&exe, "answer", &queries);
+            let key = format!("{combo}_{p}");
+            for (s, (status, output)) in samples.iter().zip(&got) {
+                let what = format!("--weights {p} {key} {:?}", s["query"]);
+                assert_eq!(*status, 0, "{what}");
+                assert_eq!(Some(output.as_str()), s[&key].as_str(), "{what}");
+            }
+        }
+    }
+}
+
+/// Archive sizes: the weight formats shrink the Dense kernels as they should (f16 half of
+/// f32; int8 a byte plus a 4-byte scale per 32 values; int4 half a byte plus the scale), and
+/// the embedding stays half under int8/int4.
+#[test]
+fn weight_formats_shrink_the_archive() {
+    let size = |p: Precision| {
+        let dir = work_dir(&format!("sizes-{p}"));
+        let opts = BuildOptions {
+            weights: Some(p),
+            ..bundled("tiny-needle-folded.pkl", None, 64, &dir)
+        };
+        build(&opts).unwrap();
+        std::fs::metadata(dir.join("libneedle.a")).unwrap().len() as f64
+    };
+    let [f32_, f16_, int8, int4] = Precision::ALL.map(size);
+    // The bundled model: 2+2 layers of D=128 (kernels 0.23M values), embedding 2048 x 128.
+    let config = load_model(&tiny_needle("tiny-needle-folded.pkl"))
+        .unwrap()
+        .config;
+    let (d, kv) = (config.d_model, config.kv_dim());
+    let per_layer = 2 * d * d + 2 * d * kv;
+    let kernels = (config.num_encoder_layers + 2 * config.num_decoder_layers) * per_layer;
+    let kernels = kernels as f64;
+    let embedding = (config.vocab_size * d) as f64;
+    let close = |got: f64, want: f64, what: &str| {
+        assert!(
+            (got - want).abs() <= 0.02 * want.abs() + 4096.0,
+            "{what}: {got} bytes saved, expected about {want}"
+        );
+    };
+    close(f32_ - f16_, 2.0 * (kernels + embedding), "f32 -> f16");
+    close(
+        f16_ - int8,
+        kernels * (2.0 - 1.0 - 4.0 / 32.0),
+        "f16 -> int8",
+    );
+    close(int8 - int4, kernels * 0.5, "int8 -> int4");
 }
 
 /// The bundled trained model: the reference's outputs for all 40 samples in the three
@@ -422,26 +529,34 @@ fn odd_widths_answer_like_the_runtime() {
         .filter(|c| &c.tools == tools)
         .map(|c| c.query.as_str())
         .collect();
-    let model = needle_runtime::model::Model::from_checkpoint(&ckpt).unwrap();
     let tokenizer = load_tokenizer(&golden("dev4k.model")).unwrap();
-    for fold in [FoldMode::None, FoldMode::Tools] {
-        let exe = build_library(&format!("odd-{}", fold.name()), |out| {
-            options(&path, &golden("dev4k.model"), tools, Some(fold), 24, out)
-        });
-        let engine = Engine::new(
-            model.clone(),
-            tokenizer.clone(),
-            parse_tools(tools).unwrap().context(),
-            fold,
-        )
-        .unwrap();
-        for (q, (status, output)) in queries.iter().zip(answers(&exe, "answer", &queries)) {
-            assert_eq!(status, 0);
-            assert_eq!(
-                output,
-                engine.generate(q, 24).unwrap().output,
-                "{fold:?} {q:?}"
-            );
+    // Every weight format: 44 rows make a short last quantization group (32 + 12), and 44 and
+    // 22 columns leave row-major tails after the panels of 8. The runtime computes with the
+    // same rounded or quantized kernels.
+    for weights in Precision::ALL {
+        let model = needle_runtime::model::Model::from_checkpoint_as(&ckpt, weights).unwrap();
+        for fold in [FoldMode::None, FoldMode::Tools] {
+            let exe = build_library(&format!("odd-{weights}-{}", fold.name()), |out| {
+                BuildOptions {
+                    weights: Some(weights),
+                    ..options(&path, &golden("dev4k.model"), tools, Some(fold), 24, out)
+                }
+            });
+            let engine = Engine::new(
+                model.clone(),
+                tokenizer.clone(),
+                parse_tools(tools).unwrap().context(),
+                fold,
+            )
+            .unwrap();
+            for (q, (status, output)) in queries.iter().zip(answers(&exe, "answer", &queries)) {
+                assert_eq!(status, 0);
+                assert_eq!(
+                    output,
+                    engine.generate(q, 24).unwrap().output,
+                    "--weights {weights} {fold:?} {q:?}"
+                );
+            }
         }
     }
 }

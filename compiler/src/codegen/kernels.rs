@@ -139,6 +139,7 @@ impl KernelSet {
         let data = self.declare_f32_data(name, values)?;
         Ok(WeightRef {
             data,
+            scales: None,
             k,
             n,
             format: WeightFormat::F32,

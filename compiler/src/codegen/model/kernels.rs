@@ -250,9 +250,8 @@ fn mm_tile(
         let accs: Vec<Vec<V4Var>> = (0..tile)
             .map(|_| (0..nv).map(|_| g.vvar(zero)).collect())
             .collect();
-        g.for_const(0, k, 1, |g, kk| {
-            let row = blk.row(g, kk);
-            let ws: Vec<_> = (0..nv).map(|j| row.load4_at(g, j0 + 4 * j)).collect();
+        let cols: Vec<i64> = (0..nv).map(|j| j0 + 4 * j).collect();
+        blk.for_each_row(g, &cols, |g, kk, ws| {
             for (i, acc_row) in accs.iter().enumerate() {
                 let xv = g.load_f32(xrows[i], kk);
                 let xs = g.vsplat(xv);
@@ -281,9 +280,7 @@ fn mm_tile(
     } else {
         let z = g.f32(0.0);
         let accs: Vec<_> = (0..tile).map(|_| g.var(types::F32, z)).collect();
-        g.for_const(0, k, 1, |g, kk| {
-            let row = blk.row(g, kk);
-            let wv = row.load1_at(g, j0);
+        blk.for_each_row1(g, j0, |g, kk, wv| {
             for (i, &acc) in accs.iter().enumerate() {
                 let xv = g.load_f32(xrows[i], kk);
                 let cur = g.get(acc);

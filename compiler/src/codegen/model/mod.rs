@@ -45,8 +45,9 @@ use needle_ir::{
 
 use crate::abi::CType;
 use crate::codegen::gen::{mem, Gen};
-use crate::codegen::weights::{WeightFormat, WeightRef};
+use crate::codegen::weights::{f16_is_exact, WeightFormat, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
+use needle_runtime::quant::group_size;
 
 /// What the driver needs to call the model code.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -269,19 +270,50 @@ impl Cx<'_> {
     }
 
     fn values(&self, name: &str) -> Result<&ConstData, CodegenError> {
-        let decl = self
-            .m
-            .const_decl(name)
-            .ok_or_else(|| invalid(format!("@{name} is not declared")))?;
-        if decl.storage != Storage::Plain {
-            return Err(invalid(format!(
-                "@{name} is stored {}; model codegen supports plain constants only so far",
-                decl.storage
-            )));
-        }
+        // The data are the logical f32 values whatever the storage; weights encode them.
+        self.storage(name)?;
         self.store
             .get(name)
             .ok_or_else(|| invalid(format!("@{name} has no data")))
+    }
+
+    fn storage(&self, name: &str) -> Result<Storage, CodegenError> {
+        self.m
+            .const_decl(name)
+            .map(|d| d.storage)
+            .ok_or_else(|| invalid(format!("@{name} is not declared")))
+    }
+
+    /// `values` (row-major `[k][n]`) embedded in `format`: the values, and the scales of an
+    /// integer format.
+    fn weight_data(
+        &mut self,
+        name: &str,
+        k: usize,
+        n: usize,
+        values: &[f32],
+        format: WeightFormat,
+    ) -> Result<WeightRef, CodegenError> {
+        let sym = self.symbol("w", name);
+        let (data, scales) = if matches!(format, WeightFormat::F32 | WeightFormat::F32Panels) {
+            let packed = format.layout(k, n, values);
+            (self.ks.declare_f32_data(&sym, &packed)?, None)
+        } else {
+            let enc = format.encode(k, n, values);
+            let data = self.ks.declare_rodata(&sym, enc.bytes, 16)?;
+            let scales = match enc.scales {
+                Some(sc) => Some(self.ks.declare_f32_data(&format!("{sym}_scales"), &sc)?),
+                None => None,
+            };
+            (data, scales)
+        };
+        Ok(WeightRef {
+            data,
+            scales,
+            k,
+            n,
+            format,
+        })
     }
 
     fn f32_values(&self, name: &str) -> Result<&[f32], CodegenError> {
@@ -323,8 +355,25 @@ impl Cx<'_> {
             return Err(invalid(format!("@{name} : {ty} is not an f32 matrix")));
         }
         let values = self.f32_values(name)?.to_vec();
-        let sym = self.symbol("w", name);
-        let w = self.ks.declare_weights_f32(&sym, k, n, &values)?;
+        if values.len() != k * n {
+            return Err(invalid(format!(
+                "@{name}: {} values for {k}x{n}",
+                values.len()
+            )));
+        }
+        // Tables are read by rows: row-major, half where the storage says so (and loses
+        // nothing), else float32.
+        let format = match self.storage(name)? {
+            Storage::F16 if f16_is_exact(&values) => WeightFormat::F16,
+            Storage::Plain | Storage::F16 => WeightFormat::F32,
+            s => {
+                return Err(invalid(format!(
+                    "@{name} is stored {s}, but it is read as a table (rows), which only \
+                     plain and f16 storage support"
+                )))
+            }
+        };
+        let w = self.weight_data(name, k, n, &values, format)?;
         self.weights.insert(name.to_string(), w);
         Ok(w)
     }
@@ -353,11 +402,27 @@ impl Cx<'_> {
                 values.len()
             )));
         }
-        let format = WeightFormat::F32Panels;
-        let packed = format.layout(k, n, values);
-        let sym = self.symbol("w", name);
-        let data = self.ks.declare_f32_data(&sym, &packed)?;
-        let w = WeightRef { data, k, n, format };
+        let format = match self.storage(name)? {
+            Storage::Plain => WeightFormat::F32Panels,
+            Storage::F16 if f16_is_exact(values) => WeightFormat::F16Panels,
+            // Values that are not halves (or not finite) keep float32: nothing is lost.
+            Storage::F16 => WeightFormat::F32Panels,
+            Storage::I8 { group } | Storage::I4 { group } if group as usize != group_size(k) => {
+                return Err(invalid(format!(
+                    "@{name} is stored in groups of {group} rows; the reference's quantization \
+                     groups {k} rows by {}",
+                    group_size(k)
+                )))
+            }
+            Storage::I8 { group } => WeightFormat::I8Panels {
+                group: group as usize,
+            },
+            Storage::I4 { group } => WeightFormat::I4Panels {
+                group: group as usize,
+            },
+        };
+        let values = values.to_vec();
+        let w = self.weight_data(name, k, n, &values, format)?;
         self.weights.insert(key, w);
         Ok(w)
     }
