@@ -16,9 +16,10 @@
 //!   much of the head (final norm, logits, argmax) it runs depends on the list ([`StepKind`]):
 //!   unconstrained, it leaves every logit at `ws + logits_offset`; with 2 to
 //!   [`sparse_logits_max`] ids only theirs (sparse logits); with one id it computes no logits
-//!   and returns that id (jump-forward). The token is the same in all three. Decoding state needs no reset: row `pos` is written before rows `..=pos` are
-//!   read, so a new query's steps from `pos = 0` never see an earlier query's rows. Returns -1
-//!   (computing nothing) when `pos >= max_positions` or `token` is not below the vocabulary.
+//!   and returns that id (jump-forward). The token is the same in all three. Decoding state
+//!   needs no reset: row `pos` is written before rows `..=pos` are read, so a new query's steps
+//!   from `pos = 0` never see an earlier query's rows. Returns -1 (computing nothing) when
+//!   `pos >= max_positions` or `token` is not below the vocabulary.
 //!
 //! # Allowed ids
 //!
