@@ -6,6 +6,10 @@
  *   library_harness contracts  checks the C interface's contracts and prints "ok" lines
  *   library_harness threads    answers every query on stdin from 4 threads at once, each with its
  *                              own workspace, and prints the outputs of thread 0 as `answer` does
+ *   library_harness steps      answers every query on stdin and prints, per query, "<status>
+ *                              <forced> <sparse> <full>": the decoder steps of the call by what
+ *                              they computed, from the three uint32_t the library leaves in the
+ *                              last 64 bytes of the workspace
  */
 #define _POSIX_C_SOURCE 200112L
 #include <pthread.h>
@@ -204,6 +208,20 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < n; i++) print_result(jobs[0].statuses[i], jobs[0].outs[i], jobs[0].lens[i]);
         return 0;
     }
-    fprintf(stderr, "usage: %s answer|contracts|threads\n", argv[0]);
+    if (strcmp(mode, "steps") == 0) {
+        uint8_t *ws = new_workspace();
+        uint8_t *out = malloc(NEEDLE_MAX_OUTPUT_BYTES);
+        for (size_t i = 0; i < n; i++) {
+            size_t len = 0;
+            int32_t st = needle_call(ws, qs[i].bytes, qs[i].len, out, NEEDLE_MAX_OUTPUT_BYTES, &len);
+            uint32_t counts[3];
+            memcpy(counts, ws + NEEDLE_WORKSPACE_SIZE - 64, sizeof counts);
+            printf("%d %u %u %u\n", (int)st, counts[0], counts[1], counts[2]);
+        }
+        free(out);
+        free(ws);
+        return 0;
+    }
+    fprintf(stderr, "usage: %s answer|contracts|threads|steps\n", argv[0]);
     return 2;
 }

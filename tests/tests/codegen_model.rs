@@ -26,8 +26,17 @@ fn compile_case(
     fold: FoldMode,
     weights: Option<Precision>,
 ) -> Compiled {
+    compile_checkpoint(&golden(checkpoint), tools, fold, weights)
+}
+
+fn compile_checkpoint(
+    checkpoint: &std::path::Path,
+    tools: &str,
+    fold: FoldMode,
+    weights: Option<Precision>,
+) -> Compiled {
     let opts = BuildOptions {
-        checkpoint: golden(checkpoint),
+        checkpoint: checkpoint.to_path_buf(),
         tokenizer: golden("dev4k.model"),
         tools: tools.to_string(),
         target: "host".into(),
@@ -40,7 +49,7 @@ fn compile_case(
         emit: vec![],
         out_dir: PathBuf::from("."),
     };
-    compile(&opts).unwrap_or_else(|e| panic!("compile {checkpoint}: {e}"))
+    compile(&opts).unwrap_or_else(|e| panic!("compile {}: {e}", checkpoint.display()))
 }
 
 /// The harness executable for one compiled program, and the model's layout.
@@ -318,4 +327,120 @@ fn a_module_the_passes_have_not_run_on_is_refused() {
             .contains("is removed by the `fold-constants` pass: run the pass pipeline"),
         "{e}"
     );
+}
+
+/// Jump-forward and sparse logits pick exactly the full path's token: a forced step returns its
+/// one id even where another has the larger logit (and -1 for an id outside the vocabulary),
+/// and a sparse step breaks ties as the reference does. A random model whose embedding has two
+/// equal rows (equal logits, bit for bit) and a row whose logit is NaN (which counts as the
+/// largest); d_model 42 takes the dot products' scalar tail. Each step's constrained token is
+/// compared with `needle_runtime::decode::argmax_among` over the same step's full logits.
+#[test]
+fn forced_and_sparse_steps_pick_the_full_paths_token() {
+    let config = needlec::synth::parse_config_spec(
+        r#"{"vocab_size":4096,"d_model":42,"num_heads":1,"num_kv_heads":1,"num_encoder_layers":1,"num_decoder_layers":1}"#,
+    )
+    .unwrap();
+    let (v, d) = (config.vocab_size, config.d_model);
+    let (tie_lo, tie_hi, nan_id) = (700usize, 900usize, 4000usize);
+    let mut ckpt =
+        needlec::synth::synth_checkpoint(&config, 11, needle_runtime::checkpoint::DType::F32);
+    let emb = &mut ckpt.tensors.get_mut("embedding/embedding").unwrap().bytes;
+    let row = |i: usize| 4 * d * i..4 * d * (i + 1);
+    let lo = emb[row(tie_lo)].to_vec();
+    emb[row(tie_hi)].copy_from_slice(&lo);
+    // Checkpoints may not hold NaN; a row of alternating +-3e38 makes the dot product overflow
+    // to infinities of both signs, whose sum is a NaN logit.
+    for (i, c) in emb[row(nan_id)].chunks_mut(4).enumerate() {
+        let x: f32 = if i % 2 == 0 { 3e38 } else { -3e38 };
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    let dir = work_dir("codegen_model-forced-sparse");
+    let path = dir.join("ties.safetensors");
+    needlec::load::save_safetensors(&ckpt, &path).unwrap();
+    let tools = &read_json::<Vec<ForcedCase>>(&golden("forced_tiny.json"))[0].tools;
+
+    // Per step, an allowed list (ids as given; the grammar's are sorted, the kernel need not be).
+    let mut every_other: Vec<u32> = (0..v as u32).step_by(2).collect(); // > vocab/2: full path
+    every_other.push(tie_hi as u32);
+    let lists: Vec<Vec<u32>> = vec![
+        vec![tie_lo as u32, tie_hi as u32], // sparse, an exact tie: the lower id
+        vec![tie_hi as u32, tie_lo as u32], // the same out of order
+        vec![3, tie_lo as u32, tie_hi as u32, nan_id as u32], // a NaN is the largest
+        vec![nan_id as u32, 3],             // ... wherever it is listed
+        vec![17],                           // forced
+        vec![2049],                         // forced
+        (100..160).collect(),               // sparse, no tie
+        every_other,                        // a list, too long to be sparse
+        vec![v as u32],                     // forced, out of range: -1
+        vec![5, v as u32 + 3],              // sparse, one id out of range
+    ];
+    for fold in [FoldMode::None, FoldMode::Tools] {
+        let compiled = compile_checkpoint(&path, tools, fold, None);
+        assert!(!compiled.tool_ids.contains(&(nan_id as u32)));
+        let sub = dir.join(fold.name());
+        std::fs::create_dir_all(&sub).unwrap();
+        let (exe, code) = harness(&sub, &compiled);
+        assert!(code.skips_by_allowed, "the step has a head to skip");
+        let print: Vec<u32> = (0..v as u32).collect();
+        let query = [10u32, 20, 30, 40];
+        let mut input = format!("1\n{}", query.len());
+        for id in query {
+            input.push_str(&format!(" {id}"));
+        }
+        input.push_str(&format!("\n{}\n", lists.len()));
+        for (pos, allowed) in lists.iter().enumerate() {
+            // Fed tokens: EOS, then ids whose rows are ordinary.
+            let token = if pos == 0 { 1 } else { 50 + pos };
+            input.push_str(&format!("{token} {}", print.len()));
+            for id in &print {
+                input.push_str(&format!(" {id}"));
+            }
+            input.push_str(&format!(" {}", allowed.len()));
+            for id in allowed {
+                input.push_str(&format!(" {id}"));
+            }
+            input.push('\n');
+        }
+        let out = run(&exe, &[], input.as_bytes());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| *l != "end").collect();
+        assert_eq!(lines.len(), lists.len());
+        for (pos, (line, allowed)) in lines.iter().zip(&lists).enumerate() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let got: i64 = f[1].parse().unwrap();
+            let logits: Vec<f32> = f[2..]
+                .iter()
+                .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
+                .collect();
+            assert_eq!(logits.len(), v);
+            assert!(logits[nan_id].is_nan());
+            assert_eq!(logits[tie_lo].to_bits(), logits[tie_hi].to_bits(), "a tie");
+            let valid: Vec<u32> = allowed
+                .iter()
+                .copied()
+                .filter(|&i| (i as usize) < v)
+                .collect();
+            let want = if valid.is_empty() {
+                -1
+            } else {
+                i64::from(needle_runtime::decode::argmax_among(&logits, &valid))
+            };
+            assert_eq!(got, want, "{fold:?} step {pos}, allowed {allowed:?}");
+        }
+        // The cases mean what they say: the tie went low, the NaN won, the forced ids were
+        // not the largest logits.
+        let pick = |pos: usize| -> i64 { lines[pos].split(' ').nth(1).unwrap().parse().unwrap() };
+        assert_eq!((pick(0), pick(1)), (tie_lo as i64, tie_lo as i64));
+        assert_eq!((pick(2), pick(3)), (nan_id as i64, nan_id as i64));
+        assert_eq!((pick(4), pick(5), pick(8)), (17, 2049, -1));
+        let best_full: Vec<i64> = lines
+            .iter()
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(
+            best_full.iter().all(|&b| b == nan_id as i64),
+            "the NaN is every full argmax"
+        );
+    }
 }

@@ -104,6 +104,26 @@ fn answers(exe: &Path, mode: &str, queries: &[&str]) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// Runs the harness's `steps` mode over `queries`: per query, the status and the library's
+/// decoder steps as forced, sparse, full.
+fn step_counts(exe: &Path, queries: &[&str]) -> Vec<(i32, [usize; 3])> {
+    let mut stdin = Vec::new();
+    for q in queries {
+        stdin.extend((q.len() as u32).to_le_bytes());
+        stdin.extend(q.as_bytes());
+    }
+    let out = run(exe, &["steps"], &stdin);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let f: Vec<usize> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+            assert_eq!(f.len(), 4, "{line}");
+            (f[0] as i32, [f[1], f[2], f[3]])
+        })
+        .collect()
+}
+
 /// Every greedy golden case of `greedy` through libraries built with `--weights weights` (the
 /// golden file's precision; `None`: the default, for the float goldens): the reference's output
 /// wherever it had no near-tie, and always `needlec run`'s engine over the same weights.
@@ -298,6 +318,94 @@ fn tiny_needle_samples_all_combinations() {
             assert_eq!(output, expected(s), "{checkpoint} {fold:?} {:?}", s.query);
         }
     }
+}
+
+/// Jump-forward and sparse logits on the bundled model's 40 samples, in the sample test's three
+/// checkpoint/fold combinations: the library's count of decoder steps that took the one allowed
+/// token without logits (forced), computed only the allowed ids' logits (sparse) or all of them
+/// (full) equals, query by query, what the runtime's grammar allowed at each of its steps, and
+/// the answers stay the reference's. Prints the fractions (the README's figures).
+#[test]
+fn jump_forward_and_sparse_steps_follow_the_grammar() {
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let tools = tiny_needle("tools.json");
+    type Combo = (&'static str, Option<FoldMode>, fn(&Sample) -> &str);
+    let combos: [Combo; 3] = [
+        ("tiny-needle.pkl", Some(FoldMode::None), |s| &s.stock_exact),
+        ("tiny-needle.pkl", Some(FoldMode::Tools), |s| {
+            &s.stock_folded
+        }),
+        ("tiny-needle-folded.pkl", None, |s| &s.fold_folded),
+    ];
+    let mut all = [0usize; 3];
+    for (i, (checkpoint, fold, expected)) in combos.into_iter().enumerate() {
+        let exe = build_library(&format!("steps-{i}"), |out| {
+            bundled(checkpoint, fold, 512, out)
+        });
+        let loaded = needlec::frontend::load(
+            &tiny_needle(checkpoint),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            fold,
+        )
+        .unwrap();
+        let vocab = loaded.engine.model.config.vocab_size;
+        let sparse_max = needlec::codegen::model::sparse_logits_max(vocab);
+        let got = step_counts(&exe, &queries);
+        let answered = answers(&exe, "answer", &queries);
+        let mut totals = [0usize; 3];
+        let mut sizes = Vec::new();
+        for ((s, line), (status, output)) in samples.iter().zip(&got).zip(&answered) {
+            let what = format!("{checkpoint} {fold:?} {:?}", s.query);
+            assert_eq!((*status, output.as_str()), (0, expected(s)), "{what}");
+            let run = loaded.engine.generate(&s.query, 512).unwrap();
+            // forced, sparse, full: what the runtime's grammar allowed at each step.
+            let mut want = [0usize; 3];
+            for step in &run.steps {
+                sizes.extend(step.allowed.filter(|&n| n > 0));
+                match step.allowed {
+                    Some(1) => want[0] += 1,
+                    Some(n) if n >= 2 && n <= sparse_max => want[1] += 1,
+                    _ => want[2] += 1,
+                }
+            }
+            assert_eq!(want.iter().sum::<usize>(), run.steps.len());
+            assert_eq!(*line, (0, want), "{what}: steps");
+            for k in 0..3 {
+                totals[k] += want[k];
+                all[k] += want[k];
+            }
+        }
+        let n: usize = totals.iter().sum();
+        println!(
+            "{checkpoint} fold {:?}: {n} decoder steps, forced {} ({:.1}%), sparse {} ({:.1}%), full {} ({:.1}%)",
+            loaded.engine.fold,
+            totals[0],
+            100.0 * totals[0] as f64 / n as f64,
+            totals[1],
+            100.0 * totals[1] as f64 / n as f64,
+            totals[2],
+            100.0 * totals[2] as f64 / n as f64,
+        );
+        // The bundled grammar lists every token that continues a name or key along its trie, so
+        // it never allows exactly one: no forced steps here (the model tests force some).
+        assert!(totals[1] > 0, "the samples exercise the sparse path");
+        sizes.sort_unstable();
+        if let (Some(lo), Some(hi)) = (sizes.first(), sizes.last()) {
+            println!(
+                "  allowed ids per constrained step: min {lo}, median {}, max {hi} (vocabulary {vocab})",
+                sizes[sizes.len() / 2]
+            );
+        }
+    }
+    let n: usize = all.iter().sum();
+    println!(
+        "all: {n} decoder steps, forced {:.1}%, sparse {:.1}%, full {:.1}%",
+        100.0 * all[0] as f64 / n as f64,
+        100.0 * all[1] as f64 / n as f64,
+        100.0 * all[2] as f64 / n as f64,
+    );
 }
 
 /// Statuses, the too-small buffer, bad workspaces, invalid UTF-8, token level, model info, and

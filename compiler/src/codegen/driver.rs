@@ -10,7 +10,8 @@
 //! - `void NAME_model_info(NAME_info *info)` and `const char *NAME_tool_name(uint32_t i)`
 //!
 //! The workspace is the only mutable memory: the model's region first, then the grammar state,
-//! the token buffers, the scratch of the tokenizer and of the output code, and the output text.
+//! the token buffers, the scratch of the tokenizer and of the output code, the output text, and
+//! last the call's decoder-step counts (forced, sparse, full: see [`super::model::StepKind`]).
 //! Its layout is planned here, at build time, so its size is exact.
 
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -19,7 +20,7 @@ use cranelift_codegen::ir::{types, InstBuilder, Value};
 use super::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, to_ptr, u32_at};
 use super::gen::{mem, Gen};
 use super::grammar::GrammarCode;
-use super::model::ModelCode;
+use super::model::{emit_step_kind, ModelCode, StepKind};
 use super::output::OutputCode;
 use super::tokenizer::TokenizerCode;
 use super::{CodegenError, KernelSet};
@@ -103,8 +104,14 @@ pub struct WorkspaceLayout {
     pub text: usize,
     pub output_scratch: usize,
     pub output: usize,
+    /// The last call's decoder steps by [`StepKind`]: `uint32_t` forced, sparse, full. The last
+    /// region, so it sits at `total - STEP_COUNTS_BYTES` (tests read it there).
+    pub step_counts: usize,
     pub total: usize,
 }
+
+/// Bytes of the step-count region at the end of the workspace (three `uint32_t`, aligned).
+pub const STEP_COUNTS_BYTES: usize = WORKSPACE_ALIGN;
 
 /// What the header and tests need to know of the generated interface.
 #[derive(Clone, Debug)]
@@ -164,6 +171,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
     let text = region(max_text_bytes.max(1));
     let output_scratch = region(parts.output.scratch_bytes(max_text_bytes));
     let output = region(max_output_bytes.max(1));
+    let step_counts = region(12);
     let layout = WorkspaceLayout {
         grammar_state,
         n_allowed,
@@ -173,6 +181,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
         text,
         output_scratch,
         output,
+        step_counts,
         total: at,
     };
     LibraryInfo {
@@ -229,6 +238,7 @@ pub fn define_driver(
         false,
     )?;
     let l = layout.clone();
+    let skips_by_allowed = parts.model.skips_by_allowed;
     ks.define_function(
         generate,
         &[],
@@ -247,6 +257,11 @@ pub fn define_driver(
             g.call(reset, &[state]);
             let n_allowed_ptr = at(g, ws, l.n_allowed);
             let gen = at(g, ws, l.gen_ids);
+            let counts = at(g, ws, l.step_counts);
+            let zero32 = iconst32(g, 0);
+            for k in 0..3 {
+                g.b.ins().store(mem(), zero32, counts, 4 * k);
+            }
             let eos = iconst32(g, 1);
             let token = g.var(types::I32, eos);
             let zero = g.iconst(0);
@@ -261,6 +276,18 @@ pub fn define_driver(
                 g.if_then(cond, |g| {
                     let allowed_ptr = g.call(allowed, &[state, n_allowed_ptr]).expect("returns");
                     let na = g.b.ins().load(ptr, mem(), n_allowed_ptr, 0);
+                    // Count the step as the model will run it: counts[2 - kind].
+                    let kind = if skips_by_allowed {
+                        emit_step_kind(g, allowed_ptr, na, vocab as usize)
+                    } else {
+                        g.iconst(StepKind::Full as i64)
+                    };
+                    let two = g.iconst(2);
+                    let slot = g.b.ins().isub(two, kind);
+                    let cp = g.addr(counts, slot, 4);
+                    let c = g.b.ins().load(types::I32, mem(), cp, 0);
+                    let c1 = g.b.ins().iadd_imm_s(c, 1);
+                    g.b.ins().store(mem(), c1, cp, 0);
                     let tok = g.get(token);
                     let next = g
                         .call(step, &[ws, tok, pos, allowed_ptr, na])

@@ -9,6 +9,7 @@
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_frontend::Variable;
 use cranelift_module::{DataId, FuncId};
 
 use crate::abi::CType;
@@ -769,27 +770,8 @@ pub fn argmax(ks: &mut KernelSet, name: &str, vocab: usize) -> Result<FuncId, Co
         let best = g.var(types::F32, ninf);
         let m1 = g.b.ins().iconst(types::I32, -1);
         let idx = g.var(types::I32, m1);
-        // Whether `v` at `id` beats the best so far: first candidate, greater, a NaN over a
-        // number, or equal with a lower id.
-        let consider = |g: &mut Gen<'_>, id32: Value, v: Value| {
-            let b = g.get(best);
-            let cur = g.get(idx);
-            let first = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, cur, 0);
-            let gt = g.fcmp(FloatCC::GreaterThan, v, b);
-            let v_nan = g.fcmp(FloatCC::Unordered, v, v);
-            let b_num = g.fcmp(FloatCC::Ordered, b, b);
-            let nan_first = g.b.ins().band(v_nan, b_num);
-            let eq = g.fcmp(FloatCC::Equal, v, b);
-            let lower = g.icmp(IntCC::SignedLessThan, id32, cur);
-            let tie = g.b.ins().band(eq, lower);
-            let t1 = g.b.ins().bor(first, gt);
-            let t2 = g.b.ins().bor(nan_first, tie);
-            let take = g.b.ins().bor(t1, t2);
-            let nb = g.b.ins().select(take, v, b);
-            let ni = g.b.ins().select(take, id32, cur);
-            g.set(best, nb);
-            g.set(idx, ni);
-        };
+        let consider =
+            |g: &mut Gen<'_>, id32: Value, v: Value| argmax_consider(g, best, idx, id32, v);
         let zero = g.iconst(0);
         let null = g.icmp(IntCC::Equal, allowed, zero);
         let empty = g.icmp(IntCC::Equal, n, zero);
@@ -820,4 +802,98 @@ pub fn argmax(ks: &mut KernelSet, name: &str, vocab: usize) -> Result<FuncId, Co
         );
         Some(g.get(idx))
     })
+}
+
+/// One candidate of an argmax: whether `v` at `id32` beats the best so far (`best`, `idx`, with
+/// `idx < 0` meaning none yet): first candidate, greater, a NaN over a number, or equal with a
+/// lower id. The one rule [`argmax`] and [`sparse_logits_argmax`] share, so both break ties alike.
+fn argmax_consider(g: &mut Gen<'_>, best: Variable, idx: Variable, id32: Value, v: Value) {
+    let b = g.get(best);
+    let cur = g.get(idx);
+    let first = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, cur, 0);
+    let gt = g.fcmp(FloatCC::GreaterThan, v, b);
+    let v_nan = g.fcmp(FloatCC::Unordered, v, v);
+    let b_num = g.fcmp(FloatCC::Ordered, b, b);
+    let nan_first = g.b.ins().band(v_nan, b_num);
+    let eq = g.fcmp(FloatCC::Equal, v, b);
+    let lower = g.icmp(IntCC::SignedLessThan, id32, cur);
+    let tie = g.b.ins().band(eq, lower);
+    let t1 = g.b.ins().bor(first, gt);
+    let t2 = g.b.ins().bor(nan_first, tie);
+    let take = g.b.ins().bor(t1, t2);
+    let nb = g.b.ins().select(take, v, b);
+    let ni = g.b.ins().select(take, id32, cur);
+    g.set(best, nb);
+    g.set(idx, ni);
+}
+
+/// `int32_t sparse_logits_argmax(const float *x, float *logits, const int32_t *allowed,
+/// size_t n_allowed)`: [`argmax`] over a non-empty list of allowed ids with only their logits
+/// computed: for each listed id below the vocabulary, the dot product of `x` with its row of
+/// the tied embedding, summed exactly as [`logits`] sums a row (4-lane multiply-adds over
+/// `D / 4 * 4` columns, the lanes summed, then the scalar tail), so every value is bit for bit
+/// the full path's; stored at `logits[id]`, then weighed by the same rule as [`argmax`]
+/// (first max in list order, ties to the lower id, a NaN counting as the maximum). -1 when no
+/// listed id is in range.
+pub fn sparse_logits_argmax(
+    ks: &mut KernelSet,
+    name: &str,
+    table: &WeightRef,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "logits"),
+        (CType::ConstI32Ptr, "allowed"),
+        (CType::SizeT, "n_allowed"),
+    ];
+    let t = *table;
+    internal(
+        ks,
+        name,
+        &params,
+        CType::I32,
+        &t.data_ids(),
+        |g, a, addrs| {
+            let (x, y, allowed, n) = (a[0], a[1], a[2], a[3]);
+            let wa = WeightAccess::new(&t, addrs);
+            let (v, d) = (t.k as i64, t.n as i64);
+            let d4 = d / 4 * 4;
+            let ninf = g.f32(f32::NEG_INFINITY);
+            let best = g.var(types::F32, ninf);
+            let m1 = g.b.ins().iconst(types::I32, -1);
+            let idx = g.var(types::I32, m1);
+            g.for_n(n, |g, i| {
+                let p = g.addr(allowed, i, 4);
+                let id32 = g.b.ins().load(types::I32, mem(), p, 0);
+                let ok = g.b.ins().icmp_imm_u(IntCC::UnsignedLessThan, id32, v);
+                g.if_then(ok, |g| {
+                    let id = widen(g, id32);
+                    let erow = wa.row(g, id);
+                    let zero = g.vconst(0.0);
+                    let acc = g.vvar(zero);
+                    g.for_const(0, d4, 4, |g, c| {
+                        let xv = g.vload(x, c);
+                        let ev = erow.load4(g, c);
+                        let cur = g.vget(acc);
+                        let nxt = g.vmul_add(xv, ev, cur);
+                        g.vset(acc, nxt);
+                    });
+                    let av = g.vget(acc);
+                    let s = g.vsum(av);
+                    let sv = g.var(types::F32, s);
+                    g.for_const(d4, d, 1, |g, c| {
+                        let xv = g.load_f32(x, c);
+                        let ev = erow.load1(g, c);
+                        let cur = g.get(sv);
+                        let nxt = g.mul_add(xv, ev, cur);
+                        g.set(sv, nxt);
+                    });
+                    let s = g.get(sv);
+                    g.store_f32(s, y, id);
+                    argmax_consider(g, best, idx, id32, s);
+                });
+            });
+            Some(g.get(idx))
+        },
+    )
 }

@@ -12,10 +12,14 @@
 //!   memory-safe).
 //! - `int32_t decoder_step(uint8_t *ws, int32_t token, size_t pos, const int32_t *allowed,
 //!   size_t n_allowed)`: feeds `token` at `pos`, writes its self-attention K/V at row `pos` of the
-//!   cache and attends over rows `..=pos`, leaves the logits at `ws + logits_offset`, and returns
-//!   the argmax. Decoding state needs no reset: row `pos` is written before rows `..=pos` are
-//!   read, so a new query's steps from `pos = 0` never see an earlier query's rows. Returns -1
-//!   (computing nothing) when `pos >= max_positions` or `token` is not below the vocabulary.
+//!   cache and attends over rows `..=pos`, and returns the argmax among the allowed ids. How
+//!   much of the head (final norm, logits, argmax) it runs depends on the list ([`StepKind`]):
+//!   unconstrained, it leaves every logit at `ws + logits_offset`; with 2 to
+//!   [`sparse_logits_max`] ids only theirs (sparse logits); with one id it computes no logits
+//!   and returns that id (jump-forward). The token is the same in all three. Decoding state
+//!   needs no reset: row `pos` is written before rows `..=pos` are read, so a new query's steps
+//!   from `pos = 0` never see an earlier query's rows. Returns -1 (computing nothing) when
+//!   `pos >= max_positions` or `token` is not below the vocabulary.
 //!
 //! # Allowed ids
 //!
@@ -23,6 +27,11 @@
 //! `%allowed : i32[a]`; the step receives them as the pair `(allowed, n_allowed)`, which is also
 //! where the symbol `a` comes from. `allowed == NULL` is the IR's empty list: an unconstrained
 //! step.
+//!
+//! The IR's `logits` + `argmax_masked` define the token; codegen computes it with less work when
+//! the list allows: only the listed rows of the tied embedding, each summed exactly as the full
+//! logits kernel sums it and weighed by the same tie rule, so the token is bit for bit the
+//! full path's; and a single listed id is the argmax whatever the logits are.
 //!
 //! # Workspace
 //!
@@ -67,6 +76,10 @@ pub struct ModelCode {
     pub max_query_tokens: usize,
     /// Decoder positions `0..max_positions` (the module's `p` bound + 1).
     pub max_positions: usize,
+    /// Whether `decoder_step` picks its token as [`StepKind`] says (jump-forward, sparse
+    /// logits); false when the step's tail is not the final norm, logits and argmax, and every
+    /// step then computes the full logits.
+    pub skips_by_allowed: bool,
 }
 
 fn invalid(msg: impl Into<String>) -> CodegenError {
@@ -143,8 +156,8 @@ pub fn define_model(
     let decoder_step = ks.declare_function(
         "model_decoder_step",
         &[
-            "Feeds token at position pos, leaves the logits in ws, returns the argmax among",
-            "allowed[0..n_allowed] (all ids if allowed is NULL); -1 on a bad pos or token.",
+            "Feeds token at position pos, returns the argmax among allowed[0..n_allowed] (all",
+            "ids if allowed is NULL; then the logits are left in ws); -1 on a bad pos or token.",
         ],
         &[
             (CType::U8Ptr, "ws"),
@@ -171,6 +184,7 @@ pub fn define_model(
         logits_offset: ws_plan.logits.offset,
         max_query_tokens,
         max_positions,
+        skips_by_allowed: dec_plan.head.is_some(),
     })
 }
 
@@ -245,6 +259,19 @@ struct Plan {
     token_slot: Option<usize>,
     /// Where the state word (`q`) is recorded.
     state_offset: usize,
+    /// `decoder_step`'s head (final norm, logits, argmax), which the step skips or narrows by
+    /// the allowed list; `None` runs every call unconditionally.
+    head: Option<Head>,
+}
+
+/// The calls after the decoder layers that only pick the next token: `calls[start..logits]`
+/// (the final norm, whose result nothing else reads), `calls[logits]` and `calls[argmax]`
+/// (the last call).
+struct Head {
+    start: usize,
+    logits: usize,
+    /// The import index of the sparse kernel ([`kernels::sparse_logits_argmax`]) for this table.
+    sparse: usize,
 }
 
 /// Module-wide codegen state: constants and kernels, each declared once.
@@ -658,7 +685,11 @@ fn plan(
     }
 
     let mut ret = None;
+    // The call that wrote each value, and the head's parts as they are met.
+    let mut producer: HashMap<String, usize> = HashMap::new();
+    let mut logits_call: Option<(usize, Option<usize>, usize)> = None;
     for (i, inst) in f.body.iter().enumerate() {
+        let calls_before = p.calls.len();
         let result = inst.result.as_ref();
         let res = |what: &str| {
             result.ok_or_else(|| invalid(format!("`{what}` in @{} has no result", f.name)))
@@ -856,12 +887,18 @@ fn plan(
                 let k = p.cx.kernel(format!("logits:{table}"), "logits", |ks, n| {
                     kernels::logits(ks, n, &w)
                 })?;
+                let sparse = p.cx.kernel(format!("sparse:{table}"), "sparse", |ks, n| {
+                    kernels::sparse_logits_argmax(ks, n, &w)
+                })?;
+                let sparse = import(&mut p.callees, sparse);
                 let args = vec![
                     p.ptr(x)?,
                     Arg::Ws(p.ws.logits.offset),
                     Arg::Count(vec![r.ty.shape[0]], 1),
                 ];
                 p.call(k, args);
+                let norm = head_norm(f, &producer, x, p.calls.len() - 1);
+                logits_call = Some((p.calls.len() - 1, norm, sparse));
                 Some(Loc::Logits)
             }
             Op::ArgmaxMasked { logits, allowed } => {
@@ -887,6 +924,9 @@ fn plan(
                 Some(Loc::Returned)
             }
         };
+        if let (Some(r), true) = (result, p.calls.len() == calls_before + 1) {
+            producer.insert(r.name.clone(), calls_before);
+        }
         if let (Some(loc), Some(r)) = (loc, result) {
             p.vals.insert(
                 r.name.clone(),
@@ -911,6 +951,20 @@ fn plan(
             )))
         }
     }
+    // The head is the tail of the step: the final norm (when it is only the logits' input),
+    // the logits, the argmax last.
+    let head = match (entry, logits_call, ret) {
+        (Entry::Decode, Some((logits, norm, sparse)), Some(argmax))
+            if argmax == logits + 1 && argmax + 1 == p.calls.len() =>
+        {
+            Some(Head {
+                start: norm.unwrap_or(logits),
+                logits,
+                sparse,
+            })
+        }
+        _ => None,
+    };
     Ok(Plan {
         calls: p.calls,
         callees: p.callees,
@@ -918,7 +972,26 @@ fn plan(
         ret,
         token_slot,
         state_offset: ws.state.offset,
+        head,
     })
+}
+
+/// The call of the final norm whose result `x` the logits call `logits` reads, when it is the
+/// call just before and nothing else reads `x`: then it belongs to the step's head.
+fn head_norm(
+    f: &Function,
+    producer: &HashMap<String, usize>,
+    x: &str,
+    logits: usize,
+) -> Option<usize> {
+    let read = Operand::Value(x.to_string());
+    let readers = f
+        .body
+        .iter()
+        .filter(|i| i.op.operands().contains(&read))
+        .count();
+    let c = *producer.get(x)?;
+    (readers == 1 && c + 1 == logits && !f.results.iter().any(|r| r == x)).then_some(c)
 }
 
 /// A norm over the last axis of `x` (rows = every other dimension), into `loc` (which the plan
@@ -934,6 +1007,50 @@ fn norm_call(
     let args = vec![p.ptr(x)?, p.loc_arg(loc, "norm")?, Arg::Count(rows, 1)];
     p.call(k, args);
     Ok(Some(loc))
+}
+
+/// What a decoder step computes to pick its token, told from its allowed list alone (the
+/// driver counts steps by the same rule, [`emit_step_kind`]). The token is the same either way:
+/// the argmax among the allowed ids of the full logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    /// Unconstrained (no list, or an empty one), or more than [`sparse_logits_max`] ids: the
+    /// final norm, every logit, the argmax.
+    Full = 0,
+    /// 2 to [`sparse_logits_max`] ids: the final norm and only the listed ids' logits.
+    Sparse = 1,
+    /// Exactly one id (jump-forward): it is the token; no norm, no logits.
+    Forced = 2,
+}
+
+/// The most allowed ids a step computes sparsely: half the vocabulary. A sparse logit costs
+/// what a full one does (the same dot product over one embedding row) plus loading its id, and
+/// its argmax step is the same; below half the vocabulary the gathered rows (not read in order,
+/// so not prefetched) still leave a wide margin. The grammar's constrained steps allow far
+/// fewer (tens of ids), so in practice every constrained step is sparse.
+pub fn sparse_logits_max(vocab: usize) -> usize {
+    vocab / 2
+}
+
+/// Emits the [`StepKind`] (as an `i64`-typed pointer-sized integer) of a step given
+/// `(allowed, n_allowed)`: a NULL list is an empty one.
+pub fn emit_step_kind(g: &mut Gen<'_>, allowed: Value, n: Value, vocab: usize) -> Value {
+    let zero = g.iconst(0);
+    let null = g.icmp(IntCC::Equal, allowed, zero);
+    let n = g.b.ins().select(null, zero, n);
+    let forced = g.b.ins().icmp_imm_u(IntCC::Equal, n, 1);
+    let above_one = g.b.ins().icmp_imm_u(IntCC::UnsignedGreaterThan, n, 1);
+    let small = g.b.ins().icmp_imm_u(
+        IntCC::UnsignedLessThanOrEqual,
+        n,
+        sparse_logits_max(vocab) as i64,
+    );
+    let sparse = g.b.ins().band(above_one, small);
+    let full_k = g.iconst(StepKind::Full as i64);
+    let sparse_k = g.iconst(StepKind::Sparse as i64);
+    let forced_k = g.iconst(StepKind::Forced as i64);
+    let k = g.b.ins().select(sparse, sparse_k, full_k);
+    g.b.ins().select(forced, forced_k, k)
 }
 
 /// Defines an entry point: checks its arguments, then makes the planned calls.
@@ -1002,42 +1119,98 @@ fn emit_entry(
             }
             v
         };
-        let mut result = None;
-        for (ci, c) in plan.calls.iter().enumerate() {
-            let args: Vec<Value> = c
-                .args
-                .iter()
-                .map(|a| match a {
-                    Arg::Ws(off) => g.b.ins().iadd_imm_s(ws, *off as i64),
-                    Arg::WsRow { off, at, row_bytes } => {
-                        let base = g.b.ins().iadd_imm_s(ws, *off as i64);
-                        let at = eval(g, at);
-                        g.addr(base, at, *row_bytes as i64)
-                    }
-                    Arg::Data(i) => addrs[*i],
-                    Arg::Param(i) => params[*i],
-                    Arg::Count(dims, factor) => {
-                        let mut v = g.iconst(*factor as i64);
-                        for d in dims {
-                            if let Some(s) = d.as_static() {
-                                v = g.b.ins().imul_imm_s(v, s);
-                            } else {
-                                let e = eval(g, d);
-                                v = g.b.ins().imul(v, e);
-                            }
+        let arg = |g: &mut Gen<'_>, a: &Arg| -> Value {
+            match a {
+                Arg::Ws(off) => g.b.ins().iadd_imm_s(ws, *off as i64),
+                Arg::WsRow { off, at, row_bytes } => {
+                    let base = g.b.ins().iadd_imm_s(ws, *off as i64);
+                    let at = eval(g, at);
+                    g.addr(base, at, *row_bytes as i64)
+                }
+                Arg::Data(i) => addrs[*i],
+                Arg::Param(i) => params[*i],
+                Arg::Count(dims, factor) => {
+                    let mut v = g.iconst(*factor as i64);
+                    for d in dims {
+                        if let Some(s) = d.as_static() {
+                            v = g.b.ins().imul_imm_s(v, s);
+                        } else {
+                            let e = eval(g, d);
+                            v = g.b.ins().imul(v, e);
                         }
-                        v
                     }
-                    Arg::Dim(e) => eval(g, e),
-                    Arg::F32(x) => g.f32(*x),
-                })
-                .collect();
-            let f = frefs[c.callee];
-            let r = g.call(f, &args);
-            if plan.ret == Some(ci) {
-                result = r;
+                    v
+                }
+                Arg::Dim(e) => eval(g, e),
+                Arg::F32(x) => g.f32(*x),
             }
+        };
+        let emit_call = |g: &mut Gen<'_>, c: &Call| -> Option<Value> {
+            let args: Vec<Value> = c.args.iter().map(|a| arg(g, a)).collect();
+            g.call(frefs[c.callee], &args)
+        };
+        let (Entry::Decode, Some(head)) = (entry, &plan.head) else {
+            let mut result = None;
+            for (ci, c) in plan.calls.iter().enumerate() {
+                let r = emit_call(g, c);
+                if plan.ret == Some(ci) {
+                    result = r;
+                }
+            }
+            return result;
+        };
+        // The decoder layers always run (they fill the K/V cache); the head runs as the
+        // allowed list says (see [`StepKind`]).
+        for c in &plan.calls[..head.start] {
+            emit_call(g, c);
         }
-        result
+        let (allowed, n) = (params[3], params[4]);
+        let kind = emit_step_kind(g, allowed, n, limits.vocab);
+        let m1 = g.b.ins().iconst(types::I32, -1);
+        let token = g.var(types::I32, m1);
+        let forced =
+            g.b.ins()
+                .icmp_imm_u(IntCC::Equal, kind, StepKind::Forced as i64);
+        g.if_else(
+            forced,
+            |g| {
+                // The one allowed id is what the argmax would pick (-1 when out of range).
+                let id = g.b.ins().load(types::I32, mem(), allowed, 0);
+                let ok =
+                    g.b.ins()
+                        .icmp_imm_u(IntCC::UnsignedLessThan, id, limits.vocab as i64);
+                let id = g.b.ins().select(ok, id, m1);
+                g.set(token, id);
+            },
+            |g| {
+                let sparse =
+                    g.b.ins()
+                        .icmp_imm_u(IntCC::Equal, kind, StepKind::Sparse as i64);
+                g.if_else(
+                    sparse,
+                    |g| {
+                        for c in &plan.calls[head.start..head.logits] {
+                            emit_call(g, c);
+                        }
+                        let lc = &plan.calls[head.logits];
+                        let x = arg(g, &lc.args[0]);
+                        let y = arg(g, &lc.args[1]);
+                        let t = g
+                            .call(frefs[head.sparse], &[x, y, allowed, n])
+                            .expect("returns the token");
+                        g.set(token, t);
+                    },
+                    |g| {
+                        let mut last = None;
+                        for c in &plan.calls[head.start..] {
+                            last = emit_call(g, c);
+                        }
+                        let t = last.expect("the argmax returns the token");
+                        g.set(token, t);
+                    },
+                );
+            },
+        );
+        Some(g.get(token))
     })
 }
