@@ -39,19 +39,48 @@ fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Seconds of one library call, and the archive's bytes.
-fn library_time(
+/// A library built for the bench: its harness and sizes.
+struct BenchLibrary {
+    exe: std::path::PathBuf,
+    archive_bytes: u64,
+    workspace_bytes: u64,
+}
+
+/// What a library is built from.
+struct Inputs<'a> {
+    checkpoint: &'a Path,
+    tokenizer: &'a Path,
+    tools: &'a str,
+}
+
+/// The `NAME_WORKSPACE_SIZE` a generated header defines.
+fn workspace_size(header: &str) -> u64 {
+    let line = header
+        .lines()
+        .find(|l| l.starts_with("#define NEEDLE_WORKSPACE_SIZE "))
+        .expect("the header defines the workspace size");
+    line.trim_end_matches(')')
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+/// Builds `model` into a library linked with the timing harness.
+fn build_library(
     dir: &Path,
-    checkpoint: &Path,
+    model: &Inputs<'_>,
     fold: FoldMode,
     weights: Precision,
     max_gen_len: usize,
-) -> (f64, u64) {
-    let out = dir.join(format!("{}-{weights}-{max_gen_len}", fold.name()));
+) -> BenchLibrary {
+    let stem = model.checkpoint.file_stem().unwrap().to_string_lossy();
+    let out = dir.join(format!("{stem}-{}-{weights}-{max_gen_len}", fold.name()));
     let opts = BuildOptions {
-        checkpoint: checkpoint.to_path_buf(),
-        tokenizer: golden("dev4k.model"),
-        tools: TOOLS.into(),
+        checkpoint: model.checkpoint.to_path_buf(),
+        tokenizer: model.tokenizer.to_path_buf(),
+        tools: model.tools.into(),
         target: needle_targets::Target::host().unwrap().name.to_string(),
         cpu: None,
         features: vec![],
@@ -65,9 +94,17 @@ fn library_time(
     build(&opts).expect("build");
     let archive = std::fs::read(out.join("libneedle.a")).unwrap();
     let header = std::fs::read_to_string(out.join("needle.h")).unwrap();
-    let exe = build_harness(&out, "needle", &archive, &header, "bench_harness.c");
-    let run = Command::new(exe)
-        .args([QUERY, &REPEATS.to_string()])
+    BenchLibrary {
+        exe: build_harness(&out, "needle", &archive, &header, "bench_harness.c"),
+        archive_bytes: archive.len() as u64,
+        workspace_bytes: workspace_size(&header),
+    }
+}
+
+/// Seconds of one call of `query` (best of [`REPEATS`]).
+fn call_secs(lib: &BenchLibrary, query: &str) -> f64 {
+    let run = Command::new(&lib.exe)
+        .args([query, &REPEATS.to_string()])
         .output()
         .unwrap();
     assert!(
@@ -75,12 +112,11 @@ fn library_time(
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let secs = String::from_utf8(run.stdout)
+    String::from_utf8(run.stdout)
         .unwrap()
         .trim()
         .parse()
-        .unwrap();
-    (secs, archive.len() as u64)
+        .unwrap()
 }
 
 fn main() {
@@ -153,19 +189,100 @@ fn main() {
         };
         let r = row("runtime", rt_short, rt_long);
         // The library in every weight format (`--weights`), side by side.
+        let mut f32_call = None;
+        let full = Inputs {
+            checkpoint: &path,
+            tokenizer: &golden("dev4k.model"),
+            tools: TOOLS,
+        };
         for weights in Precision::ALL {
-            let (lib_short, bytes) = library_time(&dir, &path, fold, weights, 2);
-            let (lib_long, _) = library_time(&dir, &path, fold, weights, DECODE_LEN);
-            let l = row(&format!("lib {weights}"), lib_short, lib_long);
+            let short = build_library(&dir, &full, fold, weights, 2);
+            let long = build_library(&dir, &full, fold, weights, DECODE_LEN);
+            let (short_secs, long_secs) = (call_secs(&short, QUERY), call_secs(&long, QUERY));
+            let l = row(&format!("lib {weights}"), short_secs, long_secs);
+            let f32_call = *f32_call.get_or_insert(l.2);
             println!(
                 "{:<8} {:<8} {:>13.2}x {:>13.2}x {:>9.2}x  (library / runtime; call: runtime / \
-                 library); archive {bytes} bytes",
+                 library); call vs f32 library {:.2}x faster; archive {} bytes, workspace {} bytes",
                 fold.name(),
                 "ratio",
                 l.0 / r.0,
                 l.1 / r.1,
-                r.2 / l.2
+                r.2 / l.2,
+                f32_call / l.2,
+                long.archive_bytes,
+                long.workspace_bytes,
             );
         }
+    }
+    bundled_samples(&dir);
+}
+
+/// The bundled trained model on its 40 samples: the whole call per sample (mean of each
+/// sample's best time) for the runtime and the library in its default (f16) and int4 formats,
+/// and the share of decoder steps that skip logits (forced) or compute only the allowed rows
+/// (sparse), as the runtime's grammar decides them and the library follows
+/// (`library_e2e::jump_forward_and_sparse_steps_follow_the_grammar` checks they agree).
+fn bundled_samples(dir: &Path) {
+    let root = needle_test_support::repo_root().join("examples/tiny-needle");
+    let samples: Vec<needle_test_support::Sample> =
+        needle_test_support::read_json(&root.join("samples.json"));
+    let tools_json = std::fs::read_to_string(root.join("tools.json")).unwrap();
+    let tokenizer_path = root.join("tokenizer.model");
+    let tokenizer = load_tokenizer(&tokenizer_path).unwrap();
+    let tools = parse_tools(&tools_json).unwrap().context();
+    println!("\nbundled model (examples/tiny-needle), 40 samples, mean call ms per sample:");
+    println!(
+        "{:<24} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "checkpoint", "fold", "runtime", "lib f16", "lib int4", "forced", "sparse", "full"
+    );
+    for (file, fold) in [
+        ("tiny-needle.pkl", FoldMode::None),
+        ("tiny-needle-folded.pkl", FoldMode::Tools),
+    ] {
+        let checkpoint = root.join(file);
+        let loaded = needlec::frontend::load_model_as(&checkpoint, None).unwrap();
+        let vocab = loaded.model.config.vocab_size;
+        let sparse_max = needlec::codegen::model::sparse_logits_max(vocab);
+        let engine = Engine::new(loaded.model, tokenizer.clone(), tools.clone(), fold).unwrap();
+        let (mut rt, mut steps) = (0.0, [0usize; 3]);
+        for s in &samples {
+            rt += best_of(REPEATS, || {
+                engine.generate(&s.query, 512).unwrap();
+            });
+            for step in engine.generate(&s.query, 512).unwrap().steps {
+                match step.allowed {
+                    Some(1) => steps[0] += 1,
+                    Some(n) if n >= 2 && n <= sparse_max => steps[1] += 1,
+                    _ => steps[2] += 1,
+                }
+            }
+        }
+        let model = Inputs {
+            checkpoint: &checkpoint,
+            tokenizer: &tokenizer_path,
+            tools: &tools_json,
+        };
+        let lib = |weights: Precision| {
+            let lib = build_library(dir, &model, fold, weights, 512);
+            samples
+                .iter()
+                .map(|s| call_secs(&lib, &s.query))
+                .sum::<f64>()
+        };
+        let n = samples.len() as f64;
+        let total = steps.iter().sum::<usize>() as f64;
+        let pct = |k: usize| 100.0 * steps[k] as f64 / total;
+        println!(
+            "{:<24} {:<8} {:>9.3} {:>9.3} {:>9.3} {:>7.1}% {:>7.1}% {:>7.1}%",
+            file,
+            fold.name(),
+            rt / n * 1e3,
+            lib(Precision::F16) / n * 1e3,
+            lib(Precision::Int4) / n * 1e3,
+            pct(0),
+            pct(1),
+            pct(2)
+        );
     }
 }
