@@ -894,7 +894,9 @@ fn plan(
                     |ks, n| kernels::attention(ks, n, nb, heads, kv_heads, h),
                 )?;
                 let loc = p.fresh(&r.name, &r.ty, i);
-                let scores = p.alloc(keys_max * 4, i);
+                let facts = p.cx.ks.target().kernel_facts();
+                let scratch = kernels::attention_scratch(&facts, keys_max);
+                let scores = p.alloc(scratch * 4, i);
                 let mut args = vec![
                     p.ptr(q)?,
                     p.loc_arg(loc, "attention")?,
