@@ -187,9 +187,14 @@ pub struct KernelFacts {
     /// Columns of a weight block that stays in cache while every row passes over it (a
     /// multiple of `matmul_cols`); single rows (decode) take a whole block at once.
     pub matmul_block_cols: usize,
+    /// Weight rows per step of a matrix product's inner loop (unrolling).
+    pub matmul_unroll: usize,
     /// Keys per block of streamed attention (online softmax): a block's scores are all the
     /// scratch attention needs.
     pub attention_keys: usize,
+    /// Vectors of an attention output row accumulated in registers per pass over a key
+    /// block's values (the rest of the row waits in memory): about half the registers.
+    pub attention_acc_vectors: usize,
     /// Matrix products accumulate with fused multiply-adds.
     pub fma: bool,
 }
@@ -455,9 +460,11 @@ impl Target {
             // no scratch: 6 rows x 8 columns, 12 accumulators + 2 weights + 1 broadcast = 15.
             Arch::X86_64 => KernelFacts {
                 vector_registers: 16,
-                matmul_rows: if fma { 6 } else { 4 },
+                attention_acc_vectors: 8,
+                matmul_rows: 4,
                 matmul_cols: 8,
                 matmul_block_cols: 16,
+                matmul_unroll: 1,
                 attention_keys: 64,
                 fma,
             },
@@ -465,9 +472,11 @@ impl Target {
             // vectors and 8 broadcasts, with room to spare for the loop's addresses.
             Arch::Aarch64 => KernelFacts {
                 vector_registers: 32,
+                attention_acc_vectors: 16,
                 matmul_rows: 8,
                 matmul_cols: 8,
                 matmul_block_cols: 32,
+                matmul_unroll: 1,
                 attention_keys: 64,
                 fma,
             },
@@ -477,17 +486,21 @@ impl Target {
             // columns is 16 accumulators and 8 weights.
             Arch::Riscv64 if self.has("v") => KernelFacts {
                 vector_registers: 32,
+                attention_acc_vectors: 16,
                 matmul_rows: 4,
                 matmul_cols: 8,
                 matmul_block_cols: 16,
+                matmul_unroll: 1,
                 attention_keys: 64,
                 fma,
             },
             Arch::Riscv64 => KernelFacts {
                 vector_registers: 32,
+                attention_acc_vectors: 4,
                 matmul_rows: 2,
                 matmul_cols: 8,
                 matmul_block_cols: 16,
+                matmul_unroll: 1,
                 attention_keys: 64,
                 fma,
             },

@@ -246,6 +246,8 @@ pub struct WeightBlock {
     k: i64,
     /// The scales of an integer format: the block's first group.
     scales: Option<GroupScales>,
+    /// Rows per step of [`WeightBlock::for_each_row`]'s loop.
+    unroll: i64,
 }
 
 /// Where a block's scales are: like its `q`, with a group where `q` has a row.
@@ -372,6 +374,7 @@ impl WeightAccess {
             elem,
             k,
             scales,
+            unroll: 1,
         }
     }
 }
@@ -388,6 +391,13 @@ fn panel_addr(g: &mut Gen<'_>, base: Value, c: Value, panel_bytes: i64) -> Value
 }
 
 impl WeightBlock {
+    /// The block with its row loop unrolled `rows` times (the target's
+    /// `KernelFacts::matmul_unroll`): fewer loop branches and address updates per weight row.
+    pub fn unrolled(mut self, rows: usize) -> Self {
+        self.unroll = rows.max(1) as i64;
+        self
+    }
+
     /// Row `k` of the block; its columns are then relative to the block's first.
     fn row(&self, g: &mut Gen<'_>, k: Value) -> WeightRow {
         WeightRow {
@@ -443,17 +453,40 @@ impl WeightBlock {
     }
 
     /// Rows in order; for an integer format group by group, each group's scale row at hand
-    /// (a row's raw loads are then `q` as float32, to be scaled).
+    /// (a row's raw loads are then `q` as float32, to be scaled). Unrolled by
+    /// [`WeightBlock::unrolled`]: one loop step covers that many rows, addressed by constant
+    /// offsets from the step's first.
     fn rows(
         &self,
         g: &mut Gen<'_>,
         mut body: impl FnMut(&mut Gen<'_>, Value, &WeightRow, Option<&WeightRow>),
     ) {
-        let Some(sc) = self.scales else {
-            g.for_const(0, self.k, 1, |g, kk| {
-                let row = self.row(g, kk);
-                body(g, kk, &row, None)
+        let unroll = self.unroll.max(1);
+        // Rows `k0 + lo .. k0 + hi` (`lo`, `hi` known at build time), `unroll` per step.
+        let mut span = |g: &mut Gen<'_>, k0: Value, lo: i64, hi: i64, srow: Option<&WeightRow>| {
+            let mid = lo + (hi - lo) / unroll * unroll;
+            g.for_const(lo, mid, unroll, |g, r| {
+                let kk0 = g.b.ins().iadd(k0, r);
+                let row0 = self.row(g, kk0);
+                for u in 0..unroll {
+                    let kk = g.b.ins().iadd_imm_s(kk0, u);
+                    let row = WeightRow {
+                        ptr: g.b.ins().iadd_imm_s(row0.ptr, u * self.stride),
+                        elem: self.elem,
+                        panel: self.panel,
+                    };
+                    body(g, kk, &row, srow)
+                }
             });
+            g.for_const(mid, hi, 1, |g, r| {
+                let kk = g.b.ins().iadd(k0, r);
+                let row = self.row(g, kk);
+                body(g, kk, &row, srow)
+            });
+        };
+        let zero = g.iconst(0);
+        let Some(sc) = self.scales else {
+            span(g, zero, 0, self.k, None);
             return;
         };
         let full = self.k / sc.group;
@@ -465,19 +498,12 @@ impl WeightBlock {
         g.for_const(0, full, 1, |g, gi| {
             let srow = scale_row(g, gi);
             let k0 = g.b.ins().imul_imm_s(gi, sc.group);
-            g.for_const(0, sc.group, 1, |g, r| {
-                let kk = g.b.ins().iadd(k0, r);
-                let row = self.row(g, kk);
-                body(g, kk, &row, Some(&srow))
-            });
+            span(g, k0, 0, sc.group, Some(&srow));
         });
         if full * sc.group < self.k {
             let gi = g.iconst(full);
             let srow = scale_row(g, gi);
-            g.for_const(full * sc.group, self.k, 1, |g, kk| {
-                let row = self.row(g, kk);
-                body(g, kk, &row, Some(&srow))
-            });
+            span(g, zero, full * sc.group, self.k, Some(&srow));
         }
     }
 }

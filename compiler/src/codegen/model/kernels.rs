@@ -161,6 +161,7 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
     let fma = facts.fma;
     let tile_rows = facts.matmul_rows.max(1) as i64;
     let tile_cols = facts.matmul_cols.max(4) as i64;
+    let unroll = facts.matmul_unroll;
     // Block widths: the target's block, halved down to 8, then 4 and single columns.
     let mut widths = Vec::new();
     let mut wd = facts.matmul_block_cols.max(8) as i64;
@@ -201,7 +202,7 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
                         continue;
                     }
                     g.for_const(lo, hi, width, |g, c| {
-                        let blk = wa.block(g, &range, c);
+                        let blk = wa.block(g, &range, c).unrolled(unroll);
                         for &(r0, r1, tile) in &row_tiles {
                             g.for_range(r0, r1, tile, |g, r| {
                                 for j0 in (0..width).step_by(tile_cols as usize) {
@@ -607,12 +608,14 @@ pub fn attention(
         params.push((CType::SizeT, m));
     }
     let group = (heads / kv_heads) as i64;
+    let facts = ks.target().kernel_facts();
     let shape = HeadShape {
         hd: h as i64,
         h4: h as i64 / 4 * 4,
         kvw: (kv_heads * h) as i64,
         scale: 1.0 / (h as f32).sqrt(),
-        key_block: ks.target().kernel_facts().attention_keys.max(1) as i64,
+        key_block: facts.attention_keys.max(1) as i64,
+        acc_chunk: facts.attention_acc_vectors.max(1),
     };
     let qw = (heads * h) as i64;
     internal(ks, name, &params, CType::Void, &[], |g, a, _| {
@@ -649,6 +652,8 @@ struct HeadShape {
     scale: f32,
     /// Keys per streamed block.
     key_block: i64,
+    /// Vectors of the output row accumulated in registers per pass over a block's values.
+    acc_chunk: usize,
 }
 
 /// One query head against every block, keys streamed: see [`attention`].
@@ -667,6 +672,7 @@ fn attend_head(
         kvw,
         scale,
         key_block,
+        acc_chunk,
     } = *shape;
     let qv: Vec<_> = (0..h4 / 4)
         .map(|j| {
@@ -685,9 +691,17 @@ fn attend_head(
     let run_max = g.var(types::F32, lowest);
     let fz = g.f32(0.0);
     let run_sum = g.var(types::F32, fz);
+    // The weighted sum of values accumulates in the output row itself: chunks of it pass
+    // through registers (see `acc_chunk`), so no accumulator is spilled per key.
     let vz = g.vconst(0.0);
-    let accs: Vec<V4Var> = (0..h4 / 4).map(|_| g.vvar(vz)).collect();
-    let saccs: Vec<_> = (h4..hd).map(|_| g.var(types::F32, fz)).collect();
+    for j in (0..h4).step_by(4) {
+        let i = g.iconst(j);
+        g.vstore(vz, oh, i);
+    }
+    for j in h4..hd {
+        let i = g.iconst(j);
+        g.store_f32(fz, oh, i);
+    }
     for &[k, v, m] in blk {
         let kb = g.b.ins().iadd(k, kv_off);
         let vb = g.b.ins().iadd(v, kv_off);
@@ -739,15 +753,17 @@ fn attend_head(
             let shift = g.b.ins().fsub(old_max, new_max);
             let corr = math::exp(g, shift);
             let cs = g.vsplat(corr);
-            for &acc in &accs {
-                let cur = g.vget(acc);
+            for j in (0..h4).step_by(4) {
+                let i = g.iconst(j);
+                let cur = g.vload(oh, i);
                 let nxt = g.vmul(cur, cs);
-                g.vset(acc, nxt);
+                g.vstore(nxt, oh, i);
             }
-            for &acc in &saccs {
-                let cur = g.get(acc);
+            for j in h4..hd {
+                let i = g.iconst(j);
+                let cur = g.load_f32(oh, i);
                 let nxt = g.b.ins().fmul(cur, corr);
-                g.set(acc, nxt);
+                g.store_f32(nxt, oh, i);
             }
             let cur = g.get(run_sum);
             let rescaled = g.b.ins().fmul(cur, corr);
@@ -782,26 +798,51 @@ fn attend_head(
             let total = g.b.ins().fadd(rescaled, bs);
             g.set(run_sum, total);
 
-            // acc += p_j v_j.
-            g.for_n(len, |g, j| {
-                let vp = g.addr(vblk, j, kvw * 4);
-                let p = g.load_f32(scores, j);
-                let ps = g.vsplat(p);
-                for (jj, &acc) in accs.iter().enumerate() {
-                    let i = g.iconst(4 * jj as i64);
-                    let vv = g.vload(vp, i);
-                    let cur = g.vget(acc);
-                    let nxt = g.vmul_add(ps, vv, cur);
-                    g.vset(acc, nxt);
+            // out += p_j v_j, `acc_chunk` vectors of the row at a time in registers.
+            let vecs: Vec<i64> = (0..h4).step_by(4).collect();
+            for chunk in vecs.chunks(acc_chunk) {
+                let accs: Vec<V4Var> = chunk
+                    .iter()
+                    .map(|&c| {
+                        let i = g.iconst(c);
+                        let v = g.vload(oh, i);
+                        g.vvar(v)
+                    })
+                    .collect();
+                g.for_n(len, |g, j| {
+                    let vp = g.addr(vblk, j, kvw * 4);
+                    let p = g.load_f32(scores, j);
+                    let ps = g.vsplat(p);
+                    for (&c, &acc) in chunk.iter().zip(&accs) {
+                        let i = g.iconst(c);
+                        let vv = g.vload(vp, i);
+                        let cur = g.vget(acc);
+                        let nxt = g.vmul_add(ps, vv, cur);
+                        g.vset(acc, nxt);
+                    }
+                });
+                for (&c, &acc) in chunk.iter().zip(&accs) {
+                    let i = g.iconst(c);
+                    let v = g.vget(acc);
+                    g.vstore(v, oh, i);
                 }
-                for (jj, &acc) in saccs.iter().enumerate() {
-                    let i = g.iconst(h4 + jj as i64);
+            }
+            for c in h4..hd {
+                let i = g.iconst(c);
+                let a0 = g.load_f32(oh, i);
+                let acc = g.var(types::F32, a0);
+                g.for_n(len, |g, j| {
+                    let vp = g.addr(vblk, j, kvw * 4);
+                    let p = g.load_f32(scores, j);
+                    let i = g.iconst(c);
                     let vv = g.load_f32(vp, i);
                     let cur = g.get(acc);
                     let nxt = g.mul_add(p, vv, cur);
                     g.set(acc, nxt);
-                }
-            });
+                });
+                let v = g.get(acc);
+                g.store_f32(v, oh, i);
+            }
         });
     }
 
@@ -811,15 +852,15 @@ fn attend_head(
     let empty = g.fcmp(FloatCC::Equal, sum, fz);
     let sum = g.b.ins().select(empty, one, sum);
     let ssplat = g.vsplat(sum);
-    for (jj, &acc) in accs.iter().enumerate() {
-        let i = g.iconst(4 * jj as i64);
-        let v = g.vget(acc);
+    for j in (0..h4).step_by(4) {
+        let i = g.iconst(j);
+        let v = g.vload(oh, i);
         let o = g.vdiv(v, ssplat);
         g.vstore(o, oh, i);
     }
-    for (jj, &acc) in saccs.iter().enumerate() {
-        let i = g.iconst(h4 + jj as i64);
-        let v = g.get(acc);
+    for j in h4..hd {
+        let i = g.iconst(j);
+        let v = g.load_f32(oh, i);
         let o = g.b.ins().fdiv(v, sum);
         g.store_f32(o, oh, i);
     }
