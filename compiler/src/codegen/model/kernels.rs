@@ -936,3 +936,28 @@ pub fn argmax(ks: &mut KernelSet, name: &str, vocab: usize) -> Result<FuncId, Co
         Some(g.get(idx))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use needle_targets::Target;
+
+    #[test]
+    fn attention_scratch_is_one_key_block_however_many_keys() {
+        for triple in [
+            "x86_64-unknown-linux-gnu",
+            "aarch64-unknown-linux-gnu",
+            "riscv64gc-unknown-linux-gnu",
+        ] {
+            let facts = Target::from_triple(triple).unwrap().kernel_facts();
+            let block = facts.attention_keys;
+            assert_eq!(
+                attention_scratch(&facts, 3),
+                3,
+                "{triple}: fewer keys than a block"
+            );
+            assert_eq!(attention_scratch(&facts, 1024), block, "{triple}");
+            assert_eq!(attention_scratch(&facts, 1024 * 512), block, "{triple}");
+        }
+    }
+}
