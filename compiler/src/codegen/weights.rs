@@ -462,26 +462,41 @@ impl WeightBlock {
         mut body: impl FnMut(&mut Gen<'_>, Value, &WeightRow, Option<&WeightRow>),
     ) {
         let unroll = self.unroll.max(1);
-        // Rows `k0 + lo .. k0 + hi` (`lo`, `hi` known at build time), `unroll` per step.
+        // Rows `k0 + lo .. k0 + hi` (`lo`, `hi` known at build time), `unroll` per step. The
+        // row address is a loop-carried pointer bumped by the stride: computed from the index,
+        // Cranelift rematerializes the block's base (symbol, panel offset) in every iteration.
+        let pt = g.ptr;
         let mut span = |g: &mut Gen<'_>, k0: Value, lo: i64, hi: i64, srow: Option<&WeightRow>| {
             let mid = lo + (hi - lo) / unroll * unroll;
+            let first = g.b.ins().iadd_imm_s(k0, lo);
+            let start = self.row(g, first).ptr;
+            let cursor = g.var(pt, start);
             g.for_const(lo, mid, unroll, |g, r| {
                 let kk0 = g.b.ins().iadd(k0, r);
-                let row0 = self.row(g, kk0);
+                let p0 = g.get(cursor);
                 for u in 0..unroll {
                     let kk = g.b.ins().iadd_imm_s(kk0, u);
                     let row = WeightRow {
-                        ptr: g.b.ins().iadd_imm_s(row0.ptr, u * self.stride),
+                        ptr: g.b.ins().iadd_imm_s(p0, u * self.stride),
                         elem: self.elem,
                         panel: self.panel,
                     };
                     body(g, kk, &row, srow)
                 }
+                let next = g.b.ins().iadd_imm_s(p0, unroll * self.stride);
+                g.set(cursor, next);
             });
             g.for_const(mid, hi, 1, |g, r| {
                 let kk = g.b.ins().iadd(k0, r);
-                let row = self.row(g, kk);
-                body(g, kk, &row, srow)
+                let p0 = g.get(cursor);
+                let row = WeightRow {
+                    ptr: p0,
+                    elem: self.elem,
+                    panel: self.panel,
+                };
+                body(g, kk, &row, srow);
+                let next = g.b.ins().iadd_imm_s(p0, self.stride);
+                g.set(cursor, next);
             });
         };
         let zero = g.iconst(0);
