@@ -11,12 +11,15 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 
-use crate::codegen::gen::{mem, mem_ro, Gen, V4Var};
+use crate::codegen::gen::{mem, mem_ro, Gen, V4Var, V4};
 use crate::codegen::math;
 use crate::codegen::weights::{WeightAccess, WeightBlock, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
 use crate::emit::CType;
 use needle_targets::KernelFacts;
+
+/// Independent partial sums of an attention score's dot product.
+const DOT_CHAINS: usize = 4;
 
 /// Epsilon of the RMS norms (IR `zcrmsnorm`/`rmsnorm`, spec section 2).
 const NORM_EPS: f32 = 1e-6;
@@ -723,13 +726,30 @@ fn attend_head(
                 let kp = g.addr(kblk, j, kvw * 4);
                 let mut dot = None;
                 if !qv.is_empty() {
-                    let mut acc = g.vconst(0.0);
+                    // Independent partial sums: one chain of dependent adds per key would
+                    // stall on the add latency instead of the arithmetic.
+                    let chains = qv.len().min(DOT_CHAINS);
+                    let z = g.vconst(0.0);
+                    let mut accs = vec![z; chains];
                     for (jj, &qq) in qv.iter().enumerate() {
                         let i = g.iconst(4 * jj as i64);
                         let kv = g.vload(kp, i);
-                        acc = g.vmul_add(qq, kv, acc);
+                        accs[jj % chains] = g.vmul_add(qq, kv, accs[jj % chains]);
                     }
-                    dot = Some(g.vsum(acc));
+                    while accs.len() > 1 {
+                        let pairs: Vec<V4> = accs
+                            .chunks(2)
+                            .map(|c| {
+                                if c.len() == 2 {
+                                    g.vadd(c[0], c[1])
+                                } else {
+                                    c[0]
+                                }
+                            })
+                            .collect();
+                        accs = pairs;
+                    }
+                    dot = Some(g.vsum(accs[0]));
                 }
                 let mut s = match dot {
                     Some(s) => s,
