@@ -172,6 +172,44 @@ pub struct Target {
     pub features: Vec<&'static str>,
 }
 
+/// The shape of the generated model's kernels on one target and CPU level
+/// ([`Target::kernel_facts`]). Every matrix product reads weights in column panels of 8 (two
+/// 4-lane vectors; the int4 packing pairs columns within a panel), so column counts here are
+/// multiples of 8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFacts {
+    /// Vector registers the register allocator can use (float registers where the 4 lanes are
+    /// scalar).
+    pub vector_registers: usize,
+    /// Rows of a multi-row matrix-product tile (prefill): every weight vector loaded serves
+    /// this many rows.
+    pub matmul_rows: usize,
+    /// Columns of a multi-row tile (a multiple of 8).
+    pub matmul_cols: usize,
+    /// Columns of a weight block that stays in cache while every row passes over it (a
+    /// multiple of `matmul_cols`); single rows (decode) take a whole block at once.
+    pub matmul_block_cols: usize,
+    /// Weight rows per step of a matrix product's inner loop (unrolling).
+    pub matmul_unroll: usize,
+    /// Keys per block of streamed attention (online softmax): a block's scores are all the
+    /// scratch attention needs.
+    pub attention_keys: usize,
+    /// Vectors of an attention output row accumulated in registers per pass over a key
+    /// block's values (the rest of the row waits in memory): about half the registers.
+    pub attention_acc_vectors: usize,
+    /// Matrix products accumulate with fused multiply-adds.
+    pub fma: bool,
+}
+
+impl KernelFacts {
+    /// Vector registers a multi-row tile keeps live: accumulators, one weight vector per 4
+    /// columns, one broadcast, and one scratch product without FMA.
+    pub fn matmul_tile_registers(&self) -> usize {
+        let accs = self.matmul_rows * self.matmul_cols / 4;
+        accs + self.matmul_cols / 4 + 1 + usize::from(!self.fma)
+    }
+}
+
 /// One entry of the supported list.
 #[derive(Clone, Copy, Debug)]
 pub struct SupportedTarget {
@@ -437,6 +475,65 @@ impl Target {
         match self.arch {
             Arch::X86_64 => self.has("fma"),
             Arch::Aarch64 | Arch::Riscv64 => true,
+        }
+    }
+
+    /// How the generated model's kernels are shaped for this target and CPU level: register
+    /// tiles, unrolling and block sizes. Code generation asks for these instead of matching on
+    /// the architecture.
+    pub fn kernel_facts(&self) -> KernelFacts {
+        let fma = self.native_fma();
+        match self.arch {
+            // 16 xmm registers. Without FMA (SSE2 baseline) `acc + x * w` needs a scratch
+            // register per step: 4 rows x 8 columns is 8 accumulators, 2 weight vectors, a
+            // broadcast and a product. With FMA (`x86-64-v3`) the three-operand fused form needs
+            // no scratch: 6 rows x 8 columns, 12 accumulators + 2 weights + 1 broadcast = 15.
+            Arch::X86_64 => KernelFacts {
+                vector_registers: 16,
+                attention_acc_vectors: 8,
+                matmul_rows: 4,
+                matmul_cols: 8,
+                matmul_block_cols: 16,
+                matmul_unroll: 1,
+                attention_keys: 64,
+                fma,
+            },
+            // NEON has 32 vector registers: 8 rows x 8 columns is 16 accumulators, 2 weight
+            // vectors and 8 broadcasts, with room to spare for the loop's addresses.
+            Arch::Aarch64 => KernelFacts {
+                vector_registers: 32,
+                attention_acc_vectors: 16,
+                matmul_rows: 8,
+                matmul_cols: 8,
+                matmul_block_cols: 32,
+                matmul_unroll: 1,
+                attention_keys: 64,
+                fma,
+            },
+            // With `v`: 32 vector registers like NEON, but Cranelift's RISC-V vector lowering
+            // re-establishes the vector length around instructions; a middle tile keeps spills
+            // away. Without it the 4 lanes are scalar float registers (32 of them): 2 rows x 8
+            // columns is 16 accumulators and 8 weights.
+            Arch::Riscv64 if self.has("v") => KernelFacts {
+                vector_registers: 32,
+                attention_acc_vectors: 16,
+                matmul_rows: 4,
+                matmul_cols: 8,
+                matmul_block_cols: 16,
+                matmul_unroll: 1,
+                attention_keys: 64,
+                fma,
+            },
+            Arch::Riscv64 => KernelFacts {
+                vector_registers: 32,
+                attention_acc_vectors: 4,
+                matmul_rows: 2,
+                matmul_cols: 8,
+                matmul_block_cols: 16,
+                matmul_unroll: 1,
+                attention_keys: 64,
+                fma,
+            },
         }
     }
 
@@ -716,6 +813,38 @@ mod tests {
             Target::from_triple("not a triple").unwrap_err(),
             TargetError::Parse { .. }
         ));
+    }
+
+    #[test]
+    fn kernel_tiles_fit_each_targets_registers() {
+        for t in supported() {
+            for cpu in std::iter::once(None).chain(
+                cpus(Target::from_triple(t.triple).unwrap().arch)
+                    .into_iter()
+                    .map(Some),
+            ) {
+                let target = Target::with_cpu(t.triple, cpu, &[]).unwrap();
+                let f = target.kernel_facts();
+                assert!(
+                    f.matmul_tile_registers() <= f.vector_registers,
+                    "{} {cpu:?}: {f:?}",
+                    t.triple
+                );
+                assert_eq!(f.matmul_cols % 8, 0, "whole panels");
+                assert_eq!(f.matmul_block_cols % f.matmul_cols, 0);
+                assert!(f.matmul_rows >= 1 && f.attention_keys >= 4);
+                assert_eq!(f.fma, target.native_fma());
+            }
+        }
+        let v3 = Target::with_cpu("x86_64-unknown-linux-gnu", Some("x86-64-v3"), &[]).unwrap();
+        let base = Target::from_triple("x86_64-unknown-linux-gnu").unwrap();
+        let arm = Target::from_triple("aarch64-unknown-linux-gnu").unwrap();
+        assert!(v3.kernel_facts().fma && !base.kernel_facts().fma);
+        assert!(
+            arm.kernel_facts().matmul_rows * arm.kernel_facts().matmul_cols
+                > base.kernel_facts().matmul_rows * base.kernel_facts().matmul_cols,
+            "NEON's 32 registers hold a larger tile than x86's 16"
+        );
     }
 
     #[test]

@@ -246,6 +246,8 @@ pub struct WeightBlock {
     k: i64,
     /// The scales of an integer format: the block's first group.
     scales: Option<GroupScales>,
+    /// Rows per step of [`WeightBlock::for_each_row`]'s loop.
+    unroll: i64,
 }
 
 /// Where a block's scales are: like its `q`, with a group where `q` has a row.
@@ -372,6 +374,7 @@ impl WeightAccess {
             elem,
             k,
             scales,
+            unroll: 1,
         }
     }
 }
@@ -388,6 +391,13 @@ fn panel_addr(g: &mut Gen<'_>, base: Value, c: Value, panel_bytes: i64) -> Value
 }
 
 impl WeightBlock {
+    /// The block with its row loop unrolled `rows` times (the target's
+    /// `KernelFacts::matmul_unroll`): fewer loop branches and address updates per weight row.
+    pub fn unrolled(mut self, rows: usize) -> Self {
+        self.unroll = rows.max(1) as i64;
+        self
+    }
+
     /// Row `k` of the block; its columns are then relative to the block's first.
     fn row(&self, g: &mut Gen<'_>, k: Value) -> WeightRow {
         WeightRow {
@@ -451,18 +461,55 @@ impl WeightBlock {
 
     /// Rows in order. For an integer format group by group: `scales` loads what the rows of a
     /// group share from its scale row, once per group, and `body` gets it (a row's raw loads
-    /// are then `q` as float32, to be scaled).
+    /// are then `q` as float32, to be scaled). Unrolled by [`WeightBlock::unrolled`]: one loop
+    /// step covers that many rows, addressed by constant offsets from the step's first.
     fn rows<S>(
         &self,
         g: &mut Gen<'_>,
         mut scales: impl FnMut(&mut Gen<'_>, &WeightRow) -> S,
         mut body: impl FnMut(&mut Gen<'_>, Value, &WeightRow, Option<&S>),
     ) {
-        let Some(sc) = self.scales else {
-            g.for_const(0, self.k, 1, |g, kk| {
-                let row = self.row(g, kk);
-                body(g, kk, &row, None)
+        let unroll = self.unroll.max(1);
+        // Rows `k0 + lo .. k0 + hi` (`lo`, `hi` known at build time), `unroll` per step. The
+        // row address is a loop-carried pointer bumped by the stride: computed from the index,
+        // Cranelift rematerializes the block's base (symbol, panel offset) in every iteration.
+        let pt = g.ptr;
+        let mut span = |g: &mut Gen<'_>, k0: Value, lo: i64, hi: i64, s: Option<&S>| {
+            let mid = lo + (hi - lo) / unroll * unroll;
+            let first = g.b.ins().iadd_imm_s(k0, lo);
+            let start = self.row(g, first).ptr;
+            let cursor = g.var(pt, start);
+            g.for_const(lo, mid, unroll, |g, r| {
+                let kk0 = g.b.ins().iadd(k0, r);
+                let p0 = g.get(cursor);
+                for u in 0..unroll {
+                    let kk = g.b.ins().iadd_imm_s(kk0, u);
+                    let row = WeightRow {
+                        ptr: g.b.ins().iadd_imm_s(p0, u * self.stride),
+                        elem: self.elem,
+                        panel: self.panel,
+                    };
+                    body(g, kk, &row, s)
+                }
+                let next = g.b.ins().iadd_imm_s(p0, unroll * self.stride);
+                g.set(cursor, next);
             });
+            g.for_const(mid, hi, 1, |g, r| {
+                let kk = g.b.ins().iadd(k0, r);
+                let p0 = g.get(cursor);
+                let row = WeightRow {
+                    ptr: p0,
+                    elem: self.elem,
+                    panel: self.panel,
+                };
+                body(g, kk, &row, s);
+                let next = g.b.ins().iadd_imm_s(p0, self.stride);
+                g.set(cursor, next);
+            });
+        };
+        let zero = g.iconst(0);
+        let Some(sc) = self.scales else {
+            span(g, zero, 0, self.k, None);
             return;
         };
         let full = self.k / sc.group;
@@ -475,20 +522,13 @@ impl WeightBlock {
             let srow = scale_row(g, gi);
             let s = scales(g, &srow);
             let k0 = g.b.ins().imul_imm_s(gi, sc.group);
-            g.for_const(0, sc.group, 1, |g, r| {
-                let kk = g.b.ins().iadd(k0, r);
-                let row = self.row(g, kk);
-                body(g, kk, &row, Some(&s))
-            });
+            span(g, k0, 0, sc.group, Some(&s));
         });
         if full * sc.group < self.k {
             let gi = g.iconst(full);
             let srow = scale_row(g, gi);
             let s = scales(g, &srow);
-            g.for_const(full * sc.group, self.k, 1, |g, kk| {
-                let row = self.row(g, kk);
-                body(g, kk, &row, Some(&s))
-            });
+            span(g, zero, full * sc.group, self.k, Some(&s));
         }
     }
 }

@@ -13,10 +13,13 @@ use cranelift_frontend::Variable;
 use cranelift_module::{DataId, FuncId};
 
 use crate::abi::CType;
-use crate::codegen::gen::{mem, mem_ro, Gen, V4Var};
+use crate::codegen::gen::{mem, mem_ro, Gen, V4Var, V4};
 use crate::codegen::math;
 use crate::codegen::weights::{WeightAccess, WeightBlock, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
+
+/// Independent partial sums of an attention score's dot product.
+const DOT_CHAINS: usize = 4;
 
 /// Epsilon of the RMS norms (IR `zcrmsnorm`/`rmsnorm`, spec section 2).
 const NORM_EPS: f32 = 1e-6;
@@ -143,13 +146,13 @@ pub fn embed(
 /// `void matmul(const float *x, float *y, size_t rows)`: `y = x @ W`, W `[k][n]` embedded;
 /// `y` must not overlap `x`.
 ///
-/// Columns outer, in blocks of 16 (then 8, 4, single columns), rows inner: a block's weights
-/// (`k x 16` floats, contiguous in the panelled layout) stay in cache while every row passes
-/// over them, instead of the whole matrix streaming from memory once per row tile. Within a
-/// block, rows in tiles of 4 over 8 columns (each weight vector loaded once serves four rows;
-/// 8 accumulators plus the weights and broadcasts fit 16 vector registers); single rows (the
-/// decoder, row tails) take the whole block at once. Each output is still one sum over `k` in
-/// order.
+/// Shaped by the target's [`KernelFacts`]: columns outer, in weight blocks of
+/// `matmul_block_cols` (then halves of it down to 8, 4, single columns), rows inner: a block's
+/// weights (contiguous in the panelled layout) stay in cache while every row passes over them,
+/// instead of the whole matrix streaming from memory once per row tile. Within a block, rows in
+/// register tiles of `matmul_rows` over `matmul_cols` columns (each weight vector loaded once
+/// serves every row of the tile), then tiles of 4 rows, then single rows (the decoder, row
+/// tails), which take the whole block at once. Each output is still one sum over `k` in order.
 pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstF32Ptr, "x"),
@@ -157,7 +160,19 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
         (CType::SizeT, "rows"),
     ];
     let w = *w;
-    let fma = ks.target().native_fma();
+    let facts = ks.target().kernel_facts();
+    let fma = facts.fma;
+    let tile_rows = facts.matmul_rows.max(1) as i64;
+    let tile_cols = facts.matmul_cols.max(4) as i64;
+    let unroll = facts.matmul_unroll;
+    // Block widths: the target's block, halved down to 8, then 4 and single columns.
+    let mut widths = Vec::new();
+    let mut wd = facts.matmul_block_cols.max(8) as i64;
+    while wd >= 8 {
+        widths.push(wd);
+        wd /= 2;
+    }
+    widths.extend([4, 1]);
     internal(
         ks,
         name,
@@ -167,35 +182,44 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
         |g, a, addrs| {
             let (x, y, rows) = (a[0], a[1], a[2]);
             let wa = WeightAccess::new(&w, addrs);
-            let rows4 = g.b.ins().band_imm_s(rows, !3i64);
+            // Rows in tiles of `tile_rows`, then of 4 (when larger), then single rows.
+            let zero = g.iconst(0);
+            let mut row_tiles: Vec<(Value, Value, i64)> = Vec::new();
+            let ntiles = g.b.ins().udiv_imm_u(rows, tile_rows);
+            let tiled = g.b.ins().imul_imm_s(ntiles, tile_rows);
+            row_tiles.push((zero, tiled, tile_rows));
+            let mut done = tiled;
+            if tile_rows > 4 {
+                let rest = g.b.ins().isub(rows, tiled);
+                let rest4 = g.b.ins().band_imm_s(rest, !3i64);
+                let end4 = g.b.ins().iadd(tiled, rest4);
+                row_tiles.push((tiled, end4, 4));
+                done = end4;
+            }
             for range in wa.column_ranges() {
                 let span = range.hi - range.lo;
-                let b16 = range.lo + span / 16 * 16;
-                let b8 = range.lo + span / 8 * 8;
-                let b4 = range.lo + span / 4 * 4;
-                // A panelled range is whole panels of 8: nothing past `b8`.
-                let blocks = [
-                    (range.lo, b16, 16),
-                    (b16, b8, 8),
-                    (b8, b4, 4),
-                    (b4, range.hi, 1),
-                ];
-                for (lo, hi, width) in blocks {
+                let mut lo = range.lo;
+                for &width in &widths {
+                    let hi = lo + (range.lo + span - lo) / width * width;
+                    if hi == lo {
+                        continue;
+                    }
                     g.for_const(lo, hi, width, |g, c| {
-                        let blk = wa.block(g, &range, c);
-                        let zero = g.iconst(0);
-                        g.for_range(zero, rows4, 4, |g, r| {
-                            for j0 in (0..width).step_by(8) {
-                                let cols = MmCols {
-                                    c,
-                                    j0,
-                                    width: width.min(8),
-                                    fma,
-                                };
-                                mm_tile(g, &blk, &w, x, y, r, 4, cols);
-                            }
-                        });
-                        g.for_range(rows4, rows, 1, |g, r| {
+                        let blk = wa.block(g, &range, c).unrolled(unroll);
+                        for &(r0, r1, tile) in &row_tiles {
+                            g.for_range(r0, r1, tile, |g, r| {
+                                for j0 in (0..width).step_by(tile_cols as usize) {
+                                    let cols = MmCols {
+                                        c,
+                                        j0,
+                                        width: width.min(tile_cols),
+                                        fma,
+                                    };
+                                    mm_tile(g, &blk, &w, x, y, r, tile as usize, cols);
+                                }
+                            });
+                        }
+                        g.for_range(done, rows, 1, |g, r| {
                             let cols = MmCols {
                                 c,
                                 j0: 0,
@@ -205,6 +229,7 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
                             mm_tile(g, &blk, &w, x, y, r, 1, cols);
                         });
                     });
+                    lo = hi;
                 }
             }
             None
@@ -541,10 +566,18 @@ pub fn logits(ks: &mut KernelSet, name: &str, table: &WeightRef) -> Result<FuncI
 /// `void attention_B(const float *q, float *out, size_t n, float *scores,
 /// (const float *k, const float *v, size_t m) x B)`: softmax attention of `n` query rows
 /// (`heads x h` each) over the keys of the `B` blocks together (`m_i` rows of `kv_heads x h`);
-/// query head `i` uses KV head `i / (heads / kv_heads)`. `scores` holds `sum m_i` floats.
+/// query head `i` uses KV head `i / (heads / kv_heads)`. `scores` needs one block of scores,
+/// `min(keys, needle_targets::KernelFacts::attention_keys)` floats (the workspace plan reserves a row over
+/// every key, a bound that is never smaller).
 ///
-/// One (row, head) at a time: scores (scaled by `1/sqrt(h)`), max, `exp` and sum, normalize
-/// (as the reference: divide), then the weighted sum of values in 4-lane accumulators.
+/// One (row, head) at a time, keys streamed in blocks of the target's `attention_keys` with a
+/// running max and sum (online softmax): a block's scores (scaled by `1/sqrt(h)`), the new
+/// max, the accumulated sum and weighted values rescaled by `exp(old max - new max)`, then
+/// `exp(s - max)` of the block added to the sum and, times the values, to the 4-lane
+/// accumulators; at the end the accumulators divided by the sum. The running max starts at the
+/// most negative finite float, the score the reference gives a masked key (spec section 2), so
+/// the first rescale is `exp` of a clamped huge negative, exactly 0, never NaN. Visibility
+/// (causal, folded tools) is which keys the blocks hold; an empty key set gives zeros.
 pub fn attention(
     ks: &mut KernelSet,
     name: &str,
@@ -573,9 +606,16 @@ pub fn attention(
         params.push((CType::SizeT, m));
     }
     let group = (heads / kv_heads) as i64;
-    let (hd, kvw, qw) = (h as i64, (kv_heads * h) as i64, (heads * h) as i64);
-    let h4 = hd / 4 * 4;
-    let scale = 1.0 / (h as f32).sqrt();
+    let facts = ks.target().kernel_facts();
+    let shape = HeadShape {
+        hd: h as i64,
+        h4: h as i64 / 4 * 4,
+        kvw: (kv_heads * h) as i64,
+        scale: 1.0 / (h as f32).sqrt(),
+        key_block: facts.attention_keys.max(1) as i64,
+        acc_chunk: facts.attention_acc_vectors.max(1),
+    };
+    let qw = (heads * h) as i64;
     internal(ks, name, &params, CType::Void, &[], |g, a, _| {
         let (q, out, n, scores) = (a[0], a[1], a[2], a[3]);
         let blk: Vec<[Value; 3]> = (0..blocks)
@@ -586,13 +626,13 @@ pub fn attention(
             let orow = g.addr(out, r, qw * 4);
             // KV head outer, its group of query heads inner: no division at run time.
             g.for_const(0, kv_heads as i64, 1, |g, kvh| {
-                let kv_off = g.b.ins().imul_imm_s(kvh, hd * 4);
+                let kv_off = g.b.ins().imul_imm_s(kvh, shape.hd * 4);
                 g.for_const(0, group, 1, |g, gi| {
                     let hh = g.b.ins().imul_imm_s(kvh, group);
                     let hh = g.b.ins().iadd(hh, gi);
-                    let qh = g.addr(qrow, hh, hd * 4);
-                    let oh = g.addr(orow, hh, hd * 4);
-                    attend_head(g, qh, oh, scores, &blk, kv_off, hd, h4, kvw, scale);
+                    let qh = g.addr(qrow, hh, shape.hd * 4);
+                    let oh = g.addr(orow, hh, shape.hd * 4);
+                    attend_head(g, qh, oh, scores, &blk, kv_off, &shape);
                 });
             });
         });
@@ -600,8 +640,21 @@ pub fn attention(
     })
 }
 
-/// One query head against every block: see [`attention`].
-#[allow(clippy::too_many_arguments)]
+/// The per-head constants of [`attention`].
+struct HeadShape {
+    /// Head width `h`, and its largest multiple of 4.
+    hd: i64,
+    h4: i64,
+    /// Floats per key row (`kv_heads x h`).
+    kvw: i64,
+    scale: f32,
+    /// Keys per streamed block.
+    key_block: i64,
+    /// Vectors of the output row accumulated in registers per pass over a block's values.
+    acc_chunk: usize,
+}
+
+/// One query head against every block, keys streamed: see [`attention`].
 fn attend_head(
     g: &mut Gen<'_>,
     qh: Value,
@@ -609,11 +662,16 @@ fn attend_head(
     scores: Value,
     blk: &[[Value; 3]],
     kv_off: Value,
-    hd: i64,
-    h4: i64,
-    kvw: i64,
-    scale: f32,
+    shape: &HeadShape,
 ) {
+    let HeadShape {
+        hd,
+        h4,
+        kvw,
+        scale,
+        key_block,
+        acc_chunk,
+    } = *shape;
     let qv: Vec<_> = (0..h4 / 4)
         .map(|j| {
             let i = g.iconst(4 * j);
@@ -627,128 +685,199 @@ fn attend_head(
         })
         .collect();
     let sc = g.f32(scale);
-    let ninf = g.f32(f32::NEG_INFINITY);
-    let maxv = g.var(types::F32, ninf);
-    let zero = g.iconst(0);
-    let pt = g.ptr;
-    let base = g.var(pt, zero);
-    let mut bases = Vec::with_capacity(blk.len());
-    for &[k, _, m] in blk {
-        let b0 = g.get(base);
-        bases.push(b0);
-        let kb = g.b.ins().iadd(k, kv_off);
-        let srow = g.addr(scores, b0, 4);
-        g.for_n(m, |g, j| {
-            let kp = g.addr(kb, j, kvw * 4);
-            let mut dot = None;
-            if !qv.is_empty() {
-                let z = g.vconst(0.0);
-                let mut acc = z;
-                for (jj, &qq) in qv.iter().enumerate() {
-                    let i = g.iconst(4 * jj as i64);
-                    let kv = g.vload(kp, i);
-                    acc = g.vmul_add(qq, kv, acc);
-                }
-                dot = Some(g.vsum(acc));
-            }
-            let mut s = match dot {
-                Some(s) => s,
-                None => g.f32(0.0),
-            };
-            for (jj, &qq) in qs.iter().enumerate() {
-                let i = g.iconst(h4 + jj as i64);
-                let kv = g.load_f32(kp, i);
-                s = g.mul_add(qq, kv, s);
-            }
-            let s = g.b.ins().fmul(s, sc);
-            g.store_f32(s, srow, j);
-            let cur = g.get(maxv);
-            let nxt = g.b.ins().fmax(cur, s);
-            g.set(maxv, nxt);
-        });
-        let nb = g.b.ins().iadd(b0, m);
-        g.set(base, nb);
-    }
-    let total = g.get(base);
-    let mx = g.get(maxv);
-
-    // exp(s - max) and the sum.
-    let total4 = g.b.ins().band_imm_s(total, !3i64);
-    let msplat = g.vsplat(mx);
-    let vz = g.vconst(0.0);
-    let sv = g.vvar(vz);
-    let z = g.iconst(0);
-    g.for_range(z, total4, 4, |g, i| {
-        let v = g.vload(scores, i);
-        let d = g.vsub(v, msplat);
-        let e = math::vexp(g, d);
-        g.vstore(e, scores, i);
-        let cur = g.vget(sv);
-        let nxt = g.vadd(cur, e);
-        g.vset(sv, nxt);
-    });
-    let svv = g.vget(sv);
-    let s0 = g.vsum(svv);
-    let sum = g.var(types::F32, s0);
-    g.for_range(total4, total, 1, |g, i| {
-        let v = g.load_f32(scores, i);
-        let d = g.b.ins().fsub(v, mx);
-        let e = math::exp(g, d);
-        g.store_f32(e, scores, i);
-        let cur = g.get(sum);
-        let nxt = g.b.ins().fadd(cur, e);
-        g.set(sum, nxt);
-    });
-    let sum = g.get(sum);
-    let ssplat = g.vsplat(sum);
-    g.for_range(z, total4, 4, |g, i| {
-        let v = g.vload(scores, i);
-        let p = g.vdiv(v, ssplat);
-        g.vstore(p, scores, i);
-    });
-    g.for_range(total4, total, 1, |g, i| {
-        let v = g.load_f32(scores, i);
-        let p = g.b.ins().fdiv(v, sum);
-        g.store_f32(p, scores, i);
-    });
-
-    // out = sum_j p_j v_j.
-    let vz = g.vconst(0.0);
-    let accs: Vec<V4Var> = (0..h4 / 4).map(|_| g.vvar(vz)).collect();
+    let lowest = g.f32(f32::MIN);
+    let run_max = g.var(types::F32, lowest);
     let fz = g.f32(0.0);
-    let saccs: Vec<_> = (h4..hd).map(|_| g.var(types::F32, fz)).collect();
-    for (&[_, v, m], &b0) in blk.iter().zip(&bases) {
+    let run_sum = g.var(types::F32, fz);
+    // The weighted sum of values accumulates in the output row itself: chunks of it pass
+    // through registers (see `acc_chunk`), so no accumulator is spilled per key.
+    let vz = g.vconst(0.0);
+    for j in (0..h4).step_by(4) {
+        let i = g.iconst(j);
+        g.vstore(vz, oh, i);
+    }
+    for j in h4..hd {
+        let i = g.iconst(j);
+        g.store_f32(fz, oh, i);
+    }
+    for &[k, v, m] in blk {
+        let kb = g.b.ins().iadd(k, kv_off);
         let vb = g.b.ins().iadd(v, kv_off);
-        let prow = g.addr(scores, b0, 4);
-        g.for_n(m, |g, j| {
-            let vp = g.addr(vb, j, kvw * 4);
-            let p = g.load_f32(prow, j);
-            let ps = g.vsplat(p);
-            for (jj, &acc) in accs.iter().enumerate() {
-                let i = g.iconst(4 * jj as i64);
-                let vv = g.vload(vp, i);
-                let cur = g.vget(acc);
-                let nxt = g.vmul_add(ps, vv, cur);
-                g.vset(acc, nxt);
+        let nblocks = g.b.ins().iadd_imm_s(m, key_block - 1);
+        let nblocks = g.b.ins().udiv_imm_u(nblocks, key_block);
+        g.for_n(nblocks, |g, bi| {
+            let j0 = g.b.ins().imul_imm_s(bi, key_block);
+            let left = g.b.ins().isub(m, j0);
+            let full = g.iconst(key_block);
+            let is_full = g.icmp(IntCC::UnsignedGreaterThanOrEqual, left, full);
+            let len = g.b.ins().select(is_full, full, left);
+            let kblk = g.addr(kb, j0, kvw * 4);
+            let vblk = g.addr(vb, j0, kvw * 4);
+
+            // The block's scores and their max.
+            let old_max = g.get(run_max);
+            let bmax = g.var(types::F32, old_max);
+            g.for_n(len, |g, j| {
+                let kp = g.addr(kblk, j, kvw * 4);
+                let mut dot = None;
+                if !qv.is_empty() {
+                    // Independent partial sums: one chain of dependent adds per key would
+                    // stall on the add latency instead of the arithmetic.
+                    let chains = qv.len().min(DOT_CHAINS);
+                    let z = g.vconst(0.0);
+                    let mut accs = vec![z; chains];
+                    for (jj, &qq) in qv.iter().enumerate() {
+                        let i = g.iconst(4 * jj as i64);
+                        let kv = g.vload(kp, i);
+                        accs[jj % chains] = g.vmul_add(qq, kv, accs[jj % chains]);
+                    }
+                    while accs.len() > 1 {
+                        let pairs: Vec<V4> = accs
+                            .chunks(2)
+                            .map(|c| {
+                                if c.len() == 2 {
+                                    g.vadd(c[0], c[1])
+                                } else {
+                                    c[0]
+                                }
+                            })
+                            .collect();
+                        accs = pairs;
+                    }
+                    dot = Some(g.vsum(accs[0]));
+                }
+                let mut s = match dot {
+                    Some(s) => s,
+                    None => g.f32(0.0),
+                };
+                for (jj, &qq) in qs.iter().enumerate() {
+                    let i = g.iconst(h4 + jj as i64);
+                    let kv = g.load_f32(kp, i);
+                    s = g.mul_add(qq, kv, s);
+                }
+                let s = g.b.ins().fmul(s, sc);
+                g.store_f32(s, scores, j);
+                let cur = g.get(bmax);
+                let nxt = g.b.ins().fmax(cur, s);
+                g.set(bmax, nxt);
+            });
+            let new_max = g.get(bmax);
+            g.set(run_max, new_max);
+
+            // Rescale what came before to the new max (exactly 1 when it did not move).
+            let shift = g.b.ins().fsub(old_max, new_max);
+            let corr = math::exp(g, shift);
+            let cs = g.vsplat(corr);
+            for j in (0..h4).step_by(4) {
+                let i = g.iconst(j);
+                let cur = g.vload(oh, i);
+                let nxt = g.vmul(cur, cs);
+                g.vstore(nxt, oh, i);
             }
-            for (jj, &acc) in saccs.iter().enumerate() {
-                let i = g.iconst(h4 + jj as i64);
-                let vv = g.load_f32(vp, i);
-                let cur = g.get(acc);
-                let nxt = g.mul_add(p, vv, cur);
-                g.set(acc, nxt);
+            for j in h4..hd {
+                let i = g.iconst(j);
+                let cur = g.load_f32(oh, i);
+                let nxt = g.b.ins().fmul(cur, corr);
+                g.store_f32(nxt, oh, i);
+            }
+            let cur = g.get(run_sum);
+            let rescaled = g.b.ins().fmul(cur, corr);
+
+            // exp(s - max), four at a time, and their sum.
+            let len4 = g.b.ins().band_imm_s(len, !3i64);
+            let msplat = g.vsplat(new_max);
+            let vsum = g.vvar(vz);
+            let z = g.iconst(0);
+            g.for_range(z, len4, 4, |g, i| {
+                let s = g.vload(scores, i);
+                let d = g.vsub(s, msplat);
+                let e = math::vexp(g, d);
+                g.vstore(e, scores, i);
+                let cur = g.vget(vsum);
+                let nxt = g.vadd(cur, e);
+                g.vset(vsum, nxt);
+            });
+            let vs = g.vget(vsum);
+            let bsum = g.vsum(vs);
+            let bsum = g.var(types::F32, bsum);
+            g.for_range(len4, len, 1, |g, i| {
+                let s = g.load_f32(scores, i);
+                let d = g.b.ins().fsub(s, new_max);
+                let e = math::exp(g, d);
+                g.store_f32(e, scores, i);
+                let cur = g.get(bsum);
+                let nxt = g.b.ins().fadd(cur, e);
+                g.set(bsum, nxt);
+            });
+            let bs = g.get(bsum);
+            let total = g.b.ins().fadd(rescaled, bs);
+            g.set(run_sum, total);
+
+            // out += p_j v_j, `acc_chunk` vectors of the row at a time in registers.
+            let vecs: Vec<i64> = (0..h4).step_by(4).collect();
+            for chunk in vecs.chunks(acc_chunk) {
+                let accs: Vec<V4Var> = chunk
+                    .iter()
+                    .map(|&c| {
+                        let i = g.iconst(c);
+                        let v = g.vload(oh, i);
+                        g.vvar(v)
+                    })
+                    .collect();
+                g.for_n(len, |g, j| {
+                    let vp = g.addr(vblk, j, kvw * 4);
+                    let p = g.load_f32(scores, j);
+                    let ps = g.vsplat(p);
+                    for (&c, &acc) in chunk.iter().zip(&accs) {
+                        let i = g.iconst(c);
+                        let vv = g.vload(vp, i);
+                        let cur = g.vget(acc);
+                        let nxt = g.vmul_add(ps, vv, cur);
+                        g.vset(acc, nxt);
+                    }
+                });
+                for (&c, &acc) in chunk.iter().zip(&accs) {
+                    let i = g.iconst(c);
+                    let v = g.vget(acc);
+                    g.vstore(v, oh, i);
+                }
+            }
+            for c in h4..hd {
+                let i = g.iconst(c);
+                let a0 = g.load_f32(oh, i);
+                let acc = g.var(types::F32, a0);
+                g.for_n(len, |g, j| {
+                    let vp = g.addr(vblk, j, kvw * 4);
+                    let p = g.load_f32(scores, j);
+                    let i = g.iconst(c);
+                    let vv = g.load_f32(vp, i);
+                    let cur = g.get(acc);
+                    let nxt = g.mul_add(p, vv, cur);
+                    g.set(acc, nxt);
+                });
+                let v = g.get(acc);
+                g.store_f32(v, oh, i);
             }
         });
     }
-    for (jj, &acc) in accs.iter().enumerate() {
-        let i = g.iconst(4 * jj as i64);
-        let v = g.vget(acc);
-        g.vstore(v, oh, i);
+
+    // out = acc / sum (as the reference, a division; no keys: zeros, not 0/0).
+    let sum = g.get(run_sum);
+    let one = g.f32(1.0);
+    let empty = g.fcmp(FloatCC::Equal, sum, fz);
+    let sum = g.b.ins().select(empty, one, sum);
+    let ssplat = g.vsplat(sum);
+    for j in (0..h4).step_by(4) {
+        let i = g.iconst(j);
+        let v = g.vload(oh, i);
+        let o = g.vdiv(v, ssplat);
+        g.vstore(o, oh, i);
     }
-    for (jj, &acc) in saccs.iter().enumerate() {
-        let i = g.iconst(h4 + jj as i64);
-        let v = g.get(acc);
-        g.store_f32(v, oh, i);
+    for j in h4..hd {
+        let i = g.iconst(j);
+        let v = g.load_f32(oh, i);
+        let o = g.b.ins().fdiv(v, sum);
+        g.store_f32(o, oh, i);
     }
 }
 
