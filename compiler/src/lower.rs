@@ -634,15 +634,7 @@ mod tests {
     use needle_ir::{print, run_pipeline, verify, ConstData, ConstStore, PIPELINE};
 
     fn tiny() -> Config {
-        Config {
-            vocab_size: 4096,
-            d_model: 64,
-            num_heads: 4,
-            num_kv_heads: 2,
-            num_encoder_layers: 2,
-            num_decoder_layers: 2,
-            ..Default::default()
-        }
+        crate::const_names::tiny_test_config()
     }
 
     const MODES: [FoldMode; 2] = [FoldMode::None, FoldMode::Tools];

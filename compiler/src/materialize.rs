@@ -100,15 +100,7 @@ mod tests {
     use crate::lower::lower;
 
     fn tiny() -> Config {
-        Config {
-            vocab_size: 4096,
-            d_model: 64,
-            num_heads: 4,
-            num_kv_heads: 2,
-            num_encoder_layers: 2,
-            num_decoder_layers: 2,
-            ..Default::default()
-        }
+        crate::const_names::tiny_test_config()
     }
 
     #[test]

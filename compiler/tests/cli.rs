@@ -17,6 +17,19 @@ fn needlec(args: &[&str]) -> Output {
         .expect("needlec runs")
 }
 
+/// `needlec run` on `checkpoint`, a file of the bundled example, with the example's tool list
+/// and tokenizer, then `extra` arguments.
+fn run_example(checkpoint: &str, query: &str, extra: &[&str]) -> Output {
+    let (ckpt, tools, tok) = (
+        example(checkpoint),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
+    let mut args = run_args(&ckpt, &tools, &tok, query);
+    args.extend(extra);
+    needlec(&args)
+}
+
 fn run_args<'a>(
     checkpoint: &'a str,
     tools: &'a str,
@@ -47,17 +60,11 @@ fn stdout(out: &Output) -> String {
 
 #[test]
 fn run_prints_the_reference_output_newline_terminated() {
-    let (ckpt, tools, tok) = (
-        example("tiny-needle-folded.pkl"),
-        example("tools.json"),
-        example("tokenizer.model"),
-    );
-    let out = needlec(&run_args(
-        &ckpt,
-        &tools,
-        &tok,
+    let out = run_example(
+        "tiny-needle-folded.pkl",
         "I need an alarm at 11:50 AM for stretching",
-    ));
+        &[],
+    );
     assert_eq!(
         stdout(&out),
         "[{\"name\":\"set_alarm\",\"arguments\":{\"time\":\"11:50 AM\",\"label\":\"stretching\"}}]\n"
@@ -88,14 +95,11 @@ fn run_accepts_inline_tools_and_restores_original_names() {
 
 #[test]
 fn folding_a_full_attention_checkpoint_warns_once() {
-    let (ckpt, tools, tok) = (
-        example("tiny-needle.pkl"),
-        example("tools.json"),
-        example("tokenizer.model"),
+    let out = run_example(
+        "tiny-needle.pkl",
+        "Remind me in 8 minutes with a timer",
+        &["--fold", "tools"],
     );
-    let mut args = run_args(&ckpt, &tools, &tok, "Remind me in 8 minutes with a timer");
-    args.extend(["--fold", "tools"]);
-    let out = needlec(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success());
     assert_eq!(stderr.matches("warning:").count(), 1, "{stderr}");
@@ -419,14 +423,7 @@ fn trace_takes_the_weights_too() {
 
 #[test]
 fn unknown_weights_are_refused_with_the_choices() {
-    let (ckpt, tools, tok) = (
-        example("tiny-needle.pkl"),
-        example("tools.json"),
-        example("tokenizer.model"),
-    );
-    let mut args = run_args(&ckpt, &tools, &tok, "hi");
-    args.extend(["--weights", "int2"]);
-    let out = needlec(&args);
+    let out = run_example("tiny-needle.pkl", "hi", &["--weights", "int2"]);
     assert!(!out.status.success());
     let stderr = stderr_of(&out);
     assert!(

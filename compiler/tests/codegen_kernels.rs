@@ -87,10 +87,12 @@ fn build(target: &Target) -> (Vec<u8>, String) {
         )
         .unwrap();
     // defined before its callee, as declare_function allows
-    ks.define_function(get, &[], &[at], |g, a, _, f| g.call(f[0], &[a[0]]))
+    ks.define_function(get, &[], &[at], |g, a, _, f| g.call(f.get(at), &[a[0]]))
         .unwrap();
-    ks.define_function(at, &[table], &[], |g, a, d, _| Some(g.load_f32(d[0], a[0])))
-        .unwrap();
+    ks.define_function(at, &[table], &[], |g, a, d, _| {
+        Some(g.load_f32(d.get(table), a[0]))
+    })
+    .unwrap();
 
     let extra = format!("#define NK_TABLE_LEN {}\n", TABLE.len());
     let header = write_header(
@@ -133,6 +135,26 @@ fn every_supported_target_generates_a_standalone_object_and_archive() {
         assert_eq!(rep.objects, 1);
         assert_eq!(rep.exports, EXPORTS, "{target} archive");
     }
+}
+
+/// Callees are looked up by their own ids: a function that was not declared as a callee is a
+/// code generator bug, reported with both functions' names rather than calling another one.
+#[test]
+#[should_panic(expected = "is not a declared callee of `nk_caller` (declared: `nk_declared`)")]
+fn calling_an_undeclared_callee_names_the_functions() {
+    let mut ks = KernelSet::new(&Target::host().unwrap(), PREFIX).unwrap();
+    let sig = |ks: &mut KernelSet, name: &str| {
+        ks.declare_function(name, &[], &[(CType::SizeT, "i")], CType::SizeT, false)
+            .unwrap()
+    };
+    let (caller, declared, other) = (
+        sig(&mut ks, "caller"),
+        sig(&mut ks, "declared"),
+        sig(&mut ks, "other"),
+    );
+    let _ = ks.define_function(caller, &[], &[declared], |g, a, _, f| {
+        g.call(f.get(other), &[a[0]])
+    });
 }
 
 #[test]

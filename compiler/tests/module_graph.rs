@@ -135,6 +135,49 @@ fn imports_follow_the_readme_module_graph() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// The README's layout section names every source module of the crates (a newcomer finds each
+/// file there): each `.rs` file's name (a `mod.rs` by its folder, as `name/`) in backticks.
+#[test]
+fn the_readme_layout_names_every_module() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let layout = readme
+        .split("## Layout")
+        .nth(1)
+        .and_then(|s| s.split("### Which module may use which").next())
+        .expect("the README has a \"Layout\" section");
+    let mut missing = Vec::new();
+    for krate in ["compiler", "ir", "runtime", "targets", "test-support"] {
+        let src = root().join(krate).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        files.sort();
+        for file in files {
+            let stem = file.file_stem().unwrap().to_string_lossy().to_string();
+            let named = match stem.as_str() {
+                // The crate itself: its row names it.
+                "lib" => continue,
+                "mod" => {
+                    let dir = file.parent().unwrap().file_name().unwrap();
+                    vec![format!("`{}/`", dir.to_string_lossy())]
+                }
+                _ => vec![
+                    format!("`{stem}`"),
+                    format!("`{stem}/`"),
+                    format!("`{stem}.rs`"),
+                ],
+            };
+            if !named.iter().any(|n| layout.contains(n.as_str())) {
+                missing.push(file.strip_prefix(root()).unwrap().display().to_string());
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the README's layout section does not name: {}",
+        missing.join(", ")
+    );
+}
+
 #[test]
 fn the_graph_reader_sees_imports() {
     assert_eq!(

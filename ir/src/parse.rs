@@ -244,48 +244,38 @@ impl Parser {
         }
     }
 
+    /// `v`, read from the current token, which this consumes.
+    fn consumed<T>(&mut self, v: T) -> PResult<T> {
+        self.bump();
+        Ok(v)
+    }
+
     fn ident(&mut self, what: &str) -> PResult<String> {
-        match self.peek() {
-            Tok::Ident(w) => {
-                let w = w.clone();
-                self.bump();
-                Ok(w)
-            }
-            _ => self.err(what),
-        }
+        let Tok::Ident(name) = self.peek() else {
+            return self.err(what);
+        };
+        self.consumed(name.clone())
     }
 
     fn value(&mut self) -> PResult<String> {
-        match self.peek() {
-            Tok::Value(v) => {
-                let v = v.clone();
-                self.bump();
-                Ok(v)
-            }
-            _ => self.err("a value `%name`"),
-        }
+        let Tok::Value(name) = self.peek() else {
+            return self.err("a value `%name`");
+        };
+        self.consumed(name.clone())
     }
 
     fn global(&mut self, what: &str) -> PResult<String> {
-        match self.peek() {
-            Tok::Global(v) => {
-                let v = v.clone();
-                self.bump();
-                Ok(v)
-            }
-            _ => self.err(what),
-        }
+        let Tok::Global(name) = self.peek() else {
+            return self.err(what);
+        };
+        self.consumed(name.clone())
     }
 
     fn buffer(&mut self) -> PResult<String> {
-        match self.peek() {
-            Tok::Buffer(v) => {
-                let v = v.clone();
-                self.bump();
-                Ok(v)
-            }
-            _ => self.err("a buffer `$name`"),
-        }
+        let Tok::Buffer(name) = self.peek() else {
+            return self.err("a buffer `$name`");
+        };
+        self.consumed(name.clone())
     }
 
     fn int(&mut self) -> PResult<i64> {

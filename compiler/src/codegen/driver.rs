@@ -251,7 +251,11 @@ pub fn define_driver(
         ],
         |g, a, _, f| {
             let (ws, ids, n) = (a[0], a[1], a[2]);
-            let (encode, step, reset, allowed, feed) = (f[0], f[1], f[2], f[3], f[4]);
+            let encode = f.get(parts.model.encode_query);
+            let step = f.get(parts.model.decoder_step);
+            let reset = f.get(parts.grammar.reset);
+            let allowed = f.get(parts.grammar.allowed);
+            let feed = f.get(parts.grammar.feed);
             g.call(encode, &[ws, ids, n]);
             let state = at(g, ws, l.grammar_state);
             g.call(reset, &[state]);
@@ -348,7 +352,11 @@ pub fn define_driver(
         ],
         |g, a, _, f| {
             let (ws, query, qlen, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
-            let (validate, tokenize, gen_fn, detok, post) = (f[0], f[1], f[2], f[3], f[4]);
+            let validate = f.get(parts.output.validate_utf8);
+            let tokenize = f.get(parts.tokenizer.encode);
+            let gen_fn = f.get(generate);
+            let detok = f.get(parts.output.detokenize);
+            let post = f.get(parts.output.postprocess);
             check_arguments(g, ws, query, qlen, out, cap, out_len);
             let too_long =
                 g.b.ins()
@@ -423,7 +431,7 @@ pub fn define_driver(
         });
         let qids = at(g, ws, l.query_ids);
         copy_i32s(g, ids, qids, n);
-        let n_gen = g.call(f[0], &[ws, qids, n]).expect("returns");
+        let n_gen = g.call(f.get(generate), &[ws, qids, n]).expect("returns");
         g.b.ins().store(mem(), n_gen, out_len, 0);
         let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n_gen, cap);
         g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
@@ -483,8 +491,8 @@ pub fn define_driver(
             let null = g.iconst(0);
             g.ret(&[null]);
         });
-        let off = u32_at(g, mem(), d[0], i);
-        let base = at(g, d[0], names_at);
+        let off = u32_at(g, mem(), d.get(names), i);
+        let base = at(g, d.get(names), names_at);
         Some(g.b.ins().iadd(base, off))
     })?;
 

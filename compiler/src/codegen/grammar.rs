@@ -136,7 +136,7 @@ pub fn define_grammar(
         &[],
         |g, a, d, _| {
             let (node, c) = (a[0], a[1]);
-            let (es, ec, ek) = (d[0], d[1], d[2]);
+            let (es, ec, ek) = (d.get(edge_start), d.get(edge_char), d.get(edge_child));
             // Nodes only come from the tables, but the state is caller memory: an out-of-range node
             // reads nothing and leaves the trie rather than reading past the table.
             let n = iconst32(g, n_nodes);
@@ -169,7 +169,7 @@ pub fn define_grammar(
         false,
     )?;
     ks.define_function(feed_char, &[name_end], &[child], |g, a, d, f| {
-        feed_char_body(g, a[0], a[1], d[0], f[0], n_nodes);
+        feed_char_body(g, a[0], a[1], d.get(name_end), f.get(child), n_nodes);
         None
     })?;
 
@@ -221,12 +221,12 @@ pub fn define_grammar(
         let v = iconst32(g, vocab);
         let known = g.icmp(IntCC::UnsignedLessThan, token, v);
         g.if_then(known, |g| {
-            let lo = load_ro(g, d[0], token, 0);
-            let hi = load_ro(g, d[0], token, 1);
+            let lo = load_ro(g, d.get(tok_start), token, 0);
+            let hi = load_ro(g, d.get(tok_start), token, 1);
             let (lo, hi) = (to_ptr(g, lo), to_ptr(g, hi));
             g.for_range(lo, hi, 1, |g, k| {
-                let c = i32_at(g, mem_ro(), d[1], k);
-                g.call(f[0], &[s, c]);
+                let c = i32_at(g, mem_ro(), d.get(tok_chars), k);
+                g.call(f.get(feed_char), &[s, c]);
             });
         });
         None
@@ -257,12 +257,12 @@ pub fn define_grammar(
         let count = g.var(pt, zero_p);
         let result = g.var(pt, zero_p);
         g.if_then(ok, |g| {
-            let lo = load_ro(g, d[0], node, 0);
-            let hi = load_ro(g, d[0], node, 1);
+            let lo = load_ro(g, d.get(allowed_start), node, 0);
+            let hi = load_ro(g, d.get(allowed_start), node, 1);
             let len = g.b.ins().isub(hi, lo);
             let len = to_ptr(g, len);
             let lo = to_ptr(g, lo);
-            let p = g.addr(d[1], lo, 4);
+            let p = g.addr(d.get(allowed_ids), lo, 4);
             // Nothing allowed falls back to unconstrained: keep NULL and 0 then.
             let zero = g.iconst(0);
             let empty = g.icmp(IntCC::Equal, len, zero);

@@ -203,15 +203,23 @@ impl KernelSet {
         Ok(sig)
     }
 
+    /// The symbol of a declared function, for messages.
+    fn function_name(&self, id: FuncId) -> String {
+        let decl = self.module.declarations().get_function_decl(id);
+        decl.name.clone().unwrap_or_else(|| format!("{id}"))
+    }
+
     /// Defines a function declared with [`KernelSet::declare_function`]. `body` gets the
-    /// parameters, the addresses of `data` (in order) and references to `callees` (in order, for
-    /// [`Gen::call`]), and returns the return value, if any.
+    /// parameters, the addresses of `data` ([`DataAddrs::get`] by each object's `DataId`) and
+    /// references to `callees` ([`Callees::get`] by each function's `FuncId`, for
+    /// [`Gen::call`]), and returns the return value, if any. Looking things up by their own ids
+    /// (not by position) means a reordered list cannot silently call the wrong function.
     pub fn define_function(
         &mut self,
         id: FuncId,
         data: &[DataId],
         callees: &[FuncId],
-        body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value], &[FuncRef]) -> Option<Value>,
+        body: impl FnOnce(&mut Gen<'_>, &[Value], &DataAddrs, &Callees) -> Option<Value>,
     ) -> Result<(), CodegenError> {
         let frontend = self.module.target_config();
         let ptr = frontend.pointer_type();
@@ -228,10 +236,16 @@ impl KernelSet {
             .iter()
             .map(|&d| self.module.declare_data_in_func(d, &mut self.ctx.func))
             .collect();
-        let frefs: Vec<FuncRef> = callees
-            .iter()
-            .map(|&f| self.module.declare_func_in_func(f, &mut self.ctx.func))
-            .collect();
+        let frefs = Callees {
+            function: self.function_name(id),
+            refs: callees
+                .iter()
+                .map(|&f| {
+                    let r = self.module.declare_func_in_func(f, &mut self.ctx.func);
+                    (f, r, self.function_name(f))
+                })
+                .collect(),
+        };
 
         let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fctx);
         let entry = b.create_block();
@@ -239,10 +253,14 @@ impl KernelSet {
         b.switch_to_block(entry);
         b.seal_block(entry);
         let args = b.block_params(entry).to_vec();
-        let addrs: Vec<Value> = gvs
-            .iter()
-            .map(|&gv| b.ins().symbol_value(ptr, gv))
-            .collect();
+        let addrs = DataAddrs {
+            function: frefs.function.clone(),
+            addrs: data
+                .iter()
+                .zip(&gvs)
+                .map(|(&d, &gv)| (d, b.ins().symbol_value(ptr, gv)))
+                .collect(),
+        };
         let mut g = Gen::new(b, ptr, self.target.simd_f32x4(), self.target.native_fma());
         let r = body(&mut g, &args, &addrs, &frefs);
         match r {
@@ -254,5 +272,59 @@ impl KernelSet {
 
         self.module.define_function(id, &mut self.ctx)?;
         Ok(())
+    }
+}
+
+/// The functions a generated function may call, found by their own [`FuncId`]s.
+pub struct Callees {
+    /// The symbol of the function being defined, for the message when a lookup fails.
+    function: String,
+    refs: Vec<(FuncId, FuncRef, String)>,
+}
+
+impl Callees {
+    /// `id`'s reference in this function, for [`Gen::call`].
+    ///
+    /// # Panics
+    /// If `id` was not passed as a callee to [`KernelSet::define_function`]: a bug in the code
+    /// generator, which the message names.
+    pub fn get(&self, id: FuncId) -> FuncRef {
+        match self.refs.iter().find(|(f, _, _)| *f == id) {
+            Some(&(_, r, _)) => r,
+            None => panic!(
+                "code generator bug: {id} is not a declared callee of `{}` (declared: {})",
+                self.function,
+                self.refs
+                    .iter()
+                    .map(|(_, _, n)| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+/// The addresses of the embedded data a generated function uses, found by their own
+/// [`DataId`]s. Every address is computed once, in the function's entry block.
+pub struct DataAddrs {
+    /// The symbol of the function being defined, for the message when a lookup fails.
+    function: String,
+    addrs: Vec<(DataId, Value)>,
+}
+
+impl DataAddrs {
+    /// `id`'s address in this function.
+    ///
+    /// # Panics
+    /// If `id` was not passed as data to [`KernelSet::define_function`]: a bug in the code
+    /// generator, which the message names.
+    pub fn get(&self, id: DataId) -> Value {
+        match self.addrs.iter().find(|(d, _)| *d == id) {
+            Some(&(_, v)) => v,
+            None => panic!(
+                "code generator bug: {id} is not declared data of `{}`",
+                self.function
+            ),
+        }
     }
 }

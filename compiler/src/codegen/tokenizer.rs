@@ -288,7 +288,15 @@ pub fn define_tokenizer(
         max_text: max_text_bytes as i64,
     };
     ks.define_function(encode, &data, &callees, |g, a, d, f| {
-        Some(encode_body(g, a, d, f, &flags, &layout))
+        let imports = Imports {
+            scores: d.get(tabs.scores),
+            kinds: d.get(tabs.kinds),
+            byte_ids: d.get(tabs.bytes),
+            unused_slot: tabs.unused_slot.map(|slot| d.get(slot)),
+            lookup: f.get(lookup),
+            ud: ud.map(|ud| f.get(ud)),
+        };
+        Some(encode_body(g, a, &imports, &flags, &layout))
     })?;
     Ok(TokenizerCode {
         encode,
@@ -307,6 +315,17 @@ struct Flags {
     max_text: i64,
 }
 
+/// What `tokenize` addresses and calls, looked up by id in its [`super::kernels::DataAddrs`]
+/// and [`super::kernels::Callees`].
+struct Imports {
+    scores: Value,
+    kinds: Value,
+    byte_ids: Value,
+    unused_slot: Option<Value>,
+    lookup: FuncRef,
+    ud: Option<FuncRef>,
+}
+
 // ---- internal functions ---------------------------------------------------------------------
 
 /// `size_t tokenize_lookup(const uint8_t *s, size_t len)`: the id of the searchable piece whose
@@ -322,7 +341,8 @@ fn define_lookup(ks: &mut KernelSet, tabs: &Tables) -> Result<FuncId, CodegenErr
     )?;
     let (n_sorted, max_piece) = (tabs.n_sorted as i64, tabs.max_piece as i64);
     ks.define_function(id, &[tabs.pieces, tabs.sorted], &[], |g, a, d, _| {
-        let (s, len, pieces, sorted) = (a[0], a[1], d[0], d[1]);
+        let (s, len) = (a[0], a[1]);
+        let (pieces, sorted) = (d.get(tabs.pieces), d.get(tabs.sorted));
         let none = g.iconst(NONE);
         // No piece is longer than max_piece: long runs of unmergeable text end here at once.
         let too_long = cmp_imm(g, IntCC::UnsignedGreaterThan, len, max_piece);
@@ -429,7 +449,7 @@ fn define_user_defined(
         false,
     )?;
     ks.define_function(id, &[pieces, table], &[], |g, a, d, _| {
-        let (s, len, pieces, table) = (a[0], a[1], d[0], d[1]);
+        let (s, len, pieces, table) = (a[0], a[1], d.get(pieces), d.get(table));
         g.for_const(0, count as i64, 1, |g, k| {
             let e = g.addr(table, k, 8);
             let off = load_u32(g, mem_ro(), e, 0);
@@ -700,14 +720,7 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
 
 /// The body of `tokenize(text, len, ids, max_ids, scratch)`: argument checks, then the four
 /// phases of the runtime's `encode`, each a function below.
-fn encode_body(
-    g: &mut Gen<'_>,
-    a: &[Value],
-    d: &[Value],
-    f: &[FuncRef],
-    fl: &Flags,
-    lay: &Layout,
-) -> Value {
+fn encode_body(g: &mut Gen<'_>, a: &[Value], imports: &Imports, fl: &Flags, lay: &Layout) -> Value {
     let (text, len, ids, max_ids, scratch) = (a[0], a[1], a[2], a[3], a[4]);
     let zero = g.iconst(0);
     // Nothing to write; also, later code may assume room for one id.
@@ -721,10 +734,10 @@ fn encode_body(
     let heap_n = g.var(g.ptr, zero);
     let c = Ctx {
         zero,
-        scores: d[0],
-        kinds: d[1],
-        byte_ids: d[2],
-        unused_slot: d.get(3).copied(),
+        scores: imports.scores,
+        kinds: imports.kinds,
+        byte_ids: imports.byte_ids,
+        unused_slot: imports.unused_slot,
         norm: region(g, lay.norm),
         syms: region(g, lay.syms),
         freeze: region(g, lay.freeze),
@@ -733,8 +746,8 @@ fn encode_body(
         stack: region(g, lay.stack),
         heap_n,
         heap_cap: lay.heap_cap as i64,
-        lookup: f[0],
-        ud: f.get(1).copied(),
+        lookup: imports.lookup,
+        ud: imports.ud,
     };
     let nlen = normalize(g, &c, fl, text, len);
     let (nsyms, nonempty) = split_symbols(g, &c, lay, nlen);

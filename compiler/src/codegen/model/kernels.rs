@@ -34,7 +34,11 @@ fn internal(
     body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value]) -> Option<Value>,
 ) -> Result<FuncId, CodegenError> {
     let id = ks.declare_function(name, &[], params, ret, false)?;
-    ks.define_function(id, data, &[], |g, a, d, _| body(g, a, d))?;
+    ks.define_function(id, data, &[], |g, a, d, _| {
+        // The kernels' bodies take their tables in the order they listed them.
+        let addrs: Vec<Value> = data.iter().map(|&t| d.get(t)).collect();
+        body(g, a, &addrs)
+    })?;
     Ok(id)
 }
 

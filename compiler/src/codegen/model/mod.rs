@@ -228,8 +228,8 @@ enum Arg {
         at: Expr,
         row_bytes: usize,
     },
-    /// The address of embedded data: an index into the entry point's [`Plan::data`].
-    Data(usize),
+    /// The address of embedded data (one of the entry point's [`Plan::data`]).
+    Data(DataId),
     /// A parameter of the entry point.
     Param(usize),
     /// The product of the dimensions, times a constant.
@@ -240,8 +240,8 @@ enum Arg {
 }
 
 struct Call {
-    /// An index into the entry point's [`Plan::callees`].
-    callee: usize,
+    /// The kernel called (one of the entry point's [`Plan::callees`]).
+    callee: FuncId,
     args: Vec<Arg>,
 }
 
@@ -249,7 +249,7 @@ struct Call {
 struct Plan {
     calls: Vec<Call>,
     /// The kernels the calls name, each once, in first-use order: what the entry point
-    /// imports, so that a call's `callee` is its position here.
+    /// imports.
     callees: Vec<FuncId>,
     /// The embedded data the calls address, likewise.
     data: Vec<DataId>,
@@ -270,8 +270,8 @@ struct Plan {
 struct Head {
     start: usize,
     logits: usize,
-    /// The import index of the sparse kernel ([`kernels::sparse_logits_argmax`]) for this table.
-    sparse: usize,
+    /// The sparse kernel ([`kernels::sparse_logits_argmax`]) for this table.
+    sparse: FuncId,
 }
 
 /// Module-wide codegen state: constants and kernels, each declared once.
@@ -507,15 +507,12 @@ struct Planner<'p, 'a> {
     data: Vec<DataId>,
 }
 
-/// `x`'s position in `list`, appending it the first time: the import index calls refer to.
-fn import<T: PartialEq>(list: &mut Vec<T>, x: T) -> usize {
-    match list.iter().position(|y| *y == x) {
-        Some(i) => i,
-        None => {
-            list.push(x);
-            list.len() - 1
-        }
+/// Appends `x` to the imports `list` the first time it is used; returns `x`.
+fn import<T: PartialEq + Copy>(list: &mut Vec<T>, x: T) -> T {
+    if !list.contains(&x) {
+        list.push(x);
     }
+    x
 }
 
 impl Planner<'_, '_> {
@@ -687,7 +684,7 @@ fn plan(
     let mut ret = None;
     // The call that wrote each value, and the head's parts as they are met.
     let mut producer: HashMap<String, usize> = HashMap::new();
-    let mut logits_call: Option<(usize, Option<usize>, usize)> = None;
+    let mut logits_call: Option<(usize, Option<usize>, FuncId)> = None;
     for (i, inst) in f.body.iter().enumerate() {
         let calls_before = p.calls.len();
         let result = inst.result.as_ref();
@@ -1061,8 +1058,8 @@ fn emit_entry(
     entry: Entry,
     limits: &Limits,
 ) -> Result<(), CodegenError> {
-    // `addrs` and `frefs` come in the order of `plan.data` and `plan.callees`, which the
-    // calls' indices were taken from: every index is in range by construction.
+    // Every `Arg::Data` and callee was imported into `plan.data` and `plan.callees` when the
+    // call was planned, so every lookup below finds its id.
     ks.define_function(id, &plan.data, &plan.callees, |g, params, addrs, frefs| {
         let ws = params[0];
         // The symbols' run-time values; `p` and `a` do not exist in the encoder (the verifier
@@ -1127,7 +1124,7 @@ fn emit_entry(
                     let at = eval(g, at);
                     g.addr(base, at, *row_bytes as i64)
                 }
-                Arg::Data(i) => addrs[*i],
+                Arg::Data(id) => addrs.get(*id),
                 Arg::Param(i) => params[*i],
                 Arg::Count(dims, factor) => {
                     let mut v = g.iconst(*factor as i64);
@@ -1147,7 +1144,7 @@ fn emit_entry(
         };
         let emit_call = |g: &mut Gen<'_>, c: &Call| -> Option<Value> {
             let args: Vec<Value> = c.args.iter().map(|a| arg(g, a)).collect();
-            g.call(frefs[c.callee], &args)
+            g.call(frefs.get(c.callee), &args)
         };
         let (Entry::Decode, Some(head)) = (entry, &plan.head) else {
             let mut result = None;
@@ -1196,7 +1193,7 @@ fn emit_entry(
                         let x = arg(g, &lc.args[0]);
                         let y = arg(g, &lc.args[1]);
                         let t = g
-                            .call(frefs[head.sparse], &[x, y, allowed, n])
+                            .call(frefs.get(head.sparse), &[x, y, allowed, n])
                             .expect("returns the token");
                         g.set(token, t);
                     },

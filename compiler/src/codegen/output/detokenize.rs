@@ -13,6 +13,7 @@ use crate::codegen::bytes::{
     u32_at,
 };
 use crate::codegen::gen::{mem, mem_ro, Gen};
+use crate::codegen::kernels::DataAddrs;
 use crate::codegen::{CodegenError, KernelSet};
 
 /// Piece flags.
@@ -98,13 +99,18 @@ pub(super) fn declare_piece_tables(
 pub(super) fn detokenize_body(
     g: &mut Gen<'_>,
     a: &[Value],
-    d: &[Value],
+    d: &DataAddrs,
+    tables: &PieceTables,
     vocab: i64,
     mpb: i64,
     remove_extra: bool,
 ) -> Value {
     let (ids, n, out) = (a[0], a[1], a[2]);
-    let (flags, offs, surf) = (d[0], d[1], d[2]);
+    let (flags, offs, surf) = (
+        d.get(tables.flags),
+        d.get(tables.offsets),
+        d.get(tables.bytes),
+    );
     let zero = g.iconst(0);
     let one = g.iconst(1);
     let o = g.var(g.ptr, zero);

@@ -8,8 +8,9 @@ use cranelift_codegen::ir::{types, Block, FuncRef, InstBuilder, Value};
 use cranelift_frontend::Variable;
 use needle_runtime::pyjson;
 
+use super::names::NameTables;
 use super::{
-    put1, utf8_seq, Plan, NODE_BYTES, STATUS_INEXACT, STATUS_INVALID_UTF8, STATUS_OK,
+    put1, utf8_seq, Helpers, Plan, NODE_BYTES, STATUS_INEXACT, STATUS_INVALID_UTF8, STATUS_OK,
     STATUS_TOO_SMALL, TOOL_CALL,
 };
 use crate::codegen::bytes::{
@@ -17,6 +18,7 @@ use crate::codegen::bytes::{
     to_ptr, u32_at,
 };
 use crate::codegen::gen::{mem, Gen};
+use crate::codegen::kernels::{Callees, DataAddrs};
 
 /// Deepest nesting the JSON parser accepts (`pyjson::MAX_DEPTH`).
 const MAX_DEPTH: i64 = pyjson::MAX_DEPTH as i64;
@@ -51,7 +53,7 @@ pub(super) fn nset(g: &mut Gen<'_>, nodes: Value, node: Value, field: i64, v: Va
 // ---- postprocess ------------------------------------------------------------------------------
 
 /// The postprocess function under construction: its arguments, layout and parser state.
-pub(super) struct Post<'p> {
+pub(super) struct Post {
     out: Value,
     cap: Value,
     out_len: Value,
@@ -69,7 +71,7 @@ pub(super) struct Post<'p> {
     buf_a: Value,
     buf_b: Value,
     huge: Value,
-    passes: &'p [(i64, i64, i64, i64)],
+    passes: Vec<(i64, i64, i64, i64)>,
     restore_names: bool,
     // parser state
     pos: Variable,
@@ -93,19 +95,29 @@ pub(super) struct Post<'p> {
     fail_l: Block,
 }
 
-impl<'p> Post<'p> {
+impl Post {
     pub(super) fn new(
         g: &mut Gen<'_>,
         a: &[Value],
-        d: &[Value],
-        f: &[FuncRef],
+        d: &DataAddrs,
+        tables: &NameTables,
+        f: &Callees,
+        helpers: &Helpers,
         plan: &Plan,
-        passes: &'p [(i64, i64, i64, i64)],
-        restore_names: bool,
     ) -> Self {
         let (text, len, out, cap, out_len, scratch) = (a[0], a[1], a[2], a[3], a[4], a[5]);
-        let (consts, names) = (d[0], d[1]);
-        let (valid, memeq, put, replace, restore) = (f[0], f[1], f[2], f[3], f[4]);
+        let (consts, names) = (d.get(tables.consts), d.get(tables.names));
+        let valid = f.get(helpers.valid);
+        let memeq = f.get(helpers.memeq);
+        let put = f.get(helpers.put);
+        let replace = f.get(helpers.replace);
+        let restore = f.get(helpers.restore);
+        let passes = tables
+            .passes
+            .iter()
+            .map(|&(so, sl, oo, ol)| (so as i64, sl as i64, oo as i64, ol as i64))
+            .collect();
+        let restore_names = tables.count > 0;
         let ok = g.call(valid, &[text, len]).expect("validate returns");
         let bad = g.b.ins().icmp_imm_s(IntCC::Equal, ok, 0);
         g.if_then(bad, |g| {

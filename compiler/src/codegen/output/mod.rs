@@ -162,6 +162,17 @@ impl Plan {
     }
 }
 
+/// The output path's local helper functions, by id: what the generated bodies look up in their
+/// [`Callees`](super::kernels::Callees) (each body may call only those it declared).
+#[derive(Clone, Copy)]
+pub(super) struct Helpers {
+    pub valid: FuncId,
+    pub memeq: FuncId,
+    pub put: FuncId,
+    pub replace: FuncId,
+    pub restore: FuncId,
+}
+
 /// Defines `validate_utf8`, `detokenize` and `postprocess` (names get the library prefix) and
 /// their internal helpers in `ks`. `name_map` is `(snake_name, original_name)` in tool order.
 pub fn define_output(
@@ -265,6 +276,14 @@ pub fn define_output(
         false,
     )?;
 
+    let helpers = Helpers {
+        valid: f_valid,
+        memeq: f_memeq,
+        put: f_put,
+        replace: f_replace,
+        restore: f_restore,
+    };
+
     // ---- definitions --------------------------------------------------------------------------
     ks.define_function(f_valid, &[], &[], |g, a, _, _| {
         Some(validate_utf8_body(g, a[0], a[1]))
@@ -280,6 +299,7 @@ pub fn define_output(
             g,
             a,
             d,
+            &pieces,
             vocab_i,
             mpb,
             remove_extra,
@@ -295,29 +315,23 @@ pub fn define_output(
     })?;
 
     ks.define_function(f_replace, &[], &[f_memeq, f_put], |g, a, _, f| {
-        Some(names::replace_body(g, a, f))
+        Some(names::replace_body(g, a, f, &helpers))
     })?;
 
-    let name_count = names.count;
     ks.define_function(
         f_restore,
         &[names.names, names.table, names.consts],
         &[f_memeq, f_put],
-        |g, a, d, f| Some(names::restore_body(g, a, d, f, name_count as i64)),
+        |g, a, d, f| Some(names::restore_body(g, a, d, &names, f, &helpers)),
     )?;
 
-    let pass_info = names
-        .passes
-        .iter()
-        .map(|&(so, sl, oo, ol)| (so as i64, sl as i64, oo as i64, ol as i64))
-        .collect::<Vec<_>>();
     let plan2 = plan.clone();
     ks.define_function(
         f_post,
         &[names.consts, names.names],
         &[f_valid, f_memeq, f_put, f_replace, f_restore],
         |g, a, d, f| {
-            let mut p = json::Post::new(g, a, d, f, &plan2, &pass_info, name_count > 0);
+            let mut p = json::Post::new(g, a, d, &names, f, &helpers, &plan2);
             Some(p.body(g))
         },
     )?;

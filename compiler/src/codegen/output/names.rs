@@ -4,16 +4,17 @@
 //! text, longest first ([`replace_body`], `output_replace`), as `needle_runtime::output` does.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{FuncRef, InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_module::DataId;
 use needle_runtime::pyjson;
 
 use super::json::{nget, nset, F_A, F_B, F_KIND, F_KLEN, F_KOFF, F_NEXT, K_SCALAR, NONE};
-use super::{put1, NAME_KEY, TOOL_CALL};
+use super::{put1, Helpers, NAME_KEY, TOOL_CALL};
 use crate::codegen::bytes::{
     bind, br_if, byte_at, declare_u32_table, goto, label, place, to_u32, u32_at,
 };
 use crate::codegen::gen::{mem, mem_ro, Gen};
+use crate::codegen::kernels::{Callees, DataAddrs};
 use crate::codegen::{CodegenError, KernelSet};
 
 /// The name map's tables, declared in the object.
@@ -89,13 +90,19 @@ pub(super) fn declare_name_tables(
 pub(super) fn restore_body(
     g: &mut Gen<'_>,
     a: &[Value],
-    d: &[Value],
-    f: &[FuncRef],
-    count: i64,
+    d: &DataAddrs,
+    tables: &NameTables,
+    f: &Callees,
+    helpers: &Helpers,
 ) -> Value {
+    let count = tables.count as i64;
     let (nodes, canon, cl, obj) = (a[0], a[1], a[2], a[3]);
-    let (names, tab, consts) = (d[0], d[1], d[2]);
-    let (memeq, put) = (f[0], f[1]);
+    let (names, tab, consts) = (
+        d.get(tables.names),
+        d.get(tables.table),
+        d.get(tables.consts),
+    );
+    let (memeq, put) = (f.get(helpers.memeq), f.get(helpers.put));
     let first = nget(g, nodes, obj, F_A);
     let m = g.var(g.ptr, first);
     let top = label(g);
@@ -166,9 +173,9 @@ pub(super) fn restore_body(
 /// `output_replace(src, n, dst, cap, pat, plen, rep, rlen) -> size`: `src[0..n]` with every
 /// non-overlapping `pat` (left to right) replaced by `rep`, written to `dst` within `cap`;
 /// returns the size needed.
-pub(super) fn replace_body(g: &mut Gen<'_>, a: &[Value], f: &[FuncRef]) -> Value {
+pub(super) fn replace_body(g: &mut Gen<'_>, a: &[Value], f: &Callees, helpers: &Helpers) -> Value {
     let (src, n, dst, cap, pat, plen, rep, rlen) = (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
-    let (memeq, put) = (f[0], f[1]);
+    let (memeq, put) = (f.get(helpers.memeq), f.get(helpers.put));
     let zero = g.iconst(0);
     let i = g.var(g.ptr, zero);
     let w = g.var(g.ptr, zero);
