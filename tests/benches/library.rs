@@ -58,6 +58,7 @@ fn library_time(
         fold: Some(fold),
         weights: Some(weights),
         max_gen_len,
+        max_query_tokens: None,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),

@@ -38,6 +38,7 @@ fn options(
         fold,
         weights: None,
         max_gen_len,
+        max_query_tokens: None,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.to_path_buf(),
