@@ -50,7 +50,8 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "ERR_QUERY_TOO_LONG",
         4,
-        "the query is longer than NAME_MAX_QUERY_BYTES bytes",
+        "the query is longer than NAME_MAX_QUERY_BYTES bytes, or (--fold none) than \
+         NAME_MAX_QUERY_TOKENS tokens",
     ),
     (
         "ERR_OUT_TOO_SMALL",
@@ -586,4 +587,27 @@ fn check_workspace(g: &mut Gen<'_>, ws: Value) {
 fn ret_status(g: &mut Gen<'_>, name: &str) {
     let v = iconst32(g, status(name));
     g.ret(&[v]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_share_memory_only_across_phases_that_never_meet() {
+        use Phase::{Model, Render, Tokenize};
+        let mut lp = LifetimePlan { placed: Vec::new() };
+        let model = lp.place(Model..=Model, 1000);
+        // Tokenizing and rendering happen while the model is idle: over its memory.
+        let scratch = lp.place(Tokenize..=Tokenize, 500);
+        let ids = lp.place(Tokenize..=Model, 10);
+        let gen = lp.place(Model..=Render, 10);
+        let text = lp.place(Render..=Render, 2000);
+        assert_eq!((model, scratch), (0, 0));
+        // Live with the model: after it, and not over each other.
+        assert_eq!((ids, gen), (1024, 1024 + 64));
+        // Too large for the room under the model: past everything it meets.
+        assert_eq!(text, 1024 + 128);
+        assert_eq!(lp.end(), 1024 + 128 + 2048);
+    }
 }
