@@ -9,7 +9,10 @@ use needle_ir::{
     PIPELINE,
 };
 use needle_runtime::checkpoint::Checkpoint;
-use needle_runtime::decode::{check_tools_fit, FoldMode, MAX_DECODE_STEPS, MAX_QUERY_TOKENS};
+use needle_runtime::decode::{
+    check_max_query_tokens, check_tools_fit, EngineError, FoldMode, MAX_DECODE_STEPS,
+    MAX_QUERY_TOKENS,
+};
 use needle_runtime::model::Model;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
@@ -20,7 +23,7 @@ use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 
 use crate::frontend::{load_tokenizer, resolve_fold, resolve_weights, FrontendError};
 use crate::load::load_checkpoint;
-use crate::lower::lower;
+use crate::lower::lower_for_steps;
 use crate::materialize::materialize_constants;
 use crate::precision::Precision;
 use crate::tools::{load_tools_arg, ToolSet};
@@ -55,6 +58,10 @@ pub struct BuildOptions {
     /// ([`needle_runtime::quant::lossless`]).
     pub weights: Option<Precision>,
     pub max_gen_len: usize,
+    /// `--max-query-tokens`: the most query tokens the library reads (longer queries are cut
+    /// folded and refused exact, as `needlec run --max-query-tokens`); it bounds the workspace.
+    /// `None`: as many as the model allows for the tool list.
+    pub max_query_tokens: Option<usize>,
     /// Prefix of every exported symbol and macro: a C identifier.
     pub name: String,
     pub emit: Vec<Emit>,
@@ -129,6 +136,10 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
             max: MAX_GEN_LEN_LIMIT,
         });
     }
+    // A bound of 0 is wrong whatever the inputs: say so before loading anything.
+    if opts.max_query_tokens == Some(0) {
+        return Err(FrontendError::from(EngineError::MaxQueryTokensZero).into());
+    }
     let checkpoint: Checkpoint =
         load_checkpoint(&opts.checkpoint).map_err(|source| FrontendError::Checkpoint {
             path: opts.checkpoint.clone(),
@@ -148,7 +159,18 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     let tool_ids = tokenizer.encode(&tools.normalized_json);
     check_tools_fit(tool_ids.len()).map_err(FrontendError::from)?;
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
-    let mut module = lower(&model.config, fold, tool_ids.len(), MAX_QUERY_TOKENS);
+    // The same check and the same bound as `needlec run --max-query-tokens`, so they agree.
+    let max_query_tokens = match opts.max_query_tokens {
+        Some(n) => check_max_query_tokens(n, tool_ids.len()).map_err(FrontendError::from)?,
+        None => MAX_QUERY_TOKENS,
+    };
+    let mut module = lower_for_steps(
+        &model.config,
+        fold,
+        tool_ids.len(),
+        max_query_tokens,
+        opts.max_gen_len - 1,
+    );
     let mut store = ConstStore::default();
     materialize_constants(&module, &checkpoint, &model, &tool_ids, &mut store)
         .map_err(BuildError::Materialize)?;
@@ -356,6 +378,7 @@ fn is_c_identifier(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use crate::lower::lower;
     use needle_runtime::config::Config;
 
     use super::*;

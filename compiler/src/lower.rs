@@ -70,6 +70,8 @@ struct Dims {
     tools_side: usize,
     /// The query's maximum length.
     q_max: usize,
+    /// The most decoder steps a call runs (`max_gen_len - 1`): the self K/V caches' rows.
+    steps_max: usize,
     fold: FoldMode,
 }
 
@@ -135,6 +137,32 @@ pub fn lower(
     n_tool_tokens: usize,
     max_query_tokens: usize,
 ) -> Module {
+    lower_for_steps(
+        config,
+        fold,
+        n_tool_tokens,
+        max_query_tokens,
+        MAX_DECODE_STEPS,
+    )
+}
+
+/// [`lower`] for calls of at most `max_decode_steps` decoder steps (`--max-gen-len` - 1, at
+/// most [`MAX_DECODE_STEPS`]): the decoder's positions, and so its K/V caches, stop there.
+///
+/// # Panics
+///
+/// As [`lower`], and if `max_decode_steps` is 0 or above [`MAX_DECODE_STEPS`].
+pub fn lower_for_steps(
+    config: &Config,
+    fold: FoldMode,
+    n_tool_tokens: usize,
+    max_query_tokens: usize,
+    max_decode_steps: usize,
+) -> Module {
+    assert!(
+        (1..=MAX_DECODE_STEPS).contains(&max_decode_steps),
+        "lower needs 1..={MAX_DECODE_STEPS} decoder steps, got {max_decode_steps}"
+    );
     assert!(
         config.validate().is_ok(),
         "lower needs a valid config: {:?}",
@@ -154,6 +182,7 @@ pub fn lower(
         q_max: max_query_tokens
             .min(MAX_QUERY_TOKENS)
             .min(ENCODER_BUDGET - tools_side),
+        steps_max: max_decode_steps,
         fold,
     };
     let mut consts: Vec<ConstDecl> = checkpoint_weights(config)
@@ -212,8 +241,8 @@ pub fn lower(
         for (name, rows) in [
             (format!("cross.{l}.k"), dims.cross_rows_max()),
             (format!("cross.{l}.v"), dims.cross_rows_max()),
-            (format!("dec.{l}.self_k"), MAX_DECODE_STEPS),
-            (format!("dec.{l}.self_v"), MAX_DECODE_STEPS),
+            (format!("dec.{l}.self_k"), dims.steps_max),
+            (format!("dec.{l}.self_v"), dims.steps_max),
         ] {
             let ty = Type::fixed(ElemType::F32, &[rows, dims.kv_heads, dims.head_dim]);
             buffers.push(BufferDecl { name, ty });
@@ -230,7 +259,7 @@ pub fn lower(
             DimDecl {
                 sym: Sym::P,
                 min: 0,
-                max: MAX_DECODE_STEPS as i64 - 1,
+                max: dims.steps_max as i64 - 1,
             },
             DimDecl {
                 sym: Sym::A,

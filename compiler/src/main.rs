@@ -110,8 +110,14 @@ enum Command {
         /// the lossless one for the checkpoint (`f16` for float16 checkpoints, else `f32`).
         #[arg(long)]
         weights: Option<Precision>,
+        /// At most `max_gen_len - 1` tokens are generated; it bounds the workspace.
         #[arg(long, default_value_t = DEFAULT_MAX_GEN_LEN)]
         max_gen_len: usize,
+        /// Bound the query to N tokens, as `needlec run --max-query-tokens N`: longer queries are
+        /// cut with `--fold tools` and refused (`NAME_ERR_QUERY_TOO_LONG`) with `--fold none`.
+        /// A smaller N needs a smaller workspace. Default: as many as the model allows.
+        #[arg(long, value_name = "N")]
+        max_query_tokens: Option<usize>,
         /// Prefix of every exported symbol and macro.
         #[arg(long, default_value = "needle")]
         name: String,
@@ -200,6 +206,7 @@ fn real_main() -> Result<()> {
             fold,
             weights,
             max_gen_len,
+            max_query_tokens,
             name,
             emit,
             out_dir,
@@ -231,6 +238,7 @@ fn real_main() -> Result<()> {
                 fold: fold.map(fold_mode),
                 weights,
                 max_gen_len,
+                max_query_tokens,
                 name,
                 emit,
                 out_dir,

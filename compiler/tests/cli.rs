@@ -516,6 +516,72 @@ fn max_query_tokens_of_zero_or_above_the_limit_is_refused() {
     stdout(&needlec(&args));
 }
 
+/// `build --max-query-tokens` takes the same checks as `run`'s, and prints the workspace the
+/// bound gives.
+#[test]
+fn build_max_query_tokens_of_zero_or_above_the_limit_is_refused() {
+    let dir = std::env::temp_dir().join(format!("needlec-cli-mqt-{}", std::process::id()));
+    let (ckpt, tools, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
+    let build = |bound: &str| {
+        needlec(&[
+            "build",
+            "--checkpoint",
+            &ckpt,
+            "--tokenizer",
+            &tok,
+            "--tools",
+            &tools,
+            "--max-query-tokens",
+            bound,
+            "--emit",
+            "header",
+            "--out-dir",
+            dir.to_str().unwrap(),
+        ])
+    };
+    let out = build("0");
+    assert!(!out.status.success());
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("--max-query-tokens must be at least 1"),
+        "{stderr}"
+    );
+    assert!(!dir.join("needle.h").exists(), "nothing written");
+    let out = build("715");
+    assert!(!out.status.success());
+    let stderr = stderr_of(&out);
+    // The 6-tool list takes 309 tokens: 1024 - 1 - 309 = 714 are left for the query.
+    assert!(
+        stderr.contains("--max-query-tokens 715 is above this model's limit of 714")
+            && stderr.contains("use at most 714"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = build("40");
+    let stderr = stderr_of(&out);
+    assert!(out.status.success(), "{stderr}");
+    let header = std::fs::read_to_string(dir.join("needle.h")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        header.contains("#define NEEDLE_MAX_QUERY_TOKENS ((size_t)40)"),
+        "{header}"
+    );
+    let size = header
+        .split("#define NEEDLE_WORKSPACE_SIZE ((size_t)")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap();
+    assert!(
+        stderr.contains("40 query tokens at most")
+            && stderr.contains(&format!("workspace {size} bytes")),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn max_query_tokens_cuts_folded_queries_and_refuses_exact_ones() {
     let (tools, tok) = (example("tools.json"), example("tokenizer.model"));

@@ -6,10 +6,16 @@
 //! The workspace holds, at offsets fixed at build time (each aligned to [`ALIGN`]):
 //!
 //! 1. a 16-byte state word (`q`, recorded by `encode_query` for the decoder steps);
-//! 2. every `buffer` (KV caches, cross-attention K/V) at its static size;
-//! 3. the logits of the last decoder step;
-//! 4. one arena for the SSA values of whichever entry point runs. The entry points never run
-//!    at once, so they share it.
+//! 2. the `buffer`s more than one entry point uses (the cross-attention K/V that `encode_query`
+//!    writes and the decoder steps read), at their static sizes;
+//! 3. then, from one common offset, each entry point's own zone: the buffers only it uses
+//!    (the decoder's self-attention K/V caches), for `decoder_step` the logits, and the arena
+//!    for its SSA values.
+//!
+//! Zones overlap: memory is planned by lifetime. A call runs `encode_query` once and then the
+//! decoder steps, one entry point at a time, and what a buffer only one entry point uses holds
+//! is never read by another, so `encode_query`'s arena (the largest run-time data, every row
+//! of the query) reuses the memory of the decoder's caches, logits and arena.
 //!
 //! Arena slots are planned per function by a linear scan over the straight-line body:
 //!
@@ -96,6 +102,8 @@ pub struct FuncPlan {
     /// Index of the last instruction that reads each value (a reshape's readers count as
     /// readers of its input); a value never read is live only at its definition.
     pub last_use: HashMap<String, usize>,
+    /// Start of this function's arena (its zone's buffers and the logits come before it).
+    pub arena_start: usize,
     /// End of the arena this function uses.
     pub arena_end: usize,
 }
@@ -111,7 +119,8 @@ pub struct WorkspacePlan {
     pub logits: Region,
     /// The logits' type (its second dimension is the vocabulary).
     pub logits_ty: Type,
-    pub arena_start: usize,
+    /// Where the entry points' zones start (see the module docs): the end of what they share.
+    pub zones_start: usize,
     /// In module order.
     pub funcs: Vec<FuncPlan>,
     /// Bytes of workspace a call needs: everything above, the largest arena included.
@@ -125,8 +134,18 @@ impl WorkspacePlan {
             offset: 0,
             bytes: 16,
         };
-        let mut off = round_up(state.end());
-        let mut buffers = Vec::new();
+        // Which entry points use each buffer: one alone keeps it in its zone.
+        let owner = |name: &str| -> Option<usize> {
+            let users: Vec<usize> = (m.funcs.iter().enumerate())
+                .filter(|(_, f)| f.body.iter().any(|i| uses_buffer(&i.op, name)))
+                .map(|(k, _)| k)
+                .collect();
+            match users[..] {
+                [k] => Some(k),
+                _ => None,
+            }
+        };
+        let mut regions = Vec::new();
         for b in &m.buffers {
             let what = format!("${}", b.name);
             let dims =
@@ -137,12 +156,7 @@ impl WorkspacePlan {
                     })?;
             let row_bytes = dims[1..].iter().product::<usize>() * b.ty.elem.size();
             let bytes = dims.iter().product::<usize>() * b.ty.elem.size();
-            buffers.push(BufferRegion {
-                name: b.name.clone(),
-                region: Region { offset: off, bytes },
-                row_bytes,
-            });
-            off = round_up(off + bytes);
+            regions.push((owner(&b.name), bytes, row_bytes));
         }
         let logits_ty = m
             .func(DECODER_STEP)
@@ -153,27 +167,64 @@ impl WorkspacePlan {
                 })
             })
             .ok_or_else(|| IrError::module(format!("@{DECODER_STEP}"), "computes no logits"))?;
-        let logits = Region {
-            offset: off,
-            bytes: max_bytes(m, &logits_ty)
-                .ok_or_else(|| IrError::module("logits", format!("{logits_ty} is too large")))?,
+        let logits_bytes = max_bytes(m, &logits_ty)
+            .ok_or_else(|| IrError::module("logits", format!("{logits_ty} is too large")))?;
+        let step = m.funcs.iter().position(|f| f.name == DECODER_STEP);
+        // The shared buffers, then each entry point's zone from `zones_start`.
+        let mut offsets = vec![0; regions.len()];
+        let mut off = round_up(state.end());
+        for (k, &(owner, bytes, _)) in regions.iter().enumerate() {
+            if owner.is_none() {
+                offsets[k] = off;
+                off = round_up(off + bytes);
+            }
+        }
+        let zones_start = off;
+        let mut logits = Region {
+            offset: zones_start,
+            bytes: logits_bytes,
         };
-        let arena_start = round_up(logits.end());
+        let mut arena_starts = Vec::new();
+        for f in 0..m.funcs.len() {
+            let mut off = zones_start;
+            for (k, &(owner, bytes, _)) in regions.iter().enumerate() {
+                if owner == Some(f) {
+                    offsets[k] = off;
+                    off = round_up(off + bytes);
+                }
+            }
+            if step == Some(f) {
+                logits.offset = off;
+                off = round_up(logits.end());
+            }
+            arena_starts.push(off);
+        }
+        let buffers = m
+            .buffers
+            .iter()
+            .zip(&regions)
+            .zip(offsets)
+            .map(|((b, &(_, bytes, row_bytes)), offset)| BufferRegion {
+                name: b.name.clone(),
+                region: Region { offset, bytes },
+                row_bytes,
+            })
+            .collect();
         let mut plan = WorkspacePlan {
             state,
             buffers,
             logits,
             logits_ty,
-            arena_start,
+            zones_start,
             funcs: Vec::new(),
             total_bytes: 0,
         };
-        for f in &m.funcs {
-            let fp = FuncPlanner::new(m, &plan, f).run()?;
+        for (f, &arena_start) in m.funcs.iter().zip(&arena_starts) {
+            let fp = FuncPlanner::new(m, &plan, f, arena_start).run()?;
             plan.funcs.push(fp);
         }
-        let arena_end = plan.funcs.iter().map(|f| f.arena_end).max();
-        plan.total_bytes = round_up(arena_end.unwrap_or(arena_start).max(arena_start));
+        let ends = plan.funcs.iter().map(|f| f.arena_end);
+        plan.total_bytes = round_up(ends.fold(zones_start.max(logits.end()), usize::max));
         Ok(plan)
     }
 
@@ -183,6 +234,17 @@ impl WorkspacePlan {
 
     pub fn buffer(&self, name: &str) -> Option<&BufferRegion> {
         self.buffers.iter().find(|b| b.name == name)
+    }
+}
+
+/// Whether `op` reads or writes the workspace buffer `name`.
+fn uses_buffer(op: &Op, name: &str) -> bool {
+    match op {
+        Op::Store { buffer, .. } => buffer == name,
+        _ => op
+            .operands()
+            .iter()
+            .any(|o| matches!(o, Operand::Buffer { name: b, .. } if b == name)),
     }
 }
 
@@ -217,7 +279,12 @@ struct FuncPlanner<'a> {
 }
 
 impl<'a> FuncPlanner<'a> {
-    fn new(m: &'a Module, plan: &WorkspacePlan, f: &'a Function) -> FuncPlanner<'a> {
+    fn new(
+        m: &'a Module,
+        plan: &WorkspacePlan,
+        f: &'a Function,
+        arena_start: usize,
+    ) -> FuncPlanner<'a> {
         let mut last_use: HashMap<String, usize> = HashMap::new();
         for (i, inst) in f.body.iter().enumerate() {
             for o in inst.op.operands() {
@@ -238,12 +305,12 @@ impl<'a> FuncPlanner<'a> {
         FuncPlanner {
             m,
             f,
-            arena_start: plan.arena_start,
+            arena_start,
             logits: plan.logits,
             last_use,
             slots: Vec::new(),
             values: HashMap::new(),
-            arena_end: plan.arena_start,
+            arena_end: arena_start,
         }
     }
 
@@ -440,6 +507,7 @@ impl<'a> FuncPlanner<'a> {
             params,
             insts,
             last_use: self.last_use,
+            arena_start: self.arena_start,
             arena_end: self.arena_end,
         })
     }
@@ -472,9 +540,10 @@ impl Notes for PlanNotes<'_> {
         let p = self.0;
         let mut out = vec![
             format!(
-                "workspace plan of the model: {} bytes, aligned to {ALIGN} (a library puts its \
-                 driver's regions after them)",
-                p.total_bytes
+                "workspace plan of the model: {} bytes, aligned to {ALIGN} (zones from {}: each \
+                 entry point's own buffers and arena, sharing memory; a library plans its \
+                 driver's regions around them)",
+                p.total_bytes, p.zones_start
             ),
             format!("  state word (q)  {}", region_text(p.state)),
         ];
@@ -485,7 +554,7 @@ impl Notes for PlanNotes<'_> {
         for f in &p.funcs {
             out.push(format!(
                 "  arena of @{}  ws[{}..{}]",
-                f.name, p.arena_start, f.arena_end
+                f.name, f.arena_start, f.arena_end
             ));
         }
         out
@@ -564,10 +633,39 @@ mod tests {
                 bytes: 64
             }
         );
-        assert_eq!(plan.arena_start, 320);
+        // $cache and the logits are the step's own: its zone, over @encode_query's arena.
+        assert_eq!(plan.zones_start, 192);
+        assert_eq!(plan.func("encode_query").unwrap().arena_start, 192);
+        assert_eq!(plan.func("decoder_step").unwrap().arena_start, 320);
         assert_eq!(plan.total_bytes % ALIGN, 0);
         let end = plan.funcs.iter().map(|f| f.arena_end).max().unwrap();
         assert_eq!(plan.total_bytes, end);
+    }
+
+    #[test]
+    fn buffers_one_entry_point_uses_share_memory_with_the_others_arenas() {
+        let (m, plan) = sample_plan();
+        // The shared $cross stays clear of every zone; $cache and the logits lie under
+        // @encode_query's arena, but clear of the step's own.
+        let cross = plan.buffer("cross").unwrap().region;
+        let cache = plan.buffer("cache").unwrap().region;
+        let enc = plan.func("encode_query").unwrap();
+        let step = plan.func("decoder_step").unwrap();
+        assert!(cross.end() <= plan.zones_start);
+        assert!(enc.arena_end > cache.offset, "{plan:?}");
+        assert!(cache.end() <= plan.logits.offset && plan.logits.end() <= step.arena_start);
+        // Smaller than the regions laid end to end.
+        let laid_out = plan.zones_start
+            + cache.bytes
+            + plan.logits.bytes
+            + (enc.arena_end - enc.arena_start)
+            + (step.arena_end - step.arena_start);
+        assert!(plan.total_bytes < laid_out);
+        assert!(plan.total_bytes >= enc.arena_end.max(step.arena_end));
+        assert!(print_planned(&m, &plan).contains(&format!(
+            "  arena of @encode_query  ws[192..{}]",
+            enc.arena_end
+        )));
     }
 
     #[test]
@@ -631,7 +729,7 @@ mod tests {
     fn the_step_keeps_its_token_in_the_arena_and_returns_the_argmax() {
         let (_, plan) = sample_plan();
         let fp = plan.func("decoder_step").unwrap();
-        assert!(matches!(fp.params[0], Place::Arena(r) if r.offset == plan.arena_start));
+        assert!(matches!(fp.params[0], Place::Arena(r) if r.offset == fp.arena_start));
         assert_eq!(fp.params[1], Place::Caller);
         let n = fp.insts.len();
         assert_eq!(fp.insts[n - 2].result, Some(Place::Logits));

@@ -87,6 +87,7 @@ fn build_library(
         fold: Some(fold),
         weights: Some(weights),
         max_gen_len,
+        max_query_tokens: None,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),

@@ -45,6 +45,7 @@ fn compile_checkpoint(
         fold: Some(fold),
         weights,
         max_gen_len: 512,
+        max_query_tokens: None,
         name: "t".into(),
         emit: vec![],
         out_dir: PathBuf::from("."),

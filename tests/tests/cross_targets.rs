@@ -38,6 +38,7 @@ fn options(
         fold: Some(fold),
         weights,
         max_gen_len: 40,
+        max_query_tokens: None,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),

@@ -38,6 +38,7 @@ fn options(
         fold,
         weights: None,
         max_gen_len,
+        max_query_tokens: None,
         name: "needle".into(),
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.to_path_buf(),
@@ -609,6 +610,83 @@ fn long_queries_are_cut_when_folded_and_refused_when_exact() {
         } else {
             assert_eq!(got[0], (4, String::new()), "exact: ERR_QUERY_TOO_LONG");
         }
+    }
+}
+
+/// `NAME_WORKSPACE_SIZE` in a generated header.
+fn workspace_size(header: &str) -> usize {
+    header
+        .split("#define NEEDLE_WORKSPACE_SIZE ((size_t)")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no NEEDLE_WORKSPACE_SIZE in {header}"))
+}
+
+/// `needlec build --max-query-tokens N` answers exactly as `needlec run --max-query-tokens N`
+/// in both fold modes: a short query as without the bound, a long one cut (folded) or refused
+/// with `ERR_QUERY_TOO_LONG` (exact); and the workspace shrinks with N.
+#[test]
+fn bounded_query_answers_like_needlec_run_with_the_same_bound() {
+    const BOUND: usize = 8;
+    let tools = tiny_needle("tools.json");
+    let short = "Start a 35 minute timer.";
+    let long = "I need an alarm at 11:50 AM for stretching";
+    let queries = [short, long];
+    for fold in [FoldMode::Tools, FoldMode::None] {
+        let options = needlec::frontend::ModelOptions {
+            fold: Some(fold),
+            weights: None,
+            max_query_tokens: Some(BOUND),
+        };
+        let engine = needlec::frontend::load_with(
+            &tiny_needle("tiny-needle-folded.pkl"),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            &options,
+        )
+        .unwrap()
+        .engine;
+        let tokens = |q: &str| engine.tokenizer.encode(q).len();
+        assert!(tokens(short) <= BOUND && tokens(long) > BOUND);
+        let mut sizes = Vec::new();
+        for bound in [None, Some(64), Some(BOUND)] {
+            let name = format!("bounded-{}-{bound:?}", fold.name());
+            let mut out_dir = PathBuf::new();
+            let exe = build_library(&name, |out| {
+                out_dir = out.to_path_buf();
+                BuildOptions {
+                    max_query_tokens: bound,
+                    ..bundled("tiny-needle-folded.pkl", Some(fold), 64, out)
+                }
+            });
+            let header = std::fs::read_to_string(out_dir.join("needle.h")).unwrap();
+            sizes.push(workspace_size(&header));
+            if bound != Some(BOUND) {
+                continue;
+            }
+            assert!(header.contains(&format!(
+                "#define NEEDLE_MAX_QUERY_TOKENS ((size_t){BOUND})"
+            )));
+            let got = answers(&exe, "answer", &queries);
+            for (q, got) in queries.iter().zip(&got) {
+                let want = match engine.generate(q, 64) {
+                    Ok(g) => (0, g.output),
+                    Err(needle_runtime::decode::EngineError::QueryTooLong { .. }) => {
+                        (4, String::new())
+                    }
+                    Err(e) => panic!("{q:?}: {e}"),
+                };
+                assert_eq!(got, &want, "{fold:?} {q:?}");
+            }
+            // The long query: cut and answered folded, refused exact.
+            assert_eq!(got[1].0, if fold == FoldMode::Tools { 0 } else { 4 });
+            assert_eq!(got[0].0, 0);
+        }
+        assert!(
+            sizes[0] > sizes[1] && sizes[1] > sizes[2],
+            "{fold:?}: {sizes:?}"
+        );
     }
 }
 

@@ -9,10 +9,13 @@
 //!   size_t out_cap, size_t *out_len)`: the same decoding from query token ids to generated ids
 //! - `void NAME_model_info(NAME_info *info)` and `const char *NAME_tool_name(uint32_t i)`
 //!
-//! The workspace is the only mutable memory: the model's region first, then the grammar state,
-//! the token buffers, the scratch of the tokenizer and of the output code, the output text, and
-//! last the call's decoder-step counts (forced, sparse, full: see [`super::model::StepKind`]).
-//! Its layout is planned here, at build time, so its size is exact.
+//! The workspace is the only mutable memory: the model's region (the IR's workspace plan), the
+//! grammar state, the token buffers, the scratch of the tokenizer and of the output code, the
+//! output text, and last the call's decoder-step counts (forced, sparse, full: see
+//! [`super::model::StepKind`]). Its layout is planned here, at build time, so its size is exact,
+//! and by lifetime: a call tokenizes, then runs the model, then renders the answer, and regions
+//! of phases that never meet share memory (the tokenizer's and the output's scratch lie over
+//! the model's region; see [`Phase`]).
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
@@ -47,7 +50,8 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "ERR_QUERY_TOO_LONG",
         4,
-        "the query is longer than NAME_MAX_QUERY_BYTES bytes",
+        "the query is longer than NAME_MAX_QUERY_BYTES bytes, or (--fold none) than \
+         NAME_MAX_QUERY_TOKENS tokens",
     ),
     (
         "ERR_OUT_TOO_SMALL",
@@ -149,29 +153,70 @@ pub struct Parts<'a> {
     pub output: &'a OutputCode,
 }
 
-/// Plans the workspace after the model's region, once per library: the library reports the
+/// The phases of one call, in order: each region is live over a span of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// The query text becomes token ids.
+    Tokenize,
+    /// `encode_query`, then the decoder steps with the grammar.
+    Model,
+    /// The generated ids become text and the answer.
+    Render,
+}
+
+/// Regions placed by lifetime: each at the lowest offset that overlaps no region whose phases
+/// meet its own.
+struct LifetimePlan {
+    placed: Vec<(std::ops::RangeInclusive<Phase>, usize, usize)>,
+}
+
+impl LifetimePlan {
+    fn place(&mut self, live: std::ops::RangeInclusive<Phase>, bytes: usize) -> usize {
+        let size = align_up(bytes.max(1), WORKSPACE_ALIGN);
+        let mut clashes: Vec<(usize, usize)> = self
+            .placed
+            .iter()
+            .filter(|(l, _, _)| l.start() <= live.end() && live.start() <= l.end())
+            .map(|&(_, at, end)| (at, end))
+            .collect();
+        clashes.sort_unstable();
+        let mut at = 0;
+        for (start, end) in clashes {
+            if start >= at + size {
+                break;
+            }
+            at = at.max(end);
+        }
+        self.placed.push((live, at, at + size));
+        at
+    }
+
+    fn end(&self) -> usize {
+        self.placed.iter().map(|p| p.2).max().unwrap_or(0)
+    }
+}
+
+/// Plans the workspace around the model's region, once per library: the library reports the
 /// limits in it and [`define_driver`] generates code for it.
 pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
-    let a = WORKSPACE_ALIGN;
-    let mut at = align_up(parts.model.workspace_bytes, a);
-    let mut region = |bytes: usize| {
-        let start = at;
-        at = align_up(at + bytes, a);
-        start
-    };
+    use Phase::{Model, Render, Tokenize};
     let max_steps = limits.max_gen_len - 1;
     let max_text_bytes = max_steps * parts.output.max_piece_bytes;
     let max_output_bytes = parts.output.max_output_bytes(max_text_bytes);
-    let grammar_state = region(parts.grammar.state_bytes);
-    let n_allowed = region(8);
+    let mut lp = LifetimePlan { placed: Vec::new() };
+    // The model's region first, at offset 0 where its plan puts it.
+    lp.place(Model..=Model, parts.model.workspace_bytes);
+    let tokenizer_scratch = lp.place(Tokenize..=Tokenize, parts.tokenizer.scratch_bytes);
     // One id more than the model reads: enough to tell a query that was cut.
-    let query_ids = region(4 * (parts.model.max_query_tokens + 1));
-    let gen_ids = region(4 * max_steps);
-    let tokenizer_scratch = region(parts.tokenizer.scratch_bytes);
-    let text = region(max_text_bytes.max(1));
-    let output_scratch = region(parts.output.scratch_bytes(max_text_bytes));
-    let output = region(max_output_bytes.max(1));
-    let step_counts = region(12);
+    let query_ids = lp.place(Tokenize..=Model, 4 * (parts.model.max_query_tokens + 1));
+    let grammar_state = lp.place(Model..=Model, parts.grammar.state_bytes);
+    let n_allowed = lp.place(Model..=Model, 8);
+    let gen_ids = lp.place(Model..=Render, 4 * max_steps);
+    let text = lp.place(Render..=Render, max_text_bytes);
+    let output_scratch = lp.place(Render..=Render, parts.output.scratch_bytes(max_text_bytes));
+    let output = lp.place(Render..=Render, max_output_bytes);
+    // Read after the call (tests): last, clear of everything.
+    let step_counts = align_up(lp.end(), WORKSPACE_ALIGN);
     let layout = WorkspaceLayout {
         grammar_state,
         n_allowed,
@@ -182,7 +227,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
         output_scratch,
         output,
         step_counts,
-        total: at,
+        total: step_counts + STEP_COUNTS_BYTES,
     };
     LibraryInfo {
         layout,
@@ -550,4 +595,27 @@ fn check_workspace(g: &mut Gen<'_>, ws: Value) {
 fn ret_status(g: &mut Gen<'_>, name: &str) {
     let v = iconst32(g, status(name));
     g.ret(&[v]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_share_memory_only_across_phases_that_never_meet() {
+        use Phase::{Model, Render, Tokenize};
+        let mut lp = LifetimePlan { placed: Vec::new() };
+        let model = lp.place(Model..=Model, 1000);
+        // Tokenizing and rendering happen while the model is idle: over its memory.
+        let scratch = lp.place(Tokenize..=Tokenize, 500);
+        let ids = lp.place(Tokenize..=Model, 10);
+        let gen = lp.place(Model..=Render, 10);
+        let text = lp.place(Render..=Render, 2000);
+        assert_eq!((model, scratch), (0, 0));
+        // Live with the model: after it, and not over each other.
+        assert_eq!((ids, gen), (1024, 1024 + 64));
+        // Too large for the room under the model: past everything it meets.
+        assert_eq!(text, 1024 + 128);
+        assert_eq!(lp.end(), 1024 + 128 + 2048);
+    }
 }
