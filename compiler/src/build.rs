@@ -379,21 +379,12 @@ fn is_c_identifier(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use crate::lower::lower;
-    use needle_runtime::config::Config;
 
     use super::*;
 
     #[test]
     fn run_passes_records_every_stage_in_pipeline_order() {
-        let config = Config {
-            vocab_size: 4096,
-            d_model: 64,
-            num_heads: 4,
-            num_kv_heads: 2,
-            num_encoder_layers: 2,
-            num_decoder_layers: 2,
-            ..Default::default()
-        };
+        let config = crate::const_names::tiny_test_config();
         let m = lower(&config, FoldMode::Tools, 36, 1022);
         let (out, stages) = run_passes(m.clone(), None).unwrap();
         let names: Vec<&str> = stages.stages.iter().map(|(s, _)| s.as_str()).collect();
