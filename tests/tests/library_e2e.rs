@@ -2,12 +2,13 @@
 //! `libneedle.a`, and its answers compared with the reference's golden outputs and with
 //! `needlec run`'s engine, in both fold modes, plus the C interface's contracts.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use needle_runtime::decode::{Engine, FoldMode};
 use needle_test_support::c::{build_harness_with, run};
-use needle_test_support::{golden, read_json, tiny_needle, work_dir, Case, GreedyCase, Sample};
+use needle_test_support::{
+    golden, read_json, tiny_needle, work_dir, Case, GreedyCase, QuantizedSample, Sample,
+};
 use needlec::build::{build, BuildOptions, Emit};
 use needlec::frontend::{load_model, load_model_as, load_tokenizer};
 use needlec::precision::Precision;
@@ -228,12 +229,8 @@ fn golden_cases_int4_both_fixtures_both_modes() {
 /// (`samples_quantized.json`), and archives that shrink as the formats say.
 #[test]
 fn tiny_needle_quantized_samples_all_combinations() {
-    let samples: Vec<BTreeMap<String, serde_json::Value>> =
-        read_json(&tiny_needle("samples_quantized.json"));
-    let queries: Vec<&str> = samples
-        .iter()
-        .map(|s| s["query"].as_str().expect("query"))
-        .collect();
+    let samples: Vec<QuantizedSample> = read_json(&tiny_needle("samples_quantized.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
     let combos = [
         ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
         ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
@@ -246,11 +243,10 @@ fn tiny_needle_quantized_samples_all_combinations() {
                 ..bundled(checkpoint, fold, 512, out)
             });
             let got = answers(&exe, "answer", &queries);
-            let key = format!("{combo}_{p}");
             for (s, (status, output)) in samples.iter().zip(&got) {
-                let what = format!("--weights {p} {key} {:?}", s["query"]);
+                let what = format!("--weights {p} {combo} {:?}", s.query);
                 assert_eq!(*status, 0, "{what}");
-                assert_eq!(Some(output.as_str()), s[&key].as_str(), "{what}");
+                assert_eq!(output, s.output(combo, p.name()), "{what}");
             }
         }
     }
