@@ -772,18 +772,13 @@ fn attend_head(
             let shift = g.b.ins().fsub(old_max, new_max);
             let corr = math::exp(g, shift);
             let cs = g.vsplat(corr);
-            for j in (0..h4).step_by(4) {
-                let i = g.iconst(j);
-                let cur = g.vload(oh, i);
-                let nxt = g.vmul(cur, cs);
-                g.vstore(nxt, oh, i);
-            }
-            for j in h4..hd {
-                let i = g.iconst(j);
-                let cur = g.load_f32(oh, i);
-                let nxt = g.b.ins().fmul(cur, corr);
-                g.store_f32(nxt, oh, i);
-            }
+            map_head_row(
+                g,
+                oh,
+                (h4, hd),
+                |g, v| g.vmul(v, cs),
+                |g, x| g.b.ins().fmul(x, corr),
+            );
             let cur = g.get(run_sum);
             let rescaled = g.b.ins().fmul(cur, corr);
 
@@ -871,17 +866,35 @@ fn attend_head(
     let empty = g.fcmp(FloatCC::Equal, sum, fz);
     let sum = g.b.ins().select(empty, one, sum);
     let ssplat = g.vsplat(sum);
+    map_head_row(
+        g,
+        oh,
+        (h4, hd),
+        |g, v| g.vdiv(v, ssplat),
+        |g, x| g.b.ins().fdiv(x, sum),
+    );
+}
+
+/// Rewrites a head's output row of `hd` floats at `oh` in place: `lanes` on each 4-float vector
+/// of the first `h4`, `tail` on each float after them.
+fn map_head_row(
+    g: &mut Gen<'_>,
+    oh: Value,
+    (h4, hd): (i64, i64),
+    lanes: impl Fn(&mut Gen<'_>, V4) -> V4,
+    tail: impl Fn(&mut Gen<'_>, Value) -> Value,
+) {
     for j in (0..h4).step_by(4) {
         let i = g.iconst(j);
-        let v = g.vload(oh, i);
-        let o = g.vdiv(v, ssplat);
-        g.vstore(o, oh, i);
+        let cur = g.vload(oh, i);
+        let nxt = lanes(g, cur);
+        g.vstore(nxt, oh, i);
     }
     for j in h4..hd {
         let i = g.iconst(j);
-        let v = g.load_f32(oh, i);
-        let o = g.b.ins().fdiv(v, sum);
-        g.store_f32(o, oh, i);
+        let cur = g.load_f32(oh, i);
+        let nxt = tail(g, cur);
+        g.store_f32(nxt, oh, i);
     }
 }
 
