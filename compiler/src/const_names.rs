@@ -165,18 +165,11 @@ pub fn const_source(config: &Config, name: &str) -> Option<ConstSource> {
 }
 
 /// The small config the unit tests of the constant-naming stages (`const_names`, `lower`,
-/// `materialize`) share: vocab 4096, D=64, 4 heads over 2 KV heads, 2 + 2 layers.
+/// `materialize`, `build`) share: `needlec synth`'s `tiny` (vocab 4096, D=64, 4 heads over 2 KV
+/// heads, 2 + 2 layers, the golden fixture's shape).
 #[cfg(test)]
 pub(crate) fn tiny_test_config() -> Config {
-    Config {
-        vocab_size: 4096,
-        d_model: 64,
-        num_heads: 4,
-        num_kv_heads: 2,
-        num_encoder_layers: 2,
-        num_decoder_layers: 2,
-        ..Default::default()
-    }
+    crate::synth::parse_config_spec("tiny").expect("the tiny config is valid")
 }
 
 #[cfg(test)]
