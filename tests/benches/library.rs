@@ -1,6 +1,7 @@
 //! The generated library against the host runtime (`needlec run`'s engine), side by side in one
-//! run, on a full-size random checkpoint (26M parameters, float32) with a 3-tool schema and a
-//! ~15-token query, in both fold modes.
+//! run, on a full-size random checkpoint (26M parameters, float16 like the original ones) with a
+//! 3-tool schema and a ~15-token query, in both fold modes, in every weight format, and int4
+//! again for `--cpu x86-64-v3` (FMA) where the host has it.
 //!
 //! Prints, per engine and mode: query prefill tokens/s, decode tokens/s, the whole call in ms,
 //! and the library/runtime ratios. Prefill is timed as a call that stops after one decoder step
@@ -27,6 +28,16 @@ const TOOLS: &str = r#"[{"name":"get_weather","description":"Get current weather
 const QUERY: &str = "What's the weather going to be like in San Francisco tomorrow?";
 const DECODE_LEN: usize = 33;
 const REPEATS: usize = 5;
+
+#[cfg(target_arch = "x86_64")]
+fn host_has_fma() -> bool {
+    std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn host_has_fma() -> bool {
+    false
+}
 
 fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -73,16 +84,21 @@ fn build_library(
     model: &Inputs<'_>,
     fold: FoldMode,
     weights: Precision,
+    cpu: Option<&str>,
     max_gen_len: usize,
 ) -> BenchLibrary {
     let stem = model.checkpoint.file_stem().unwrap().to_string_lossy();
-    let out = dir.join(format!("{stem}-{}-{weights}-{max_gen_len}", fold.name()));
+    let level = cpu.unwrap_or("base");
+    let out = dir.join(format!(
+        "{stem}-{}-{weights}-{level}-{max_gen_len}",
+        fold.name()
+    ));
     let opts = BuildOptions {
         checkpoint: model.checkpoint.to_path_buf(),
         tokenizer: model.tokenizer.to_path_buf(),
         tools: model.tools.into(),
         target: needle_targets::Target::host().unwrap().name.to_string(),
-        cpu: None,
+        cpu: cpu.map(str::to_string),
         features: vec![],
         fold: Some(fold),
         weights: Some(weights),
@@ -129,20 +145,20 @@ fn main() {
     // the initial EOS and stops. Zeroing the EOS row of the embedding keeps its logit at 0 while
     // others are larger, so the random model decodes the whole length and the steps timed are
     // real decoder steps (the arithmetic is unchanged).
-    let mut ckpt = needlec::synth::synth_checkpoint(&config, 11, DType::F32);
+    let mut ckpt = needlec::synth::synth_checkpoint(&config, 11, DType::F16);
     let embedding = ckpt.tensors.get_mut("embedding/embedding").unwrap();
-    embedding.bytes[4 * config.d_model..8 * config.d_model].fill(0);
+    embedding.bytes[2 * config.d_model..4 * config.d_model].fill(0);
     let model = Model::from_checkpoint(&ckpt).unwrap();
     let path = dir.join("full.safetensors");
     needlec::load::save_safetensors(&ckpt, &path).unwrap();
 
     println!(
-        "full-size random checkpoint: D={} H={} K={} {}+{} layers V={}, f32; 3 tools; query {QUERY:?}",
+        "full-size random checkpoint: D={} H={} K={} {}+{} layers V={}, f16; 3 tools; query {QUERY:?}",
         config.d_model, config.num_heads, config.num_kv_heads, config.num_encoder_layers, config.num_decoder_layers,
         config.vocab_size
     );
     println!(
-        "{:<8} {:<8} {:>14} {:>14} {:>10}",
+        "{:<8} {:<12} {:>14} {:>14} {:>10}",
         "mode", "engine", "prefill tok/s", "decode tok/s", "call ms"
     );
     for fold in [FoldMode::None, FoldMode::Tools] {
@@ -179,7 +195,7 @@ fn main() {
             let prefill = prefill_tokens / short;
             let decode = steps / (long - short);
             println!(
-                "{:<8} {:<8} {:>14.1} {:>14.1} {:>10.2}",
+                "{:<8} {:<12} {:>14.1} {:>14.1} {:>10.2}",
                 fold.name(),
                 name,
                 prefill,
@@ -196,14 +212,24 @@ fn main() {
             tokenizer: &golden("dev4k.model"),
             tools: TOOLS,
         };
-        for weights in Precision::ALL {
-            let short = build_library(&dir, &full, fold, weights, 2);
-            let long = build_library(&dir, &full, fold, weights, DECODE_LEN);
+        // x86-64-v3 (AVX2, FMA) only where this host runs it.
+        let v3 = host_has_fma().then_some("x86-64-v3");
+        let levels = Precision::ALL
+            .map(|w| (w, None))
+            .into_iter()
+            .chain(v3.map(|cpu| (Precision::Int4, Some(cpu))));
+        for (weights, cpu) in levels {
+            let short = build_library(&dir, &full, fold, weights, cpu, 2);
+            let long = build_library(&dir, &full, fold, weights, cpu, DECODE_LEN);
             let (short_secs, long_secs) = (call_secs(&short, QUERY), call_secs(&long, QUERY));
-            let l = row(&format!("lib {weights}"), short_secs, long_secs);
+            let name = match cpu {
+                Some(_) => format!("lib {weights} v3"),
+                None => format!("lib {weights}"),
+            };
+            let l = row(&name, short_secs, long_secs);
             let f32_call = *f32_call.get_or_insert(l.2);
             println!(
-                "{:<8} {:<8} {:>13.2}x {:>13.2}x {:>9.2}x  (library / runtime; call: runtime / \
+                "{:<8} {:<12} {:>13.2}x {:>13.2}x {:>9.2}x  (library / runtime; call: runtime / \
                  library); call vs f32 library {:.2}x faster; archive {} bytes, workspace {} bytes",
                 fold.name(),
                 "ratio",
@@ -265,7 +291,7 @@ fn bundled_samples(dir: &Path) {
             tools: &tools_json,
         };
         let lib = |weights: Precision| {
-            let lib = build_library(dir, &model, fold, weights, 512);
+            let lib = build_library(dir, &model, fold, weights, None, 512);
             samples
                 .iter()
                 .map(|s| call_secs(&lib, &s.query))
