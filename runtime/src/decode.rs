@@ -239,6 +239,12 @@ impl Engine {
         Ok(self)
     }
 
+    /// Gives the model and tokenizer back, to build an engine for another tool list without
+    /// loading them again (`needlec eval` runs one engine per distinct list).
+    pub fn into_parts(self) -> (Model, Tokenizer) {
+        (self.model, self.tokenizer)
+    }
+
     /// Token ids of the normalized tool list (before any cut).
     pub fn tool_ids(&self) -> &[u32] {
         &self.tool_ids
