@@ -21,7 +21,7 @@ use crate::pyjson::{self, Value};
 
 /// The signal that is the confidence (chosen by AUROC on the fine-tuning dev set, both fold
 /// modes; see `docs/spec.md`).
-pub const CONFIDENCE_SIGNAL: &str = "min_prob";
+pub const CONFIDENCE_SIGNAL: &str = "mean_prob";
 
 /// Every signal of one call, each in `[0, 1]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -151,18 +151,34 @@ fn contrastive_signals(tool: Option<usize>, cosines: &[f32], log_temp: f32) -> (
 }
 
 /// The index of the first call's tool in `name_map` (snake names, as the model writes them),
-/// read from the generated text; `None` when the text is not a non-empty JSON array (or a
-/// single object) whose first element names a listed tool.
+/// read from the generated text: the first element's `name` when the text is JSON (an array,
+/// or a single object), else the first `"name"` member written (`"name"`, optional blanks, `:`,
+/// optional blanks, a string: the span the grammar constrains), so a call whose arguments went
+/// wrong still has its tool. `None` for `[]` or a name not in the list.
 pub fn chosen_tool(text: &str, name_map: &[(String, String)]) -> Option<usize> {
     let body = text.strip_prefix(TOOL_CALL_TOKEN).unwrap_or(text);
-    let value = pyjson::parse(body).ok()?;
-    let first = match &value {
-        Value::Array(calls) => calls.first()?,
-        Value::Object(_) => &value,
-        _ => return None,
+    let name = match pyjson::parse(body) {
+        Ok(value) => {
+            let first = match &value {
+                Value::Array(calls) => calls.first()?,
+                Value::Object(_) => &value,
+                _ => return None,
+            };
+            first.get("name")?.as_str()?.to_string()
+        }
+        Err(_) => first_name_member(body)?,
     };
-    let name = first.get("name")?.as_str()?;
-    name_map.iter().position(|(snake, _)| snake == name)
+    name_map.iter().position(|(snake, _)| *snake == name)
+}
+
+/// The string value of the first `"name": "..."` in `text` (no escapes inside: tool names
+/// have none), if one is written out to its closing quote.
+fn first_name_member(text: &str) -> Option<String> {
+    let blank = |c: char| matches!(c, ' ' | '\t' | '\r' | '\n');
+    let after = &text[text.find("\"name\"")? + 6..];
+    let after = after.trim_start_matches(blank).strip_prefix(':')?;
+    let after = after.trim_start_matches(blank).strip_prefix('"')?;
+    Some(after[..after.find('"')?].to_string())
 }
 
 /// Cosine of two L2-normalized vectors (their dot product).
@@ -241,6 +257,10 @@ mod tests {
         assert_eq!(chosen_tool("<tool_call>[]", &map), None);
         assert_eq!(chosen_tool(r#"[{"name":"nope"}]"#, &map), None);
         assert_eq!(chosen_tool("[{\"name\":", &map), None);
+        // Arguments gone wrong: the name is still read.
+        let broken = r#"<tool_call>[{"name": "get_weather","arguments":{"x":"a" b b"#;
+        assert_eq!(chosen_tool(broken, &map), Some(0));
+        assert_eq!(chosen_tool(r#"[{"name":"set_ti"#, &map), None);
         assert_eq!(chosen_tool(r#"{"name":"get_weather"}"#, &map), Some(0));
     }
 }
