@@ -138,6 +138,10 @@ enum Command {
         /// The user's query.
         #[arg(long)]
         query: OsString,
+        /// Also print a second line of JSON: the confidence in [0, 1], the first call's tool and
+        /// every candidate signal (docs/spec.md, "Confidence").
+        #[arg(long)]
+        confidence: bool,
     },
     /// Compile a checkpoint, its tokenizer and a fixed tool list into a standalone native library
     /// and C header.
@@ -253,11 +257,18 @@ fn error_text(e: &anyhow::Error) -> String {
 fn real_main() -> Result<ExitCode> {
     match Cli::parse().command {
         Command::Eval(args) => return eval(args),
-        Command::Run { model, query } => {
+        Command::Run {
+            model,
+            query,
+            confidence,
+        } => {
             let query = utf8_query(query)?;
             let engine = load_engine(&model)?;
             let generation = engine.generate(&query, model.max_gen_len)?;
             println!("{}", generation.output);
+            if confidence {
+                println!("{}", confidence_json(&engine, &generation));
+            }
         }
         Command::Build {
             checkpoint,
@@ -345,7 +356,8 @@ fn real_main() -> Result<ExitCode> {
                 Some(answer) => engine.forced(&query, &engine.tokenizer.encode(&answer))?,
                 None => engine.generate(&query, model.max_gen_len)?,
             };
-            println!("{}", trace_json(&generation));
+            let confidence = confidence_json(&engine, &generation);
+            println!("{}", trace_json(&generation, confidence));
         }
         Command::Tokenize { tokenizer } => {
             let tokenizer = frontend::load_tokenizer(&tokenizer)?;
@@ -506,7 +518,24 @@ fn fold_mode(arg: FoldArg) -> FoldMode {
     }
 }
 
-fn trace_json(g: &Generation) -> String {
+/// `{"confidence", "tool", "signals"}`: the call's confidence, its first call's tool (the
+/// original name; null for none) and every candidate signal.
+fn confidence_json(engine: &Engine, g: &Generation) -> serde_json::Value {
+    let c = engine.confidence(g);
+    let signals: serde_json::Map<String, serde_json::Value> = c
+        .signals
+        .named()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    serde_json::json!({
+        "confidence": c.value,
+        "tool": c.tool.map(|t| engine.tools.name_map[t].1.clone()),
+        "signals": signals,
+    })
+}
+
+fn trace_json(g: &Generation, confidence: serde_json::Value) -> String {
     let steps: Vec<serde_json::Value> = g
         .steps
         .iter()
@@ -516,6 +545,8 @@ fn trace_json(g: &Generation) -> String {
                 "grammar_active": s.grammar_active,
                 "allowed": s.allowed,
                 "next": s.next,
+                "prob": s.prob,
+                "margin": s.margin,
             })
         })
         .collect();
@@ -526,6 +557,7 @@ fn trace_json(g: &Generation) -> String {
         "steps": steps,
         "text": g.text,
         "output": g.output,
+        "confidence": confidence,
     })
     .to_string()
 }
