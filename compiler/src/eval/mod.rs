@@ -44,20 +44,24 @@ pub enum EvalError {
         .path.display(), .lines.len(), list(.lines)
     )]
     BadData { path: PathBuf, lines: Vec<BadLine> },
-    #[error("data file {}: no usable example ({} bad line(s)); each line must be one JSON object with \"query\", \"tools\" and \"answers\"", .path.display(), .bad)]
-    NoExamples { path: PathBuf, bad: usize },
+    #[error(
+        "data file {}: no usable example; each line must be one JSON object with \"query\", \"tools\" and \"answers\"{}",
+        .path.display(), if .lines.is_empty() { String::new() } else { format!(", and {} line(s) are not:\n{}", .lines.len(), list(.lines)) }
+    )]
+    NoExamples { path: PathBuf, lines: Vec<BadLine> },
     #[error(transparent)]
     Frontend(#[from] FrontendError),
     #[error("--tools: {0}")]
     Tools(#[from] tools::ToolsError),
 }
 
+/// The bad lines, one per line, the first 20 of them.
 fn list(lines: &[BadLine]) -> String {
-    lines
-        .iter()
-        .map(|b| format!("  {b}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut text: Vec<String> = lines.iter().take(20).map(|b| format!("  {b}")).collect();
+    if lines.len() > 20 {
+        text.push(format!("  ... and {} more", lines.len() - 20));
+    }
+    text.join("\n")
 }
 
 /// One `--compare KEY=VALUE`: the base configuration with one option changed.
@@ -209,7 +213,7 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
     if prepared.is_empty() {
         return Err(EvalError::NoExamples {
             path: opts.data.clone(),
-            bad: bad_lines.len(),
+            lines: bad_lines,
         });
     }
     Ok(Dataset {
