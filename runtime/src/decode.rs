@@ -508,25 +508,28 @@ pub fn argmax_among(logits: &[f32], allowed: &[u32]) -> u32 {
 /// of them when `None`) and its margin over the most probable other allowed token. A NaN logit
 /// gives NaN; a lone allowed token gives `(1, 1)`.
 pub fn masked_prob_and_margin(logits: &[f32], allowed: Option<&[u32]>, chosen: u32) -> (f32, f32) {
-    let all: Vec<u32>;
-    let ids = match allowed {
-        Some(ids) if !ids.is_empty() => ids,
-        _ => {
-            all = (0..logits.len() as u32).collect();
-            &all
-        }
-    };
+    match allowed {
+        Some(ids) if !ids.is_empty() => prob_and_margin(logits, ids.iter().copied(), chosen),
+        _ => prob_and_margin(logits, 0..logits.len() as u32, chosen),
+    }
+}
+
+fn prob_and_margin(
+    logits: &[f32],
+    ids: impl Iterator<Item = u32> + Clone,
+    chosen: u32,
+) -> (f32, f32) {
     let Some(&chosen_logit) = logits.get(chosen as usize) else {
         return (0.0, -1.0);
     };
     let max = ids
-        .iter()
-        .map(|&id| logits[id as usize])
+        .clone()
+        .map(|id| logits[id as usize])
         .fold(chosen_logit, f32::max);
     let mut sum = 0.0f64;
     let mut best_other = f32::NEG_INFINITY;
     let mut chosen_in = false;
-    for &id in ids {
+    for id in ids {
         let v = logits[id as usize];
         sum += f64::from((v - max).exp());
         if id == chosen {

@@ -356,6 +356,44 @@ mod tests {
         assert_eq!(a.k_norm, b.k_norm);
         assert_eq!(f32_model.embedding, int4.embedding);
         assert_eq!(f32_model.encoder[0].gate, int4.encoder[0].gate);
+        // The contrastive head's two kernels are Dense kernels too; its bias is not.
+        let (a, b) = (&f32_model.contrastive, &int4.contrastive);
+        let (k, n) = a.proj.dim();
+        let want = quant::fake_quantize(a.proj.as_slice().unwrap(), k, n, Precision::Int4);
+        assert_eq!(b.proj.as_slice().unwrap(), &want[..]);
+        assert_ne!(a.hidden, b.hidden);
+        assert_eq!((&a.hidden_bias, a.log_temp), (&b.hidden_bias, b.log_temp));
+    }
+
+    #[test]
+    fn contrastive_head_mean_pools_projects_and_normalizes() {
+        let model = Model::from_checkpoint(&checkpoint(small())).unwrap();
+        let (d, c) = (model.config.d_model, model.config.contrastive_dim);
+        let x = Array2::from_shape_fn((3, d), |(i, j)| ((i * 31 + j * 7) % 11) as f32 * 0.1 - 0.5);
+        let got = crate::forward::contrastive_embedding(&model, &x);
+        let h = &model.contrastive;
+        let mean: Vec<f32> = (0..d)
+            .map(|j| (0..3).map(|i| x[[i, j]]).sum::<f32>() / 3.0)
+            .collect();
+        let hidden: Vec<f32> = (0..d / 4)
+            .map(|k| {
+                let z: f32 = (0..d).map(|j| mean[j] * h.hidden[[j, k]]).sum();
+                (z + h.hidden_bias[k]).max(0.0)
+            })
+            .collect();
+        assert!(
+            hidden.iter().any(|&v| v > 0.0),
+            "a case where relu keeps something"
+        );
+        let out: Vec<f32> = (0..c)
+            .map(|m| (0..d / 4).map(|k| hidden[k] * h.proj[[k, m]]).sum())
+            .collect();
+        let norm = (out.iter().map(|v| v * v).sum::<f32>() + 1e-12).sqrt();
+        assert_eq!(got.len(), c);
+        for (a, b) in got.iter().zip(&out) {
+            assert!((a - b / norm).abs() < 1e-5, "{a} vs {}", b / norm);
+        }
+        assert!((got.iter().map(|v| v * v).sum::<f32>() - 1.0).abs() < 1e-4);
     }
 
     #[test]
