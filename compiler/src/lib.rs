@@ -16,6 +16,7 @@ pub mod build;
 pub mod codegen;
 pub mod const_names;
 pub mod emit;
+pub mod eval;
 pub mod fold;
 pub mod frontend;
 pub mod load;

@@ -70,6 +70,65 @@ struct ModelArgs {
     max_query_tokens: Option<usize>,
 }
 
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Checkpoint: the original needle.pkl or a safetensors file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// SentencePiece `.model` file (or a Hugging Face `tokenizer.json`).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Examples, JSON Lines in Needle's fine-tuning format: `query`, `tools` (a JSON list, or a
+    /// string holding one; optional with --tools) and `answers` (the expected calls, `[]` for none).
+    #[arg(long)]
+    data: PathBuf,
+    /// The app's fixed tool list (a path, or inline JSON starting with `[`): used for every
+    /// example instead of its own.
+    #[arg(long)]
+    tools: Option<String>,
+    /// Fold the tools side into constants; the default follows the checkpoint.
+    #[arg(long, value_enum)]
+    fold: Option<FoldArg>,
+    /// Weights as a library built with `--weights` computes them (default: the checkpoint's own).
+    #[arg(long, value_name = "f32|f16|int8|int4")]
+    weights: Option<Precision>,
+    #[arg(long, default_value_t = DEFAULT_MAX_GEN_LEN)]
+    max_gen_len: usize,
+    #[arg(long, value_name = "N")]
+    max_query_tokens: Option<usize>,
+    /// Also run with one option changed and report the agreement example by example
+    /// (repeatable): fold=none|tools, weights=f32|f16|int8|int4.
+    #[arg(long, value_name = "KEY=VALUE")]
+    compare: Vec<needlec::eval::Setting>,
+    /// Write the full report as JSON.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML page (inline SVG plots, nothing fetched).
+    #[arg(long, value_name = "PATH")]
+    html: Option<PathBuf>,
+    /// Fail (exit status 3) when exact-match accuracy is below X (a share, 0 to 1).
+    #[arg(long, value_name = "X")]
+    min_accuracy: Option<f64>,
+    /// Fail (exit status 3) when the agreement with any --compare is below X.
+    #[arg(long, value_name = "X")]
+    min_agreement: Option<f64>,
+    /// Fail (exit status 3) when the share of valid calls is below X.
+    #[arg(long, value_name = "X")]
+    min_valid: Option<f64>,
+    /// Report the confidence threshold that reaches this precision with the most coverage.
+    #[arg(long, value_name = "X")]
+    target_precision: Option<f64>,
+    /// Fail on any bad data line instead of reporting and skipping it.
+    #[arg(long)]
+    strict_data: bool,
+    /// Evaluate only the first N usable examples.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+}
+
+/// Exit status when the evaluation ran but a `--min-*` gate was missed.
+const GATE_MISSED: u8 = 3;
+
 #[derive(Subcommand)]
 enum Command {
     /// Answer one query: prints the tool-call JSON exactly as the reference returns it.
@@ -79,6 +138,10 @@ enum Command {
         /// The user's query.
         #[arg(long)]
         query: OsString,
+        /// Also print a second line of JSON: the confidence in [0, 1], the first call's tool and
+        /// every candidate signal (docs/spec.md, "Confidence").
+        #[arg(long)]
+        confidence: bool,
     },
     /// Compile a checkpoint, its tokenizer and a fixed tool list into a standalone native library
     /// and C header.
@@ -129,6 +192,9 @@ enum Command {
     },
     /// List the supported target triples, their CPU levels and ISA features.
     Targets,
+    /// Measure a checkpoint, tool list and build options on examples: accuracy, valid calls,
+    /// confidence quality, latency, and agreement with other options; gates for CI.
+    Eval(EvalArgs),
     /// Print the decoder's view of one query as JSON: encoder ids, decoder ids, top-5 logits and
     /// grammar activity at every step.
     Trace {
@@ -167,7 +233,7 @@ enum Command {
 
 fn main() -> ExitCode {
     match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
@@ -188,13 +254,21 @@ fn error_text(e: &anyhow::Error) -> String {
     text
 }
 
-fn real_main() -> Result<()> {
+fn real_main() -> Result<ExitCode> {
     match Cli::parse().command {
-        Command::Run { model, query } => {
+        Command::Eval(args) => return eval(args),
+        Command::Run {
+            model,
+            query,
+            confidence,
+        } => {
             let query = utf8_query(query)?;
             let engine = load_engine(&model)?;
             let generation = engine.generate(&query, model.max_gen_len)?;
             println!("{}", generation.output);
+            if confidence {
+                println!("{}", confidence_json(&engine, &generation));
+            }
         }
         Command::Build {
             checkpoint,
@@ -282,7 +356,8 @@ fn real_main() -> Result<()> {
                 Some(answer) => engine.forced(&query, &engine.tokenizer.encode(&answer))?,
                 None => engine.generate(&query, model.max_gen_len)?,
             };
-            println!("{}", trace_json(&generation));
+            let confidence = confidence_json(&engine, &generation);
+            println!("{}", trace_json(&generation, confidence));
         }
         Command::Tokenize { tokenizer } => {
             let tokenizer = frontend::load_tokenizer(&tokenizer)?;
@@ -330,7 +405,85 @@ fn real_main() -> Result<()> {
             eprintln!("wrote {}", output.display());
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(args: EvalArgs) -> Result<ExitCode> {
+    let shares = [
+        ("--min-accuracy", args.min_accuracy),
+        ("--min-agreement", args.min_agreement),
+        ("--min-valid", args.min_valid),
+        ("--target-precision", args.target_precision),
+    ];
+    for (flag, value) in shares {
+        if let Some(v) = value {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&v),
+                "{flag} {v} is not a share: give a number from 0 to 1 (0.9 for 90%)"
+            );
+        }
+    }
+    anyhow::ensure!(
+        args.min_agreement.is_none() || !args.compare.is_empty(),
+        "--min-agreement needs at least one --compare KEY=VALUE to agree with (e.g. --compare fold=none)"
+    );
+    let opts = needlec::eval::EvalOptions {
+        checkpoint: args.checkpoint,
+        tokenizer: args.tokenizer,
+        data: args.data,
+        tools: args.tools,
+        fold: args.fold.map(fold_mode),
+        weights: args.weights,
+        max_gen_len: args.max_gen_len,
+        max_query_tokens: args.max_query_tokens,
+        compare: args.compare,
+        strict_data: args.strict_data,
+        limit: args.limit,
+        target_precision: args.target_precision,
+    };
+    // Drawn on stderr, and only when it is a terminal.
+    let progress = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} evaluating [{bar:40}] {pos}/{len} ({eta} left)",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let report = needlec::eval::evaluate(&opts, &progress);
+    progress.finish_and_clear();
+    let report = report?;
+    for bad in &report.bad_lines {
+        eprintln!("warning: {}: skipped {bad}", report.data);
+    }
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing the JSON report {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, needlec::eval::html::page(&report))
+            .with_context(|| format!("writing the HTML report {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    let gates = needlec::eval::report::Gates {
+        min_accuracy: args.min_accuracy,
+        min_agreement: args.min_agreement,
+        min_valid: args.min_valid,
+    };
+    let missed = gates.check(&report);
+    for m in &missed {
+        eprintln!("gate missed: {m}");
+    }
+    Ok(if missed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(GATE_MISSED)
+    })
 }
 
 fn utf8_query(query: OsString) -> Result<String> {
@@ -365,7 +518,24 @@ fn fold_mode(arg: FoldArg) -> FoldMode {
     }
 }
 
-fn trace_json(g: &Generation) -> String {
+/// `{"confidence", "tool", "signals"}`: the call's confidence, its first call's tool (the
+/// original name; null for none) and every candidate signal.
+fn confidence_json(engine: &Engine, g: &Generation) -> serde_json::Value {
+    let c = engine.confidence(g);
+    let signals: serde_json::Map<String, serde_json::Value> = c
+        .signals
+        .named()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    serde_json::json!({
+        "confidence": c.value,
+        "tool": c.tool.map(|t| engine.tools.name_map[t].1.clone()),
+        "signals": signals,
+    })
+}
+
+fn trace_json(g: &Generation, confidence: serde_json::Value) -> String {
     let steps: Vec<serde_json::Value> = g
         .steps
         .iter()
@@ -375,6 +545,8 @@ fn trace_json(g: &Generation) -> String {
                 "grammar_active": s.grammar_active,
                 "allowed": s.allowed,
                 "next": s.next,
+                "prob": s.prob,
+                "margin": s.margin,
             })
         })
         .collect();
@@ -385,6 +557,7 @@ fn trace_json(g: &Generation) -> String {
         "steps": steps,
         "text": g.text,
         "output": g.output,
+        "confidence": confidence,
     })
     .to_string()
 }

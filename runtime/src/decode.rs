@@ -1,8 +1,13 @@
 //! From query text to tool-call text: prompt assembly (spec section 3), greedy decoding under the
 //! reference grammar (spec section 5), and the teacher-forced view used by `needlec trace`.
 
-use crate::forward::{decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools};
-use crate::grammar::{Grammar, GrammarTables};
+use std::sync::OnceLock;
+
+use crate::confidence::{chosen_tool, cosine, Confidence, Signals};
+use crate::forward::{
+    contrastive_embedding, decoder_step, encode, CrossKv, DecoderCache, EncoderMask, FoldedTools,
+};
+use crate::grammar::{Grammar, GrammarState, GrammarTables};
 use crate::model::Model;
 use crate::output::postprocess;
 use crate::tokenizer::Tokenizer;
@@ -151,6 +156,14 @@ pub struct Step {
     pub allowed: Option<usize>,
     /// The token chosen (greedy) or fed (teacher-forced) next.
     pub next: u32,
+    /// The grammar's span before this step: inside a tool name, an argument key, or neither.
+    pub span: GrammarState,
+    /// `next`'s probability under the grammar mask: the softmax over the allowed tokens' logits
+    /// (over every logit when unconstrained). 1 when the grammar allowed only that token.
+    pub prob: f32,
+    /// `prob` minus the largest probability of any other allowed token (negative when a
+    /// teacher-forced token was not the model's choice; 1 when nothing else was allowed).
+    pub margin: f32,
 }
 
 /// A whole run for one query.
@@ -179,6 +192,8 @@ pub struct Engine {
     folded: Option<FoldedTools>,
     /// `--max-query-tokens`, checked against [`query_token_limit`]; `None`: the reference's cut.
     query_bound: Option<usize>,
+    /// Each tool's contrastive embedding, computed on first use ([`Engine::tool_vectors`]).
+    tool_vectors: OnceLock<Vec<Vec<f32>>>,
 }
 
 impl Engine {
@@ -209,6 +224,7 @@ impl Engine {
             grammar,
             folded,
             query_bound: None,
+            tool_vectors: OnceLock::new(),
         })
     }
 
@@ -221,6 +237,12 @@ impl Engine {
             self.tool_ids.len(),
         )?);
         Ok(self)
+    }
+
+    /// Gives the model and tokenizer back, to build an engine for another tool list without
+    /// loading them again (`needlec eval` runs one engine per distinct list).
+    pub fn into_parts(self) -> (Model, Tokenizer) {
+        (self.model, self.tokenizer)
     }
 
     /// Token ids of the normalized tool list (before any cut).
@@ -285,6 +307,67 @@ impl Engine {
         }
     }
 
+    /// Each tool's contrastive embedding, in tool order: the tool's compact normalized JSON (as
+    /// it appears in the prompt) encoded alone with full attention, at most
+    /// [`ENCODER_BUDGET`] tokens, through the contrastive head. Depends only on the tool list,
+    /// so a library holds these as constants.
+    pub fn tool_vectors(&self) -> &[Vec<f32>] {
+        self.tool_vectors.get_or_init(|| {
+            let texts = match crate::pyjson::parse(&self.tools.normalized_json) {
+                Ok(crate::pyjson::Value::Array(tools)) => {
+                    tools.iter().map(crate::pyjson::to_compact_string).collect()
+                }
+                _ => Vec::new(),
+            };
+            texts
+                .iter()
+                .map(|text: &String| {
+                    let mut ids = self.tokenizer.encode(text);
+                    ids.truncate(ENCODER_BUDGET);
+                    self.embed_alone(&ids)
+                })
+                .collect()
+        })
+    }
+
+    /// The contrastive embedding of token ids encoded on their own (full attention).
+    fn embed_alone(&self, ids: &[u32]) -> Vec<f32> {
+        let states = if ids.is_empty() {
+            ndarray::Array2::zeros((0, self.model.config.d_model))
+        } else {
+            encode(&self.model, ids, EncoderMask::Full)
+        };
+        contrastive_embedding(&self.model, &states)
+    }
+
+    /// The contrastive similarity of the query against every tool: cosines of the query's
+    /// embedding (its kept tokens encoded alone) with [`Engine::tool_vectors`].
+    pub fn tool_cosines(&self, prompt: &Prompt) -> Vec<f32> {
+        let query = self.embed_alone(&prompt.enc_ids[..prompt.n_query_tokens]);
+        self.tool_vectors()
+            .iter()
+            .map(|tool| cosine(&query, tool))
+            .collect()
+    }
+
+    /// The confidence of a greedy generation (`crate::confidence`): its decode steps, its first
+    /// call's tool and the contrastive similarities.
+    pub fn confidence(&self, generation: &Generation) -> Confidence {
+        let tool = chosen_tool(&generation.text, &self.tools.name_map);
+        let cosines = self.tool_cosines(&generation.prompt);
+        let signals = Signals::new(
+            &generation.steps,
+            tool,
+            &cosines,
+            self.model.contrastive.log_temp,
+        );
+        Confidence {
+            value: signals.confidence(),
+            tool,
+            signals,
+        }
+    }
+
     /// Greedy decoding under the reference grammar, at most `max_gen_len - 1` tokens.
     pub fn generate(&self, query: &str, max_gen_len: usize) -> Result<Generation, EngineError> {
         if max_gen_len < 2 {
@@ -339,11 +422,15 @@ impl Engine {
                 None
             };
             let next = choose(i, &logits, allowed);
+            let (prob, margin) = masked_prob_and_margin(&logits, allowed, next);
             steps.push(Step {
                 top: top_k(&logits, 5),
                 grammar_active: allowed.is_some(),
                 allowed: allowed.map(<[u32]>::len),
                 next,
+                span: grammar.state(),
+                prob,
+                margin,
             });
             if next == EOS_ID {
                 break;
@@ -417,6 +504,54 @@ pub fn argmax_among(logits: &[f32], allowed: &[u32]) -> u32 {
     best.unwrap_or_else(|| argmax(logits))
 }
 
+/// The probability of `chosen` under the grammar mask (softmax over the `allowed` logits, or all
+/// of them when `None`) and its margin over the most probable other allowed token. A NaN logit
+/// gives NaN; a lone allowed token gives `(1, 1)`.
+pub fn masked_prob_and_margin(logits: &[f32], allowed: Option<&[u32]>, chosen: u32) -> (f32, f32) {
+    match allowed {
+        Some(ids) if !ids.is_empty() => prob_and_margin(logits, ids.iter().copied(), chosen),
+        _ => prob_and_margin(logits, 0..logits.len() as u32, chosen),
+    }
+}
+
+fn prob_and_margin(
+    logits: &[f32],
+    ids: impl Iterator<Item = u32> + Clone,
+    chosen: u32,
+) -> (f32, f32) {
+    let Some(&chosen_logit) = logits.get(chosen as usize) else {
+        return (0.0, -1.0);
+    };
+    let max = ids
+        .clone()
+        .map(|id| logits[id as usize])
+        .fold(chosen_logit, f32::max);
+    let mut sum = 0.0f64;
+    let mut best_other = f32::NEG_INFINITY;
+    let mut chosen_in = false;
+    for id in ids {
+        let v = logits[id as usize];
+        sum += f64::from((v - max).exp());
+        if id == chosen {
+            chosen_in = true;
+        } else {
+            best_other = best_other.max(v);
+        }
+    }
+    if !chosen_in {
+        // A forced token outside the mask: weigh it among the allowed ones.
+        sum += f64::from((chosen_logit - max).exp());
+    }
+    let p = |v: f32| (f64::from((v - max).exp()) / sum) as f32;
+    let prob = p(chosen_logit);
+    let other = if best_other == f32::NEG_INFINITY {
+        0.0
+    } else {
+        p(best_other)
+    };
+    (prob, prob - other)
+}
+
 /// The `k` largest logits, best first, lower id first on ties.
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -437,6 +572,22 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masked_probability_renormalizes_over_the_allowed_tokens() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0];
+        // Unconstrained: softmax over all four.
+        let (p, m) = masked_prob_and_margin(&logits, None, 3);
+        let z: f32 = logits.iter().map(|v| v.exp()).sum();
+        assert!((p - 3f32.exp() / z).abs() < 1e-6);
+        assert!((m - (3f32.exp() - 2f32.exp()) / z).abs() < 1e-6);
+        // Two allowed: a two-way softmax, chosen the lower one: negative margin.
+        let (p, m) = masked_prob_and_margin(&logits, Some(&[0, 1]), 0);
+        let want = 1.0 / (1.0 + 1f32.exp());
+        assert!((p - want).abs() < 1e-6 && (m - (want - (1.0 - want))).abs() < 1e-6);
+        // A forced choice.
+        assert_eq!(masked_prob_and_margin(&logits, Some(&[2]), 2), (1.0, 1.0));
+    }
 
     #[test]
     fn query_limit_is_the_reference_cut_or_the_room_the_tools_leave() {

@@ -201,6 +201,19 @@ pub fn encode(model: &Model, ids: &[u32], mask: EncoderMask) -> Array2<f32> {
     x
 }
 
+/// The contrastive head over encoder states `(T, D)` (spec section 2): the mean over the rows,
+/// `relu(. @ hidden + hidden_bias) @ proj`, divided by `sqrt(sum(v^2) + 1e-12)`. No rows give
+/// the head's output for a zero mean.
+pub fn contrastive_embedding(model: &Model, enc_out: &Array2<f32>) -> Vec<f32> {
+    let head = &model.contrastive;
+    let rows = enc_out.nrows().max(1) as f32;
+    let mean = enc_out.sum_axis(Axis(0)) / rows;
+    let hidden = (mean.dot(&head.hidden) + &head.hidden_bias).mapv(|v| v.max(0.0));
+    let v = hidden.dot(&head.proj);
+    let norm = (v.iter().map(|x| x * x).sum::<f32>() + 1e-12).sqrt();
+    v.iter().map(|x| x / norm).collect()
+}
+
 /// Cross-attention keys and values of every decoder layer, `(T_enc, K*h)` each.
 #[derive(Clone, Debug)]
 pub struct CrossKv {

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod confidence;
 pub mod config;
 pub mod decode;
 pub mod forward;

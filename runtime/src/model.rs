@@ -112,6 +112,19 @@ pub struct DecoderLayer {
     pub cross_attn: AttentionWeights,
 }
 
+/// The contrastive (tool-retrieval) head: `relu(mean(enc) @ hidden + hidden_bias) @ proj`,
+/// L2-normalized (spec section 2). `log_temp` is the trained similarity temperature.
+#[derive(Clone, Debug)]
+pub struct ContrastiveHead {
+    /// `(D, D/4)`.
+    pub hidden: Array2<f32>,
+    /// `(D/4,)`.
+    pub hidden_bias: Array1<f32>,
+    /// `(D/4, contrastive_dim)`.
+    pub proj: Array2<f32>,
+    pub log_temp: f32,
+}
+
 /// A Needle v1 model in float32.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -122,6 +135,7 @@ pub struct Model {
     pub encoder_norm: Array1<f32>,
     pub decoder: Vec<DecoderLayer>,
     pub decoder_norm: Array1<f32>,
+    pub contrastive: ContrastiveHead,
 }
 
 /// Slices layer `i` out of values stacked on a leading layer axis of `layers` entries.
@@ -171,13 +185,15 @@ impl Model {
                         .iter_mut()
                         .flat_map(|l| [&mut l.self_attn, &mut l.cross_attn]),
                 );
-                for attn in attentions {
-                    for w in attn.kernels_mut() {
-                        let (k, n) = w.dim();
-                        let row_major = w.as_slice().expect("built row-major");
-                        let dequantized = quant::fake_quantize(row_major, k, n, precision);
-                        *w = Array2::from_shape_vec((k, n), dequantized).expect("same shape");
-                    }
+                let head = &mut model.contrastive;
+                let kernels = attentions
+                    .flat_map(|attn| attn.kernels_mut())
+                    .chain([&mut head.hidden, &mut head.proj]);
+                for w in kernels {
+                    let (k, n) = w.dim();
+                    let row_major = w.as_slice().expect("built row-major");
+                    let dequantized = quant::fake_quantize(row_major, k, n, precision);
+                    *w = Array2::from_shape_vec((k, n), dequantized).expect("same shape");
                 }
             }
         }
@@ -202,6 +218,11 @@ impl Model {
             layer.self_attn.map_values(f);
             layer.cross_attn.map_values(f);
         }
+        let head = &mut self.contrastive;
+        head.hidden.mapv_inplace(f);
+        head.hidden_bias.mapv_inplace(f);
+        head.proj.mapv_inplace(f);
+        head.log_temp = f(head.log_temp);
     }
 
     /// Validates the checkpoint ([`validate`]) and converts it to float32.
@@ -258,6 +279,17 @@ impl Model {
             encoder_norm: Array1::from_vec(t("encoder/final_norm/scale").to_vec()),
             decoder,
             decoder_norm: Array1::from_vec(t("decoder/ZCRMSNorm_0/scale").to_vec()),
+            contrastive: ContrastiveHead {
+                hidden: Array2::from_shape_vec((d, d / 4), t("contrastive_hidden/kernel").to_vec())
+                    .expect("validated shape"),
+                hidden_bias: Array1::from_vec(t("contrastive_hidden/bias").to_vec()),
+                proj: Array2::from_shape_vec(
+                    (d / 4, c.contrastive_dim),
+                    t("contrastive_proj/kernel").to_vec(),
+                )
+                .expect("validated shape"),
+                log_temp: t("log_temp")[0],
+            },
             config: c,
         })
     }
@@ -324,6 +356,44 @@ mod tests {
         assert_eq!(a.k_norm, b.k_norm);
         assert_eq!(f32_model.embedding, int4.embedding);
         assert_eq!(f32_model.encoder[0].gate, int4.encoder[0].gate);
+        // The contrastive head's two kernels are Dense kernels too; its bias is not.
+        let (a, b) = (&f32_model.contrastive, &int4.contrastive);
+        let (k, n) = a.proj.dim();
+        let want = quant::fake_quantize(a.proj.as_slice().unwrap(), k, n, Precision::Int4);
+        assert_eq!(b.proj.as_slice().unwrap(), &want[..]);
+        assert_ne!(a.hidden, b.hidden);
+        assert_eq!((&a.hidden_bias, a.log_temp), (&b.hidden_bias, b.log_temp));
+    }
+
+    #[test]
+    fn contrastive_head_mean_pools_projects_and_normalizes() {
+        let model = Model::from_checkpoint(&checkpoint(small())).unwrap();
+        let (d, c) = (model.config.d_model, model.config.contrastive_dim);
+        let x = Array2::from_shape_fn((3, d), |(i, j)| ((i * 31 + j * 7) % 11) as f32 * 0.1 - 0.5);
+        let got = crate::forward::contrastive_embedding(&model, &x);
+        let h = &model.contrastive;
+        let mean: Vec<f32> = (0..d)
+            .map(|j| (0..3).map(|i| x[[i, j]]).sum::<f32>() / 3.0)
+            .collect();
+        let hidden: Vec<f32> = (0..d / 4)
+            .map(|k| {
+                let z: f32 = (0..d).map(|j| mean[j] * h.hidden[[j, k]]).sum();
+                (z + h.hidden_bias[k]).max(0.0)
+            })
+            .collect();
+        assert!(
+            hidden.iter().any(|&v| v > 0.0),
+            "a case where relu keeps something"
+        );
+        let out: Vec<f32> = (0..c)
+            .map(|m| (0..d / 4).map(|k| hidden[k] * h.proj[[k, m]]).sum())
+            .collect();
+        let norm = (out.iter().map(|v| v * v).sum::<f32>() + 1e-12).sqrt();
+        assert_eq!(got.len(), c);
+        for (a, b) in got.iter().zip(&out) {
+            assert!((a - b / norm).abs() < 1e-5, "{a} vs {}", b / norm);
+        }
+        assert!((got.iter().map(|v| v * v).sum::<f32>() - 1.0).abs() < 1e-4);
     }
 
     #[test]

@@ -1,0 +1,351 @@
+//! `needlec eval` and `needlec run --confidence` end to end through the binary, on the bundled
+//! model and a JSON Lines fixture made of the bundled samples, whose outputs the original
+//! implementation recorded (`samples.json`): the report must show exactly those outputs, and
+//! the figures must follow from them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use needle_test_support::{read_json, tiny_needle, work_dir};
+use serde_json::{json, Value};
+
+/// How many samples the fixture holds (a few seconds of decoding in each configuration).
+const N: usize = 8;
+
+fn example(name: &str) -> String {
+    tiny_needle(name).to_str().unwrap().to_string()
+}
+
+fn needlec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_needlec"))
+        .args(args)
+        .output()
+        .expect("needlec runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn samples() -> Vec<Value> {
+    let all: Vec<Value> = read_json(&tiny_needle("samples.json"));
+    all.into_iter().take(N).collect()
+}
+
+/// The fixture: the first `N` samples with the bundled tool list on each line (as a JSON list,
+/// or once as a string holding it), and two bad lines at lines 3 and 7 (1-based).
+fn fixture(dir: &Path) -> PathBuf {
+    let tools: Value = read_json(&tiny_needle("tools.json"));
+    let mut lines = Vec::new();
+    for (i, s) in samples().iter().enumerate() {
+        if lines.len() == 2 {
+            lines.push("this line is not JSON".to_string());
+        }
+        if lines.len() == 6 {
+            lines.push(json!({"query": "no answers here", "tools": tools}).to_string());
+        }
+        let answers: Value = serde_json::from_str(s["expected"].as_str().unwrap()).unwrap();
+        let tools = if i == 1 {
+            Value::String(tools.to_string())
+        } else {
+            tools.clone()
+        };
+        lines.push(json!({"query": s["query"], "tools": tools, "answers": answers}).to_string());
+    }
+    let path = dir.join("samples.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn eval_args<'a>(ckpt: &'a str, tok: &'a str, data: &'a str) -> Vec<&'a str> {
+    vec![
+        "eval",
+        "--checkpoint",
+        ckpt,
+        "--tokenizer",
+        tok,
+        "--data",
+        data,
+        "--fold",
+        "none",
+        "--max-gen-len",
+        "64",
+    ]
+}
+
+#[test]
+fn eval_reports_the_references_outputs_figures_comparison_and_pages() {
+    let dir = work_dir("eval-report");
+    let data = fixture(&dir);
+    let (ckpt, tok) = (example("tiny-needle.pkl"), example("tokenizer.model"));
+    let data_s = data.to_str().unwrap();
+    let json_path = dir.join("report.json");
+    let html_path = dir.join("report.html");
+    let mut args = eval_args(&ckpt, &tok, data_s);
+    args.extend([
+        "--compare",
+        "fold=tools",
+        "--target-precision",
+        "0.9",
+        "--json",
+        json_path.to_str().unwrap(),
+        "--html",
+        html_path.to_str().unwrap(),
+    ]);
+    let out = needlec(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("skipped line 3: not JSON"), "{err}");
+    assert!(err.contains("skipped line 7: no \"answers\""), "{err}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("exact-match accuracy"), "{table}");
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let samples = samples();
+    assert_eq!(report["examples"], N);
+    let bad: Vec<u64> = report["bad_lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(bad, vec![3, 7]);
+    // The outputs are the reference's, example by example, and the figures follow from them.
+    let results = report["results"].as_array().unwrap();
+    let mut right = 0;
+    for (r, s) in results.iter().zip(&samples) {
+        assert_eq!(r["output"], s["stock_exact"], "line {}", r["line"]);
+        let exact = s["stock_exact"] == s["expected"];
+        assert_eq!(r["exact"], exact, "line {}", r["line"]);
+        right += usize::from(exact);
+        let c = r["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&c));
+        assert_eq!(r["signals"]["mean_prob"].as_f64().unwrap(), c);
+    }
+    assert!(
+        right < N,
+        "the fixture holds a sample the stock model gets wrong"
+    );
+    assert_eq!(
+        report["accuracy"].as_f64().unwrap(),
+        right as f64 / N as f64
+    );
+    assert_eq!(report["valid"].as_f64().unwrap(), 1.0);
+    let lines: Vec<u64> = results
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, vec![1, 2, 4, 5, 6, 8, 9, 10]);
+    // The comparison: agreement and the disagreements are the reference's folded outputs'.
+    let cmp = &report["comparisons"][0];
+    assert_eq!(cmp["setting"], "fold=tools");
+    let differ: Vec<u64> = samples
+        .iter()
+        .zip(&lines)
+        .filter(|(s, _)| s["stock_exact"] != s["stock_folded"])
+        .map(|(_, &l)| l)
+        .collect();
+    let listed: Vec<u64> = cmp["disagreements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, differ);
+    assert_eq!(
+        cmp["agreement"].as_f64().unwrap(),
+        (N - differ.len()) as f64 / N as f64
+    );
+    for d in cmp["disagreements"].as_array().unwrap() {
+        let i = lines
+            .iter()
+            .position(|&l| l == d["line"].as_u64().unwrap())
+            .unwrap();
+        assert_eq!(d["other"], samples[i]["stock_folded"]);
+    }
+    // Confidence figures are there, the right answers scoring above the wrong one.
+    let conf = &report["confidence"];
+    assert_eq!(conf["signal"], "mean_prob");
+    assert!(conf["auroc"].as_f64().unwrap() > 0.5, "{conf}");
+    assert_eq!(conf["reliability"].as_array().unwrap().len(), 10);
+    assert!(conf["target"]["threshold"].as_f64().is_some(), "{conf}");
+    assert!(!conf["curve"].as_array().unwrap().is_empty());
+    assert_eq!(conf["candidates"].as_array().unwrap().len(), 7);
+    assert!(report["latency_ms"]["mean"].as_f64().unwrap() > 0.0);
+    assert!(report["per_tool"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["tool"] == "send_message"));
+
+    // The page: self-contained, with its plots, and nothing to fetch.
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert_eq!(
+        html.matches("<svg").count(),
+        3,
+        "reliability, curve, per-tool"
+    );
+    assert!(html.contains("class=\"bin\"") && html.contains("<polyline class=\"curve\""));
+    assert!(html.contains("Disagreements with fold=tools"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no URLs"
+    );
+    assert!(!html.contains("<script") && !html.contains("<link"));
+}
+
+#[test]
+fn gates_fail_with_status_3_and_say_by_how_much() {
+    let dir = work_dir("eval-gates");
+    let data = fixture(&dir);
+    let (ckpt, tok) = (example("tiny-needle.pkl"), example("tokenizer.model"));
+    let data_s = data.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = eval_args(&ckpt, &tok, data_s);
+        args.extend(["--limit", "3"]);
+        args.extend(extra);
+        needlec(&args)
+    };
+    // The first three samples: the third is the one the stock model gets wrong.
+    let samples = samples();
+    assert_ne!(samples[2]["stock_exact"], samples[2]["expected"]);
+    let out = run(&["--min-accuracy", "0.6", "--min-valid", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["--min-accuracy", "0.9"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("gate missed: accuracy 66.7% is below --min-accuracy 90.0% by 23.3%"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["--compare", "fold=tools", "--min-agreement", "0.99"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("gate missed: agreement with fold=tools"),
+        "{}",
+        stderr(&out)
+    );
+    // Comparing with itself agrees on everything.
+    let out = run(&["--compare", "fold=none", "--min-agreement", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Gates need what they gate.
+    let out = run(&["--min-agreement", "0.99"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("needs at least one --compare"));
+    let out = run(&["--min-accuracy", "90"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not a share"));
+}
+
+#[test]
+fn bad_data_is_reported_with_line_numbers_or_fails() {
+    let dir = work_dir("eval-bad-data");
+    let data = fixture(&dir);
+    let (ckpt, tok) = (example("tiny-needle.pkl"), example("tokenizer.model"));
+    let mut args = eval_args(&ckpt, &tok, data.to_str().unwrap());
+    args.push("--strict-data");
+    let out = needlec(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("2 bad line(s)") && err.contains("--strict-data"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 3: not JSON") && err.contains("line 7: no \"answers\""),
+        "{err}"
+    );
+
+    let missing = dir.join("missing.jsonl");
+    let out = needlec(&eval_args(&ckpt, &tok, missing.to_str().unwrap()));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot read the data file") && err.contains("missing.jsonl"),
+        "{err}"
+    );
+
+    // Lines without tools need --tools; with it, they use the app's list.
+    let no_tools = dir.join("no-tools.jsonl");
+    let s = &samples()[0];
+    let answers: Value = serde_json::from_str(s["expected"].as_str().unwrap()).unwrap();
+    std::fs::write(
+        &no_tools,
+        json!({"query": s["query"], "answers": answers}).to_string(),
+    )
+    .unwrap();
+    let out = needlec(&eval_args(&ckpt, &tok, no_tools.to_str().unwrap()));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("pass --tools"), "{}", stderr(&out));
+    let tools = example("tools.json");
+    let json_path = dir.join("r.json");
+    let mut args = eval_args(&ckpt, &tok, no_tools.to_str().unwrap());
+    args.extend(["--tools", &tools, "--json", json_path.to_str().unwrap()]);
+    let out = needlec(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["results"][0]["output"], s["stock_exact"]);
+}
+
+#[test]
+fn run_confidence_is_a_second_line_and_trace_has_it() {
+    let (ckpt, tok, tools) = (
+        example("tiny-needle-folded.pkl"),
+        example("tokenizer.model"),
+        example("tools.json"),
+    );
+    let s = &samples()[0];
+    let query = s["query"].as_str().unwrap();
+    let base = [
+        "run",
+        "--checkpoint",
+        &ckpt,
+        "--tokenizer",
+        &tok,
+        "--tools",
+        &tools,
+        "--query",
+        query,
+    ];
+    let plain = needlec(&base);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let plain = String::from_utf8(plain.stdout).unwrap();
+    assert_eq!(plain, format!("{}\n", s["fold_folded"].as_str().unwrap()));
+    let mut args = base.to_vec();
+    args.push("--confidence");
+    let out = needlec(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        format!("{}\n", lines[0]),
+        plain,
+        "the first line is unchanged"
+    );
+    let conf: Value = serde_json::from_str(lines[1]).unwrap();
+    let c = conf["confidence"].as_f64().unwrap();
+    assert!(c > 0.5 && c <= 1.0, "{conf}");
+    assert_eq!(conf["tool"], "set_alarm");
+    assert_eq!(conf["signals"]["mean_prob"].as_f64().unwrap(), c);
+
+    let mut args = base.to_vec();
+    args[0] = "trace";
+    let out = needlec(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let trace: Value = serde_json::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(trace["confidence"], conf);
+    // The confidence is the geometric mean of the steps' probabilities where there was a choice.
+    let probs: Vec<f64> = trace["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["allowed"] != json!(1))
+        .map(|s| s["prob"].as_f64().unwrap())
+        .collect();
+    let gm = (probs.iter().map(|p| p.ln()).sum::<f64>() / probs.len() as f64).exp();
+    assert!((gm - c).abs() < 1e-5, "{gm} vs {c}");
+}
