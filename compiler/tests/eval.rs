@@ -194,6 +194,67 @@ fn eval_reports_the_references_outputs_figures_comparison_and_pages() {
         "no URLs"
     );
     assert!(!html.contains("<script") && !html.contains("<link"));
+    renders_in_headless_chromium(&html_path, &dir);
+}
+
+/// The report in a real browser (Debian's `chromium`, headless): the page forbids every fetch
+/// with its Content Security Policy, so an attempt would be logged as a violation; none is, the
+/// DOM Chromium built holds the three plots, and a screenshot comes out.
+fn renders_in_headless_chromium(html: &Path, dir: &Path) {
+    use needle_test_support::toolchain;
+    let Some(chromium) = toolchain::require("chromium", "chromium", "renders the eval report")
+    else {
+        return;
+    };
+    let page = std::fs::read_to_string(html).unwrap();
+    assert!(
+        page.contains("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'"),
+        "the page forbids fetches"
+    );
+    let url = format!("file://{}", html.display());
+    let run = |mode: &str, profile: &str| {
+        let out = Command::new("timeout")
+            .arg("120")
+            .arg(&chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--window-size=1280,2000",
+            ])
+            .arg(format!("--user-data-dir={}", dir.join(profile).display()))
+            .arg(mode)
+            .arg(&url)
+            .current_dir(dir)
+            .output()
+            .expect("chromium runs");
+        let log = stderr(&out);
+        assert!(out.status.success(), "chromium {mode}: {log}");
+        assert!(
+            !log.contains("Content Security Policy"),
+            "the page tried to fetch something: {log}"
+        );
+        out
+    };
+    let dom = String::from_utf8_lossy(&run("--dump-dom", "chromium-dom").stdout).into_owned();
+    assert_eq!(dom.matches("<svg").count(), 3, "{dom}");
+    assert!(dom.contains("<polyline class=\"curve\""), "{dom}");
+    assert!(dom.contains("Disagreements with fold=tools"), "{dom}");
+    let shot = dir.join("screenshot.png");
+    run(&format!("--screenshot={}", shot.display()), "chromium-shot");
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
 }
 
 #[test]

@@ -30,13 +30,18 @@ th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 figure{display:inline-block;margin:1em 2em 1em 0;vertical-align:top}figcaption{font-weight:600}\
 .miss{color:#b00}code{background:#f5f5f5;padding:0 .2em}";
 
+/// The page's Content Security Policy: nothing may be fetched (only the inline style applies),
+/// so a report opened in a browser never touches the network, even if a value shown in it
+/// looked like markup.
+pub const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
+
 /// The whole page.
 pub fn page(r: &Report) -> String {
     let mut h = String::new();
     let w = &mut h;
     let _ = write!(
         w,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>needlec eval: {}</title><style>{STYLE}</style></head><body>\n",
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\"><title>needlec eval: {}</title><style>{STYLE}</style></head><body>\n",
         escape(&r.data)
     );
     let _ = writeln!(w, "<h1>needlec eval</h1>");
