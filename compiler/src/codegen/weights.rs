@@ -418,7 +418,7 @@ impl WeightBlock {
     ) {
         self.rows(
             g,
-            |g, srow| cols.iter().map(|&c| srow.load4_at(g, c)).collect(),
+            |g, srow| cols.iter().map(|&c| srow.scales4_at(g, c)).collect(),
             |g, kk, row, scales: Option<&Vec<V4>>| {
                 let ws: Vec<V4> = match scales {
                     None => cols.iter().map(|&c| row.load4_at(g, c)).collect(),
@@ -433,6 +433,38 @@ impl WeightBlock {
                 };
                 body(g, kk, &ws)
             },
+            |_, _| {},
+        )
+    }
+
+    /// Whether the block's rows are `q` with scales per group (int8, int4).
+    pub fn grouped(&self) -> bool {
+        self.scales.is_some()
+    }
+
+    /// [`WeightBlock::for_each_row`] with the scales left to the caller: for a
+    /// [`WeightBlock::grouped`] block the rows come as `q` (float32) and `end(g, s)` runs after
+    /// each group's rows with its scales (`s[j]` for `cols[j]`), so a kernel can sum `x * q` over
+    /// a group and scale the sum once, a multiply per group instead of one per weight. Other
+    /// blocks: the rows are the weights and `end` never runs.
+    pub fn for_each_row_by_group(
+        &self,
+        g: &mut Gen<'_>,
+        cols: &[i64],
+        mut body: impl FnMut(&mut Gen<'_>, Value, &[V4]),
+        mut end: impl FnMut(&mut Gen<'_>, &[V4]),
+    ) {
+        self.rows(
+            g,
+            |_, _| (),
+            |g, kk, row, _| {
+                let ws: Vec<V4> = cols.iter().map(|&c| row.load4_at(g, c)).collect();
+                body(g, kk, &ws)
+            },
+            |g, srow| {
+                let s: Vec<V4> = cols.iter().map(|&c| srow.scales4_at(g, c)).collect();
+                end(g, &s)
+            },
         )
     }
 
@@ -445,7 +477,7 @@ impl WeightBlock {
     ) {
         self.rows(
             g,
-            |g, srow| srow.load1_at(g, col),
+            |g, srow| srow.scale1_at(g, col),
             |g, kk, row, scale: Option<&Value>| {
                 let w = match scale {
                     None => row.load1_at(g, col),
@@ -456,18 +488,21 @@ impl WeightBlock {
                 };
                 body(g, kk, w)
             },
+            |_, _| {},
         )
     }
 
     /// Rows in order. For an integer format group by group: `scales` loads what the rows of a
     /// group share from its scale row, once per group, and `body` gets it (a row's raw loads
-    /// are then `q` as float32, to be scaled). Unrolled by [`WeightBlock::unrolled`]: one loop
-    /// step covers that many rows, addressed by constant offsets from the step's first.
+    /// are then `q` as float32, to be scaled); `end` runs after the group's rows, with its scale
+    /// row. Unrolled by [`WeightBlock::unrolled`]: one loop step covers that many rows,
+    /// addressed by constant offsets from the step's first.
     fn rows<S>(
         &self,
         g: &mut Gen<'_>,
         mut scales: impl FnMut(&mut Gen<'_>, &WeightRow) -> S,
         mut body: impl FnMut(&mut Gen<'_>, Value, &WeightRow, Option<&S>),
+        mut end: impl FnMut(&mut Gen<'_>, &WeightRow),
     ) {
         let unroll = self.unroll.max(1);
         // Rows `k0 + lo .. k0 + hi` (`lo`, `hi` known at build time), `unroll` per step. The
@@ -523,17 +558,46 @@ impl WeightBlock {
             let s = scales(g, &srow);
             let k0 = g.b.ins().imul_imm_s(gi, sc.group);
             span(g, k0, 0, sc.group, Some(&s));
+            end(g, &srow);
         });
         if full * sc.group < self.k {
             let gi = g.iconst(full);
             let srow = scale_row(g, gi);
             let s = scales(g, &srow);
             span(g, zero, full * sc.group, self.k, Some(&s));
+            end(g, &srow);
         }
     }
 }
 
+/// Flags for loading scales: read-only, but not movable, so that Cranelift keeps the loads
+/// where they are written (once per group) instead of re-loading them next to each use in the
+/// row loop.
+fn mem_ro_pinned() -> MemFlagsData {
+    MemFlagsData::new().with_notrap().with_readonly()
+}
+
 impl WeightRow {
+    /// Scales `S[g][col..col + 4]` of a scale row (float32, laid out like float32 panels).
+    fn scales4_at(&self, g: &mut Gen<'_>, col: i64) -> V4 {
+        let (off, _) = self.offset(col);
+        let flags = mem_ro_pinned();
+        if g.simd() {
+            V4::Simd(g.b.ins().load(types::F32X4, flags, self.ptr, off))
+        } else {
+            V4::Lanes(std::array::from_fn(|i| {
+                g.b.ins()
+                    .load(types::F32, flags, self.ptr, off + 4 * i as i32)
+            }))
+        }
+    }
+
+    /// Scale `S[g][col]` of a scale row.
+    fn scale1_at(&self, g: &mut Gen<'_>, col: i64) -> Value {
+        let (off, _) = self.offset(col);
+        g.b.ins().load(types::F32, mem_ro_pinned(), self.ptr, off)
+    }
+
     /// `W[k][col..col + 4]` of a row-major row.
     pub fn load4(&self, g: &mut Gen<'_>, col: Value) -> V4 {
         debug_assert!(self.panel.is_none());

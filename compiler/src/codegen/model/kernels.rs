@@ -274,7 +274,56 @@ fn mm_tile(
         .map(|i| g.b.ins().iadd_imm_s(yrow0, i as i64 * n * 4))
         .collect();
     let MmCols { c, j0, width, fma } = cols;
-    if width >= 4 {
+    if width >= 4 && tile == 1 && blk.grouped() {
+        // One row of a quantized matrix (the decoder's steps): the sum of `x * q` over a group
+        // times the group's scales, added to the total once per group. A multiply per group and
+        // column instead of one per weight, and the scales need no registers in the row loop.
+        let nv = width / 4;
+        let zero = g.vconst(0.0);
+        let totals: Vec<V4Var> = (0..nv).map(|_| g.vvar(zero)).collect();
+        let partial: Vec<V4Var> = (0..nv).map(|_| g.vvar(zero)).collect();
+        let cols: Vec<i64> = (0..nv).map(|j| j0 + 4 * j).collect();
+        // `x[k]` through a pointer bumped per row (rows come in order): computed from `k`,
+        // Cranelift rebuilds the row's address from its parts in every iteration.
+        let pt = g.ptr;
+        let xp = g.var(pt, xrows[0]);
+        blk.for_each_row_by_group(
+            g,
+            &cols,
+            |g, _, qs| {
+                let p = g.get(xp);
+                let xv = g.b.ins().load(types::F32, mem(), p, 0);
+                let next = g.b.ins().iadd_imm_s(p, 4);
+                g.set(xp, next);
+                let xs = g.vsplat(xv);
+                for (j, &acc) in partial.iter().enumerate() {
+                    let cur = g.vget(acc);
+                    let nxt = if fma {
+                        g.vmul_add(xs, qs[j], cur)
+                    } else {
+                        let m = g.vmul(xs, qs[j]);
+                        g.vadd(cur, m)
+                    };
+                    g.vset(acc, nxt);
+                }
+            },
+            |g, scales| {
+                for (j, (&acc, &tot)) in partial.iter().zip(&totals).enumerate() {
+                    let sum = g.vget(acc);
+                    let cur = g.vget(tot);
+                    let nxt = g.vmul_add(sum, scales[j], cur);
+                    g.vset(tot, nxt);
+                    let zero = g.vconst(0.0);
+                    g.vset(acc, zero);
+                }
+            },
+        );
+        for (j, &tot) in totals.iter().enumerate() {
+            let col = g.b.ins().iadd_imm_s(c, j0 + 4 * j as i64);
+            let v = g.vget(tot);
+            g.vstore(v, yrows[0], col);
+        }
+    } else if width >= 4 {
         let nv = width / 4;
         let zero = g.vconst(0.0);
         let accs: Vec<Vec<V4Var>> = (0..tile)
