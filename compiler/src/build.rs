@@ -26,6 +26,7 @@ use crate::load::load_checkpoint;
 use crate::lower::lower_for_steps;
 use crate::materialize::materialize_constants;
 use crate::precision::Precision;
+use crate::report::{self, ReportError, SizeReport, WorkspaceRegion};
 use crate::tools::{load_tools_arg, ToolSet};
 
 /// What `needlec build` writes.
@@ -39,6 +40,9 @@ pub enum Emit {
     Ir,
     /// `NAME.h`.
     Header,
+    /// `NAME.report.json`: bytes per component, the workspace's regions and the options
+    /// ([`crate::report`]); the build's [`BuildReport::size_report`] has it as a table.
+    Report,
 }
 
 #[derive(Clone, Debug)]
@@ -91,6 +95,8 @@ pub enum BuildError {
     Codegen(#[from] CodegenError),
     #[error(transparent)]
     Emit(#[from] EmitError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -258,6 +264,8 @@ pub struct BuildReport {
     pub weights_notice: Option<String>,
     /// One line for the user: target, fold mode, workspace size.
     pub summary: String,
+    /// With [`Emit::Report`]: the size report as a table.
+    pub size_report: Option<String>,
 }
 
 /// Runs the whole build and writes the requested files.
@@ -297,8 +305,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     })?;
     let name = &opts.name;
     let mut written = Vec::new();
+    let mut size_report = None;
     for emit in &opts.emit {
         let (file, bytes) = match (emit, &library) {
+            (Emit::Report, Some(lib)) => {
+                let report = size_report_of(opts, &target, &compiled, lib)?;
+                size_report = Some(report.table());
+                (format!("{name}.report.json"), report.json().into_bytes())
+            }
             (Emit::Ir, _) => (format!("{name}.ir"), compiled.stages.text().into_bytes()),
             (Emit::Header, Some(lib)) => (format!("{name}.h"), lib.header.clone().into_bytes()),
             (Emit::Obj, Some(lib)) => (
@@ -340,8 +354,84 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     Ok(BuildReport {
         written,
         summary,
+        size_report,
         fold_warning: compiled.fold_warning,
         weights_notice: compiled.weights_notice,
+    })
+}
+
+/// `--report`: the library's bytes by component, its workspace regions (the model's broken
+/// down by its plan), and the options that made it.
+fn size_report_of(
+    opts: &BuildOptions,
+    target: &Target,
+    compiled: &Compiled,
+    lib: &crate::codegen::library::Library,
+) -> Result<SizeReport, BuildError> {
+    let components = report::components(&lib.object, &opts.name)?;
+    let plan = WorkspacePlan::of(&compiled.module).map_err(BuildError::Plan)?;
+    let mut workspace = vec![WorkspaceRegion {
+        name: "model: state word".into(),
+        offset: plan.state.offset,
+        bytes: plan.state.bytes,
+    }];
+    for b in &plan.buffers {
+        workspace.push(WorkspaceRegion {
+            name: format!("model: buffer {}", b.name),
+            offset: b.region.offset,
+            bytes: b.region.bytes,
+        });
+    }
+    workspace.push(WorkspaceRegion {
+        name: "model: logits of a step".into(),
+        offset: plan.logits.offset,
+        bytes: plan.logits.bytes,
+    });
+    for f in &plan.funcs {
+        workspace.push(WorkspaceRegion {
+            name: format!("model: scratch of {}", f.name),
+            offset: f.arena_start,
+            bytes: f.arena_end - f.arena_start,
+        });
+    }
+    for &(region, offset, bytes) in &lib.info.regions {
+        if region != "model" {
+            workspace.push(WorkspaceRegion {
+                name: region.to_string(),
+                offset,
+                bytes,
+            });
+        }
+    }
+    workspace.sort_by_key(|r| (r.offset, r.bytes));
+    let tools = if opts.tools.trim_start().starts_with('[') {
+        "(inline JSON)".to_string()
+    } else {
+        opts.tools.clone()
+    };
+    let options = [
+        ("checkpoint", opts.checkpoint.display().to_string()),
+        ("tokenizer", opts.tokenizer.display().to_string()),
+        (
+            "tools",
+            format!("{tools} ({} tools)", compiled.tools.tools.len()),
+        ),
+        ("target", target.to_string()),
+        ("fold", compiled.fold.name().to_string()),
+        ("weights", compiled.precision.to_string()),
+        ("max-gen-len", opts.max_gen_len.to_string()),
+        ("max-query-tokens", lib.info.max_query_tokens.to_string()),
+        ("name", opts.name.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Ok(SizeReport {
+        options,
+        object_bytes: lib.object.len() as u64,
+        components,
+        workspace_bytes: lib.info.layout.total,
+        workspace,
     })
 }
 

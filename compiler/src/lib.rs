@@ -23,5 +23,6 @@ pub mod load;
 pub mod lower;
 pub mod materialize;
 pub mod precision;
+pub mod report;
 pub mod synth;
 pub mod tools;

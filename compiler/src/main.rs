@@ -40,6 +40,8 @@ enum EmitArg {
     Obj,
     Ir,
     Header,
+    /// `NAME.report.json`: bytes per component, workspace regions, options (see `--report`).
+    Report,
 }
 
 #[derive(clap::Args)]
@@ -187,6 +189,11 @@ enum Command {
         /// What to write (repeatable); default: staticlib and header.
         #[arg(long, value_enum)]
         emit: Vec<EmitArg>,
+        /// Print where the library's bytes go (embedding, each layer's weights, folded K/V,
+        /// tokenizer and grammar tables, code), the workspace's regions and the build options,
+        /// and write them as `NAME.report.json` beside the library.
+        #[arg(long)]
+        report: bool,
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -283,6 +290,7 @@ fn real_main() -> Result<ExitCode> {
             max_query_tokens,
             name,
             emit,
+            report,
             out_dir,
         } => {
             let mut emit: Vec<Emit> = emit
@@ -292,10 +300,14 @@ fn real_main() -> Result<ExitCode> {
                     EmitArg::Obj => Emit::Obj,
                     EmitArg::Ir => Emit::Ir,
                     EmitArg::Header => Emit::Header,
+                    EmitArg::Report => Emit::Report,
                 })
                 .collect();
-            if emit.is_empty() {
-                emit = vec![Emit::Staticlib, Emit::Header];
+            if emit.iter().all(|e| *e == Emit::Report) {
+                emit.extend([Emit::Staticlib, Emit::Header]);
+            }
+            if report {
+                emit.push(Emit::Report);
             }
             emit.sort();
             emit.dedup();
@@ -325,6 +337,9 @@ fn real_main() -> Result<ExitCode> {
                 eprintln!("note: {notice}");
             }
             eprintln!("{}", report.summary);
+            if let Some(table) = &report.size_report {
+                print!("{table}");
+            }
             for path in report.written {
                 eprintln!("wrote {}", path.display());
             }

@@ -121,6 +121,8 @@ pub const STEP_COUNTS_BYTES: usize = WORKSPACE_ALIGN;
 #[derive(Clone, Debug)]
 pub struct LibraryInfo {
     pub layout: WorkspaceLayout,
+    /// Every region of the workspace around the model's: name, offset, bytes (for reports).
+    pub regions: Vec<(&'static str, usize, usize)>,
     pub max_query_tokens: usize,
     pub max_query_bytes: usize,
     pub max_gen_len: usize,
@@ -204,19 +206,38 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
     let max_text_bytes = max_steps * parts.output.max_piece_bytes;
     let max_output_bytes = parts.output.max_output_bytes(max_text_bytes);
     let mut lp = LifetimePlan { placed: Vec::new() };
+    let mut regions = Vec::new();
+    let mut place = |name: &'static str, live: std::ops::RangeInclusive<Phase>, bytes: usize| {
+        let at = lp.place(live, bytes);
+        regions.push((name, at, bytes));
+        at
+    };
     // The model's region first, at offset 0 where its plan puts it.
-    lp.place(Model..=Model, parts.model.workspace_bytes);
-    let tokenizer_scratch = lp.place(Tokenize..=Tokenize, parts.tokenizer.scratch_bytes);
+    place("model", Model..=Model, parts.model.workspace_bytes);
+    let tokenizer_scratch = place(
+        "tokenizer scratch",
+        Tokenize..=Tokenize,
+        parts.tokenizer.scratch_bytes,
+    );
     // One id more than the model reads: enough to tell a query that was cut.
-    let query_ids = lp.place(Tokenize..=Model, 4 * (parts.model.max_query_tokens + 1));
-    let grammar_state = lp.place(Model..=Model, parts.grammar.state_bytes);
-    let n_allowed = lp.place(Model..=Model, 8);
-    let gen_ids = lp.place(Model..=Render, 4 * max_steps);
-    let text = lp.place(Render..=Render, max_text_bytes);
-    let output_scratch = lp.place(Render..=Render, parts.output.scratch_bytes(max_text_bytes));
-    let output = lp.place(Render..=Render, max_output_bytes);
+    let query_ids = place(
+        "query token ids",
+        Tokenize..=Model,
+        4 * (parts.model.max_query_tokens + 1),
+    );
+    let grammar_state = place("grammar state", Model..=Model, parts.grammar.state_bytes);
+    let n_allowed = place("allowed-token count", Model..=Model, 8);
+    let gen_ids = place("generated token ids", Model..=Render, 4 * max_steps);
+    let text = place("generated text", Render..=Render, max_text_bytes);
+    let output_scratch = place(
+        "output scratch",
+        Render..=Render,
+        parts.output.scratch_bytes(max_text_bytes),
+    );
+    let output = place("output JSON", Render..=Render, max_output_bytes);
     // Read after the call (tests): last, clear of everything.
     let step_counts = align_up(lp.end(), WORKSPACE_ALIGN);
+    regions.push(("step counts", step_counts, STEP_COUNTS_BYTES));
     let layout = WorkspaceLayout {
         grammar_state,
         n_allowed,
@@ -231,6 +252,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
     };
     LibraryInfo {
         layout,
+        regions,
         max_query_tokens: parts.model.max_query_tokens,
         max_query_bytes: limits.max_query_bytes,
         max_gen_len: limits.max_gen_len,
