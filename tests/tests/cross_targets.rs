@@ -40,6 +40,7 @@ fn options(
         max_gen_len: 40,
         max_query_tokens: None,
         name: "needle".into(),
+        escalate_below: 0.0,
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),
     }
