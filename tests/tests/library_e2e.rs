@@ -497,6 +497,7 @@ fn builds_are_deterministic_standalone_and_prefixed() {
         exports,
         [
             "assistant_call",
+            "assistant_call_ex",
             "assistant_call_tokens",
             "assistant_model_info",
             "assistant_tool_name",
@@ -508,6 +509,11 @@ fn builds_are_deterministic_standalone_and_prefixed() {
         "#define ASSISTANT_WORKSPACE_SIZE",
         "#define ASSISTANT_ERR_OUT_TOO_SMALL",
         "assistant_info",
+        "#define ASSISTANT_ESCALATE_BELOW 0.0f",
+        "} assistant_result;",
+        "int32_t assistant_call_ex(void *workspace, const uint8_t *query, size_t query_len, \
+         uint8_t *out, size_t out_cap, size_t *out_len, assistant_result *result);",
+        "see assistant_result",
         "extern \"C\"",
     ] {
         assert!(header.contains(needle), "header lacks {needle}");

@@ -45,7 +45,7 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "ERR_ARGUMENT",
         2,
-        "a NULL pointer where data is required (query, out, out_len)",
+        "a NULL pointer where data is required (query, out, out_len; NAME_call_ex's result)",
     ),
     ("ERR_UTF8", 3, "the query is not valid UTF-8"),
     (

@@ -186,7 +186,8 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
     for (status, value, doc) in STATUSES {
         extra.push_str(&format!(
             "#define {up}_{status} {value} /* {} */\n",
-            doc.replace("NAME", &up)
+            doc.replace("NAME_call", &format!("{name}_call"))
+                .replace("NAME", &up)
         ));
     }
     extra.push_str(&format!(
@@ -205,7 +206,9 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
         "\n/* What {name}_call_ex reports besides the answer. */\ntypedef struct {name}_result {{\n"
     ));
     for (ty, field, doc) in RESULT_FIELDS {
-        let doc = doc.replace("NAME", &up);
+        let doc = doc
+            .replace("NAME_ESCALATE_BELOW", &format!("{up}_ESCALATE_BELOW"))
+            .replace("NAME_", &format!("{name}_"));
         extra.push_str(&format!("    {ty} {field}; /* {doc} */\n"));
     }
     extra.push_str(&format!("}} {name}_result;\n"));
@@ -220,7 +223,7 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
         ),
         "UTF-8 query into out (no NUL) and returns 0, or a status code below.".to_string(),
         format!(
-            "{name}_call_ex(..., &result) does the same and fills a {name}_result: confidence, escalate, tool."
+            "{name}_call_ex(..., &result) does the same and fills *result (below): confidence, escalate, tool."
         ),
     ];
     let preamble: Vec<&str> = preamble.iter().map(String::as_str).collect();
