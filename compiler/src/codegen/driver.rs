@@ -5,6 +5,11 @@
 //! - `size_t NAME_workspace_size(void)`
 //! - `int32_t NAME_call(void *ws, const uint8_t *query, size_t query_len, uint8_t *out,
 //!   size_t out_cap, size_t *out_len)`
+//! - `int32_t NAME_call_ex(void *ws, const uint8_t *query, size_t query_len, uint8_t *out,
+//!   size_t out_cap, size_t *out_len, NAME_result *result)`: `NAME_call` (the same body, the same
+//!   status and bytes) that also fills `*result` ([`RESULT_FIELDS`]): the confidence accumulated
+//!   in the decode loop (see `Confidence` below), `escalate` against the threshold baked in
+//!   ([`DriverLimits::escalate_below`]), and the first call's tool as `postprocess` reads it
 //! - `int32_t NAME_call_tokens(void *ws, const int32_t *ids, size_t n_ids, int32_t *out_ids,
 //!   size_t out_cap, size_t *out_len)`: the same decoding from query token ids to generated ids
 //! - `void NAME_model_info(NAME_info *info)` and `const char *NAME_tool_name(uint32_t i)`
