@@ -68,6 +68,9 @@ pub struct BuildOptions {
     pub max_query_tokens: Option<usize>,
     /// Prefix of every exported symbol and macro: a C identifier.
     pub name: String,
+    /// `--escalate-below T`: `NAME_call_ex` sets `escalate` when the confidence is below `T`, in
+    /// `[0, 1]`; 0 (the default) never escalates.
+    pub escalate_below: f64,
     pub emit: Vec<Emit>,
     pub out_dir: PathBuf,
 }
@@ -83,6 +86,11 @@ pub enum BuildError {
     BadName(String),
     #[error("--max-gen-len must be between 2 and {max} (it allows max_gen_len - 1 generated tokens), got {got}")]
     MaxGenLen { got: usize, max: usize },
+    #[error(
+        "--escalate-below must be a confidence between 0 and 1 (0: never escalate; `needlec eval \
+         --target-precision` suggests one), got {0}"
+    )]
+    EscalateBelow(f64),
     #[error("IR pass failed: {0}")]
     Pass(#[from] PassError),
     #[error("planning the workspace: {0}")]
@@ -141,6 +149,10 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
             got: opts.max_gen_len,
             max: MAX_GEN_LEN_LIMIT,
         });
+    }
+    // NaN fails the range test too.
+    if !(0.0..=1.0).contains(&opts.escalate_below) {
+        return Err(BuildError::EscalateBelow(opts.escalate_below));
     }
     // A bound of 0 is wrong whatever the inputs: say so before loading anything.
     if opts.max_query_tokens == Some(0) {
@@ -290,6 +302,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             name_map: &compiled.tools.name_map,
             name: &opts.name,
             max_gen_len: opts.max_gen_len,
+            escalate_below: opts.escalate_below as f32,
         };
         let lib = generate(&input, &target)?;
         // A library that references anything outside itself, or exports an unprefixed symbol,

@@ -186,6 +186,10 @@ enum Command {
         /// Prefix of every exported symbol and macro.
         #[arg(long, default_value = "needle")]
         name: String,
+        /// `NAME_call_ex` sets `escalate` when the answer's confidence is below T (0 to 1; `eval
+        /// --target-precision` suggests one). Default 0: never escalate.
+        #[arg(long, value_name = "T", default_value_t = 0.0)]
+        escalate_below: f64,
         /// What to write (repeatable); default: staticlib and header.
         #[arg(long, value_enum)]
         emit: Vec<EmitArg>,
@@ -289,6 +293,7 @@ fn real_main() -> Result<ExitCode> {
             max_gen_len,
             max_query_tokens,
             name,
+            escalate_below,
             emit,
             report,
             out_dir,
@@ -326,6 +331,7 @@ fn real_main() -> Result<ExitCode> {
                 max_gen_len,
                 max_query_tokens,
                 name,
+                escalate_below,
                 emit,
                 out_dir,
             };

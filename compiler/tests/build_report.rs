@@ -124,6 +124,6 @@ fn the_report_accounts_for_every_byte_and_sizes_what_the_model_fixes() {
             "{table}"
         );
         assert!(table.contains("524,288"), "{table}");
-        assert!(table.contains(&format!("workspace: ")), "{table}");
+        assert!(table.contains("workspace: "), "{table}");
     }
 }

@@ -582,6 +582,67 @@ fn build_max_query_tokens_of_zero_or_above_the_limit_is_refused() {
     );
 }
 
+/// `--escalate-below` takes a confidence in [0, 1]: anything else is refused before any work,
+/// with what is wrong and what to pass; a valid one lands in the header.
+#[test]
+fn build_escalate_below_outside_zero_to_one_is_refused() {
+    let dir = std::env::temp_dir().join(format!("needlec-cli-esc-{}", std::process::id()));
+    let (ckpt, tools, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tools.json"),
+        example("tokenizer.model"),
+    );
+    let build = |t: &str| {
+        needlec(&[
+            "build",
+            "--checkpoint",
+            &ckpt,
+            "--tokenizer",
+            &tok,
+            "--tools",
+            &tools,
+            &format!("--escalate-below={t}"),
+            "--emit",
+            "header",
+            "--out-dir",
+            dir.to_str().unwrap(),
+        ])
+    };
+    for bad in ["1.5", "-0.1", "NaN", "inf"] {
+        let out = build(bad);
+        assert!(!out.status.success(), "{bad} accepted");
+        let stderr = stderr_of(&out);
+        assert!(
+            stderr.contains("--escalate-below must be a confidence between 0 and 1")
+                && stderr.contains(&format!("got {}", bad.parse::<f64>().unwrap())),
+            "{bad}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!dir.join("needle.h").exists(), "nothing written for {bad}");
+    }
+    let out = build("high");
+    assert!(!out.status.success());
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("invalid value 'high' for '--escalate-below <T>'"),
+        "{stderr}"
+    );
+    let out = build("0.875");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let header = std::fs::read_to_string(dir.join("needle.h")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        header.contains("#define NEEDLE_ESCALATE_BELOW 0.875f"),
+        "{header}"
+    );
+    assert!(
+        header.contains("    float escalate_below;\n")
+            && header.contains("typedef struct needle_result {")
+            && header.contains("size_t *out_len, needle_result *result);"),
+        "{header}"
+    );
+}
+
 #[test]
 fn max_query_tokens_cuts_folded_queries_and_refuses_exact_ones() {
     let (tools, tok) = (example("tools.json"), example("tokenizer.model"));

@@ -5,7 +5,8 @@
 //!
 //! The object holds `nk_exp`, an elementwise map of `math::vexp` / `math::exp` (the polynomial
 //! the model's softmax and sigmoid use) so that its accuracy is measured through real machine
-//! code, and `nk_table`, which returns an embedded f32 table's entries through a local helper
+//! code, `nk_ln`, the float64 `math::ln_f64` the library's confidence takes per decode step,
+//! and `nk_table`, which returns an embedded f32 table's entries through a local helper
 //! (data in the target's byte order, data relocations, a local function and a call).
 //!
 //! Also: the output is standalone (no undefined symbols), namespaced (all globals prefixed, local
@@ -17,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cranelift_codegen::ir::InstBuilder;
+use cranelift_codegen::ir::{types, InstBuilder};
 use needle_targets::{supported, Target};
 use needle_test_support::c::{self, build_harness};
 use needle_test_support::toolchain::require;
@@ -28,7 +29,7 @@ use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 
 const PREFIX: &str = "nk_";
 /// The exported functions; the local helper `nk_table_at` and the data must not be among them.
-const EXPORTS: [&str; 2] = ["nk_exp", "nk_table"];
+const EXPORTS: [&str; 3] = ["nk_exp", "nk_ln", "nk_table"];
 /// Embedded through `declare_f32_data`, read back bit for bit.
 const TABLE: [f32; 7] = [
     1.0,
@@ -67,6 +68,31 @@ fn build(target: &Target) -> (Vec<u8>, String) {
             let v = g.load_f32(x, i);
             let r = math::exp(g, v);
             g.store_f32(r, y, i);
+        });
+        None
+    })
+    .unwrap();
+
+    // void nk_ln(const float *x, float *y, size_t n): l = ln_f64((double)x[i]) as two floats,
+    // y[2i] = (float)l and y[2i+1] = (float)(l - y[2i]), so the test reads about 48 bits of l.
+    let doc = ["y[2i], y[2i+1] = ln((double)x[i]) as a float and its remainder (needlec's ln_f64)"];
+    let ln = ks
+        .declare_function("ln", &doc, &params, CType::Void, true)
+        .unwrap();
+    ks.define_function(ln, &[], &[], |g, a, _, _| {
+        let (x, y, n) = (a[0], a[1], a[2]);
+        g.for_n(n, |g, i| {
+            let v = g.load_f32(x, i);
+            let v = g.b.ins().fpromote(types::F64, v);
+            let l = math::ln_f64(g, v);
+            let hi = g.b.ins().fdemote(types::F32, l);
+            let hi64 = g.b.ins().fpromote(types::F64, hi);
+            let lo = g.b.ins().fsub(l, hi64);
+            let lo = g.b.ins().fdemote(types::F32, lo);
+            let i2 = g.b.ins().imul_imm_s(i, 2);
+            g.store_f32(hi, y, i2);
+            let i3 = g.b.ins().iadd_imm_s(i2, 1);
+            g.store_f32(lo, y, i3);
         });
         None
     })
@@ -265,7 +291,48 @@ fn check_generated(target: &Target, dir: &Path) {
         return;
     };
     check_exp(&exe);
+    check_ln(&exe);
     check_table(&exe);
+}
+
+/// `math::ln_f64` (the confidence's per-step logarithm) against Rust's `f64::ln`: over the
+/// range the library feeds it (sums in `[1, vocabulary]`) and far beyond, to 1e-14 relative.
+fn check_ln(exe: &Path) {
+    let mut x: Vec<f32> = vec![
+        1.0,
+        std::f32::consts::SQRT_2,
+        1.414_213_4,
+        2.0,
+        0.5,
+        8192.0,
+        f32::MIN_POSITIVE,
+        f32::MAX,
+        1.0 + f32::EPSILON,
+    ];
+    let mut v = 1.0f32;
+    while v < 70_000.0 {
+        x.push(v);
+        v *= 1.0009;
+    }
+    let mut r = Rng(11);
+    x.extend((0..2000).map(|_| (r.signed_unit() * 80.0).exp()));
+    let got = floats(&run(exe, &args(&[&"ln", &x.len()]), &x));
+    assert_eq!(got.len(), 2 * x.len());
+    let mut worst = 0.0f64;
+    for (i, &xi) in x.iter().enumerate() {
+        let l = f64::from(got[2 * i]) + f64::from(got[2 * i + 1]);
+        let want = f64::from(xi).ln();
+        let err = (l - want).abs();
+        assert!(
+            err <= 1e-14 * want.abs().max(1.0),
+            "ln({xi}) = {l:e}, want {want:e} (err {err:e})"
+        );
+        worst = worst.max(err);
+    }
+    eprintln!(
+        "ln_f64: worst absolute error {worst:.3e} over {} inputs",
+        x.len()
+    );
 }
 
 fn check_exp(exe: &Path) {

@@ -105,6 +105,7 @@ fn build_library(
         max_gen_len,
         max_query_tokens: None,
         name: "needle".into(),
+        escalate_below: 0.0,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),
     };

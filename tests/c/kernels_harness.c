@@ -1,8 +1,9 @@
 /*
  * Test harness for the object built by compiler/tests/codegen_kernels.rs: needlec's inline exp
- * (nk_exp) and an embedded table read through a local function (nk_table).
+ * (nk_exp), its float64 logarithm (nk_ln) and an embedded table read through a local function
+ * (nk_table).
  *
- * Usage: kernels_harness exp N < N floats | kernels_harness table N
+ * Usage: kernels_harness exp N < N floats | kernels_harness ln N < N floats | kernels_harness table N
  * Floats travel as their IEEE-754 bit patterns in hex (8 digits), sizes as decimal, so that
  * nothing is lost to decimal conversion. Output: one token per line.
  *
@@ -69,7 +70,7 @@ static void need_args(int argc, int n) {
 int main(int argc, char **argv) {
     const char *k;
     if (argc < 2) {
-        fprintf(stderr, "usage: kernels_harness exp|table N [< input]\n");
+        fprintf(stderr, "usage: kernels_harness exp|ln|table N [< input]\n");
         return 2;
     }
     k = argv[1];
@@ -91,6 +92,21 @@ int main(int argc, char **argv) {
             return 1;
         }
         print_floats(y, n);
+        free(x);
+        free(y);
+    } else if (strcmp(k, "ln") == 0) {
+        /* ln N: N floats in, 2N out (each result as a float and its remainder). */
+        size_t n;
+        float *x, *y;
+        need_args(argc, 3);
+        n = read_size(argv[2]);
+        x = read_floats(n);
+        y = malloc((n ? 2 * n : 1) * sizeof *y);
+        if (!y) {
+            return 2;
+        }
+        nk_ln(x, y, n);
+        print_floats(y, 2 * n);
         free(x);
         free(y);
     } else if (strcmp(k, "table") == 0) {

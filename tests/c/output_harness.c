@@ -85,11 +85,12 @@ int main(void) {
             uint8_t *out = guarded(cap);
             uint8_t *scratch = guarded(scratch_n);
             size_t out_len = 12345;
-            int32_t st = out_postprocess(text, len, out, cap, &out_len, scratch);
+            int32_t tool = 12345;
+            int32_t st = out_postprocess(text, len, out, cap, &out_len, scratch, &tool);
             check_guard(text, len, "postprocess text");
             check_guard(out, cap, "postprocess out");
             check_guard(scratch, scratch_n, "postprocess scratch");
-            printf("%d %zu ", (int)st, out_len);
+            printf("%d %zu %d ", (int)st, out_len, (int)tool);
             if (st == 0 || st == 1) {
                 hex(out, out_len <= cap ? out_len : cap);
             }

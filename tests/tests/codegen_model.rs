@@ -47,6 +47,7 @@ fn compile_checkpoint(
         max_gen_len: 512,
         max_query_tokens: None,
         name: "t".into(),
+        escalate_below: 0.0,
         emit: vec![],
         out_dir: PathBuf::from("."),
     };

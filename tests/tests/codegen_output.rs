@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use needle_runtime::confidence::chosen_tool;
 use needle_runtime::output::postprocess;
 use needle_runtime::pyjson;
 use needle_runtime::tokenizer::Tokenizer;
@@ -76,6 +77,8 @@ enum Resp {
     Post {
         status: i32,
         len: usize,
+        /// The chosen tool index postprocess reports (-1: none).
+        tool: i32,
         out: Vec<u8>,
     },
 }
@@ -145,7 +148,8 @@ impl Lib {
                     Req::Post { .. } => Resp::Post {
                         status: f[0].parse().unwrap(),
                         len: f[1].parse().unwrap(),
-                        out: unhex(f.get(2).copied().unwrap_or("")),
+                        tool: f[2].parse().unwrap(),
+                        out: unhex(f.get(3).copied().unwrap_or("")),
                     },
                 }
             })
@@ -170,14 +174,24 @@ impl Lib {
         let resps = self.run(&reqs);
         let mut statuses = Vec::new();
         for (i, (t, r)) in texts.iter().zip(resps).enumerate() {
-            let Resp::Post { status, len, out } = r else {
+            let Resp::Post {
+                status,
+                len,
+                tool,
+                out,
+            } = r
+            else {
                 unreachable!()
             };
             statuses.push(status);
             let Ok(s) = std::str::from_utf8(t) else {
                 assert_eq!(status, STATUS_INVALID_UTF8, "input {t:?}");
+                assert_eq!(tool, -1, "input {t:?}");
                 continue;
             };
+            // The tool index `NAME_call_ex` reports, on every text (inexact floats included).
+            let want_tool = chosen_tool(s, map).map_or(-1, |t| t as i32);
+            assert_eq!(tool, want_tool, "chosen tool of {s:?}");
             let want = postprocess(s, map);
             if status == STATUS_INEXACT {
                 assert!(
@@ -391,6 +405,7 @@ fn postprocess_matches_golden_outputs() {
             let want = Resp::Post {
                 status: STATUS_OK,
                 len: c.output.len(),
+                tool: chosen_tool(&c.text, &map).map_or(-1, |t| t as i32),
                 out: c.output.clone().into_bytes(),
             };
             assert_eq!(resp, want, "{:?}", c.text);
@@ -821,6 +836,15 @@ fn postprocess_differential_sweep() {
         "-NaN",
         "Infinityx",
         "[\"a\"]]",
+        // The chosen tool: JSON reads the first element's `name`, other text the first
+        // `"name"` member written.
+        "{\"arguments\":{\"name\":\"a\"},\"name\":\"timer\"}",
+        "[{\"x\":1},{\"name\":\"a\"}]",
+        "[{\"name\" :\t \"timer\" , \"arguments\":{",
+        "<tool_call>[{\"name\":\"set_timer\"",
+        "[{\"name\":\"set_tim",
+        "[{\"name\"}, {\"name\":\"a\"",
+        "[{\"name\":\"q\\\"uote\"",
     ] {
         texts.push(t.as_bytes().to_vec());
         hard.push(t.parse::<f64>().is_ok() && float_is_hard(t));
@@ -835,6 +859,22 @@ fn postprocess_differential_sweep() {
         hard.push(false);
     }
     let statuses = l.check_post(&texts, &map, |i| hard[i]);
+    // The chosen tool (checked on every text) is reached through both of its paths.
+    let (mut by_json, mut by_scan) = (0, 0);
+    for t in &texts {
+        let Ok(s) = std::str::from_utf8(t) else {
+            continue;
+        };
+        if chosen_tool(s, &map).is_some() {
+            if pyjson::parse(s.strip_prefix("<tool_call>").unwrap_or(s)).is_ok() {
+                by_json += 1;
+            } else {
+                by_scan += 1;
+            }
+        }
+    }
+    eprintln!("chosen tool found: {by_json} in JSON, {by_scan} by the text scan");
+    assert!(by_json >= 20 && by_scan >= 20, "{by_json} {by_scan}");
     let count = |s: i32| statuses.iter().filter(|&&x| x == s).count();
     eprintln!(
         "{} texts: {} ok, {} inexact, {} not UTF-8",
@@ -985,7 +1025,10 @@ fn too_small_cap_reports_the_size_needed() {
         }
     }
     for ((want, cap), resp) in wants.iter().zip(l.run(&reqs)) {
-        let Resp::Post { status, len, out } = resp else {
+        let Resp::Post {
+            status, len, out, ..
+        } = resp
+        else {
             unreachable!()
         };
         assert_eq!(len, want.len(), "{want:?} cap {cap}");

@@ -41,6 +41,7 @@ fn options(
         max_gen_len,
         max_query_tokens: None,
         name: "needle".into(),
+        escalate_below: 0.0,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.to_path_buf(),
     }
@@ -439,7 +440,10 @@ fn c_interface_contracts_and_threads() {
         out.contains("ok call\n") && out.contains("ok tokens\n"),
         "{out}"
     );
-    assert!(out.contains("info 1 2048 128 4 2 2 2\n"), "{out}");
+    assert!(out.contains("info 2 2048 128 4 2 2 2\n"), "{out}");
+    // The default threshold: never escalate.
+    assert!(out.contains("escalate_below 0\n"), "{out}");
+    assert!(out.contains("ok call_ex get_weather\n"), "{out}");
     let names: Vec<&str> = out
         .lines()
         .filter_map(|l| l.strip_prefix("tool "))
@@ -493,6 +497,7 @@ fn builds_are_deterministic_standalone_and_prefixed() {
         exports,
         [
             "assistant_call",
+            "assistant_call_ex",
             "assistant_call_tokens",
             "assistant_model_info",
             "assistant_tool_name",
@@ -504,6 +509,11 @@ fn builds_are_deterministic_standalone_and_prefixed() {
         "#define ASSISTANT_WORKSPACE_SIZE",
         "#define ASSISTANT_ERR_OUT_TOO_SMALL",
         "assistant_info",
+        "#define ASSISTANT_ESCALATE_BELOW 0.0f",
+        "} assistant_result;",
+        "int32_t assistant_call_ex(void *workspace, const uint8_t *query, size_t query_len, \
+         uint8_t *out, size_t out_cap, size_t *out_len, assistant_result *result);",
+        "see assistant_result",
         "extern \"C\"",
     ] {
         assert!(header.contains(needle), "header lacks {needle}");
@@ -763,4 +773,149 @@ fn odd_widths_answer_like_the_runtime() {
             }
         }
     }
+}
+
+/// One query's answer from the harness's `ex` mode (`NAME_call_ex`, checked there to give
+/// `NAME_call`'s status and bytes).
+#[derive(Debug)]
+struct ExAnswer {
+    status: i32,
+    confidence: f32,
+    escalate: bool,
+    tool: i32,
+    choice_steps: usize,
+    output: String,
+}
+
+fn ex_answers(exe: &Path, queries: &[&str]) -> Vec<ExAnswer> {
+    let mut stdin = Vec::new();
+    for q in queries {
+        stdin.extend((q.len() as u32).to_le_bytes());
+        stdin.extend(q.as_bytes());
+    }
+    let out = run(exe, &["ex"], &stdin);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!(f.len(), 6, "{line}");
+            let hex = f[5];
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            ExAnswer {
+                status: f[0].parse().unwrap(),
+                confidence: f[1].parse().unwrap(),
+                escalate: match f[2] {
+                    "0" => false,
+                    "1" => true,
+                    e => panic!("escalate {e} in {line}"),
+                },
+                tool: f[3].parse().unwrap(),
+                choice_steps: f[4].parse().unwrap(),
+                output: String::from_utf8(bytes).expect("output is UTF-8"),
+            }
+        })
+        .collect()
+}
+
+/// A threshold strictly between two of `values` near their median, at least `gap` from every
+/// value, so that some fall below it and some do not.
+fn threshold_between(values: &[f32], gap: f32) -> f32 {
+    let mut v = values.to_vec();
+    v.sort_by(f32::total_cmp);
+    let mid = v.len() / 2;
+    let mut pairs: Vec<usize> = (0..v.len() - 1).collect();
+    pairs.sort_by_key(|&k| k.abs_diff(mid));
+    let k = pairs
+        .into_iter()
+        .find(|&k| v[k + 1] - v[k] > 2.0 * gap)
+        .unwrap_or_else(|| panic!("no two confidences {} apart: {v:?}", 2.0 * gap));
+    (v[k] + v[k + 1]) / 2.0
+}
+
+/// `NAME_call_ex` on every bundled sample (and three requests no tool covers), both checkpoints
+/// in both fold modes: the same answer
+/// as `NAME_call`; the confidence of `needlec run --confidence` (the runtime's `Engine`) within
+/// 1e-4, the same choice steps and the same tool; and `escalate` set exactly below the
+/// `--escalate-below` threshold baked in (one between the samples' confidences).
+#[test]
+fn call_ex_reports_the_runtimes_confidence_tool_and_escalate_bit() {
+    const TOLERANCE: f32 = 1e-4;
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let mut queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    // Requests no tool covers (answered `[]`: tool -1), the empty one included.
+    queries.extend(["Tell me a joke", "", "hello"]);
+    let tools = tiny_needle("tools.json");
+    let combos = [
+        ("tiny-needle.pkl", FoldMode::None),
+        ("tiny-needle.pkl", FoldMode::Tools),
+        ("tiny-needle-folded.pkl", FoldMode::Tools),
+        ("tiny-needle-folded.pkl", FoldMode::None),
+    ];
+    let mut worst = 0.0f32;
+    let mut tools_seen = std::collections::BTreeSet::new();
+    for (i, (checkpoint, fold)) in combos.into_iter().enumerate() {
+        let options = needlec::frontend::ModelOptions {
+            fold: Some(fold),
+            weights: None,
+            max_query_tokens: None,
+        };
+        let engine = needlec::frontend::load_with(
+            &tiny_needle(checkpoint),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            &options,
+        )
+        .unwrap()
+        .engine;
+        let want: Vec<_> = queries
+            .iter()
+            .map(|q| {
+                let g = engine.generate(q, 512).unwrap();
+                let c = engine.confidence(&g);
+                (g, c)
+            })
+            .collect();
+        let values: Vec<f32> = want.iter().map(|(_, c)| c.value).collect();
+        let t = threshold_between(&values, 10.0 * TOLERANCE);
+        let exe = build_library(&format!("call-ex-{i}"), |out| BuildOptions {
+            escalate_below: f64::from(t),
+            ..bundled(checkpoint, Some(fold), 512, out)
+        });
+        let got = ex_answers(&exe, &queries);
+        assert_eq!(got.len(), queries.len());
+        let mut escalated = 0;
+        for (q, (got, (g, c))) in queries.iter().zip(got.iter().zip(&want)) {
+            let what = format!("{checkpoint} {fold:?} {q:?}: {got:?}, runtime {}", c.value);
+            assert_eq!(
+                (got.status, got.output.as_str()),
+                (0, g.output.as_str()),
+                "{what}"
+            );
+            assert!((0.0..=1.0).contains(&got.confidence), "{what}");
+            let diff = (got.confidence - c.value).abs();
+            assert!(diff <= TOLERANCE, "{what}");
+            worst = worst.max(diff);
+            let choices = g.steps.iter().filter(|s| s.allowed != Some(1)).count();
+            assert_eq!(got.choice_steps, choices, "{what}");
+            assert_eq!(got.tool, c.tool.map_or(-1, |t| t as i32), "{what}");
+            assert_eq!(got.escalate, c.value < t, "{what} threshold {t}");
+            escalated += usize::from(got.escalate);
+            tools_seen.insert(got.tool);
+        }
+        assert!(
+            escalated > 0 && escalated < queries.len(),
+            "{checkpoint} {fold:?}: {escalated} of {} escalated below {t}",
+            queries.len()
+        );
+    }
+    eprintln!("largest confidence difference from the runtime: {worst:e}; tools {tools_seen:?}");
+    // The samples call every tool, and the extra requests none.
+    assert_eq!(
+        tools_seen.into_iter().collect::<Vec<_>>(),
+        [-1, 0, 1, 2, 3, 4, 5]
+    );
 }

@@ -5,6 +5,11 @@
 //! - `size_t NAME_workspace_size(void)`
 //! - `int32_t NAME_call(void *ws, const uint8_t *query, size_t query_len, uint8_t *out,
 //!   size_t out_cap, size_t *out_len)`
+//! - `int32_t NAME_call_ex(void *ws, const uint8_t *query, size_t query_len, uint8_t *out,
+//!   size_t out_cap, size_t *out_len, NAME_result *result)`: `NAME_call` (the same body, the same
+//!   status and bytes) that also fills `*result` ([`RESULT_FIELDS`]): the confidence accumulated
+//!   in the decode loop (see `Confidence` below), `escalate` against the threshold baked in
+//!   ([`DriverLimits::escalate_below`]), and the first call's tool as `postprocess` reads it
 //! - `int32_t NAME_call_tokens(void *ws, const int32_t *ids, size_t n_ids, int32_t *out_ids,
 //!   size_t out_cap, size_t *out_len)`: the same decoding from query token ids to generated ids
 //! - `void NAME_model_info(NAME_info *info)` and `const char *NAME_tool_name(uint32_t i)`
@@ -17,12 +22,13 @@
 //! of phases that never meet share memory (the tokenizer's and the output's scratch lie over
 //! the model's region; see [`Phase`]).
 
-use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 
 use super::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, to_ptr, u32_at};
 use super::gen::{mem, Gen};
 use super::grammar::GrammarCode;
+use super::math;
 use super::model::{emit_step_kind, ModelCode, StepKind};
 use super::output::OutputCode;
 use super::tokenizer::TokenizerCode;
@@ -44,7 +50,7 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "ERR_ARGUMENT",
         2,
-        "a NULL pointer where data is required (query, out, out_len)",
+        "a NULL pointer where data is required (query, out, out_len; NAME_call_ex's result)",
     ),
     ("ERR_UTF8", 3, "the query is not valid UTF-8"),
     (
@@ -95,6 +101,9 @@ pub struct DriverLimits {
     pub refuse_long_queries: bool,
     pub max_gen_len: usize,
     pub vocab_size: usize,
+    /// `NAME_call_ex` sets `escalate` when the confidence is below this (`--escalate-below`; 0,
+    /// the default, never escalates).
+    pub escalate_below: f32,
 }
 
 /// Where each region of the workspace starts.
@@ -145,7 +154,44 @@ pub const INFO_FIELDS: &[&str] = &[
     "max_gen_len",
     "max_output_bytes",
     "n_tools",
+    "escalate_below",
 ];
+
+/// The `float` fields of `NAME_info` (stored as their bits); every other field is `uint32_t`.
+pub const INFO_FLOAT_FIELDS: &[&str] = &["escalate_below"];
+
+/// `NAME_result`, what `NAME_call_ex` fills: `(C type, field, comment)` in order, 4 bytes each.
+pub const RESULT_FIELDS: &[(&str, &str, &str)] = &[
+    (
+        "float",
+        "confidence",
+        "in [0, 1]: the geometric mean of the chosen tokens' probabilities where the grammar left a choice",
+    ),
+    (
+        "int32_t",
+        "escalate",
+        "1 when confidence < NAME_ESCALATE_BELOW (needlec build --escalate-below), else 0",
+    ),
+    (
+        "int32_t",
+        "tool",
+        "the first call's tool (its index in the build's tool list, as NAME_tool_name takes), or -1",
+    ),
+    (
+        "uint32_t",
+        "choice_steps",
+        "decoder steps at which the grammar left the model a choice (the ones the confidence counts)",
+    ),
+];
+
+/// Byte offset of a `NAME_result` field.
+fn result_field(name: &str) -> i32 {
+    let i = RESULT_FIELDS
+        .iter()
+        .position(|f| f.1 == name)
+        .expect("a NAME_result field");
+    4 * i as i32
+}
 
 /// The pieces the driver calls.
 pub struct Parts<'a> {
@@ -292,7 +338,9 @@ pub fn define_driver(
     ks.define_function(ws_size, &[], &[], |g, _, _, _| Some(g.iconst(total)))?;
 
     // ---- generate: query ids -> generated ids (internal) --------------------------------------
-    // size_t generate(uint8_t *ws, const int32_t *ids, size_t n)
+    // size_t generate(uint8_t *ws, const int32_t *ids, size_t n, NAME_result *result)
+    // With a result, also the confidence (`docs/spec.md`, "Confidence") and the steps it
+    // counted: see [`Confidence`].
     let generate = ks.declare_function(
         "generate",
         &[],
@@ -300,12 +348,14 @@ pub fn define_driver(
             (CType::VoidPtr, "ws"),
             (CType::ConstI32Ptr, "ids"),
             (CType::SizeT, "n"),
+            (CType::VoidPtr, "result"),
         ],
         CType::SizeT,
         false,
     )?;
     let l = layout.clone();
     let skips_by_allowed = parts.model.skips_by_allowed;
+    let logits_offset = parts.model.logits_offset;
     ks.define_function(
         generate,
         &[],
@@ -317,7 +367,7 @@ pub fn define_driver(
             parts.grammar.feed,
         ],
         |g, a, _, f| {
-            let (ws, ids, n) = (a[0], a[1], a[2]);
+            let (ws, ids, n, result) = (a[0], a[1], a[2], a[3]);
             let encode = f.get(parts.model.encode_query);
             let step = f.get(parts.model.decoder_step);
             let reset = f.get(parts.grammar.reset);
@@ -340,6 +390,7 @@ pub fn define_driver(
             let count = g.var(ptr, zero);
             let not_done = g.b.ins().iconst(types::I8, 0);
             let done = g.var(types::I8, not_done);
+            let conf = Confidence::new(g);
             let limit = g.iconst(max_steps);
             g.for_range(zero, limit, 1, |g, pos| {
                 let d = g.get(done);
@@ -363,6 +414,11 @@ pub fn define_driver(
                     let next = g
                         .call(step, &[ws, tok, pos, allowed_ptr, na])
                         .expect("returns");
+                    let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
+                    g.if_then(wanted, |g| {
+                        let logits = at(g, ws, logits_offset);
+                        conf.step(g, logits, allowed_ptr, na, next, vocab);
+                    });
                     let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
                     g.if_else(
                         is_eos,
@@ -383,87 +439,62 @@ pub fn define_driver(
                     );
                 });
             });
+            let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
+            g.if_then(wanted, |g| conf.store(g, result));
             Some(g.get(count))
         },
     )?;
 
-    // ---- NAME_call ------------------------------------------------------------------------------
+    // ---- NAME_call and NAME_call_ex ----------------------------------------------------------
+    let text_params = [
+        (CType::VoidPtr, "workspace"),
+        (CType::ConstU8Ptr, "query"),
+        (CType::SizeT, "query_len"),
+        (CType::U8Ptr, "out"),
+        (CType::SizeT, "out_cap"),
+        (CType::SizePtr, "out_len"),
+    ];
     let call = ks.declare_function(
         "call",
         &["query text -> tool-call JSON; see the status codes above"],
-        &[
-            (CType::VoidPtr, "workspace"),
-            (CType::ConstU8Ptr, "query"),
-            (CType::SizeT, "query_len"),
-            (CType::U8Ptr, "out"),
-            (CType::SizeT, "out_cap"),
-            (CType::SizePtr, "out_len"),
-        ],
+        &text_params,
         CType::I32,
         true,
     )?;
-    let l = layout.clone();
-    let max_query_tokens = parts.model.max_query_tokens as i64;
-    let refuse_long = limits.refuse_long_queries;
-    let max_query_bytes = limits.max_query_bytes as i64;
-    let max_output_bytes = info.max_output_bytes as i64;
-    ks.define_function(
-        call,
-        &[],
+    let mut ex_params = text_params.to_vec();
+    ex_params.push((CType::VoidPtr, "result"));
+    let call_ex = ks.declare_function(
+        "call_ex",
         &[
-            parts.output.validate_utf8,
-            parts.tokenizer.encode,
-            generate,
-            parts.output.detokenize,
-            parts.output.postprocess,
+            "NAME_call, and *result (not NULL) gets the answer's confidence, escalate bit and",
+            "tool index; see NAME_result",
         ],
-        |g, a, _, f| {
-            let (ws, query, qlen, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
-            let validate = f.get(parts.output.validate_utf8);
-            let tokenize = f.get(parts.tokenizer.encode);
-            let gen_fn = f.get(generate);
-            let detok = f.get(parts.output.detokenize);
-            let post = f.get(parts.output.postprocess);
-            check_arguments(g, ws, query, qlen, out, cap, out_len);
-            let too_long =
-                g.b.ins()
-                    .icmp_imm_u(IntCC::UnsignedGreaterThan, qlen, max_query_bytes);
-            g.if_then(too_long, |g| ret_status(g, "ERR_QUERY_TOO_LONG"));
-            let valid = g.call(validate, &[query, qlen]).expect("returns");
-            let cond = g.b.ins().icmp_imm_u(IntCC::Equal, valid, 0);
-            g.if_then(cond, |g| ret_status(g, "ERR_UTF8"));
-
-            let ids = at(g, ws, l.query_ids);
-            let scratch = at(g, ws, l.tokenizer_scratch);
-            let max_ids = g.iconst(max_query_tokens + 1);
-            let n = g
-                .call(tokenize, &[query, qlen, ids, max_ids, scratch])
-                .expect("returns");
-            let n = cut_query(g, n, max_query_tokens, refuse_long);
-            let n_gen = g.call(gen_fn, &[ws, ids, n]).expect("returns");
-            let gen = at(g, ws, l.gen_ids);
-            let text = at(g, ws, l.text);
-            let text_len = g.call(detok, &[gen, n_gen, text]).expect("returns");
-            let answer = at(g, ws, l.output);
-            let pscratch = at(g, ws, l.output_scratch);
-            let ocap = g.iconst(max_output_bytes);
-            let st = g
-                .call(post, &[text, text_len, answer, ocap, out_len, pscratch])
-                .expect("returns");
-            let cond = g.b.ins().icmp_imm_u(IntCC::NotEqual, st, 0);
-            g.if_then(cond, |g| {
-                let zero = g.iconst(0);
-                g.b.ins().store(mem(), zero, out_len, 0);
-                ret_status(g, "ERR_OUTPUT");
-            });
-            let ptr = g.ptr;
-            let len = g.b.ins().load(ptr, mem(), out_len, 0);
-            let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, len, cap);
-            g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
-            copy_bytes(g, mem(), types::I32, answer, out, len);
-            Some(iconst32(g, status("OK")))
-        },
+        &ex_params,
+        CType::I32,
+        true,
     )?;
+    let text_call = TextCall {
+        layout: layout.clone(),
+        max_query_tokens: parts.model.max_query_tokens as i64,
+        refuse_long: limits.refuse_long_queries,
+        max_query_bytes: limits.max_query_bytes as i64,
+        max_output_bytes: info.max_output_bytes as i64,
+        escalate_below: limits.escalate_below,
+    };
+    let callees = [
+        parts.output.validate_utf8,
+        parts.tokenizer.encode,
+        generate,
+        parts.output.detokenize,
+        parts.output.postprocess,
+    ];
+    for (id, ex) in [(call, false), (call_ex, true)] {
+        ks.define_function(id, &[], &callees, |g, a, _, f| {
+            Some(text_call.body(g, a, f, parts, generate, ex))
+        })?;
+    }
+    let max_query_tokens = text_call.max_query_tokens;
+    let refuse_long = text_call.refuse_long;
 
     // ---- NAME_call_tokens -----------------------------------------------------------------------
     let call_tokens = ks.declare_function(
@@ -498,7 +529,10 @@ pub fn define_driver(
         });
         let qids = at(g, ws, l.query_ids);
         copy_i32s(g, ids, qids, n);
-        let n_gen = g.call(f.get(generate), &[ws, qids, n]).expect("returns");
+        let null = g.iconst(0);
+        let n_gen = g
+            .call(f.get(generate), &[ws, qids, n, null])
+            .expect("returns");
         g.b.ins().store(mem(), n_gen, out_len, 0);
         let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n_gen, cap);
         g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
@@ -564,6 +598,248 @@ pub fn define_driver(
     })?;
 
     Ok(())
+}
+
+/// The confidence accumulated over a decode (`docs/spec.md`, "Confidence"): per step with a
+/// choice, `s = sum over the allowed ids a of exp(z[a] - z[chosen])` (every id when the step is
+/// unconstrained), so that the chosen token's masked probability is `1 / s`. Each `exp` is the
+/// library's float32 one and the sum is accumulated in float64, as the runtime does; `ln s` is
+/// taken in float64 and summed, and at the end `confidence = exp(-(sum ln s) / steps)` (float32
+/// `exp`), 1 with no step counted, 0 when a logit was NaN. Forced steps (one allowed id: the
+/// library's jump-forward, which computes no logits) do not count, exactly as in the runtime.
+#[derive(Clone, Copy)]
+struct Confidence {
+    /// `sum ln s` (f64).
+    log_sum: cranelift_frontend::Variable,
+    /// Steps counted (i32).
+    steps: cranelift_frontend::Variable,
+    /// Non-zero once a step's sum was NaN (i8).
+    nan: cranelift_frontend::Variable,
+}
+
+impl Confidence {
+    fn new(g: &mut Gen<'_>) -> Confidence {
+        let z = g.b.ins().f64const(0.0);
+        let log_sum = g.var(types::F64, z);
+        let z = g.b.ins().iconst(types::I32, 0);
+        let steps = g.var(types::I32, z);
+        let z = g.b.ins().iconst(types::I8, 0);
+        let nan = g.var(types::I8, z);
+        Confidence {
+            log_sum,
+            steps,
+            nan,
+        }
+    }
+
+    /// Counts one decoder step: its logits at `logits`, its allowed list `(allowed, n)` (NULL or
+    /// empty: every id), the token it chose.
+    fn step(
+        &self,
+        g: &mut Gen<'_>,
+        logits: Value,
+        allowed: Value,
+        n: Value,
+        next: Value,
+        vocab: i64,
+    ) {
+        let listed = g.b.ins().icmp_imm_u(IntCC::NotEqual, allowed, 0);
+        let n = {
+            let zero = g.iconst(0);
+            g.b.ins().select(listed, n, zero)
+        };
+        let forced = g.b.ins().icmp_imm_u(IntCC::Equal, n, 1);
+        // A token outside the vocabulary only comes with an error: nothing to count.
+        let bad =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, next, vocab);
+        let skip = g.b.ins().bor(forced, bad);
+        let counted = g.b.ins().icmp_imm_u(IntCC::Equal, skip, 0);
+        g.if_then(counted, |g| {
+            let chosen = to_ptr(g, next);
+            let zc = g.load_f32(logits, chosen);
+            let z = g.b.ins().f64const(0.0);
+            let sum = g.var(types::F64, z);
+            let add = |g: &mut Gen<'_>, id: Value| {
+                let v = g.load_f32(logits, id);
+                let d = g.b.ins().fsub(v, zc);
+                let e = math::exp(g, d);
+                let e = g.b.ins().fpromote(types::F64, e);
+                let cur = g.get(sum);
+                let nxt = g.b.ins().fadd(cur, e);
+                g.set(sum, nxt);
+            };
+            let some = g.b.ins().icmp_imm_u(IntCC::NotEqual, n, 0);
+            g.if_else(
+                some,
+                |g| {
+                    g.for_n(n, |g, i| {
+                        let id = i32_at(g, mem(), allowed, i);
+                        let ok = g.b.ins().icmp_imm_u(IntCC::UnsignedLessThan, id, vocab);
+                        g.if_then(ok, |g| {
+                            let id = to_ptr(g, id);
+                            add(g, id);
+                        });
+                    });
+                },
+                |g| {
+                    let v = g.iconst(vocab);
+                    g.for_n(v, |g, id| add(g, id));
+                },
+            );
+            let s = g.get(sum);
+            let is_nan = g.b.ins().fcmp(FloatCC::Unordered, s, s);
+            let was = g.get(self.nan);
+            let now = g.b.ins().bor(was, is_nan);
+            g.set(self.nan, now);
+            let ln = math::ln_f64(g, s);
+            let cur = g.get(self.log_sum);
+            let nxt = g.b.ins().fadd(cur, ln);
+            g.set(self.log_sum, nxt);
+            let c = g.get(self.steps);
+            let c1 = g.b.ins().iadd_imm_s(c, 1);
+            g.set(self.steps, c1);
+        });
+    }
+
+    /// Writes `confidence` and `choice_steps` of the `NAME_result` at `result`.
+    fn store(&self, g: &mut Gen<'_>, result: Value) {
+        let steps = g.get(self.steps);
+        let log_sum = g.get(self.log_sum);
+        let nf = g.b.ins().fcvt_from_sint(types::F64, steps);
+        let one = g.b.ins().f64const(1.0);
+        let none = g.b.ins().icmp_imm_u(IntCC::Equal, steps, 0);
+        let nf = g.b.ins().select(none, one, nf);
+        let mean = g.b.ins().fdiv(log_sum, nf);
+        let mean = g.b.ins().fdemote(types::F32, mean);
+        let neg = g.b.ins().fneg(mean);
+        let c = math::exp(g, neg);
+        // Clamped to [0, 1]; NaN (a NaN logit) is 0.
+        let zero = g.f32(0.0);
+        let onef = g.f32(1.0);
+        let c = g.b.ins().fmin(c, onef);
+        let ge0 = g.b.ins().fcmp(FloatCC::GreaterThanOrEqual, c, zero);
+        let nan = g.get(self.nan);
+        let clean = g.b.ins().icmp_imm_u(IntCC::Equal, nan, 0);
+        let ok = g.b.ins().band(ge0, clean);
+        let c = g.b.ins().select(ok, c, zero);
+        g.b.ins()
+            .store(mem(), c, result, result_field("confidence"));
+        g.b.ins()
+            .store(mem(), steps, result, result_field("choice_steps"));
+    }
+}
+
+/// What `NAME_call` and `NAME_call_ex` are generated from: one body, the second with a result.
+struct TextCall {
+    layout: WorkspaceLayout,
+    max_query_tokens: i64,
+    refuse_long: bool,
+    max_query_bytes: i64,
+    max_output_bytes: i64,
+    escalate_below: f32,
+}
+
+impl TextCall {
+    /// The body: `a` are `NAME_call`'s parameters, plus `result` when `ex`. `NAME_call_ex`
+    /// writes the result's defaults first (confidence 0, tool -1, no steps), so an error status
+    /// leaves it defined, and `escalate = confidence < threshold` on every status.
+    fn body(
+        &self,
+        g: &mut Gen<'_>,
+        a: &[Value],
+        f: &super::kernels::Callees,
+        parts: &Parts<'_>,
+        generate: cranelift_module::FuncId,
+        ex: bool,
+    ) -> Value {
+        let l = &self.layout;
+        let (ws, query, qlen, out, cap, out_len) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+        let validate = f.get(parts.output.validate_utf8);
+        let tokenize = f.get(parts.tokenizer.encode);
+        let gen_fn = f.get(generate);
+        let detok = f.get(parts.output.detokenize);
+        let post = f.get(parts.output.postprocess);
+        let result = if ex {
+            let result = a[6];
+            let null = g.b.ins().icmp_imm_u(IntCC::Equal, result, 0);
+            g.if_then(null, |g| ret_status(g, "ERR_ARGUMENT"));
+            let zero = g.f32(0.0);
+            g.b.ins()
+                .store(mem(), zero, result, result_field("confidence"));
+            let m1 = iconst32(g, -1);
+            g.b.ins().store(mem(), m1, result, result_field("tool"));
+            let z = iconst32(g, 0);
+            g.b.ins()
+                .store(mem(), z, result, result_field("choice_steps"));
+            self.store_escalate(g, result);
+            result
+        } else {
+            g.iconst(0)
+        };
+        check_arguments(g, ws, query, qlen, out, cap, out_len);
+        let too_long =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, qlen, self.max_query_bytes);
+        g.if_then(too_long, |g| ret_status(g, "ERR_QUERY_TOO_LONG"));
+        let valid = g.call(validate, &[query, qlen]).expect("returns");
+        let cond = g.b.ins().icmp_imm_u(IntCC::Equal, valid, 0);
+        g.if_then(cond, |g| ret_status(g, "ERR_UTF8"));
+
+        let ids = at(g, ws, l.query_ids);
+        let scratch = at(g, ws, l.tokenizer_scratch);
+        let max_ids = g.iconst(self.max_query_tokens + 1);
+        let n = g
+            .call(tokenize, &[query, qlen, ids, max_ids, scratch])
+            .expect("returns");
+        let n = cut_query(g, n, self.max_query_tokens, self.refuse_long);
+        let n_gen = g.call(gen_fn, &[ws, ids, n, result]).expect("returns");
+        if ex {
+            self.store_escalate(g, result);
+        }
+        let gen = at(g, ws, l.gen_ids);
+        let text = at(g, ws, l.text);
+        let text_len = g.call(detok, &[gen, n_gen, text]).expect("returns");
+        let answer = at(g, ws, l.output);
+        let pscratch = at(g, ws, l.output_scratch);
+        let ocap = g.iconst(self.max_output_bytes);
+        let tool = if ex {
+            g.b.ins()
+                .iadd_imm_s(result, i64::from(result_field("tool")))
+        } else {
+            g.iconst(0)
+        };
+        let st = g
+            .call(
+                post,
+                &[text, text_len, answer, ocap, out_len, pscratch, tool],
+            )
+            .expect("returns");
+        let cond = g.b.ins().icmp_imm_u(IntCC::NotEqual, st, 0);
+        g.if_then(cond, |g| {
+            let zero = g.iconst(0);
+            g.b.ins().store(mem(), zero, out_len, 0);
+            ret_status(g, "ERR_OUTPUT");
+        });
+        let ptr = g.ptr;
+        let len = g.b.ins().load(ptr, mem(), out_len, 0);
+        let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, len, cap);
+        g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
+        copy_bytes(g, mem(), types::I32, answer, out, len);
+        iconst32(g, status("OK"))
+    }
+
+    /// `result->escalate = result->confidence < threshold`.
+    fn store_escalate(&self, g: &mut Gen<'_>, result: Value) {
+        let c =
+            g.b.ins()
+                .load(types::F32, mem(), result, result_field("confidence"));
+        let t = g.f32(self.escalate_below);
+        let below = g.b.ins().fcmp(FloatCC::LessThan, c, t);
+        let below = g.b.ins().uextend(types::I32, below);
+        g.b.ins()
+            .store(mem(), below, result, result_field("escalate"));
+    }
 }
 
 /// The checks both entry points start with: the workspace, a writable `*out_len` (zeroed, so

@@ -9,7 +9,8 @@ use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
 
 use super::driver::{
-    define_driver, DriverLimits, LibraryInfo, Parts, INFO_FIELDS, STATUSES, WORKSPACE_ALIGN,
+    define_driver, DriverLimits, LibraryInfo, Parts, INFO_FIELDS, INFO_FLOAT_FIELDS, RESULT_FIELDS,
+    STATUSES, WORKSPACE_ALIGN,
 };
 use super::grammar::define_grammar;
 use super::model::define_model;
@@ -30,7 +31,9 @@ pub struct Library {
 }
 
 /// The ABI version reported by `NAME_model_info`; bump it when the C interface changes.
-pub const ABI_VERSION: u32 = 1;
+/// 2: `NAME_call_ex` and `NAME_result`; `NAME_info` grew `escalate_below` (at the end, so the
+/// fields before it keep their offsets).
+pub const ABI_VERSION: u32 = 2;
 
 /// Everything a library is generated from: the optimized program with its constants' data, and
 /// the tokenizer and tool list the tokenizer, grammar and output code are built for.
@@ -50,6 +53,8 @@ pub struct LibraryInput<'a> {
     pub name: &'a str,
     /// At most `max_gen_len - 1` generated tokens.
     pub max_gen_len: usize,
+    /// `NAME_call_ex` escalates below this confidence (0: never); in `[0, 1]`.
+    pub escalate_below: f32,
 }
 
 /// Generates the library for `target`; every symbol starts with `input.name` and `_`.
@@ -85,6 +90,7 @@ pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, Co
             && model.max_query_tokens < needle_runtime::decode::MAX_QUERY_TOKENS,
         max_gen_len,
         vocab_size: input.config.vocab_size,
+        escalate_below: input.escalate_below,
     };
     let c = input.config;
     let mut values = vec![
@@ -110,6 +116,7 @@ pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, Co
         info.max_gen_len as u32,
         info.max_output_bytes as u32,
         originals.len() as u32,
+        input.escalate_below.to_bits(),
     ]);
     debug_assert_eq!(values.len(), INFO_FIELDS.len());
     define_driver(&mut ks, &parts, &limits, &info, &values, &originals)?;
@@ -166,6 +173,11 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
         "token ids are below this",
     );
     define(
+        "ESCALATE_BELOW",
+        format!("{:?}f", input.escalate_below),
+        "call_ex sets escalate when the confidence is below this (0: never)",
+    );
+    define(
         "FOLD_TOOLS",
         u32::from(input.fold == FoldMode::Tools).to_string(),
         "1: tools side folded",
@@ -174,16 +186,32 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
     for (status, value, doc) in STATUSES {
         extra.push_str(&format!(
             "#define {up}_{status} {value} /* {} */\n",
-            doc.replace("NAME", &up)
+            doc.replace("NAME_call", &format!("{name}_call"))
+                .replace("NAME", &up)
         ));
     }
     extra.push_str(&format!(
         "\n/* What {name}_model_info reports. */\ntypedef struct {name}_info {{\n"
     ));
     for field in INFO_FIELDS {
-        extra.push_str(&format!("    uint32_t {field};\n"));
+        let ty = if INFO_FLOAT_FIELDS.contains(field) {
+            "float"
+        } else {
+            "uint32_t"
+        };
+        extra.push_str(&format!("    {ty} {field};\n"));
     }
     extra.push_str(&format!("}} {name}_info;\n"));
+    extra.push_str(&format!(
+        "\n/* What {name}_call_ex reports besides the answer. */\ntypedef struct {name}_result {{\n"
+    ));
+    for (ty, field, doc) in RESULT_FIELDS {
+        let doc = doc
+            .replace("NAME_ESCALATE_BELOW", &format!("{up}_ESCALATE_BELOW"))
+            .replace("NAME_", &format!("{name}_"));
+        extra.push_str(&format!("    {ty} {field}; /* {doc} */\n"));
+    }
+    extra.push_str(&format!("}} {name}_result;\n"));
     let preamble = [
         format!("{name}: a Needle tool-calling model compiled by needlec for {}.", ks.target().name),
         "Link lib".to_string() + name + ".a; it needs nothing else (no libc, no allocator).",
@@ -194,11 +222,21 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
             "{name}_call(ws, query, query_len, out, out_cap, &out_len) writes the tool-call JSON for a"
         ),
         "UTF-8 query into out (no NUL) and returns 0, or a status code below.".to_string(),
+        format!(
+            "{name}_call_ex(..., &result) does the same and fills *result (below): confidence, escalate, tool."
+        ),
     ];
     let preamble: Vec<&str> = preamble.iter().map(String::as_str).collect();
     // The info struct is named after the library, which CType cannot spell: type it here.
-    write_header(name, &preamble, &extra, ks.functions()).replace(
-        &format!("void {name}_model_info(void *info);"),
-        &format!("void {name}_model_info({name}_info *info);"),
-    )
+    write_header(name, &preamble, &extra, ks.functions())
+        .replace(
+            &format!("void {name}_model_info(void *info);"),
+            &format!("void {name}_model_info({name}_info *info);"),
+        )
+        .replace(
+            "size_t *out_len, void *result);",
+            &format!("size_t *out_len, {name}_result *result);"),
+        )
+        // Doc lines of the driver's declarations name other symbols as NAME_x.
+        .replace("NAME_", &format!("{name}_"))
 }

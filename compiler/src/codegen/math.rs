@@ -120,3 +120,51 @@ pub fn sigmoid(g: &mut Gen<'_>, x: Value) -> Value {
     let d = g.b.ins().fadd(one, e);
     g.b.ins().fdiv(one, d)
 }
+
+/// `ln(x)` for a finite `x: f64` above 0 (the confidence's per-step sums, in `[1, vocab]`);
+/// callers handle NaN themselves (this gives a finite value for it).
+///
+/// `x = m 2^e` with `m` in `[sqrt(1/2), sqrt(2))`, then `ln m = 2 atanh(t)`, `t = (m-1)/(m+1)`,
+/// `|t| <= 0.1716`, by its series to `t^19` (the next term is below `1e-16` relative), and
+/// `ln x = e ln 2 + ln m`.
+pub fn ln_f64(g: &mut Gen<'_>, x: Value) -> Value {
+    const MANT: i64 = (1 << 52) - 1;
+    const ONE_BITS: i64 = 1023 << 52;
+    let bits = g.b.ins().bitcast(types::I64, MemFlagsData::new(), x);
+    let e = g.b.ins().ushr_imm_s(bits, 52);
+    let e = g.b.ins().band_imm_s(e, 0x7FF);
+    let e = g.b.ins().iadd_imm_s(e, -1023);
+    let m = g.b.ins().band_imm_s(bits, MANT);
+    let m = g.b.ins().bor_imm_s(m, ONE_BITS);
+    let m = g.b.ins().bitcast(types::F64, MemFlagsData::new(), m);
+    // Into [sqrt(1/2), sqrt(2)).
+    let sqrt2 = g.b.ins().f64const(std::f64::consts::SQRT_2);
+    let big = g.b.ins().fcmp(
+        cranelift_codegen::ir::condcodes::FloatCC::GreaterThanOrEqual,
+        m,
+        sqrt2,
+    );
+    let half = g.b.ins().f64const(0.5);
+    let mh = g.b.ins().fmul(m, half);
+    let m = g.b.ins().select(big, mh, m);
+    let e1 = g.b.ins().iadd_imm_s(e, 1);
+    let e = g.b.ins().select(big, e1, e);
+    let one = g.b.ins().f64const(1.0);
+    let num = g.b.ins().fsub(m, one);
+    let den = g.b.ins().fadd(m, one);
+    let t = g.b.ins().fdiv(num, den);
+    let t2 = g.b.ins().fmul(t, t);
+    // 1 + t2/3 + t2^2/5 + ... + t2^9/19, by Horner.
+    let mut s = g.b.ins().f64const(1.0 / 19.0);
+    for k in (0..9).rev() {
+        let c = g.b.ins().f64const(1.0 / f64::from(2 * k + 1));
+        let st = g.b.ins().fmul(s, t2);
+        s = g.b.ins().fadd(st, c);
+    }
+    let two_t = g.b.ins().fadd(t, t);
+    let ln_m = g.b.ins().fmul(two_t, s);
+    let ef = g.b.ins().fcvt_from_sint(types::F64, e);
+    let ln2 = g.b.ins().f64const(std::f64::consts::LN_2);
+    let el = g.b.ins().fmul(ef, ln2);
+    g.b.ins().fadd(el, ln_m)
+}

@@ -34,8 +34,8 @@ pub(super) const F_KLEN: i64 = 4; // member key: canonical length, NONE for non-
 pub(super) const F_NEXT: i64 = 5; // next sibling
 const F_PARENT: i64 = 6;
 pub(super) const K_SCALAR: i64 = 0;
-const K_ARRAY: i64 = 1;
-const K_OBJECT: i64 = 2;
+pub(super) const K_ARRAY: i64 = 1;
+pub(super) const K_OBJECT: i64 = 2;
 pub(super) const NONE: i64 = 0xFFFF_FFFF;
 
 pub(super) fn nget(g: &mut Gen<'_>, nodes: Value, node: Value, field: i64) -> Value {
@@ -62,6 +62,10 @@ pub(super) struct Post {
     put: FuncRef,
     replace: FuncRef,
     restore: FuncRef,
+    first_tool_json: FuncRef,
+    first_tool_text: FuncRef,
+    /// `int32_t *tool`, or NULL.
+    tool: Value,
     body: Value,
     blen: Value,
     blen_m1: Value,
@@ -105,13 +109,22 @@ impl Post {
         helpers: &Helpers,
         plan: &Plan,
     ) -> Self {
-        let (text, len, out, cap, out_len, scratch) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+        let (text, len, out, cap, out_len, scratch, tool) =
+            (a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
         let (consts, names) = (d.get(tables.consts), d.get(tables.names));
         let valid = f.get(helpers.valid);
         let memeq = f.get(helpers.memeq);
         let put = f.get(helpers.put);
         let replace = f.get(helpers.replace);
         let restore = f.get(helpers.restore);
+        let first_tool_json = f.get(helpers.first_tool_json);
+        let first_tool_text = f.get(helpers.first_tool_text);
+        // No tool until one is found (also what an early return leaves).
+        let has_tool = g.b.ins().icmp_imm_s(IntCC::NotEqual, tool, 0);
+        g.if_then(has_tool, |g| {
+            let m1 = g.b.ins().iconst(types::I32, -1);
+            g.b.ins().store(mem(), m1, tool, 0);
+        });
         let passes = tables
             .passes
             .iter()
@@ -177,6 +190,9 @@ impl Post {
             put,
             replace,
             restore,
+            first_tool_json,
+            first_tool_text,
+            tool,
             body,
             blen,
             blen_m1,
@@ -1100,9 +1116,23 @@ impl Post {
         g.set(w, w2);
     }
 
+    /// `*tool = t` when `tool` is not NULL.
+    fn set_tool(&self, g: &mut Gen<'_>, f: FuncRef, args: &[Value]) {
+        let has_tool = g.b.ins().icmp_imm_s(IntCC::NotEqual, self.tool, 0);
+        g.if_then(has_tool, |g| {
+            let t = g.call(f, args).expect("returns the tool");
+            g.b.ins().store(mem(), t, self.tool, 0);
+        });
+    }
+
     fn state_success(&self, g: &mut Gen<'_>) {
         let nodes = self.nodes;
         place(g, self.success_l);
+        // The chosen tool, read before names are restored (and reported even for a float this
+        // code does not convert: the runtime reads the same tree).
+        if self.restore_names {
+            self.set_tool(g, self.first_tool_json, &[nodes, self.cbuf]);
+        }
         let h = g.get(self.hard);
         g.if_then(h, |g| {
             let zero = g.iconst(0);
@@ -1222,6 +1252,9 @@ impl Post {
     /// Not JSON: the text with snake names replaced, longest first, one pass per name.
     fn state_fail(&self, g: &mut Gen<'_>) {
         place(g, self.fail_l);
+        if self.restore_names {
+            self.set_tool(g, self.first_tool_text, &[self.body, self.blen]);
+        }
         let zero = g.iconst(0);
         if self.passes.is_empty() {
             let w = g

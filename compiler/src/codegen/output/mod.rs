@@ -5,8 +5,11 @@
 //! * `validate_utf8(s, len)`: 1 when `std::str::from_utf8` accepts the bytes, else 0.
 //! * `detokenize(ids, n, out)`: `Tokenizer::decode` (`needle_runtime::tokenizer`); `out` needs
 //!   `n * max_piece_bytes` bytes.
-//! * `postprocess(text, len, out, cap, out_len, scratch)`: `needle_runtime::output::postprocess`
-//!   with the name map baked in; Python-exact JSON as `needle_runtime::pyjson` does it.
+//! * `postprocess(text, len, out, cap, out_len, scratch, tool)`:
+//!   `needle_runtime::output::postprocess` with the name map baked in; Python-exact JSON as
+//!   `needle_runtime::pyjson` does it. When `tool` is not NULL it also gets the first call's tool
+//!   index as `needle_runtime::confidence::chosen_tool` reads it (-1 for none), from the same
+//!   parse: the JSON tree when the text is JSON, else a scan for the first `"name"` member.
 //!
 //! Everything is plain integer code over caller memory and read-only tables: no globals, no
 //! recursion (the JSON parser is a state machine over a node array in `scratch`, with parent links
@@ -98,7 +101,8 @@ pub struct OutputCode {
     /// `size_t detokenize(const int32_t *ids, size_t n, uint8_t *out)`: bytes written.
     pub detokenize: FuncId,
     /// `int32_t postprocess(const uint8_t *text, size_t len, uint8_t *out, size_t cap,
-    /// size_t *out_len, uint8_t *scratch)`: see the module docs for the statuses.
+    /// size_t *out_len, uint8_t *scratch, int32_t *tool)`: see the module docs for the
+    /// statuses; `tool` may be NULL.
     pub postprocess: FuncId,
     /// Most bytes one id adds to `detokenize`'s output (`out` needs `n * max_piece_bytes`).
     pub max_piece_bytes: usize,
@@ -171,6 +175,8 @@ pub(super) struct Helpers {
     pub put: FuncId,
     pub replace: FuncId,
     pub restore: FuncId,
+    pub first_tool_json: FuncId,
+    pub first_tool_text: FuncId,
 }
 
 /// Defines `validate_utf8`, `detokenize` and `postprocess` (names get the library prefix) and
@@ -191,7 +197,7 @@ pub fn define_output(
     };
 
     // ---- declarations -------------------------------------------------------------------------
-    use CType::{ConstI32Ptr, ConstU8Ptr, SizePtr, SizeT, U8Ptr, I32};
+    use CType::{ConstI32Ptr, ConstU8Ptr, I32Ptr, SizePtr, SizeT, U8Ptr, I32};
     let f_valid = ks.declare_function(
         "validate_utf8",
         &["1 if s[0..len) is valid UTF-8 (no surrogates, no overlongs, <= U+10FFFF), else 0"],
@@ -215,6 +221,7 @@ pub fn define_output(
             "What the user gets from detokenized text: 0 ok (*out_len bytes in out),",
             "1 cap too small (*out_len = size needed), 2 JSON float not converted exactly,",
             "3 text not UTF-8. scratch: see the generator's scratch_bytes(len).",
+            "tool (may be NULL): the first call's tool index, -1 for none.",
         ],
         &[
             (ConstU8Ptr, "text"),
@@ -223,6 +230,7 @@ pub fn define_output(
             (SizeT, "cap"),
             (SizePtr, "out_len"),
             (U8Ptr, "scratch"),
+            (I32Ptr, "tool"),
         ],
         I32,
         export,
@@ -276,12 +284,29 @@ pub fn define_output(
         false,
     )?;
 
+    let f_tool_json = ks.declare_function(
+        "output_first_tool_json",
+        &[],
+        &[(U8Ptr, "nodes"), (U8Ptr, "canon")],
+        I32,
+        false,
+    )?;
+    let f_tool_text = ks.declare_function(
+        "output_first_tool_text",
+        &[],
+        &[(ConstU8Ptr, "body"), (SizeT, "n")],
+        I32,
+        false,
+    )?;
+
     let helpers = Helpers {
         valid: f_valid,
         memeq: f_memeq,
         put: f_put,
         replace: f_replace,
         restore: f_restore,
+        first_tool_json: f_tool_json,
+        first_tool_text: f_tool_text,
     };
 
     // ---- definitions --------------------------------------------------------------------------
@@ -325,11 +350,33 @@ pub fn define_output(
         |g, a, d, f| Some(names::restore_body(g, a, d, &names, f, &helpers)),
     )?;
 
+    ks.define_function(
+        f_tool_json,
+        &[names.names, names.table, names.consts],
+        &[f_memeq],
+        |g, a, d, f| Some(names::first_tool_json_body(g, a, d, &names, f, &helpers)),
+    )?;
+
+    ks.define_function(
+        f_tool_text,
+        &[names.names, names.snakes, names.consts],
+        &[f_memeq],
+        |g, a, d, f| Some(names::first_tool_text_body(g, a, d, &names, f, &helpers)),
+    )?;
+
     let plan2 = plan.clone();
     ks.define_function(
         f_post,
         &[names.consts, names.names],
-        &[f_valid, f_memeq, f_put, f_replace, f_restore],
+        &[
+            f_valid,
+            f_memeq,
+            f_put,
+            f_replace,
+            f_restore,
+            f_tool_json,
+            f_tool_text,
+        ],
         |g, a, d, f| {
             let mut p = json::Post::new(g, a, d, &names, f, &helpers, &plan2);
             Some(p.body(g))
