@@ -1,0 +1,191 @@
+//! The integrations in `examples/` and `cmake/`, driven as an app team would: the CMake function
+//! compiles the bundled model at build time for an app that then answers like `needlec run`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use needle_test_support::{repo_root, tiny_needle, toolchain, work_dir};
+
+fn needlec() -> &'static str {
+    env!("CARGO_BIN_EXE_needlec")
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `needlec run` with the options `examples/cmake/CMakeLists.txt` builds with.
+fn reference_answer(query: &str) -> String {
+    run_ok(
+        Command::new(needlec())
+            .arg("run")
+            .arg("--checkpoint")
+            .arg(tiny_needle("tiny-needle-folded.pkl"))
+            .arg("--tokenizer")
+            .arg(tiny_needle("tokenizer.model"))
+            .arg("--tools")
+            .arg(tiny_needle("tools.json"))
+            .args([
+                "--weights",
+                "int4",
+                "--max-gen-len",
+                "128",
+                "--query",
+                query,
+            ]),
+    )
+}
+
+fn configure_and_build(cmake: &Path, source: &Path, build: &Path) {
+    run_ok(
+        Command::new(cmake)
+            .arg("-S")
+            .arg(source)
+            .arg("-B")
+            .arg(build)
+            .arg(format!("-DNEEDLEC_EXECUTABLE={}", needlec())),
+    );
+    run_ok(Command::new(cmake).arg("--build").arg(build));
+}
+
+#[test]
+fn cmake_needlec_add_model_builds_an_app_that_answers_like_needlec_run() {
+    let Some(cmake) = toolchain::require("cmake", "cmake", "builds examples/cmake") else {
+        return;
+    };
+    let build: PathBuf = work_dir("cmake-example");
+    let source = repo_root().join("examples/cmake");
+    configure_and_build(&cmake, &source, &build);
+    for query in [
+        "Turn off the lights in the kitchen",
+        "What's the weather like in Paris?",
+    ] {
+        let got = run_ok(Command::new(build.join("ask")).arg(query));
+        assert_eq!(got, reference_answer(query), "{query}");
+    }
+    // A second build with nothing changed runs nothing; touching the tool list's copy would
+    // re-run needlec (the custom command depends on the inputs).
+    let again = run_ok(Command::new(&cmake).arg("--build").arg(&build));
+    assert!(!again.contains("needlec: compiling"), "{again}");
+}
+
+#[test]
+fn cmake_needlec_add_model_refuses_bad_arguments_clearly() {
+    let Some(cmake) = toolchain::require("cmake", "cmake", "builds examples/cmake") else {
+        return;
+    };
+    let dir = work_dir("cmake-bad");
+    let module = repo_root().join("cmake/Needlec.cmake");
+    let cases = [
+        (
+            "needlec_add_model(assistant TOKENIZER t TOOLS t)",
+            "needlec_add_model(assistant): CHECKPOINT is required",
+        ),
+        (
+            "needlec_add_model(my-model CHECKPOINT c TOKENIZER t TOOLS t)",
+            "'my-model' is not a C identifier",
+        ),
+        (
+            "needlec_add_model(assistant CHECKPOINT nowhere.pkl TOKENIZER t TOOLS t)",
+            "nowhere.pkl does not exist",
+        ),
+        (
+            "needlec_add_model(assistant CHECKPOINT c TOKENIZER t TOOLS t WEIGHT int4)",
+            "unknown arguments: WEIGHT;int4",
+        ),
+    ];
+    for (i, (call, want)) in cases.iter().enumerate() {
+        let src = dir.join(format!("case{i}"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(
+            src.join("CMakeLists.txt"),
+            format!(
+                "cmake_minimum_required(VERSION 3.16)\nproject(bad C)\ninclude({})\n{call}\n",
+                module.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(&cmake)
+            .arg("-S")
+            .arg(&src)
+            .arg("-B")
+            .arg(src.join("build"))
+            .arg(format!("-DNEEDLEC_EXECUTABLE={}", needlec()))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{call}: configured");
+        assert!(err.contains(want), "{call}: {err}");
+    }
+}
+
+/// Every `needlec SUB ...` command of a shell script (continuation lines joined), split into
+/// words.
+fn needlec_commands(script: &str) -> Vec<Vec<String>> {
+    let joined = script.replace("\\\n", " ");
+    joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("needlec ") && !l.starts_with("needlec --version"))
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn the_ci_workflow_example_parses_and_uses_real_options() {
+    use yaml_rust2::YamlLoader;
+    let text = std::fs::read_to_string(repo_root().join("examples/ci/github-actions.yml")).unwrap();
+    let docs = YamlLoader::load_from_str(&text).expect("the workflow is YAML");
+    let job = &docs[0]["jobs"]["needle"];
+    let steps = job["steps"].as_vec().expect("a list of steps");
+    let runs: Vec<&str> = steps.iter().filter_map(|s| s["run"].as_str()).collect();
+    let commands: Vec<Vec<String>> = runs.iter().flat_map(|r| needlec_commands(r)).collect();
+    let subs: Vec<&str> = commands.iter().map(|c| c[1].as_str()).collect();
+    assert_eq!(subs, ["eval", "build"], "{commands:?}");
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["uses"].as_str() == Some("actions/upload-artifact@v4")),
+        "the libraries are uploaded"
+    );
+    // Each option the workflow passes is one the subcommand has.
+    for cmd in &commands {
+        let help = run_ok(Command::new(needlec()).args([&cmd[1], "--help"]));
+        for flag in cmd.iter().filter(|w| w.starts_with("--")) {
+            assert!(
+                help.contains(flag.as_str()),
+                "needlec {} has no {flag}",
+                cmd[1]
+            );
+        }
+    }
+    let eval = &commands[0];
+    for gate in ["--min-accuracy", "--min-agreement"] {
+        assert!(eval.iter().any(|w| w == gate), "eval gates on {gate}");
+    }
+    // The three targets are ones needlec builds for.
+    let targets = run_ok(Command::new(needlec()).arg("targets"));
+    let build_step = runs.iter().find(|r| r.contains("needlec build")).unwrap();
+    let list = build_step
+        .split("for target in ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .expect("a loop over targets");
+    let wanted: Vec<&str> = list.split_whitespace().collect();
+    assert_eq!(wanted.len(), 3, "{wanted:?}");
+    for t in wanted {
+        assert!(
+            targets
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(t)),
+            "{t} is not a needlec target"
+        );
+    }
+}
