@@ -71,6 +71,10 @@ pub struct BuildOptions {
     /// `--escalate-below T`: `NAME_call_ex` sets `escalate` when the confidence is below `T`, in
     /// `[0, 1]`; 0 (the default) never escalates.
     pub escalate_below: f64,
+    /// `--quantize-activations` (opt-in, int8/int4 only, targets with 128-bit vectors): matrix
+    /// products quantize their input rows to int8 range per group and use integer dot products,
+    /// so the outputs may differ from the reference's.
+    pub quantize_activations: bool,
     pub emit: Vec<Emit>,
     pub out_dir: PathBuf,
 }
@@ -91,6 +95,17 @@ pub enum BuildError {
          --target-precision` suggests one), got {0}"
     )]
     EscalateBelow(f64),
+    #[error(
+        "--quantize-activations needs --weights int8 or int4 (it multiplies integer weights \
+         with integer activations), but the weights are {0}: add --weights int4, or drop the flag"
+    )]
+    QuantizeActivationsWeights(Precision),
+    #[error(
+        "--quantize-activations is offered on x86-64 and aarch64 targets, not on {0}: its RISC-V \
+         vector code could not be verified (the emulator the tests use aborts on it); drop the \
+         flag for this target"
+    )]
+    QuantizeActivationsTarget(String),
     #[error("IR pass failed: {0}")]
     Pass(#[from] PassError),
     #[error("planning the workspace: {0}")]
@@ -284,6 +299,14 @@ pub struct BuildReport {
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let target = target_of(opts)?;
     let compiled = compile(opts)?;
+    if opts.quantize_activations {
+        if !matches!(compiled.precision, Precision::Int8 | Precision::Int4) {
+            return Err(BuildError::QuantizeActivationsWeights(compiled.precision));
+        }
+        if !target.int_dot_products() {
+            return Err(BuildError::QuantizeActivationsTarget(target.to_string()));
+        }
+    }
     let needs_code = opts.emit.iter().any(|e| *e != Emit::Ir);
     let library = if needs_code {
         let signatures: Vec<(String, Vec<String>)> = compiled
@@ -303,6 +326,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             name: &opts.name,
             max_gen_len: opts.max_gen_len,
             escalate_below: opts.escalate_below as f32,
+            quantize_activations: opts.quantize_activations,
         };
         let lib = generate(&input, &target)?;
         // A library that references anything outside itself, or exports an unprefixed symbol,

@@ -190,6 +190,11 @@ enum Command {
         /// --target-precision` suggests one). Default 0: never escalate.
         #[arg(long, value_name = "T", default_value_t = 0.0)]
         escalate_below: f64,
+        /// Opt-in, int8/int4 only: also quantize each matrix product's input rows (int8 range,
+        /// per group of 32) and multiply with integer dot products. Faster decoding, but the
+        /// OUTPUTS MAY DIFFER FROM THE REFERENCE'S (the README gives the measured agreement).
+        #[arg(long)]
+        quantize_activations: bool,
         /// What to write (repeatable); default: staticlib and header.
         #[arg(long, value_enum)]
         emit: Vec<EmitArg>,
@@ -294,6 +299,7 @@ fn real_main() -> Result<ExitCode> {
             max_query_tokens,
             name,
             escalate_below,
+            quantize_activations,
             emit,
             report,
             out_dir,
@@ -332,6 +338,7 @@ fn real_main() -> Result<ExitCode> {
                 max_query_tokens,
                 name,
                 escalate_below,
+                quantize_activations,
                 emit,
                 out_dir,
             };

@@ -106,6 +106,7 @@ fn build_library(
         max_query_tokens: None,
         name: "needle".into(),
         escalate_below: 0.0,
+        quantize_activations: false,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),
     };

@@ -48,6 +48,7 @@ fn compile_checkpoint(
         max_query_tokens: None,
         name: "t".into(),
         escalate_below: 0.0,
+        quantize_activations: false,
         emit: vec![],
         out_dir: PathBuf::from("."),
     };

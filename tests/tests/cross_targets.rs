@@ -41,6 +41,7 @@ fn options(
         max_query_tokens: None,
         name: "needle".into(),
         escalate_below: 0.0,
+        quantize_activations: false,
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),
     }
@@ -146,16 +147,25 @@ fn check_emulated_with(
     let host = Target::host().unwrap();
     let target = Target::with_features(triple, features).unwrap();
     // The default weights for every checkpoint; int4 (packed nibbles, group scales) for the
-    // first: every weight format decodes the same on every target.
+    // first: every weight format decodes the same on every target. Where the target offers
+    // it, int4 with `--quantize-activations` too: the integer dot products are exact
+    // everywhere, so the answers match the host's as well.
+    let vectors = target.int_dot_products();
     let builds = checkpoints.iter().enumerate().flat_map(|(i, &c)| {
-        let int4 = (i == 0).then_some((c, Some(Precision::Int4)));
-        std::iter::once((c, None)).chain(int4)
+        let int4 = (i == 0).then_some((c, Some(Precision::Int4), false));
+        let int_dot = (i == 0 && vectors).then_some((c, Some(Precision::Int4), true));
+        std::iter::once((c, None, false)).chain(int4).chain(int_dot)
     });
-    for (checkpoint, weights) in builds {
+    for (checkpoint, weights, quantize_activations) in builds {
         for fold in [FoldMode::None, FoldMode::Tools] {
             for (g, (tools, queries)) in golden_groups().iter().enumerate() {
                 let queries: Vec<&str> = queries.iter().map(String::as_str).collect();
                 let w = weights.map_or("default", |p| p.name());
+                let w = if quantize_activations {
+                    format!("{w}-qa")
+                } else {
+                    w.to_string()
+                };
                 let tag = format!("{target}-{checkpoint}-{w}-{}-{g}", fold.name())
                     .replace([' ', '(', ')', ',', '+'], "_");
                 let dir = work_dir(&tag);
@@ -163,7 +173,11 @@ fn check_emulated_with(
                     .iter()
                     .map(|t| {
                         let out = dir.join(t.name);
-                        build(&options(t, checkpoint, tools, fold, weights, &out)).unwrap();
+                        build(&BuildOptions {
+                            quantize_activations,
+                            ..options(t, checkpoint, tools, fold, weights, &out)
+                        })
+                        .unwrap();
                         let exe = harness_for(t, &out);
                         run_queries(t, &exe, &queries)
                     })

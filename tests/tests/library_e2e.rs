@@ -42,6 +42,7 @@ fn options(
         max_query_tokens: None,
         name: "needle".into(),
         escalate_below: 0.0,
+        quantize_activations: false,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.to_path_buf(),
     }
@@ -250,6 +251,87 @@ fn tiny_needle_quantized_samples_all_combinations() {
                 assert_eq!(output, s.output(combo, p.name()), "{what}");
             }
         }
+    }
+}
+
+/// `--quantize-activations` (opt-in, approximate): the bundled model's 40 samples in every
+/// checkpoint/fold combination, int8 and int4, against the reference's quantized outputs. The
+/// agreement is printed (the README records it) and must stay high: a wrong integer kernel
+/// answers nonsense, not 90% of the samples.
+#[test]
+fn quantized_activations_agree_with_the_exact_quantized_model() {
+    let samples: Vec<QuantizedSample> = read_json(&tiny_needle("samples_quantized.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let combos = [
+        ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
+        ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
+        ("tiny-needle-folded.pkl", None, "fold_folded"),
+    ];
+    for p in [Precision::Int8, Precision::Int4] {
+        for (i, (checkpoint, fold, combo)) in combos.into_iter().enumerate() {
+            let exe = build_library(&format!("samples-qa-{p}-{i}"), |out| BuildOptions {
+                weights: Some(p),
+                quantize_activations: true,
+                ..bundled(checkpoint, fold, 512, out)
+            });
+            let got = answers(&exe, "answer", &queries);
+            let agree = samples
+                .iter()
+                .zip(&got)
+                .filter(|(s, (status, output))| *status == 0 && output == s.output(combo, p.name()))
+                .count();
+            println!(
+                "--quantize-activations --weights {p} {combo}: {agree}/{} samples as the \
+                 reference's {p} model",
+                samples.len()
+            );
+            assert!(
+                agree * 10 >= samples.len() * 9,
+                "--weights {p} {combo}: only {agree} of {} samples agree",
+                samples.len()
+            );
+        }
+    }
+}
+
+/// `--quantize-activations` says what it needs.
+#[test]
+fn quantized_activations_need_integer_weights_and_vectors() {
+    let dir = work_dir("qa-errors");
+    let err = build(&BuildOptions {
+        weights: Some(Precision::F16),
+        quantize_activations: true,
+        ..bundled("tiny-needle-folded.pkl", None, 64, &dir)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("needs --weights int8 or int4") && err.contains("f16"),
+        "{err}"
+    );
+    let err = build(&BuildOptions {
+        weights: Some(Precision::Int4),
+        quantize_activations: true,
+        target: "riscv64gc-unknown-linux-gnu".into(),
+        ..bundled("tiny-needle-folded.pkl", None, 64, &dir)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("x86-64 and aarch64") && err.contains("riscv64"),
+        "{err}"
+    );
+    // On aarch64 (run under qemu by cross_targets) it generates.
+    for (target, features) in [("aarch64-unknown-linux-gnu", Vec::<String>::new())] {
+        build(&BuildOptions {
+            weights: Some(Precision::Int4),
+            quantize_activations: true,
+            target: target.into(),
+            features,
+            emit: vec![Emit::Obj],
+            ..bundled("tiny-needle-folded.pkl", None, 64, &dir.join(target))
+        })
+        .unwrap_or_else(|e| panic!("{target}: {e}"));
     }
 }
 

@@ -34,6 +34,7 @@ pub struct KernelSet {
     fctx: FunctionBuilderContext,
     functions: Vec<CFunction>,
     names: HashSet<String>,
+    quantize_activations: bool,
 }
 
 fn is_c_identifier(s: &str) -> bool {
@@ -60,7 +61,18 @@ impl KernelSet {
             fctx: FunctionBuilderContext::new(),
             functions: Vec::new(),
             names: HashSet::new(),
+            quantize_activations: false,
         })
+    }
+
+    /// `--quantize-activations`: int8/int4 matrix products quantize their input rows and use
+    /// integer dot products (see `model::kernels::matmul_int_dot`).
+    pub fn set_quantize_activations(&mut self, on: bool) {
+        self.quantize_activations = on;
+    }
+
+    pub fn quantize_activations(&self) -> bool {
+        self.quantize_activations
     }
 
     pub fn target(&self) -> &Target {

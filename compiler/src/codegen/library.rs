@@ -55,6 +55,9 @@ pub struct LibraryInput<'a> {
     pub max_gen_len: usize,
     /// `NAME_call_ex` escalates below this confidence (0: never); in `[0, 1]`.
     pub escalate_below: f32,
+    /// `--quantize-activations`: int8/int4 matrix products on quantized activations
+    /// (opt-in; the outputs may differ from the reference's).
+    pub quantize_activations: bool,
 }
 
 /// Generates the library for `target`; every symbol starts with `input.name` and `_`.
@@ -67,6 +70,7 @@ pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, Co
     } = input;
     let prefix = format!("{name}_");
     let mut ks = KernelSet::new(target, &prefix)?;
+    ks.set_quantize_activations(input.quantize_activations);
     let model = define_model(&mut ks, input.module, input.store, false)?;
     let tokenizer_code = define_tokenizer(&mut ks, tokenizer, MAX_QUERY_BYTES, false)?;
     let tables = GrammarTables::new(&tokenizer.token_texts(), input.signatures);

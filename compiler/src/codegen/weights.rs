@@ -44,7 +44,20 @@ pub enum WeightFormat {
     /// int4 `q`, two per byte in the panels (see the module docs; the row-major tail keeps
     /// one per byte), scales as [`WeightFormat::I8Panels`].
     I4Panels { group: usize },
+    /// int8 `q` for integer dot products with quantized activations
+    /// (`--quantize-activations`): column by column, each column's groups of [`DOT_GROUP`]
+    /// rows in order, 32 bytes a group (rows past `k` zero); float32 scales row-major
+    /// `[groups][n]`, as the reference computes them.
+    I8Dot { group: usize },
+    /// int4 `q` for integer dot products: as [`WeightFormat::I8Dot`] with 16 bytes a group,
+    /// byte `b` holding row `b` in its low nibble and row `b + 16` in its high one, so that one
+    /// load yields the group as four 8-lane vectors with a widening and a shift each.
+    I4Dot { group: usize },
 }
+
+/// Rows per block of an integer dot product (the reference's quantization group, or all of a
+/// smaller `k`, zero-padded to this).
+pub const DOT_GROUP: usize = 32;
 
 /// Columns per panel: two 4-lane vectors, the width of a multi-row matmul tile.
 pub const PANEL: usize = 8;
@@ -101,7 +114,21 @@ impl WeightFormat {
     }
 
     fn panelled(self) -> bool {
-        !matches!(self, WeightFormat::F32 | WeightFormat::F16)
+        !matches!(
+            self,
+            WeightFormat::F32
+                | WeightFormat::F16
+                | WeightFormat::I8Dot { .. }
+                | WeightFormat::I4Dot { .. }
+        )
+    }
+
+    /// Whether the weights are laid out for [`WeightFormat::I8Dot`]-style integer dot products.
+    pub fn is_dot(self) -> bool {
+        matches!(
+            self,
+            WeightFormat::I8Dot { .. } | WeightFormat::I4Dot { .. }
+        )
     }
 
     /// Element storage of the panels (`tail == false`) or of the row-major part.
@@ -109,7 +136,9 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 | WeightFormat::F32Panels => Elem::F32,
             WeightFormat::F16 | WeightFormat::F16Panels => Elem::F16,
-            WeightFormat::I8Panels { .. } => Elem::I8,
+            WeightFormat::I8Panels { .. }
+            | WeightFormat::I8Dot { .. }
+            | WeightFormat::I4Dot { .. } => Elem::I8,
             WeightFormat::I4Panels { .. } if tail => Elem::I8,
             WeightFormat::I4Panels { .. } => Elem::I4Pair,
         }
@@ -117,7 +146,10 @@ impl WeightFormat {
 
     fn group(self) -> Option<usize> {
         match self {
-            WeightFormat::I8Panels { group } | WeightFormat::I4Panels { group } => Some(group),
+            WeightFormat::I8Panels { group }
+            | WeightFormat::I4Panels { group }
+            | WeightFormat::I8Dot { group }
+            | WeightFormat::I4Dot { group } => Some(group),
             _ => None,
         }
     }
@@ -157,6 +189,37 @@ impl WeightFormat {
                 bytes: f16_bytes(&panel_order(k, n, values)),
                 scales: None,
             },
+            WeightFormat::I8Dot { .. } | WeightFormat::I4Dot { .. } => {
+                let int4 = matches!(self, WeightFormat::I4Dot { .. });
+                let precision = if int4 {
+                    Precision::Int4
+                } else {
+                    Precision::Int8
+                };
+                let q = quantize(values, k, n, precision);
+                debug_assert_eq!(Some(q.group), self.group());
+                let blocks = k.div_ceil(DOT_GROUP);
+                let at = |r: usize, c: usize| if r < k { q.q[r * n + c] as u8 } else { 0 };
+                let mut bytes = Vec::with_capacity(n * blocks * DOT_GROUP);
+                for c in 0..n {
+                    for b in 0..blocks {
+                        let r0 = b * DOT_GROUP;
+                        if int4 {
+                            let half = DOT_GROUP / 2;
+                            bytes.extend(
+                                (0..half)
+                                    .map(|t| (at(r0 + t, c) & 0x0f) | (at(r0 + t + half, c) << 4)),
+                            );
+                        } else {
+                            bytes.extend((0..DOT_GROUP).map(|t| at(r0 + t, c)));
+                        }
+                    }
+                }
+                WeightData {
+                    bytes,
+                    scales: Some(q.scales),
+                }
+            }
             WeightFormat::I8Panels { .. } | WeightFormat::I4Panels { .. } => {
                 let precision = match self {
                     WeightFormat::I8Panels { .. } => Precision::Int8,

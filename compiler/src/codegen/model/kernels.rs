@@ -8,14 +8,14 @@
 //! [`Gen::mul_add`].
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_codegen::ir::{types, InstBuilder, StackSlotData, StackSlotKind, Value};
 use cranelift_frontend::Variable;
 use cranelift_module::{DataId, FuncId};
 
 use crate::abi::CType;
 use crate::codegen::gen::{mem, mem_ro, Gen, V4Var, V4};
 use crate::codegen::math;
-use crate::codegen::weights::{WeightAccess, WeightBlock, WeightRef};
+use crate::codegen::weights::{WeightAccess, WeightBlock, WeightFormat, WeightRef, DOT_GROUP};
 use crate::codegen::{CodegenError, KernelSet};
 
 /// Independent partial sums of an attention score's dot product.
@@ -239,6 +239,233 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
             None
         },
     )
+}
+
+/// `void matmul(const float *x, float *y, size_t rows)` for `--quantize-activations`: `y = x @ W`
+/// with W int8/int4 ([`WeightFormat::I8Dot`]/[`WeightFormat::I4Dot`]) and each row of `x`
+/// quantized too, so the products are integer dot products. Opt-in: the outputs may differ
+/// from the reference's.
+///
+/// Per row: each group of [`DOT_GROUP`] inputs (the weights' quantization groups) is scaled
+/// by `127 / max|x|` and rounded to the nearest integer (ties to even), kept as 16-bit lanes
+/// with the group's scale `max|x| / 127`, in a stack buffer. Then per column, per group: the
+/// integer sum of `x_q * w_q` (8 lanes of 16-bit products added pairwise into 32 bits: one
+/// `pmaddwd` on x86, the same tree on Arm and RISC-V; exact, so every target gets the same
+/// sums), converted to float32 and times `scale_x * scale_w`, added to four float32 lanes
+/// summed at the end. Activations are int8-ranged (|q| <= 127) like the `sdot`/VNNI schemes,
+/// held in 16-bit lanes because SSE2, the x86 baseline, multiplies 16-bit lanes.
+pub fn matmul_int_dot(
+    ks: &mut KernelSet,
+    name: &str,
+    w: &WeightRef,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "y"),
+        (CType::SizeT, "rows"),
+    ];
+    let w = *w;
+    let int4 = matches!(w.format, WeightFormat::I4Dot { .. });
+    let (k, n) = (w.k as i64, w.n as i64);
+    let gsz = DOT_GROUP as i64;
+    let blocks = (k + gsz - 1) / gsz;
+    let block_bytes = if int4 { gsz / 2 } else { gsz };
+    internal(
+        ks,
+        name,
+        &params,
+        CType::Void,
+        &w.data_ids(),
+        |g, a, addrs| {
+            let (x, y, rows) = (a[0], a[1], a[2]);
+            let (wq, wscale) = (addrs[0], addrs[1]);
+            let pt = g.ptr;
+            // The quantized row: `blocks * 32` 16-bit values, then a float32 scale per block.
+            let xq_bytes = blocks * gsz * 2;
+            let slot = g.b.create_sized_stack_slot(StackSlotData::new(
+                StackSlotKind::ExplicitSlot,
+                u32::try_from(xq_bytes + blocks * 4).expect("a small stack buffer"),
+                4,
+            ));
+            let xq = g.b.ins().stack_addr(pt, slot, 0);
+            let sx = g.b.ins().iadd_imm_s(xq, xq_bytes);
+            g.for_n(rows, |g, r| {
+                let xrow = g.addr(x, r, k * 4);
+                let yrow = g.addr(y, r, n * 4);
+                quantize_row(g, xrow, xq, sx, k);
+                for (lo, hi, width) in [(0, n / 4 * 4, 4i64), (n / 4 * 4, n, 1)] {
+                    if lo == hi {
+                        continue;
+                    }
+                    g.for_const(lo, hi, width, |g, c0| {
+                        let zero = g.vconst(0.0);
+                        let accs: Vec<V4Var> = (0..width).map(|_| g.vvar(zero)).collect();
+                        g.for_const(0, blocks, 1, |g, b| {
+                            let xb = g.addr(xq, b, gsz * 2);
+                            let xs: Vec<Value> = (0..4)
+                                .map(|i| g.b.ins().load(types::I16X8, mem(), xb, 16 * i))
+                                .collect();
+                            let sxb = g.load_f32(sx, b);
+                            for (c, &acc) in accs.iter().enumerate() {
+                                let col = g.b.ins().iadd_imm_s(c0, c as i64);
+                                // Column `col`'s block `b`.
+                                let cb = g.b.ins().imul_imm_s(col, blocks);
+                                let cb = g.b.ins().iadd(cb, b);
+                                let p = g.addr(wq, cb, block_bytes);
+                                let ws = dot_block_weights(g, p, int4);
+                                let mut sum = None;
+                                for (wv, &xv) in ws.iter().zip(&xs) {
+                                    let d = dot_i16x8(g, *wv, xv);
+                                    sum = Some(match sum {
+                                        None => d,
+                                        Some(s) => g.b.ins().iadd(s, d),
+                                    });
+                                }
+                                let sum = sum.expect("four vectors a block");
+                                let f = g.b.ins().fcvt_from_sint(types::F32X4, sum);
+                                // The scale of column `col`, block `b`: `scales[b][col]`.
+                                let si = g.b.ins().imul_imm_s(b, n);
+                                let si = g.b.ins().iadd(si, col);
+                                let sp = g.addr(wscale, si, 4);
+                                let sw = g.b.ins().load(types::F32, mem_ro(), sp, 0);
+                                let scale = g.b.ins().fmul(sw, sxb);
+                                let sv = g.vsplat(scale);
+                                let cur = g.vget(acc);
+                                let nxt = g.vmul_add(V4::Simd(f), sv, cur);
+                                g.vset(acc, nxt);
+                            }
+                        });
+                        for (c, &acc) in accs.iter().enumerate() {
+                            let col = g.b.ins().iadd_imm_s(c0, c as i64);
+                            let v = g.vget(acc);
+                            let total = g.vsum(v);
+                            g.store_f32(total, yrow, col);
+                        }
+                    });
+                }
+            });
+            None
+        },
+    )
+}
+
+/// Quantizes `k` floats at `xrow` by blocks of [`DOT_GROUP`] (see [`matmul_int_dot`]): 16-bit
+/// values at `xq` (zero past `k`), each block's scale at `sx`.
+fn quantize_row(g: &mut Gen<'_>, xrow: Value, xq: Value, sx: Value, k: i64) {
+    let gsz = DOT_GROUP as i64;
+    let blocks = (k + gsz - 1) / gsz;
+    // Whole blocks in a loop, a partial last one unrolled with scalar tails.
+    let full = k / gsz;
+    let quantize_block = |g: &mut Gen<'_>, b: Value, rows: i64| {
+        let xb = g.addr(xrow, b, gsz * 4);
+        let vecs: Vec<V4> = (0..gsz / 4)
+            .map(|i| {
+                let lanes = (rows - 4 * i).clamp(0, 4);
+                if lanes == 4 {
+                    let at = g.iconst(4 * i);
+                    g.vload(xb, at)
+                } else {
+                    // Past `k`: zeros.
+                    let z = g.f32(0.0);
+                    let l: [Value; 4] = std::array::from_fn(|j| {
+                        if (j as i64) < lanes {
+                            let at = g.iconst(4 * i + j as i64);
+                            g.load_f32(xb, at)
+                        } else {
+                            z
+                        }
+                    });
+                    let mut v = g.b.ins().splat(types::F32X4, l[0]);
+                    for (j, &lane) in l.iter().enumerate().skip(1) {
+                        v = g.b.ins().insertlane(v, lane, j as u8);
+                    }
+                    V4::Simd(v)
+                }
+            })
+            .collect();
+        let mut amax = g.vconst(0.0);
+        for &v in &vecs {
+            let a = g.map1(v, |g, x| g.b.ins().fabs(x));
+            amax = g.vmax(amax, a);
+        }
+        let m = g.vmax_lanes(amax);
+        // scale = max / 127 (0 for an all-zero block, whose values are then all 0).
+        let c127 = g.f32(127.0);
+        let scale = g.b.ins().fdiv(m, c127);
+        let zero = g.f32(0.0);
+        let positive = g.fcmp(FloatCC::GreaterThan, m, zero);
+        let inv_raw = g.b.ins().fdiv(c127, m);
+        let inv = g.b.ins().select(positive, inv_raw, zero);
+        let invs = g.vsplat(inv);
+        // Round to nearest, ties to even: adding and subtracting 1.5 * 2^23 leaves the integer
+        // part (|t| <= 127), exact in float32; then the conversion is exact.
+        let magic = g.vconst(12_582_912.0);
+        let q: Vec<Value> = vecs
+            .iter()
+            .map(|&v| {
+                let t = g.vmul(v, invs);
+                let up = g.vadd(t, magic);
+                let r = g.vsub(up, magic);
+                let V4::Simd(r) = r else {
+                    unreachable!("quantized activations need 128-bit vectors")
+                };
+                g.b.ins().fcvt_to_sint_sat(types::I32X4, r)
+            })
+            .collect();
+        let dst = g.addr(xq, b, gsz * 2);
+        for (i, pair) in q.chunks(2).enumerate() {
+            let packed = g.b.ins().snarrow(pair[0], pair[1]);
+            g.b.ins().store(mem(), packed, dst, 16 * i as i32);
+        }
+        g.store_f32(scale, sx, b);
+    };
+    g.for_const(0, full, 1, |g, b| quantize_block(g, b, gsz));
+    if full < blocks {
+        let b = g.iconst(full);
+        quantize_block(g, b, k - full * gsz);
+    }
+}
+
+/// A block's 32 weights at `p` as four 16-bit vectors, in the order the activations are
+/// stored: rows 0-7, 8-15, 16-23, 24-31.
+fn dot_block_weights(g: &mut Gen<'_>, p: Value, int4: bool) -> [Value; 4] {
+    let ro = mem_ro();
+    if int4 {
+        // Byte `t` holds row `t` (low nibble) and row `t + 16` (high nibble).
+        let bytes = g.b.ins().load(types::I8X16, ro, p, 0);
+        let lo = g.b.ins().swiden_low(bytes);
+        let hi = g.b.ins().swiden_high(bytes);
+        let low_nibble = |g: &mut Gen<'_>, v: Value| {
+            let up = g.b.ins().ishl_imm_u(v, 12);
+            g.b.ins().sshr_imm_u(up, 12)
+        };
+        let r0 = low_nibble(g, lo);
+        let r8 = low_nibble(g, hi);
+        let r16 = g.b.ins().sshr_imm_u(lo, 4);
+        let r24 = g.b.ins().sshr_imm_u(hi, 4);
+        [r0, r8, r16, r24]
+    } else {
+        let a = g.b.ins().load(types::I8X16, ro, p, 0);
+        let b = g.b.ins().load(types::I8X16, ro, p, 16);
+        [
+            g.b.ins().swiden_low(a),
+            g.b.ins().swiden_high(a),
+            g.b.ins().swiden_low(b),
+            g.b.ins().swiden_high(b),
+        ]
+    }
+}
+
+/// `a . b` of two `i16x8` as `i32x4` pairwise sums: the tree Cranelift lowers to one
+/// `pmaddwd` on x86 (the wasm `i32x4.dot_i16x8_s` shape).
+fn dot_i16x8(g: &mut Gen<'_>, a: Value, b: Value) -> Value {
+    let al = g.b.ins().swiden_low(a);
+    let bl = g.b.ins().swiden_low(b);
+    let lo = g.b.ins().imul(al, bl);
+    let ah = g.b.ins().swiden_high(a);
+    let bh = g.b.ins().swiden_high(b);
+    let hi = g.b.ins().imul(ah, bh);
+    g.b.ins().iadd_pairwise(lo, hi)
 }
 
 /// Columns `c + j0 .. c + j0 + width` of a matmul tile (`width` 1 or a multiple of 4), `c`

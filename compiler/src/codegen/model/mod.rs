@@ -441,6 +441,12 @@ impl Cx<'_> {
                     group_size(k)
                 )))
             }
+            Storage::I8 { group } if self.ks.quantize_activations() => WeightFormat::I8Dot {
+                group: group as usize,
+            },
+            Storage::I4 { group } if self.ks.quantize_activations() => WeightFormat::I4Dot {
+                group: group as usize,
+            },
             Storage::I8 { group } => WeightFormat::I8Panels {
                 group: group as usize,
             },
@@ -753,7 +759,11 @@ fn plan(
                 let r = res("matmul")?;
                 let wr = p.cx.matmul_weight(w)?;
                 let k = p.cx.kernel(format!("matmul:{w}"), "matmul", |ks, n| {
-                    kernels::matmul(ks, n, &wr)
+                    if wr.format.is_dot() {
+                        kernels::matmul_int_dot(ks, n, &wr)
+                    } else {
+                        kernels::matmul(ks, n, &wr)
+                    }
                 })?;
                 let loc = placed(inst.op.name())?;
                 let args = vec![
