@@ -12,7 +12,9 @@ use std::sync::OnceLock;
 
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
-use needle_test_support::{c, golden, read_json, tiny_needle, work_dir, Rng, Sample};
+use needle_test_support::{
+    c, golden, random_tokenizer_text, read_json, tiny_needle, work_dir, Rng, Sample,
+};
 use needlec::abi::write_header;
 use needlec::codegen::tokenizer::{define_tokenizer, TokenizerCode};
 use needlec::codegen::KernelSet;
@@ -149,112 +151,12 @@ fn tiny_needle_queries_and_tools_match_runtime() {
     h.assert_same(&texts);
 }
 
-const FRAGMENTS: &[&str] = &[
-    " ",
-    " ",
-    "  ",
-    "     ",
-    "\t",
-    "\n",
-    "\r\n",
-    "\0",
-    "\u{1}",
-    "\u{7f}",
-    "\u{1b}[0m",
-    "the",
-    "weather",
-    "San Francisco",
-    "set a timer",
-    "alarm",
-    "11:50 AM",
-    "a",
-    "b",
-    "Z",
-    "42",
-    "3.14",
-    "-",
-    "_",
-    "'s",
-    "?",
-    "!",
-    ",",
-    ".",
-    "\"",
-    "{",
-    "}",
-    "[",
-    "]",
-    ":",
-    "\\",
-    "/",
-    "<",
-    ">",
-    "<tool_call>",
-    "</tool_call>",
-    "<tools>",
-    "</tools>",
-    "<unk>",
-    "<s>",
-    "</s>",
-    "<pad>",
-    "<0x41>",
-    "▁",
-    "▁▁",
-    "▁a",
-    "é",
-    "è",
-    "ü",
-    "ß",
-    "ñ",
-    "ç",
-    "ø",
-    "Å",
-    "привет",
-    "мир",
-    "日本語",
-    "中文",
-    "한국어",
-    "العربية",
-    "हिन्दी",
-    "ελληνικά",
-    "🙂",
-    "🎉",
-    "👍🏽",
-    "🧪",
-    "👨‍👩‍👧",
-    "\u{fffd}",
-    "\u{200b}",
-    "\u{a0}",
-    "\u{3000}",
-    "\u{10ffff}",
-    "\u{e000}",
-];
-
 /// A random text: fragments, vocabulary pieces (which make merges happen) and random characters.
 fn random_text(r: &mut Rng, tok: &Tokenizer, max_len: usize) -> String {
-    let mut s = String::new();
-    let target = r.below(max_len + 1);
-    while s.len() < target {
-        let frag = match r.below(10) {
-            0..=3 => r.pick(FRAGMENTS).to_string(),
-            4..=7 => {
-                let id = r.below(tok.vocab_size()) as u32;
-                let p = tok.piece(id).unwrap_or("");
-                if r.below(2) == 0 {
-                    p.replace('\u{2581}', " ")
-                } else {
-                    p.to_string()
-                }
-            }
-            8 => char::from(r.below(128) as u8).to_string(),
-            _ => {
-                let cp = r.below(0x11_0000) as u32;
-                char::from_u32(cp).map(String::from).unwrap_or_default()
-            }
-        };
-        s.push_str(&frag);
-    }
-    s
+    let pieces: Vec<&str> = (0..tok.vocab_size() as u32)
+        .map(|id| tok.piece(id).unwrap_or(""))
+        .collect();
+    random_tokenizer_text(r, &pieces, max_len)
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.

@@ -16,10 +16,11 @@
 //!   `Split` pre-tokenizer; that is exactly sentencepiece's normalization.
 //! - The BPE model merges by rank ([`HfBpe`]); with `ignore_merges`, a whole segment that is in
 //!   the vocabulary is taken as is; characters outside the vocabulary become byte pieces
-//!   (`byte_fallback`), the unknown token (runs of them fused with `fuse_unk`) or nothing.
+//!   (`byte_fallback`) or the unknown token (runs of them fused with `fuse_unk`).
 //!
 //! Everything else is refused with an error that names the feature, never approximated: other
-//! model types, dropout, subword prefixes and suffixes, other normalizers and pre-tokenizers,
+//! model types, dropout, subword prefixes and suffixes, a model with neither `unk_token` nor
+//! `byte_fallback` (the crate drops unknown characters and merges across the gap), other normalizers and pre-tokenizers,
 //! Metaspace's word splitting, added tokens with `single_word`/`lstrip`/`rstrip` or matched after
 //! normalization, truncation and padding. Post-processors and decoders are not read: Needle's
 //! prompt assembly adds its own control tokens (the ids are those of
@@ -138,10 +139,12 @@ fn parse_normalizer(node: &Value) -> Result<Normalizer, TokenizerError> {
                     }
                 }
             }
-            other => return Err(unsupported(format!(
+            other => {
+                return Err(unsupported(format!(
                 "normalizer {other} (only Prepend(\"\u{2581}\"), Replace(\" \" -> \"\u{2581}\") \
                      and sentencepiece's whitespace cleanup are reproduced)"
-            ))),
+            )))
+            }
         }
     }
     if !regexes.is_empty() {
@@ -434,6 +437,12 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
             }
         })
         .collect();
+    if unk_token.is_none() && !byte_fallback {
+        return Err(unsupported(
+            "a BPE model with neither unk_token nor byte_fallback (the crate drops unknown \
+             characters and merges across the gap)",
+        ));
+    }
     if byte_fallback {
         let bytes = pieces.iter().filter(|p| p.kind == PieceKind::Byte).count();
         if bytes != 256 {

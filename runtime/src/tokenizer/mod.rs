@@ -766,6 +766,12 @@ impl Tokenizer {
         self.encode_normalized(norm.as_bytes())
     }
 
+    /// The ids of an already normalized text (what [`Tokenizer::normalize`] returns): the
+    /// segmentation and merges of [`Tokenizer::encode`] without its normalization.
+    pub fn encode_normalized_text(&self, normalized: &str) -> Vec<u32> {
+        self.encode_normalized(normalized.as_bytes())
+    }
+
     /// Like [`Tokenizer::encode`] but returning the pieces' texts (byte pieces as `<0xNN>`).
     pub fn encode_pieces(&self, text: &str) -> Vec<String> {
         self.encode(text)
