@@ -104,8 +104,8 @@ fn parse_normalizer(node: &Value) -> Result<Normalizer, TokenizerError> {
         let kind = type_of(item)?;
         match kind {
             "Prepend" => {
-                let p = item.get("prepend").and_then(Value::as_str);
-                if p != Some(SPACE_SYMBOL) {
+                let p = item.get("prepend").and_then(Value::as_str).unwrap_or("");
+                if p != SPACE_SYMBOL {
                     return Err(unsupported(format!(
                         "normalizer Prepend({p:?}) (only Prepend(\"\u{2581}\") is reproduced)"
                     )));
@@ -204,8 +204,8 @@ fn parse_pre_tokenizer(node: &Value) -> Result<PreTokenizer, TokenizerError> {
         [] => Ok(PreTokenizer::None),
         [one] => match type_of(one)? {
             "Metaspace" => {
-                let rep = one.get("replacement").and_then(Value::as_str);
-                if rep != Some(SPACE_SYMBOL) {
+                let rep = one.get("replacement").and_then(Value::as_str).unwrap_or("");
+                if rep != SPACE_SYMBOL {
                     return Err(unsupported(format!(
                         "pre_tokenizer Metaspace with replacement {rep:?} (only \"\u{2581}\")"
                     )));
@@ -237,9 +237,9 @@ fn parse_pre_tokenizer(node: &Value) -> Result<PreTokenizer, TokenizerError> {
             }
             "Split" => {
                 let (regex, pat) = pattern(one)?;
-                let behavior = one.get("behavior").and_then(Value::as_str);
+                let behavior = one.get("behavior").and_then(Value::as_str).unwrap_or("");
                 let invert = one.get("invert").and_then(Value::as_bool).unwrap_or(false);
-                if behavior != Some("Isolated") || invert {
+                if behavior != "Isolated" || invert {
                     return Err(unsupported(format!(
                         "pre_tokenizer Split with behavior {behavior:?}, invert {invert} (only \
                          Isolated, not inverted, on user-defined symbols)"
