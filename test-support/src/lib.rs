@@ -388,7 +388,8 @@ pub fn random_tokenizer_bytes(r: &mut Rng, pieces: &[&str], max_len: usize) -> V
     let mut out = Vec::new();
     while out.len() < max_len {
         if r.chance(30) {
-            out.extend_from_slice(*r.pick(BAD));
+            let bad: &&[u8] = r.pick(BAD);
+            out.extend_from_slice(bad);
         } else {
             let budget = (max_len - out.len()).min(24);
             out.extend_from_slice(random_tokenizer_text(r, pieces, budget).as_bytes());
