@@ -1,6 +1,11 @@
 //! The generated query tokenizer: SentencePiece BPE encoding as machine code over read-only
 //! tables, the same procedure as [`needle_runtime::tokenizer::Tokenizer::encode`] step for step
 //! (see the runtime's `TokenizerTables` docs), so that it gives the same ids for every input.
+//! A tokenizer loaded from a Hugging Face `tokenizer.json` runs the same phases with the
+//! Hugging Face rules the runtime applies there: a `▁` per segment between user-defined symbols
+//! (segment prefixes), whole segments taken as they are (`ignore_merges`), merges by rank
+//! instead of score, and ids emitted per symbol (byte fallback or one, possibly fused, unknown id
+//! for a character outside the vocabulary).
 //!
 //! Generated C interface (names get the library prefix):
 //!
@@ -20,12 +25,16 @@
 //! - `user_defined`: `(offset, len)` per user-defined symbol, longest first (first hit wins).
 //! - `unused_slot[id]`: only when the model has `Unused` pieces: each one's slot in the scratch
 //!   table that remembers how it was last formed (the reference's `rev_merge`, last entry wins).
+//! - `splits`: only for a Hugging Face model: `(result id, left part's length, rank)` per merge,
+//!   sorted, for binary search (the runtime's `HfBpe`); a pair's score is `-rank`.
 //!
 //! Scratch (caller-provided, 16-byte aligned; every region starts at a multiple of 16), for
 //! `M = max_text_bytes` and `S = M + 1` symbols at most (one per input byte, plus the dummy
 //! prefix):
-//! - normalized text: `sp * (M + 1)` bytes, `sp` = 3 (the bytes of `▁`) or 1 (no escaping);
-//! - symbols: `16 * S` (start, len, prev, next as u32) + `S` freeze flags;
+//! - normalized text: `sp * (M + 1)` bytes, `sp` = 3 (the bytes of `▁`) or 1 (no escaping), plus
+//!   `3 * (M + 1)` with segment prefixes (a `▁` per segment, at most one segment per byte);
+//! - symbols: `16 * S` (start, len, prev, next as u32) + `S` freeze flags (with segment
+//!   prefixes `S = 2 (M + 1)`: a prefix symbol per segment);
 //! - merge heap: `16 * 2S` (score, left, right, size): at most `S - 1` initial pairs, and each
 //!   merge pops one and pushes at most two, so it never holds more than `2 (S - 1)`;
 //! - resegmentation: `16 * unused pieces` + a stack of `8 * (max piece bytes + 2)`.

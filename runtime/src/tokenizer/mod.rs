@@ -2,7 +2,10 @@
 //!
 //! A from-scratch reimplementation of what the `sentencepiece` library does for Needle's models
 //! (BPE, identity normalization, byte fallback, user-defined symbols), checked id for id against
-//! the reference's golden vectors.
+//! the reference's golden vectors. A Hugging Face `tokenizer.json` (BPE) is read into the same
+//! tables plus its merge ranks ([`HfBpe`], [`SegmentPrefix`]) and encodes exactly as the
+//! `tokenizers` crate does, or is refused (the `hf` module); `to_hf_json` writes a SentencePiece
+//! model in that form.
 //!
 //! The compiler later emits this same algorithm as machine code over read-only tables, so
 //! everything here is deliberately plain: the model is flattened into [`TokenizerTables`] (arrays
