@@ -235,10 +235,13 @@ fn exported_tokenizer_json_reads_back_with_the_golden_ids() {
         let text = c["text"].as_str().unwrap();
         assert_eq!(hf.encode(text), ids_of(&c["ids"]), "{text:?}");
     }
-    // Same pieces, kinds of the byte and unknown pieces, and decoding.
+    // Same pieces and kinds (control pieces through the post-processor's special tokens), so
+    // the same grammar texts and decoding.
     for id in 0..4096 {
         assert_eq!(hf.piece(id), sp.piece(id), "piece {id}");
+        assert_eq!(hf.kind(id), sp.kind(id), "kind of piece {id}");
     }
+    assert_eq!(hf.token_texts(), sp.token_texts());
     assert_eq!(
         hf.decode(&[3981, 4, 300, 301]),
         sp.decode(&[3981, 4, 300, 301])

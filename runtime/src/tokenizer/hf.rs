@@ -22,9 +22,12 @@
 //! model types, dropout, subword prefixes and suffixes, a model with neither `unk_token` nor
 //! `byte_fallback` (the crate drops unknown characters and merges across the gap), other normalizers and pre-tokenizers,
 //! Metaspace's word splitting, added tokens with `single_word`/`lstrip`/`rstrip` or matched after
-//! normalization, truncation and padding. Post-processors and decoders are not read: Needle's
+//! normalization, truncation and padding. Post-processors and decoders are not applied: Needle's
 //! prompt assembly adds its own control tokens (the ids are those of
-//! `encode(text, add_special_tokens=false)`).
+//! `encode(text, add_special_tokens=false)`); a `TemplateProcessing` post-processor's special
+//! tokens only mark those vocabulary entries as control pieces (empty when decoding and to the
+//! grammar), which is how [`to_hf_json`] keeps sentencepiece's control pieces without making
+//! them added tokens.
 
 use serde_json::{json, Map, Value};
 
@@ -453,6 +456,32 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
         }
     }
 
+    // A TemplateProcessing post-processor's special tokens are control pieces (kinds only).
+    if let Some(pp) = root
+        .get("post_processor")
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("TemplateProcessing"))
+    {
+        for special in pp
+            .get("special_tokens")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            let ids = special.get("ids").and_then(Value::as_array);
+            let tokens = special.get("tokens").and_then(Value::as_array);
+            for (id, token) in ids.into_iter().flatten().zip(tokens.into_iter().flatten()) {
+                let (Some(id), Some(token)) = (id.as_u64(), token.as_str()) else {
+                    continue;
+                };
+                if index_of(token) == Some(id as u32)
+                    && pieces[id as usize].kind == PieceKind::Normal
+                {
+                    pieces[id as usize].kind = PieceKind::Control;
+                }
+            }
+        }
+    }
+
     // Added tokens: ids as the crate gives them (the vocabulary's, else new ones from n on).
     let added = parse_added(&root)?;
     let normalizer = parse_normalizer(root.get("normalizer").unwrap_or(&Value::Null))?;
@@ -658,7 +687,9 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
 ///   score (best first; ties by id, then by the left part's length), as Hugging Face's own
 ///   converter orders them;
 /// - control pieces stay plain vocabulary entries rather than added tokens, since the crate would
-///   match added tokens inside the text and sentencepiece never matches control pieces.
+///   match added tokens inside the text and sentencepiece never matches control pieces; they are
+///   named as special tokens of a `TemplateProcessing` post-processor that adds nothing, which
+///   [`load`] reads back as their kind.
 ///
 /// Refused: models whose behaviour this form cannot carry (normalization flags other than
 /// sentencepiece's defaults, `Unused` pieces, user-defined symbols with spaces or `▁`).
@@ -678,6 +709,7 @@ pub fn to_hf_json(tok: &Tokenizer) -> Result<String, TokenizerError> {
     }
     let n = tok.vocab_size() as u32;
     let mut vocab = Map::new();
+    let mut specials = Map::new();
     let mut unk = None;
     let mut symbols = Vec::new();
     for id in 0..n {
@@ -690,6 +722,9 @@ pub fn to_hf_json(tok: &Tokenizer) -> Result<String, TokenizerError> {
                 )))
             }
             Some(PieceKind::Unknown) => unk = Some(p.to_string()),
+            Some(PieceKind::Control) => {
+                specials.insert(p.to_string(), json!({"id": p, "ids": [id], "tokens": [p]}));
+            }
             Some(PieceKind::UserDefined) => {
                 if p.contains(' ') || p.contains(SPACE_SYMBOL) {
                     return Err(TokenizerError::Unsupported(format!(
@@ -775,7 +810,12 @@ pub fn to_hf_json(tok: &Tokenizer) -> Result<String, TokenizerError> {
         "added_tokens": [],
         "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": null,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": specials
+        },
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": SPACE_SYMBOL}, "content": " "},
             {"type": "ByteFallback"},
