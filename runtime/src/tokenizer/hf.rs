@@ -675,7 +675,11 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
         fuse_unk,
         has_unk: unk_token.is_some(),
     });
-    let user_defined: Vec<bool> = pieces.iter().map(|p| symbols.contains(&p.text)).collect();
+    let symbols: std::collections::HashSet<&str> = symbols.iter().map(String::as_str).collect();
+    let user_defined: Vec<bool> = pieces
+        .iter()
+        .map(|p| symbols.contains(p.text.as_str()))
+        .collect();
     Tokenizer::from_raw(pieces, settings, None, Some(user_defined))
 }
 
@@ -690,6 +694,11 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
 ///   match added tokens inside the text and sentencepiece never matches control pieces; they are
 ///   named as special tokens of a `TemplateProcessing` post-processor that adds nothing, which
 ///   [`load`] reads back as their kind.
+///
+/// Where the crate still differs from sentencepiece (the format has no way to say otherwise): a
+/// stretch between user-defined symbols that is itself a vocabulary entry is taken whole
+/// (`ignore_merges`, needed to take the symbols whole), and, in principle, two different splits
+/// of one piece ready at once merge in rank order where sentencepiece takes the leftmost.
 ///
 /// Refused: models whose behaviour this form cannot carry (normalization flags other than
 /// sentencepiece's defaults, `Unused` pieces, user-defined symbols with spaces or `▁`).
