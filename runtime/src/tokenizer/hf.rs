@@ -634,7 +634,9 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
             .all(|c| index_of(c.encode_utf8(&mut [0; 4])).is_some())
     };
     let mut splits: Vec<[u32; 3]> = Vec::with_capacity(merges.len());
-    for (rank, m) in merges.iter().enumerate() {
+    // The crate's legacy string form skips `#version` lines before counting ranks.
+    let legacy_header = |m: &&Value| m.as_str().is_some_and(|s| s.starts_with("#version"));
+    for (rank, m) in merges.iter().filter(|m| !legacy_header(m)).enumerate() {
         let (a, b) = merge_pair(m).ok_or_else(|| err(format!("merge {rank} is malformed: {m}")))?;
         for part in [&a, &b] {
             let Some(id) = index_of(part) else {
