@@ -149,7 +149,8 @@ struct Example {
 }
 
 /// The strings every tokenizer.json is checked on: the golden tokenizer strings, the fine-tune
-/// data's queries and tool lists (as written and as normalized for the model), random texts of
+/// data's queries and tool lists (held-out examples: queries, tool lists as written and as
+/// normalized for the model; training examples: their distinct queries), random texts of
 /// the vocabulary's pieces and corner-case fragments, and random bytes with invalid UTF-8 as a
 /// Rust caller must hand them to the crate (`from_utf8_lossy`).
 pub fn corpus(sp: &Tokenizer, seed: u64) -> Vec<String> {
@@ -163,6 +164,9 @@ pub fn corpus(sp: &Tokenizer, seed: u64) -> Vec<String> {
         texts.push(parse_tools(&tools).unwrap().normalized_json);
         texts.push(ex.query);
         texts.push(tools);
+    }
+    for line in read_text(&finetune("train_queries.jsonl")).lines() {
+        texts.push(serde_json::from_str(line).expect("a JSON string"));
     }
     let pieces: Vec<&str> = (0..sp.vocab_size() as u32)
         .map(|id| sp.piece(id).unwrap_or(""))
