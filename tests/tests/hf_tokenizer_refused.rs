@@ -186,15 +186,12 @@ fn every_unreproducible_feature_is_refused_by_name() {
             with(|v| v["pre_tokenizer"] = json!({"type": "Whitespace"})),
         ),
         (
-            "Metaspace with split: true",
-            with(|v| v["pre_tokenizer"]["split"] = json!(true)),
-        ),
-        (
-            "Metaspace with split: true",
-            // Older files: no `split` field, which the crate reads as true.
+            "Metaspace with split: true and no \"\u{2581}\" piece without byte_fallback",
             with(|v| {
-                v["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "\u{2581}",
-                                            "add_prefix_space": true});
+                v["pre_tokenizer"]["split"] = json!(true);
+                v["model"]["vocab"] =
+                    json!({"<unk>": 0, "a": 1, "b": 2, "ab": 3, "x": 4, "y": 5, "<t>": 6});
+                v["model"]["merges"] = json!([["a", "b"]]);
             }),
         ),
         (

@@ -4,7 +4,7 @@
 //! A tokenizer loaded from a Hugging Face `tokenizer.json` runs the same phases with the
 //! Hugging Face rules the runtime applies there: a `▁` per segment between user-defined symbols
 //! (segment prefixes), whole segments taken as they are (`ignore_merges`), merges by rank
-//! instead of score, and ids emitted per symbol (byte fallback or one, possibly fused, unknown id
+//! instead of score (never onto a symbol that starts with `▁` under Metaspace's word splitting), and ids emitted per symbol (byte fallback or one, possibly fused, unknown id
 //! for a character outside the vocabulary).
 //!
 //! Generated C interface (names get the library prefix):
@@ -337,6 +337,7 @@ pub fn define_tokenizer(
             ignore_merges: h.ignore_merges,
             fuse_unk: h.fuse_unk,
             has_unk: h.has_unk,
+            split_at_space: h.split_at_space,
         }),
     };
     ks.define_function(encode, &data, &callees, |g, a, d, f| {
@@ -377,6 +378,7 @@ struct HfFlags {
     ignore_merges: bool,
     fuse_unk: bool,
     has_unk: bool,
+    split_at_space: bool,
 }
 
 /// What `tokenize` addresses and calls, looked up by id in its [`super::kernels::DataAddrs`]
@@ -615,6 +617,8 @@ struct Ctx {
     /// Hugging Face merges by rank (`None` with no merges at all).
     rank: Option<FuncRef>,
     hf: bool,
+    /// Metaspace words: a symbol starting with `▁` never merges with its left neighbour.
+    split_at_space: bool,
 }
 
 /// The runtime's `next_unit`: at `s[0..n]` (n > 0), a user-defined symbol if one matches
@@ -649,6 +653,35 @@ fn next_unit(g: &mut Gen<'_>, c: &Ctx, s: Value, n: Value) -> (Value, Value) {
         g.set(ulen, l);
     });
     (g.get(ulen), g.get(frozen))
+}
+
+/// Whether the symbol record at `e` (of the normalized text) starts with `▁`: 0 / 1, reading only
+/// the symbol's own bytes.
+fn starts_word(g: &mut Gen<'_>, c: &Ctx, e: Value) -> Value {
+    let start = load_u32(g, mem(), e, 0);
+    let len = load_u32(g, mem(), e, 4);
+    let res = flag(g, false);
+    let fits = cmp_imm(
+        g,
+        IntCC::UnsignedGreaterThanOrEqual,
+        len,
+        SPACE_SYMBOL.len() as i64,
+    );
+    g.if_then(fits, |g| {
+        let p = g.b.ins().iadd(c.norm, start);
+        let hit = flag(g, true);
+        for (k, &byte) in SPACE_SYMBOL.as_bytes().iter().enumerate() {
+            let b = load_u8(g, mem(), p, k as i32);
+            let eq = cmp_imm(g, IntCC::Equal, b, i64::from(byte));
+            let eq = to_ptr(g, eq);
+            let h = g.get(hit);
+            let h = g.b.ins().band(h, eq);
+            g.set(hit, h);
+        }
+        let h = g.get(hit);
+        g.set(res, h);
+    });
+    g.get(res)
 }
 
 /// Address of heap entry `i`.
@@ -810,7 +843,17 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
             let id = g.call(c.lookup, &[p, n]).unwrap_or(p);
             let found = cmp_imm(g, IntCC::NotEqual, id, NONE);
             if c.hf {
-                // Only a listed merge, by rank: score = -rank (exact below 2^24).
+                // Only a listed merge, by rank: score = -rank (exact below 2^24); with
+                // Metaspace words, never onto a symbol that starts a word.
+                let found = if c.split_at_space {
+                    let word = starts_word(g, c, sr);
+                    let inside = cmp_imm(g, IntCC::Equal, word, 0);
+                    let inside = to_ptr(g, inside);
+                    let found = to_ptr(g, found);
+                    g.b.ins().band(found, inside)
+                } else {
+                    found
+                };
                 if let Some(rank) = c.rank {
                     g.if_then(found, |g| {
                         let r = g.call(rank, &[id, llen]).unwrap_or(id);
@@ -891,6 +934,7 @@ fn encode_body(g: &mut Gen<'_>, a: &[Value], imports: &Imports, fl: &Flags, lay:
         ud: imports.ud,
         rank: imports.rank,
         hf: fl.hf.is_some(),
+        split_at_space: fl.hf.is_some_and(|h| h.split_at_space),
     };
     let nlen = normalize(g, &c, fl, text, len);
     let (nsyms, nonempty) = split_symbols(g, &c, lay, nlen);
@@ -1260,6 +1304,15 @@ fn take_whole_words(g: &mut Gen<'_>, c: &Ctx, nsyms: Value) {
                                 let f = frozen_at(g, j1);
                                 let free = cmp_imm(g, IntCC::Equal, f, 0);
                                 let free = to_ptr(g, free);
+                                let free = if c.split_at_space {
+                                    let e = g.addr(c.syms, j1, SYM);
+                                    let word = starts_word(g, c, e);
+                                    let same = cmp_imm(g, IntCC::Equal, word, 0);
+                                    let same = to_ptr(g, same);
+                                    g.b.ins().band(free, same)
+                                } else {
+                                    free
+                                };
                                 g.set(res, free);
                             });
                             g.get(res)

@@ -9,7 +9,8 @@
 //! - Each segment is normalized and pre-tokenized on its own: a `Prepend("▁")` normalizer puts a
 //!   `▁` before every segment, `Replace(" ", "▁")` or a Metaspace pre-tokenizer escapes spaces, and
 //!   Metaspace's `prepend_scheme` (`always`, `first`, `never`) puts a `▁` before a segment that
-//!   does not start with one (`first`: only the segment at the start of the text) ([`SegmentPrefix`]).
+//!   does not start with one (`first`: only the segment at the start of the text) ([`SegmentPrefix`]);
+//!   with `split: true` every `▁` then starts a word of its own (no merge across it).
 //! - Or the normalizer is the one [`to_hf_json`] writes: sentencepiece's whitespace cleanup as
 //!   regular expressions (leading spaces dropped, runs of spaces collapsed, trailing spaces and
 //!   `▁`s dropped, spaces escaped, `▁` prepended), with the user-defined symbols split off by a
@@ -21,7 +22,7 @@
 //! Everything else is refused with an error that names the feature, never approximated: other
 //! model types, dropout, subword prefixes and suffixes, a model with neither `unk_token` nor
 //! `byte_fallback` (the crate drops unknown characters and merges across the gap), other normalizers and pre-tokenizers,
-//! Metaspace's word splitting, added tokens with `single_word`/`lstrip`/`rstrip` or matched after
+//! added tokens with `single_word`/`lstrip`/`rstrip` or matched after
 //! normalization, truncation and padding. Post-processors and decoders are not applied: Needle's
 //! prompt assembly adds its own control tokens (the ids are those of
 //! `encode(text, add_special_tokens=false)`); a `TemplateProcessing` post-processor's special
@@ -168,8 +169,8 @@ fn parse_normalizer(node: &Value) -> Result<Normalizer, TokenizerError> {
 /// What the pre-tokenizer does.
 enum PreTokenizer {
     None,
-    /// Metaspace with its prepend scheme.
-    Metaspace(&'static str),
+    /// Metaspace with its prepend scheme and whether it splits words at `▁`.
+    Metaspace(&'static str, bool),
     /// `Split` isolating these literal strings, in the pattern's order.
     Split(Vec<String>),
 }
@@ -213,12 +214,8 @@ fn parse_pre_tokenizer(node: &Value) -> Result<PreTokenizer, TokenizerError> {
                         "pre_tokenizer Metaspace with replacement {rep:?} (only \"\u{2581}\")"
                     )));
                 }
-                if one.get("split").and_then(Value::as_bool).unwrap_or(true) {
-                    return Err(unsupported(
-                        "pre_tokenizer Metaspace with split: true (word-level splitting at every \
-                         \u{2581}); only split: false is reproduced",
-                    ));
-                }
+                // The crate's default for a file without the field is true.
+                let split = one.get("split").and_then(Value::as_bool).unwrap_or(true);
                 let scheme = match one.get("prepend_scheme").and_then(Value::as_str) {
                     None | Some("always") => "always",
                     Some("first") => "first",
@@ -236,7 +233,7 @@ fn parse_pre_tokenizer(node: &Value) -> Result<PreTokenizer, TokenizerError> {
                     Some(false) => "never",
                     _ => scheme,
                 };
-                Ok(PreTokenizer::Metaspace(scheme))
+                Ok(PreTokenizer::Metaspace(scheme, split))
             }
             "Split" => {
                 let (regex, pat) = pattern(one)?;
@@ -551,7 +548,7 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
         ..Settings::default()
     };
     match (&pre, normalizer.sp_cleanup) {
-        (PreTokenizer::Metaspace(_), true) => {
+        (PreTokenizer::Metaspace(..), true) => {
             return Err(unsupported(
                 "the whitespace-cleanup normalizer together with a Metaspace pre-tokenizer",
             ))
@@ -598,11 +595,11 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
         }
     } else {
         settings.escape_whitespaces =
-            normalizer.replace || matches!(pre, PreTokenizer::Metaspace(_));
+            normalizer.replace || matches!(pre, PreTokenizer::Metaspace(..));
         settings.segment_prefix = match (normalizer.prepend, &pre) {
             (true, _) => SegmentPrefix::Always,
-            (false, PreTokenizer::Metaspace("always")) => SegmentPrefix::UnlessSpace,
-            (false, PreTokenizer::Metaspace("first")) => SegmentPrefix::FirstUnlessSpace,
+            (false, PreTokenizer::Metaspace("always", _)) => SegmentPrefix::UnlessSpace,
+            (false, PreTokenizer::Metaspace("first", _)) => SegmentPrefix::FirstUnlessSpace,
             _ => SegmentPrefix::None,
         };
     }
@@ -671,11 +668,19 @@ pub(super) fn load(json: &str) -> Result<Tokenizer, TokenizerError> {
             )));
         }
     }
+    let split_at_space = matches!(pre, PreTokenizer::Metaspace(_, true));
+    if split_at_space && !byte_fallback && index_of(SPACE_SYMBOL).is_none() {
+        return Err(unsupported(
+            "pre_tokenizer Metaspace with split: true and no \"\u{2581}\" piece without \
+             byte_fallback (unknown `\u{2581}`s would fuse across words)",
+        ));
+    }
     settings.hf = Some(HfBpe {
         splits,
         ignore_merges,
         fuse_unk,
         has_unk: unk_token.is_some(),
+        split_at_space,
     });
     let symbols: std::collections::HashSet<&str> = symbols.iter().map(String::as_str).collect();
     let user_defined: Vec<bool> = pieces

@@ -175,6 +175,14 @@ pub struct HfBpe {
     pub fuse_unk: bool,
     /// Whether `unk_id` is a real token; without one, unknown characters give no id at all.
     pub has_unk: bool,
+    /// Metaspace's `split: true`: every `▁` starts a new word, so no merge (and no whole-word
+    /// lookup) reaches across one; a pair whose right symbol starts with `▁` never merges.
+    pub split_at_space: bool,
+}
+
+/// Whether a symbol's bytes start a Metaspace word.
+fn starts_word(bytes: &[u8]) -> bool {
+    bytes.starts_with(SPACE_SYMBOL_BYTES)
 }
 
 impl HfBpe {
@@ -824,6 +832,9 @@ impl Tokenizer {
                 return;
             };
             if let Some(hf) = &self.t.hf {
+                if hf.split_at_space && starts_word(&norm[r.start..]) {
+                    return;
+                }
                 // Only a listed merge, by its rank (the lowest first).
                 if let Some(rank) = hf.rank(id, l.len as u32) {
                     agenda.push(Pair {
@@ -919,7 +930,11 @@ impl Tokenizer {
                 continue;
             }
             let mut j = i;
-            while j + 1 < syms.len() && !syms[j + 1].freeze {
+            let split = self.t.hf.as_ref().is_some_and(|h| h.split_at_space);
+            while j + 1 < syms.len()
+                && !syms[j + 1].freeze
+                && !(split && starts_word(&norm[syms[j + 1].start..]))
+            {
                 j += 1;
             }
             let (start, end) = (syms[i].start, syms[j].start + syms[j].len);

@@ -47,6 +47,25 @@ fn added_tokens(sp: &Tokenizer, normalized: bool) -> Value {
     Value::Array(list)
 }
 
+/// Adds pieces that reach across a `▁` (`s▁`, `e▁`, `x▁`, `▁▁`) with the best ranks: Metaspace's
+/// word splitting must keep them from ever forming.
+fn cross_space_merges(v: &mut Value) {
+    let vocab = v["model"]["vocab"].as_object_mut().unwrap();
+    let mut merges = vec![];
+    for (left, right) in [
+        ("s", "\u{2581}"),
+        ("e", "\u{2581}"),
+        ("x", "\u{2581}"),
+        ("\u{2581}", "\u{2581}"),
+    ] {
+        let id = vocab.len();
+        vocab.entry(format!("{left}{right}")).or_insert(json!(id));
+        merges.push(json!([left, right]));
+    }
+    merges.extend(v["model"]["merges"].as_array().unwrap().iter().cloned());
+    v["model"]["merges"] = Value::Array(merges);
+}
+
 fn metaspace(scheme: &str) -> Value {
     json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": scheme, "split": false})
 }
@@ -76,6 +95,7 @@ pub fn variants(sp: &Tokenizer) -> Vec<(&'static str, String)> {
                 v["pre_tokenizer"] = Value::Null;
                 v["model"]["ignore_merges"] = json!(false);
                 v["model"]["fuse_unk"] = json!(true);
+                cross_space_merges(v);
             }),
         ),
         (
@@ -99,6 +119,7 @@ pub fn variants(sp: &Tokenizer) -> Vec<(&'static str, String)> {
                 v["model"]["byte_fallback"] = json!(false);
                 v["model"]["fuse_unk"] = json!(true);
                 v["model"]["ignore_merges"] = json!(true);
+                cross_space_merges(v);
             }),
         ),
         // Added tokens matched "after normalization" (there is none), one `<unk>` per unknown
@@ -112,6 +133,33 @@ pub fn variants(sp: &Tokenizer) -> Vec<(&'static str, String)> {
                 v["model"]["byte_fallback"] = json!(false);
                 v["model"]["fuse_unk"] = json!(false);
                 v["model"]["ignore_merges"] = json!(false);
+            }),
+        ),
+        // Metaspace's word splitting: no merge across a `▁`, whole words through ignore_merges.
+        (
+            "metaspace_split_words",
+            with(&|v| {
+                v["added_tokens"] = llama_added.clone();
+                v["normalizer"] = Value::Null;
+                v["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "\u{2581}",
+                                            "prepend_scheme": "always", "split": true});
+                v["model"]["ignore_merges"] = json!(true);
+                cross_space_merges(v);
+            }),
+        ),
+        // An older file: `add_prefix_space` and no `split` field (which the crate reads as
+        // true), unknown characters fused per word.
+        (
+            "metaspace_legacy_unk",
+            with(&|v| {
+                v["added_tokens"] = llama_added.clone();
+                v["normalizer"] = Value::Null;
+                v["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "\u{2581}",
+                                            "add_prefix_space": true});
+                v["model"]["byte_fallback"] = json!(false);
+                v["model"]["fuse_unk"] = json!(true);
+                v["model"]["ignore_merges"] = json!(false);
+                cross_space_merges(v);
             }),
         ),
         // No unknown token, but byte fallback: no character is unknown.
