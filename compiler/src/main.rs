@@ -227,6 +227,9 @@ enum Command {
         #[arg(long)]
         tokenizer: PathBuf,
     },
+    /// Tokenizer file conversions.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
     /// Print a checkpoint's config, parameter count and tensor table.
     Inspect { path: PathBuf },
     /// Convert a checkpoint to safetensors (config in the `needle_config` metadata).
@@ -242,6 +245,19 @@ enum Command {
         config: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Write a SentencePiece `.model` as a Hugging Face `tokenizer.json` that Hugging Face's
+    /// `tokenizers` library (and `needlec --tokenizer`) encodes like the model.
+    Export {
+        /// The SentencePiece `.model` file.
+        #[arg(long)]
+        tokenizer: PathBuf,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -404,6 +420,14 @@ fn real_main() -> Result<ExitCode> {
                 })?;
                 writeln!(out, "{}", serde_json::to_string(&tokenizer.encode(&text))?)?;
             }
+        }
+        Command::Tokenizer(TokenizerCommand::Export { tokenizer, output }) => {
+            let tok = frontend::load_tokenizer(&tokenizer)?;
+            let json = tok
+                .to_hf_json()
+                .with_context(|| format!("exporting {}", tokenizer.display()))?;
+            std::fs::write(&output, json)
+                .with_context(|| format!("writing {}", output.display()))?;
         }
         Command::Inspect { path } => {
             let ckpt = with_spinner("loading checkpoint", || {

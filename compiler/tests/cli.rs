@@ -160,6 +160,58 @@ fn tokenize_reads_json_lines() {
     assert_eq!(stdout(&out), "[432,298,465,406,2189,463]\n[]\n");
 }
 
+/// `tokenizer export` writes the Hugging Face form; `--tokenizer` reads it back with the golden
+/// ids (the `tokenizers` crate's side of the round trip is in `tests/tests/hf_tokenizer.rs`), and
+/// exporting a file that is already a tokenizer.json is refused with the reason.
+#[test]
+fn tokenizer_export_round_trips_through_tokenize() {
+    let dir = work_dir("cli-tokenizer-export");
+    let json = dir.join("tokenizer.json");
+    let json_arg = json.to_str().unwrap();
+    let model = golden("dev4k.model");
+    let out = needlec(&[
+        "tokenizer",
+        "export",
+        "--tokenizer",
+        model.to_str().unwrap(),
+        "-o",
+        json_arg,
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = std::fs::read_to_string(&json).unwrap();
+    assert!(text.contains("\"ignore_merges\": true"), "{text:.200}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_needlec"))
+        .args(["tokenize", "--tokenizer", json_arg])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\"set a timer for 10 minutes\"\n\"<tool_call>\"\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "[432,298,465,406,2189,463]\n[3981,4]\n");
+    let again = dir.join("again.json");
+    let out = needlec(&[
+        "tokenizer",
+        "export",
+        "--tokenizer",
+        json_arg,
+        "-o",
+        again.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("loaded from a tokenizer.json"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(!again.exists());
+}
+
 #[cfg(unix)]
 #[test]
 fn invalid_utf8_query_is_refused() {

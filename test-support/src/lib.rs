@@ -32,6 +32,11 @@ pub fn golden(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures/golden").join(name)
 }
 
+/// A file under `tests/fixtures/finetune/` (a copy of the fine-tune data's `dev.jsonl`).
+pub fn finetune(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/finetune").join(name)
+}
+
 /// A file of the bundled trained model, `examples/tiny-needle/`.
 pub fn tiny_needle(name: &str) -> PathBuf {
     repo_root().join("examples/tiny-needle").join(name)
@@ -251,6 +256,146 @@ impl Rng {
         let v = self.next_u64() >> 40;
         (v as f32 / (1u64 << 23) as f32) - 1.0
     }
+}
+
+/// Text fragments that hit a tokenizer's corners: spaces and their runs, control characters,
+/// user-defined and control piece texts, `▁`, scripts, emoji with joiners, noncharacters.
+pub const TOKENIZER_FRAGMENTS: &[&str] = &[
+    " ",
+    " ",
+    "  ",
+    "     ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\0",
+    "\u{1}",
+    "\u{7f}",
+    "\u{1b}[0m",
+    "the",
+    "weather",
+    "San Francisco",
+    "set a timer",
+    "alarm",
+    "11:50 AM",
+    "a",
+    "b",
+    "Z",
+    "42",
+    "3.14",
+    "-",
+    "_",
+    "'s",
+    "?",
+    "!",
+    ",",
+    ".",
+    "\"",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    "\\",
+    "/",
+    "<",
+    ">",
+    "<tool_call>",
+    "</tool_call>",
+    "<tools>",
+    "</tools>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<0x41>",
+    "▁",
+    "▁▁",
+    "▁a",
+    "é",
+    "è",
+    "ü",
+    "ß",
+    "ñ",
+    "ç",
+    "ø",
+    "Å",
+    "привет",
+    "мир",
+    "日本語",
+    "中文",
+    "한국어",
+    "العربية",
+    "हिन्दी",
+    "ελληνικά",
+    "🙂",
+    "🎉",
+    "👍🏽",
+    "🧪",
+    "👨‍👩‍👧",
+    "\u{fffd}",
+    "\u{200b}",
+    "\u{a0}",
+    "\u{3000}",
+    "\u{10ffff}",
+    "\u{e000}",
+];
+
+/// A random text for tokenizer tests: [`TOKENIZER_FRAGMENTS`], vocabulary `pieces` (which make
+/// merges happen; `▁` turned back into a space half of the time) and random characters, about
+/// `max_len` bytes at most (the last fragment may go over).
+pub fn random_tokenizer_text(r: &mut Rng, pieces: &[&str], max_len: usize) -> String {
+    let mut s = String::new();
+    let target = r.below(max_len + 1);
+    while s.len() < target {
+        let frag = match r.below(10) {
+            0..=3 => r.pick(TOKENIZER_FRAGMENTS).to_string(),
+            4..=7 => {
+                let p = pieces.get(r.below(pieces.len())).copied().unwrap_or("");
+                if r.below(2) == 0 {
+                    p.replace('\u{2581}', " ")
+                } else {
+                    p.to_string()
+                }
+            }
+            8 => char::from(r.below(128) as u8).to_string(),
+            _ => {
+                let cp = r.below(0x11_0000) as u32;
+                char::from_u32(cp).map(String::from).unwrap_or_default()
+            }
+        };
+        s.push_str(&frag);
+    }
+    s
+}
+
+/// Random bytes for tokenizer tests: like [`random_tokenizer_text`], with invalid UTF-8 mixed in
+/// (stray continuation bytes, truncated sequences, overlong forms, surrogates, bytes past F4).
+pub fn random_tokenizer_bytes(r: &mut Rng, pieces: &[&str], max_len: usize) -> Vec<u8> {
+    const BAD: &[&[u8]] = &[
+        b"\x80",
+        b"\xBF",
+        b"\xC0\xAF",
+        b"\xC3",
+        b"\xE2\x96",
+        b"\xED\xA0\x80",
+        b"\xF0\x9F\x98",
+        b"\xF4\x90\x80\x80",
+        b"\xF8\x88\x80\x80\x80",
+        b"\xFE",
+        b"\xFF",
+    ];
+    let mut out = Vec::new();
+    while out.len() < max_len {
+        if r.chance(30) {
+            let bad: &&[u8] = r.pick(BAD);
+            out.extend_from_slice(bad);
+        } else {
+            let budget = (max_len - out.len()).min(24);
+            out.extend_from_slice(random_tokenizer_text(r, pieces, budget).as_bytes());
+        }
+    }
+    out
 }
 
 /// (name, parameter keys in order) of each tool of a normalized tool list (Needle's own format,

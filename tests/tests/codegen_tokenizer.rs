@@ -7,12 +7,16 @@
 //! scratch, so an out-of-bounds access or a read of uninitialized scratch shows up as a crash or
 //! a wrong id.
 
+mod hf_common;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
-use needle_test_support::{c, golden, read_json, tiny_needle, work_dir, Rng, Sample};
+use needle_test_support::{
+    c, golden, random_tokenizer_text, read_json, tiny_needle, work_dir, Rng, Sample,
+};
 use needlec::abi::write_header;
 use needlec::codegen::tokenizer::{define_tokenizer, TokenizerCode};
 use needlec::codegen::KernelSet;
@@ -149,112 +153,12 @@ fn tiny_needle_queries_and_tools_match_runtime() {
     h.assert_same(&texts);
 }
 
-const FRAGMENTS: &[&str] = &[
-    " ",
-    " ",
-    "  ",
-    "     ",
-    "\t",
-    "\n",
-    "\r\n",
-    "\0",
-    "\u{1}",
-    "\u{7f}",
-    "\u{1b}[0m",
-    "the",
-    "weather",
-    "San Francisco",
-    "set a timer",
-    "alarm",
-    "11:50 AM",
-    "a",
-    "b",
-    "Z",
-    "42",
-    "3.14",
-    "-",
-    "_",
-    "'s",
-    "?",
-    "!",
-    ",",
-    ".",
-    "\"",
-    "{",
-    "}",
-    "[",
-    "]",
-    ":",
-    "\\",
-    "/",
-    "<",
-    ">",
-    "<tool_call>",
-    "</tool_call>",
-    "<tools>",
-    "</tools>",
-    "<unk>",
-    "<s>",
-    "</s>",
-    "<pad>",
-    "<0x41>",
-    "▁",
-    "▁▁",
-    "▁a",
-    "é",
-    "è",
-    "ü",
-    "ß",
-    "ñ",
-    "ç",
-    "ø",
-    "Å",
-    "привет",
-    "мир",
-    "日本語",
-    "中文",
-    "한국어",
-    "العربية",
-    "हिन्दी",
-    "ελληνικά",
-    "🙂",
-    "🎉",
-    "👍🏽",
-    "🧪",
-    "👨‍👩‍👧",
-    "\u{fffd}",
-    "\u{200b}",
-    "\u{a0}",
-    "\u{3000}",
-    "\u{10ffff}",
-    "\u{e000}",
-];
-
 /// A random text: fragments, vocabulary pieces (which make merges happen) and random characters.
 fn random_text(r: &mut Rng, tok: &Tokenizer, max_len: usize) -> String {
-    let mut s = String::new();
-    let target = r.below(max_len + 1);
-    while s.len() < target {
-        let frag = match r.below(10) {
-            0..=3 => r.pick(FRAGMENTS).to_string(),
-            4..=7 => {
-                let id = r.below(tok.vocab_size()) as u32;
-                let p = tok.piece(id).unwrap_or("");
-                if r.below(2) == 0 {
-                    p.replace('\u{2581}', " ")
-                } else {
-                    p.to_string()
-                }
-            }
-            8 => char::from(r.below(128) as u8).to_string(),
-            _ => {
-                let cp = r.below(0x11_0000) as u32;
-                char::from_u32(cp).map(String::from).unwrap_or_default()
-            }
-        };
-        s.push_str(&frag);
-    }
-    s
+    let pieces: Vec<&str> = (0..tok.vocab_size() as u32)
+        .map(|id| tok.piece(id).unwrap_or(""))
+        .collect();
+    random_tokenizer_text(r, &pieces, max_len)
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.
@@ -551,4 +455,50 @@ fn invalid_utf8_stays_in_bounds() {
     let cases: Vec<(usize, &[u8])> = texts.iter().map(|t| (4 * t.len() + 4, &t[..])).collect();
     let got = h.run(&cases);
     assert_eq!(got.len(), texts.len());
+}
+
+// ---- Hugging Face tokenizer.json: the generated code against the `tokenizers` crate ----------
+
+/// Every tokenizer.json form the loader accepts (`hf_common::variants`), built from both bundled
+/// SentencePiece models: the generated tokenizer gives the crate's ids on the golden strings, the
+/// fine-tune data's queries and tool lists, random texts (invalid UTF-8 as a Rust caller hands it
+/// to the crate, through `from_utf8_lossy`), and texts at the size limit.
+#[test]
+fn tokenizer_json_forms_give_the_crates_ids() {
+    let models = [
+        ("dev4k", golden("dev4k.model")),
+        ("tiny", tiny_needle("tokenizer.model")),
+    ];
+    for (k, (model, path)) in models.iter().enumerate() {
+        let sp = load_tokenizer(path).unwrap();
+        let mut texts = hf_common::corpus(&sp, 0xC0DE_0000 + k as u64);
+        let mut r = Rng(0x1F00_0000 + k as u64);
+        texts.extend(long_texts(&mut r, &sp));
+        // The most segments a text can have: a symbol every few bytes.
+        texts.push(cut("x<tools>".repeat(MAX_TEXT), MAX_TEXT));
+        texts.push(cut(" <tools>".repeat(MAX_TEXT), MAX_TEXT));
+        texts.push(cut("<tools>\u{1F9EA}".repeat(MAX_TEXT), MAX_TEXT));
+        assert!(texts.iter().all(|t| t.len() <= MAX_TEXT));
+        let dir = work_dir(&format!("tokenizer-hf-{model}"));
+        for (name, json) in hf_common::variants(&sp) {
+            let file = dir.join(format!("{name}.json"));
+            std::fs::write(&file, &json).unwrap();
+            let h = make_harness(&file, &format!("tokhf{model}{name}"));
+            let oracle = hf_common::oracle(&json);
+            // A prefix per segment can add one id per byte: room for twice the bytes.
+            let cases: Vec<(usize, &[u8])> = texts
+                .iter()
+                .map(|t| (2 * t.len() + 2, t.as_bytes()))
+                .collect();
+            let got = h.run(&cases);
+            for (text, got) in texts.iter().zip(got) {
+                let want = hf_common::oracle_ids(&oracle, text);
+                assert_eq!(got, want, "{model} {name}: {text:?}");
+            }
+            // Outside the contract (invalid UTF-8) it still stays in bounds and ends.
+            let bad = [b"\xC0 ".repeat(MAX_TEXT / 2), vec![0xE2; MAX_TEXT]];
+            let bad: Vec<(usize, &[u8])> = bad.iter().map(|b| (4 * b.len(), &b[..])).collect();
+            assert_eq!(h.run(&bad).len(), 2);
+        }
+    }
 }

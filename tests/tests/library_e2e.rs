@@ -420,6 +420,34 @@ fn tiny_needle_samples_all_combinations() {
     }
 }
 
+/// The bundled model's tokenizer exported to a Hugging Face tokenizer.json (`needlec tokenizer
+/// export`) builds a library that gives the reference's answers on the 40 samples, as the
+/// `.model` does.
+#[test]
+fn library_built_from_the_exported_tokenizer_json_gives_the_same_answers() {
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let json = work_dir("export-tokenizer").join("tokenizer.json");
+    let sp = load_tokenizer(&tiny_needle("tokenizer.model")).unwrap();
+    std::fs::write(&json, sp.to_hf_json().unwrap()).unwrap();
+    let tools = tiny_needle("tools.json");
+    let exe = build_library("samples-exported-tokenizer", |out| {
+        options(
+            &tiny_needle("tiny-needle-folded.pkl"),
+            &json,
+            tools.to_str().expect("UTF-8 path"),
+            None,
+            512,
+            out,
+        )
+    });
+    let got = answers(&exe, "answer", &queries);
+    for (s, (status, output)) in samples.iter().zip(&got) {
+        assert_eq!(*status, 0, "{:?}", s.query);
+        assert_eq!(output, &s.fold_folded, "{:?}", s.query);
+    }
+}
+
 /// Jump-forward and sparse logits on the bundled model's 40 samples, in the sample test's three
 /// checkpoint/fold combinations: the library's count of decoder steps that took the one allowed
 /// token without logits (forced), computed only the allowed ids' logits (sparse) or all of them

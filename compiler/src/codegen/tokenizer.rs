@@ -1,6 +1,11 @@
 //! The generated query tokenizer: SentencePiece BPE encoding as machine code over read-only
 //! tables, the same procedure as [`needle_runtime::tokenizer::Tokenizer::encode`] step for step
 //! (see the runtime's `TokenizerTables` docs), so that it gives the same ids for every input.
+//! A tokenizer loaded from a Hugging Face `tokenizer.json` runs the same phases with the
+//! Hugging Face rules the runtime applies there: a `▁` per segment between user-defined symbols
+//! (segment prefixes), whole segments taken as they are (`ignore_merges`), merges by rank
+//! instead of score (never onto a symbol that starts with `▁` under Metaspace's word splitting), and ids emitted per symbol (byte fallback or one, possibly fused, unknown id
+//! for a character outside the vocabulary).
 //!
 //! Generated C interface (names get the library prefix):
 //!
@@ -20,12 +25,16 @@
 //! - `user_defined`: `(offset, len)` per user-defined symbol, longest first (first hit wins).
 //! - `unused_slot[id]`: only when the model has `Unused` pieces: each one's slot in the scratch
 //!   table that remembers how it was last formed (the reference's `rev_merge`, last entry wins).
+//! - `splits`: only for a Hugging Face model: `(result id, left part's length, rank)` per merge,
+//!   sorted, for binary search (the runtime's `HfBpe`); a pair's score is `-rank`.
 //!
 //! Scratch (caller-provided, 16-byte aligned; every region starts at a multiple of 16), for
 //! `M = max_text_bytes` and `S = M + 1` symbols at most (one per input byte, plus the dummy
 //! prefix):
-//! - normalized text: `sp * (M + 1)` bytes, `sp` = 3 (the bytes of `▁`) or 1 (no escaping);
-//! - symbols: `16 * S` (start, len, prev, next as u32) + `S` freeze flags;
+//! - normalized text: `sp * (M + 1)` bytes, `sp` = 3 (the bytes of `▁`) or 1 (no escaping), plus
+//!   `3 * (M + 1)` with segment prefixes (a `▁` per segment, at most one segment per byte);
+//! - symbols: `16 * S` (start, len, prev, next as u32) + `S` freeze flags (with segment
+//!   prefixes `S = 2 (M + 1)`: a prefix symbol per segment);
 //! - merge heap: `16 * 2S` (score, left, right, size): at most `S - 1` initial pairs, and each
 //!   merge pops one and pushes at most two, so it never holds more than `2 (S - 1)`;
 //! - resegmentation: `16 * unused pieces` + a stack of `8 * (max piece bytes + 2)`.
@@ -37,7 +46,7 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, FuncRef, InstBuilder, Value};
 use cranelift_frontend::Variable;
 use cranelift_module::{DataId, FuncId};
-use needle_runtime::tokenizer::{PieceKind, Tokenizer, NO_ID};
+use needle_runtime::tokenizer::{PieceKind, SegmentPrefix, Tokenizer, NO_ID, SPACE_SYMBOL};
 
 use super::bytes::{
     bytes_equal, cmp_imm, declare_u32_table, flag, load_u32, load_u8, store_u32, store_u8, to_ptr,
@@ -89,15 +98,25 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(max_text: usize, space_len: usize, n_unused: usize, max_piece: usize) -> Self {
-        let sym_cap = max_text + 1;
+    /// `segments`: whether segment prefixes (a `▁` per stretch between user-defined symbols,
+    /// Hugging Face) can add up to 3 bytes and one symbol per input byte.
+    fn new(
+        max_text: usize,
+        space_len: usize,
+        segments: bool,
+        n_unused: usize,
+        max_piece: usize,
+    ) -> Self {
+        let per_byte = if segments { 2 } else { 1 };
+        let sym_cap = per_byte * (max_text + 1);
         let heap_cap = 2 * sym_cap;
         // Resegmentation splits a symbol (at most max(max_piece, 4) bytes: a piece or one
         // character) into halves of at least one byte each, so the stack never holds more
         // entries than that symbol has bytes.
         let stack_cap = max_piece.max(4) + 2;
         let norm = 0;
-        let syms = norm + round16(space_len * (max_text + 1));
+        let prefixes = if segments { SPACE_SYMBOL.len() } else { 0 };
+        let syms = norm + round16((space_len + prefixes) * (max_text + 1));
         let freeze = syms + round16(SYM as usize * sym_cap);
         let heap = freeze + round16(sym_cap);
         let rev = heap + round16(PAIR as usize * heap_cap);
@@ -130,6 +149,8 @@ struct Tables {
     unused_slot: Option<DataId>,
     n_unused: usize,
     max_piece: usize,
+    /// Hugging Face merges: `(result id, left length, rank)` per merge and their count.
+    splits: Option<(DataId, usize)>,
 }
 
 fn declare_tables(ks: &mut KernelSet, tok: &Tokenizer) -> Result<Tables, CodegenError> {
@@ -208,7 +229,18 @@ fn declare_tables(ks: &mut KernelSet, tok: &Tokenizer) -> Result<Tables, Codegen
         }
         Some(declare_u32_table(ks, "tokenize_unused_slot", slot, 16)?)
     };
+    let splits = match &t.hf {
+        Some(hf) if !hf.splits.is_empty() => {
+            let flat: Vec<u32> = hf.splits.iter().flatten().copied().collect();
+            Some((
+                declare_u32_table(ks, "tokenize_splits", flat, 16)?,
+                hf.splits.len(),
+            ))
+        }
+        _ => None,
+    };
     Ok(Tables {
+        splits,
         pieces,
         sorted,
         n_sorted: t.sorted.len(),
@@ -242,9 +274,20 @@ pub fn define_tokenizer(
     } else {
         b" "
     };
-    let layout = Layout::new(max_text_bytes, space.len(), tabs.n_unused, tabs.max_piece);
+    let segments = t.segment_prefix != SegmentPrefix::None;
+    let layout = Layout::new(
+        max_text_bytes,
+        space.len(),
+        segments,
+        tabs.n_unused,
+        tabs.max_piece,
+    );
 
     let lookup = define_lookup(ks, &tabs)?;
+    let rank = match tabs.splits {
+        Some((data, count)) => Some(define_rank(ks, data, count)?),
+        None => None,
+    };
     let ud = match tabs.user_defined {
         Some((data, count)) => Some(define_user_defined(ks, tabs.pieces, data, count)?),
         None => None,
@@ -279,6 +322,9 @@ pub fn define_tokenizer(
     if let Some(ud) = ud {
         callees.push(ud);
     }
+    if let Some(rank) = rank {
+        callees.push(rank);
+    }
     let flags = Flags {
         add_dummy_prefix: t.add_dummy_prefix,
         remove_extra_whitespaces: t.remove_extra_whitespaces,
@@ -286,6 +332,13 @@ pub fn define_tokenizer(
         unk_id: i64::from(t.unk_id),
         space: space.to_vec(),
         max_text: max_text_bytes as i64,
+        segment_prefix: t.segment_prefix,
+        hf: t.hf.as_ref().map(|h| HfFlags {
+            ignore_merges: h.ignore_merges,
+            fuse_unk: h.fuse_unk,
+            has_unk: h.has_unk,
+            split_at_space: h.split_at_space,
+        }),
     };
     ks.define_function(encode, &data, &callees, |g, a, d, f| {
         let imports = Imports {
@@ -295,6 +348,7 @@ pub fn define_tokenizer(
             unused_slot: tabs.unused_slot.map(|slot| d.get(slot)),
             lookup: f.get(lookup),
             ud: ud.map(|ud| f.get(ud)),
+            rank: rank.map(|r| f.get(r)),
         };
         Some(encode_body(g, a, &imports, &flags, &layout))
     })?;
@@ -313,6 +367,18 @@ struct Flags {
     unk_id: i64,
     space: Vec<u8>,
     max_text: i64,
+    segment_prefix: SegmentPrefix,
+    /// Hugging Face BPE (merges by rank), or sentencepiece's (by score).
+    hf: Option<HfFlags>,
+}
+
+/// The Hugging Face model's switches (see the runtime's `HfBpe`).
+#[derive(Clone, Copy)]
+struct HfFlags {
+    ignore_merges: bool,
+    fuse_unk: bool,
+    has_unk: bool,
+    split_at_space: bool,
 }
 
 /// What `tokenize` addresses and calls, looked up by id in its [`super::kernels::DataAddrs`]
@@ -324,6 +390,7 @@ struct Imports {
     unused_slot: Option<Value>,
     lookup: FuncRef,
     ud: Option<FuncRef>,
+    rank: Option<FuncRef>,
 }
 
 // ---- internal functions ---------------------------------------------------------------------
@@ -467,6 +534,63 @@ fn define_user_defined(
     Ok(id)
 }
 
+/// `size_t tokenize_rank(size_t id, size_t left_len)`: the rank of the Hugging Face merge that
+/// makes piece `id` from a left part of `left_len` bytes, or 0xFFFFFFFF. Binary search over the
+/// `(id, left_len, rank)` triples, as the runtime's `HfBpe::rank`.
+fn define_rank(ks: &mut KernelSet, table: DataId, count: usize) -> Result<FuncId, CodegenError> {
+    let id = ks.declare_function(
+        "tokenize_rank",
+        &[],
+        &[(CType::SizeT, "id"), (CType::SizeT, "left_len")],
+        CType::SizeT,
+        false,
+    )?;
+    ks.define_function(id, &[table], &[], |g, a, d, _| {
+        let (want_id, want_len, table) = (a[0], a[1], d.get(table));
+        let lo = g.iconst(0);
+        let lo = g.var(g.ptr, lo);
+        let hi = g.iconst(count as i64);
+        let hi = g.var(g.ptr, hi);
+        while_loop(
+            g,
+            |g| {
+                let (l, h) = (g.get(lo), g.get(hi));
+                g.icmp(IntCC::UnsignedLessThan, l, h)
+            },
+            |g| {
+                let (l, h) = (g.get(lo), g.get(hi));
+                let sum = g.b.ins().iadd(l, h);
+                let mid = g.b.ins().ushr_imm_u(sum, 1);
+                let e = g.addr(table, mid, 12);
+                let eid = load_u32(g, mem_ro(), e, 0);
+                let elen = load_u32(g, mem_ro(), e, 4);
+                // entry < wanted: (eid, elen) before (want_id, want_len).
+                let id_lt = g.icmp(IntCC::UnsignedLessThan, eid, want_id);
+                let id_eq = g.icmp(IntCC::Equal, eid, want_id);
+                let len_lt = g.icmp(IntCC::UnsignedLessThan, elen, want_len);
+                let len_eq = g.icmp(IntCC::Equal, elen, want_len);
+                let tie_lt = g.b.ins().band(id_eq, len_lt);
+                let less = g.b.ins().bor(id_lt, tie_lt);
+                let found = g.b.ins().band(id_eq, len_eq);
+                g.if_then(found, |g| {
+                    let r = load_u32(g, mem_ro(), e, 8);
+                    g.ret(&[r]);
+                });
+                g.if_else(
+                    less,
+                    |g| {
+                        let m1 = g.b.ins().iadd_imm_s(mid, 1);
+                        g.set(lo, m1);
+                    },
+                    |g| g.set(hi, mid),
+                );
+            },
+        );
+        Some(g.iconst(NONE))
+    })?;
+    Ok(id)
+}
+
 // ---- the encoder ----------------------------------------------------------------------------
 
 /// Everything the pieces of the encoder share: table and scratch addresses (entry-block values,
@@ -490,6 +614,11 @@ struct Ctx {
     heap_cap: i64,
     lookup: FuncRef,
     ud: Option<FuncRef>,
+    /// Hugging Face merges by rank (`None` with no merges at all).
+    rank: Option<FuncRef>,
+    hf: bool,
+    /// Metaspace words: a symbol starting with `▁` never merges with its left neighbour.
+    split_at_space: bool,
 }
 
 /// The runtime's `next_unit`: at `s[0..n]` (n > 0), a user-defined symbol if one matches
@@ -524,6 +653,35 @@ fn next_unit(g: &mut Gen<'_>, c: &Ctx, s: Value, n: Value) -> (Value, Value) {
         g.set(ulen, l);
     });
     (g.get(ulen), g.get(frozen))
+}
+
+/// Whether the symbol record at `e` (of the normalized text) starts with `▁`: 0 / 1, reading only
+/// the symbol's own bytes.
+fn starts_word(g: &mut Gen<'_>, c: &Ctx, e: Value) -> Value {
+    let start = load_u32(g, mem(), e, 0);
+    let len = load_u32(g, mem(), e, 4);
+    let res = flag(g, false);
+    let fits = cmp_imm(
+        g,
+        IntCC::UnsignedGreaterThanOrEqual,
+        len,
+        SPACE_SYMBOL.len() as i64,
+    );
+    g.if_then(fits, |g| {
+        let p = g.b.ins().iadd(c.norm, start);
+        let hit = flag(g, true);
+        for (k, &byte) in SPACE_SYMBOL.as_bytes().iter().enumerate() {
+            let b = load_u8(g, mem(), p, k as i32);
+            let eq = cmp_imm(g, IntCC::Equal, b, i64::from(byte));
+            let eq = to_ptr(g, eq);
+            let h = g.get(hit);
+            let h = g.b.ins().band(h, eq);
+            g.set(hit, h);
+        }
+        let h = g.get(hit);
+        g.set(res, h);
+    });
+    g.get(res)
 }
 
 /// Address of heap entry `i`.
@@ -684,6 +842,32 @@ fn add_pair(g: &mut Gen<'_>, c: &Ctx, left: Value, right: Value) {
             let n = g.b.ins().isub(end, lstart);
             let id = g.call(c.lookup, &[p, n]).unwrap_or(p);
             let found = cmp_imm(g, IntCC::NotEqual, id, NONE);
+            if c.hf {
+                // Only a listed merge, by rank: score = -rank (exact below 2^24); with
+                // Metaspace words, never onto a symbol that starts a word.
+                let found = if c.split_at_space {
+                    let word = starts_word(g, c, sr);
+                    let inside = cmp_imm(g, IntCC::Equal, word, 0);
+                    let inside = to_ptr(g, inside);
+                    let found = to_ptr(g, found);
+                    g.b.ins().band(found, inside)
+                } else {
+                    found
+                };
+                if let Some(rank) = c.rank {
+                    g.if_then(found, |g| {
+                        let r = g.call(rank, &[id, llen]).unwrap_or(id);
+                        let listed = cmp_imm(g, IntCC::NotEqual, r, NONE);
+                        g.if_then(listed, |g| {
+                            let f = g.b.ins().fcvt_from_uint(types::F32, r);
+                            let score = g.b.ins().fneg(f);
+                            let size = g.b.ins().iadd(llen, rlen);
+                            heap_push(g, c, score, left, right, size);
+                        });
+                    });
+                }
+                return;
+            }
             g.if_then(found, |g| {
                 let ka = g.b.ins().iadd(c.kinds, id);
                 let kind = load_u8(g, mem_ro(), ka, 0);
@@ -748,11 +932,20 @@ fn encode_body(g: &mut Gen<'_>, a: &[Value], imports: &Imports, fl: &Flags, lay:
         heap_cap: lay.heap_cap as i64,
         lookup: imports.lookup,
         ud: imports.ud,
+        rank: imports.rank,
+        hf: fl.hf.is_some(),
+        split_at_space: fl.hf.is_some_and(|h| h.split_at_space),
     };
     let nlen = normalize(g, &c, fl, text, len);
     let (nsyms, nonempty) = split_symbols(g, &c, lay, nlen);
+    if fl.hf.is_some_and(|h| h.ignore_merges) {
+        take_whole_words(g, &c, nsyms);
+    }
     merge(g, &c, lay, nsyms);
-    emit_ids(g, &c, fl, lay, ids, max_ids, nonempty)
+    match fl.hf {
+        Some(hf) => emit_hf_ids(g, &c, fl, hf, ids, max_ids, nonempty),
+        None => emit_ids(g, &c, fl, lay, ids, max_ids, nonempty),
+    }
 }
 
 /// Phase 1: the normalized text in `norm` (leading, trailing and repeated spaces dropped as the
@@ -823,6 +1016,10 @@ fn normalize(g: &mut Gen<'_>, c: &Ctx, fl: &Flags, text: Value, len: Value) -> V
         put_space(g);
     }
     let prev_space = flag(g, fl.remove_extra_whitespaces);
+    // Segment prefixes: whether the next plain unit starts a segment, and whether a
+    // user-defined symbol came before.
+    let segments =
+        (fl.segment_prefix != SegmentPrefix::None).then(|| (flag(g, true), flag(g, false)));
     while_loop(
         g,
         |g| {
@@ -831,7 +1028,10 @@ fn normalize(g: &mut Gen<'_>, c: &Ctx, fl: &Flags, text: Value, len: Value) -> V
         },
         |g| {
             let (p, nv) = (g.get(inp), g.get(n));
-            let (ulen, _) = next_unit(g, c, p, nv);
+            let (ulen, frozen) = next_unit(g, c, p, nv);
+            if let Some((seg_start, after_symbol)) = segments {
+                segment_prefix(g, c, fl, out, (seg_start, after_symbol), p, ulen, frozen);
+            }
             let sp = g.var(g.ptr, p);
             let splen = g.var(g.ptr, ulen);
             let ps = g.get(prev_space);
@@ -935,6 +1135,84 @@ fn normalize(g: &mut Gen<'_>, c: &Ctx, fl: &Flags, text: Value, len: Value) -> V
     g.get(out)
 }
 
+/// The runtime's segment prefix at a unit of `ulen` bytes at `p`: a user-defined symbol (`frozen`)
+/// starts a new segment; the first plain unit of a segment gets a `▁` in front as the rule says.
+#[allow(clippy::too_many_arguments)]
+fn segment_prefix(
+    g: &mut Gen<'_>,
+    c: &Ctx,
+    fl: &Flags,
+    out: Variable,
+    (seg_start, after_symbol): (Variable, Variable),
+    p: Value,
+    ulen: Value,
+    frozen: Value,
+) {
+    let is_frozen = cmp_imm(g, IntCC::NotEqual, frozen, 0);
+    g.if_else(
+        is_frozen,
+        |g| {
+            let one = g.iconst(1);
+            g.set(seg_start, one);
+            g.set(after_symbol, one);
+        },
+        |g| {
+            let ss = g.get(seg_start);
+            let ss = cmp_imm(g, IntCC::NotEqual, ss, 0);
+            g.if_then(ss, |g| {
+                let z = g.iconst(0);
+                g.set(seg_start, z);
+                // Whether the unit is a space or `▁` (read only as far as the unit goes).
+                let spacey = flag(g, false);
+                let b0 = load_u8(g, mem(), p, 0);
+                let one = cmp_imm(g, IntCC::Equal, ulen, 1);
+                let sp = cmp_imm(g, IntCC::Equal, b0, i64::from(b' '));
+                let is_sp = g.b.ins().band(one, sp);
+                let is_sp = to_ptr(g, is_sp);
+                g.set(spacey, is_sp);
+                let three = cmp_imm(g, IntCC::Equal, ulen, SPACE_SYMBOL.len() as i64);
+                g.if_then(three, |g| {
+                    let hit = flag(g, true);
+                    for (k, &byte) in SPACE_SYMBOL.as_bytes().iter().enumerate() {
+                        let b = load_u8(g, mem(), p, k as i32);
+                        let eq = cmp_imm(g, IntCC::Equal, b, i64::from(byte));
+                        let eq = to_ptr(g, eq);
+                        let h = g.get(hit);
+                        let h = g.b.ins().band(h, eq);
+                        g.set(hit, h);
+                    }
+                    let h = g.get(hit);
+                    g.set(spacey, h);
+                });
+                let s = g.get(spacey);
+                let not_spacey = cmp_imm(g, IntCC::Equal, s, 0);
+                let not_spacey = to_ptr(g, not_spacey);
+                let put = match fl.segment_prefix {
+                    SegmentPrefix::None => g.iconst(0),
+                    SegmentPrefix::Always => g.iconst(1),
+                    SegmentPrefix::UnlessSpace => not_spacey,
+                    SegmentPrefix::FirstUnlessSpace => {
+                        let a = g.get(after_symbol);
+                        let first = cmp_imm(g, IntCC::Equal, a, 0);
+                        let first = to_ptr(g, first);
+                        g.b.ins().band(not_spacey, first)
+                    }
+                };
+                g.if_then(put, |g| {
+                    let o = g.get(out);
+                    let pd = g.b.ins().iadd(c.norm, o);
+                    for (k, &byte) in SPACE_SYMBOL.as_bytes().iter().enumerate() {
+                        let v = g.iconst(i64::from(byte));
+                        store_u8(g, v, pd, k as i32);
+                    }
+                    let o = g.b.ins().iadd_imm_s(o, SPACE_SYMBOL.len() as i64);
+                    g.set(out, o);
+                });
+            });
+        },
+    );
+}
+
 /// Phase 2: one symbol per unit of the normalized text (`nlen` bytes), linked in order, with
 /// user-defined symbols frozen. Returns the symbol count and whether it is non-zero.
 fn split_symbols(g: &mut Gen<'_>, c: &Ctx, lay: &Layout, nlen: Value) -> (Value, Value) {
@@ -986,6 +1264,102 @@ fn split_symbols(g: &mut Gen<'_>, c: &Ctx, lay: &Layout, nlen: Value) -> (Value,
         store_u32(g, none, e, 12);
     });
     (nsyms, some)
+}
+
+/// Hugging Face's `ignore_merges`, as the runtime's `take_whole_words`: each stretch of unfrozen
+/// symbols whose whole text is a vocabulary entry becomes one frozen symbol.
+fn take_whole_words(g: &mut Gen<'_>, c: &Ctx, nsyms: Value) {
+    let i = g.var(g.ptr, c.zero);
+    let frozen_at = |g: &mut Gen<'_>, k: Value| {
+        let fa = g.b.ins().iadd(c.freeze, k);
+        load_u8(g, mem(), fa, 0)
+    };
+    while_loop(
+        g,
+        |g| {
+            let iv = g.get(i);
+            g.icmp(IntCC::UnsignedLessThan, iv, nsyms)
+        },
+        |g| {
+            let iv = g.get(i);
+            let f = frozen_at(g, iv);
+            let fz = cmp_imm(g, IntCC::NotEqual, f, 0);
+            g.if_else(
+                fz,
+                |g| {
+                    let i1 = g.b.ins().iadd_imm_s(iv, 1);
+                    g.set(i, i1);
+                },
+                |g| {
+                    // j: the last symbol of the stretch.
+                    let j = g.var(g.ptr, iv);
+                    while_loop(
+                        g,
+                        |g| {
+                            let res = flag(g, false);
+                            let jv = g.get(j);
+                            let j1 = g.b.ins().iadd_imm_s(jv, 1);
+                            let inside = g.icmp(IntCC::UnsignedLessThan, j1, nsyms);
+                            g.if_then(inside, |g| {
+                                let f = frozen_at(g, j1);
+                                let free = cmp_imm(g, IntCC::Equal, f, 0);
+                                let free = to_ptr(g, free);
+                                let free = if c.split_at_space {
+                                    let e = g.addr(c.syms, j1, SYM);
+                                    let word = starts_word(g, c, e);
+                                    let same = cmp_imm(g, IntCC::Equal, word, 0);
+                                    let same = to_ptr(g, same);
+                                    g.b.ins().band(free, same)
+                                } else {
+                                    free
+                                };
+                                g.set(res, free);
+                            });
+                            g.get(res)
+                        },
+                        |g| {
+                            let jv = g.get(j);
+                            let j1 = g.b.ins().iadd_imm_s(jv, 1);
+                            g.set(j, j1);
+                        },
+                    );
+                    let jv = g.get(j);
+                    let si = g.addr(c.syms, iv, SYM);
+                    let sj = g.addr(c.syms, jv, SYM);
+                    let start = load_u32(g, mem(), si, 0);
+                    let jstart = load_u32(g, mem(), sj, 0);
+                    let jlen = load_u32(g, mem(), sj, 4);
+                    let end = g.b.ins().iadd(jstart, jlen);
+                    let n = g.b.ins().isub(end, start);
+                    let p = g.b.ins().iadd(c.norm, start);
+                    let id = g.call(c.lookup, &[p, n]).unwrap_or(p);
+                    let found = cmp_imm(g, IntCC::NotEqual, id, NONE);
+                    g.if_then(found, |g| {
+                        store_u32(g, n, si, 4);
+                        let jnext = load_u32(g, mem(), sj, 12);
+                        store_u32(g, jnext, si, 12);
+                        let one = g.iconst(1);
+                        let fa = g.b.ins().iadd(c.freeze, iv);
+                        store_u8(g, one, fa, 0);
+                        let has_next = cmp_imm(g, IntCC::NotEqual, jnext, NONE);
+                        g.if_then(has_next, |g| {
+                            let sn = g.addr(c.syms, jnext, SYM);
+                            store_u32(g, iv, sn, 8);
+                        });
+                        let i1 = g.b.ins().iadd_imm_s(iv, 1);
+                        let j1 = g.b.ins().iadd_imm_s(jv, 1);
+                        g.for_range(i1, j1, 1, |g, k| {
+                            let sk = g.addr(c.syms, k, SYM);
+                            let z = g.iconst(0);
+                            store_u32(g, z, sk, 4);
+                        });
+                    });
+                    let j1 = g.b.ins().iadd_imm_s(jv, 1);
+                    g.set(i, j1);
+                },
+            );
+        },
+    );
 }
 
 /// Phase 3: BPE merges of the `nsyms` symbols, best-scoring pair first, through the heap.
@@ -1169,6 +1543,90 @@ fn emit_ids(
                             },
                         );
                     });
+                },
+            );
+            g.set(idx, next);
+        },
+    );
+    g.get(written)
+}
+
+/// Phase 4 for a Hugging Face model, as the runtime's `hf_ids`: each surviving symbol's id; a
+/// symbol outside the vocabulary (a single character) gives its bytes' pieces with byte
+/// fallback, else the unknown id (once per run with `fuse_unk`). Returns the count written,
+/// returning early from `tokenize` once `max_ids` are written.
+fn emit_hf_ids(
+    g: &mut Gen<'_>,
+    c: &Ctx,
+    fl: &Flags,
+    hf: HfFlags,
+    ids: Value,
+    max_ids: Value,
+    nonempty: Value,
+) -> Value {
+    let zero = c.zero;
+    let written = g.var(g.ptr, zero);
+    let emit = |g: &mut Gen<'_>, id: Value| {
+        // `written < max_ids` holds here: the call returns as soon as they are equal.
+        let w = g.get(written);
+        let p = g.addr(ids, w, 4);
+        store_u32(g, id, p, 0);
+        let w1 = g.b.ins().iadd_imm_s(w, 1);
+        g.set(written, w1);
+        let full = g.icmp(IntCC::Equal, w1, max_ids);
+        g.if_then(full, |g| g.ret(&[w1]));
+    };
+    let first = g.iconst(0);
+    let none = g.iconst(NONE);
+    let first = g.b.ins().select(nonempty, first, none);
+    let idx = g.var(g.ptr, first);
+    let prev_unknown = flag(g, false);
+    while_loop(
+        g,
+        |g| {
+            let i = g.get(idx);
+            cmp_imm(g, IntCC::NotEqual, i, NONE)
+        },
+        |g| {
+            let i = g.get(idx);
+            let e = g.addr(c.syms, i, SYM);
+            let start = load_u32(g, mem(), e, 0);
+            let slen = load_u32(g, mem(), e, 4);
+            let next = load_u32(g, mem(), e, 12);
+            let p = g.b.ins().iadd(c.norm, start);
+            let id = g.call(c.lookup, &[p, slen]).unwrap_or(p);
+            let found = cmp_imm(g, IntCC::NotEqual, id, NONE);
+            g.if_else(
+                found,
+                |g| {
+                    emit(g, id);
+                    let z = g.iconst(0);
+                    g.set(prev_unknown, z);
+                },
+                |g| {
+                    if fl.byte_fallback {
+                        g.for_n(slen, |g, j| {
+                            let q = g.b.ins().iadd(p, j);
+                            let b = load_u8(g, mem(), q, 0);
+                            let ba = g.addr(c.byte_ids, b, 4);
+                            let bid = load_u32(g, mem_ro(), ba, 0);
+                            emit(g, bid);
+                        });
+                    } else if hf.has_unk {
+                        let pu = g.get(prev_unknown);
+                        let skip = if hf.fuse_unk {
+                            cmp_imm(g, IntCC::NotEqual, pu, 0)
+                        } else {
+                            cmp_imm(g, IntCC::NotEqual, zero, 0)
+                        };
+                        let put = cmp_imm(g, IntCC::Equal, skip, 0);
+                        g.if_then(put, |g| {
+                            let unk = g.iconst(fl.unk_id);
+                            emit(g, unk);
+                        });
+                        let one = g.iconst(1);
+                        g.set(prev_unknown, one);
+                    }
                 },
             );
             g.set(idx, next);

@@ -2,7 +2,10 @@
 //!
 //! A from-scratch reimplementation of what the `sentencepiece` library does for Needle's models
 //! (BPE, identity normalization, byte fallback, user-defined symbols), checked id for id against
-//! the reference's golden vectors.
+//! the reference's golden vectors. A Hugging Face `tokenizer.json` (BPE) is read into the same
+//! tables plus its merge ranks ([`HfBpe`], [`SegmentPrefix`]) and encodes exactly as the
+//! `tokenizers` crate does, or is refused (the `hf` module); `to_hf_json` writes a SentencePiece
+//! model in that form.
 //!
 //! The compiler later emits this same algorithm as machine code over read-only tables, so
 //! everything here is deliberately plain: the model is flattened into [`TokenizerTables`] (arrays
@@ -44,6 +47,11 @@ pub enum TokenizerError {
     Invalid(String),
     #[error("invalid tokenizer.json: {0}")]
     HfJson(String),
+    #[error(
+        "tokenizer.json uses {0}, which needlec cannot reproduce exactly (use the SentencePiece \
+         .model, or a tokenizer.json written by `needlec tokenizer export`)"
+    )]
+    HfUnsupported(String),
 }
 
 /// SentencePiece's piece types, with the protobuf enum's numbering (stored as `u8` in the tables).
@@ -125,6 +133,67 @@ pub struct TokenizerTables {
     pub escape_whitespaces: bool,
     /// What `<unk>` decodes to.
     pub unk_surface: String,
+    /// How each segment between user-defined symbols gets a `▁` (Hugging Face normalizers and
+    /// pre-tokenizers); [`SegmentPrefix::None`] for a SentencePiece model.
+    pub segment_prefix: SegmentPrefix,
+    /// Hugging Face BPE by merge ranks instead of sentencepiece's piece scores (`None` for a
+    /// SentencePiece model).
+    pub hf: Option<HfBpe>,
+}
+
+/// Where a Hugging Face tokenizer.json puts a `▁` in front of a segment: a segment is a stretch of
+/// text between user-defined symbols (added tokens), or the whole text when there are none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentPrefix {
+    /// Never (or only the SentencePiece dummy prefix, see `add_dummy_prefix`).
+    None,
+    /// Before every segment (a `Prepend("▁")` normalizer).
+    Always,
+    /// Before every segment that does not start with a space or `▁` (Metaspace, `always`).
+    UnlessSpace,
+    /// Only before the first segment, if the text does not start with a user-defined symbol, and
+    /// if the segment does not start with a space or `▁` (Metaspace, `first`).
+    FirstUnlessSpace,
+}
+
+/// The Hugging Face BPE model's merge rules, as the `tokenizers` crate applies them.
+///
+/// Symbols start as single characters (or the user-defined symbols, frozen), exactly as for
+/// sentencepiece; what changes is which neighbours merge and in what order. A pair of symbols
+/// `(a, b)` merges when `model.merges` lists it; the pair with the lowest rank goes first (ties:
+/// leftmost). Since every symbol's id is the id of its text (single characters and merge
+/// results are vocabulary entries), a merge is found by text: the concatenation's id plus the
+/// left part's byte length. The merge loop is then the sentencepiece one with `score = -rank`
+/// (exact in f32 for ranks below 2^24).
+#[derive(Debug, Clone)]
+pub struct HfBpe {
+    /// `[result id, left part's byte length, rank]` per merge, sorted by (id, length).
+    pub splits: Vec<[u32; 3]>,
+    /// A segment (pre-tokenized word) that is itself a vocabulary entry becomes that id, unmerged.
+    pub ignore_merges: bool,
+    /// Consecutive unknown characters give one unknown id (only without byte fallback).
+    pub fuse_unk: bool,
+    /// Whether `unk_id` is a real token; without one, unknown characters give no id at all.
+    pub has_unk: bool,
+    /// Metaspace's `split: true`: every `▁` starts a new word, so no merge (and no whole-word
+    /// lookup) reaches across one; a pair whose right symbol starts with `▁` never merges.
+    pub split_at_space: bool,
+}
+
+/// Whether a symbol's bytes start a Metaspace word.
+fn starts_word(bytes: &[u8]) -> bool {
+    bytes.starts_with(SPACE_SYMBOL_BYTES)
+}
+
+impl HfBpe {
+    /// The rank of the merge that makes piece `id` from a left part of `left_len` bytes.
+    pub fn rank(&self, id: u32, left_len: u32) -> Option<u32> {
+        let i = self
+            .splits
+            .binary_search_by(|s| (s[0], s[1]).cmp(&(id, left_len)))
+            .ok()?;
+        self.splits.get(i).map(|s| s[2])
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +215,8 @@ struct Settings {
     remove_extra_whitespaces: bool,
     escape_whitespaces: bool,
     unk_surface: String,
+    segment_prefix: SegmentPrefix,
+    hf: Option<HfBpe>,
 }
 
 impl Default for Settings {
@@ -157,6 +228,8 @@ impl Default for Settings {
             remove_extra_whitespaces: true,
             escape_whitespaces: true,
             unk_surface: DEFAULT_UNK_SURFACE.to_string(),
+            segment_prefix: SegmentPrefix::None,
+            hf: None,
         }
     }
 }
@@ -430,23 +503,29 @@ impl Tokenizer {
                 "no trainer_spec, so model_type is unigram (only BPE is implemented)".into(),
             ));
         }
-        Self::from_raw(pieces, settings, None)
+        Self::from_raw(pieces, settings, None, None)
     }
 
-    /// Builds a tokenizer from a Hugging Face `tokenizer.json` whose model is BPE.
-    ///
-    /// Merge ranks become scores (`-rank` of the first merge that produces a piece), which is
-    /// how sentencepiece-derived tokenizer.json files order their merges; the `hf` module's
-    /// documentation gives the mapping of its normalizer, pre-tokenizer and added tokens.
+    /// Builds a tokenizer from a Hugging Face `tokenizer.json` whose model is BPE, encoding
+    /// exactly as the `tokenizers` crate does (`encode(text, add_special_tokens=false)`), or
+    /// refuses it, naming the feature it cannot reproduce (see the `hf` module).
     pub fn from_hf_json(json: &str) -> Result<Tokenizer, TokenizerError> {
         hf::load(json)
     }
 
-    /// `searchable`: which pieces go into the lookup index (`None` = all).
+    /// This SentencePiece model as a Hugging Face `tokenizer.json` that the `tokenizers` crate
+    /// encodes the same way (see the `hf` module for the form and what is refused).
+    pub fn to_hf_json(&self) -> Result<String, TokenizerError> {
+        hf::to_hf_json(self)
+    }
+
+    /// `searchable`: which pieces go into the lookup index (`None` = all); `matched`: which are
+    /// matched in the text as frozen symbols (`None` = the user-defined pieces).
     fn from_raw(
         pieces: Vec<RawPiece>,
         s: Settings,
         searchable: Option<Vec<bool>>,
+        matched: Option<Vec<bool>>,
     ) -> Result<Tokenizer, TokenizerError> {
         let n = pieces.len();
         if n == 0 {
@@ -493,8 +572,12 @@ impl Tokenizer {
                 _ => {}
             }
         }
-        let unk_id =
-            unk_id.ok_or_else(|| TokenizerError::Invalid("no unknown piece (<unk>)".into()))?;
+        // A Hugging Face BPE model may have no unknown token: unknown characters then vanish.
+        let unk_id = match (unk_id, &s.hf) {
+            (Some(id), _) => id,
+            (None, Some(hf)) if !hf.has_unk => 0,
+            (None, _) => return Err(TokenizerError::Invalid("no unknown piece (<unk>)".into())),
+        };
 
         let mut sorted: Vec<u32> = (0..n as u32)
             .filter(|&i| {
@@ -520,7 +603,10 @@ impl Tokenizer {
             }
         }
         let mut user_defined: Vec<u32> = (0..n as u32)
-            .filter(|&i| kinds[i as usize] == PieceKind::UserDefined as u8)
+            .filter(|&i| match &matched {
+                Some(m) => m.get(i as usize) == Some(&true),
+                None => kinds[i as usize] == PieceKind::UserDefined as u8,
+            })
             .collect();
         user_defined.sort_by(|&a, &b| text_of(b).len().cmp(&text_of(a).len()).then(a.cmp(&b)));
 
@@ -539,6 +625,8 @@ impl Tokenizer {
                 remove_extra_whitespaces: s.remove_extra_whitespaces,
                 escape_whitespaces: s.escape_whitespaces,
                 unk_surface: s.unk_surface,
+                segment_prefix: s.segment_prefix,
+                hf: s.hf,
             },
         })
     }
@@ -631,9 +719,29 @@ impl Tokenizer {
             out.extend_from_slice(space);
         }
         let mut is_prev_space = t.remove_extra_whitespaces;
+        // Segment prefixes (Hugging Face): whether the next plain unit starts a segment, and
+        // whether a user-defined symbol came before it.
+        let mut seg_start = true;
+        let mut after_symbol = false;
         while !input.is_empty() {
-            let (len, _) = self.next_unit(input);
+            let (len, frozen) = self.next_unit(input);
             let (unit, rest) = input.split_at(len);
+            if frozen {
+                seg_start = true;
+                after_symbol = true;
+            } else if seg_start {
+                seg_start = false;
+                let spacey = unit == b" " || unit == SPACE_SYMBOL_BYTES;
+                let prefix = match t.segment_prefix {
+                    SegmentPrefix::None => false,
+                    SegmentPrefix::Always => true,
+                    SegmentPrefix::UnlessSpace => !spacey,
+                    SegmentPrefix::FirstUnlessSpace => !spacey && !after_symbol,
+                };
+                if prefix {
+                    out.extend_from_slice(SPACE_SYMBOL_BYTES);
+                }
+            }
             let mut sp = unit;
             if is_prev_space {
                 while let [b' ', tail @ ..] = sp {
@@ -669,6 +777,12 @@ impl Tokenizer {
         self.encode_normalized(norm.as_bytes())
     }
 
+    /// The ids of an already normalized text (what [`Tokenizer::normalize`] returns): the
+    /// segmentation and merges of [`Tokenizer::encode`] without its normalization.
+    pub fn encode_normalized_text(&self, normalized: &str) -> Vec<u32> {
+        self.encode_normalized(normalized.as_bytes())
+    }
+
     /// Like [`Tokenizer::encode`] but returning the pieces' texts (byte pieces as `<0xNN>`).
     pub fn encode_pieces(&self, text: &str) -> Vec<String> {
         self.encode(text)
@@ -692,6 +806,9 @@ impl Tokenizer {
             });
             pos += len;
         }
+        if self.t.hf.as_ref().is_some_and(|h| h.ignore_merges) {
+            self.take_whole_words(norm, &mut syms);
+        }
 
         // (piece id, left range, right range) for every Unused piece a candidate pair formed;
         // the last entry for an id wins, like the reference's `rev_merge[piece] = ...`.
@@ -714,6 +831,21 @@ impl Tokenizer {
             let Some(id) = self.lookup(&norm[l.start..r.start + r.len]) else {
                 return;
             };
+            if let Some(hf) = &self.t.hf {
+                if hf.split_at_space && starts_word(&norm[r.start..]) {
+                    return;
+                }
+                // Only a listed merge, by its rank (the lowest first).
+                if let Some(rank) = hf.rank(id, l.len as u32) {
+                    agenda.push(Pair {
+                        score: -(rank as f32),
+                        left,
+                        right,
+                        size: l.len + r.len,
+                    });
+                }
+                return;
+            }
             let Some(kind) = self.kind(id) else { return };
             if !kind.mergeable() {
                 return;
@@ -746,6 +878,9 @@ impl Tokenizer {
             add_pair(&syms, &mut agenda, &mut rev_merge, top.left, r.next);
         }
 
+        if let Some(hf) = &self.t.hf {
+            return self.hf_ids(hf, norm, &syms);
+        }
         let mut ids = Vec::with_capacity(syms.len());
         let mut stack: Vec<(usize, usize)> = Vec::new();
         let mut idx = if syms.is_empty() { NONE } else { 0 };
@@ -778,6 +913,69 @@ impl Tokenizer {
                         }));
                     }
                     _ => ids.push(self.t.unk_id),
+                }
+            }
+            idx = s.next;
+        }
+        ids
+    }
+
+    /// Hugging Face's `ignore_merges`: each stretch of unfrozen symbols (a pre-tokenized word)
+    /// whose whole text is a vocabulary entry becomes one frozen symbol.
+    fn take_whole_words(&self, norm: &[u8], syms: &mut [Symbol]) {
+        let mut i = 0;
+        while i < syms.len() {
+            if syms[i].freeze {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            let split = self.t.hf.as_ref().is_some_and(|h| h.split_at_space);
+            while j + 1 < syms.len()
+                && !syms[j + 1].freeze
+                && !(split && starts_word(&norm[syms[j + 1].start..]))
+            {
+                j += 1;
+            }
+            let (start, end) = (syms[i].start, syms[j].start + syms[j].len);
+            if self.lookup(&norm[start..end]).is_some() {
+                syms[i].len = end - start;
+                syms[i].next = syms[j].next;
+                syms[i].freeze = true;
+                if let Some(after) = syms.get_mut(j + 1) {
+                    after.prev = i;
+                }
+                for s in &mut syms[i + 1..=j] {
+                    s.len = 0;
+                }
+            }
+            i = j + 1;
+        }
+    }
+
+    /// The ids of the symbols left after a Hugging Face merge loop: each symbol's text is a
+    /// token, except single characters outside the vocabulary, which become their bytes' pieces
+    /// (`byte_fallback`), one unknown id (per run of them with `fuse_unk`), or nothing.
+    fn hf_ids(&self, hf: &HfBpe, norm: &[u8], syms: &[Symbol]) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(syms.len());
+        let mut prev_unknown = false;
+        let mut idx = if syms.is_empty() { NONE } else { 0 };
+        while idx != NONE {
+            let s = syms[idx];
+            let bytes = &norm[s.start..s.start + s.len];
+            match self.lookup(bytes) {
+                Some(id) => {
+                    ids.push(id);
+                    prev_unknown = false;
+                }
+                None if self.t.byte_fallback => {
+                    ids.extend(bytes.iter().map(|&b| self.t.byte_ids[usize::from(b)]));
+                }
+                None => {
+                    if hf.has_unk && !(hf.fuse_unk && prev_unknown) {
+                        ids.push(self.t.unk_id);
+                    }
+                    prev_unknown = true;
                 }
             }
             idx = s.next;
