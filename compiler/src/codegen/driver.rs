@@ -61,14 +61,31 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "ERR_TOKEN",
         6,
-        "a token id is outside the vocabulary (NAME_call_tokens)",
+        "a token id is outside the vocabulary (name_call_tokens only)",
     ),
     (
         "ERR_OUTPUT",
         7,
         "the answer cannot be rendered exactly as the reference would (see the README)",
     ),
+    (
+        "ERR_NUMERIC",
+        8,
+        "the model's logits are not finite (weights that overflow float32): no answer",
+    ),
 ];
+
+/// The value [`define_driver`]'s internal `generate` returns when a step's chosen logit is not
+/// finite (`NAME_ERR_NUMERIC`): no count of generated ids is this large.
+const GENERATE_NON_FINITE: i64 = -1;
+
+/// Returns `NAME_ERR_NUMERIC` when `generate` returned [`GENERATE_NON_FINITE`].
+fn check_numeric(g: &mut Gen<'_>, n_gen: Value) {
+    let bad =
+        g.b.ins()
+            .icmp_imm_s(IntCC::Equal, n_gen, GENERATE_NON_FINITE);
+    g.if_then(bad, |g| ret_status(g, "ERR_NUMERIC"));
+}
 
 fn status(name: &str) -> i64 {
     STATUSES
@@ -284,6 +301,7 @@ pub fn define_driver(
     )?;
     let l = layout.clone();
     let skips_by_allowed = parts.model.skips_by_allowed;
+    let logits_offset = parts.model.logits_offset;
     ks.define_function(
         generate,
         &[],
@@ -318,6 +336,7 @@ pub fn define_driver(
             let count = g.var(ptr, zero);
             let not_done = g.b.ins().iconst(types::I8, 0);
             let done = g.var(types::I8, not_done);
+            let non_finite = g.var(types::I8, not_done);
             let limit = g.iconst(max_steps);
             g.for_range(zero, limit, 1, |g, pos| {
                 let d = g.get(done);
@@ -341,9 +360,26 @@ pub fn define_driver(
                     let next = g
                         .call(step, &[ws, tok, pos, allowed_ptr, na])
                         .expect("returns");
+                    // A step with a choice (not exactly one allowed id) leaves the chosen id's
+                    // logit in the logits region; one that is not finite (exponent all ones)
+                    // ends the call with NAME_ERR_NUMERIC, as `needlec run` errs.
+                    let chose = g.b.ins().icmp_imm_u(IntCC::NotEqual, na, 1);
+                    g.if_then(chose, |g| {
+                        let logits = at(g, ws, logits_offset);
+                        let i = to_ptr(g, next);
+                        let bits = u32_at(g, mem(), logits, i);
+                        let exp = g.b.ins().band_imm_u(bits, 0x7f80_0000);
+                        let bad = g.b.ins().icmp_imm_u(IntCC::Equal, exp, 0x7f80_0000);
+                        g.if_then(bad, |g| {
+                            let one = g.b.ins().iconst(types::I8, 1);
+                            g.set(non_finite, one);
+                        });
+                    });
                     let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
+                    let nf = g.get(non_finite);
+                    let stop = g.b.ins().bor(is_eos, nf);
                     g.if_else(
-                        is_eos,
+                        stop,
                         |g| {
                             let one = g.b.ins().iconst(types::I8, 1);
                             g.set(done, one);
@@ -361,7 +397,10 @@ pub fn define_driver(
                     );
                 });
             });
-            Some(g.get(count))
+            let nf = g.get(non_finite);
+            let count = g.get(count);
+            let flag = g.iconst(GENERATE_NON_FINITE);
+            Some(g.b.ins().select(nf, flag, count))
         },
     )?;
 
@@ -419,6 +458,7 @@ pub fn define_driver(
                 .expect("returns");
             let n = cut_query(g, n, max_query_tokens, refuse_long);
             let n_gen = g.call(gen_fn, &[ws, ids, n]).expect("returns");
+            check_numeric(g, n_gen);
             let gen = at(g, ws, l.gen_ids);
             let text = at(g, ws, l.text);
             let text_len = g.call(detok, &[gen, n_gen, text]).expect("returns");
@@ -477,6 +517,7 @@ pub fn define_driver(
         let qids = at(g, ws, l.query_ids);
         copy_i32s(g, ids, qids, n);
         let n_gen = g.call(f.get(generate), &[ws, qids, n]).expect("returns");
+        check_numeric(g, n_gen);
         g.b.ins().store(mem(), n_gen, out_len, 0);
         let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n_gen, cap);
         g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));

@@ -174,7 +174,9 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
     for (status, value, doc) in STATUSES {
         extra.push_str(&format!(
             "#define {up}_{status} {value} /* {} */\n",
+            // `NAME_` spells a macro, `name_` a function.
             doc.replace("NAME", &up)
+                .replace("name_", &format!("{name}_"))
         ));
     }
     extra.push_str(&format!(
