@@ -345,3 +345,43 @@ pub fn load_with(
         weights_warning: loaded.warning,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each cause once, and the checkpoint's path once, in the message and in its chain
+    /// (`{:#}`): the wrappers hold their cause in the message, not again as a `source()`.
+    #[test]
+    fn a_truncated_checkpoint_names_its_cause_once() {
+        let dir = std::env::temp_dir().join(format!("needlec-frontend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let full = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-needle/tiny-needle.pkl"),
+        )
+        .unwrap();
+        let cut = dir.join("truncated.pkl");
+        std::fs::write(&cut, &full[..1000]).unwrap();
+        let missing = dir.join("missing.pkl");
+        for (path, cause) in [(&cut, "ends early"), (&missing, "No such file")] {
+            let Err(e) = load_model(path) else {
+                panic!("{} loaded", path.display())
+            };
+            let shown = format!("{:#}", anyhow::Error::new(e));
+            assert_eq!(shown.matches(cause).count(), 1, "{shown}");
+            let name = path.display().to_string();
+            assert_eq!(shown.matches(&name).count(), 1, "{shown}");
+        }
+        let e = load_tokenizer(&missing).err().unwrap();
+        let shown = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn room_for_a_query_is_warned_about_in_exact_mode_only() {
+        assert!(query_room_warning(FoldMode::None, 1010).is_some());
+        assert!(query_room_warning(FoldMode::None, 1024 - 1 - MIN_QUERY_ROOM).is_none());
+        assert!(query_room_warning(FoldMode::Tools, 1020).is_none());
+    }
+}

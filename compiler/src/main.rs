@@ -408,14 +408,12 @@ fn real_main() -> Result<ExitCode> {
             out.flush().context("writing to standard output")?;
         }
         Command::Inspect { path } => {
-            let ckpt = with_spinner("loading checkpoint", || {
-                needlec::load::load_checkpoint(&path)
-            })?;
+            let ckpt = with_spinner("loading checkpoint", || frontend::load_checkpoint_at(&path))?;
             out(needlec::load::inspect_report(&ckpt))?;
         }
         Command::Convert { input, output } => {
             let ckpt = with_spinner("loading checkpoint", || {
-                needlec::load::load_checkpoint(&input)
+                frontend::load_checkpoint_at(&input)
             })?;
             needlec::load::save_safetensors(&ckpt, &output)?;
             eprintln!("wrote {}", output.display());

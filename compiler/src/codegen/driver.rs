@@ -79,12 +79,17 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
 /// finite (`NAME_ERR_NUMERIC`): no count of generated ids is this large.
 const GENERATE_NON_FINITE: i64 = -1;
 
-/// Returns `NAME_ERR_NUMERIC` when `generate` returned [`GENERATE_NON_FINITE`].
-fn check_numeric(g: &mut Gen<'_>, n_gen: Value) {
+/// Returns `NAME_ERR_NUMERIC`, with `*out_len = 0`, when `generate` returned
+/// [`GENERATE_NON_FINITE`].
+fn check_numeric(g: &mut Gen<'_>, n_gen: Value, out_len: Value) {
     let bad =
         g.b.ins()
             .icmp_imm_s(IntCC::Equal, n_gen, GENERATE_NON_FINITE);
-    g.if_then(bad, |g| ret_status(g, "ERR_NUMERIC"));
+    g.if_then(bad, |g| {
+        let zero = g.iconst(0);
+        g.b.ins().store(mem(), zero, out_len, 0);
+        ret_status(g, "ERR_NUMERIC");
+    });
 }
 
 fn status(name: &str) -> i64 {
@@ -458,7 +463,7 @@ pub fn define_driver(
                 .expect("returns");
             let n = cut_query(g, n, max_query_tokens, refuse_long);
             let n_gen = g.call(gen_fn, &[ws, ids, n]).expect("returns");
-            check_numeric(g, n_gen);
+            check_numeric(g, n_gen, out_len);
             let gen = at(g, ws, l.gen_ids);
             let text = at(g, ws, l.text);
             let text_len = g.call(detok, &[gen, n_gen, text]).expect("returns");
@@ -517,7 +522,7 @@ pub fn define_driver(
         let qids = at(g, ws, l.query_ids);
         copy_i32s(g, ids, qids, n);
         let n_gen = g.call(f.get(generate), &[ws, qids, n]).expect("returns");
-        check_numeric(g, n_gen);
+        check_numeric(g, n_gen, out_len);
         g.b.ins().store(mem(), n_gen, out_len, 0);
         let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n_gen, cap);
         g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));

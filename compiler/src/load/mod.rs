@@ -585,3 +585,55 @@ pub fn inspect_report(ckpt: &Checkpoint) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors header of 128 + 256k bytes makes the file start with byte 0x80, as a pickle
+    /// does: byte 8 opening the JSON header decides.
+    #[test]
+    fn a_header_length_starting_0x80_is_safetensors() {
+        let mut data = 0x0280u64.to_le_bytes().to_vec();
+        data.push(b'{');
+        data.resize(8 + 0x280, b' ');
+        assert!(matches!(detect(&data), Format::Safetensors));
+        // A real pickle (protocol 4, a frame) is still a pickle.
+        let pickle = [0x80, 4, 0x95, 0x10, 0, 0, 0, 0, 0, 0, 0, b'}'];
+        assert!(matches!(detect(&pickle), Format::Pickle));
+        // Neither: the likely format is named.
+        let Format::Unknown(found) = detect(b"PK\x03\x04 rest of a zip") else {
+            panic!("a zip is not a checkpoint")
+        };
+        assert!(found.contains("torch.save"), "{found}");
+    }
+
+    /// The I/O error is in the message once and not again as a `source()`, so `{:#}` (the
+    /// message and its chain) holds it once.
+    #[test]
+    fn io_errors_hold_their_cause_once() {
+        let e = load_checkpoint(Path::new("/nonexistent/needle.pkl")).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert_eq!(
+            shown.matches("/nonexistent/needle.pkl").count(),
+            1,
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn reads_are_bounded() {
+        let io = |e: std::io::Error| e.to_string();
+        let r = read_limited(Path::new("/dev/zero"), 1000, 0, io, |_| Ok(())).unwrap();
+        assert!(matches!(r, Limited::TooLarge));
+        // `sniff` refuses before the rest is read.
+        let r = read_limited(Path::new("/dev/zero"), 1 << 40, 16, io, |head| {
+            assert_eq!(head.len(), 16);
+            Err("refused".to_string())
+        });
+        assert_eq!(r.err().as_deref(), Some("refused"));
+        assert_eq!(human_bytes(4 << 30), "4 GiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+}
