@@ -442,7 +442,7 @@ impl Engine {
             };
             let next = choose(i, &logits, allowed);
             let logit = logits[next as usize];
-            if finite && allowed.map_or(true, |a| a.len() != 1) && !logit.is_finite() {
+            if finite && allowed.is_none_or(|a| a.len() != 1) && !logit.is_finite() {
                 return Err(EngineError::NonFiniteLogits {
                     step: i,
                     token: next,

@@ -162,7 +162,7 @@ pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
 /// `n` bytes as `4 GiB`, `64 MiB`, `12 KiB` or `12 bytes` (the largest unit that divides it).
 pub fn human_bytes(n: u64) -> String {
     for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{} {unit}", n / size);
         }
     }
