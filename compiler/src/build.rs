@@ -10,7 +10,7 @@ use needle_ir::{
 };
 use needle_runtime::checkpoint::Checkpoint;
 use needle_runtime::decode::{
-    check_max_query_tokens, check_tools_fit, EngineError, FoldMode, MAX_DECODE_STEPS,
+    check_max_query_tokens, tool_ids, EngineError, FoldMode, MAX_DECODE_STEPS, MAX_GEN_LEN,
     MAX_QUERY_TOKENS,
 };
 use needle_runtime::model::Model;
@@ -21,8 +21,10 @@ use crate::codegen::library::{generate, LibraryInput};
 use crate::codegen::CodegenError;
 use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 
-use crate::frontend::{load_tokenizer, resolve_fold, resolve_weights, FrontendError};
-use crate::load::load_checkpoint;
+use crate::frontend::{
+    check_vocab, load_checkpoint_at, load_tokenizer, query_room_warning, resolve_fold,
+    resolve_weights, FrontendError,
+};
 use crate::lower::lower_for_steps;
 use crate::materialize::materialize_constants;
 use crate::precision::Precision;
@@ -120,16 +122,17 @@ pub enum BuildError {
     Emit(#[from] EmitError),
     #[error(transparent)]
     Report(#[from] ReportError),
-    #[error("writing {path}: {source}")]
+    #[error("writing {}: {cause}", .path.display())]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 /// The largest `--max-gen-len`: the library's decoder positions are planned for
-/// [`MAX_DECODE_STEPS`] steps.
-pub const MAX_GEN_LEN_LIMIT: usize = MAX_DECODE_STEPS + 1;
+/// [`MAX_DECODE_STEPS`] steps; `run`, `trace` and `eval` share the bound.
+pub const MAX_GEN_LEN_LIMIT: usize = MAX_GEN_LEN;
+const _: () = assert!(MAX_GEN_LEN_LIMIT == MAX_DECODE_STEPS + 1);
 
 /// A lowered and optimized program with its constants' data and the inputs it was built from:
 /// what [`build`] hands codegen, as a [`LibraryInput`].
@@ -141,6 +144,8 @@ pub struct Compiled {
     /// the workspace plan.
     pub stages: IrStages,
     pub fold_warning: Option<String>,
+    /// Set when an exact-mode tool list leaves (almost) no room for a query.
+    pub room_warning: Option<String>,
     /// How the weights are stored.
     pub precision: Precision,
     /// Set when `precision` rounds the checkpoint's values: show it once.
@@ -173,25 +178,22 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     if opts.max_query_tokens == Some(0) {
         return Err(FrontendError::from(EngineError::MaxQueryTokensZero).into());
     }
-    let checkpoint: Checkpoint =
-        load_checkpoint(&opts.checkpoint).map_err(|source| FrontendError::Checkpoint {
-            path: opts.checkpoint.clone(),
-            source: Box::new(source),
-        })?;
+    let checkpoint: Checkpoint = load_checkpoint_at(&opts.checkpoint)?;
     // The float32 model the library computes with: the checkpoint's weights in `precision`
     // (what folding precomputes the tools side from).
     let (precision, weights_notice) = resolve_weights(opts.weights, &checkpoint);
-    let model = Model::from_checkpoint_as(&checkpoint, precision).map_err(|source| {
+    let model = Model::from_checkpoint_as(&checkpoint, precision).map_err(|cause| {
         FrontendError::Model {
             path: opts.checkpoint.clone(),
-            source,
+            cause,
         }
     })?;
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
+    check_vocab(&tokenizer, &opts.tokenizer, model.config.vocab_size)?;
     let tools = load_tools_arg(&opts.tools).map_err(FrontendError::from)?;
-    let tool_ids = tokenizer.encode(&tools.normalized_json);
-    check_tools_fit(tool_ids.len()).map_err(FrontendError::from)?;
+    let tool_ids = tool_ids(&tokenizer, &tools.normalized_json).map_err(FrontendError::from)?;
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
+    let room_warning = query_room_warning(fold, tool_ids.len());
     // The same check and the same bound as `needlec run --max-query-tokens`, so they agree.
     let max_query_tokens = match opts.max_query_tokens {
         Some(n) => check_max_query_tokens(n, tool_ids.len()).map_err(FrontendError::from)?,
@@ -228,6 +230,7 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         fold,
         stages,
         fold_warning,
+        room_warning,
         precision,
         weights_notice,
         model,
@@ -289,6 +292,8 @@ pub struct BuildReport {
     pub fold_warning: Option<String>,
     /// Set when `--weights` rounds the checkpoint's values: show it once.
     pub weights_notice: Option<String>,
+    /// Set when an exact-mode tool list leaves (almost) no room for a query: show it once.
+    pub room_warning: Option<String>,
     /// One line for the user: target, fold mode, workspace size.
     pub summary: String,
     /// With [`Emit::Report`]: the size report as a table.
@@ -336,9 +341,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     } else {
         None
     };
-    std::fs::create_dir_all(&opts.out_dir).map_err(|source| BuildError::Write {
+    std::fs::create_dir_all(&opts.out_dir).map_err(|cause| BuildError::Write {
         path: opts.out_dir.clone(),
-        source,
+        cause,
     })?;
     let name = &opts.name;
     let mut written = Vec::new();
@@ -394,6 +399,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         size_report,
         fold_warning: compiled.fold_warning,
         weights_notice: compiled.weights_notice,
+        room_warning: compiled.room_warning,
     })
 }
 
@@ -491,9 +497,9 @@ pub fn staticlib_file(target: &Target, name: &str) -> String {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
-    std::fs::write(path, bytes).map_err(|source| BuildError::Write {
+    std::fs::write(path, bytes).map_err(|cause| BuildError::Write {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 

@@ -6,47 +6,111 @@ use std::path::{Path, PathBuf};
 
 use needle_runtime::checkpoint::Checkpoint;
 use needle_runtime::config::ToolAttention;
-use needle_runtime::decode::{Engine, EngineError, FoldMode, ToolContext};
+use needle_runtime::decode::{
+    query_token_limit, Engine, EngineError, FoldMode, ToolContext, ENCODER_BUDGET, EOS_ID,
+    TOOLS_ID, TOOL_CALL_ID,
+};
 use needle_runtime::model::{Model, ModelError};
 use needle_runtime::quant::{self, Precision};
 use needle_runtime::tokenizer::{Tokenizer, TokenizerError};
 
-use crate::load::{load_checkpoint, LoadError};
+use crate::load::{human_bytes, load_checkpoint, read_limited, Limited, LoadError};
 use crate::tools::{load_tools_arg, ToolSet, ToolsError};
 
+/// Why run, trace or build could not load their inputs. Each message holds its cause, and no
+/// variant exposes it again as `source()`: a chain printer (`{:#}` of `anyhow`) would repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
-    #[error("loading checkpoint {path}: {source}")]
+    #[error("{}", checkpoint_text(.path, .cause))]
     Checkpoint {
         path: PathBuf,
-        source: Box<LoadError>,
+        cause: Box<LoadError>,
     },
-    #[error("checkpoint {path}: {source}")]
-    Model { path: PathBuf, source: ModelError },
-    #[error("cannot read tokenizer {path}: {source}")]
+    #[error("checkpoint {}: {cause}", .path.display())]
+    Model { path: PathBuf, cause: ModelError },
+    #[error("cannot read tokenizer {}: {cause}", .path.display())]
     TokenizerIo {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("loading tokenizer {path}: {source}")]
+    #[error("loading tokenizer {}: {cause}", .path.display())]
     Tokenizer {
         path: PathBuf,
-        source: TokenizerError,
+        cause: TokenizerError,
     },
-    #[error("tokenizer {path} looks like a JSON tokenizer but is not valid UTF-8")]
+    #[error("tokenizer {} looks like a JSON tokenizer but is not valid UTF-8", .path.display())]
     TokenizerUtf8 { path: PathBuf },
-    #[error("tool list: {0}")]
+    #[error(
+        "tokenizer {} is empty (0 bytes): pass the SentencePiece `.model` (or `tokenizer.json`) \
+         the checkpoint was trained with",
+        .path.display()
+    )]
+    TokenizerEmpty { path: PathBuf },
+    #[error(
+        "tokenizer {} is larger than the {} a tokenizer may take: it is not a tokenizer, or not a \
+         file (an endless device or pipe?)",
+        .path.display(), human_bytes(MAX_TOKENIZER_BYTES)
+    )]
+    TokenizerTooLarge { path: PathBuf },
+    #[error(
+        "tokenizer {} has {pieces} pieces, fewer than the {SPECIAL_IDS} special ids every Needle \
+         tokenizer has (EOS = {EOS_ID}, <tool_call> = {TOOL_CALL_ID}, <tools> = {TOOLS_ID}): it \
+         is not a Needle tokenizer",
+        .path.display()
+    )]
+    TokenizerTooSmall { path: PathBuf, pieces: usize },
+    #[error(
+        "tokenizer {} has {tokenizer} pieces but the checkpoint's vocabulary is {model}: the \
+         model would emit ids the tokenizer cannot render (answers would come out cut short), so \
+         they do not belong together; pass the tokenizer the checkpoint was trained with",
+        .path.display()
+    )]
+    VocabMismatch {
+        path: PathBuf,
+        tokenizer: usize,
+        model: usize,
+    },
+    // Tool list errors name their origin (file or inline JSON) themselves.
+    #[error(transparent)]
     Tools(#[from] ToolsError),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
 
+/// The checkpoint's path, then the error, unless the error names the path itself.
+fn checkpoint_text(path: &Path, cause: &LoadError) -> String {
+    if cause.names_path() {
+        cause.to_string()
+    } else {
+        format!("loading checkpoint {}: {cause}", path.display())
+    }
+}
+
+/// The most bytes a tokenizer file may have: a SentencePiece model of 250k pieces is a few MB,
+/// its `tokenizer.json` some tens of MB.
+pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+
+/// Pieces every Needle tokenizer has before its learned ones: ids 0 to [`TOOLS_ID`].
+pub const SPECIAL_IDS: usize = TOOLS_ID as usize + 1;
+
 /// Reads a SentencePiece `.model` file, or a Hugging Face `tokenizer.json` (told apart by content).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, FrontendError> {
-    let bytes = std::fs::read(path).map_err(|source| FrontendError::TokenizerIo {
-        path: path.into(),
-        source,
-    })?;
+    let read = read_limited(
+        path,
+        MAX_TOKENIZER_BYTES,
+        0,
+        |cause| FrontendError::TokenizerIo {
+            path: path.into(),
+            cause,
+        },
+        |_| Ok(()),
+    )?;
+    let Limited::Read(bytes) = read else {
+        return Err(FrontendError::TokenizerTooLarge { path: path.into() });
+    };
+    if bytes.is_empty() {
+        return Err(FrontendError::TokenizerEmpty { path: path.into() });
+    }
     let tokenizer = if bytes.first() == Some(&b'{') {
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| FrontendError::TokenizerUtf8 { path: path.into() })?;
@@ -54,9 +118,59 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, FrontendError> {
     } else {
         Tokenizer::from_model_bytes(&bytes)
     };
-    tokenizer.map_err(|source| FrontendError::Tokenizer {
+    let tokenizer = tokenizer.map_err(|cause| FrontendError::Tokenizer {
         path: path.into(),
-        source,
+        cause,
+    })?;
+    if tokenizer.vocab_size() < SPECIAL_IDS {
+        return Err(FrontendError::TokenizerTooSmall {
+            path: path.into(),
+            pieces: tokenizer.vocab_size(),
+        });
+    }
+    Ok(tokenizer)
+}
+
+/// Refuses a tokenizer whose pieces are not exactly the model's vocabulary: fewer, and the model
+/// emits ids it cannot render; more, and queries tokenize to ids the model has no row for.
+pub fn check_vocab(
+    tokenizer: &Tokenizer,
+    tokenizer_path: &Path,
+    model_vocab: usize,
+) -> Result<(), FrontendError> {
+    if tokenizer.vocab_size() != model_vocab {
+        return Err(FrontendError::VocabMismatch {
+            path: tokenizer_path.into(),
+            tokenizer: tokenizer.vocab_size(),
+            model: model_vocab,
+        });
+    }
+    Ok(())
+}
+
+/// Loads and validates a checkpoint (see [`load_checkpoint`]), naming it in errors.
+pub fn load_checkpoint_at(path: &Path) -> Result<Checkpoint, FrontendError> {
+    load_checkpoint(path).map_err(|cause| FrontendError::Checkpoint {
+        path: path.into(),
+        cause: Box::new(cause),
+    })
+}
+
+/// The fewest query tokens an exact-mode tool list should leave room for; below it `run`,
+/// `trace` and `build` warn (a library would refuse any longer query).
+pub const MIN_QUERY_ROOM: usize = 16;
+
+/// A warning when the tool list leaves room for fewer than [`MIN_QUERY_ROOM`] query tokens in
+/// exact mode (`--fold none`), where a longer query is refused (or, without a bound, the
+/// reference cuts the tools); folded mode cuts the query instead, and says nothing here.
+pub fn query_room_warning(fold: FoldMode, n_tool_tokens: usize) -> Option<String> {
+    let room = query_token_limit(n_tool_tokens);
+    (fold == FoldMode::None && room < MIN_QUERY_ROOM).then(|| {
+        format!(
+            "the tool list takes {n_tool_tokens} tokens, which leaves room for only {room} query \
+             token(s) in the {ENCODER_BUDGET}-token encoder budget (fewer than {MIN_QUERY_ROOM}): \
+             almost every query will be refused or cut; shorten descriptions or drop tools"
+        )
     })
 }
 
@@ -80,15 +194,12 @@ pub fn load_model_as(
     path: &Path,
     requested: Option<Precision>,
 ) -> Result<LoadedModel, FrontendError> {
-    let ckpt = load_checkpoint(path).map_err(|source| FrontendError::Checkpoint {
-        path: path.into(),
-        source: Box::new(source),
-    })?;
+    let ckpt = load_checkpoint_at(path)?;
     let (precision, warning) = resolve_weights(requested, &ckpt);
     let model =
-        Model::from_checkpoint_as(&ckpt, precision).map_err(|source| FrontendError::Model {
+        Model::from_checkpoint_as(&ckpt, precision).map_err(|cause| FrontendError::Model {
             path: path.into(),
-            source,
+            cause,
         })?;
     Ok(LoadedModel {
         model,
@@ -169,6 +280,8 @@ pub struct Loaded {
     pub tools: ToolSet,
     /// Set when the fold mode departs from the checkpoint's semantics.
     pub fold_warning: Option<String>,
+    /// Set when the tool list leaves (almost) no room for a query ([`query_room_warning`]).
+    pub room_warning: Option<String>,
     /// The weight precision the engine computes with.
     pub weights: Precision,
     /// Set when that precision rounds the checkpoint's values.
@@ -181,6 +294,7 @@ impl Loaded {
         self.weights_warning
             .iter()
             .chain(&self.fold_warning)
+            .chain(&self.room_warning)
             .map(String::as_str)
     }
 }
@@ -212,10 +326,13 @@ pub fn load_with(
         return Err(EngineError::MaxQueryTokensZero.into());
     }
     let loaded = load_model_as(checkpoint, options.weights)?;
-    let tokenizer = load_tokenizer(tokenizer)?;
+    let tokenizer_path = tokenizer;
+    let tokenizer = load_tokenizer(tokenizer_path)?;
+    check_vocab(&tokenizer, tokenizer_path, loaded.model.config.vocab_size)?;
     let tools = load_tools_arg(tools)?;
     let (fold, fold_warning) = resolve_fold(options.fold, loaded.model.config.tool_attention);
     let mut engine = Engine::new(loaded.model, tokenizer, tools.context(), fold)?;
+    let room_warning = query_room_warning(fold, engine.tool_ids().len());
     if let Some(n) = options.max_query_tokens {
         engine = engine.with_max_query_tokens(n)?;
     }
@@ -223,7 +340,48 @@ pub fn load_with(
         engine,
         tools,
         fold_warning,
+        room_warning,
         weights: loaded.precision,
         weights_warning: loaded.warning,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each cause once, and the checkpoint's path once, in the message and in its chain
+    /// (`{:#}`): the wrappers hold their cause in the message, not again as a `source()`.
+    #[test]
+    fn a_truncated_checkpoint_names_its_cause_once() {
+        let dir = std::env::temp_dir().join(format!("needlec-frontend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let full = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-needle/tiny-needle.pkl"),
+        )
+        .unwrap();
+        let cut = dir.join("truncated.pkl");
+        std::fs::write(&cut, &full[..1000]).unwrap();
+        let missing = dir.join("missing.pkl");
+        for (path, cause) in [(&cut, "ends early"), (&missing, "No such file")] {
+            let Err(e) = load_model(path) else {
+                panic!("{} loaded", path.display())
+            };
+            let shown = format!("{:#}", anyhow::Error::new(e));
+            assert_eq!(shown.matches(cause).count(), 1, "{shown}");
+            let name = path.display().to_string();
+            assert_eq!(shown.matches(&name).count(), 1, "{shown}");
+        }
+        let e = load_tokenizer(&missing).err().unwrap();
+        let shown = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn room_for_a_query_is_warned_about_in_exact_mode_only() {
+        assert!(query_room_warning(FoldMode::None, 1010).is_some());
+        assert!(query_room_warning(FoldMode::None, 1024 - 1 - MIN_QUERY_ROOM).is_none());
+        assert!(query_room_warning(FoldMode::Tools, 1020).is_none());
+    }
 }

@@ -11,6 +11,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use needle_runtime::decode::{Engine, FoldMode, Generation, DEFAULT_MAX_GEN_LEN};
+
+/// `--max-gen-len` within `2..=512`, checked before anything is loaded.
+fn check_max_gen_len(n: usize) -> Result<()> {
+    Ok(needle_runtime::decode::check_max_gen_len(n)?)
+}
 use needle_runtime::quant::Precision;
 use needlec::build::{self, BuildOptions, Emit};
 use needlec::frontend;
@@ -266,11 +271,31 @@ enum TokenizerCommand {
 fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
+        // The reader went away (`needlec trace | head`): nothing left to say, and no one to say it
+        // to; end quietly like other command-line tools.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes `text` to standard output and flushes it, so that a closed pipe or a full disk is an
+/// error here (not a panic in `println!`, nor lost at exit).
+fn out(text: impl std::fmt::Display) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    write!(lock, "{text}")
+        .and_then(|()| lock.flush())
+        .context("writing to standard output")
 }
 
 /// The error and its causes joined by `: `, each cause once: errors that already print their
@@ -295,11 +320,12 @@ fn real_main() -> Result<ExitCode> {
             confidence,
         } => {
             let query = utf8_query(query)?;
+            check_max_gen_len(model.max_gen_len)?;
             let engine = load_engine(&model)?;
             let generation = engine.generate(&query, model.max_gen_len)?;
-            println!("{}", generation.output);
+            out(format_args!("{}\n", generation.output))?;
             if confidence {
-                println!("{}", confidence_json(&engine, &generation));
+                out(format_args!("{}\n", confidence_json(&engine, &generation)))?;
             }
         }
         Command::Build {
@@ -365,6 +391,9 @@ fn real_main() -> Result<ExitCode> {
             if let Some(notice) = report.weights_notice {
                 eprintln!("note: {notice}");
             }
+            if let Some(warning) = report.room_warning {
+                eprintln!("warning: {warning}");
+            }
             eprintln!("{}", report.summary);
             if let Some(table) = &report.size_report {
                 print!("{table}");
@@ -376,17 +405,15 @@ fn real_main() -> Result<ExitCode> {
         Command::Targets => {
             for t in needle_targets::supported() {
                 let target = needle_targets::Target::from_triple(t.triple)?;
-                println!("{:<30} {}", t.triple, t.note);
-                println!(
-                    "{:<30} --cpu: {}",
+                out(format_args!(
+                    "{:<30} {}\n{:<30} --cpu: {}\n{:<30} --features: {}\n",
+                    t.triple,
+                    t.note,
                     "",
-                    needle_targets::cpus(target.arch).join(", ")
-                );
-                println!(
-                    "{:<30} --features: {}",
+                    needle_targets::cpus(target.arch).join(", "),
                     "",
                     needle_targets::known_features(target.arch).join(", ")
-                );
+                ))?;
             }
         }
         Command::Trace {
@@ -395,13 +422,14 @@ fn real_main() -> Result<ExitCode> {
             answer,
         } => {
             let query = utf8_query(query)?;
+            check_max_gen_len(model.max_gen_len)?;
             let engine = load_engine(&model)?;
             let generation = match answer {
                 Some(answer) => engine.forced(&query, &engine.tokenizer.encode(&answer))?,
                 None => engine.generate(&query, model.max_gen_len)?,
             };
             let confidence = confidence_json(&engine, &generation);
-            println!("{}", trace_json(&generation, confidence));
+            out(format_args!("{}\n", trace_json(&generation, confidence)))?;
         }
         Command::Tokenize { tokenizer } => {
             let tokenizer = frontend::load_tokenizer(&tokenizer)?;
@@ -418,8 +446,10 @@ fn real_main() -> Result<ExitCode> {
                         n + 1
                     )
                 })?;
-                writeln!(out, "{}", serde_json::to_string(&tokenizer.encode(&text))?)?;
+                writeln!(out, "{}", serde_json::to_string(&tokenizer.encode(&text))?)
+                    .context("writing to standard output")?;
             }
+            out.flush().context("writing to standard output")?;
         }
         Command::Tokenizer(TokenizerCommand::Export { tokenizer, output }) => {
             let tok = frontend::load_tokenizer(&tokenizer)?;
@@ -430,14 +460,12 @@ fn real_main() -> Result<ExitCode> {
                 .with_context(|| format!("writing {}", output.display()))?;
         }
         Command::Inspect { path } => {
-            let ckpt = with_spinner("loading checkpoint", || {
-                needlec::load::load_checkpoint(&path)
-            })?;
-            print!("{}", needlec::load::inspect_report(&ckpt));
+            let ckpt = with_spinner("loading checkpoint", || frontend::load_checkpoint_at(&path))?;
+            out(needlec::load::inspect_report(&ckpt))?;
         }
         Command::Convert { input, output } => {
             let ckpt = with_spinner("loading checkpoint", || {
-                needlec::load::load_checkpoint(&input)
+                frontend::load_checkpoint_at(&input)
             })?;
             needlec::load::save_safetensors(&ckpt, &output)?;
             eprintln!("wrote {}", output.display());
@@ -510,7 +538,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
-    print!("{}", report.table());
+    out(report.table())?;
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n")

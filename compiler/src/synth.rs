@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use needle_runtime::checkpoint::{expected_tensors, Checkpoint, DType, Tensor};
 use needle_runtime::config::Config;
 
-use crate::load::{config_from_json, LoadError};
+use crate::load::{config_from_json, human_bytes, LoadError, MAX_CHECKPOINT_BYTES};
 
 /// splitmix64: tiny, fast, and statistically good enough for weights.
 struct SplitMix(u64);
@@ -155,5 +155,22 @@ pub fn parse_config_spec(spec: &str) -> Result<Config, LoadError> {
         }
     };
     config.validate()?;
+    // The float32 bytes the checkpoint takes, without overflow: a huge config is refused here
+    // rather than aborting on allocation, at the bound `load_checkpoint` reads back.
+    let bytes: u128 = expected_tensors(&config)
+        .iter()
+        .map(|(_, shape)| shape.iter().map(|&d| d as u128).product::<u128>() * 4)
+        .sum();
+    if bytes > u128::from(MAX_CHECKPOINT_BYTES) {
+        return Err(LoadError::Config {
+            key: None,
+            problem: format!(
+                "this config makes a checkpoint of {bytes} bytes in float32, more than the {} \
+                 needlec reads back as a checkpoint; use smaller dimensions (`full`, the 26M \
+                 Needle model, is about 105 MB)",
+                human_bytes(MAX_CHECKPOINT_BYTES)
+            ),
+        });
+    }
     Ok(config)
 }

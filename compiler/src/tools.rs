@@ -36,6 +36,7 @@
 //! no parameters. Lists may mix both formats element by element.
 
 use std::fmt;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use needle_runtime::pyjson::{self, Value};
@@ -82,11 +83,24 @@ impl fmt::Display for Origin {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolsError {
-    #[error("cannot read {}: {source}; check the --tools path (inline JSON must start with '[')", .path.display())]
+    // The I/O error is part of the message, not a `source()`: a chain printer would repeat it.
+    #[error("cannot read {}: {cause}; check the --tools path (inline JSON must start with '[')", .path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
+    #[error(
+        "tool list file {} is larger than the {} MiB a tool list may take (one that fits the \
+         model's 1024-token encoder budget is a few KB): it is not a tool list, or not a file \
+         (an endless device or pipe?)",
+        .path.display(), MAX_TOOLS_BYTES >> 20
+    )]
+    TooLarge { path: PathBuf },
+    #[error(
+        "{origin} is empty (`[]`): the model would then invent a tool to call; give at least one \
+         tool"
+    )]
+    Empty { origin: Origin },
     #[error("{} is not valid UTF-8 (first bad byte at offset {offset}); save it as UTF-8", .path.display())]
     InvalidUtf8 { path: PathBuf, offset: usize },
     #[error(
@@ -139,29 +153,53 @@ pub enum ToolsError {
     },
 }
 
+/// The most bytes a `--tools` file may have. A list must fit the encoder's 1024-token budget,
+/// a few KB of JSON even pretty-printed; this bound only keeps endless inputs from exhausting
+/// memory, and the token budget itself is checked while tokenizing.
+pub const MAX_TOOLS_BYTES: u64 = 4 << 20;
+
 /// Parses and normalizes a tool list given as JSON text.
 pub fn parse_tools(json_text: &str) -> Result<ToolSet, ToolsError> {
     parse_from(json_text, Origin::Text)
 }
 
 /// The `--tools` argument: inline JSON when it starts with `[` after leading whitespace, else a
-/// file path.
+/// file path. An app's tool list may not be empty (a list in eval data may).
 pub fn load_tools_arg(arg: &str) -> Result<ToolSet, ToolsError> {
+    let (set, origin) = load_tools_arg_any(arg)?;
+    if set.tools.is_empty() {
+        return Err(ToolsError::Empty { origin });
+    }
+    Ok(set)
+}
+
+fn load_tools_arg_any(arg: &str) -> Result<(ToolSet, Origin), ToolsError> {
     if arg.trim_start().starts_with('[') {
-        return parse_from(arg, Origin::Inline);
+        return Ok((parse_from(arg, Origin::Inline)?, Origin::Inline));
     }
     let path = Path::new(arg);
-    let bytes = std::fs::read(path).map_err(|source| ToolsError::Read {
+    let read_err = |cause| ToolsError::Read {
         path: path.to_path_buf(),
-        source,
-    })?;
+        cause,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_TOOLS_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_TOOLS_BYTES {
+        return Err(ToolsError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
     let text = String::from_utf8(bytes).map_err(|e| ToolsError::InvalidUtf8 {
         path: path.to_path_buf(),
         offset: e.utf8_error().valid_up_to(),
     })?;
     // Editors on Windows like to prepend a BOM; it carries no meaning in a JSON file.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    parse_from(text, Origin::File(path.to_path_buf()))
+    let origin = Origin::File(path.to_path_buf());
+    Ok((parse_from(text, origin.clone())?, origin))
 }
 
 fn parse_from(text: &str, origin: Origin) -> Result<ToolSet, ToolsError> {

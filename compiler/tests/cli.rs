@@ -518,7 +518,8 @@ fn a_kernel_with_an_empty_input_axis_cannot_be_quantized() {
         "d2.safetensors",
     );
     let tok = golden_arg("dev4k.model");
-    let mut args = run_args(&ckpt, "[]", &tok, "hi");
+    let tools = r#"[{"name":"ping","description":"Ping.","parameters":{}}]"#;
+    let mut args = run_args(&ckpt, tools, &tok, "hi");
     args.extend(["--max-gen-len", "3"]);
     stdout(&needlec(&args));
     args.extend(["--weights", "int4"]);

@@ -391,9 +391,9 @@ fn unreadable_file() {
     let missing = std::env::temp_dir().join("needlec-tools-definitely-missing.json");
     let e = load_tools_arg(missing.to_str().unwrap()).unwrap_err();
     match &e {
-        ToolsError::Read { path, source } => {
+        ToolsError::Read { path, cause } => {
             assert_eq!(path, &missing);
-            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            assert_eq!(cause.kind(), std::io::ErrorKind::NotFound);
         }
         other => panic!("{other:?}"),
     }

@@ -26,6 +26,10 @@ pub const DEFAULT_MAX_GEN_LEN: usize = 512;
 /// cache for: the reference's default `max_gen_len - 1`, so a build's `max_gen_len` is at most
 /// `MAX_DECODE_STEPS + 1`. The runtime itself has no such bound.
 pub const MAX_DECODE_STEPS: usize = DEFAULT_MAX_GEN_LEN - 1;
+/// The largest `max_gen_len` anything accepts (`run`, `trace`, `eval`, `build`): the
+/// reference's default. A model that never emits EOS then stops after 511 tokens instead of
+/// running for minutes at a cost quadratic in the length.
+pub const MAX_GEN_LEN: usize = MAX_DECODE_STEPS + 1;
 
 /// How the tools side of the encoder is computed (spec section 6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,15 +68,27 @@ pub enum EngineError {
     )]
     VocabMismatch { tokenizer: usize, model: usize },
     #[error(
-        "the tool list takes {tool_tokens} tokens, which leaves no room for a query in the \
+        "the tool list takes {}{tool_tokens} tokens, which leaves no room for a query in the \
          {ENCODER_BUDGET}-token encoder budget (the `<tools>` marker takes one more); shorten \
-         descriptions or drop tools"
+         descriptions or drop tools",
+        if *.at_least { "at least " } else { "" }
     )]
-    ToolsTooLong { tool_tokens: usize },
+    ToolsTooLong {
+        tool_tokens: usize,
+        /// Counted from the text's length without tokenizing it all ([`tool_ids`]).
+        at_least: bool,
+    },
     #[error(
-        "max_gen_len must be at least 2 (it allows max_gen_len - 1 generated tokens), got {0}"
+        "--max-gen-len must be between 2 and {MAX_GEN_LEN} (it allows max_gen_len - 1 generated \
+         tokens), got {0}"
     )]
     MaxGenLen(usize),
+    #[error(
+        "the model's logits are not finite at decoder step {step} (the chosen token {token} has \
+         logit {logit}): the weights are finite but overflow float32 at run time, so there is no \
+         answer to give; the checkpoint is corrupt or its training diverged: use an earlier one"
+    )]
+    NonFiniteLogits { step: usize, token: u32, logit: f32 },
     #[error("answer token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error(
@@ -210,8 +226,7 @@ impl Engine {
                 model: model.config.vocab_size,
             });
         }
-        let tool_ids = tokenizer.encode(&tools.normalized_json);
-        check_tools_fit(tool_ids.len())?;
+        let tool_ids = tool_ids(&tokenizer, &tools.normalized_json)?;
         let grammar = GrammarTables::new(&tokenizer.token_texts(), &tools.signatures);
         let folded = (fold == FoldMode::Tools)
             .then(|| FoldedTools::precompute(&model, &tools_side(&tool_ids)));
@@ -369,19 +384,20 @@ impl Engine {
     }
 
     /// Greedy decoding under the reference grammar, at most `max_gen_len - 1` tokens.
+    /// A step with a choice (not exactly one allowed token) whose chosen token's logit is not
+    /// finite ends it with [`EngineError::NonFiniteLogits`], as a library's `NAME_ERR_NUMERIC`.
     pub fn generate(&self, query: &str, max_gen_len: usize) -> Result<Generation, EngineError> {
-        if max_gen_len < 2 {
-            return Err(EngineError::MaxGenLen(max_gen_len));
-        }
+        check_max_gen_len(max_gen_len)?;
         let prompt = self.checked_prompt(query)?;
-        Ok(self.decode(
+        self.decode(
             prompt,
             max_gen_len - 1,
+            true,
             |_, logits, allowed| match allowed {
                 Some(ids) => argmax_among(logits, ids),
                 None => argmax(logits),
             },
-        ))
+        )
     }
 
     /// Teacher-forced run over `[EOS, <tool_call>] + answer_ids`: the logits at every decoder
@@ -394,20 +410,23 @@ impl Engine {
         let prompt = self.checked_prompt(query)?;
         let mut forced = vec![TOOL_CALL_ID];
         forced.extend_from_slice(answer_ids);
-        Ok(self.decode(prompt, forced.len() + 1, |i, _, _| {
+        // Teacher forcing shows the logits whatever they are (`needlec trace --answer`).
+        self.decode(prompt, forced.len() + 1, false, |i, _, _| {
             forced.get(i).copied().unwrap_or(EOS_ID)
-        }))
+        })
     }
 
     /// The decode loop both views share: from `[EOS]` over the encoded `prompt`, at most `max_steps` decoder steps, each
     /// recording the logits and the grammar's view, then taking `choose(step, logits, allowed)`
-    /// as the next token; EOS ends it.
+    /// as the next token; EOS ends it. With `finite`, a chosen logit that is not finite (where
+    /// the step had a choice) is an error.
     fn decode(
         &self,
         prompt: Prompt,
         max_steps: usize,
+        finite: bool,
         mut choose: impl FnMut(usize, &[f32], Option<&[u32]>) -> u32,
-    ) -> Generation {
+    ) -> Result<Generation, EngineError> {
         let cross = self.encode_prompt(&prompt);
         let mut cache = DecoderCache::new(&self.model);
         let mut grammar = Grammar::new(&self.grammar);
@@ -422,6 +441,14 @@ impl Engine {
                 None
             };
             let next = choose(i, &logits, allowed);
+            let logit = logits[next as usize];
+            if finite && allowed.is_none_or(|a| a.len() != 1) && !logit.is_finite() {
+                return Err(EngineError::NonFiniteLogits {
+                    step: i,
+                    token: next,
+                    logit,
+                });
+            }
             let (prob, margin) = masked_prob_and_margin(&logits, allowed, next);
             steps.push(Step {
                 top: top_k(&logits, 5),
@@ -441,14 +468,40 @@ impl Engine {
         let gen_ids = dec_ids[1..].to_vec();
         let text = self.tokenizer.decode(&gen_ids);
         let output = postprocess(&text, &self.tools.name_map);
-        Generation {
+        Ok(Generation {
             prompt,
             dec_ids,
             gen_ids,
             text,
             output,
             steps,
+        })
+    }
+}
+
+/// Refuses a `max_gen_len` outside `2..=`[`MAX_GEN_LEN`]; `run`, `trace`, `eval` and `build`
+/// share it.
+pub fn check_max_gen_len(max_gen_len: usize) -> Result<(), EngineError> {
+    if !(2..=MAX_GEN_LEN).contains(&max_gen_len) {
+        return Err(EngineError::MaxGenLen(max_gen_len));
+    }
+    Ok(())
+}
+
+/// The tool list's token ids, refused when they leave no room for a query
+/// ([`check_tools_fit`]). The budget is checked before tokenizing
+/// ([`Tokenizer::encode_at_most`]): a list far too long is refused after reading it once, not
+/// after tokenizing it all.
+pub fn tool_ids(tokenizer: &Tokenizer, normalized_json: &str) -> Result<Vec<u32>, EngineError> {
+    match tokenizer.encode_at_most(normalized_json, ENCODER_BUDGET - 2) {
+        Ok(ids) => {
+            check_tools_fit(ids.len())?;
+            Ok(ids)
         }
+        Err(at_least) => Err(EngineError::ToolsTooLong {
+            tool_tokens: at_least,
+            at_least: true,
+        }),
     }
 }
 
@@ -457,7 +510,10 @@ impl Engine {
 /// to nothing, which no caller wants.
 pub fn check_tools_fit(tool_tokens: usize) -> Result<(), EngineError> {
     if tool_tokens + 1 >= ENCODER_BUDGET {
-        return Err(EngineError::ToolsTooLong { tool_tokens });
+        return Err(EngineError::ToolsTooLong {
+            tool_tokens,
+            at_least: false,
+        });
     }
     Ok(())
 }

@@ -14,8 +14,10 @@ use crate::quant::{self, Precision, PrecisionError};
 /// Why a checkpoint cannot be used as a Needle v1 model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    // Not `#[from]`, which would also make the config error a `source()` that a chain printer
+    // repeats after this message, which already holds it.
     #[error("invalid config: {0}")]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
     #[error(
         "tensor `{path}` is missing; a Needle v1 checkpoint with this config needs it with shape \
          {expected:?} (is this a Needle v1 checkpoint, and does the file hold the whole `params` tree?)"
@@ -40,6 +42,12 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Precision(#[from] PrecisionError),
+}
+
+impl From<ConfigError> for ModelError {
+    fn from(e: ConfigError) -> Self {
+        ModelError::Config(e)
+    }
 }
 
 /// Checks that a checkpoint has every tensor its config implies, with the right shape and byte

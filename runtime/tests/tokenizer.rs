@@ -292,3 +292,24 @@ fn byte_runs_decode_like_sentencepiece() {
     assert_eq!(tok.decode(&[4, 298]), "<tool_call> a");
     assert_eq!(tok.decode(&[u32::MAX, 298]), "a");
 }
+
+/// `encode_at_most` gives `encode`'s ids when they fit, and otherwise a count of at least as
+/// many tokens as `max`, which never exceeds the real count (a lower bound from the text's
+/// length, so an overlong text is not tokenized).
+#[test]
+fn encode_at_most_bounds_the_work_by_the_budget() {
+    let tok = dev4k();
+    let text = "Set an alarm for 7:30 tomorrow and call it \"run\". ".repeat(40);
+    let all = tok.encode(&text);
+    assert_eq!(tok.encode_at_most(&text, all.len()), Ok(all.clone()));
+    let over = tok.encode_at_most(&text, all.len() - 1).unwrap_err();
+    assert!(over > all.len() - 1 && over <= all.len(), "{over}");
+    // Far over the budget: refused from the length alone, with a bound at most the real count.
+    let at_least = tok.encode_at_most(&text, 10).unwrap_err();
+    assert!(at_least > 10 && at_least <= all.len(), "{at_least}");
+    assert!(tok.max_piece_bytes() >= 4);
+    let huge = "lights ".repeat(2_000_000);
+    let start = std::time::Instant::now();
+    assert!(tok.encode_at_most(&huge, 1022).unwrap_err() > 1022);
+    assert!(start.elapsed() < std::time::Duration::from_secs(2));
+}

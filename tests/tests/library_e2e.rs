@@ -1027,3 +1027,41 @@ fn call_ex_reports_the_runtimes_confidence_tool_and_escalate_bit() {
         [-1, 0, 1, 2, 3, 4, 5]
     );
 }
+
+/// Weights that are finite (the loader accepts them) but overflow float32 at run time make the
+/// logits NaN or infinite: the library returns `NEEDLE_ERR_NUMERIC` (8), as `needlec run`
+/// errs, rather than OK with an empty or arbitrary answer.
+#[test]
+fn overflowing_weights_give_err_numeric() {
+    let config = needlec::synth::parse_config_spec("tiny").unwrap();
+    let mut ckpt =
+        needlec::synth::synth_checkpoint(&config, 3, needle_runtime::checkpoint::DType::F32);
+    let scale = ckpt.tensors.get_mut("decoder/ZCRMSNorm_0/scale").unwrap();
+    for v in scale.bytes.chunks_exact_mut(4) {
+        v.copy_from_slice(&3e38f32.to_le_bytes());
+    }
+    let dir = work_dir("overflow");
+    let path = dir.join("overflow.safetensors");
+    needlec::load::save_safetensors(&ckpt, &path).unwrap();
+    let tools = std::fs::read_to_string(tiny_needle("tools.json")).unwrap();
+    let model = needle_runtime::model::Model::from_checkpoint(&ckpt).unwrap();
+    let tokenizer = load_tokenizer(&golden("dev4k.model")).unwrap();
+    let queries = ["turn on the lights in the kitchen", "hi"];
+    for fold in [FoldMode::None, FoldMode::Tools] {
+        let exe = build_library(&format!("overflow-{}", fold.name()), |out| {
+            options(&path, &golden("dev4k.model"), &tools, Some(fold), 16, out)
+        });
+        let engine = Engine::new(
+            model.clone(),
+            tokenizer.clone(),
+            parse_tools(&tools).unwrap().context(),
+            fold,
+        )
+        .unwrap();
+        for (q, (status, output)) in queries.iter().zip(answers(&exe, "answer", &queries)) {
+            let err = engine.generate(q, 16).unwrap_err();
+            assert!(err.to_string().contains("not finite"), "{err}");
+            assert_eq!((status, output.as_str()), (8, ""), "{fold:?} {q:?}");
+        }
+    }
+}

@@ -50,7 +50,7 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "ERR_ARGUMENT",
         2,
-        "a NULL pointer where data is required (query, out, out_len; NAME_call_ex's result)",
+        "a NULL pointer where data is required (query, out, out_len; name_call_ex's result)",
     ),
     ("ERR_UTF8", 3, "the query is not valid UTF-8"),
     (
@@ -67,14 +67,36 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "ERR_TOKEN",
         6,
-        "a token id is outside the vocabulary (NAME_call_tokens)",
+        "a token id is outside the vocabulary (name_call_tokens only)",
     ),
     (
         "ERR_OUTPUT",
         7,
         "the answer cannot be rendered exactly as the reference would (see the README)",
     ),
+    (
+        "ERR_NUMERIC",
+        8,
+        "the model's logits are not finite (weights that overflow float32): no answer",
+    ),
 ];
+
+/// The value [`define_driver`]'s internal `generate` returns when a step's chosen logit is not
+/// finite (`NAME_ERR_NUMERIC`): no count of generated ids is this large.
+const GENERATE_NON_FINITE: i64 = -1;
+
+/// Returns `NAME_ERR_NUMERIC`, with `*out_len = 0`, when `generate` returned
+/// [`GENERATE_NON_FINITE`].
+fn check_numeric(g: &mut Gen<'_>, n_gen: Value, out_len: Value) {
+    let bad =
+        g.b.ins()
+            .icmp_imm_s(IntCC::Equal, n_gen, GENERATE_NON_FINITE);
+    g.if_then(bad, |g| {
+        let zero = g.iconst(0);
+        g.b.ins().store(mem(), zero, out_len, 0);
+        ret_status(g, "ERR_NUMERIC");
+    });
+}
 
 fn status(name: &str) -> i64 {
     STATUSES
@@ -391,6 +413,7 @@ pub fn define_driver(
             let not_done = g.b.ins().iconst(types::I8, 0);
             let done = g.var(types::I8, not_done);
             let conf = Confidence::new(g);
+            let non_finite = g.var(types::I8, not_done);
             let limit = g.iconst(max_steps);
             g.for_range(zero, limit, 1, |g, pos| {
                 let d = g.get(done);
@@ -419,9 +442,26 @@ pub fn define_driver(
                         let logits = at(g, ws, logits_offset);
                         conf.step(g, logits, allowed_ptr, na, next, vocab);
                     });
+                    // A step with a choice (not exactly one allowed id) leaves the chosen id's
+                    // logit in the logits region; one that is not finite (exponent all ones)
+                    // ends the call with NAME_ERR_NUMERIC, as `needlec run` errs.
+                    let chose = g.b.ins().icmp_imm_u(IntCC::NotEqual, na, 1);
+                    g.if_then(chose, |g| {
+                        let logits = at(g, ws, logits_offset);
+                        let i = to_ptr(g, next);
+                        let bits = u32_at(g, mem(), logits, i);
+                        let exp = g.b.ins().band_imm_u(bits, 0x7f80_0000);
+                        let bad = g.b.ins().icmp_imm_u(IntCC::Equal, exp, 0x7f80_0000);
+                        g.if_then(bad, |g| {
+                            let one = g.b.ins().iconst(types::I8, 1);
+                            g.set(non_finite, one);
+                        });
+                    });
                     let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
+                    let nf = g.get(non_finite);
+                    let stop = g.b.ins().bor(is_eos, nf);
                     g.if_else(
-                        is_eos,
+                        stop,
                         |g| {
                             let one = g.b.ins().iconst(types::I8, 1);
                             g.set(done, one);
@@ -441,7 +481,10 @@ pub fn define_driver(
             });
             let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
             g.if_then(wanted, |g| conf.store(g, result));
-            Some(g.get(count))
+            let nf = g.get(non_finite);
+            let count = g.get(count);
+            let flag = g.iconst(GENERATE_NON_FINITE);
+            Some(g.b.ins().select(nf, flag, count))
         },
     )?;
 
@@ -533,6 +576,7 @@ pub fn define_driver(
         let n_gen = g
             .call(f.get(generate), &[ws, qids, n, null])
             .expect("returns");
+        check_numeric(g, n_gen, out_len);
         g.b.ins().store(mem(), n_gen, out_len, 0);
         let small = g.b.ins().icmp(IntCC::UnsignedGreaterThan, n_gen, cap);
         g.if_then(small, |g| ret_status(g, "ERR_OUT_TOO_SMALL"));
@@ -797,6 +841,7 @@ impl TextCall {
         if ex {
             self.store_escalate(g, result);
         }
+        check_numeric(g, n_gen, out_len);
         let gen = at(g, ws, l.gen_ids);
         let text = at(g, ws, l.text);
         let text_len = g.call(detok, &[gen, n_gen, text]).expect("returns");

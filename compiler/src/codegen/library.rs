@@ -190,8 +190,9 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
     for (status, value, doc) in STATUSES {
         extra.push_str(&format!(
             "#define {up}_{status} {value} /* {} */\n",
-            doc.replace("NAME_call", &format!("{name}_call"))
-                .replace("NAME", &up)
+            // `NAME_` spells a macro, `name_` a function.
+            doc.replace("NAME", &up)
+                .replace("name_", &format!("{name}_"))
         ));
     }
     extra.push_str(&format!(

@@ -38,9 +38,9 @@ impl std::fmt::Display for BadLine {
 
 /// Reads the data file as UTF-8 text.
 pub fn read(path: &Path) -> Result<String, EvalError> {
-    let bytes = std::fs::read(path).map_err(|source| EvalError::DataRead {
+    let bytes = std::fs::read(path).map_err(|cause| EvalError::DataRead {
         path: path.into(),
-        source,
+        cause,
     })?;
     String::from_utf8(bytes).map_err(|e| EvalError::DataUtf8 {
         path: path.into(),

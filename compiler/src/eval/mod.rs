@@ -32,10 +32,10 @@ pub use report::Report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("cannot read the data file {}: {source}; check the --data path", .path.display())]
+    #[error("cannot read the data file {}: {cause}; check the --data path", .path.display())]
     DataRead {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("data file {} is not valid UTF-8 (first bad byte at offset {offset}); save it as UTF-8", .path.display())]
     DataUtf8 { path: PathBuf, offset: usize },
@@ -52,7 +52,15 @@ pub enum EvalError {
     #[error(transparent)]
     Frontend(#[from] FrontendError),
     #[error("--tools: {0}")]
-    Tools(#[from] tools::ToolsError),
+    Tools(tools::ToolsError),
+}
+
+// By hand rather than `#[from]`, which would also make it a `source()` that a chain printer
+// repeats after this message, which already holds it.
+impl From<tools::ToolsError> for EvalError {
+    fn from(e: tools::ToolsError) -> Self {
+        EvalError::Tools(e)
+    }
 }
 
 /// The bad lines, one per line, the first 20 of them.
@@ -296,9 +304,11 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &indicatif::ProgressBar,
 ) -> Result<Report, EvalError> {
+    needle_runtime::decode::check_max_gen_len(opts.max_gen_len).map_err(FrontendError::from)?;
     let tokenizer = frontend::load_tokenizer(&opts.tokenizer)?;
     let dataset = prepare(opts, &tokenizer)?;
     let base = frontend::load_model_as(&opts.checkpoint, opts.weights)?;
+    frontend::check_vocab(&tokenizer, &opts.tokenizer, base.model.config.vocab_size)?;
     let mut warnings: Vec<String> = base.warning.iter().cloned().collect();
     let attention = base.model.config.tool_attention;
     let (fold, fold_warning) = frontend::resolve_fold(opts.fold, attention);

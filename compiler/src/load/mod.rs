@@ -24,16 +24,32 @@ pub use self::safetensors::save_safetensors;
 /// Why a checkpoint could not be loaded. Messages say what is wrong, where, and how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
+    // The I/O error is part of the message, not a `source()`: a chain printer would repeat it.
+    #[error("cannot read {}: {cause}", .path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
+    },
+
+    #[error("cannot write {}: {cause}; check that its folder exists and is writable", .path.display())]
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
     },
 
     #[error(
-        "{path} is not a checkpoint needlec can read ({found}); accepted formats: a Python pickle \
+        "{} is larger than the {} a checkpoint may take ({limit} bytes; the full 26M-parameter \
+         Needle model is about 105 MB in float32): it is not a Needle checkpoint, or not a file \
+         (an endless device or pipe?)",
+        .path.display(), human_bytes(*limit)
+    )]
+    TooLarge { path: PathBuf, limit: u64 },
+
+    #[error(
+        "{} is not a checkpoint needlec can read ({found}); accepted formats: a Python pickle \
          (protocol 2 to 5, starts with byte 0x80) as written by the Needle reference, or a \
-         safetensors file (8-byte little-endian header length, then a JSON header)"
+         safetensors file (8-byte little-endian header length, then a JSON header)",
+        .path.display()
     )]
     UnknownFormat { path: PathBuf, found: String },
 
@@ -71,7 +87,7 @@ pub enum LoadError {
     },
 
     #[error("invalid config: {0}")]
-    InvalidConfig(#[from] ConfigError),
+    InvalidConfig(ConfigError),
 
     #[error(
         "tensor `{path}` is missing (expected shape {expected:?}); the checkpoint has {} tensors. \
@@ -113,17 +129,112 @@ pub enum LoadError {
     )]
     UnexpectedTensors { paths: Vec<String> },
 
-    #[error("safetensors file {path}: {problem}")]
+    #[error("safetensors file {}: {problem}", .path.display())]
     Safetensors { path: PathBuf, problem: String },
+}
+
+// By hand rather than `#[from]`, which would also make the config error a `source()` that a
+// chain printer repeats after the message that already holds it.
+impl From<ConfigError> for LoadError {
+    fn from(e: ConfigError) -> Self {
+        LoadError::InvalidConfig(e)
+    }
+}
+
+impl LoadError {
+    /// Whether the message already names the file, so a caller adding the path would repeat it.
+    pub fn names_path(&self) -> bool {
+        matches!(
+            self,
+            LoadError::Io { .. }
+                | LoadError::Write { .. }
+                | LoadError::TooLarge { .. }
+                | LoadError::UnknownFormat { .. }
+                | LoadError::Safetensors { .. }
+        )
+    }
+}
+
+/// The most bytes a checkpoint file may have: far above any Needle v1 checkpoint (the full
+/// model is 26M parameters), far below what an endless device would make us allocate.
+pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
+
+/// `n` bytes as `4 GiB`, `64 MiB`, `12 KiB` or `12 bytes` (the largest unit that divides it).
+pub fn human_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} bytes")
+}
+
+/// What [`read_limited`] read.
+pub enum Limited {
+    /// The whole file, at most the limit.
+    Read(Vec<u8>),
+    /// The file holds more than the limit (nothing more was read).
+    TooLarge,
+}
+
+/// Reads a whole file, but never more than `limit` bytes: a regular file over the limit is
+/// refused from its size, anything else (a device, a pipe) after `limit + 1` bytes. Endless
+/// inputs such as `/dev/zero` thus cost at most `limit` bytes of memory. `head` bytes are read
+/// first and handed to `sniff`, which may refuse the input before the rest is read.
+pub fn read_limited<E>(
+    path: &Path,
+    limit: u64,
+    head: usize,
+    io_err: impl Fn(std::io::Error) -> E,
+    sniff: impl FnOnce(&[u8]) -> Result<(), E>,
+) -> Result<Limited, E> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(&io_err)?;
+    let meta = file.metadata().map_err(&io_err)?;
+    if meta.is_file() && meta.len() > limit {
+        return Ok(Limited::TooLarge);
+    }
+    let mut reader = file.take(limit + 1);
+    let mut data = Vec::new();
+    (&mut reader)
+        .take(head as u64)
+        .read_to_end(&mut data)
+        .map_err(&io_err)?;
+    sniff(&data)?;
+    reader.read_to_end(&mut data).map_err(&io_err)?;
+    if data.len() as u64 > limit {
+        return Ok(Limited::TooLarge);
+    }
+    Ok(Limited::Read(data))
 }
 
 /// Loads a checkpoint (pickle or safetensors, told apart by content) and checks it against its
 /// config.
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, LoadError> {
-    let data = std::fs::read(path).map_err(|source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let read = read_limited(
+        path,
+        MAX_CHECKPOINT_BYTES,
+        16,
+        |cause| LoadError::Io {
+            path: path.to_path_buf(),
+            cause,
+        },
+        // A file that is neither format is refused from its first bytes, before the rest is read
+        // (`/dev/zero` is refused at once).
+        |head| match detect(head) {
+            Format::Unknown(found) => Err(LoadError::UnknownFormat {
+                path: path.to_path_buf(),
+                found,
+            }),
+            _ => Ok(()),
+        },
+    )?;
+    let Limited::Read(data) = read else {
+        return Err(LoadError::TooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_CHECKPOINT_BYTES,
+        });
+    };
     let ckpt = match detect(&data) {
         Format::Pickle => load_pickle_bytes(&data)?,
         Format::Safetensors => self::safetensors::load_safetensors_bytes(&data, path)?,
@@ -144,19 +255,22 @@ enum Format {
     Unknown(String),
 }
 
+/// Tells the formats apart by their first bytes. Safetensors is tried first: its 8-byte header
+/// length may well start with byte 0x80 (a header of 128 + 256k bytes), which alone would look
+/// like a pickle; byte 8 opening the JSON header (`{`, an opcode no pickle has) decides.
 fn detect(data: &[u8]) -> Format {
-    if data.first() == Some(&0x80) {
-        return Format::Pickle;
-    }
-    if data.len() >= 9 {
+    if data.len() >= 9 && data[8] == b'{' {
         let mut n = [0u8; 8];
         n.copy_from_slice(&data[..8]);
         let n = u64::from_le_bytes(n);
         // A plausible header length is enough: a truncated file should get safetensors' own error
         // rather than "unknown format".
-        if data[8] == b'{' && (2..100_000_000).contains(&n) {
+        if (2..100_000_000).contains(&n) {
             return Format::Safetensors;
         }
+    }
+    if data.first() == Some(&0x80) {
+        return Format::Pickle;
     }
     let found = if data.is_empty() {
         "the file is empty".to_string()
@@ -167,7 +281,20 @@ fn detect(data: &[u8]) -> Format {
             .map(|b| format!("{b:02x}"))
             .collect::<Vec<_>>()
             .join(" ");
-        format!("it starts with bytes {head}")
+        let likely = if data.starts_with(b"PK\x03\x04") {
+            ": a zip archive, as PyTorch's torch.save writes; convert it to safetensors first"
+        } else if data.starts_with(b"GGUF") {
+            ": a GGUF file (llama.cpp), which needlec does not read"
+        } else if data.first() == Some(&b'{') || data.first() == Some(&b'[') {
+            ": JSON text (a config.json or tokenizer.json?), not weights"
+        } else if data.len() >= 9 && data[8] == b'{' {
+            ": a safetensors file whose header length is implausible (corrupt?)"
+        } else if data.iter().all(|&b| b == 0) {
+            ": all zero bytes"
+        } else {
+            ""
+        };
+        format!("it starts with bytes {head}{likely}")
     };
     Format::Unknown(found)
 }
@@ -457,4 +584,56 @@ pub fn inspect_report(ckpt: &Checkpoint) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors header of 128 + 256k bytes makes the file start with byte 0x80, as a pickle
+    /// does: byte 8 opening the JSON header decides.
+    #[test]
+    fn a_header_length_starting_0x80_is_safetensors() {
+        let mut data = 0x0280u64.to_le_bytes().to_vec();
+        data.push(b'{');
+        data.resize(8 + 0x280, b' ');
+        assert!(matches!(detect(&data), Format::Safetensors));
+        // A real pickle (protocol 4, a frame) is still a pickle.
+        let pickle = [0x80, 4, 0x95, 0x10, 0, 0, 0, 0, 0, 0, 0, b'}'];
+        assert!(matches!(detect(&pickle), Format::Pickle));
+        // Neither: the likely format is named.
+        let Format::Unknown(found) = detect(b"PK\x03\x04 rest of a zip") else {
+            panic!("a zip is not a checkpoint")
+        };
+        assert!(found.contains("torch.save"), "{found}");
+    }
+
+    /// The I/O error is in the message once and not again as a `source()`, so `{:#}` (the
+    /// message and its chain) holds it once.
+    #[test]
+    fn io_errors_hold_their_cause_once() {
+        let e = load_checkpoint(Path::new("/nonexistent/needle.pkl")).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert_eq!(
+            shown.matches("/nonexistent/needle.pkl").count(),
+            1,
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn reads_are_bounded() {
+        let io = |e: std::io::Error| e.to_string();
+        let r = read_limited(Path::new("/dev/zero"), 1000, 0, io, |_| Ok(())).unwrap();
+        assert!(matches!(r, Limited::TooLarge));
+        // `sniff` refuses before the rest is read.
+        let r = read_limited(Path::new("/dev/zero"), 1 << 40, 16, io, |head| {
+            assert_eq!(head.len(), 16);
+            Err("refused".to_string())
+        });
+        assert_eq!(r.err().as_deref(), Some("refused"));
+        assert_eq!(human_bytes(4 << 30), "4 GiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
 }

@@ -34,16 +34,34 @@ pub fn load_safetensors_bytes(data: &[u8], path: &Path) -> Result<Checkpoint, Lo
         Some(s) => s.clone(),
         None => {
             let sidecar = path.with_file_name("config.json");
-            std::fs::read_to_string(&sidecar).map_err(|e| {
+            let no_config = |why: String| {
                 st_err(
                     path,
                     format!(
-                        "no config: the header metadata has no `{CONFIG_KEY}` key and {} cannot be \
-                         read ({e}); put the model config as JSON in either place",
+                        "no config: the header metadata has no `{CONFIG_KEY}` key and {} {why}; \
+                         put the model config as JSON in either place",
                         sidecar.display()
                     ),
                 )
-            })?
+            };
+            // A config is a few hundred bytes: 1 MiB bounds an endless or enormous file.
+            let read = super::read_limited(
+                &sidecar,
+                1 << 20,
+                0,
+                |e| no_config(format!("cannot be read ({e})")),
+                |_| Ok(()),
+            )?;
+            match read {
+                super::Limited::Read(bytes) => {
+                    String::from_utf8(bytes).map_err(|_| no_config("is not UTF-8 text".into()))?
+                }
+                super::Limited::TooLarge => {
+                    return Err(no_config(
+                        "is larger than the 1 MiB a config may take".into(),
+                    ))
+                }
+            }
         }
     };
     let json: serde_json::Value = serde_json::from_str(&config_json)
@@ -137,8 +155,8 @@ pub fn save_safetensors(ckpt: &Checkpoint, path: &Path) -> Result<(), LoadError>
         LoadError::Safetensors { problem, .. } => st_err(path, problem),
         other => other,
     })?;
-    std::fs::write(path, bytes).map_err(|source| LoadError::Io {
+    std::fs::write(path, bytes).map_err(|cause| LoadError::Write {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }

@@ -31,11 +31,11 @@ const DEFAULT_UNK_SURFACE: &str = " \u{2047} ";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("cannot read tokenizer file {path}: {source}")]
+    // The I/O error is part of the message, not a `source()`: a chain printer would repeat it.
+    #[error("cannot read tokenizer file {}: {cause}", .path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("tokenizer model truncated at byte {offset}: {what}")]
     Truncated { offset: usize, what: &'static str },
@@ -465,15 +465,20 @@ impl Agenda {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
+        let bytes = std::fs::read(path).map_err(|cause| TokenizerError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Self::from_model_bytes(&bytes)
     }
 
     /// Parses a SentencePiece `ModelProto` (the `.model` file).
     pub fn from_model_bytes(bytes: &[u8]) -> Result<Tokenizer, TokenizerError> {
+        if bytes.is_empty() {
+            return Err(TokenizerError::Invalid(
+                "the file is empty (0 bytes); pass the SentencePiece `.model` file itself".into(),
+            ));
+        }
         let mut r = Reader::new(bytes, 0);
         let mut pieces = Vec::new();
         let mut settings = Settings::default();
@@ -781,6 +786,36 @@ impl Tokenizer {
     /// segmentation and merges of [`Tokenizer::encode`] without its normalization.
     pub fn encode_normalized_text(&self, normalized: &str) -> Vec<u32> {
         self.encode_normalized(normalized.as_bytes())
+    }
+
+    /// [`Tokenizer::encode`], but only when the text takes at most `max` tokens: otherwise
+    /// `Err(n)` with `n > max` tokens it takes at least, found without tokenizing an overlong
+    /// text. Every token covers at most [`Tokenizer::max_piece_bytes`] bytes of the normalized
+    /// text, so a normalized text longer than `max` times that cannot fit; only a text short
+    /// enough to fit is tokenized, which bounds the work by `max` whatever the text's length.
+    pub fn encode_at_most(&self, text: &str, max: usize) -> Result<Vec<u32>, usize> {
+        let norm = self.normalize(text);
+        let widest = self.max_piece_bytes();
+        if norm.len() > max.saturating_mul(widest) {
+            return Err(norm.len().div_ceil(widest));
+        }
+        let ids = self.encode_normalized(norm.as_bytes());
+        if ids.len() > max {
+            return Err(ids.len());
+        }
+        Ok(ids)
+    }
+
+    /// The most normalized-text bytes one token covers: the longest piece, and at least 4 (an
+    /// unknown character, up to 4 bytes of UTF-8, becomes one token).
+    pub fn max_piece_bytes(&self) -> usize {
+        self.t
+            .piece_offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0)
+            .max(4)
     }
 
     /// Like [`Tokenizer::encode`] but returning the pieces' texts (byte pieces as `<0xNN>`).
