@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use needle_runtime::checkpoint::Checkpoint;
 use needle_runtime::config::ToolAttention;
-use needle_runtime::decode::{Engine, EngineError, FoldMode, ToolContext};
+use needle_runtime::decode::{Engine, EngineError, FoldMode, GrammarKind, ToolContext};
 use needle_runtime::model::{Model, ModelError};
 use needle_runtime::quant::{self, Precision};
 use needle_runtime::tokenizer::{Tokenizer, TokenizerError};
@@ -161,6 +161,8 @@ pub struct ModelOptions {
     /// `--max-query-tokens`; `None`: as many as the reference keeps. Checked against the
     /// model's limit for the tool list by `needle_runtime::decode::check_max_query_tokens`.
     pub max_query_tokens: Option<usize>,
+    /// `--grammar`: the reference's name/key grammar (the default) or the strict schema grammar.
+    pub grammar: GrammarKind,
 }
 
 /// Everything `needlec run` needs, loaded and checked.
@@ -218,6 +220,9 @@ pub fn load_with(
     let mut engine = Engine::new(loaded.model, tokenizer, tools.context(), fold)?;
     if let Some(n) = options.max_query_tokens {
         engine = engine.with_max_query_tokens(n)?;
+    }
+    if options.grammar != GrammarKind::Reference {
+        engine = engine.with_grammar(options.grammar)?;
     }
     Ok(Loaded {
         engine,

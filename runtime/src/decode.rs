@@ -10,7 +10,8 @@ use crate::forward::{
 use crate::grammar::{Grammar, GrammarState, GrammarTables};
 use crate::model::Model;
 use crate::output::postprocess;
-use crate::tokenizer::Tokenizer;
+use crate::strict::{Strict, StrictError, StrictTables};
+use crate::tokenizer::{PieceKind, Tokenizer};
 
 /// Token ids with fixed meanings in every Needle tokenizer.
 pub const EOS_ID: u32 = 1;
@@ -41,6 +42,39 @@ impl FoldMode {
         match self {
             FoldMode::None => "none",
             FoldMode::Tools => "tools",
+        }
+    }
+}
+
+/// Which grammar constrains decoding (`--grammar`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GrammarKind {
+    /// The reference's: tool names and argument keys along tries (spec section 5).
+    #[default]
+    Reference,
+    /// A valid call list under the tool schemas, closed within the budget (`crate::strict`).
+    Strict,
+}
+
+impl GrammarKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GrammarKind::Reference => "reference",
+            GrammarKind::Strict => "strict",
+        }
+    }
+}
+
+impl std::str::FromStr for GrammarKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<GrammarKind, String> {
+        match s {
+            "reference" => Ok(GrammarKind::Reference),
+            "strict" => Ok(GrammarKind::Strict),
+            other => Err(format!(
+                "unknown grammar {other:?}; the grammars are reference and strict"
+            )),
         }
     }
 }
@@ -99,6 +133,19 @@ pub enum EngineError {
          does this): shorten the query or raise --max-query-tokens"
     )]
     QueryTooLong { tokens: usize, max: usize },
+    #[error("--grammar strict: {0}")]
+    Strict(#[from] StrictError),
+    #[error(
+        "--grammar strict needs at least {needed} generated tokens for the shortest complete \
+         answer (`<tool_call>` and `[]`), but max_gen_len {max_gen_len} allows {allows}; raise \
+         --max-gen-len to at least {}",
+        .needed + 1
+    )]
+    StrictBudget {
+        max_gen_len: usize,
+        allows: usize,
+        needed: usize,
+    },
 }
 
 /// The most query tokens a prompt can hold with a tool list of `n_tool_tokens` tokens: the
@@ -189,6 +236,8 @@ pub struct Engine {
     pub fold: FoldMode,
     tool_ids: Vec<u32>,
     grammar: GrammarTables,
+    /// The strict grammar's tables when `--grammar strict` ([`Engine::with_grammar`]).
+    strict: Option<StrictTables>,
     folded: Option<FoldedTools>,
     /// `--max-query-tokens`, checked against [`query_token_limit`]; `None`: the reference's cut.
     query_bound: Option<usize>,
@@ -222,6 +271,7 @@ impl Engine {
             fold,
             tool_ids,
             grammar,
+            strict: None,
             folded,
             query_bound: None,
             tool_vectors: OnceLock::new(),
@@ -237,6 +287,50 @@ impl Engine {
             self.tool_ids.len(),
         )?);
         Ok(self)
+    }
+
+    /// Decodes under `kind` from now on; `strict` compiles its tables from the tool list (an
+    /// [`EngineError::Strict`] names a tool and key whose schema it cannot express).
+    pub fn with_grammar(mut self, kind: GrammarKind) -> Result<Engine, EngineError> {
+        self.strict = match kind {
+            GrammarKind::Reference => None,
+            GrammarKind::Strict => {
+                let originals: Vec<String> =
+                    self.tools.name_map.iter().map(|(_, o)| o.clone()).collect();
+                let schemas = crate::strict::schemas(&self.tools.normalized_json, &originals)?;
+                let texts = self.tokenizer.token_texts();
+                let usable: Vec<bool> = (0..texts.len() as u32)
+                    .map(|id| {
+                        matches!(
+                            self.tokenizer.kind(id),
+                            Some(PieceKind::Normal | PieceKind::Byte)
+                        ) && id != TOOL_CALL_ID
+                            && id != TOOLS_ID
+                    })
+                    .collect();
+                Some(StrictTables::new(
+                    &texts,
+                    &usable,
+                    &schemas,
+                    TOOL_CALL_ID,
+                    EOS_ID,
+                ))
+            }
+        };
+        Ok(self)
+    }
+
+    /// The grammar this engine decodes under.
+    pub fn grammar_kind(&self) -> GrammarKind {
+        match self.strict {
+            Some(_) => GrammarKind::Strict,
+            None => GrammarKind::Reference,
+        }
+    }
+
+    /// The strict grammar's tables, when decoding under it.
+    pub fn strict_tables(&self) -> Option<&StrictTables> {
+        self.strict.as_ref()
     }
 
     /// Gives the model and tokenizer back, to build an engine for another tool list without
@@ -373,10 +467,22 @@ impl Engine {
         if max_gen_len < 2 {
             return Err(EngineError::MaxGenLen(max_gen_len));
         }
+        if let Some(strict) = &self.strict {
+            // `<tool_call>` plus the shortest list must fit.
+            let needed = strict.min_tokens() as usize + 1;
+            if needed > max_gen_len - 1 {
+                return Err(EngineError::StrictBudget {
+                    max_gen_len,
+                    allows: max_gen_len - 1,
+                    needed,
+                });
+            }
+        }
         let prompt = self.checked_prompt(query)?;
         Ok(self.decode(
             prompt,
             max_gen_len - 1,
+            true,
             |_, logits, allowed| match allowed {
                 Some(ids) => argmax_among(logits, ids),
                 None => argmax(logits),
@@ -394,32 +500,40 @@ impl Engine {
         let prompt = self.checked_prompt(query)?;
         let mut forced = vec![TOOL_CALL_ID];
         forced.extend_from_slice(answer_ids);
-        Ok(self.decode(prompt, forced.len() + 1, |i, _, _| {
+        Ok(self.decode(prompt, forced.len() + 1, false, |i, _, _| {
             forced.get(i).copied().unwrap_or(EOS_ID)
         }))
     }
 
-    /// The decode loop both views share: from `[EOS]` over the encoded `prompt`, at most `max_steps` decoder steps, each
-    /// recording the logits and the grammar's view, then taking `choose(step, logits, allowed)`
-    /// as the next token; EOS ends it.
+    /// The decode loop both views share: from `[EOS]` over the encoded `prompt`, at most
+    /// `max_steps` decoder steps, each recording the logits and the grammar's view, then taking
+    /// `choose(step, logits, allowed)` as the next token; EOS ends it. Under the strict grammar,
+    /// `budgeted` makes it close the list within `max_steps` (teacher forcing has no budget).
+    /// The reference machine is fed either way: its span is what the confidence reads.
     fn decode(
         &self,
         prompt: Prompt,
         max_steps: usize,
+        budgeted: bool,
         mut choose: impl FnMut(usize, &[f32], Option<&[u32]>) -> u32,
     ) -> Generation {
         let cross = self.encode_prompt(&prompt);
         let mut cache = DecoderCache::new(&self.model);
         let mut grammar = Grammar::new(&self.grammar);
+        let mut strict = self.strict.as_ref().map(Strict::new);
         let mut dec_ids = vec![EOS_ID];
         let mut steps = Vec::new();
         for i in 0..max_steps {
             let token = *dec_ids.last().expect("starts with EOS");
             let logits = decoder_step(&self.model, &cross, &mut cache, token);
-            let allowed = if grammar.is_active() {
-                grammar.allowed()
-            } else {
-                None
+            let strict_allowed = strict
+                .as_ref()
+                .and_then(|m| m.allowed(budgeted.then(|| max_steps - i - 1)));
+            let allowed = match (&strict, &strict_allowed) {
+                (Some(_), Some(ids)) => Some(ids.as_slice()),
+                (Some(_), None) => None,
+                (None, _) if grammar.is_active() => grammar.allowed(),
+                (None, _) => None,
             };
             let next = choose(i, &logits, allowed);
             let (prob, margin) = masked_prob_and_margin(&logits, allowed, next);
@@ -436,6 +550,9 @@ impl Engine {
                 break;
             }
             grammar.feed_token(next);
+            if let Some(m) = &mut strict {
+                m.feed_token(next);
+            }
             dec_ids.push(next);
         }
         let gen_ids = dec_ids[1..].to_vec();

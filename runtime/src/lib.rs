@@ -21,4 +21,5 @@ pub mod model;
 pub mod output;
 pub mod pyjson;
 pub mod quant;
+pub mod strict;
 pub mod tokenizer;

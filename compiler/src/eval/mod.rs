@@ -19,7 +19,9 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use needle_runtime::confidence::Confidence;
-use needle_runtime::decode::{check_max_query_tokens, check_tools_fit, Engine, FoldMode};
+use needle_runtime::decode::{
+    check_max_query_tokens, check_tools_fit, Engine, EngineError, FoldMode, GrammarKind,
+};
 use needle_runtime::model::Model;
 use needle_runtime::quant::Precision;
 use needle_runtime::tokenizer::Tokenizer;
@@ -117,6 +119,8 @@ pub struct EvalOptions {
     pub weights: Option<Precision>,
     pub max_gen_len: usize,
     pub max_query_tokens: Option<usize>,
+    /// `--grammar`, for the base run and every comparison.
+    pub grammar: GrammarKind,
     pub compare: Vec<Setting>,
     pub strict_data: bool,
     /// Evaluate only the first N usable examples.
@@ -162,6 +166,9 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
         .as_deref()
         .map(tools::load_tools_arg)
         .transpose()?;
+    if let (Some(fixed), GrammarKind::Strict) = (&fixed, opts.grammar) {
+        strict_schemas(fixed).map_err(|e| FrontendError::from(EngineError::from(e)))?;
+    }
     let mut prepared = Vec::new();
     for example in examples {
         let key = match fixed {
@@ -180,6 +187,10 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
                 };
                 let n = tokenizer.encode(&set.normalized_json).len();
                 check_tools_fit(n).map_err(|e| format!("its tools: {e}"))?;
+                if opts.grammar == GrammarKind::Strict {
+                    strict_schemas(&set)
+                        .map_err(|e| format!("its tools, under --grammar strict: {e}"))?;
+                }
                 if let Some(bound) = opts.max_query_tokens {
                     check_max_query_tokens(bound, n).map_err(|e| e.to_string())?;
                 }
@@ -223,6 +234,12 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
     })
 }
 
+/// Whether the strict grammar can express a tool list's schemas.
+fn strict_schemas(set: &ToolSet) -> Result<(), needle_runtime::strict::StrictError> {
+    let originals: Vec<String> = set.name_map.iter().map(|(_, o)| o.clone()).collect();
+    needle_runtime::strict::schemas(&set.normalized_json, &originals).map(|_| ())
+}
+
 /// One configuration: the options of the base run, possibly with one changed.
 #[derive(Clone, Copy, Debug)]
 pub struct RunConfig {
@@ -240,6 +257,7 @@ pub fn answer_all(
     fold: FoldMode,
     max_gen_len: usize,
     max_query_tokens: Option<usize>,
+    grammar: GrammarKind,
     with_confidence: bool,
     tick: &dyn Fn(),
 ) -> Result<Vec<Outcome>, EvalError> {
@@ -262,6 +280,7 @@ pub fn answer_all(
                 .with_max_query_tokens(bound)
                 .map_err(FrontendError::from)?;
         }
+        engine = engine.with_grammar(grammar).map_err(FrontendError::from)?;
         for &i in members {
             let query = &dataset.examples[i].example.query;
             let start = Instant::now();
@@ -316,6 +335,7 @@ pub fn evaluate(
         fold,
         opts.max_gen_len,
         opts.max_query_tokens,
+        opts.grammar,
         true,
         &tick,
     )?;
@@ -356,6 +376,7 @@ pub fn evaluate(
             other.fold,
             opts.max_gen_len,
             opts.max_query_tokens,
+            opts.grammar,
             false,
             &tick,
         )?;
