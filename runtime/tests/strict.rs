@@ -551,3 +551,40 @@ fn schemas_come_from_the_normalized_list_and_unsupported_ones_are_named() {
         assert!(message.contains("--grammar reference"), "{message}");
     }
 }
+
+#[test]
+fn token_lists_are_stored_once_per_class_and_the_run_time_part_is_small() {
+    let (texts, usable) = vocabulary();
+    let list = std::fs::read_to_string(tiny_needle("tools.json")).unwrap();
+    let tools = schemas(&list, &[]).unwrap();
+    let tables = StrictTables::new(&texts, &usable, &tools, MARKER, EOS);
+    let n_classes = tables.acc_start.len() - 1;
+    let len = |start: &[u32], c: usize| (start[c + 1] - start[c]) as usize;
+    // What per-state lists would hold, against what the per-class lists hold.
+    let per_state: usize = tables
+        .class
+        .iter()
+        .map(|&c| len(&tables.acc_start, c as usize))
+        .sum();
+    assert!(
+        tables.accepted.len() * 3 < per_state,
+        "{} stored, {per_state} per state",
+        tables.accepted.len()
+    );
+    // No class leaves more than a few dozen tokens to the run-time walk, against a vocabulary of
+    // 2048.
+    let worst = (0..n_classes)
+        .map(|c| len(&tables.dep_start, c))
+        .max()
+        .unwrap();
+    assert!(worst < 100, "{worst}");
+    // `[]` is one token here (`▁[]`); a call needs a dozen or so.
+    assert_eq!(tables.min_tokens(), 1);
+    let max_need = tables
+        .need
+        .iter()
+        .filter(|&&n| n != u32::MAX)
+        .max()
+        .unwrap();
+    assert!((8..30).contains(max_need), "{max_need}");
+}
