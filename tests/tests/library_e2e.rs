@@ -656,6 +656,7 @@ fn bounded_query_answers_like_needlec_run_with_the_same_bound() {
             fold: Some(fold),
             weights: None,
             max_query_tokens: Some(BOUND),
+            ..Default::default()
         };
         let engine = needlec::frontend::load_with(
             &tiny_needle("tiny-needle-folded.pkl"),
