@@ -47,7 +47,9 @@
 //! exactly at construction (breadth-first over the token transitions, backwards from the end).
 //! A token is allowed only if the state it leads to needs no more tokens than the budget has left
 //! after it, so the list is always closed in time; `max_need_after[s]` (the most any allowed token
-//! can leave to do) tells when that filter can be skipped.
+//! can leave to do) tells when that filter can be skipped. When it cannot, the class's accepted
+//! tokens are also stored grouped by the state they lead to (relative to the template instance),
+//! so the filter looks at one `need` per group, not at each token.
 
 use std::collections::VecDeque;
 
@@ -643,6 +645,12 @@ impl Builder {
 ///   `dependent[dep_start[c]..dep_start[c+1]]` are sorted token ids.
 /// - `need[s]`: fewest tokens from `s` to `accept` ([`UNREACHABLE`] if none);
 ///   `max_need_after[s]`: the largest `need` any token allowed at `s` leads to.
+/// - For the budget: each class's accepted tokens again, grouped by the state they lead to:
+///   group `g` in `group_start[c]..group_start[c+1]` holds
+///   `grouped[group_first[g]..group_first[g+1]]`, which lead to state `base[s] + group_to[g]`
+///   from a state `s` of the class. `base[s]` is the first state of `s`'s template instance (a
+///   template's states are numbered in a row, the same way in every instance), 0 for a state
+///   of its own class (its `group_to` are absolute).
 #[derive(Clone, Debug)]
 pub struct StrictTables {
     pub start: u32,
@@ -658,6 +666,11 @@ pub struct StrictTables {
     pub dependent: Vec<u32>,
     pub need: Vec<u32>,
     pub max_need_after: Vec<u32>,
+    pub base: Vec<u32>,
+    pub group_start: Vec<u32>,
+    pub group_first: Vec<u32>,
+    pub group_to: Vec<u32>,
+    pub grouped: Vec<u32>,
     pub token_start: Vec<u32>,
     pub token_text: String,
     /// The `<tool_call>` token, forced first, and EOS, allowed only at `accept`.
@@ -736,6 +749,11 @@ impl StrictTables {
             dependent: Vec::new(),
             need: Vec::new(),
             max_need_after: Vec::new(),
+            base: Vec::new(),
+            group_start: vec![0],
+            group_first: vec![0],
+            group_to: Vec::new(),
+            grouped: Vec::new(),
             token_start: vec![0],
             token_text: String::new(),
             marker,
@@ -808,6 +826,51 @@ impl StrictTables {
             tables.dep_start.push(tables.dependent.len() as u32);
         }
         tables.compute_need();
+
+        // Instance bases: a template's states are pushed in a row, entry first.
+        let mut first_of_inst = vec![u32::MAX; b.n_insts as usize];
+        for (st, &i) in b.inst.iter().enumerate() {
+            if i != u32::MAX && first_of_inst[i as usize] == u32::MAX {
+                first_of_inst[i as usize] = st as u32;
+            }
+        }
+        tables.base = b
+            .inst
+            .iter()
+            .map(|&i| match i {
+                u32::MAX => 0,
+                i => first_of_inst[i as usize],
+            })
+            .collect();
+        for (c, &s) in rep.iter().enumerate() {
+            let mut by_target: Vec<(u32, u32)> = Vec::new();
+            if s != u32::MAX {
+                let (a, e) = (
+                    tables.acc_start[c] as usize,
+                    tables.acc_start[c + 1] as usize,
+                );
+                for &id in &tables.accepted[a..e] {
+                    let to = tables.walk(s, tables.text(id));
+                    by_target.push((to - tables.base[s as usize], id));
+                }
+            }
+            by_target.sort_unstable();
+            let mut last = None;
+            for (target, id) in by_target {
+                if last != Some(target) {
+                    if last.is_some() {
+                        tables.group_first.push(tables.grouped.len() as u32);
+                    }
+                    tables.group_to.push(target);
+                    last = Some(target);
+                }
+                tables.grouped.push(id);
+            }
+            if last.is_some() {
+                tables.group_first.push(tables.grouped.len() as u32);
+            }
+            tables.group_start.push(tables.group_to.len() as u32);
+        }
         tables
     }
 
@@ -992,17 +1055,22 @@ impl<'a> Strict<'a> {
             s if s == t.accept => Some(vec![t.eos]),
             s => {
                 let (acc, dep) = t.class_lists(s);
-                let tight = remaining.is_some_and(|r| t.max_need_after[s as usize] as usize > r);
-                let mut ids: Vec<u32> = if tight {
-                    acc.iter()
-                        .copied()
-                        .filter(|&id| {
-                            let to = t.walk(s, t.text(id));
-                            to != DEAD && fits(to)
-                        })
-                        .collect()
-                } else {
-                    acc.to_vec()
+                let mut ids: Vec<u32> = match remaining {
+                    // Near the end of the budget: the groups whose state can still be closed.
+                    Some(r) if t.max_need_after[s as usize] as usize > r => {
+                        let c = t.class[s as usize] as usize;
+                        let base = t.base[s as usize];
+                        let mut ids = Vec::new();
+                        for g in t.group_start[c] as usize..t.group_start[c + 1] as usize {
+                            if fits(base + t.group_to[g]) {
+                                let (a, e) =
+                                    (t.group_first[g] as usize, t.group_first[g + 1] as usize);
+                                ids.extend_from_slice(&t.grouped[a..e]);
+                            }
+                        }
+                        ids
+                    }
+                    _ => acc.to_vec(),
                 };
                 ids.extend(dep.iter().copied().filter(|&id| {
                     let to = t.walk(s, t.text(id));

@@ -402,6 +402,17 @@ fn tables_allow_exactly_the_tokens_that_keep_the_text_valid() {
             let allowed = m.allowed(None).expect("constrained");
             assert!(!allowed.is_empty(), "{text:?}");
             assert_eq!(m.allowed(Some(10_000)).as_ref(), Some(&allowed));
+            // Under a budget: exactly the allowed tokens whose state can still be closed in time.
+            for r in 0..20 {
+                let want: Vec<u32> = allowed
+                    .iter()
+                    .copied()
+                    .filter(|&id| {
+                        tables.need[tables.walk(state, &texts[id as usize]) as usize] as usize <= r
+                    })
+                    .collect();
+                assert_eq!(m.allowed(Some(r)), Some(want), "{text:?} with {r} left");
+            }
             let c = tables.class[state as usize] as usize;
             dependent_walks += (tables.dep_start[c + 1] - tables.dep_start[c]) as usize;
             for (id, t) in texts.iter().enumerate() {
