@@ -104,7 +104,7 @@ struct EvalArgs {
     #[arg(long, value_name = "reference|strict", default_value = "reference")]
     grammar: GrammarKind,
     /// Also run with one option changed and report the agreement example by example
-    /// (repeatable): fold=none|tools, weights=f32|f16|int8|int4.
+    /// (repeatable): fold=none|tools, weights=f32|f16|int8|int4, grammar=reference|strict.
     #[arg(long, value_name = "KEY=VALUE")]
     compare: Vec<needlec::eval::Setting>,
     /// Write the full report as JSON.

@@ -440,6 +440,7 @@ fn strict_grammar_gives_only_valid_calls_and_no_lower_accuracy() {
         let ckpt = example(ckpt);
         for data in [&samples, &dev] {
             let mut accuracy = Vec::new();
+            let mut reports = Vec::new();
             for grammar in ["reference", "strict"] {
                 let json_path = dir.join(format!("{grammar}.json"));
                 let mut args = eval_args(&ckpt, &tok, data.to_str().unwrap());
@@ -447,6 +448,8 @@ fn strict_grammar_gives_only_valid_calls_and_no_lower_accuracy() {
                 args.extend(["--grammar", grammar, "--json", json_path.to_str().unwrap()]);
                 if grammar == "strict" {
                     args.extend(["--min-valid", "1"]);
+                } else {
+                    args.extend(["--compare", "grammar=strict"]);
                 }
                 let out = needlec(&args);
                 assert!(out.status.success(), "{grammar}: {}", stderr(&out));
@@ -467,7 +470,28 @@ fn strict_grammar_gives_only_valid_calls_and_no_lower_accuracy() {
                     }
                 }
                 accuracy.push(report["accuracy"].as_f64().unwrap());
+                reports.push(report);
             }
+            // `--compare grammar=strict` from the reference run: the strict run's figures.
+            let cmp = &reports[0]["comparisons"][0];
+            assert_eq!(cmp["setting"], "grammar=strict");
+            assert_eq!(cmp["grammar"], "strict");
+            assert_eq!(cmp["accuracy"].as_f64(), Some(accuracy[1]));
+            let outputs = |r: &Value| -> Vec<Value> {
+                r["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["output"].clone())
+                    .collect()
+            };
+            let same = outputs(&reports[0])
+                .iter()
+                .zip(outputs(&reports[1]))
+                .filter(|(a, b)| *a == b)
+                .count();
+            assert_eq!(cmp["agreement"].as_f64(), Some(same as f64 / 40.0));
+            assert_eq!(cmp["disagreements"].as_array().unwrap().len(), 40 - same);
             assert!(
                 accuracy[1] >= accuracy[0],
                 "{ckpt} {}: strict {} below reference {}",

@@ -71,6 +71,7 @@ fn list(lines: &[BadLine]) -> String {
 pub enum Setting {
     Fold(FoldMode),
     Weights(Precision),
+    Grammar(GrammarKind),
 }
 
 impl fmt::Display for Setting {
@@ -78,6 +79,7 @@ impl fmt::Display for Setting {
         match self {
             Setting::Fold(m) => write!(f, "fold={}", m.name()),
             Setting::Weights(p) => write!(f, "weights={p}"),
+            Setting::Grammar(g) => write!(f, "grammar={}", g.name()),
         }
     }
 }
@@ -87,7 +89,10 @@ impl FromStr for Setting {
 
     fn from_str(s: &str) -> Result<Setting, String> {
         let (key, value) = s.split_once('=').ok_or_else(|| {
-            format!("{s:?} is not KEY=VALUE; use fold=none|tools or weights=f32|f16|int8|int4")
+            format!(
+                "{s:?} is not KEY=VALUE; use fold=none|tools, weights=f32|f16|int8|int4 or \
+                 grammar=reference|strict"
+            )
         })?;
         match key.trim() {
             "fold" => match value.trim() {
@@ -100,8 +105,13 @@ impl FromStr for Setting {
                 .parse()
                 .map(Setting::Weights)
                 .map_err(|e| format!("weights={}: {e}", value.trim())),
+            "grammar" => value
+                .trim()
+                .parse()
+                .map(Setting::Grammar)
+                .map_err(|e| format!("grammar={}: {e}", value.trim())),
             other => Err(format!(
-                "{other:?} cannot be compared; the keys are fold (none|tools) and weights (f32|f16|int8|int4)"
+                "{other:?} cannot be compared; the keys are fold (none|tools), weights (f32|f16|int8|int4) and grammar (reference|strict)"
             )),
         }
     }
@@ -166,7 +176,11 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
         .as_deref()
         .map(tools::load_tools_arg)
         .transpose()?;
-    if let (Some(fixed), GrammarKind::Strict) = (&fixed, opts.grammar) {
+    let strict = opts.grammar == GrammarKind::Strict
+        || opts
+            .compare
+            .contains(&Setting::Grammar(GrammarKind::Strict));
+    if let (Some(fixed), true) = (&fixed, strict) {
         strict_schemas(fixed).map_err(|e| FrontendError::from(EngineError::from(e)))?;
     }
     let mut prepared = Vec::new();
@@ -187,7 +201,7 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
                 };
                 let n = tokenizer.encode(&set.normalized_json).len();
                 check_tools_fit(n).map_err(|e| format!("its tools: {e}"))?;
-                if opts.grammar == GrammarKind::Strict {
+                if strict {
                     strict_schemas(&set)
                         .map_err(|e| format!("its tools, under --grammar strict: {e}"))?;
                 }
@@ -245,6 +259,7 @@ fn strict_schemas(set: &ToolSet) -> Result<(), needle_runtime::strict::StrictErr
 pub struct RunConfig {
     pub fold: FoldMode,
     pub weights: Precision,
+    pub grammar: GrammarKind,
 }
 
 /// Answers every example with `model`, one engine per tool list, calling `tick` after each.
@@ -325,6 +340,7 @@ pub fn evaluate(
     let config = RunConfig {
         fold,
         weights: base.precision,
+        grammar: opts.grammar,
     };
     progress.set_length((dataset.examples.len() * (1 + opts.compare.len())) as u64);
     let tick = || progress.inc(1);
@@ -355,6 +371,7 @@ pub fn evaluate(
                     },
                 )
             }
+            Setting::Grammar(grammar) => (base.model.clone(), RunConfig { grammar, ..config }),
             Setting::Weights(p) => {
                 let loaded = frontend::load_model_as(&opts.checkpoint, Some(p))?;
                 if let Some(w) = loaded.warning {
@@ -376,7 +393,7 @@ pub fn evaluate(
             other.fold,
             opts.max_gen_len,
             opts.max_query_tokens,
-            opts.grammar,
+            other.grammar,
             false,
             &tick,
         )?;

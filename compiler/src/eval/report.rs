@@ -105,6 +105,7 @@ pub struct Comparison {
     pub setting: String,
     pub fold: &'static str,
     pub weights: String,
+    pub grammar: &'static str,
     /// The compared configuration's exact-match accuracy.
     pub accuracy: f64,
     /// Share of examples with byte-identical outputs.
@@ -260,6 +261,7 @@ pub fn assemble(
                 setting: setting.to_string(),
                 fold: cfg.fold.name(),
                 weights: cfg.weights.to_string(),
+                grammar: cfg.grammar.name(),
                 accuracy: metrics::ratio(right, n),
                 agreement: metrics::ratio(n - disagreements.len(), n),
                 disagreements,
