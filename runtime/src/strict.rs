@@ -33,8 +33,8 @@
 //! *class*. A state built from a shared template (a string, an integer, a number, a boolean, a
 //! null: the same local states wherever the value occurs) has the class of its place in the
 //! template; every other state (literals, the name and key tries, enum tries) is a class of its
-//! own. For every class the tokens are split once, at construction, into three sorted lists
-//! (as XGrammar does):
+//! own. For every class the tokens are split once, at construction, into three sets, the first
+//! and last stored as sorted lists (as XGrammar does):
 //! - accepted: the token's whole text stays inside the template instance (or, for a class of its
 //!   own, is walked entirely): allowed wherever the class occurs;
 //! - rejected (not stored): no state of the class can take it;
