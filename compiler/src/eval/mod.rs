@@ -408,3 +408,30 @@ pub fn evaluate(
         warnings,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_settings_parse_and_print_back() {
+        for text in [
+            "fold=none",
+            "fold=tools",
+            "weights=int4",
+            "grammar=strict",
+            "grammar=reference",
+        ] {
+            let setting: Setting = text.parse().unwrap();
+            assert_eq!(setting.to_string(), text);
+        }
+        assert_eq!(
+            " grammar = strict".parse::<Setting>(),
+            Ok(Setting::Grammar(GrammarKind::Strict))
+        );
+        let err = "grammar=lenient".parse::<Setting>().unwrap_err();
+        assert!(err.contains("reference and strict"), "{err}");
+        let err = "speed=fast".parse::<Setting>().unwrap_err();
+        assert!(err.contains("grammar (reference|strict)"), "{err}");
+    }
+}
