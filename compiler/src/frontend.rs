@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use needle_runtime::checkpoint::Checkpoint;
 use needle_runtime::config::ToolAttention;
 use needle_runtime::decode::{
-    query_token_limit, Engine, EngineError, FoldMode, ToolContext, ENCODER_BUDGET, EOS_ID,
-    TOOLS_ID, TOOL_CALL_ID,
+    query_token_limit, Engine, EngineError, FoldMode, GrammarKind, ToolContext, ENCODER_BUDGET,
+    EOS_ID, TOOLS_ID, TOOL_CALL_ID,
 };
 use needle_runtime::model::{Model, ModelError};
 use needle_runtime::quant::{self, Precision};
@@ -272,6 +272,8 @@ pub struct ModelOptions {
     /// `--max-query-tokens`; `None`: as many as the reference keeps. Checked against the
     /// model's limit for the tool list by `needle_runtime::decode::check_max_query_tokens`.
     pub max_query_tokens: Option<usize>,
+    /// `--grammar`: the reference's name/key grammar (the default) or the strict schema grammar.
+    pub grammar: GrammarKind,
 }
 
 /// Everything `needlec run` needs, loaded and checked.
@@ -335,6 +337,9 @@ pub fn load_with(
     let room_warning = query_room_warning(fold, engine.tool_ids().len());
     if let Some(n) = options.max_query_tokens {
         engine = engine.with_max_query_tokens(n)?;
+    }
+    if options.grammar != GrammarKind::Reference {
+        engine = engine.with_grammar(options.grammar)?;
     }
     Ok(Loaded {
         engine,

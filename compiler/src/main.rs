@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use needle_runtime::decode::{Engine, FoldMode, Generation, DEFAULT_MAX_GEN_LEN};
+use needle_runtime::decode::{Engine, FoldMode, Generation, GrammarKind, DEFAULT_MAX_GEN_LEN};
 
 /// `--max-gen-len` within `2..=512`, checked before anything is loaded.
 fn check_max_gen_len(n: usize) -> Result<()> {
@@ -75,6 +75,10 @@ struct ModelArgs {
     /// `--fold tools` and refused with `--fold none`. Default: as many as the model allows.
     #[arg(long, value_name = "N")]
     max_query_tokens: Option<usize>,
+    /// `reference`: the original grammar (tool names and argument keys only); `strict`: a valid
+    /// call list under the tool schemas, closed within --max-gen-len (docs/spec.md).
+    #[arg(long, value_name = "reference|strict", default_value = "reference")]
+    grammar: GrammarKind,
 }
 
 #[derive(clap::Args)]
@@ -103,8 +107,11 @@ struct EvalArgs {
     max_gen_len: usize,
     #[arg(long, value_name = "N")]
     max_query_tokens: Option<usize>,
+    /// `reference` (the original grammar) or `strict` (valid calls under the schemas).
+    #[arg(long, value_name = "reference|strict", default_value = "reference")]
+    grammar: GrammarKind,
     /// Also run with one option changed and report the agreement example by example
-    /// (repeatable): fold=none|tools, weights=f32|f16|int8|int4.
+    /// (repeatable): fold=none|tools, weights=f32|f16|int8|int4, grammar=reference|strict.
     #[arg(long, value_name = "KEY=VALUE")]
     compare: Vec<needlec::eval::Setting>,
     /// Write the full report as JSON.
@@ -516,6 +523,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         weights: args.weights,
         max_gen_len: args.max_gen_len,
         max_query_tokens: args.max_query_tokens,
+        grammar: args.grammar,
         compare: args.compare,
         strict_data: args.strict_data,
         limit: args.limit,
@@ -581,6 +589,7 @@ fn load_engine(args: &ModelArgs) -> Result<Engine> {
         fold: args.fold.map(fold_mode),
         weights: args.weights,
         max_query_tokens: args.max_query_tokens,
+        grammar: args.grammar,
     };
     let loaded = with_spinner("loading checkpoint, tokenizer and tools", || {
         frontend::load_with(&args.checkpoint, &args.tokenizer, &args.tools, &options)

@@ -410,3 +410,234 @@ fn run_confidence_is_a_second_line_and_trace_has_it() {
     let gm = (probs.iter().map(|p| p.ln()).sum::<f64>() / probs.len() as f64).exp();
     assert!((gm - c).abs() < 1e-5, "{gm} vs {c}");
 }
+
+/// All 40 bundled samples with the bundled tool list, as eval data.
+fn all_samples(dir: &Path) -> PathBuf {
+    let tools: Value = read_json(&tiny_needle("tools.json"));
+    let all: Vec<Value> = read_json(&tiny_needle("samples.json"));
+    let lines: Vec<String> = all
+        .iter()
+        .map(|s| {
+            let answers: Value = serde_json::from_str(s["expected"].as_str().unwrap()).unwrap();
+            json!({"query": s["query"], "tools": tools, "answers": answers}).to_string()
+        })
+        .collect();
+    let path = dir.join("all-samples.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[test]
+fn strict_grammar_gives_only_valid_calls_and_no_lower_accuracy() {
+    let dir = work_dir("eval-strict");
+    let samples = all_samples(&dir);
+    let dev = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dev_head40.jsonl");
+    let tok = example("tokenizer.model");
+    for (ckpt, fold) in [
+        ("tiny-needle.pkl", "none"),
+        ("tiny-needle-folded.pkl", "tools"),
+    ] {
+        let ckpt = example(ckpt);
+        for data in [&samples, &dev] {
+            let mut accuracy = Vec::new();
+            let mut reports = Vec::new();
+            for grammar in ["reference", "strict"] {
+                let json_path = dir.join(format!("{grammar}.json"));
+                let mut args = eval_args(&ckpt, &tok, data.to_str().unwrap());
+                args[8] = fold;
+                args.extend(["--grammar", grammar, "--json", json_path.to_str().unwrap()]);
+                if grammar == "strict" {
+                    args.extend(["--min-valid", "1"]);
+                } else {
+                    args.extend(["--compare", "grammar=strict"]);
+                }
+                let out = needlec(&args);
+                assert!(out.status.success(), "{grammar}: {}", stderr(&out));
+                let table = String::from_utf8_lossy(&out.stdout);
+                assert_eq!(
+                    table.contains("--grammar strict"),
+                    grammar == "strict",
+                    "{table}"
+                );
+                let report: Value =
+                    serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+                assert_eq!(report["grammar"], grammar);
+                assert_eq!(report["examples"], 40);
+                if grammar == "strict" {
+                    assert_eq!(report["valid"], 1.0, "{ckpt} {}", data.display());
+                    for r in report["results"].as_array().unwrap() {
+                        assert_eq!(r["valid"], true, "{r}");
+                    }
+                }
+                accuracy.push(report["accuracy"].as_f64().unwrap());
+                reports.push(report);
+            }
+            // `--compare grammar=strict` from the reference run: the strict run's figures.
+            let cmp = &reports[0]["comparisons"][0];
+            assert_eq!(cmp["setting"], "grammar=strict");
+            assert_eq!(cmp["grammar"], "strict");
+            assert_eq!(cmp["accuracy"].as_f64(), Some(accuracy[1]));
+            let outputs = |r: &Value| -> Vec<Value> {
+                r["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["output"].clone())
+                    .collect()
+            };
+            let same = outputs(&reports[0])
+                .iter()
+                .zip(outputs(&reports[1]))
+                .filter(|(a, b)| *a == b)
+                .count();
+            assert_eq!(cmp["agreement"].as_f64(), Some(same as f64 / 40.0));
+            assert_eq!(cmp["disagreements"].as_array().unwrap().len(), 40 - same);
+            assert!(
+                accuracy[1] >= accuracy[0],
+                "{ckpt} {}: strict {} below reference {}",
+                data.display(),
+                accuracy[1],
+                accuracy[0]
+            );
+        }
+    }
+}
+
+#[test]
+fn strict_grammar_names_the_tool_and_key_it_cannot_express() {
+    let dir = work_dir("eval-strict-bad-schema");
+    let (ckpt, tok) = (example("tiny-needle.pkl"), example("tokenizer.model"));
+    let bad_tools = json!([{"type": "function", "function": {"name": "bookTrip",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"},
+            "when": {"type": ["string", "null"]}}, "required": ["city"]}}}]);
+    let bad = bad_tools.to_string();
+
+    // run: one error naming tool and key; the reference grammar takes the same list.
+    let run = |grammar: &str| {
+        needlec(&[
+            "run",
+            "--checkpoint",
+            &ckpt,
+            "--tokenizer",
+            &tok,
+            "--tools",
+            &bad,
+            "--query",
+            "book a trip to Rome",
+            "--max-gen-len",
+            "32",
+            "--grammar",
+            grammar,
+        ])
+    };
+    let out = run("strict");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"bookTrip\"")
+            && err.contains("\"when\"")
+            && err.contains("not one type name"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(run("reference").status.success());
+
+    // eval with that list as the app's: an error; as one example's own list: a bad line.
+    let s = &samples()[0];
+    let answers: Value = serde_json::from_str(s["expected"].as_str().unwrap()).unwrap();
+    let tools: Value = read_json(&tiny_needle("tools.json"));
+    let data = dir.join("mixed.jsonl");
+    std::fs::write(
+        &data,
+        [
+            json!({"query": s["query"], "tools": tools, "answers": answers}).to_string(),
+            json!({"query": "book a trip", "tools": bad_tools, "answers": []}).to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let mut args = eval_args(&ckpt, &tok, data.to_str().unwrap());
+    args.extend(["--grammar", "strict", "--tools", &bad]);
+    let out = needlec(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"bookTrip\"") && err.contains("\"when\""),
+        "{err}"
+    );
+
+    let mut args = eval_args(&ckpt, &tok, data.to_str().unwrap());
+    args.extend(["--grammar", "strict"]);
+    let out = needlec(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("line 2") && err.contains("\"bookTrip\"") && err.contains("\"when\""),
+        "{err}"
+    );
+    args.push("--strict-data");
+    assert_eq!(needlec(&args).status.code(), Some(1));
+}
+
+#[test]
+fn run_and_trace_take_the_grammar_and_reference_stays_the_default() {
+    let (ckpt, tok, tools) = (
+        example("tiny-needle.pkl"),
+        example("tokenizer.model"),
+        example("tools.json"),
+    );
+    let query = samples()[0]["query"].as_str().unwrap().to_string();
+    let base = [
+        "--checkpoint",
+        ckpt.as_str(),
+        "--tokenizer",
+        tok.as_str(),
+        "--tools",
+        tools.as_str(),
+        "--query",
+        query.as_str(),
+        "--fold",
+        "tools",
+    ];
+    let with = |cmd: &str, extra: &[&str]| {
+        let mut args = vec![cmd];
+        args.extend(base);
+        args.extend(extra);
+        let out = needlec(&args);
+        assert!(out.status.success(), "{cmd} {extra:?}: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let default = with("run", &[]);
+    assert_eq!(with("run", &["--grammar", "reference"]), default);
+    assert_eq!(default.trim(), samples()[0]["stock_folded"]);
+    let strict = with("run", &["--grammar", "strict"]);
+    assert_ne!(strict, default, "the sample strict changes: a repeated key");
+    let _: Value = serde_json::from_str(&strict).expect("strict output is JSON");
+
+    let trace: Value = serde_json::from_str(&with("trace", &["--grammar", "strict"])).unwrap();
+    assert_eq!(format!("{}\n", trace["output"].as_str().unwrap()), strict);
+    let steps = trace["steps"].as_array().unwrap();
+    assert!(steps.iter().all(|s| s["grammar_active"] == true));
+    assert_eq!(steps[0]["allowed"], 1, "only <tool_call> first");
+
+    let out = needlec(&[
+        "run",
+        "--checkpoint",
+        &ckpt,
+        "--tokenizer",
+        &tok,
+        "--tools",
+        &tools,
+        "--query",
+        &query,
+        "--grammar",
+        "lenient",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("reference and strict"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -10,7 +10,8 @@ use crate::forward::{
 use crate::grammar::{Grammar, GrammarState, GrammarTables};
 use crate::model::Model;
 use crate::output::postprocess;
-use crate::tokenizer::Tokenizer;
+use crate::strict::{Strict, StrictError, StrictTables};
+use crate::tokenizer::{PieceKind, Tokenizer};
 
 /// Token ids with fixed meanings in every Needle tokenizer.
 pub const EOS_ID: u32 = 1;
@@ -45,6 +46,39 @@ impl FoldMode {
         match self {
             FoldMode::None => "none",
             FoldMode::Tools => "tools",
+        }
+    }
+}
+
+/// Which grammar constrains decoding (`--grammar`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GrammarKind {
+    /// The reference's: tool names and argument keys along tries (spec section 5).
+    #[default]
+    Reference,
+    /// A valid call list under the tool schemas, closed within the budget (`crate::strict`).
+    Strict,
+}
+
+impl GrammarKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GrammarKind::Reference => "reference",
+            GrammarKind::Strict => "strict",
+        }
+    }
+}
+
+impl std::str::FromStr for GrammarKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<GrammarKind, String> {
+        match s {
+            "reference" => Ok(GrammarKind::Reference),
+            "strict" => Ok(GrammarKind::Strict),
+            other => Err(format!(
+                "unknown grammar {other:?}; the grammars are reference and strict"
+            )),
         }
     }
 }
@@ -115,6 +149,19 @@ pub enum EngineError {
          does this): shorten the query or raise --max-query-tokens"
     )]
     QueryTooLong { tokens: usize, max: usize },
+    #[error("--grammar strict: {0}")]
+    Strict(#[from] StrictError),
+    #[error(
+        "--grammar strict needs at least {needed} generated tokens for the shortest complete \
+         answer (`<tool_call>` and `[]`), but max_gen_len {max_gen_len} allows {allows}; raise \
+         --max-gen-len to at least {}",
+        .needed + 1
+    )]
+    StrictBudget {
+        max_gen_len: usize,
+        allows: usize,
+        needed: usize,
+    },
 }
 
 /// The most query tokens a prompt can hold with a tool list of `n_tool_tokens` tokens: the
@@ -205,6 +252,8 @@ pub struct Engine {
     pub fold: FoldMode,
     tool_ids: Vec<u32>,
     grammar: GrammarTables,
+    /// The strict grammar's tables when `--grammar strict` ([`Engine::with_grammar`]).
+    strict: Option<StrictTables>,
     folded: Option<FoldedTools>,
     /// `--max-query-tokens`, checked against [`query_token_limit`]; `None`: the reference's cut.
     query_bound: Option<usize>,
@@ -237,6 +286,7 @@ impl Engine {
             fold,
             tool_ids,
             grammar,
+            strict: None,
             folded,
             query_bound: None,
             tool_vectors: OnceLock::new(),
@@ -252,6 +302,50 @@ impl Engine {
             self.tool_ids.len(),
         )?);
         Ok(self)
+    }
+
+    /// Decodes under `kind` from now on; `strict` compiles its tables from the tool list (an
+    /// [`EngineError::Strict`] names a tool and key whose schema it cannot express).
+    pub fn with_grammar(mut self, kind: GrammarKind) -> Result<Engine, EngineError> {
+        self.strict = match kind {
+            GrammarKind::Reference => None,
+            GrammarKind::Strict => {
+                let originals: Vec<String> =
+                    self.tools.name_map.iter().map(|(_, o)| o.clone()).collect();
+                let schemas = crate::strict::schemas(&self.tools.normalized_json, &originals)?;
+                let texts = self.tokenizer.token_texts();
+                let usable: Vec<bool> = (0..texts.len() as u32)
+                    .map(|id| {
+                        matches!(
+                            self.tokenizer.kind(id),
+                            Some(PieceKind::Normal | PieceKind::Byte)
+                        ) && id != TOOL_CALL_ID
+                            && id != TOOLS_ID
+                    })
+                    .collect();
+                Some(StrictTables::new(
+                    &texts,
+                    &usable,
+                    &schemas,
+                    TOOL_CALL_ID,
+                    EOS_ID,
+                ))
+            }
+        };
+        Ok(self)
+    }
+
+    /// The grammar this engine decodes under.
+    pub fn grammar_kind(&self) -> GrammarKind {
+        match self.strict {
+            Some(_) => GrammarKind::Strict,
+            None => GrammarKind::Reference,
+        }
+    }
+
+    /// The strict grammar's tables, when decoding under it.
+    pub fn strict_tables(&self) -> Option<&StrictTables> {
+        self.strict.as_ref()
     }
 
     /// Gives the model and tokenizer back, to build an engine for another tool list without
@@ -388,6 +482,17 @@ impl Engine {
     /// finite ends it with [`EngineError::NonFiniteLogits`], as a library's `NAME_ERR_NUMERIC`.
     pub fn generate(&self, query: &str, max_gen_len: usize) -> Result<Generation, EngineError> {
         check_max_gen_len(max_gen_len)?;
+        if let Some(strict) = &self.strict {
+            // `<tool_call>` plus the shortest list must fit.
+            let needed = strict.min_tokens() as usize + 1;
+            if needed > max_gen_len - 1 {
+                return Err(EngineError::StrictBudget {
+                    max_gen_len,
+                    allows: max_gen_len - 1,
+                    needed,
+                });
+            }
+        }
         let prompt = self.checked_prompt(query)?;
         self.decode(
             prompt,
@@ -416,33 +521,40 @@ impl Engine {
         })
     }
 
-    /// The decode loop both views share: from `[EOS]` over the encoded `prompt`, at most `max_steps` decoder steps, each
-    /// recording the logits and the grammar's view, then taking `choose(step, logits, allowed)`
-    /// as the next token; EOS ends it. With `finite`, a chosen logit that is not finite (where
-    /// the step had a choice) is an error.
+    /// The decode loop both views share: from `[EOS]` over the encoded `prompt`, at most
+    /// `max_steps` decoder steps, each recording the logits and the grammar's view, then taking
+    /// `choose(step, logits, allowed)` as the next token; EOS ends it. `greedy` (free-running
+    /// decoding, not teacher forcing): under the strict grammar the list closes within
+    /// `max_steps`, and a chosen logit that is not finite (where the step had a choice) is an
+    /// error. The reference machine is fed either way: its span is what the confidence reads.
     fn decode(
         &self,
         prompt: Prompt,
         max_steps: usize,
-        finite: bool,
+        greedy: bool,
         mut choose: impl FnMut(usize, &[f32], Option<&[u32]>) -> u32,
     ) -> Result<Generation, EngineError> {
         let cross = self.encode_prompt(&prompt);
         let mut cache = DecoderCache::new(&self.model);
         let mut grammar = Grammar::new(&self.grammar);
+        let mut strict = self.strict.as_ref().map(Strict::new);
         let mut dec_ids = vec![EOS_ID];
         let mut steps = Vec::new();
         for i in 0..max_steps {
             let token = *dec_ids.last().expect("starts with EOS");
             let logits = decoder_step(&self.model, &cross, &mut cache, token);
-            let allowed = if grammar.is_active() {
-                grammar.allowed()
-            } else {
-                None
+            let strict_allowed = strict
+                .as_ref()
+                .and_then(|m| m.allowed(greedy.then(|| max_steps - i - 1)));
+            let allowed = match (&strict, &strict_allowed) {
+                (Some(_), Some(ids)) => Some(ids.as_slice()),
+                (Some(_), None) => None,
+                (None, _) if grammar.is_active() => grammar.allowed(),
+                (None, _) => None,
             };
             let next = choose(i, &logits, allowed);
             let logit = logits[next as usize];
-            if finite && allowed.is_none_or(|a| a.len() != 1) && !logit.is_finite() {
+            if greedy && allowed.is_none_or(|a| a.len() != 1) && !logit.is_finite() {
                 return Err(EngineError::NonFiniteLogits {
                     step: i,
                     token: next,
@@ -463,6 +575,9 @@ impl Engine {
                 break;
             }
             grammar.feed_token(next);
+            if let Some(m) = &mut strict {
+                m.feed_token(next);
+            }
             dec_ids.push(next);
         }
         let gen_ids = dec_ids[1..].to_vec();

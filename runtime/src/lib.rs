@@ -5,7 +5,8 @@
 //! into a [`checkpoint::Checkpoint`], and everything here works on that.
 //!
 //! Pipeline of one call: [`tokenizer`] encodes the query and the normalized tool list,
-//! [`forward`] runs the encoder and decoder, [`grammar`] constrains tool names and argument keys,
+//! [`forward`] runs the encoder and decoder, [`grammar`] constrains tool names and argument keys
+//! (or [`strict`], with `--grammar strict`, the whole call list under the tool schemas),
 //! [`decode`] drives greedy generation, and [`output`] turns the generated text into what the user
 //! gets (tool names restored).
 
@@ -21,4 +22,5 @@ pub mod model;
 pub mod output;
 pub mod pyjson;
 pub mod quant;
+pub mod strict;
 pub mod tokenizer;

@@ -774,6 +774,7 @@ fn bounded_query_answers_like_needlec_run_with_the_same_bound() {
             fold: Some(fold),
             weights: None,
             max_query_tokens: Some(BOUND),
+            ..Default::default()
         };
         let engine = needlec::frontend::load_with(
             &tiny_needle("tiny-needle-folded.pkl"),
@@ -968,8 +969,7 @@ fn call_ex_reports_the_runtimes_confidence_tool_and_escalate_bit() {
     for (i, (checkpoint, fold)) in combos.into_iter().enumerate() {
         let options = needlec::frontend::ModelOptions {
             fold: Some(fold),
-            weights: None,
-            max_query_tokens: None,
+            ..Default::default()
         };
         let engine = needlec::frontend::load_with(
             &tiny_needle(checkpoint),

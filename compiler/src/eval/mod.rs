@@ -19,7 +19,9 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use needle_runtime::confidence::Confidence;
-use needle_runtime::decode::{check_max_query_tokens, check_tools_fit, Engine, FoldMode};
+use needle_runtime::decode::{
+    check_max_query_tokens, check_tools_fit, Engine, EngineError, FoldMode, GrammarKind,
+};
 use needle_runtime::model::Model;
 use needle_runtime::quant::Precision;
 use needle_runtime::tokenizer::Tokenizer;
@@ -77,6 +79,7 @@ fn list(lines: &[BadLine]) -> String {
 pub enum Setting {
     Fold(FoldMode),
     Weights(Precision),
+    Grammar(GrammarKind),
 }
 
 impl fmt::Display for Setting {
@@ -84,6 +87,7 @@ impl fmt::Display for Setting {
         match self {
             Setting::Fold(m) => write!(f, "fold={}", m.name()),
             Setting::Weights(p) => write!(f, "weights={p}"),
+            Setting::Grammar(g) => write!(f, "grammar={}", g.name()),
         }
     }
 }
@@ -93,7 +97,10 @@ impl FromStr for Setting {
 
     fn from_str(s: &str) -> Result<Setting, String> {
         let (key, value) = s.split_once('=').ok_or_else(|| {
-            format!("{s:?} is not KEY=VALUE; use fold=none|tools or weights=f32|f16|int8|int4")
+            format!(
+                "{s:?} is not KEY=VALUE; use fold=none|tools, weights=f32|f16|int8|int4 or \
+                 grammar=reference|strict"
+            )
         })?;
         match key.trim() {
             "fold" => match value.trim() {
@@ -106,8 +113,13 @@ impl FromStr for Setting {
                 .parse()
                 .map(Setting::Weights)
                 .map_err(|e| format!("weights={}: {e}", value.trim())),
+            "grammar" => value
+                .trim()
+                .parse()
+                .map(Setting::Grammar)
+                .map_err(|e| format!("grammar={}: {e}", value.trim())),
             other => Err(format!(
-                "{other:?} cannot be compared; the keys are fold (none|tools) and weights (f32|f16|int8|int4)"
+                "{other:?} cannot be compared; the keys are fold (none|tools), weights (f32|f16|int8|int4) and grammar (reference|strict)"
             )),
         }
     }
@@ -125,6 +137,8 @@ pub struct EvalOptions {
     pub weights: Option<Precision>,
     pub max_gen_len: usize,
     pub max_query_tokens: Option<usize>,
+    /// `--grammar`, for the base run and every comparison.
+    pub grammar: GrammarKind,
     pub compare: Vec<Setting>,
     pub strict_data: bool,
     /// Evaluate only the first N usable examples.
@@ -170,6 +184,13 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
         .as_deref()
         .map(tools::load_tools_arg)
         .transpose()?;
+    let strict = opts.grammar == GrammarKind::Strict
+        || opts
+            .compare
+            .contains(&Setting::Grammar(GrammarKind::Strict));
+    if let (Some(fixed), true) = (&fixed, strict) {
+        strict_schemas(fixed).map_err(|e| FrontendError::from(EngineError::from(e)))?;
+    }
     let mut prepared = Vec::new();
     for example in examples {
         let key = match fixed {
@@ -188,6 +209,10 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
                 };
                 let n = tokenizer.encode(&set.normalized_json).len();
                 check_tools_fit(n).map_err(|e| format!("its tools: {e}"))?;
+                if strict {
+                    strict_schemas(&set)
+                        .map_err(|e| format!("its tools, under --grammar strict: {e}"))?;
+                }
                 if let Some(bound) = opts.max_query_tokens {
                     check_max_query_tokens(bound, n).map_err(|e| e.to_string())?;
                 }
@@ -231,11 +256,18 @@ pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, Eva
     })
 }
 
+/// Whether the strict grammar can express a tool list's schemas.
+fn strict_schemas(set: &ToolSet) -> Result<(), needle_runtime::strict::StrictError> {
+    let originals: Vec<String> = set.name_map.iter().map(|(_, o)| o.clone()).collect();
+    needle_runtime::strict::schemas(&set.normalized_json, &originals).map(|_| ())
+}
+
 /// One configuration: the options of the base run, possibly with one changed.
 #[derive(Clone, Copy, Debug)]
 pub struct RunConfig {
     pub fold: FoldMode,
     pub weights: Precision,
+    pub grammar: GrammarKind,
 }
 
 /// Answers every example with `model`, one engine per tool list, calling `tick` after each.
@@ -248,6 +280,7 @@ pub fn answer_all(
     fold: FoldMode,
     max_gen_len: usize,
     max_query_tokens: Option<usize>,
+    grammar: GrammarKind,
     with_confidence: bool,
     tick: &dyn Fn(),
 ) -> Result<Vec<Outcome>, EvalError> {
@@ -270,6 +303,7 @@ pub fn answer_all(
                 .with_max_query_tokens(bound)
                 .map_err(FrontendError::from)?;
         }
+        engine = engine.with_grammar(grammar).map_err(FrontendError::from)?;
         for &i in members {
             let query = &dataset.examples[i].example.query;
             let start = Instant::now();
@@ -316,6 +350,7 @@ pub fn evaluate(
     let config = RunConfig {
         fold,
         weights: base.precision,
+        grammar: opts.grammar,
     };
     progress.set_length((dataset.examples.len() * (1 + opts.compare.len())) as u64);
     let tick = || progress.inc(1);
@@ -326,6 +361,7 @@ pub fn evaluate(
         fold,
         opts.max_gen_len,
         opts.max_query_tokens,
+        opts.grammar,
         true,
         &tick,
     )?;
@@ -345,6 +381,7 @@ pub fn evaluate(
                     },
                 )
             }
+            Setting::Grammar(grammar) => (base.model.clone(), RunConfig { grammar, ..config }),
             Setting::Weights(p) => {
                 let loaded = frontend::load_model_as(&opts.checkpoint, Some(p))?;
                 if let Some(w) = loaded.warning {
@@ -366,6 +403,7 @@ pub fn evaluate(
             other.fold,
             opts.max_gen_len,
             opts.max_query_tokens,
+            other.grammar,
             false,
             &tick,
         )?;
@@ -379,4 +417,31 @@ pub fn evaluate(
         &compared,
         warnings,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_settings_parse_and_print_back() {
+        for text in [
+            "fold=none",
+            "fold=tools",
+            "weights=int4",
+            "grammar=strict",
+            "grammar=reference",
+        ] {
+            let setting: Setting = text.parse().unwrap();
+            assert_eq!(setting.to_string(), text);
+        }
+        assert_eq!(
+            " grammar = strict".parse::<Setting>(),
+            Ok(Setting::Grammar(GrammarKind::Strict))
+        );
+        let err = "grammar=lenient".parse::<Setting>().unwrap_err();
+        assert!(err.contains("reference and strict"), "{err}");
+        let err = "speed=fast".parse::<Setting>().unwrap_err();
+        assert!(err.contains("grammar (reference|strict)"), "{err}");
+    }
 }

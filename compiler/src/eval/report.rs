@@ -24,6 +24,8 @@ pub struct Report {
     pub weights: String,
     pub max_gen_len: usize,
     pub max_query_tokens: Option<usize>,
+    /// `--grammar`: `reference` or `strict`.
+    pub grammar: &'static str,
     /// Examples evaluated.
     pub examples: usize,
     pub bad_lines: Vec<BadLine>,
@@ -103,6 +105,7 @@ pub struct Comparison {
     pub setting: String,
     pub fold: &'static str,
     pub weights: String,
+    pub grammar: &'static str,
     /// The compared configuration's exact-match accuracy.
     pub accuracy: f64,
     /// Share of examples with byte-identical outputs.
@@ -258,6 +261,7 @@ pub fn assemble(
                 setting: setting.to_string(),
                 fold: cfg.fold.name(),
                 weights: cfg.weights.to_string(),
+                grammar: cfg.grammar.name(),
                 accuracy: metrics::ratio(right, n),
                 agreement: metrics::ratio(n - disagreements.len(), n),
                 disagreements,
@@ -271,6 +275,7 @@ pub fn assemble(
         weights: config.weights.to_string(),
         max_gen_len: opts.max_gen_len,
         max_query_tokens: opts.max_query_tokens,
+        grammar: opts.grammar.name(),
         examples: n,
         bad_lines: dataset.bad_lines.clone(),
         warnings,
@@ -426,8 +431,16 @@ impl Report {
         );
         let _ = writeln!(
             w,
-            "checkpoint {}  --fold {}  --weights {}  --max-gen-len {}",
-            self.checkpoint, self.fold, self.weights, self.max_gen_len
+            "checkpoint {}  --fold {}  --weights {}  --max-gen-len {}{}",
+            self.checkpoint,
+            self.fold,
+            self.weights,
+            self.max_gen_len,
+            if self.grammar == "reference" {
+                String::new()
+            } else {
+                format!("  --grammar {}", self.grammar)
+            }
         );
         let _ = writeln!(w);
         let rows = [
