@@ -85,10 +85,15 @@ fn build_library(
     fold: FoldMode,
     weights: Precision,
     cpu: Option<&str>,
+    quantize_activations: bool,
     max_gen_len: usize,
 ) -> BenchLibrary {
     let stem = model.checkpoint.file_stem().unwrap().to_string_lossy();
-    let level = cpu.unwrap_or("base");
+    let level = format!(
+        "{}{}",
+        cpu.unwrap_or("base"),
+        if quantize_activations { "-qa" } else { "" }
+    );
     let out = dir.join(format!(
         "{stem}-{}-{weights}-{level}-{max_gen_len}",
         fold.name()
@@ -106,7 +111,7 @@ fn build_library(
         max_query_tokens: None,
         name: "needle".into(),
         escalate_below: 0.0,
-        quantize_activations: false,
+        quantize_activations,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),
     };
@@ -241,17 +246,20 @@ fn main() {
         };
         // x86-64-v3 (AVX2, FMA) only where this host runs it.
         let v3 = host_has_fma().then_some("x86-64-v3");
+        // Then int4 with `--quantize-activations` (opt-in, approximate).
         let levels = Precision::ALL
-            .map(|w| (w, None))
+            .map(|w| (w, None, false))
             .into_iter()
-            .chain(v3.map(|cpu| (Precision::Int4, Some(cpu))));
-        for (weights, cpu) in levels {
-            let short = build_library(&dir, &full, fold, weights, cpu, 2);
-            let long = build_library(&dir, &full, fold, weights, cpu, DECODE_LEN);
+            .chain(v3.map(|cpu| (Precision::Int4, Some(cpu), false)))
+            .chain([(Precision::Int4, None, true)]);
+        for (weights, cpu, qa) in levels {
+            let short = build_library(&dir, &full, fold, weights, cpu, qa, 2);
+            let long = build_library(&dir, &full, fold, weights, cpu, qa, DECODE_LEN);
             let (short_secs, long_secs) = (call_secs(&short, QUERY), call_secs(&long, QUERY));
-            let name = match cpu {
-                Some(_) => format!("lib {weights} v3"),
-                None => format!("lib {weights}"),
+            let name = match (cpu, qa) {
+                (Some(_), _) => format!("lib {weights} v3"),
+                (None, true) => format!("lib {weights} qa"),
+                (None, false) => format!("lib {weights}"),
             };
             let l = row(&name, short_secs, long_secs);
             let f32_call = *f32_call.get_or_insert(l.2);
@@ -318,7 +326,7 @@ fn bundled_samples(dir: &Path) {
             tools: &tools_json,
         };
         let lib = |weights: Precision| {
-            let lib = build_library(dir, &model, fold, weights, None, 512);
+            let lib = build_library(dir, &model, fold, weights, None, false, 512);
             samples
                 .iter()
                 .map(|s| call_secs(&lib, &s.query))
