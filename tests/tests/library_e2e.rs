@@ -233,11 +233,7 @@ fn golden_cases_int4_both_fixtures_both_modes() {
 fn tiny_needle_quantized_samples_all_combinations() {
     let samples: Vec<QuantizedSample> = read_json(&tiny_needle("samples_quantized.json"));
     let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
-    let combos = [
-        ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
-        ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
-        ("tiny-needle-folded.pkl", None, "fold_folded"),
-    ];
+    let combos = QUANTIZED_COMBOS;
     for p in [Precision::Int8, Precision::Int4] {
         for (i, (checkpoint, fold, combo)) in combos.into_iter().enumerate() {
             let exe = build_library(&format!("samples-{p}-{i}"), |out| BuildOptions {
@@ -254,6 +250,14 @@ fn tiny_needle_quantized_samples_all_combinations() {
     }
 }
 
+/// The checkpoint/fold combinations `samples_quantized.json` records: checkpoint, fold (`None`:
+/// the checkpoint's default), and the record's key.
+const QUANTIZED_COMBOS: [(&str, Option<FoldMode>, &str); 3] = [
+    ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
+    ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
+    ("tiny-needle-folded.pkl", None, "fold_folded"),
+];
+
 /// `--quantize-activations` (opt-in, approximate): the bundled model's 40 samples in every
 /// checkpoint/fold combination, int8 and int4, against the reference's quantized outputs. The
 /// agreement is printed (the README records it) and must stay high: a wrong integer kernel
@@ -262,11 +266,7 @@ fn tiny_needle_quantized_samples_all_combinations() {
 fn quantized_activations_agree_with_the_exact_quantized_model() {
     let samples: Vec<QuantizedSample> = read_json(&tiny_needle("samples_quantized.json"));
     let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
-    let combos = [
-        ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
-        ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
-        ("tiny-needle-folded.pkl", None, "fold_folded"),
-    ];
+    let combos = QUANTIZED_COMBOS;
     for p in [Precision::Int8, Precision::Int4] {
         for (i, (checkpoint, fold, combo)) in combos.into_iter().enumerate() {
             let exe = build_library(&format!("samples-qa-{p}-{i}"), |out| BuildOptions {

@@ -523,16 +523,7 @@ fn mm_tile(
                 let next = g.b.ins().iadd_imm_s(p, 4);
                 g.set(xp, next);
                 let xs = g.vsplat(xv);
-                for (j, &acc) in partial.iter().enumerate() {
-                    let cur = g.vget(acc);
-                    let nxt = if fma {
-                        g.vmul_add(xs, qs[j], cur)
-                    } else {
-                        let m = g.vmul(xs, qs[j]);
-                        g.vadd(cur, m)
-                    };
-                    g.vset(acc, nxt);
-                }
+                accumulate_row(g, &partial, xs, qs, fma);
             },
             |g, scales| {
                 for (j, (&acc, &tot)) in partial.iter().zip(&totals).enumerate() {
@@ -561,19 +552,7 @@ fn mm_tile(
             for (i, acc_row) in accs.iter().enumerate() {
                 let xv = g.load_f32(xrows[i], kk);
                 let xs = g.vsplat(xv);
-                for (j, &acc) in acc_row.iter().enumerate() {
-                    let cur = g.vget(acc);
-                    // Unfused: `acc + x * w` rather than `x * w + acc` (the same sum) so that
-                    // two-operand SSE adds into the accumulator's register, without a move
-                    // per accumulator at the end of each step.
-                    let nxt = if fma {
-                        g.vmul_add(xs, ws[j], cur)
-                    } else {
-                        let m = g.vmul(xs, ws[j]);
-                        g.vadd(cur, m)
-                    };
-                    g.vset(acc, nxt);
-                }
+                accumulate_row(g, acc_row, xs, ws, fma);
             }
         });
         for (i, acc_row) in accs.iter().enumerate() {
@@ -599,6 +578,23 @@ fn mm_tile(
             let v = g.get(acc);
             g.store_f32(v, yrows[i], col);
         }
+    }
+}
+
+/// `accs[j] += xs * ws[j]` for every column vector `j` of one row of a tile.
+fn accumulate_row(g: &mut Gen<'_>, accs: &[V4Var], xs: V4, ws: &[V4], fma: bool) {
+    for (&acc, &w) in accs.iter().zip(ws) {
+        let cur = g.vget(acc);
+        // Unfused: `acc + x * w` rather than `x * w + acc` (the same sum) so that two-operand
+        // SSE adds into the accumulator's register, without a move per accumulator at the end
+        // of each step.
+        let nxt = if fma {
+            g.vmul_add(xs, w, cur)
+        } else {
+            let m = g.vmul(xs, w);
+            g.vadd(cur, m)
+        };
+        g.vset(acc, nxt);
     }
 }
 
