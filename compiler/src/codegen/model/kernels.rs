@@ -794,9 +794,34 @@ pub fn logits(ks: &mut KernelSet, name: &str, table: &WeightRef) -> Result<FuncI
             let wa = WeightAccess::new(&t, addrs);
             let (v, d) = (t.k as i64, t.n as i64);
             let (v4, d4) = (v / 4 * 4, d / 4 * 4);
+            // A half table on a vector target reads eight columns a load, split into even and
+            // odd columns in registers; `x` is laid out to match once per row, in blocks of
+            // eight as its four even then four odd entries (`xeo`, a stack buffer).
+            let pairs = t.format == WeightFormat::F16 && g.simd();
+            let d8 = if pairs { d / 8 * 8 } else { 0 };
+            let xeo = (d8 > 0).then(|| {
+                let slot = g.b.create_sized_stack_slot(StackSlotData::new(
+                    StackSlotKind::ExplicitSlot,
+                    u32::try_from(d8 * 4).expect("a row of the model fits the stack"),
+                    4,
+                ));
+                let pt = g.ptr;
+                g.b.ins().stack_addr(pt, slot, 0)
+            });
             g.for_n(rows, |g, r| {
                 let xrow = g.addr(x, r, d * 4);
                 let yrow = g.addr(y, r, v * 4);
+                if let Some(xeo) = xeo {
+                    g.for_const(0, d8 / 8, 1, |g, b| {
+                        let src = g.addr(xrow, b, 32);
+                        let dst = g.addr(xeo, b, 32);
+                        for j in 0..8i32 {
+                            let at = (j % 2) * 4 + j / 2;
+                            let xv = g.b.ins().load(types::F32, mem(), src, 4 * j);
+                            g.b.ins().store(mem(), xv, dst, 4 * at);
+                        }
+                    });
+                }
                 for (lo, hi, width) in [(0, v4, 4usize), (v4, v, 1)] {
                     g.for_const(lo, hi, width as i64, |g, t0| {
                         let erows: Vec<_> = (0..width)
@@ -807,7 +832,23 @@ pub fn logits(ks: &mut KernelSet, name: &str, table: &WeightRef) -> Result<FuncI
                             .collect();
                         let zero = g.vconst(0.0);
                         let accs: Vec<_> = (0..width).map(|_| g.vvar(zero)).collect();
-                        g.for_const(0, d4, 4, |g, c| {
+                        if let Some(xeo) = xeo {
+                            g.for_const(0, d8, 8, |g, c| {
+                                let xe = g.vload(xeo, c);
+                                let c4 = g.b.ins().iadd_imm_s(c, 4);
+                                let xo = g.vload(xeo, c4);
+                                for (i, &acc) in accs.iter().enumerate() {
+                                    let (ev, od) = erows[i]
+                                        .load8_even_odd(g, c)
+                                        .expect("a half row on a vector target");
+                                    let cur = g.vget(acc);
+                                    let nxt = g.vmul_add(xe, ev, cur);
+                                    let nxt = g.vmul_add(xo, od, nxt);
+                                    g.vset(acc, nxt);
+                                }
+                            });
+                        }
+                        g.for_const(d8, d4, 4, |g, c| {
                             let xv = g.vload(xrow, c);
                             for (i, &acc) in accs.iter().enumerate() {
                                 let ev = erows[i].load4(g, c);
