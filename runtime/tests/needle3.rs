@@ -1,0 +1,272 @@
+//! The Needle 3 runtime against the reference package's vectors (`tests/fixtures/needle3/`,
+//! made by cactus-needle 3.2.8 with `scripts/needle3/make_golden.py`): loading, the MLP
+//! permutations, engram hashing, and the float32 forward pass at every stored ladder depth.
+
+use std::path::PathBuf;
+
+use needle_runtime::needle3::forward::{engram_indices, forward, heads};
+use needle_runtime::needle3::model::{is_needle3_safetensors, mt_permutation, Model};
+use needle_runtime::needle3::{generate, Config, Error};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    needle_test_support::repo_root()
+        .join("tests/fixtures/needle3")
+        .join(name)
+}
+
+fn golden(name: &str) -> (Value, Vec<f32>) {
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{name}.json"))).unwrap())
+            .unwrap();
+    let bin = std::fs::read(fixture(json["bin"].as_str().unwrap())).unwrap();
+    let floats = bin
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (json, floats)
+}
+
+fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// The block `{offset, shape}` of the golden binary.
+fn block<'a>(bin: &'a [f32], at: &Value) -> &'a [f32] {
+    let off = at["offset"].as_u64().unwrap() as usize / 4;
+    let len: usize = usizes(&at["shape"]).iter().product();
+    &bin[off..off + len]
+}
+
+/// `max |got - want| / max |want|`.
+fn rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len())
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+        .unwrap()
+}
+
+/// Every f32 run of a golden file: logits rows, argmax and row norms at every position, hidden
+/// cells, and the heads; returns the worst relative differences (logits, hidden, heads abs).
+fn check_runs(json: &Value, bin: &[f32], full: &Model, depths: Option<&[usize]>) -> [f32; 3] {
+    let mut worst = [0f32; 3];
+    for run in json["runs"].as_array().unwrap() {
+        let depth = run["depth"].as_u64().unwrap() as usize;
+        if run["weights"] != "f32" || depths.is_some_and(|d| !d.contains(&depth)) {
+            continue;
+        }
+        let case = &json["cases"][run["case"].as_u64().unwrap() as usize];
+        let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+        let model = full.clone().into_ladder(depth).unwrap();
+        assert_eq!(
+            model.config.num_layers,
+            usizes(&run["layers"]).len(),
+            "depth {depth}"
+        );
+        let out = forward(&model, &ids).unwrap();
+        let what = format!("case {} depth {depth}", run["case"]);
+
+        let rows = usizes(&run["logit_rows"]);
+        let v = out.logits.ncols();
+        let got: Vec<f32> = rows
+            .iter()
+            .flat_map(|&t| out.logits.row(t).to_vec())
+            .collect();
+        let r_logits = rel(&got, block(bin, &run["logits"]));
+        assert_eq!(usizes(&run["logits"]["shape"]), [rows.len(), v]);
+
+        let want_argmax = usizes(&run["argmax"]);
+        let want_l2 = f32s(&run["logits_row_l2"]);
+        assert_eq!(want_argmax.len(), ids.len());
+        for (t, row) in out.logits.rows().into_iter().enumerate() {
+            let row = row.to_vec();
+            assert_eq!(
+                argmax(&row),
+                want_argmax[t],
+                "{what}: argmax at position {t}"
+            );
+            let l2 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!(
+                (l2 - want_l2[t]).abs() <= 1e-4 * want_l2[t],
+                "{what}: logits row {t} norm {l2} vs {}",
+                want_l2[t]
+            );
+        }
+
+        let hidden_rows = usizes(&run["hidden_rows"]);
+        let got: Vec<f32> = hidden_rows
+            .iter()
+            .flat_map(|&t| out.cells.iter().flat_map(move |c| c.row(t).to_vec()))
+            .collect();
+        let r_hidden = rel(&got, block(bin, &run["hidden"]));
+
+        let h = heads(&model, &ids, &out);
+        let mut d_heads =
+            (h.confidence.unwrap() - run["confidence"].as_f64().unwrap() as f32).abs();
+        for (a, b) in h.router.unwrap().iter().zip(f32s(&run["router"])) {
+            d_heads = d_heads.max((a - b).abs());
+        }
+        for (a, b) in h.embedding.unwrap().iter().zip(f32s(&run["embedding"])) {
+            d_heads = d_heads.max((a - b).abs());
+        }
+        eprintln!(
+            "{what}: logits rel {r_logits:.2e}, hidden rel {r_hidden:.2e}, heads abs {d_heads:.2e}"
+        );
+        assert!(
+            r_logits <= 1e-5,
+            "{what}: logits differ by {r_logits} relative"
+        );
+        assert!(
+            r_hidden <= 1e-5,
+            "{what}: hidden cells differ by {r_hidden} relative"
+        );
+        assert!(d_heads <= 1e-5, "{what}: heads differ by {d_heads}");
+        worst = [
+            worst[0].max(r_logits),
+            worst[1].max(r_hidden),
+            worst[2].max(d_heads),
+        ];
+    }
+    worst
+}
+
+#[test]
+fn the_small_checkpoint_matches_the_reference_at_every_depth() {
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    assert!(is_needle3_safetensors(&data));
+    let model = Model::from_safetensors_bytes(&data).unwrap();
+    let (json, bin) = golden("small");
+    assert_eq!(model.p1, usizes(&json["hada"]["p1"]));
+    assert_eq!(model.p2, usizes(&json["hada"]["p2"]));
+    for case in json["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+        let want: Vec<Vec<usize>> = case["engram_indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(usizes)
+            .collect();
+        assert_eq!(engram_indices(&model.config, &ids), want);
+    }
+    let worst = check_runs(&json, &bin, &model, None);
+    eprintln!("small, worst: {worst:?}");
+}
+
+#[test]
+fn numpy_permutations_of_both_widths() {
+    let (json, _) = golden("default");
+    assert_eq!(mt_permutation(11, 1024), usizes(&json["hada"]["p1"]));
+    assert_eq!(mt_permutation(13, 1024), usizes(&json["hada"]["p2"]));
+}
+
+#[test]
+fn the_generator_regenerates_every_default_parameter() {
+    let (json, _) = golden("default");
+    let layers = json["config"]["num_layers"].as_u64().unwrap() as usize;
+    let checks = json["param_checks"].as_object().unwrap();
+    assert!(checks.len() > 70);
+    for (path, chk) in checks {
+        let shape = usizes(&chk["shape"]);
+        let v =
+            generate::tensor(path, &shape, layers).unwrap_or_else(|| panic!("no rule for {path}"));
+        let first = f32s(&chk["first"]);
+        assert_eq!(v[..first.len()], first[..], "{path}");
+        assert_eq!(
+            *v.last().unwrap(),
+            chk["last"].as_f64().unwrap() as f32,
+            "{path}"
+        );
+        let sum: f64 = v.iter().map(|&x| f64::from(x)).sum();
+        let want = chk["sum"].as_f64().unwrap();
+        assert!(
+            (sum - want).abs() <= 1e-9 * want.abs().max(1.0),
+            "{path}: sum {sum} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn the_default_config_matches_the_reference_at_every_depth() {
+    let (json, bin) = golden("default");
+    let config: Config = Config::from_json(&json["config"].to_string()).unwrap();
+    let mut src = generate::Generated {
+        num_layers: config.num_layers,
+    };
+    let model = Model::load(config, &mut src).unwrap();
+    let worst = check_runs(&json, &bin, &model, None);
+    eprintln!("default, worst: {worst:?}");
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&data).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&data).unwrap();
+    let metadata = meta.metadata().clone();
+    let rewrite = |skip: &str, reshape: Option<(&str, Vec<usize>)>| {
+        let mut views = Vec::new();
+        for (name, view) in st.tensors() {
+            if name == skip {
+                continue;
+            }
+            let shape = match &reshape {
+                Some((n, s)) if *n == name => s.clone(),
+                _ => view.shape().to_vec(),
+            };
+            views.push((
+                name,
+                safetensors::tensor::TensorView::new(view.dtype(), shape, view.data()).unwrap(),
+            ));
+        }
+        safetensors::serialize(views, metadata.clone()).unwrap()
+    };
+    let e = Model::from_safetensors_bytes(&rewrite("stack/mhc_phi_res", None)).unwrap_err();
+    assert!(
+        matches!(&e, Error::Missing { name } if name == "stack/mhc_phi_res"),
+        "{e}"
+    );
+    let e = Model::from_safetensors_bytes(&rewrite(
+        "",
+        Some(("stack/layers/block/attn_gate", vec![3, 2])),
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("attn_gate") && e.to_string().contains("[6]"),
+        "{e}"
+    );
+    // A v1-style file (config under `needle_config`) is not taken for Needle 3.
+    let mut v1_meta = std::collections::HashMap::new();
+    v1_meta.insert(
+        "needle_config".to_string(),
+        "{\"d_model\": 128}".to_string(),
+    );
+    let views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    let v1 = safetensors::serialize(views, Some(v1_meta)).unwrap();
+    assert!(!is_needle3_safetensors(&v1));
+    assert!(matches!(
+        Model::from_safetensors_bytes(&v1),
+        Err(Error::Safetensors(_))
+    ));
+    assert!(Model::from_safetensors_bytes(&data[..data.len() / 2]).is_err());
+}
