@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use needle_runtime::needle3::forward::{engram_indices, forward, heads};
+use needle_runtime::needle3::forward::{engram_indices, forward, heads, Cache};
 use needle_runtime::needle3::model::{is_needle3_safetensors, mt_permutation, Model};
 use needle_runtime::needle3::{generate, Config, Error};
 use serde_json::Value;
@@ -269,4 +269,95 @@ fn missing_and_misshapen_tensors_are_named() {
         Err(Error::Safetensors(_))
     ));
     assert!(Model::from_safetensors_bytes(&data[..data.len() / 2]).is_err());
+}
+
+/// Runs `ids` through a cache in the given chunk sizes (the last one repeats to the end) and
+/// returns the logits rows and the hidden cells, position by position.
+fn incremental(model: &Model, ids: &[u32], chunks: &[usize]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut cache = Cache::new(model);
+    let (mut logits, mut cells) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    let mut sizes = chunks
+        .iter()
+        .copied()
+        .chain(std::iter::repeat(*chunks.last().unwrap()));
+    while at < ids.len() {
+        let n = sizes.next().unwrap().min(ids.len() - at);
+        assert_eq!(cache.len(), at);
+        let out = cache.extend(model, &ids[at..at + n]).unwrap();
+        assert_eq!(out.logits.nrows(), n);
+        for r in 0..n {
+            logits.push(out.logits.row(r).to_vec());
+            cells.push(out.cells.iter().flat_map(|c| c.row(r).to_vec()).collect());
+        }
+        at += n;
+    }
+    (logits, cells)
+}
+
+#[test]
+fn cached_decoding_gives_the_full_pass_logits() {
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let full = Model::from_safetensors_bytes(&data).unwrap();
+    let (json, bin) = golden("small");
+    let case = &json["cases"][0];
+    let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+    let tools_end = case["tools_end_pos"].as_u64().unwrap() as usize;
+    let prompt_len = case["prompt_len"].as_u64().unwrap() as usize;
+    for depth in [6, 3] {
+        let model = full.clone().into_ladder(depth).unwrap();
+        let whole = forward(&model, &ids).unwrap();
+        let run = json["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["depth"] == depth && r["weights"] == "f32" && r["case"] == 0)
+            .unwrap();
+        let rows = usizes(&run["logit_rows"]);
+        let want_rows = block(&bin, &run["logits"]);
+        let v = whole.logits.ncols();
+        let argmax_want = usizes(&run["argmax"]);
+        // Token by token; the tools prefix then token by token (the fold boundary); the prompt
+        // then the answer; uneven chunks that cross the sliding window (16) and the conv taps.
+        for chunks in [
+            vec![1],
+            vec![tools_end + 1, 1],
+            vec![prompt_len, 7],
+            vec![5, 17, 2, 33],
+        ] {
+            let (logits, cells) = incremental(&model, &ids, &chunks);
+            let mut worst = 0f32;
+            for (t, row) in logits.iter().enumerate() {
+                worst = worst.max(rel(row, &whole.logits.row(t).to_vec()));
+                assert_eq!(
+                    argmax(row),
+                    argmax_want[t],
+                    "depth {depth} {chunks:?}: argmax at {t}"
+                );
+                let whole_cells: Vec<f32> =
+                    whole.cells.iter().flat_map(|c| c.row(t).to_vec()).collect();
+                let rc = rel(&cells[t], &whole_cells);
+                assert!(
+                    rc <= 1e-5,
+                    "depth {depth} {chunks:?}: cells at {t} differ by {rc}"
+                );
+            }
+            let got: Vec<f32> = rows.iter().flat_map(|&t| logits[t].clone()).collect();
+            let r_golden = rel(&got, want_rows);
+            assert_eq!(got.len(), rows.len() * v);
+            eprintln!(
+                "depth {depth} chunks {chunks:?}: vs whole pass {worst:.2e}, vs reference {r_golden:.2e}"
+            );
+            // Every position's arithmetic is the same in any split (row-wise GEMM), so the
+            // logits are bit-identical: what folding a prefix needs.
+            assert_eq!(
+                worst, 0.0,
+                "depth {depth} {chunks:?}: logits differ by {worst}"
+            );
+            assert!(
+                r_golden <= 1e-5,
+                "depth {depth} {chunks:?}: vs reference {r_golden}"
+            );
+        }
+    }
 }

@@ -76,15 +76,21 @@ fn logsumexp(x: impl Iterator<Item = f32> + Clone) -> f32 {
 
 /// The engram table row each position reads, `[t][e]` (section 3).
 pub fn engram_indices(config: &Config, ids: &[u32]) -> Vec<Vec<usize>> {
+    engram_indices_from(config, ids, 0)
+}
+
+/// [`engram_indices`] of positions `start..` only (the earlier ids are their context).
+fn engram_indices_from(config: &Config, ids: &[u32], start: usize) -> Vec<Vec<usize>> {
     let heads = config.engram_heads();
     let stride = config.engram_seed_stride() as u32;
     let tables = config.engram_tables();
     let slots = config.engram_slots as u32;
-    let mut out = vec![vec![0usize; tables]; ids.len()];
+    let mut out = vec![vec![0usize; tables]; ids.len().saturating_sub(start)];
     for (oi, &order) in config.engram_orders.iter().enumerate() {
         for hh in 0..heads {
             let seed = 0x9E37_79B9u32.wrapping_mul((oi as u32) * stride + hh as u32 + 1);
-            for (t, row) in out.iter_mut().enumerate() {
+            for (r, row) in out.iter_mut().enumerate() {
+                let t = start + r;
                 let mut acc = seed;
                 for j in 0..order {
                     let tok = if t >= j { ids[t - j] } else { 0 };
@@ -98,85 +104,110 @@ pub fn engram_indices(config: &Config, ids: &[u32]) -> Vec<Vec<usize>> {
     out
 }
 
-/// Per site, the key `ek` and the tapped value `ev`, `(T, D)` each.
-fn engram_sites(model: &Model, ids: &[u32]) -> Vec<(Array2<f32>, Array2<f32>)> {
+/// Per site, the key `ek` and the tapped value `ev` of the new positions `start..`, `(T', D)`
+/// each; appends the new rows of `w` (the value before its taps) to the cache's.
+fn engram_sites(
+    model: &Model,
+    ids: &[u32],
+    start: usize,
+    site_w: &mut [Vec<f32>],
+) -> Vec<(Array2<f32>, Array2<f32>)> {
     let c = &model.config;
     if model.sites.is_empty() {
         return Vec::new();
     }
-    let t_n = ids.len();
+    let (t_new, d) = (ids.len() - start, c.d_model);
     let (e_n, s_n, slots) = (c.engram_tables(), c.engram_sub_dim(), c.engram_slots);
     let heads = c.engram_heads();
     let dil = c.engram_dilation();
-    let idx = engram_indices(c, ids);
+    let idx = engram_indices_from(c, ids, start);
     model
         .sites
         .iter()
-        .map(|site| {
-            let mut m = Array2::<f32>::zeros((t_n, e_n * s_n));
-            for (t, row) in idx.iter().enumerate() {
+        .zip(site_w.iter_mut())
+        .map(|(site, w_all)| {
+            let mut m = Array2::<f32>::zeros((t_new, e_n * s_n));
+            for (r, row) in idx.iter().enumerate() {
                 for (e, &slot) in row.iter().enumerate() {
                     let order = c.engram_orders[e / heads];
-                    if t + 1 < order {
+                    if start + r + 1 < order {
                         continue;
                     }
                     let at = (e * slots + slot) * s_n;
-                    row_slice_mut(&mut m, t)[e * s_n..(e + 1) * s_n]
+                    row_slice_mut(&mut m, r)[e * s_n..(e + 1) * s_n]
                         .copy_from_slice(&site.tables[at..at + s_n]);
                 }
             }
             let ek = m.dot(&site.key_proj);
-            let w = m.dot(&site.value_proj);
-            let mut ev = Array2::<f32>::zeros(w.raw_dim());
-            for j in 0..site.taps.nrows() {
-                let sh = j * dil;
-                if sh >= t_n {
-                    break;
+            w_all.extend(m.dot(&site.value_proj).iter());
+            let mut ev = Array2::<f32>::zeros((t_new, d));
+            for r in 0..t_new {
+                let t = start + r;
+                let out = row_slice_mut(&mut ev, r);
+                for (j, tap) in site.taps.rows().into_iter().enumerate() {
+                    let Some(src) = t.checked_sub(j * dil) else {
+                        break;
+                    };
+                    let w = &w_all[src * d..(src + 1) * d];
+                    for ((o, &tp), &wv) in out.iter_mut().zip(tap.iter()).zip(w) {
+                        *o += tp * wv;
+                    }
                 }
-                let tap = site.taps.row(j);
-                let src = w.slice_axis(Axis(0), Slice::from(..t_n - sh));
-                let mut dst = ev.slice_axis_mut(Axis(0), Slice::from(sh..));
-                dst.zip_mut_with(&(&src * &tap), |a, b| *a += b);
             }
             (ek, ev)
         })
         .collect()
 }
 
-/// RoPE tables `(cos, sin)`, `(T, dq/2)` each, in float32 like the reference.
-fn rope_tables(c: &Config, t_n: usize) -> (Array2<f32>, Array2<f32>) {
+/// RoPE tables `(cos, sin)` of positions `start..start+rows`, `(rows, dq/2)` each, in float32
+/// like the reference.
+fn rope_tables(c: &Config, start: usize, rows: usize) -> (Array2<f32>, Array2<f32>) {
     let dq = c.qk_head_dim();
     let half = dq / 2;
     let theta = c.rope_theta as f32;
     let freqs: Vec<f32> = (0..half)
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / dq as f32))
         .collect();
-    let mut cos = Array2::zeros((t_n, half));
-    let mut sin = Array2::zeros((t_n, half));
-    for t in 0..t_n {
+    let mut cos = Array2::zeros((rows, half));
+    let mut sin = Array2::zeros((rows, half));
+    for r in 0..rows {
         for (i, f) in freqs.iter().enumerate() {
-            let a = t as f32 * f;
-            cos[[t, i]] = a.cos();
-            sin[[t, i]] = a.sin();
+            let a = (start + r) as f32 * f;
+            cos[[r, i]] = a.cos();
+            sin[[r, i]] = a.sin();
         }
     }
     (cos, sin)
 }
 
-/// Causal depthwise conv over positions: `out[t] = sum_j taps[j] * x[t-j] * ok_j(t)`.
-fn conv(x: &Array2<f32>, taps: &Array2<f32>, window: Option<usize>) -> Array2<f32> {
+/// The causal depthwise conv of the new rows `x` (positions `start..`), `out[t] = sum_j taps[j] *
+/// x[t-j] * ok_j(t)`, reading earlier positions from `prev` (every pre-conv row so far, flat);
+/// then appends `x` to `prev`.
+fn conv(
+    x: Array2<f32>,
+    taps: &Array2<f32>,
+    window: Option<usize>,
+    start: usize,
+    prev: &mut Vec<f32>,
+) -> Array2<f32> {
+    let width = x.ncols();
+    prev.extend(x.iter());
     if taps.nrows() == 0 {
-        return x.clone();
+        return x;
     }
-    let t_n = x.nrows();
-    let mut out = x * &taps.row(0);
-    for j in 1..taps.nrows() {
-        if j >= t_n || window.is_some_and(|w| j >= w) {
-            continue;
+    let mut out = &x * &taps.row(0);
+    for r in 0..x.nrows() {
+        let t = start + r;
+        let o = row_slice_mut(&mut out, r);
+        for (j, tap) in taps.rows().into_iter().enumerate().skip(1) {
+            if j > t || window.is_some_and(|w| j >= w) {
+                break;
+            }
+            let src = &prev[(t - j) * width..(t - j + 1) * width];
+            for ((o, &tp), &v) in o.iter_mut().zip(tap.iter()).zip(src) {
+                *o += tp * v;
+            }
         }
-        let src = x.slice_axis(Axis(0), Slice::from(..t_n - j));
-        let mut dst = out.slice_axis_mut(Axis(0), Slice::from(j..));
-        dst.zip_mut_with(&(&src * &taps.row(j)), |a, b| *a += b);
     }
     out
 }
@@ -240,57 +271,64 @@ fn permute(z: &Array2<f32>, p: &[usize]) -> Array2<f32> {
     out
 }
 
-/// The layer's block on the routed input `u` (section 2.2); returns `Block(u)`.
+/// The layer's block on the routed input `u` of positions `start..` (section 2.2), reading and
+/// extending the layer's cache; returns `Block(u)`.
+#[allow(clippy::too_many_arguments)]
 fn block(
     model: &Model,
     l: usize,
     u: &Array2<f32>,
     site: Option<&(Array2<f32>, Array2<f32>)>,
     rope: &(Array2<f32>, Array2<f32>),
+    start: usize,
+    cache: &mut LayerCache,
 ) -> Array2<f32> {
     let c = &model.config;
     let w: &Layer = &model.layers[l];
-    let (t_n, d) = (u.nrows(), c.d_model);
+    let (t_new, d) = (u.nrows(), c.d_model);
     let (h_n, k_n, dq, dv) = (c.num_heads, c.num_kv_heads, c.qk_head_dim(), c.v_head_dim());
     let mut u = u.clone();
     if let Some((ek, ev)) = site {
-        for t in 0..t_n {
-            let mut a = u.row(t).to_vec();
-            let mut b = ek.row(t).to_vec();
+        for r in 0..t_new {
+            let mut a = u.row(r).to_vec();
+            let mut b = ek.row(r).to_vec();
             unit(&mut a);
             unit(&mut b);
             let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             let alpha = sigmoid(dot / (d as f32).sqrt());
-            let mut row = u.row_mut(t);
-            row.zip_mut_with(&ev.row(t), |x, e| *x += alpha * e);
+            let mut row = u.row_mut(r);
+            row.zip_mut_with(&ev.row(r), |x, e| *x += alpha * e);
         }
     }
     let a = zc_rows(&u, &w.norm_in);
     let window = (!c.is_global(l)).then_some(c.sliding_window);
-    let mut q = conv(&a.dot(&w.wq), &w.q_taps, window);
-    let mut k = conv(&a.dot(&w.wk), &w.k_taps, window);
-    let v = conv(&a.dot(&w.wv), &w.v_taps, window);
+    let mut q = conv(a.dot(&w.wq), &w.q_taps, window, start, &mut cache.q_pre);
+    let mut k = conv(a.dot(&w.wk), &w.k_taps, window, start, &mut cache.k_pre);
+    let v = conv(a.dot(&w.wv), &w.v_taps, window, start, &mut cache.v_pre);
     norm_rope(&mut q, &w.q_norm, dq, &rope.0, &rope.1);
     norm_rope(&mut k, &w.k_norm, dq, &rope.0, &rope.1);
+    cache.k.extend(k.iter());
+    cache.v.extend(v.iter());
     let scale = 1.0 / (dq as f32).sqrt();
     let group = h_n / k_n;
-    let mut o = Array2::<f32>::zeros((t_n, h_n * dv));
-    let mut scores = vec![0f32; t_n];
-    let (qs, ks, vs) = (standard(&q), standard(&k), standard(&v));
+    let mut o = Array2::<f32>::zeros((t_new, h_n * dv));
+    let mut scores = vec![0f32; start + t_new];
+    let (qs, ks, vs) = (standard(&q), &cache.k[..], &cache.v[..]);
     let os = o.as_slice_mut().expect("standard layout");
     let (qw, kw, vw, ow) = (h_n * dq, k_n * dq, k_n * dv, h_n * dv);
     for h in 0..h_n {
         let g = h / group;
-        for t in 0..t_n {
+        for r in 0..t_new {
+            let t = start + r;
             let lo = window.map_or(0, |win| (t + 1).saturating_sub(win));
-            let qh = &qs[t * qw + h * dq..t * qw + (h + 1) * dq];
+            let qh = &qs[r * qw + h * dq..r * qw + (h + 1) * dq];
             let sc = &mut scores[..t + 1 - lo];
             for (i, sv) in sc.iter_mut().enumerate() {
                 let kr = &ks[(lo + i) * kw + g * dq..(lo + i) * kw + (g + 1) * dq];
                 *sv = qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
             }
             softmax(sc);
-            let oh = &mut os[t * ow + h * dv..t * ow + (h + 1) * dv];
+            let oh = &mut os[r * ow + h * dv..r * ow + (h + 1) * dv];
             for (i, &p) in sc.iter().enumerate() {
                 let vr = &vs[(lo + i) * vw + g * dv..(lo + i) * vw + (g + 1) * dv];
                 oh.iter_mut().zip(vr).for_each(|(a, b)| *a += p * b);
@@ -301,8 +339,15 @@ fn block(
     let o = (o * gate).dot(&w.wout);
     let o = zc_rows(&o, &w.post_norm);
     let x = &u + &(o * sigmoid(w.attn_gate));
+    x.clone() + &mlp(model, l, &x)
+}
 
-    let m = zc_rows(&x, &w.pre_hada);
+/// The Hadamard MLP of layer `l` on the block's post-attention rows `x` (section 2.4).
+fn mlp(model: &Model, l: usize, x: &Array2<f32>) -> Array2<f32> {
+    let c = &model.config;
+    let (t_new, d) = (x.nrows(), c.d_model);
+    let w = &model.layers[l];
+    let m = zc_rows(x, &w.pre_hada);
     let mlp = &w.mlp;
     let nn = c.hada_n();
     let mut cond = m.dot(&mlp.cond_v);
@@ -310,7 +355,7 @@ fn block(
         softmax(row.as_slice_mut().expect("standard layout"));
     }
     let cond = cond.dot(&mlp.cond_u) + 1.0;
-    let mut z = Array2::<f32>::zeros((t_n, nn));
+    let mut z = Array2::<f32>::zeros((t_new, nn));
     z.slice_axis_mut(Axis(1), Slice::from(..d)).assign(&m);
     let d1 = ndarray::ArrayView1::from(&mlp.d1[..]);
     let z = permute(&kron(&(z * d1), &mlp.w1a, &mlp.w1b), &model.p1);
@@ -322,7 +367,7 @@ fn block(
     let d3 = ndarray::ArrayView1::from(&mlp.d3[..]);
     let z = kron(&(z * d3), &mlp.w3a, &mlp.w3b);
     let d4 = ndarray::ArrayView1::from(&mlp.d4[..d]);
-    x + &(&z.slice_axis(Axis(1), Slice::from(..d)) * &d4)
+    &z.slice_axis(Axis(1), Slice::from(..d)) * &d4
 }
 
 /// `Sinkhorn(M)` of an `n x n` row-major matrix: 20 rounds of row then column log-normalization,
@@ -341,103 +386,159 @@ fn sinkhorn(m: &mut [f32], n: usize) {
     m.iter_mut().for_each(|v| *v = v.exp());
 }
 
+/// What one layer carries from earlier positions to later ones: the pre-conv q/k/v rows (the
+/// conv taps read the last `c-1`) and the K/V rows after norm and RoPE, all flat row-major.
+#[derive(Clone, Debug, Default)]
+struct LayerCache {
+    q_pre: Vec<f32>,
+    k_pre: Vec<f32>,
+    v_pre: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The state a model carries across positions, for incremental decoding: the token ids (the
+/// engram hashes read the last `max(orders)-1`), each site's engram values before their taps
+/// (the taps read back `3 * max(orders)` rows) and each layer's [`LayerCache`]. The lanes mix
+/// only within a position, so nothing else crosses positions. Every row is kept.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    ids: Vec<u32>,
+    site_w: Vec<Vec<f32>>,
+    layers: Vec<LayerCache>,
+}
+
+impl Cache {
+    /// An empty cache for `model` (position 0 comes next).
+    pub fn new(model: &Model) -> Cache {
+        Cache {
+            ids: Vec::new(),
+            site_w: vec![Vec::new(); model.sites.len()],
+            layers: vec![LayerCache::default(); model.layers.len()],
+        }
+    }
+
+    /// The number of positions run so far.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no position has been run.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Runs the next positions `ids` after those already in the cache: their logits and hidden
+    /// cells (rows relative to the first new position). Running a prompt in any split gives the
+    /// logits of running it whole, up to float32 rounding.
+    pub fn extend(&mut self, model: &Model, ids: &[u32]) -> Result<Output, Error> {
+        let c = &model.config;
+        if self.layers.len() != model.layers.len() || self.site_w.len() != model.sites.len() {
+            return Err(Error::Config(
+                "the cache was made for a model of another depth".into(),
+            ));
+        }
+        let (start, t_new, d, n) = (self.ids.len(), ids.len(), c.d_model, c.mhc_lanes);
+        for (r, &id) in ids.iter().enumerate() {
+            if id as usize >= c.vocab_size {
+                return Err(Error::Token {
+                    id,
+                    pos: start + r,
+                    vocab: c.vocab_size,
+                });
+            }
+        }
+        self.ids.extend_from_slice(ids);
+        let sqrt_d = (d as f32).sqrt();
+        let mut x0 = Array2::<f32>::zeros((t_new, d));
+        for (r, &id) in ids.iter().enumerate() {
+            x0.row_mut(r)
+                .assign(&(&model.embedding.row(id as usize) * sqrt_d));
+        }
+        let sites = engram_sites(model, &self.ids, start, &mut self.site_w);
+        let rope = rope_tables(c, start, t_new);
+        let mut x = Array2::<f32>::zeros((t_new, n * d));
+        for i in 0..n {
+            x.slice_axis_mut(Axis(1), Slice::from(i * d..(i + 1) * d))
+                .assign(&x0);
+        }
+        let mut cells = Vec::with_capacity(c.num_layers + 1);
+        cells.push(x0);
+        for (l, (layer, cache)) in model.layers.iter().zip(&mut self.layers).enumerate() {
+            let mhc = &layer.mhc;
+            let mut z = x.clone();
+            for mut row in z.rows_mut() {
+                unit(row.as_slice_mut().expect("standard layout"));
+            }
+            let zp = z.dot(&mhc.phi_pre);
+            let zo = z.dot(&mhc.phi_post);
+            let zr = z.dot(&mhc.phi_res);
+            let lane = l % n;
+            let mut u = Array2::<f32>::zeros((t_new, d));
+            for r in 0..t_new {
+                let xr = row_slice(&x, r);
+                let ur = row_slice_mut(&mut u, r);
+                for i in 0..n {
+                    let off = if i == lane { 4.0 } else { -4.0 };
+                    let hpre = sigmoid(mhc.a_pre * zp[[r, i]] + mhc.b_pre[i] + off);
+                    ur.iter_mut()
+                        .zip(&xr[i * d..(i + 1) * d])
+                        .for_each(|(a, b)| *a += hpre * b);
+                }
+            }
+            let site = c
+                .engram_layers
+                .iter()
+                .position(|&s| s == l)
+                .and_then(|i| sites.get(i));
+            let y = block(model, l, &u, site, &rope, start, cache) - &u;
+            let mut next = Array2::<f32>::zeros((t_new, n * d));
+            let mut rm = vec![0f32; n * n];
+            for r in 0..t_new {
+                for (ij, rv) in rm.iter_mut().enumerate() {
+                    *rv = mhc.a_res * zr[[r, ij]] + mhc.b_res[ij];
+                }
+                sinkhorn(&mut rm, n);
+                let xr = row_slice(&x, r);
+                let yr = row_slice(&y, r);
+                let nr = row_slice_mut(&mut next, r);
+                for i in 0..n {
+                    let off = if i == lane { 0.0 } else { -4.0 };
+                    let hpost = 2.0 * sigmoid(mhc.a_post * zo[[r, i]] + mhc.b_post[i] + off);
+                    let dst = &mut nr[i * d..(i + 1) * d];
+                    for j in 0..n {
+                        let rij = rm[i * n + j];
+                        dst.iter_mut()
+                            .zip(&xr[j * d..(j + 1) * d])
+                            .for_each(|(a, b)| *a += rij * b);
+                    }
+                    dst.iter_mut().zip(yr).for_each(|(a, b)| *a += hpost * b);
+                }
+            }
+            x = next;
+            cells.push(lane_mean(&x, n, d));
+        }
+        let mut h = lane_mean(&x, n, d);
+        for mut row in h.rows_mut() {
+            zc(
+                row.as_slice_mut().expect("standard layout"),
+                &model.final_norm,
+            );
+        }
+        let vocab = c.logits_vocab();
+        let logits = h.dot(
+            &model
+                .embedding
+                .slice_axis(Axis(0), Slice::from(..vocab))
+                .t(),
+        );
+        Ok(Output { logits, cells })
+    }
+}
+
 /// Runs the whole prompt `ids` (BOS included) through the model.
 pub fn forward(model: &Model, ids: &[u32]) -> Result<Output, Error> {
-    let c = &model.config;
-    let (t_n, d, n) = (ids.len(), c.d_model, c.mhc_lanes);
-    for (pos, &id) in ids.iter().enumerate() {
-        if id as usize >= c.vocab_size {
-            return Err(Error::Token {
-                id,
-                pos,
-                vocab: c.vocab_size,
-            });
-        }
-    }
-    let sqrt_d = (d as f32).sqrt();
-    let mut x0 = Array2::<f32>::zeros((t_n, d));
-    for (t, &id) in ids.iter().enumerate() {
-        x0.row_mut(t)
-            .assign(&(&model.embedding.row(id as usize) * sqrt_d));
-    }
-    let sites = engram_sites(model, ids);
-    let rope = rope_tables(c, t_n);
-    let mut x = Array2::<f32>::zeros((t_n, n * d));
-    for i in 0..n {
-        x.slice_axis_mut(Axis(1), Slice::from(i * d..(i + 1) * d))
-            .assign(&x0);
-    }
-    let mut cells = Vec::with_capacity(c.num_layers + 1);
-    cells.push(x0);
-    for (l, layer) in model.layers.iter().enumerate() {
-        let mhc = &layer.mhc;
-        let mut z = x.clone();
-        for mut row in z.rows_mut() {
-            unit(row.as_slice_mut().expect("standard layout"));
-        }
-        let zp = z.dot(&mhc.phi_pre);
-        let zo = z.dot(&mhc.phi_post);
-        let zr = z.dot(&mhc.phi_res);
-        let lane = l % n;
-        let mut u = Array2::<f32>::zeros((t_n, d));
-        for t in 0..t_n {
-            let xr = row_slice(&x, t);
-            let ur = row_slice_mut(&mut u, t);
-            for i in 0..n {
-                let off = if i == lane { 4.0 } else { -4.0 };
-                let hpre = sigmoid(mhc.a_pre * zp[[t, i]] + mhc.b_pre[i] + off);
-                ur.iter_mut()
-                    .zip(&xr[i * d..(i + 1) * d])
-                    .for_each(|(a, b)| *a += hpre * b);
-            }
-        }
-        let site = c
-            .engram_layers
-            .iter()
-            .position(|&s| s == l)
-            .and_then(|i| sites.get(i));
-        let y = block(model, l, &u, site, &rope) - &u;
-        let mut next = Array2::<f32>::zeros((t_n, n * d));
-        let mut r = vec![0f32; n * n];
-        for t in 0..t_n {
-            for (ij, rv) in r.iter_mut().enumerate() {
-                *rv = mhc.a_res * zr[[t, ij]] + mhc.b_res[ij];
-            }
-            sinkhorn(&mut r, n);
-            let xr = row_slice(&x, t);
-            let yr = row_slice(&y, t);
-            let nr = row_slice_mut(&mut next, t);
-            for i in 0..n {
-                let off = if i == lane { 0.0 } else { -4.0 };
-                let hpost = 2.0 * sigmoid(mhc.a_post * zo[[t, i]] + mhc.b_post[i] + off);
-                let dst = &mut nr[i * d..(i + 1) * d];
-                for j in 0..n {
-                    let rij = r[i * n + j];
-                    dst.iter_mut()
-                        .zip(&xr[j * d..(j + 1) * d])
-                        .for_each(|(a, b)| *a += rij * b);
-                }
-                dst.iter_mut().zip(yr).for_each(|(a, b)| *a += hpost * b);
-            }
-        }
-        x = next;
-        cells.push(lane_mean(&x, n, d));
-    }
-    let mut h = lane_mean(&x, n, d);
-    for mut row in h.rows_mut() {
-        zc(
-            row.as_slice_mut().expect("standard layout"),
-            &model.final_norm,
-        );
-    }
-    let vocab = c.logits_vocab();
-    let logits = h.dot(
-        &model
-            .embedding
-            .slice_axis(Axis(0), Slice::from(..vocab))
-            .t(),
-    );
-    Ok(Output { logits, cells })
+    Cache::new(model).extend(model, ids)
 }
 
 fn lane_mean(x: &Array2<f32>, n: usize, d: usize) -> Array2<f32> {

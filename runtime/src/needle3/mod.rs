@@ -2,8 +2,8 @@
 //! independent of the v1 code paths. The semantics are in `docs/needle3.md`.
 //!
 //! [`config`] reads the saved config, [`model`] loads a safetensors checkpoint into float32
-//! weights (and slices it to a ladder depth), [`forward`] runs a prompt through it (logits,
-//! hidden cells), [`generate`] rebuilds the default-config test checkpoint from its documented
+//! weights (and slices it to a ladder depth), [`forward`] runs a prompt through it, whole or
+//! incrementally through a cache (logits, hidden cells, heads), [`generate`] rebuilds the default-config test checkpoint from its documented
 //! counter-based generator.
 
 pub mod config;
