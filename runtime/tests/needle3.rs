@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use needle_runtime::needle3::cact::{Cact, Format};
 use needle_runtime::needle3::forward::{engram_indices, forward, heads, Cache};
 use needle_runtime::needle3::model::{is_needle3_safetensors, mt_permutation, Model};
 use needle_runtime::needle3::{generate, Config, Error};
@@ -67,13 +68,19 @@ fn argmax(row: &[f32]) -> usize {
         .unwrap()
 }
 
-/// Every f32 run of a golden file: logits rows, argmax and row norms at every position, hidden
+/// Every run of a golden file with these `weights`: logits rows, argmax and row norms at every position, hidden
 /// cells, and the heads; returns the worst relative differences (logits, hidden, heads abs).
-fn check_runs(json: &Value, bin: &[f32], full: &Model, depths: Option<&[usize]>) -> [f32; 3] {
+fn check_runs(
+    json: &Value,
+    bin: &[f32],
+    full: &Model,
+    weights: &str,
+    depths: Option<&[usize]>,
+) -> [f32; 3] {
     let mut worst = [0f32; 3];
     for run in json["runs"].as_array().unwrap() {
         let depth = run["depth"].as_u64().unwrap() as usize;
-        if run["weights"] != "f32" || depths.is_some_and(|d| !d.contains(&depth)) {
+        if run["weights"] != weights || depths.is_some_and(|d| !d.contains(&depth)) {
             continue;
         }
         let case = &json["cases"][run["case"].as_u64().unwrap() as usize];
@@ -85,7 +92,7 @@ fn check_runs(json: &Value, bin: &[f32], full: &Model, depths: Option<&[usize]>)
             "depth {depth}"
         );
         let out = forward(&model, &ids).unwrap();
-        let what = format!("case {} depth {depth}", run["case"]);
+        let what = format!("{weights} case {} depth {depth}", run["case"]);
 
         let rows = usizes(&run["logit_rows"]);
         let v = out.logits.ncols();
@@ -169,7 +176,7 @@ fn the_small_checkpoint_matches_the_reference_at_every_depth() {
             .collect();
         assert_eq!(engram_indices(&model.config, &ids), want);
     }
-    let worst = check_runs(&json, &bin, &model, None);
+    let worst = check_runs(&json, &bin, &model, "f32", None);
     eprintln!("small, worst: {worst:?}");
 }
 
@@ -214,7 +221,7 @@ fn the_default_config_matches_the_reference_at_every_depth() {
         num_layers: config.num_layers,
     };
     let model = Model::load(config, &mut src).unwrap();
-    let worst = check_runs(&json, &bin, &model, None);
+    let worst = check_runs(&json, &bin, &model, "f32", None);
     eprintln!("default, worst: {worst:?}");
 }
 
@@ -360,4 +367,164 @@ fn cached_decoding_gives_the_full_pass_logits() {
             );
         }
     }
+}
+
+#[test]
+fn the_cact_export_reads_as_the_reference_reads_it() {
+    let data = std::fs::read(fixture("small.cact")).unwrap();
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("small_cact.json")).unwrap())
+            .unwrap();
+    let cact = Cact::parse(&data).unwrap();
+    let hdr = &summary["header"];
+    assert_eq!(
+        cact.entries.len(),
+        hdr["num_tensors"].as_u64().unwrap() as usize
+    );
+    assert_eq!(cact.codebook, f32s(&hdr["codebook"]));
+    assert_eq!(cact.header.global_mask, 0b100100);
+    assert_eq!(cact.header.engram_sites, [1, 3, 4]);
+    let recs = summary["tensors"].as_array().unwrap();
+    for (rec, e) in recs.iter().zip(&cact.entries) {
+        let name = rec["name"].as_str().unwrap();
+        assert_eq!(e.shape, usizes(&rec["shape"]), "{name}");
+        assert_eq!(e.offset, rec["offset"].as_u64().unwrap(), "{name}");
+        if e.format == Format::Raw {
+            let pieces = u32::from_le_bytes(e.raw[..4].try_into().unwrap());
+            assert_eq!(pieces as u64, rec["n_pieces"].as_u64().unwrap());
+            continue;
+        }
+        let sum: f64 = e.values.iter().map(|&v| f64::from(v)).sum();
+        let want = rec["sum"].as_f64().unwrap();
+        let sumsq = rec["sumsq"].as_f64().unwrap();
+        assert!(
+            (sum - want).abs() <= 1e-5 * sumsq.max(1.0),
+            "{name}: sum {sum} vs {want}"
+        );
+        for (&at, want) in usizes(&rec["at"]).iter().zip(f32s(&rec["values"])) {
+            let got = e.values[at];
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs() + 1e-7,
+                "{name}[{at}]: {got} vs {want}"
+            );
+        }
+    }
+}
+
+/// A one-tensor `.cact` file: header (only the tag, count and codebook length set), the
+/// codebooks, one directory record, the blob at the next 64-byte boundary.
+fn one_tensor_cact(codebook: &[f32], record: [u32; 4], shape: [u32; 2], blob: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for v in [0x05E1_2A84u32, 1, codebook.len() as u32] {
+        out.extend(v.to_le_bytes());
+    }
+    out.resize(196, 0);
+    for v in codebook {
+        out.extend(v.to_le_bytes());
+    }
+    let offset = (out.len() + 44).div_ceil(64) * 64;
+    let [dtype, ndim, group, bits] = record;
+    out.extend([dtype as u8, ndim as u8, 0, 0]);
+    for v in [shape[0], shape[1], 0, 0] {
+        out.extend(v.to_le_bytes());
+    }
+    out.extend((offset as u64).to_le_bytes());
+    out.extend((blob.len() as u64).to_le_bytes());
+    out.extend(group.to_le_bytes());
+    out.extend(bits.to_le_bytes());
+    out.resize(offset, 0);
+    out.extend_from_slice(blob);
+    out
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_cq_code_width_dequantizes_as_the_package_does() {
+    let cq: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("cq_codes.json")).unwrap()).unwrap();
+    let books = &cq["codebooks_group128"];
+    let codebook: Vec<f32> = ["2", "3", "4"]
+        .iter()
+        .flat_map(|b| f32s(&books[*b]))
+        .collect();
+    let cases = cq["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        let bits = case["bits"].as_u64().unwrap() as u32;
+        let (rows, cols) = (
+            case["out"].as_u64().unwrap() as u32,
+            case["in"].as_u64().unwrap() as u32,
+        );
+        let group = case["group"].as_u64().unwrap() as u32;
+        let mut blob = hex(case["packed_hex"].as_str().unwrap());
+        blob.extend(hex(case["norms_hex"].as_str().unwrap()));
+        let file = one_tensor_cact(&codebook, [3, 2, group, bits], [rows, cols], &blob);
+        let cact = Cact::parse(&file).unwrap();
+        let want = f32s(&case["dequantized"]);
+        let got = &cact.entries[0].values;
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + 1e-7,
+                "bits {bits} [{i}]: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cact_model_matches_the_reference_cq4_runs() {
+    let data = std::fs::read(fixture("small.cact")).unwrap();
+    let model = Model::from_cact_bytes(&data).unwrap();
+    let st = Model::from_safetensors_bytes(&std::fs::read(fixture("small.safetensors")).unwrap())
+        .unwrap();
+    assert_eq!(
+        model.config, st.config,
+        "the header's config is the checkpoint's"
+    );
+    let (json, bin) = golden("small");
+    let worst = check_runs(&json, &bin, &model, "cq4", None);
+    eprintln!("small cq4 from .cact, worst: {worst:?}");
+}
+
+#[test]
+fn bad_cact_files_are_refused_with_the_reason() {
+    let data = std::fs::read(fixture("small.cact")).unwrap();
+    let msg = |bytes: &[u8]| Cact::parse(bytes).unwrap_err().to_string();
+    assert!(
+        msg(&data[..100]).contains("truncated"),
+        "{}",
+        msg(&data[..100])
+    );
+    let cut = &data[..data.len() - 5000];
+    assert!(msg(cut).contains("past the file's end"), "{}", msg(cut));
+    let mut bad = data.clone();
+    bad[0] ^= 1;
+    assert!(msg(&bad).contains("not a .cact file"));
+    let dir = 196 + 28 * 4;
+    // Entry 1's offset moved onto entry 0's bytes.
+    let mut bad = data.clone();
+    let off0 = u64::from_le_bytes(bad[dir + 20..dir + 28].try_into().unwrap());
+    bad[dir + 44 + 20..dir + 44 + 28].copy_from_slice(&off0.to_le_bytes());
+    assert!(msg(&bad).contains("overlap"), "{}", msg(&bad));
+    let mut bad = data.clone();
+    bad[dir + 20] = 1;
+    assert!(msg(&bad).contains("aligned"), "{}", msg(&bad));
+    let mut bad = data.clone();
+    bad[dir] = 9;
+    assert!(msg(&bad).contains("unknown dtype 9"), "{}", msg(&bad));
+    let mut bad = data.clone();
+    bad[dir + 40] = 6;
+    assert!(msg(&bad).contains("code width 6"), "{}", msg(&bad));
+    // Ternary: crumb 2 is no code.
+    let file = one_tensor_cact(&[0.0; 28], [3, 2, 128, 5], [1, 128], &[0b10u8; 34]);
+    assert!(msg(&file).contains("crumb 2"), "{}", msg(&file));
+    let file = one_tensor_cact(&[0.0; 28], [3, 2, 128, 5], [1, 128], &[0; 33]);
+    assert!(msg(&file).contains("take 34"), "{}", msg(&file));
 }

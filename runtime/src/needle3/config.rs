@@ -111,7 +111,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks the geometry is consistent (every loader runs this).
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         let bad = |what: String| Err(Error::Config(what));
         for (name, v) in [
             ("vocab_size", self.vocab_size),

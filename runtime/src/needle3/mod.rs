@@ -2,10 +2,11 @@
 //! independent of the v1 code paths. The semantics are in `docs/needle3.md`.
 //!
 //! [`config`] reads the saved config, [`model`] loads a safetensors checkpoint into float32
-//! weights (and slices it to a ladder depth), [`forward`] runs a prompt through it, whole or
+//! weights ([`cact`] the `.cact` export, CQ codes dequantized) (and slices it to a ladder depth), [`forward`] runs a prompt through it, whole or
 //! incrementally through a cache (logits, hidden cells, heads), [`generate`] rebuilds the default-config test checkpoint from its documented
 //! counter-based generator.
 
+pub mod cact;
 pub mod config;
 pub mod forward;
 pub mod generate;
@@ -19,6 +20,8 @@ pub use model::Model;
 pub enum Error {
     #[error("Needle 3 config: {0}")]
     Config(String),
+    #[error("Needle 3 .cact file: {0}")]
+    Cact(String),
     #[error("Needle 3 safetensors file: {0}")]
     Safetensors(String),
     #[error(
