@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use needle_runtime::needle3::cact::{Cact, Format};
+use needle_runtime::needle3::cact::{Cact, CqWeights, Format};
 use needle_runtime::needle3::forward::{engram_indices, forward, heads, Cache};
 use needle_runtime::needle3::model::{is_needle3_safetensors, mt_permutation, Model};
 use needle_runtime::needle3::{generate, Config, Error};
@@ -76,6 +76,7 @@ fn check_runs(
     full: &Model,
     weights: &str,
     depths: Option<&[usize]>,
+    tol: [f32; 3],
 ) -> [f32; 3] {
     let mut worst = [0f32; 3];
     for run in json["runs"].as_array().unwrap() {
@@ -141,14 +142,14 @@ fn check_runs(
             "{what}: logits rel {r_logits:.2e}, hidden rel {r_hidden:.2e}, heads abs {d_heads:.2e}"
         );
         assert!(
-            r_logits <= 1e-5,
+            r_logits <= tol[0],
             "{what}: logits differ by {r_logits} relative"
         );
         assert!(
-            r_hidden <= 1e-5,
+            r_hidden <= tol[1],
             "{what}: hidden cells differ by {r_hidden} relative"
         );
-        assert!(d_heads <= 1e-5, "{what}: heads differ by {d_heads}");
+        assert!(d_heads <= tol[2], "{what}: heads differ by {d_heads}");
         worst = [
             worst[0].max(r_logits),
             worst[1].max(r_hidden),
@@ -176,7 +177,7 @@ fn the_small_checkpoint_matches_the_reference_at_every_depth() {
             .collect();
         assert_eq!(engram_indices(&model.config, &ids), want);
     }
-    let worst = check_runs(&json, &bin, &model, "f32", None);
+    let worst = check_runs(&json, &bin, &model, "f32", None, [1e-5; 3]);
     eprintln!("small, worst: {worst:?}");
 }
 
@@ -221,7 +222,7 @@ fn the_default_config_matches_the_reference_at_every_depth() {
         num_layers: config.num_layers,
     };
     let model = Model::load(config, &mut src).unwrap();
-    let worst = check_runs(&json, &bin, &model, "f32", None);
+    let worst = check_runs(&json, &bin, &model, "f32", None, [1e-5; 3]);
     eprintln!("default, worst: {worst:?}");
 }
 
@@ -489,7 +490,7 @@ fn the_cact_model_matches_the_reference_cq4_runs() {
         "the header's config is the checkpoint's"
     );
     let (json, bin) = golden("small");
-    let worst = check_runs(&json, &bin, &model, "cq4", None);
+    let worst = check_runs(&json, &bin, &model, "cq4", None, [1e-5; 3]);
     eprintln!("small cq4 from .cact, worst: {worst:?}");
 }
 
@@ -527,4 +528,27 @@ fn bad_cact_files_are_refused_with_the_reason() {
     assert!(msg(&file).contains("crumb 2"), "{}", msg(&file));
     let file = one_tensor_cact(&[0.0; 28], [3, 2, 128, 5], [1, 128], &[0; 33]);
     assert!(msg(&file).contains("take 34"), "{}", msg(&file));
+}
+
+/// The default config's cq4 runs, with the weights quantized here as the package's
+/// `cq_quantize` does. A few hundred of the 121M codes sit so close to a midpoint that JAX's
+/// float32 rotation and ours pick neighbouring levels (docs/needle3.md section 10), so the bound
+/// is the 2e-3 relative (measured: logits 1.1e-3, hidden cells 1.3e-3), with the argmax
+/// still equal at every position.
+#[test]
+fn the_default_config_quantized_here_matches_the_reference_cq4_runs() {
+    let (json, bin) = golden("default");
+    let cq: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("cq_codes.json")).unwrap()).unwrap();
+    let config: Config = Config::from_json(&json["config"].to_string()).unwrap();
+    let mut src = CqWeights {
+        inner: generate::Generated {
+            num_layers: config.num_layers,
+        },
+        group: 128,
+        levels: f32s(&cq["codebooks_group128"]["4"]),
+    };
+    let model = Model::load(config, &mut src).unwrap();
+    let worst = check_runs(&json, &bin, &model, "cq4", None, [2e-3, 2e-3, 1e-3]);
+    eprintln!("default cq4 quantized here, worst: {worst:?}");
 }

@@ -194,6 +194,21 @@ fn dequantize(
     Ok(out)
 }
 
+/// [`fwht`] in float64.
+fn fwht64(x: &mut [f64]) {
+    let mut h = 1;
+    while h < x.len() {
+        for i in (0..x.len()).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (x[j], x[j + h]);
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+}
+
 /// The unnormalized fast Walsh-Hadamard transform (Sylvester order) in place.
 fn fwht(x: &mut [f32]) {
     let mut h = 1;
@@ -798,5 +813,102 @@ impl Model {
             ));
         }
         Ok(model)
+    }
+}
+
+/// The package's CQ quantize-dequantize (`quantize.cq_quantize`) of every `len`-value run of
+/// `values` (rows along the last axis), in groups of `group` (zero-padded): rotate each group
+/// by the normalized Walsh-Hadamard matrix, keep its L2 norm as float16, pick the nearest
+/// `levels` entry of `rotated / max(norm, 1e-12)` (ties to the lower level), rotate back.
+pub fn cq_quantize(values: &[f32], len: usize, group: usize, levels: &[f32]) -> Vec<f32> {
+    let pad = len.div_ceil(group) * group;
+    let scale = 1.0 / (group as f32).sqrt();
+    let scale64 = 1.0 / (group as f64).sqrt();
+    let mut out = Vec::with_capacity(values.len());
+    let mut buf = vec![0f32; pad];
+    let mut rot = vec![0f64; group];
+    for row in values.chunks_exact(len) {
+        buf[..len].copy_from_slice(row);
+        buf[len..].iter_mut().for_each(|v| *v = 0.0);
+        for g in buf.chunks_exact_mut(group) {
+            // The rotation in float64, rounded once: the choice of code then only differs from
+            // the package's where its own float32 rounding lands across a midpoint.
+            for (r, &v) in rot.iter_mut().zip(g.iter()) {
+                *r = f64::from(v);
+            }
+            fwht64(&mut rot);
+            rot.iter_mut()
+                .for_each(|v| *v = f64::from((*v * scale64) as f32));
+            let norm = rot.iter().map(|v| v * v).sum::<f64>().sqrt() as f32;
+            let stored = half::f16::from_f32(norm).to_f32();
+            let inv = norm.max(1e-12);
+            for (v, &r) in g.iter_mut().zip(rot.iter()) {
+                let u = r as f32 / inv;
+                let pos = levels
+                    .partition_point(|&l| l < u)
+                    .clamp(1, levels.len() - 1);
+                let (lo, hi) = (levels[pos - 1], levels[pos]);
+                let q = if (u - lo).abs() <= (hi - u).abs() {
+                    lo
+                } else {
+                    hi
+                };
+                *v = q * stored;
+            }
+            fwht(g);
+            g.iter_mut().for_each(|v| *v *= scale);
+        }
+        out.extend_from_slice(&buf[..len]);
+    }
+    out
+}
+
+/// A [`Source`] with the package's CQ deployment weights (`scripts/needle3/README.md`, "CQ"):
+/// every `kernel` and `mhc_phi_*` quantized along its input axis, every `embedding` table and
+/// the heads' `probes` and `query` along their last axis, everything else rounded to float16.
+pub struct CqWeights<S> {
+    pub inner: S,
+    pub group: usize,
+    pub levels: Vec<f32>,
+}
+
+impl<S: Source> Source for CqWeights<S> {
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
+        let v = self.inner.get(name, shape)?;
+        let leaf = name.rsplit('/').next().unwrap_or(name);
+        let head = name.split('/').next().is_some_and(|p| p.ends_with("_head"));
+        let last = shape.last().copied().unwrap_or(1);
+        Ok(if leaf == "kernel" || leaf.starts_with("mhc_phi") {
+            // Along the input axis (second to last): quantize the transposed matrices.
+            let rows = shape[shape.len() - 2];
+            let mut out = Vec::with_capacity(v.len());
+            for m in v.chunks_exact(rows * last) {
+                let mut t = vec![0f32; m.len()];
+                for r in 0..rows {
+                    for c in 0..last {
+                        t[c * rows + r] = m[r * last + c];
+                    }
+                }
+                let q = cq_quantize(&t, rows, self.group, &self.levels);
+                let start = out.len();
+                out.resize(start + m.len(), 0.0);
+                for r in 0..rows {
+                    for c in 0..last {
+                        out[start + r * last + c] = q[c * rows + r];
+                    }
+                }
+            }
+            out
+        } else if (leaf == "embedding" && shape.len() >= 2)
+            || (head && matches!(leaf, "probes" | "query"))
+        {
+            cq_quantize(&v, last, self.group, &self.levels)
+        } else {
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        })
     }
 }
