@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use needle_runtime::needle3::cact::{Cact, CqWeights, Format};
-use needle_runtime::needle3::forward::{engram_indices, forward, heads, Cache};
+use needle_runtime::needle3::forward::{engram_indices, forward, greedy, heads, Cache};
 use needle_runtime::needle3::model::{is_needle3_safetensors, mt_permutation, Model};
 use needle_runtime::needle3::{generate, Config, Error};
 use serde_json::Value;
@@ -551,4 +551,55 @@ fn the_default_config_quantized_here_matches_the_reference_cq4_runs() {
     let model = Model::load(config, &mut src).unwrap();
     let worst = check_runs(&json, &bin, &model, "cq4", None, [2e-3, 2e-3, 1e-3]);
     eprintln!("default cq4 quantized here, worst: {worst:?}");
+}
+
+/// The v1 runtime's SentencePiece tokenizer reads the Needle 3 tokenizers (user-defined chat
+/// markers included) and encodes the golden prompts to the reference's ids:
+/// `[2] + enc(prompt) + enc(target) + [1]` (docs/needle3.md section 5).
+#[test]
+fn the_tokenizer_gives_the_reference_ids() {
+    for (name, model) in [("small", "n3tok2k.model"), ("default", "n3tok8k.model")] {
+        let tok = needle_runtime::tokenizer::Tokenizer::from_file(&fixture(model)).unwrap();
+        let (json, _) = golden(name);
+        for case in json["cases"].as_array().unwrap() {
+            let mut ids = vec![2u32];
+            ids.extend(tok.encode(case["prompt"].as_str().unwrap()));
+            let prompt_len = ids.len();
+            ids.extend(tok.encode(case["target"].as_str().unwrap()));
+            ids.push(1);
+            let want: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+            assert_eq!(ids, want, "{name}: {}", case["prompt"]);
+            assert_eq!(prompt_len, case["prompt_len"].as_u64().unwrap() as usize);
+            assert_eq!(want[case["tools_end_pos"].as_u64().unwrap() as usize], 9);
+        }
+    }
+}
+
+/// Greedy decoding through the cache: its first token is the reference's argmax after the
+/// prompt, and every token is the argmax of a whole pass over everything before it.
+#[test]
+fn greedy_decoding_follows_the_whole_pass_argmax() {
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let model = Model::from_safetensors_bytes(&data).unwrap();
+    let (json, _) = golden("small");
+    let case = &json["cases"][0];
+    let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+    let prompt_len = case["prompt_len"].as_u64().unwrap() as usize;
+    let run = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["depth"] == 6 && r["weights"] == "f32" && r["case"] == 0)
+        .unwrap();
+    let new = greedy(&model, &ids[..prompt_len], 12, 1).unwrap();
+    assert!(!new.is_empty() && new.len() <= 12);
+    assert_eq!(new[0] as usize, usizes(&run["argmax"])[prompt_len - 1]);
+    let mut all = ids[..prompt_len].to_vec();
+    all.extend(&new);
+    let whole = forward(&model, &all).unwrap();
+    for (i, &tok) in new.iter().enumerate() {
+        let row = whole.logits.row(prompt_len - 1 + i).to_vec();
+        assert_eq!(argmax(&row), tok as usize, "generated token {i}");
+    }
+    assert!(greedy(&model, &ids[..prompt_len], 0, 1).unwrap().is_empty());
 }

@@ -624,3 +624,31 @@ pub fn cells_at(out: &Output, t: usize) -> Array2<f32> {
         .collect();
     ndarray::concatenate(Axis(0), &views).expect("same widths")
 }
+
+/// Greedy decoding as `run.generate` does it: runs `prompt` (BOS included), then appends the
+/// argmax token (the lowest id on ties) until `eos` or `max_new` tokens; returns the new tokens
+/// (`eos` included when reached).
+pub fn greedy(model: &Model, prompt: &[u32], max_new: usize, eos: u32) -> Result<Vec<u32>, Error> {
+    let mut cache = Cache::new(model);
+    let mut out = cache.extend(model, prompt)?;
+    let mut new = Vec::new();
+    while new.len() < max_new {
+        let Some(r) = out.logits.nrows().checked_sub(1) else {
+            break;
+        };
+        let last = out.logits.row(r);
+        let mut best = 0;
+        for (i, &v) in last.iter().enumerate() {
+            if v > last[best] {
+                best = i;
+            }
+        }
+        let next = best as u32;
+        new.push(next);
+        if next == eos {
+            break;
+        }
+        out = cache.extend(model, &[next])?;
+    }
+    Ok(new)
+}
