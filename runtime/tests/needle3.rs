@@ -277,6 +277,13 @@ fn missing_and_misshapen_tensors_are_named() {
         Err(Error::Safetensors(_))
     ));
     assert!(Model::from_safetensors_bytes(&data[..data.len() / 2]).is_err());
+    // The reference reads format_version "2" only.
+    let mut old = metadata.clone().unwrap();
+    old.insert("format_version".into(), "1".into());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    let e = Model::from_safetensors_bytes(&safetensors::serialize(views, Some(old)).unwrap())
+        .unwrap_err();
+    assert!(e.to_string().contains("format_version"), "{e}");
 }
 
 /// Runs `ids` through a cache in the given chunk sizes (the last one repeats to the end) and
