@@ -1361,3 +1361,107 @@ fn call_ex_reports_whether_the_answer_parsed_as_json() {
     eprintln!("{json} answers parsed as JSON, {text} passed through as text");
     assert!(json > 0 && text > 0, "{json} JSON, {text} text");
 }
+
+/// Runs the harness under valgrind's memcheck in `mode` over `queries`: no invalid read or
+/// write, no use of uninitialised values, no bad free (`--error-exitcode`), and the same output
+/// as without valgrind. Leaks are the harness's, not the library's (it allocates nothing).
+fn memcheck(valgrind: &Path, exe: &Path, mode: &str, queries: &[Vec<u8>]) -> String {
+    let mut stdin = Vec::new();
+    for q in queries {
+        stdin.extend((q.len() as u32).to_le_bytes());
+        stdin.extend(q);
+    }
+    let input = exe.with_extension(format!("{mode}.in"));
+    std::fs::write(&input, &stdin).unwrap();
+    let out = std::process::Command::new(valgrind)
+        .args([
+            "--tool=memcheck",
+            "--error-exitcode=99",
+            "--leak-check=no",
+            "--quiet",
+        ])
+        .arg(exe)
+        .arg(mode)
+        .stdin(std::fs::File::open(&input).unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "memcheck {} {mode}: {stderr}",
+        exe.display()
+    );
+    assert!(!stderr.contains("Invalid"), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let plain = run(exe, &[mode], &stdin);
+    assert_eq!(
+        stdout,
+        String::from_utf8(plain.stdout).unwrap(),
+        "{mode}: the same output with and without valgrind"
+    );
+    stdout
+}
+
+/// The emitted library under valgrind memcheck: the golden cases (every tool list, both fold
+/// modes, the golden random checkpoint), then the bundled model's C-interface contracts (every
+/// error path), its samples and a few random queries (invalid UTF-8 and the byte limit among
+/// them). Any invalid read or write fails the test.
+#[test]
+fn library_is_clean_under_valgrind_memcheck() {
+    let Some(valgrind) = needle_test_support::toolchain::require(
+        "valgrind",
+        "valgrind",
+        "runs the emitted library under memcheck",
+    ) else {
+        return;
+    };
+    let cases: Vec<Case> = read_json(&golden("cases.json"));
+    let mut tool_lists: Vec<&str> = cases.iter().map(|c| c.tools.as_str()).collect();
+    tool_lists.sort();
+    tool_lists.dedup();
+    for (t, tools) in tool_lists.iter().enumerate() {
+        let queries: Vec<Vec<u8>> = cases
+            .iter()
+            .filter(|c| c.tools == *tools)
+            .map(|c| c.query.clone().into_bytes())
+            .collect();
+        for fold in [FoldMode::None, FoldMode::Tools] {
+            let exe = build_library(&format!("memcheck-golden-{t}-{}", fold.name()), |out| {
+                options(
+                    &golden("tiny_random.pkl"),
+                    &golden("dev4k.model"),
+                    tools,
+                    Some(fold),
+                    cases[0].max_gen_len,
+                    out,
+                )
+            });
+            let out = memcheck(&valgrind, &exe, "answer", &queries);
+            assert_eq!(out.lines().count(), queries.len());
+            assert!(out.lines().all(|l| l.starts_with("0 ")), "{out}");
+        }
+    }
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let sample_queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let mut r = needle_test_support::Rng(0x7a1_6e1d);
+    let mut queries: Vec<Vec<u8>> = sample_queries
+        .iter()
+        .take(4)
+        .map(|q| q.as_bytes().to_vec())
+        .chain((0..6).map(|_| random_query(&mut r, &sample_queries)))
+        .collect();
+    queries.push(b"hi \xed\xa0\x80".to_vec());
+    queries.push(vec![b'a'; MAX_QUERY_BYTES]);
+    queries.push(vec![b'a'; MAX_QUERY_BYTES + 1]);
+    let exe = build_library("memcheck-bundled", |out| {
+        bundled("tiny-needle-folded.pkl", Some(FoldMode::Tools), 128, out)
+    });
+    let out = memcheck(&valgrind, &exe, "contracts", &[]);
+    assert!(out.contains("ok call_ex"), "{out}");
+    let out = memcheck(&valgrind, &exe, "answer", &queries);
+    let statuses: Vec<&str> = out.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(statuses.len(), queries.len());
+    assert!(statuses.contains(&"0") && statuses.contains(&"3") && statuses.contains(&"4"));
+    memcheck(&valgrind, &exe, "ex", &queries);
+}
