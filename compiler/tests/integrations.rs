@@ -189,3 +189,144 @@ fn the_ci_workflow_example_parses_and_uses_real_options() {
         );
     }
 }
+
+/// `needlec build` for a target into `out` with the bundled model (folded, int4: the phone build).
+fn build_bundled(target: &str, extra: &[&str], out: &Path) {
+    run_ok(
+        Command::new(needlec())
+            .arg("build")
+            .arg("--checkpoint")
+            .arg(tiny_needle("tiny-needle-folded.pkl"))
+            .arg("--tokenizer")
+            .arg(tiny_needle("tokenizer.model"))
+            .arg("--tools")
+            .arg(tiny_needle("tools.json"))
+            .args([
+                "--weights",
+                "int4",
+                "--max-gen-len",
+                "128",
+                "--target",
+                target,
+            ])
+            .args(extra)
+            .arg("--out-dir")
+            .arg(out),
+    );
+}
+
+/// The JDK's `jni.h` directory (`/usr/lib/jvm/*/include`), if a JDK is installed.
+fn jni_include() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/jvm")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .filter(|d| d.join("jni.h").is_file() && d.join("linux/jni_md.h").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+/// `examples/android/`: the JNI wrapper compiles with clang for `aarch64-linux-android` against
+/// the JDK's `jni.h` and the header `needlec build` wrote, and links with `ld.lld` and the
+/// library into a shared object for AArch64 that exports the three natives the Kotlin class
+/// declares and needs nothing at all from outside (no undefined symbol: no libc, no libm).
+#[test]
+fn android_jni_wrapper_builds_and_links_for_aarch64_linux_android() {
+    let what = "builds the Android JNI wrapper (examples/android)";
+    let (Some(clang), Some(lld)) = (
+        toolchain::require("clang", "clang", what),
+        toolchain::require("ld.lld", "lld", what),
+    ) else {
+        return;
+    };
+    let Some(jni) = jni_include() else {
+        toolchain::skip(&format!(
+            "{what}: no JDK jni.h under /usr/lib/jvm (install Debian's `openjdk-17-jdk-headless`)"
+        ));
+        return;
+    };
+    let dir = work_dir("android-jni");
+    let out = dir.join("out");
+    build_bundled("aarch64-linux-android", &[], &out);
+    // jni.h includes <stdio.h>, which the NDK's Bionic sysroot provides; the wrapper uses
+    // nothing from it, so an empty one stands in for the sysroot here.
+    let sysroot = dir.join("sysroot-stub");
+    std::fs::create_dir_all(&sysroot).unwrap();
+    std::fs::write(sysroot.join("stdio.h"), "/* NDK sysroot stand-in */\n").unwrap();
+    let example = repo_root().join("examples/android");
+    let obj = dir.join("needle_jni.o");
+    run_ok(
+        Command::new(&clang)
+            .args([
+                "--target=aarch64-linux-android24",
+                "-ffreestanding",
+                "-nostdlibinc",
+                "-std=c11",
+                "-O2",
+                "-fPIC",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-c",
+            ])
+            .arg("-I")
+            .arg(&sysroot)
+            .arg("-I")
+            .arg(&jni)
+            .arg("-I")
+            .arg(jni.join("linux"))
+            .arg("-I")
+            .arg(&out)
+            .arg(example.join("needle_jni.c"))
+            .arg("-o")
+            .arg(&obj),
+    );
+    let so = dir.join("libneedle_jni.so");
+    run_ok(
+        Command::new(&lld)
+            .args([
+                "-shared",
+                "--no-undefined",
+                "-z",
+                "max-page-size=16384",
+                "-soname",
+                "libneedle_jni.so",
+            ])
+            .arg(&obj)
+            .arg(out.join("libneedle.a"))
+            .arg("-o")
+            .arg(&so),
+    );
+    use object::{Object, ObjectSymbol};
+    let bytes = std::fs::read(&so).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    assert_eq!(file.architecture(), object::Architecture::Aarch64);
+    assert_eq!(file.kind(), object::ObjectKind::Dynamic);
+    let undefined: Vec<String> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_undefined() && !s.name().unwrap_or("").is_empty())
+        .map(|s| s.name().unwrap().to_string())
+        .collect();
+    assert!(undefined.is_empty(), "needs from outside: {undefined:?}");
+    let exported: Vec<String> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok())
+        .filter_map(|n| n.strip_prefix("Java_dev_needlec_Needle_"))
+        .map(str::to_string)
+        .collect();
+    // Every native the Kotlin class declares is exported, and nothing more.
+    let kotlin = std::fs::read_to_string(example.join("Needle.kt")).unwrap();
+    assert!(kotlin.starts_with("package dev.needlec\n"));
+    let mut declared: Vec<String> = kotlin
+        .split("external fun ")
+        .skip(1)
+        .map(|rest| rest.split('(').next().unwrap().to_string())
+        .collect();
+    declared.sort();
+    let mut exported = exported;
+    exported.sort();
+    assert_eq!(declared, ["nativeCall", "nativeLayout", "toolName"]);
+    assert_eq!(exported, declared);
+}
