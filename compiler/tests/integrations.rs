@@ -330,3 +330,117 @@ fn android_jni_wrapper_builds_and_links_for_aarch64_linux_android() {
     assert_eq!(declared, ["nativeCall", "nativeLayout", "toolName"]);
     assert_eq!(exported, declared);
 }
+
+/// The architecture of the one object in a static library, and whether it defines `symbol`.
+fn archive_member_arch(archive: &[u8], symbol: &str) -> (object::Architecture, bool) {
+    use object::{Object, ObjectSymbol};
+    let ar = object::read::archive::ArchiveFile::parse(archive).unwrap();
+    let members: Vec<_> = ar.members().map(Result::unwrap).collect();
+    assert_eq!(members.len(), 1);
+    let data = members[0].data(archive).unwrap();
+    let obj = object::File::parse(data).unwrap();
+    assert_eq!(obj.format(), object::BinaryFormat::MachO);
+    let defines = obj
+        .symbols()
+        .any(|s| s.is_definition() && s.name() == Ok(symbol));
+    (obj.architecture(), defines)
+}
+
+/// `needlec build --emit xcframework`: the XCFramework folder (its Info.plist parsed by Python's
+/// plistlib, the reader of Apple's format, and every library, header and module map it names
+/// present), the iOS slice an arm64 Mach-O archive, the macOS slice a universal archive of
+/// arm64 and x86_64, and a Package.swift whose binary target is that folder. No Apple machine
+/// is available to link or run it.
+#[test]
+fn xcframework_has_the_standard_layout_and_a_swift_package() {
+    let Some(python) = toolchain::require(
+        "python3",
+        "python3-minimal",
+        "parses the XCFramework's Info.plist",
+    ) else {
+        return;
+    };
+    let dir = work_dir("xcframework");
+    let out = dir.join("out");
+    build_bundled("x86_64-unknown-linux-gnu", &["--emit", "xcframework"], &out);
+    let root = out.join("needle.xcframework");
+    let plist = run_ok(
+        Command::new(python)
+            .args([
+                "-c",
+                "import json, plistlib, sys; print(json.dumps(plistlib.load(open(sys.argv[1], 'rb'))))",
+            ])
+            .arg(root.join("Info.plist")),
+    );
+    let plist: serde_json::Value = serde_json::from_str(&plist).unwrap();
+    assert_eq!(plist["CFBundlePackageType"], "XFWK");
+    assert_eq!(plist["XCFrameworkFormatVersion"], "1.0");
+    let libs = plist["AvailableLibraries"].as_array().unwrap();
+    let mut seen = Vec::new();
+    for lib in libs {
+        let id = lib["LibraryIdentifier"].as_str().unwrap();
+        let platform = lib["SupportedPlatform"].as_str().unwrap();
+        let archs: Vec<&str> = lib["SupportedArchitectures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        // The identifier is platform-archs, as xcodebuild -create-xcframework names slices.
+        assert_eq!(id, format!("{platform}-{}", archs.join("_")));
+        let slice = root.join(id);
+        let library = std::fs::read(slice.join(lib["LibraryPath"].as_str().unwrap())).unwrap();
+        let headers = slice.join(lib["HeadersPath"].as_str().unwrap());
+        let header = std::fs::read_to_string(headers.join("needle.h")).unwrap();
+        assert!(header.contains("needle_call_ex") && header.contains("parsed"));
+        let triples = if platform == "ios" {
+            "aarch64-apple-ios."
+        } else {
+            "aarch64-apple-darwin and x86_64-apple-darwin."
+        };
+        assert!(header.contains(&format!("compiled by needlec for {triples}")));
+        let map = std::fs::read_to_string(headers.join("module.modulemap")).unwrap();
+        assert!(map.starts_with("module needle {") && map.contains("header \"needle.h\""));
+        let mut found: Vec<object::Architecture> = Vec::new();
+        if archs.len() == 1 {
+            let (arch, defines) = archive_member_arch(&library, "_needle_call_ex");
+            assert!(defines, "{id}");
+            found.push(arch);
+        } else {
+            use object::read::macho::{FatArch, MachOFatFile32};
+            let fat = MachOFatFile32::parse(&*library).unwrap();
+            for arch in fat.arches() {
+                let data = arch.data(&*library).unwrap();
+                let (member_arch, defines) = archive_member_arch(data, "_needle_call_ex");
+                assert!(defines, "{id}");
+                assert_eq!(
+                    member_arch,
+                    arch.architecture(),
+                    "{id}: fat entry vs member"
+                );
+                found.push(member_arch);
+            }
+        }
+        let want: Vec<object::Architecture> = archs
+            .iter()
+            .map(|a| match *a {
+                "arm64" => object::Architecture::Aarch64,
+                "x86_64" => object::Architecture::X86_64,
+                other => panic!("unexpected architecture {other}"),
+            })
+            .collect();
+        assert_eq!(found, want, "{id}");
+        seen.push(id.to_string());
+    }
+    seen.sort();
+    assert_eq!(seen, ["ios-arm64", "macos-arm64_x86_64"]);
+    let package = std::fs::read_to_string(out.join("Package.swift")).unwrap();
+    assert!(package.starts_with("// swift-tools-version:"));
+    assert!(
+        package.contains(".binaryTarget(name: \"needle\", path: \"needle.xcframework\")"),
+        "{package}"
+    );
+    assert!(package.contains(".library(name: \"needle\", targets: [\"needle\"])"));
+    // Only what was asked for: no Linux library beside it.
+    assert!(!out.join("libneedle.a").exists());
+}
