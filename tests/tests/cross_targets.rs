@@ -42,6 +42,7 @@ fn options(
         name: "needle".into(),
         escalate_below: 0.0,
         quantize_activations: false,
+        grammar: Default::default(),
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),
     }
