@@ -208,6 +208,48 @@ fn aarch64_linux_under_qemu_matches_host() {
     );
 }
 
+/// `--grammar strict` under qemu: the bundled model's library answers the 40 samples exactly
+/// as the host's does (the strict tables are target-independent data, the code that follows
+/// them is generated per target), at a budget small enough to close some lists early.
+#[test]
+fn aarch64_strict_grammar_under_qemu_matches_host() {
+    let what = "cross_targets: aarch64 --grammar strict under qemu";
+    if require("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", what).is_none()
+        || require("qemu-aarch64", "qemu-user", what).is_none()
+    {
+        return;
+    }
+    let host = Target::host().unwrap();
+    let target = Target::with_features("aarch64-unknown-linux-gnu", &[]).unwrap();
+    let samples: Vec<needle_test_support::Sample> =
+        read_json(&needle_test_support::tiny_needle("samples.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let tools = needle_test_support::tiny_needle("tools.json");
+    let dir = work_dir("strict-aarch64");
+    let outputs: Vec<String> = [&host, &target]
+        .iter()
+        .map(|t| {
+            let out = dir.join(t.name);
+            build(&BuildOptions {
+                checkpoint: needle_test_support::tiny_needle("tiny-needle-folded.pkl"),
+                tokenizer: needle_test_support::tiny_needle("tokenizer.model"),
+                grammar: needle_runtime::decode::GrammarKind::Strict,
+                max_gen_len: 24,
+                ..options(t, "", tools.to_str().unwrap(), FoldMode::Tools, None, &out)
+            })
+            .unwrap();
+            let exe = harness_for(t, &out);
+            run_queries(t, &exe, &queries)
+        })
+        .collect();
+    assert_eq!(outputs[0].lines().count(), queries.len());
+    assert!(
+        outputs[0].lines().all(|l| l.starts_with("0 ")),
+        "host statuses"
+    );
+    same_answers(&outputs[1], &outputs[0], "strict: aarch64 vs host");
+}
+
 #[test]
 fn riscv64_linux_under_qemu_matches_host() {
     check_emulated(
