@@ -1067,16 +1067,19 @@ fn overflowing_weights_give_err_numeric() {
     }
 }
 
-/// `needlec build --grammar strict`: on every bundled sample, with both checkpoints and both
-/// fold modes, the library's answer is byte for byte `needlec run --grammar strict`'s (the
-/// runtime engine with the strict grammar), at the default budget and at small ones where the
-/// budget closes the list early; its decoder steps take the runtime's strict lists (one allowed
-/// id: jump-forward without logits; a short list: sparse logits; else full), query by query.
+/// `needlec build --grammar strict`: on every bundled sample (and three requests no tool
+/// covers), with both checkpoints and both fold modes, the library's answer is byte for byte
+/// `needlec run --grammar strict`'s (the runtime engine with the strict grammar), at the default
+/// budget and at small ones where the budget closes the list early; `NAME_call_ex` reports the
+/// runtime's confidence (within 1e-4), choice steps and tool; and the decoder steps take the
+/// runtime's strict lists (one allowed id: jump-forward without logits; a short list: sparse
+/// logits; else full), query by query.
 #[test]
 fn strict_library_answers_like_needlec_run_strict() {
     use needle_runtime::decode::GrammarKind;
     let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
-    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let mut queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    queries.extend(["Tell me a joke", "", "hello"]);
     let tools = tiny_needle("tools.json");
     let combos = [
         ("tiny-needle.pkl", FoldMode::None, [512, 12]),
@@ -1084,7 +1087,7 @@ fn strict_library_answers_like_needlec_run_strict() {
         ("tiny-needle-folded.pkl", FoldMode::None, [512, 64]),
         ("tiny-needle-folded.pkl", FoldMode::Tools, [512, 12]),
     ];
-    let mut forced = 0;
+    let (mut forced, mut cut) = (0, 0);
     for (i, (checkpoint, fold, lens)) in combos.into_iter().enumerate() {
         let options = needlec::frontend::ModelOptions {
             fold: Some(fold),
@@ -1105,19 +1108,27 @@ fn strict_library_answers_like_needlec_run_strict() {
                 grammar: GrammarKind::Strict,
                 ..bundled(checkpoint, Some(fold), max_gen_len, out)
             });
-            let got = answers(&exe, "answer", &queries);
+            let got = ex_answers(&exe, &queries);
             let steps = step_counts(&exe, &queries);
-            for ((s, (status, output)), line) in samples.iter().zip(&got).zip(&steps) {
-                let what = format!(
-                    "{checkpoint} {fold:?} max_gen_len {max_gen_len} {:?}",
-                    s.query
-                );
-                let run = engine.generate(&s.query, max_gen_len).unwrap();
-                assert_eq!(*status, 0, "{what}");
+            assert_eq!((got.len(), steps.len()), (queries.len(), queries.len()));
+            for ((q, got), line) in queries.iter().zip(&got).zip(&steps) {
+                let what = format!("{checkpoint} {fold:?} max_gen_len {max_gen_len} {q:?}");
+                let run = engine.generate(q, max_gen_len).unwrap();
+                let c = engine.confidence(&run);
+                assert_eq!(got.status, 0, "{what}");
                 assert_eq!(
-                    output, &run.output,
+                    got.output, run.output,
                     "{what}: library vs needlec run --grammar strict"
                 );
+                assert!(
+                    (got.confidence - c.value).abs() <= 1e-4,
+                    "{what}: {got:?} vs {}",
+                    c.value
+                );
+                let choices = run.steps.iter().filter(|s| s.allowed != Some(1)).count();
+                assert_eq!(got.choice_steps, choices, "{what}");
+                assert_eq!(got.tool, c.tool.map_or(-1, |t| t as i32), "{what}");
+                assert!(!got.escalate, "{what}");
                 let mut want = [0usize; 3];
                 for step in &run.steps {
                     match step.allowed {
@@ -1128,15 +1139,22 @@ fn strict_library_answers_like_needlec_run_strict() {
                 }
                 assert_eq!(*line, (0, want), "{what}: steps");
                 forced += want[0];
-                if max_gen_len < 512 {
-                    // The budget: the list is complete (the runtime's guarantee).
-                    assert!(run.output.starts_with('['), "{what}: {}", run.output);
+                // Answers the budget cut short: the list is still complete and valid JSON.
+                if run.steps.len() == max_gen_len - 1 {
+                    cut += 1;
+                    assert!(
+                        needle_runtime::pyjson::parse(&run.output).is_ok(),
+                        "{what}: {}",
+                        run.output
+                    );
                 }
             }
         }
     }
-    // The strict grammar forces literal runs (`{"name":"`, `"arguments":`): jump-forward works.
+    // The strict grammar forces literal runs (`{"name":"`, `"arguments":`): jump-forward works;
+    // and max_gen_len 12 closes some answers early.
     assert!(forced > 0, "no forced step in any strict decode");
+    assert!(cut > 0, "the small budgets never bit");
 }
 
 /// A tool whose parameter type the strict grammar cannot express fails `needlec build

@@ -69,7 +69,7 @@ pub fn define_strict_grammar(
 ) -> Result<GrammarCode, CodegenError> {
     let t = Flat::new(tables)?;
     let data = |ks: &mut KernelSet, name: &str, v: &[u32]| -> Result<DataId, CodegenError> {
-        declare_u32_table(ks, &format!("strict_{name}"), v.iter().copied(), 4)
+        declare_u32_table(ks, &format!("grammar_strict_{name}"), v.iter().copied(), 4)
     };
     let tok_start = data(ks, "tok_start", &t.tok_start)?;
     let tok_chars = data(ks, "tok_chars", &t.tok_chars)?;
