@@ -397,12 +397,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         write(&path, &bytes)?;
         written.push(path);
     }
+    // Only a strict build says so: a reference build prints what it always printed.
+    let grammar_note = match opts.grammar {
+        GrammarKind::Reference => String::new(),
+        GrammarKind::Strict => ", --grammar strict".to_string(),
+    };
     let summary = match &library {
         Some(lib) => format!(
-            "{target}, --fold {}, --weights {}: {} query tokens at most, workspace {} bytes, code \
-             and data {} bytes",
+            "{target}, --fold {}, --weights {}{}: {} query tokens at most, workspace {} bytes, \
+             code and data {} bytes",
             compiled.fold.name(),
             compiled.precision,
+            grammar_note,
             lib.info.max_query_tokens,
             lib.info.layout.total,
             lib.object.len()
@@ -483,6 +489,7 @@ fn size_report_of(
         ("fold", compiled.fold.name().to_string()),
         ("weights", compiled.precision.to_string()),
         ("max-gen-len", opts.max_gen_len.to_string()),
+        ("grammar", opts.grammar.name().to_string()),
         ("max-query-tokens", lib.info.max_query_tokens.to_string()),
         ("name", opts.name.clone()),
     ]
