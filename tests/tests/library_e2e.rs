@@ -1110,6 +1110,12 @@ fn strict_library_answers_like_needlec_run_strict() {
             });
             let got = ex_answers(&exe, &queries);
             let steps = step_counts(&exe, &queries);
+            // Four threads with their own workspaces answer as one does.
+            let threaded = answers(&exe, "threads", &queries);
+            for (t, g) in threaded.iter().zip(&got) {
+                assert_eq!((t.0, &t.1), (g.status, &g.output), "{checkpoint} threads");
+            }
+            assert_eq!(threaded.len(), got.len());
             assert_eq!((got.len(), steps.len()), (queries.len(), queries.len()));
             for ((q, got), line) in queries.iter().zip(&got).zip(&steps) {
                 let what = format!("{checkpoint} {fold:?} max_gen_len {max_gen_len} {q:?}");
