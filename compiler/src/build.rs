@@ -20,6 +20,7 @@ use needle_targets::Target;
 
 use crate::codegen::library::{generate, LibraryInput};
 use crate::codegen::CodegenError;
+use crate::emit::xcframework::{self, XcframeworkError};
 use crate::emit::{check_standalone, write_archive, ArchiveMember, EmitError};
 
 use crate::frontend::{
@@ -46,6 +47,9 @@ pub enum Emit {
     /// `NAME.report.json`: bytes per component, the workspace's regions and the options
     /// ([`crate::report`]); the build's [`BuildReport::size_report`] has it as a table.
     Report,
+    /// `NAME.xcframework/` and `Package.swift` ([`crate::emit::xcframework`]): the library built
+    /// for every Apple target (whatever `--target` says; baseline CPUs), one slice per platform.
+    Xcframework,
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +128,8 @@ pub enum BuildError {
     Codegen(#[from] CodegenError),
     #[error(transparent)]
     Emit(#[from] EmitError),
+    #[error(transparent)]
+    Xcframework(#[from] XcframeworkError),
     #[error(transparent)]
     Report(#[from] ReportError),
     #[error("writing {}: {cause}", .path.display())]
@@ -331,28 +337,31 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             return Err(BuildError::QuantizeActivationsTarget(target.to_string()));
         }
     }
-    let needs_code = opts.emit.iter().any(|e| *e != Emit::Ir);
+    let needs_code = opts
+        .emit
+        .iter()
+        .any(|e| !matches!(e, Emit::Ir | Emit::Xcframework));
+    let signatures: Vec<(String, Vec<String>)> = compiled
+        .tools
+        .tools
+        .iter()
+        .map(|t| (t.name.clone(), t.param_keys.clone()))
+        .collect();
+    let input = LibraryInput {
+        module: &compiled.module,
+        store: &compiled.store,
+        fold: compiled.fold,
+        config: &compiled.model.config,
+        tokenizer: &compiled.tokenizer,
+        signatures: &signatures,
+        name_map: &compiled.tools.name_map,
+        name: &opts.name,
+        max_gen_len: opts.max_gen_len,
+        escalate_below: opts.escalate_below as f32,
+        quantize_activations: opts.quantize_activations,
+        strict: compiled.strict.as_ref(),
+    };
     let library = if needs_code {
-        let signatures: Vec<(String, Vec<String>)> = compiled
-            .tools
-            .tools
-            .iter()
-            .map(|t| (t.name.clone(), t.param_keys.clone()))
-            .collect();
-        let input = LibraryInput {
-            module: &compiled.module,
-            store: &compiled.store,
-            fold: compiled.fold,
-            config: &compiled.model.config,
-            tokenizer: &compiled.tokenizer,
-            signatures: &signatures,
-            name_map: &compiled.tools.name_map,
-            name: &opts.name,
-            max_gen_len: opts.max_gen_len,
-            escalate_below: opts.escalate_below as f32,
-            quantize_activations: opts.quantize_activations,
-            strict: compiled.strict.as_ref(),
-        };
         let lib = generate(&input, &target)?;
         // A library that references anything outside itself, or exports an unprefixed symbol,
         // is a needlec bug: refuse to write it.
@@ -390,6 +399,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                     staticlib_file(&target, name),
                     write_archive(target.archive_kind(), &[member])?,
                 )
+            }
+            (Emit::Xcframework, _) => {
+                let built = apple_libraries(opts, &input)?;
+                written.extend(xcframework::assemble(&opts.out_dir, name, &built)?);
+                continue;
             }
             (_, None) => continue,
         };
@@ -513,6 +527,31 @@ pub fn target_of(opts: &BuildOptions) -> Result<Target, BuildError> {
         opts.cpu.as_deref(),
         &features,
     )?)
+}
+
+/// The library for every target an XCFramework slice holds, each checked standalone.
+fn apple_libraries(
+    opts: &BuildOptions,
+    input: &LibraryInput<'_>,
+) -> Result<Vec<xcframework::Built>, BuildError> {
+    let mut built = Vec::new();
+    for slice in xcframework::SLICES {
+        for (triple, _) in slice.targets {
+            let target = Target::with_cpu(triple, None, &[])?;
+            let lib = generate(input, &target)?;
+            check_standalone(&lib.object, &format!("{}_", opts.name))?;
+            let member = ArchiveMember {
+                name: format!("{}.{}", opts.name, target.object_extension()),
+                data: lib.object,
+            };
+            built.push(xcframework::Built {
+                triple,
+                archive: write_archive(target.archive_kind(), &[member])?,
+                header: lib.header,
+            });
+        }
+    }
+    Ok(built)
 }
 
 /// `libNAME.a`, or `NAME.lib` where that is the convention (Windows).

@@ -47,6 +47,9 @@ enum EmitArg {
     Header,
     /// `NAME.report.json`: bytes per component, workspace regions, options (see `--report`).
     Report,
+    /// `NAME.xcframework/` (Info.plist, a static library per Apple platform, headers, module
+    /// map) and `Package.swift`, built for every Apple target whatever `--target` says.
+    Xcframework,
 }
 
 #[derive(clap::Args)]
@@ -367,6 +370,7 @@ fn real_main() -> Result<ExitCode> {
                     EmitArg::Ir => Emit::Ir,
                     EmitArg::Header => Emit::Header,
                     EmitArg::Report => Emit::Report,
+                    EmitArg::Xcframework => Emit::Xcframework,
                 })
                 .collect();
             if emit.iter().all(|e| *e == Emit::Report) {

@@ -189,3 +189,258 @@ fn the_ci_workflow_example_parses_and_uses_real_options() {
         );
     }
 }
+
+/// `needlec build` for a target into `out` with the bundled model (folded, int4: the phone build).
+fn build_bundled(target: &str, extra: &[&str], out: &Path) {
+    run_ok(
+        Command::new(needlec())
+            .arg("build")
+            .arg("--checkpoint")
+            .arg(tiny_needle("tiny-needle-folded.pkl"))
+            .arg("--tokenizer")
+            .arg(tiny_needle("tokenizer.model"))
+            .arg("--tools")
+            .arg(tiny_needle("tools.json"))
+            .args([
+                "--weights",
+                "int4",
+                "--max-gen-len",
+                "128",
+                "--target",
+                target,
+            ])
+            .args(extra)
+            .arg("--out-dir")
+            .arg(out),
+    );
+}
+
+/// The JDK's `jni.h` directory (`/usr/lib/jvm/*/include`), if a JDK is installed.
+fn jni_include() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/jvm")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .filter(|d| d.join("jni.h").is_file() && d.join("linux/jni_md.h").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+/// `examples/android/`: the JNI wrapper compiles with clang for `aarch64-linux-android` against
+/// the JDK's `jni.h` and the header `needlec build` wrote, and links with `ld.lld` and the
+/// library into a shared object for AArch64 that exports the three natives the Kotlin class
+/// declares and needs nothing at all from outside (no undefined symbol: no libc, no libm).
+#[test]
+fn android_jni_wrapper_builds_and_links_for_aarch64_linux_android() {
+    let what = "builds the Android JNI wrapper (examples/android)";
+    let (Some(clang), Some(lld)) = (
+        toolchain::require("clang", "clang", what),
+        toolchain::require("ld.lld", "lld", what),
+    ) else {
+        return;
+    };
+    let Some(jni) = jni_include() else {
+        toolchain::skip(&format!(
+            "{what}: no JDK jni.h under /usr/lib/jvm (install Debian's `openjdk-17-jdk-headless`)"
+        ));
+        return;
+    };
+    let dir = work_dir("android-jni");
+    let out = dir.join("out");
+    build_bundled("aarch64-linux-android", &[], &out);
+    // jni.h includes <stdio.h>, which the NDK's Bionic sysroot provides; the wrapper uses
+    // nothing from it, so an empty one stands in for the sysroot here.
+    let sysroot = dir.join("sysroot-stub");
+    std::fs::create_dir_all(&sysroot).unwrap();
+    std::fs::write(sysroot.join("stdio.h"), "/* NDK sysroot stand-in */\n").unwrap();
+    let example = repo_root().join("examples/android");
+    let obj = dir.join("needle_jni.o");
+    run_ok(
+        Command::new(&clang)
+            .args([
+                "--target=aarch64-linux-android24",
+                "-ffreestanding",
+                "-nostdlibinc",
+                "-std=c11",
+                "-O2",
+                "-fPIC",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-c",
+            ])
+            .arg("-I")
+            .arg(&sysroot)
+            .arg("-I")
+            .arg(&jni)
+            .arg("-I")
+            .arg(jni.join("linux"))
+            .arg("-I")
+            .arg(&out)
+            .arg(example.join("needle_jni.c"))
+            .arg("-o")
+            .arg(&obj),
+    );
+    let so = dir.join("libneedle_jni.so");
+    run_ok(
+        Command::new(&lld)
+            .args([
+                "-shared",
+                "--no-undefined",
+                "-z",
+                "max-page-size=16384",
+                "-soname",
+                "libneedle_jni.so",
+            ])
+            .arg(&obj)
+            .arg(out.join("libneedle.a"))
+            .arg("-o")
+            .arg(&so),
+    );
+    use object::{Object, ObjectSymbol};
+    let bytes = std::fs::read(&so).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    assert_eq!(file.architecture(), object::Architecture::Aarch64);
+    assert_eq!(file.kind(), object::ObjectKind::Dynamic);
+    let undefined: Vec<String> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_undefined() && !s.name().unwrap_or("").is_empty())
+        .map(|s| s.name().unwrap().to_string())
+        .collect();
+    assert!(undefined.is_empty(), "needs from outside: {undefined:?}");
+    let exported: Vec<String> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok())
+        .filter_map(|n| n.strip_prefix("Java_dev_needlec_Needle_"))
+        .map(str::to_string)
+        .collect();
+    // Every native the Kotlin class declares is exported, and nothing more.
+    let kotlin = std::fs::read_to_string(example.join("Needle.kt")).unwrap();
+    assert!(kotlin.starts_with("package dev.needlec\n"));
+    let mut declared: Vec<String> = kotlin
+        .split("external fun ")
+        .skip(1)
+        .map(|rest| rest.split('(').next().unwrap().to_string())
+        .collect();
+    declared.sort();
+    let mut exported = exported;
+    exported.sort();
+    assert_eq!(declared, ["nativeCall", "nativeLayout", "toolName"]);
+    assert_eq!(exported, declared);
+}
+
+/// The architecture of the one object in a static library, and whether it defines `symbol`.
+fn archive_member_arch(archive: &[u8], symbol: &str) -> (object::Architecture, bool) {
+    use object::{Object, ObjectSymbol};
+    let ar = object::read::archive::ArchiveFile::parse(archive).unwrap();
+    let members: Vec<_> = ar.members().map(Result::unwrap).collect();
+    assert_eq!(members.len(), 1);
+    let data = members[0].data(archive).unwrap();
+    let obj = object::File::parse(data).unwrap();
+    assert_eq!(obj.format(), object::BinaryFormat::MachO);
+    let defines = obj
+        .symbols()
+        .any(|s| s.is_definition() && s.name() == Ok(symbol));
+    (obj.architecture(), defines)
+}
+
+/// `needlec build --emit xcframework`: the XCFramework folder (its Info.plist parsed by Python's
+/// plistlib, the reader of Apple's format, and every library, header and module map it names
+/// present), the iOS slice an arm64 Mach-O archive, the macOS slice a universal archive of
+/// arm64 and x86_64, and a Package.swift whose binary target is that folder. No Apple machine
+/// is available to link or run it.
+#[test]
+fn xcframework_has_the_standard_layout_and_a_swift_package() {
+    let Some(python) = toolchain::require(
+        "python3",
+        "python3-minimal",
+        "parses the XCFramework's Info.plist",
+    ) else {
+        return;
+    };
+    let dir = work_dir("xcframework");
+    let out = dir.join("out");
+    build_bundled("x86_64-unknown-linux-gnu", &["--emit", "xcframework"], &out);
+    let root = out.join("needle.xcframework");
+    let plist = run_ok(
+        Command::new(python)
+            .args([
+                "-c",
+                "import json, plistlib, sys; print(json.dumps(plistlib.load(open(sys.argv[1], 'rb'))))",
+            ])
+            .arg(root.join("Info.plist")),
+    );
+    let plist: serde_json::Value = serde_json::from_str(&plist).unwrap();
+    assert_eq!(plist["CFBundlePackageType"], "XFWK");
+    assert_eq!(plist["XCFrameworkFormatVersion"], "1.0");
+    let libs = plist["AvailableLibraries"].as_array().unwrap();
+    let mut seen = Vec::new();
+    for lib in libs {
+        let id = lib["LibraryIdentifier"].as_str().unwrap();
+        let platform = lib["SupportedPlatform"].as_str().unwrap();
+        let archs: Vec<&str> = lib["SupportedArchitectures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        // The identifier is platform-archs, as xcodebuild -create-xcframework names slices.
+        assert_eq!(id, format!("{platform}-{}", archs.join("_")));
+        let slice = root.join(id);
+        let library = std::fs::read(slice.join(lib["LibraryPath"].as_str().unwrap())).unwrap();
+        let headers = slice.join(lib["HeadersPath"].as_str().unwrap());
+        let header = std::fs::read_to_string(headers.join("needle.h")).unwrap();
+        assert!(header.contains("needle_call_ex") && header.contains("parsed"));
+        let triples = if platform == "ios" {
+            "aarch64-apple-ios."
+        } else {
+            "aarch64-apple-darwin and x86_64-apple-darwin."
+        };
+        assert!(header.contains(&format!("compiled by needlec for {triples}")));
+        let map = std::fs::read_to_string(headers.join("module.modulemap")).unwrap();
+        assert!(map.starts_with("module needle {") && map.contains("header \"needle.h\""));
+        let mut found: Vec<object::Architecture> = Vec::new();
+        if archs.len() == 1 {
+            let (arch, defines) = archive_member_arch(&library, "_needle_call_ex");
+            assert!(defines, "{id}");
+            found.push(arch);
+        } else {
+            use object::read::macho::{FatArch, MachOFatFile32};
+            let fat = MachOFatFile32::parse(&*library).unwrap();
+            for arch in fat.arches() {
+                let data = arch.data(&*library).unwrap();
+                let (member_arch, defines) = archive_member_arch(data, "_needle_call_ex");
+                assert!(defines, "{id}");
+                assert_eq!(
+                    member_arch,
+                    arch.architecture(),
+                    "{id}: fat entry vs member"
+                );
+                found.push(member_arch);
+            }
+        }
+        let want: Vec<object::Architecture> = archs
+            .iter()
+            .map(|a| match *a {
+                "arm64" => object::Architecture::Aarch64,
+                "x86_64" => object::Architecture::X86_64,
+                other => panic!("unexpected architecture {other}"),
+            })
+            .collect();
+        assert_eq!(found, want, "{id}");
+        seen.push(id.to_string());
+    }
+    seen.sort();
+    assert_eq!(seen, ["ios-arm64", "macos-arm64_x86_64"]);
+    let package = std::fs::read_to_string(out.join("Package.swift")).unwrap();
+    assert!(package.starts_with("// swift-tools-version:"));
+    assert!(
+        package.contains(".binaryTarget(name: \"needle\", path: \"needle.xcframework\")"),
+        "{package}"
+    );
+    assert!(package.contains(".library(name: \"needle\", targets: [\"needle\"])"));
+    // Only what was asked for: no Linux library beside it.
+    assert!(!out.join("libneedle.a").exists());
+}

@@ -9,6 +9,9 @@
 //! (or [`strict`], with `--grammar strict`, the whole call list under the tool schemas),
 //! [`decode`] drives greedy generation, and [`output`] turns the generated text into what the user
 //! gets (tool names restored).
+//!
+//! [`needle3`] is the Needle 3 generation (decoder-only, docs/needle3.md), separate from all of the
+//! above.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +22,7 @@ pub mod decode;
 pub mod forward;
 pub mod grammar;
 pub mod model;
+pub mod needle3;
 pub mod output;
 pub mod pyjson;
 pub mod quant;

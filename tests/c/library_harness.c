@@ -12,8 +12,8 @@
  *                              last 64 bytes of the workspace
  *   library_harness ex         answers every query on stdin with needle_call and needle_call_ex
  *                              (checking they give the same status and bytes) and prints, per
- *                              query, "<status> <confidence> <escalate> <tool> <choice_steps>
- *                              <hex of the output>"
+ *                              query, "<status> <confidence> <escalate> <tool> <parsed>
+ *                              <choice_steps> <hex of the output>"
  */
 #define _POSIX_C_SOURCE 200112L
 #include <pthread.h>
@@ -181,7 +181,7 @@ static int contracts(void) {
     for (uint32_t i = 0; i < info.n_tools; i++) printf("tool %s\n", needle_tool_name((int32_t)i));
     CHECK(needle_tool_name((int32_t)info.n_tools) == NULL);
     CHECK(needle_tool_name(-1) == NULL);
-    CHECK(info.abi_version == 2);
+    CHECK(info.abi_version == 3);
     CHECK(info.escalate_below == NEEDLE_ESCALATE_BELOW);
     printf("escalate_below %.9g\n", (double)info.escalate_below);
 
@@ -191,17 +191,18 @@ static int contracts(void) {
     memset(&r, 0xff, sizeof r);
     CHECK(needle_call_ex(ws, q, qlen, out, sizeof out, &len, NULL) == NEEDLE_ERR_ARGUMENT);
     CHECK(needle_call_ex(NULL, q, qlen, out, sizeof out, &len, &r) == NEEDLE_ERR_WORKSPACE);
-    CHECK(r.confidence == 0.0f && r.tool == -1 && r.choice_steps == 0);
+    CHECK(r.confidence == 0.0f && r.tool == -1 && r.parsed == 0 && r.choice_steps == 0);
     CHECK(r.escalate == (0.0f < NEEDLE_ESCALATE_BELOW));
     memset(&r, 0xff, sizeof r);
     CHECK(needle_call_ex(ws, bad1, sizeof bad1, out, sizeof out, &len, &r) == NEEDLE_ERR_UTF8);
-    CHECK(r.confidence == 0.0f && r.tool == -1);
+    CHECK(r.confidence == 0.0f && r.tool == -1 && r.parsed == 0);
     memset(&r, 0xff, sizeof r);
     CHECK(needle_call_ex(ws, q, qlen, small, 1, &need, &r) == NEEDLE_ERR_OUT_TOO_SMALL);
     CHECK(need == full);
     CHECK(r.confidence > 0.0f && r.confidence <= 1.0f && r.choice_steps > 0);
     CHECK(r.escalate == (r.confidence < NEEDLE_ESCALATE_BELOW));
     CHECK(r.tool >= -1 && r.tool < (int32_t)info.n_tools);
+    CHECK(r.parsed == 1); /* the weather call is JSON */
     needle_result r2;
     CHECK(needle_call_ex(ws, q, qlen, out, sizeof out, &len, &r2) == NEEDLE_OK && len == full);
     CHECK(memcmp(out, first, full) == 0);
@@ -264,8 +265,8 @@ int main(int argc, char **argv) {
             int32_t st_ex =
                 needle_call_ex(ws, qs[i].bytes, qs[i].len, out_ex, NEEDLE_MAX_OUTPUT_BYTES, &len_ex, &r);
             CHECK(st == st_ex && len == len_ex && memcmp(out, out_ex, len) == 0);
-            printf("%d %.9g %d %d %u ", (int)st_ex, (double)r.confidence, (int)r.escalate, (int)r.tool,
-                   r.choice_steps);
+            printf("%d %.9g %d %d %d %u ", (int)st_ex, (double)r.confidence, (int)r.escalate, (int)r.tool,
+                   (int)r.parsed, r.choice_steps);
             for (size_t k = 0; k < len_ex; k++) printf("%02x", out_ex[k]);
             printf("\n");
         }

@@ -85,12 +85,12 @@ int main(void) {
             uint8_t *out = guarded(cap);
             uint8_t *scratch = guarded(scratch_n);
             size_t out_len = 12345;
-            int32_t tool = 12345;
-            int32_t st = out_postprocess(text, len, out, cap, &out_len, scratch, &tool);
+            int32_t tool[2] = {12345, 12345}; /* the tool, then whether the text parsed as JSON */
+            int32_t st = out_postprocess(text, len, out, cap, &out_len, scratch, tool);
             check_guard(text, len, "postprocess text");
             check_guard(out, cap, "postprocess out");
             check_guard(scratch, scratch_n, "postprocess scratch");
-            printf("%d %zu %d ", (int)st, out_len, (int)tool);
+            printf("%d %zu %d %d ", (int)st, out_len, (int)tool[0], (int)tool[1]);
             if (st == 0 || st == 1) {
                 hex(out, out_len <= cap ? out_len : cap);
             }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use needle_runtime::confidence::chosen_tool;
-use needle_runtime::output::postprocess;
+use needle_runtime::output::{parses_as_json, postprocess};
 use needle_runtime::pyjson;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::{supported, Target};
@@ -79,6 +79,8 @@ enum Resp {
         len: usize,
         /// The chosen tool index postprocess reports (-1: none).
         tool: i32,
+        /// Whether postprocess says the text parsed as JSON (`NAME_result.parsed`).
+        parsed: bool,
         out: Vec<u8>,
     },
 }
@@ -149,7 +151,12 @@ impl Lib {
                         status: f[0].parse().unwrap(),
                         len: f[1].parse().unwrap(),
                         tool: f[2].parse().unwrap(),
-                        out: unhex(f.get(3).copied().unwrap_or("")),
+                        parsed: match f[3] {
+                            "1" => true,
+                            "0" => false,
+                            p => panic!("parsed is {p}"),
+                        },
+                        out: unhex(f.get(4).copied().unwrap_or("")),
                     },
                 }
             })
@@ -178,6 +185,7 @@ impl Lib {
                 status,
                 len,
                 tool,
+                parsed,
                 out,
             } = r
             else {
@@ -187,8 +195,11 @@ impl Lib {
             let Ok(s) = std::str::from_utf8(t) else {
                 assert_eq!(status, STATUS_INVALID_UTF8, "input {t:?}");
                 assert_eq!(tool, -1, "input {t:?}");
+                assert!(!parsed, "input {t:?}");
                 continue;
             };
+            // Whether the runtime takes the JSON path, on every text (inexact floats included).
+            assert_eq!(parsed, parses_as_json(s), "parsed flag of {s:?}");
             // The tool index `NAME_call_ex` reports, on every text (inexact floats included).
             let want_tool = chosen_tool(s, map).map_or(-1, |t| t as i32);
             assert_eq!(tool, want_tool, "chosen tool of {s:?}");
@@ -406,6 +417,8 @@ fn postprocess_matches_golden_outputs() {
                 status: STATUS_OK,
                 len: c.output.len(),
                 tool: chosen_tool(&c.text, &map).map_or(-1, |t| t as i32),
+                // The reference's answer is JSON exactly when its text parsed.
+                parsed: serde_json::from_str::<serde_json::Value>(&c.output).is_ok(),
                 out: c.output.clone().into_bytes(),
             };
             assert_eq!(resp, want, "{:?}", c.text);

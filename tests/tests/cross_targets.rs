@@ -292,8 +292,9 @@ fn same_answers(target: &str, host: &str, what: &str) {
     assert_eq!(target.lines().count(), host.lines().count(), "{what}");
     for (t, h) in target.lines().zip(host.lines()) {
         let (tf, hf): (Vec<&str>, Vec<&str>) = (t.split(' ').collect(), h.split(' ').collect());
-        assert_eq!(tf.len(), 6, "{what}: {t}");
-        let rest = |f: &[&str]| [f[0], f[2], f[3], f[4], f[5]].join(" ");
+        // status confidence escalate tool parsed choice_steps hex
+        assert_eq!(tf.len(), 7, "{what}: {t}");
+        let rest = |f: &[&str]| [f[0], f[2], f[3], f[4], f[5], f[6]].join(" ");
         assert_eq!(rest(&tf), rest(&hf), "{what}");
         let conf = |s: &str| s.parse::<f32>().unwrap();
         assert!(

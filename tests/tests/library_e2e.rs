@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use needle_runtime::decode::{Engine, FoldMode};
+use needle_runtime::output::parses_as_json;
 use needle_test_support::c::{build_harness_with, run};
 use needle_test_support::{
     golden, read_json, tiny_needle, work_dir, Case, GreedyCase, QuantizedSample, Sample,
@@ -234,11 +235,7 @@ fn golden_cases_int4_both_fixtures_both_modes() {
 fn tiny_needle_quantized_samples_all_combinations() {
     let samples: Vec<QuantizedSample> = read_json(&tiny_needle("samples_quantized.json"));
     let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
-    let combos = [
-        ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
-        ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
-        ("tiny-needle-folded.pkl", None, "fold_folded"),
-    ];
+    let combos = QUANTIZED_COMBOS;
     for p in [Precision::Int8, Precision::Int4] {
         for (i, (checkpoint, fold, combo)) in combos.into_iter().enumerate() {
             let exe = build_library(&format!("samples-{p}-{i}"), |out| BuildOptions {
@@ -255,6 +252,14 @@ fn tiny_needle_quantized_samples_all_combinations() {
     }
 }
 
+/// The checkpoint/fold combinations `samples_quantized.json` records: checkpoint, fold (`None`:
+/// the checkpoint's default), and the record's key.
+const QUANTIZED_COMBOS: [(&str, Option<FoldMode>, &str); 3] = [
+    ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
+    ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
+    ("tiny-needle-folded.pkl", None, "fold_folded"),
+];
+
 /// `--quantize-activations` (opt-in, approximate): the bundled model's 40 samples in every
 /// checkpoint/fold combination, int8 and int4, against the reference's quantized outputs. The
 /// agreement is printed (the README records it) and must stay high: a wrong integer kernel
@@ -263,11 +268,7 @@ fn tiny_needle_quantized_samples_all_combinations() {
 fn quantized_activations_agree_with_the_exact_quantized_model() {
     let samples: Vec<QuantizedSample> = read_json(&tiny_needle("samples_quantized.json"));
     let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
-    let combos = [
-        ("tiny-needle.pkl", Some(FoldMode::None), "stock_exact"),
-        ("tiny-needle.pkl", Some(FoldMode::Tools), "stock_folded"),
-        ("tiny-needle-folded.pkl", None, "fold_folded"),
-    ];
+    let combos = QUANTIZED_COMBOS;
     for p in [Precision::Int8, Precision::Int4] {
         for (i, (checkpoint, fold, combo)) in combos.into_iter().enumerate() {
             let exe = build_library(&format!("samples-qa-{p}-{i}"), |out| BuildOptions {
@@ -549,7 +550,7 @@ fn c_interface_contracts_and_threads() {
         out.contains("ok call\n") && out.contains("ok tokens\n"),
         "{out}"
     );
-    assert!(out.contains("info 2 2048 128 4 2 2 2\n"), "{out}");
+    assert!(out.contains("info 3 2048 128 4 2 2 2\n"), "{out}");
     // The default threshold: never escalate.
     assert!(out.contains("escalate_below 0\n"), "{out}");
     assert!(out.contains("ok call_ex get_weather\n"), "{out}");
@@ -893,6 +894,8 @@ struct ExAnswer {
     confidence: f32,
     escalate: bool,
     tool: i32,
+    /// `NAME_result.parsed`: the model's text parsed as JSON.
+    parsed: bool,
     choice_steps: usize,
     output: String,
 }
@@ -909,8 +912,8 @@ fn ex_answers(exe: &Path, queries: &[&str]) -> Vec<ExAnswer> {
         .lines()
         .map(|line| {
             let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!(f.len(), 6, "{line}");
-            let hex = f[5];
+            assert_eq!(f.len(), 7, "{line}");
+            let hex = f[6];
             let bytes: Vec<u8> = (0..hex.len())
                 .step_by(2)
                 .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
@@ -924,7 +927,12 @@ fn ex_answers(exe: &Path, queries: &[&str]) -> Vec<ExAnswer> {
                     e => panic!("escalate {e} in {line}"),
                 },
                 tool: f[3].parse().unwrap(),
-                choice_steps: f[4].parse().unwrap(),
+                parsed: match f[4] {
+                    "0" => false,
+                    "1" => true,
+                    p => panic!("parsed {p} in {line}"),
+                },
+                choice_steps: f[5].parse().unwrap(),
                 output: String::from_utf8(bytes).expect("output is UTF-8"),
             }
         })
@@ -1011,6 +1019,7 @@ fn call_ex_reports_the_runtimes_confidence_tool_and_escalate_bit() {
             let choices = g.steps.iter().filter(|s| s.allowed != Some(1)).count();
             assert_eq!(got.choice_steps, choices, "{what}");
             assert_eq!(got.tool, c.tool.map_or(-1, |t| t as i32), "{what}");
+            assert_eq!(got.parsed, parses_as_json(&g.text), "{what}");
             assert_eq!(got.escalate, c.value < t, "{what} threshold {t}");
             escalated += usize::from(got.escalate);
             tools_seen.insert(got.tool);
@@ -1065,6 +1074,397 @@ fn overflowing_weights_give_err_numeric() {
             assert_eq!((status, output.as_str()), (8, ""), "{fold:?} {q:?}");
         }
     }
+}
+
+// ---- Random queries (issue #12: finding 11 and the engine-free property test) -----------------
+
+/// `NAME_MAX_QUERY_BYTES` of every library (`needlec::codegen::library::MAX_QUERY_BYTES`).
+const MAX_QUERY_BYTES: usize = 16384;
+
+/// `#define NEEDLE_MAX_QUERY_TOKENS` of a generated header.
+fn max_query_tokens(header: &str) -> usize {
+    header
+        .split("#define NEEDLE_MAX_QUERY_TOKENS ((size_t)")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no NEEDLE_MAX_QUERY_TOKENS in {header}"))
+}
+
+/// Runs the harness in `mode` over raw byte queries: per query the status and output bytes.
+fn answers_bytes(exe: &Path, mode: &str, queries: &[Vec<u8>]) -> Vec<(i32, Vec<u8>)> {
+    let mut stdin = Vec::new();
+    for q in queries {
+        stdin.extend((q.len() as u32).to_le_bytes());
+        stdin.extend(q);
+    }
+    let out = run(exe, &[mode], &stdin);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (status, hex) = line.split_once(' ').expect("status and hex");
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            (status.parse().unwrap(), bytes)
+        })
+        .collect()
+}
+
+/// Characters for the Unicode queries: ASCII, Latin-1, Greek, Cyrillic, CJK, combining marks,
+/// emoji (4-byte UTF-8), controls, NUL, a BOM, SentencePiece's own `▁` and the tokenizer's
+/// special-looking text.
+const UNICODE_POOL: &[&str] = &[
+    "a",
+    "Z",
+    "7",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\0",
+    "é",
+    "ß",
+    "Ω",
+    "ж",
+    "中",
+    "文",
+    "の",
+    "한",
+    "\u{301}",
+    "😀",
+    "🦀",
+    "\u{feff}",
+    "▁",
+    "<tool_call>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "\"",
+    "{",
+    "}",
+    "[",
+    "]",
+    "\\",
+    "timer",
+    "alarm",
+    "weather",
+    "Paris",
+    "call",
+    "set_timer",
+    "name",
+    "\u{10ffff}",
+    "\u{7f}",
+];
+
+/// Byte sequences that make a query invalid UTF-8: a lone continuation byte, an overlong
+/// encoding, an encoded surrogate, a code point above U+10FFFF, a truncated sequence, 0xFF.
+const INVALID_UTF8: &[&[u8]] = &[
+    &[0x80],
+    &[0xc0, 0x80],
+    &[0xed, 0xa0, 0x80],
+    &[0xf4, 0x90, 0x80, 0x80],
+    &[0xe2, 0x82],
+    &[0xff],
+];
+
+/// One random query: printable ASCII, Unicode, a bundled sample mutated, invalid UTF-8 or empty,
+/// chosen by `r`. `samples` are real requests (so some answers are real calls).
+fn random_query(r: &mut needle_test_support::Rng, samples: &[&str]) -> Vec<u8> {
+    match r.below(10) {
+        0..=2 => (0..r.below(80)).map(|_| b' ' + r.below(95) as u8).collect(),
+        3..=4 => (0..r.below(40))
+            .map(|_| *r.pick(UNICODE_POOL))
+            .collect::<String>()
+            .into_bytes(),
+        5..=7 => {
+            let mut q = r.pick(samples).as_bytes().to_vec();
+            for _ in 0..r.below(4) {
+                let at = r.below(q.len() + 1);
+                let piece = r.pick(UNICODE_POOL).as_bytes();
+                q.splice(at..at, piece.iter().copied());
+            }
+            // Keep it UTF-8: cut only at a character boundary.
+            let s = String::from_utf8_lossy(&q).into_owned();
+            s.into_bytes()
+        }
+        8 => {
+            let mut q = r.pick(samples).as_bytes().to_vec();
+            let at = r.below(q.len() + 1);
+            q.splice(at..at, r.pick(INVALID_UTF8).iter().copied());
+            q
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Queries at the length limits: exactly `MAX_QUERY_BYTES` bytes (ASCII, and ending in a 4-byte
+/// character), one byte more, and (for the token limit of exact mode) the longest query of
+/// `max_tokens` tokens and one a word longer.
+fn limit_queries(engine: &Engine, max_tokens: usize) -> Vec<Vec<u8>> {
+    let mut q = Vec::new();
+    let ascii = "set a timer for ten minutes ".repeat(MAX_QUERY_BYTES / 20);
+    q.push(ascii.as_bytes()[..MAX_QUERY_BYTES].to_vec());
+    q.push(ascii.as_bytes()[..MAX_QUERY_BYTES + 1].to_vec());
+    let mut emoji = ascii.as_bytes()[..MAX_QUERY_BYTES - 4].to_vec();
+    emoji.extend("😀".as_bytes());
+    q.push(emoji.clone());
+    emoji.push(b'!');
+    q.push(emoji);
+    let mut text = String::from("Wake me up");
+    let words = [
+        " at",
+        " seven",
+        " tomorrow",
+        " please",
+        " and",
+        " remind",
+        " me",
+    ];
+    let mut i = 0;
+    loop {
+        let longer = format!("{text}{}", words[i % words.len()]);
+        if engine.tokenizer.encode(&longer).len() > max_tokens {
+            q.push(text.into_bytes());
+            q.push(longer.into_bytes());
+            break;
+        }
+        text = longer;
+        i += 1;
+    }
+    q
+}
+
+/// What the library must return for `query`, from the runtime: ERR_UTF8 (3) where the runtime
+/// cannot even take the bytes (`&str`); ERR_QUERY_TOO_LONG (4) over the byte limit, in exact
+/// mode over `max_tokens` query tokens (where the runtime, like the reference, would cut the
+/// tool list instead: the library refuses, as the README says), or where the runtime refuses
+/// the query's length; else OK and the runtime's output.
+fn runtime_answer(
+    engine: &Engine,
+    query: &[u8],
+    max_gen_len: usize,
+    exact_max_tokens: Option<usize>,
+) -> (i32, Vec<u8>) {
+    let Ok(q) = std::str::from_utf8(query) else {
+        return (3, Vec::new());
+    };
+    if query.len() > MAX_QUERY_BYTES {
+        return (4, Vec::new());
+    }
+    if exact_max_tokens.is_some_and(|max| engine.tokenizer.encode(q).len() > max) {
+        return (4, Vec::new());
+    }
+    match engine.generate(q, max_gen_len) {
+        Ok(g) => (0, g.output.into_bytes()),
+        Err(needle_runtime::decode::EngineError::QueryTooLong { .. }) => (4, Vec::new()),
+        Err(e) => panic!("{q:?}: {e}"),
+    }
+}
+
+/// The property test that needs no engine beyond the runtime: for both bundled checkpoints in
+/// both fold modes, the library and the runtime give identical statuses and bytes on random
+/// queries (printable ASCII, Unicode, mutated samples, invalid UTF-8, empty) and on queries at
+/// the byte and token limits. Deterministic (a fixed seed per configuration).
+#[test]
+fn random_queries_answer_byte_for_byte_like_the_runtime() {
+    const PER_CONFIG: usize = 250;
+    const MAX_GEN: usize = 64;
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let sample_queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let tools = tiny_needle("tools.json");
+    let combos = [
+        ("tiny-needle.pkl", FoldMode::None),
+        ("tiny-needle.pkl", FoldMode::Tools),
+        ("tiny-needle-folded.pkl", FoldMode::Tools),
+        ("tiny-needle-folded.pkl", FoldMode::None),
+    ];
+    for (i, (checkpoint, fold)) in combos.into_iter().enumerate() {
+        let options = needlec::frontend::ModelOptions {
+            fold: Some(fold),
+            ..Default::default()
+        };
+        let engine = needlec::frontend::load_with(
+            &tiny_needle(checkpoint),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            &options,
+        )
+        .unwrap()
+        .engine;
+        let mut out_dir = PathBuf::new();
+        let exe = build_library(&format!("random-{i}"), |out| {
+            out_dir = out.to_path_buf();
+            bundled(checkpoint, Some(fold), MAX_GEN, out)
+        });
+        let header = std::fs::read_to_string(out_dir.join("needle.h")).unwrap();
+        let mut r = needle_test_support::Rng(0x5eed_0000 + i as u64);
+        let mut queries: Vec<Vec<u8>> = (0..PER_CONFIG)
+            .map(|_| random_query(&mut r, &sample_queries))
+            .collect();
+        let max_tokens = max_query_tokens(&header);
+        queries.extend(limit_queries(&engine, max_tokens));
+        let exact_max = (fold == FoldMode::None).then_some(max_tokens);
+        let got = answers_bytes(&exe, "answer", &queries);
+        assert_eq!(got.len(), queries.len());
+        let mut statuses = std::collections::BTreeMap::new();
+        for (q, got) in queries.iter().zip(&got) {
+            let want = runtime_answer(&engine, q, MAX_GEN, exact_max);
+            let shown: String = String::from_utf8_lossy(q).chars().take(200).collect();
+            assert!(
+                got == &want,
+                "{checkpoint} {fold:?} query of {} bytes {shown:?}: library {:?}, runtime {:?}",
+                q.len(),
+                (got.0, String::from_utf8_lossy(&got.1)),
+                (want.0, String::from_utf8_lossy(&want.1)),
+            );
+            *statuses.entry(got.0).or_insert(0usize) += 1;
+        }
+        eprintln!("{checkpoint} {fold:?}: statuses {statuses:?}");
+        // Every kind of query was seen: answers, invalid UTF-8 and too long.
+        assert!(
+            statuses.contains_key(&0) && statuses.contains_key(&3) && statuses.contains_key(&4)
+        );
+    }
+}
+
+/// Finding 11: about 9% of random queries make the model emit text that is not JSON, which the
+/// library passes through byte for byte as the reference does. `NAME_result.parsed` says which:
+/// 1 exactly when the answer parses as JSON (checked with serde_json on the same bytes), and
+/// both kinds occur.
+#[test]
+fn call_ex_reports_whether_the_answer_parsed_as_json() {
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let sample_queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let exe = build_library("parsed-flag", |out| {
+        bundled("tiny-needle-folded.pkl", Some(FoldMode::Tools), 64, out)
+    });
+    let mut r = needle_test_support::Rng(0x0b5e_55ed);
+    let queries: Vec<String> = (0..300)
+        .filter_map(|_| String::from_utf8(random_query(&mut r, &sample_queries)).ok())
+        .collect();
+    let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
+    let got = ex_answers(&exe, &refs);
+    assert_eq!(got.len(), refs.len());
+    let (mut json, mut text) = (0, 0);
+    for (q, a) in refs.iter().zip(&got) {
+        assert_eq!(a.status, 0, "{q:?}: {a:?}");
+        let is_json = serde_json::from_slice::<serde_json::Value>(a.output.as_bytes()).is_ok();
+        assert_eq!(a.parsed, is_json, "{q:?}: {a:?}");
+        if a.parsed {
+            json += 1;
+        } else {
+            text += 1;
+        }
+    }
+    eprintln!("{json} answers parsed as JSON, {text} passed through as text");
+    assert!(json > 0 && text > 0, "{json} JSON, {text} text");
+}
+
+/// Runs the harness under valgrind's memcheck in `mode` over `queries`: no invalid read or
+/// write, no use of uninitialised values, no bad free (`--error-exitcode`), and the same output
+/// as without valgrind. Leaks are the harness's, not the library's (it allocates nothing).
+fn memcheck(valgrind: &Path, exe: &Path, mode: &str, queries: &[Vec<u8>]) -> String {
+    let mut stdin = Vec::new();
+    for q in queries {
+        stdin.extend((q.len() as u32).to_le_bytes());
+        stdin.extend(q);
+    }
+    let input = exe.with_extension(format!("{mode}.in"));
+    std::fs::write(&input, &stdin).unwrap();
+    let out = std::process::Command::new(valgrind)
+        .args([
+            "--tool=memcheck",
+            "--error-exitcode=99",
+            "--leak-check=no",
+            "--quiet",
+        ])
+        .arg(exe)
+        .arg(mode)
+        .stdin(std::fs::File::open(&input).unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "memcheck {} {mode}: {stderr}",
+        exe.display()
+    );
+    assert!(!stderr.contains("Invalid"), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let plain = run(exe, &[mode], &stdin);
+    assert_eq!(
+        stdout,
+        String::from_utf8(plain.stdout).unwrap(),
+        "{mode}: the same output with and without valgrind"
+    );
+    stdout
+}
+
+/// The emitted library under valgrind memcheck: the golden cases (every tool list, both fold
+/// modes, the golden random checkpoint), then the bundled model's C-interface contracts (every
+/// error path), its samples and a few random queries (invalid UTF-8 and the byte limit among
+/// them). Any invalid read or write fails the test.
+#[test]
+fn library_is_clean_under_valgrind_memcheck() {
+    let Some(valgrind) = needle_test_support::toolchain::require(
+        "valgrind",
+        "valgrind",
+        "runs the emitted library under memcheck",
+    ) else {
+        return;
+    };
+    let cases: Vec<Case> = read_json(&golden("cases.json"));
+    let mut tool_lists: Vec<&str> = cases.iter().map(|c| c.tools.as_str()).collect();
+    tool_lists.sort();
+    tool_lists.dedup();
+    for (t, tools) in tool_lists.iter().enumerate() {
+        let queries: Vec<Vec<u8>> = cases
+            .iter()
+            .filter(|c| c.tools == *tools)
+            .map(|c| c.query.clone().into_bytes())
+            .collect();
+        for fold in [FoldMode::None, FoldMode::Tools] {
+            let exe = build_library(&format!("memcheck-golden-{t}-{}", fold.name()), |out| {
+                options(
+                    &golden("tiny_random.pkl"),
+                    &golden("dev4k.model"),
+                    tools,
+                    Some(fold),
+                    cases[0].max_gen_len,
+                    out,
+                )
+            });
+            let out = memcheck(&valgrind, &exe, "answer", &queries);
+            assert_eq!(out.lines().count(), queries.len());
+            assert!(out.lines().all(|l| l.starts_with("0 ")), "{out}");
+        }
+    }
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let sample_queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let mut r = needle_test_support::Rng(0x7a1_6e1d);
+    let mut queries: Vec<Vec<u8>> = sample_queries
+        .iter()
+        .take(4)
+        .map(|q| q.as_bytes().to_vec())
+        .chain((0..6).map(|_| random_query(&mut r, &sample_queries)))
+        .collect();
+    queries.push(b"hi \xed\xa0\x80".to_vec());
+    queries.push(vec![b'a'; MAX_QUERY_BYTES]);
+    queries.push(vec![b'a'; MAX_QUERY_BYTES + 1]);
+    let exe = build_library("memcheck-bundled", |out| {
+        bundled("tiny-needle-folded.pkl", Some(FoldMode::Tools), 128, out)
+    });
+    let out = memcheck(&valgrind, &exe, "contracts", &[]);
+    assert!(out.contains("ok call_ex"), "{out}");
+    let out = memcheck(&valgrind, &exe, "answer", &queries);
+    let statuses: Vec<&str> = out.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(statuses.len(), queries.len());
+    assert!(statuses.contains(&"0") && statuses.contains(&"3") && statuses.contains(&"4"));
+    memcheck(&valgrind, &exe, "ex", &queries);
 }
 
 /// `needlec build --grammar strict`: on every bundled sample (and three requests no tool
@@ -1135,6 +1535,12 @@ fn strict_library_answers_like_needlec_run_strict() {
                 assert_eq!(got.choice_steps, choices, "{what}");
                 assert_eq!(got.tool, c.tool.map_or(-1, |t| t as i32), "{what}");
                 assert!(!got.escalate, "{what}");
+                // The strict grammar's guarantee, as the library reports it: always JSON.
+                assert!(
+                    got.parsed && needle_runtime::output::parses_as_json(&run.text),
+                    "{what}: {}",
+                    run.text
+                );
                 let mut want = [0usize; 3];
                 for step in &run.steps {
                     match step.allowed {

@@ -40,7 +40,9 @@ pub const STATUSES: &[(&str, i32, &str)] = &[
     (
         "OK",
         0,
-        "success: out holds the answer, *out_len its length",
+        "success: out holds the answer, *out_len its length; the answer is JSON unless the \
+         model's text did not parse, which is passed through as generated (NAME_call_ex's \
+         result.parsed says which)",
     ),
     (
         "ERR_WORKSPACE",
@@ -198,6 +200,13 @@ pub const RESULT_FIELDS: &[(&str, &str, &str)] = &[
         "int32_t",
         "tool",
         "the first call's tool (its index in the build's tool list, as NAME_tool_name takes), or -1",
+    ),
+    (
+        "int32_t",
+        "parsed",
+        "1 when the model's text parsed as JSON (the answer is it, re-serialized compactly); 0 when \
+         it did not and the answer is that text passed through byte for byte (tool names restored), \
+         as the reference does: check it before parsing the answer as JSON",
     ),
     (
         "uint32_t",
@@ -796,7 +805,7 @@ struct TextCall {
 
 impl TextCall {
     /// The body: `a` are `NAME_call`'s parameters, plus `result` when `ex`. `NAME_call_ex`
-    /// writes the result's defaults first (confidence 0, tool -1, no steps), so an error status
+    /// writes the result's defaults first (confidence 0, tool -1, not parsed, no steps), so an error status
     /// leaves it defined, and `escalate = confidence < threshold` on every status.
     fn body(
         &self,
@@ -824,6 +833,7 @@ impl TextCall {
             let m1 = iconst32(g, -1);
             g.b.ins().store(mem(), m1, result, result_field("tool"));
             let z = iconst32(g, 0);
+            g.b.ins().store(mem(), z, result, result_field("parsed"));
             g.b.ins()
                 .store(mem(), z, result, result_field("choice_steps"));
             self.store_escalate(g, result);
@@ -858,6 +868,8 @@ impl TextCall {
         let answer = at(g, ws, l.output);
         let pscratch = at(g, ws, l.output_scratch);
         let ocap = g.iconst(self.max_output_bytes);
+        // postprocess writes `tool` and, right after it, `parsed`.
+        debug_assert_eq!(result_field("parsed"), result_field("tool") + 4);
         let tool = if ex {
             g.b.ins()
                 .iadd_imm_s(result, i64::from(result_field("tool")))

@@ -35,7 +35,8 @@ pub struct Library {
 /// The ABI version reported by `NAME_model_info`; bump it when the C interface changes.
 /// 2: `NAME_call_ex` and `NAME_result`; `NAME_info` grew `escalate_below` (at the end, so the
 /// fields before it keep their offsets).
-pub const ABI_VERSION: u32 = 2;
+/// 3: `NAME_result` grew `parsed` (after `tool`; `choice_steps` moved from offset 12 to 16).
+pub const ABI_VERSION: u32 = 3;
 
 /// Everything a library is generated from: the optimized program with its constants' data, and
 /// the tokenizer and tool list the tokenizer, grammar and output code are built for.

@@ -673,6 +673,23 @@ impl WeightRow {
         }
     }
 
+    /// For a row-major half row on a target with vectors: `W[k][col..col + 8]` (one 16-byte
+    /// load) as the even columns `col, col + 2, ..` and the odd ones, each decoded with a shift
+    /// or two, a mask and a multiply and no lane shuffles; `None` for other storage, which
+    /// [`WeightRow::load4`] serves.
+    pub fn load8_even_odd(&self, g: &mut Gen<'_>, col: Value) -> Option<(V4, V4)> {
+        if self.elem != Elem::F16 || self.panel.is_some() || !g.simd() {
+            return None;
+        }
+        let p = g.addr(self.ptr, col, 2);
+        let words = g.b.ins().load(types::I32X4, mem_ro(), p, 0);
+        // Little-endian: each 32-bit lane holds the even column's half low, the odd one's high.
+        let odd = half_at_top_to_f32(g, words, types::I32X4, types::F32X4);
+        let low = g.b.ins().ishl_imm_u(words, 16);
+        let even = half_at_top_to_f32(g, low, types::I32X4, types::F32X4);
+        Some((V4::Simd(even), V4::Simd(odd)))
+    }
+
     /// `W[k][col]` of a row-major row.
     pub fn load1(&self, g: &mut Gen<'_>, col: Value) -> Value {
         debug_assert!(self.panel.is_none());

@@ -1,5 +1,5 @@
-//! Emission: static archives of the generated object ([`archive`]) and the self-check that an
-//! output is standalone ([`check`]). The object and the header text come from codegen; this
+//! Emission: static archives of the generated object ([`archive`]), the self-check that an
+//! output is standalone ([`check`]), and the Apple XCFramework folder ([`xcframework`]). The object and the header text come from codegen; this
 //! module only packages and checks bytes, so it knows nothing of models or of code generation.
 //!
 //! Everything written here is deterministic: same input, same bytes (no timestamps, user ids or
@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod check;
+pub mod xcframework;
 
 pub use archive::{write_archive, ArchiveMember};
 pub use check::{check_standalone, StandaloneReport};

@@ -523,16 +523,7 @@ fn mm_tile(
                 let next = g.b.ins().iadd_imm_s(p, 4);
                 g.set(xp, next);
                 let xs = g.vsplat(xv);
-                for (j, &acc) in partial.iter().enumerate() {
-                    let cur = g.vget(acc);
-                    let nxt = if fma {
-                        g.vmul_add(xs, qs[j], cur)
-                    } else {
-                        let m = g.vmul(xs, qs[j]);
-                        g.vadd(cur, m)
-                    };
-                    g.vset(acc, nxt);
-                }
+                accumulate_row(g, &partial, xs, qs, fma);
             },
             |g, scales| {
                 for (j, (&acc, &tot)) in partial.iter().zip(&totals).enumerate() {
@@ -561,19 +552,7 @@ fn mm_tile(
             for (i, acc_row) in accs.iter().enumerate() {
                 let xv = g.load_f32(xrows[i], kk);
                 let xs = g.vsplat(xv);
-                for (j, &acc) in acc_row.iter().enumerate() {
-                    let cur = g.vget(acc);
-                    // Unfused: `acc + x * w` rather than `x * w + acc` (the same sum) so that
-                    // two-operand SSE adds into the accumulator's register, without a move
-                    // per accumulator at the end of each step.
-                    let nxt = if fma {
-                        g.vmul_add(xs, ws[j], cur)
-                    } else {
-                        let m = g.vmul(xs, ws[j]);
-                        g.vadd(cur, m)
-                    };
-                    g.vset(acc, nxt);
-                }
+                accumulate_row(g, acc_row, xs, ws, fma);
             }
         });
         for (i, acc_row) in accs.iter().enumerate() {
@@ -599,6 +578,23 @@ fn mm_tile(
             let v = g.get(acc);
             g.store_f32(v, yrows[i], col);
         }
+    }
+}
+
+/// `accs[j] += xs * ws[j]` for every column vector `j` of one row of a tile.
+fn accumulate_row(g: &mut Gen<'_>, accs: &[V4Var], xs: V4, ws: &[V4], fma: bool) {
+    for (&acc, &w) in accs.iter().zip(ws) {
+        let cur = g.vget(acc);
+        // Unfused: `acc + x * w` rather than `x * w + acc` (the same sum) so that two-operand
+        // SSE adds into the accumulator's register, without a move per accumulator at the end
+        // of each step.
+        let nxt = if fma {
+            g.vmul_add(xs, w, cur)
+        } else {
+            let m = g.vmul(xs, w);
+            g.vadd(cur, m)
+        };
+        g.vset(acc, nxt);
     }
 }
 
@@ -798,9 +794,34 @@ pub fn logits(ks: &mut KernelSet, name: &str, table: &WeightRef) -> Result<FuncI
             let wa = WeightAccess::new(&t, addrs);
             let (v, d) = (t.k as i64, t.n as i64);
             let (v4, d4) = (v / 4 * 4, d / 4 * 4);
+            // A half table on a vector target reads eight columns a load, split into even and
+            // odd columns in registers; `x` is laid out to match once per row, in blocks of
+            // eight as its four even then four odd entries (`xeo`, a stack buffer).
+            let pairs = t.format == WeightFormat::F16 && g.simd();
+            let d8 = if pairs { d / 8 * 8 } else { 0 };
+            let xeo = (d8 > 0).then(|| {
+                let slot = g.b.create_sized_stack_slot(StackSlotData::new(
+                    StackSlotKind::ExplicitSlot,
+                    u32::try_from(d8 * 4).expect("a row of the model fits the stack"),
+                    4,
+                ));
+                let pt = g.ptr;
+                g.b.ins().stack_addr(pt, slot, 0)
+            });
             g.for_n(rows, |g, r| {
                 let xrow = g.addr(x, r, d * 4);
                 let yrow = g.addr(y, r, v * 4);
+                if let Some(xeo) = xeo {
+                    g.for_const(0, d8 / 8, 1, |g, b| {
+                        let src = g.addr(xrow, b, 32);
+                        let dst = g.addr(xeo, b, 32);
+                        for j in 0..8i32 {
+                            let at = (j % 2) * 4 + j / 2;
+                            let xv = g.b.ins().load(types::F32, mem(), src, 4 * j);
+                            g.b.ins().store(mem(), xv, dst, 4 * at);
+                        }
+                    });
+                }
                 for (lo, hi, width) in [(0, v4, 4usize), (v4, v, 1)] {
                     g.for_const(lo, hi, width as i64, |g, t0| {
                         let erows: Vec<_> = (0..width)
@@ -811,7 +832,23 @@ pub fn logits(ks: &mut KernelSet, name: &str, table: &WeightRef) -> Result<FuncI
                             .collect();
                         let zero = g.vconst(0.0);
                         let accs: Vec<_> = (0..width).map(|_| g.vvar(zero)).collect();
-                        g.for_const(0, d4, 4, |g, c| {
+                        if let Some(xeo) = xeo {
+                            g.for_const(0, d8, 8, |g, c| {
+                                let xe = g.vload(xeo, c);
+                                let c4 = g.b.ins().iadd_imm_s(c, 4);
+                                let xo = g.vload(xeo, c4);
+                                for (i, &acc) in accs.iter().enumerate() {
+                                    let (ev, od) = erows[i]
+                                        .load8_even_odd(g, c)
+                                        .expect("a half row on a vector target");
+                                    let cur = g.vget(acc);
+                                    let nxt = g.vmul_add(xe, ev, cur);
+                                    let nxt = g.vmul_add(xo, od, nxt);
+                                    g.vset(acc, nxt);
+                                }
+                            });
+                        }
+                        g.for_const(d8, d4, 4, |g, c| {
                             let xv = g.vload(xrow, c);
                             for (i, &acc) in accs.iter().enumerate() {
                                 let ev = erows[i].load4(g, c);

@@ -64,7 +64,7 @@ pub(super) struct Post {
     restore: FuncRef,
     first_tool_json: FuncRef,
     first_tool_text: FuncRef,
-    /// `int32_t *tool`, or NULL.
+    /// `int32_t tool[2]` (the first call's tool, then 1 when the text parsed as JSON), or NULL.
     tool: Value,
     body: Value,
     blen: Value,
@@ -119,11 +119,14 @@ impl Post {
         let restore = f.get(helpers.restore);
         let first_tool_json = f.get(helpers.first_tool_json);
         let first_tool_text = f.get(helpers.first_tool_text);
-        // No tool until one is found (also what an early return leaves).
+        // No tool until one is found, and not parsed until the JSON parse succeeds (also what
+        // an early return leaves).
         let has_tool = g.b.ins().icmp_imm_s(IntCC::NotEqual, tool, 0);
         g.if_then(has_tool, |g| {
             let m1 = g.b.ins().iconst(types::I32, -1);
             g.b.ins().store(mem(), m1, tool, 0);
+            let z = g.b.ins().iconst(types::I32, 0);
+            g.b.ins().store(mem(), z, tool, 4);
         });
         let passes = tables
             .passes
@@ -1128,6 +1131,12 @@ impl Post {
     fn state_success(&self, g: &mut Gen<'_>) {
         let nodes = self.nodes;
         place(g, self.success_l);
+        // The text parsed as JSON: `tool[1] = 1`, whatever the tool.
+        let has_tool = g.b.ins().icmp_imm_s(IntCC::NotEqual, self.tool, 0);
+        g.if_then(has_tool, |g| {
+            let one = g.b.ins().iconst(types::I32, 1);
+            g.b.ins().store(mem(), one, self.tool, 4);
+        });
         // The chosen tool, read before names are restored (and reported even for a float this
         // code does not convert: the runtime reads the same tree).
         if self.restore_names {

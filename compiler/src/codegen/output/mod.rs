@@ -7,9 +7,11 @@
 //!   `n * max_piece_bytes` bytes.
 //! * `postprocess(text, len, out, cap, out_len, scratch, tool)`:
 //!   `needle_runtime::output::postprocess` with the name map baked in; Python-exact JSON as
-//!   `needle_runtime::pyjson` does it. When `tool` is not NULL it also gets the first call's tool
-//!   index as `needle_runtime::confidence::chosen_tool` reads it (-1 for none), from the same
-//!   parse: the JSON tree when the text is JSON, else a scan for the first `"name"` member.
+//!   `needle_runtime::pyjson` does it. When `tool` (an `int32_t[2]`) is not NULL, `tool[0]` gets
+//!   the first call's tool index as `needle_runtime::confidence::chosen_tool` reads it (-1 for
+//!   none), from the same parse: the JSON tree when the text is JSON, else a scan for the first
+//!   `"name"` member; `tool[1]` gets 1 when the text (after `<tool_call>`) parsed as JSON, 0 when
+//!   it took the text path (`needle_runtime::output::parses_as_json`).
 //!
 //! Everything is plain integer code over caller memory and read-only tables: no globals, no
 //! recursion (the JSON parser is a state machine over a node array in `scratch`, with parent links
@@ -101,7 +103,7 @@ pub struct OutputCode {
     /// `size_t detokenize(const int32_t *ids, size_t n, uint8_t *out)`: bytes written.
     pub detokenize: FuncId,
     /// `int32_t postprocess(const uint8_t *text, size_t len, uint8_t *out, size_t cap,
-    /// size_t *out_len, uint8_t *scratch, int32_t *tool)`: see the module docs for the
+    /// size_t *out_len, uint8_t *scratch, int32_t tool[2])`: see the module docs for the
     /// statuses; `tool` may be NULL.
     pub postprocess: FuncId,
     /// Most bytes one id adds to `detokenize`'s output (`out` needs `n * max_piece_bytes`).
@@ -221,7 +223,8 @@ pub fn define_output(
             "What the user gets from detokenized text: 0 ok (*out_len bytes in out),",
             "1 cap too small (*out_len = size needed), 2 JSON float not converted exactly,",
             "3 text not UTF-8. scratch: see the generator's scratch_bytes(len).",
-            "tool (may be NULL): the first call's tool index, -1 for none.",
+            "tool (may be NULL): int32_t[2], the first call's tool index (-1 for none),",
+            "then 1 when the text parsed as JSON (0: passed through as text).",
         ],
         &[
             (ConstU8Ptr, "text"),
