@@ -10,10 +10,11 @@ use needle_ir::{
 };
 use needle_runtime::checkpoint::Checkpoint;
 use needle_runtime::decode::{
-    check_max_query_tokens, tool_ids, EngineError, FoldMode, MAX_DECODE_STEPS, MAX_GEN_LEN,
-    MAX_QUERY_TOKENS,
+    check_max_query_tokens, check_strict_budget, strict_tables, tool_ids, EngineError, FoldMode,
+    GrammarKind, MAX_DECODE_STEPS, MAX_GEN_LEN, MAX_QUERY_TOKENS,
 };
 use needle_runtime::model::Model;
+use needle_runtime::strict::StrictTables;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
 
@@ -81,6 +82,9 @@ pub struct BuildOptions {
     /// products quantize their input rows to int8 range per group and use integer dot products,
     /// so the outputs may differ from the reference's.
     pub quantize_activations: bool,
+    /// `--grammar`: the reference's name/key grammar (the default; the library is then what it
+    /// was before the strict grammar existed, byte for byte) or the strict schema grammar.
+    pub grammar: GrammarKind,
     pub emit: Vec<Emit>,
     pub out_dir: PathBuf,
 }
@@ -161,6 +165,8 @@ pub struct Compiled {
     pub tokenizer: Tokenizer,
     pub tools: ToolSet,
     pub tool_ids: Vec<u32>,
+    /// The strict grammar's tables (`--grammar strict`).
+    pub strict: Option<StrictTables>,
 }
 
 /// Runs load -> lower -> materialize constants -> passes.
@@ -198,6 +204,18 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
     check_vocab(&tokenizer, &opts.tokenizer, model.config.vocab_size)?;
     let tools = load_tools_arg(&opts.tools).map_err(FrontendError::from)?;
     let tool_ids = tool_ids(&tokenizer, &tools.normalized_json).map_err(FrontendError::from)?;
+    // The same tables and the same checks as `needlec run --grammar strict`, so that a schema
+    // the grammar cannot express, or a budget too small for `[]`, fails the build as it fails
+    // a run.
+    let strict = match opts.grammar {
+        GrammarKind::Reference => None,
+        GrammarKind::Strict => {
+            let tables = strict_tables(&tokenizer, &tools.context())
+                .map_err(|e| FrontendError::from(EngineError::from(e)))?;
+            check_strict_budget(&tables, opts.max_gen_len).map_err(FrontendError::from)?;
+            Some(tables)
+        }
+    };
     let (fold, fold_warning) = resolve_fold(opts.fold, model.config.tool_attention);
     let room_warning = query_room_warning(fold, tool_ids.len());
     // The same check and the same bound as `needlec run --max-query-tokens`, so they agree.
@@ -243,6 +261,7 @@ pub fn compile(opts: &BuildOptions) -> Result<Compiled, BuildError> {
         tokenizer,
         tools,
         tool_ids,
+        strict,
     })
 }
 
@@ -340,6 +359,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         max_gen_len: opts.max_gen_len,
         escalate_below: opts.escalate_below as f32,
         quantize_activations: opts.quantize_activations,
+        strict: compiled.strict.as_ref(),
     };
     let library = if needs_code {
         let lib = generate(&input, &target)?;
@@ -391,12 +411,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         write(&path, &bytes)?;
         written.push(path);
     }
+    // Only a strict build says so: a reference build prints what it always printed.
+    let grammar_note = match opts.grammar {
+        GrammarKind::Reference => String::new(),
+        GrammarKind::Strict => ", --grammar strict".to_string(),
+    };
     let summary = match &library {
         Some(lib) => format!(
-            "{target}, --fold {}, --weights {}: {} query tokens at most, workspace {} bytes, code \
-             and data {} bytes",
+            "{target}, --fold {}, --weights {}{}: {} query tokens at most, workspace {} bytes, \
+             code and data {} bytes",
             compiled.fold.name(),
             compiled.precision,
+            grammar_note,
             lib.info.max_query_tokens,
             lib.info.layout.total,
             lib.object.len()
@@ -477,6 +503,7 @@ fn size_report_of(
         ("fold", compiled.fold.name().to_string()),
         ("weights", compiled.precision.to_string()),
         ("max-gen-len", opts.max_gen_len.to_string()),
+        ("grammar", opts.grammar.name().to_string()),
         ("max-query-tokens", lib.info.max_query_tokens.to_string()),
         ("name", opts.name.clone()),
     ]

@@ -210,6 +210,11 @@ enum Command {
         /// OUTPUTS MAY DIFFER FROM THE REFERENCE'S (the README gives the measured agreement).
         #[arg(long)]
         quantize_activations: bool,
+        /// `reference`: the original grammar (tool names and argument keys only); `strict`: the
+        /// output is a valid call list under the tool schemas, closed within max_gen_len, as
+        /// `needlec run --grammar strict`.
+        #[arg(long, value_name = "reference|strict", default_value = "reference")]
+        grammar: GrammarKind,
         /// What to write (repeatable); default: staticlib and header.
         #[arg(long, value_enum)]
         emit: Vec<EmitArg>,
@@ -352,6 +357,7 @@ fn real_main() -> Result<ExitCode> {
             name,
             escalate_below,
             quantize_activations,
+            grammar,
             emit,
             report,
             out_dir,
@@ -392,6 +398,7 @@ fn real_main() -> Result<ExitCode> {
                 name,
                 escalate_below,
                 quantize_activations,
+                grammar,
                 emit,
                 out_dir,
             };

@@ -117,6 +117,7 @@ fn the_report_accounts_for_every_byte_and_sizes_what_the_model_fixes() {
         }
         assert_eq!(report["options"]["weights"], "int4");
         assert_eq!(report["options"]["fold"], fold);
+        assert_eq!(report["options"]["grammar"], "reference");
 
         // The table says the same.
         assert!(
@@ -126,4 +127,56 @@ fn the_report_accounts_for_every_byte_and_sizes_what_the_model_fixes() {
         assert!(table.contains("524,288"), "{table}");
         assert!(table.contains("workspace: "), "{table}");
     }
+}
+
+/// `--grammar strict`: the report names the option, counts the strict tables as grammar tables
+/// (more of them than the reference's tries), and the summary line says so.
+#[test]
+fn a_strict_build_reports_its_grammar_and_tables() {
+    let reference_dir = work_dir("build-report-grammar-reference");
+    let (_, reference, _, _) = build_with_report(&reference_dir, "tools");
+    let dir = work_dir("build-report-grammar-strict");
+    let out = Command::new(env!("CARGO_BIN_EXE_needlec"))
+        .args(["build", "--checkpoint"])
+        .arg(tiny_needle("tiny-needle-folded.pkl"))
+        .arg("--tokenizer")
+        .arg(tiny_needle("tokenizer.model"))
+        .arg("--tools")
+        .arg(tiny_needle("tools.json"))
+        .args([
+            "--fold",
+            "tools",
+            "--weights",
+            "int4",
+            "--max-gen-len",
+            "64",
+        ])
+        .args([
+            "--grammar",
+            "strict",
+            "--report",
+            "--emit",
+            "obj",
+            "--out-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .expect("needlec runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("--grammar strict:"), "{stderr}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("needle.report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["options"]["grammar"], "strict");
+    let strict = component(&report, "grammar tables").expect("grammar tables");
+    let reference = component(&reference, "grammar tables").expect("grammar tables");
+    assert!(
+        strict > reference,
+        "strict {strict} vs reference {reference}"
+    );
 }

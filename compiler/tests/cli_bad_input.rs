@@ -481,3 +481,49 @@ fn empty_tokenizer_unwritable_output_and_the_headers_err_token() {
         "{header}"
     );
 }
+
+/// A schema the strict grammar cannot express: `needlec build --grammar strict` stops with the
+/// error `needlec run --grammar strict` gives (naming the tool and the key) and writes nothing;
+/// an unknown grammar name is refused by both.
+#[test]
+fn build_and_run_refuse_an_inexpressible_schema_alike() {
+    let (ckpt, tok) = (
+        example("tiny-needle-folded.pkl"),
+        example("tokenizer.model"),
+    );
+    let tools = r#"[{"name":"bookTrip","description":"d","parameters":{"when":{"type":["string","null"],"description":"x","required":true}}}]"#;
+    let mut run = run_args(&ckpt, &tok, tools, "book a trip");
+    run.extend(["--grammar", "strict"]);
+    let run_err = fails(&run);
+    assert!(
+        run_err.contains("tool \"bookTrip\", parameter \"when\"")
+            && run_err.contains("--grammar reference"),
+        "{run_err}"
+    );
+    let dir = work_dir("bad-input-strict-build");
+    let out = path(dir.join("out"));
+    let build = [
+        "build",
+        "--checkpoint",
+        &ckpt,
+        "--tokenizer",
+        &tok,
+        "--tools",
+        tools,
+        "--grammar",
+        "strict",
+        "--out-dir",
+        &out,
+    ];
+    assert_eq!(fails(&build), run_err);
+    assert!(!dir.join("out").exists(), "a refused build wrote files");
+    let mut bogus = build.to_vec();
+    bogus[8] = "strictest";
+    let out = needlec(&bogus);
+    assert_eq!(out.status.code(), Some(2), "clap refuses the value");
+    assert!(
+        stderr_of(&out).contains("reference and strict"),
+        "{}",
+        stderr_of(&out)
+    );
+}

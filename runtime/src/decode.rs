@@ -309,28 +309,7 @@ impl Engine {
     pub fn with_grammar(mut self, kind: GrammarKind) -> Result<Engine, EngineError> {
         self.strict = match kind {
             GrammarKind::Reference => None,
-            GrammarKind::Strict => {
-                let originals: Vec<String> =
-                    self.tools.name_map.iter().map(|(_, o)| o.clone()).collect();
-                let schemas = crate::strict::schemas(&self.tools.normalized_json, &originals)?;
-                let texts = self.tokenizer.token_texts();
-                let usable: Vec<bool> = (0..texts.len() as u32)
-                    .map(|id| {
-                        matches!(
-                            self.tokenizer.kind(id),
-                            Some(PieceKind::Normal | PieceKind::Byte)
-                        ) && id != TOOL_CALL_ID
-                            && id != TOOLS_ID
-                    })
-                    .collect();
-                Some(StrictTables::new(
-                    &texts,
-                    &usable,
-                    &schemas,
-                    TOOL_CALL_ID,
-                    EOS_ID,
-                ))
-            }
+            GrammarKind::Strict => Some(strict_tables(&self.tokenizer, &self.tools)?),
         };
         Ok(self)
     }
@@ -483,15 +462,7 @@ impl Engine {
     pub fn generate(&self, query: &str, max_gen_len: usize) -> Result<Generation, EngineError> {
         check_max_gen_len(max_gen_len)?;
         if let Some(strict) = &self.strict {
-            // `<tool_call>` plus the shortest list must fit.
-            let needed = strict.min_tokens() as usize + 1;
-            if needed > max_gen_len - 1 {
-                return Err(EngineError::StrictBudget {
-                    max_gen_len,
-                    allows: max_gen_len - 1,
-                    needed,
-                });
-            }
+            check_strict_budget(strict, max_gen_len)?;
         }
         let prompt = self.checked_prompt(query)?;
         self.decode(
@@ -592,6 +563,48 @@ impl Engine {
             steps,
         })
     }
+}
+
+/// The strict grammar's tables for `tools` over `tokenizer`'s vocabulary: what
+/// [`Engine::with_grammar`] decodes under and what `needlec build --grammar strict` emits. A
+/// [`StrictError`] names a tool and key whose schema the grammar cannot express.
+pub fn strict_tables(
+    tokenizer: &Tokenizer,
+    tools: &ToolContext,
+) -> Result<StrictTables, StrictError> {
+    let originals: Vec<String> = tools.name_map.iter().map(|(_, o)| o.clone()).collect();
+    let schemas = crate::strict::schemas(&tools.normalized_json, &originals)?;
+    let texts = tokenizer.token_texts();
+    let usable: Vec<bool> = (0..texts.len() as u32)
+        .map(|id| {
+            matches!(
+                tokenizer.kind(id),
+                Some(PieceKind::Normal | PieceKind::Byte)
+            ) && id != TOOL_CALL_ID
+                && id != TOOLS_ID
+        })
+        .collect();
+    Ok(StrictTables::new(
+        &texts,
+        &usable,
+        &schemas,
+        TOOL_CALL_ID,
+        EOS_ID,
+    ))
+}
+
+/// Refuses a `max_gen_len` too small for `<tool_call>` plus the shortest complete list under
+/// `tables`; greedy decoding and `needlec build --grammar strict` share it.
+pub fn check_strict_budget(tables: &StrictTables, max_gen_len: usize) -> Result<(), EngineError> {
+    let needed = tables.min_tokens() as usize + 1;
+    if needed > max_gen_len.saturating_sub(1) {
+        return Err(EngineError::StrictBudget {
+            max_gen_len,
+            allows: max_gen_len.saturating_sub(1),
+            needed,
+        });
+    }
+    Ok(())
 }
 
 /// Refuses a `max_gen_len` outside `2..=`[`MAX_GEN_LEN`]; `run`, `trace`, `eval` and `build`

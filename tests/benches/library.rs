@@ -112,6 +112,7 @@ fn build_library(
         name: "needle".into(),
         escalate_below: 0.0,
         quantize_activations,
+        grammar: Default::default(),
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),
     };

@@ -8,11 +8,17 @@
 //!
 //! Also: every supported target generates a standalone object exporting exactly the three
 //! functions, and generation is deterministic.
+//!
+//! The strict grammar (`needlec::codegen::strict`, `tests/c/strict_harness.c`) is compared the
+//! same way with [`needle_runtime::strict::Strict`], with and without a token budget, on the
+//! bundled model's tools and on a tool list with every schema form the grammar expresses.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use needle_runtime::decode::strict_tables;
 use needle_runtime::grammar::{Grammar, GrammarTables};
+use needle_runtime::strict::{Strict, StrictTables};
 use needle_runtime::tokenizer::{PieceKind, Tokenizer};
 use needle_targets::{supported, Target};
 use needle_test_support::{
@@ -20,6 +26,7 @@ use needle_test_support::{
 };
 use needlec::abi::write_header;
 use needlec::codegen::grammar::define_grammar;
+use needlec::codegen::strict::define_strict_grammar;
 use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 
@@ -493,5 +500,289 @@ fn every_supported_target_generates_a_standalone_deterministic_object() {
         let ar = archive(&target, obj);
         let rep = check_standalone(&ar, PREFIX).unwrap_or_else(|e| panic!("{target} archive: {e}"));
         assert_eq!(rep.exports, EXPORTS, "{target} archive");
+    }
+}
+
+// ---- the strict grammar ------------------------------------------------------------------------
+
+/// Object bytes and header of the strict grammar over `tables` on `target`.
+fn build_strict(target: &Target, tables: &StrictTables) -> (Vec<u8>, String) {
+    let mut ks = KernelSet::new(target, PREFIX).unwrap();
+    let code = define_strict_grammar(&mut ks, tables, true).unwrap();
+    assert!(code.budget);
+    let extra = format!(
+        "#define GR_STATE_BYTES {}\n#define GR_STATE_ALIGN {}\n",
+        code.state_bytes, code.state_align
+    );
+    let header = write_header(
+        "gr_grammar",
+        &["needlec strict grammar test library"],
+        &extra,
+        ks.functions(),
+    );
+    (ks.finish().unwrap(), header)
+}
+
+fn strict_harness(test: &str, tables: &StrictTables) -> PathBuf {
+    let target = Target::host().expect("host target");
+    let (obj, header) = build_strict(&target, tables);
+    let rep = check_standalone(&obj, PREFIX).unwrap();
+    assert_eq!(rep.exports, EXPORTS);
+    c::build_harness(
+        &work_dir(test),
+        "gr",
+        &archive(&target, obj),
+        &header,
+        "strict_harness.c",
+    )
+}
+
+/// One strict run: the budget before the first token (`None`: none) and the tokens.
+type Budgeted = (Option<usize>, Vec<u32>);
+
+fn run_strict(exe: &Path, seqs: &[Budgeted]) -> Vec<Vec<Allowed>> {
+    let mut input = String::new();
+    for (budget, s) in seqs {
+        let b = budget.map_or(-1, |b| b as i64);
+        input.push_str(&format!("{b} {}", s.len()));
+        for &id in s {
+            input.push_str(&format!(" {}", id as i32));
+        }
+        input.push('\n');
+    }
+    let path = exe.with_file_name(format!(
+        "input-{}.txt",
+        NEXT_INPUT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, input).unwrap();
+    let out = c::run(exe, &[path.to_str().unwrap()], b"");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut records = vec![Vec::new()];
+    for line in text.lines() {
+        match line {
+            "--" => records.push(Vec::new()),
+            "all" => records.last_mut().unwrap().push(None),
+            ids => records
+                .last_mut()
+                .unwrap()
+                .push(Some(ids.split(' ').map(|v| v.parse().unwrap()).collect())),
+        }
+    }
+    assert_eq!(records.pop(), Some(vec![]), "output ends with a record");
+    assert_eq!(records.len(), seqs.len());
+    records
+}
+
+/// The runtime's strict machine over `seq`, in the harness's shape (an empty list, which the
+/// library reports as NULL, is `None`: both mean "every id").
+fn strict_reference(tables: &StrictTables, budget: Option<usize>, seq: &[u32]) -> Vec<Allowed> {
+    let mut m = Strict::new(tables);
+    let mut steps = Vec::with_capacity(seq.len() + 1);
+    for i in 0..=seq.len() {
+        let remaining = budget.map(|b| b.saturating_sub(i));
+        steps.push(m.allowed(remaining).filter(|ids| !ids.is_empty()));
+        if let Some(&id) = seq.get(i) {
+            m.feed_token(id);
+        }
+    }
+    steps
+}
+
+/// Compares library and runtime at every step; returns the constrained steps and how many of
+/// them the budget changed (the list differs from the one without a budget).
+fn assert_same_strict(
+    what: &str,
+    tables: &StrictTables,
+    seqs: &[Budgeted],
+    got: &[Vec<Allowed>],
+) -> (usize, usize) {
+    let (mut constrained, mut filtered) = (0, 0);
+    for (si, ((budget, seq), got)) in seqs.iter().zip(got).enumerate() {
+        let want = strict_reference(tables, *budget, seq);
+        assert_eq!(got.len(), want.len(), "{what}: sequence {si}");
+        let free = strict_reference(tables, None, seq);
+        for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g,
+                w,
+                "{what}: sequence {si} (budget {budget:?}) step {pos} (ids so far {:?})",
+                &seq[..pos]
+            );
+            constrained += usize::from(w.is_some());
+            filtered += usize::from(w != &free[pos]);
+        }
+    }
+    (constrained, filtered)
+}
+
+/// Walks through the runtime's allowed lists, choosing at random (mostly the lowest ids, which
+/// are the punctuation, so that lists close), with a random budget or none: token sequences
+/// that stay in the language and end where the budget bites.
+fn strict_walks(r: &mut Rng, tables: &StrictTables, n: usize) -> Vec<Budgeted> {
+    (0..n)
+        .map(|i| {
+            let budget = (i % 4 != 0).then(|| 2 + r.below(40));
+            let mut m = Strict::new(tables);
+            let mut seq = Vec::new();
+            let len = budget.map_or(60, |b| b + 1);
+            for k in 0..len {
+                let Some(ids) = m.allowed(budget.map(|b| b.saturating_sub(k))) else {
+                    break;
+                };
+                if ids.is_empty() {
+                    break;
+                }
+                let id = if r.chance(50) {
+                    ids[r.below(ids.len().min(8))]
+                } else {
+                    *r.pick(&ids)
+                };
+                seq.push(id);
+                if id == tables.eos {
+                    break;
+                }
+                m.feed_token(id);
+            }
+            (budget, seq)
+        })
+        .collect()
+}
+
+/// Sequences that leave the language too: random and mutated ones (unknown ids, specials, byte
+/// pieces), each with a budget or none.
+fn with_budgets(r: &mut Rng, seqs: Vec<Vec<u32>>) -> Vec<Budgeted> {
+    seqs.into_iter()
+        .map(|s| (r.chance(50).then(|| r.below(30)), s))
+        .collect()
+}
+
+#[test]
+fn strict_matches_the_runtime_on_the_bundled_model() {
+    let tok = Tokenizer::from_file(&tiny_needle("tokenizer.model")).unwrap();
+    let set = needlec::tools::load_tools_arg(tiny_needle("tools.json").to_str().unwrap()).unwrap();
+    let tables = strict_tables(&tok, &set.context()).unwrap();
+    let exe = strict_harness("strict-tiny", &tables);
+    let tools: Vec<(String, Vec<String>)> = set
+        .tools
+        .iter()
+        .map(|t| (t.name.clone(), t.param_keys.clone()))
+        .collect();
+
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let answers: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| {
+            let mut ids = vec![4];
+            ids.extend(tok.encode(&s.expected));
+            ids.push(1);
+            ids
+        })
+        .collect();
+    let mut seqs: Vec<Budgeted> = answers.iter().map(|a| (None, a.clone())).collect();
+    // The same answers under budgets that fit them exactly, and one token short.
+    seqs.extend(answers.iter().map(|a| (Some(a.len() - 1), a.clone())));
+    seqs.extend(answers.iter().map(|a| (Some(a.len() - 2), a.clone())));
+    let got = run_strict(&exe, &seqs);
+    let (constrained, filtered) = assert_same_strict("samples", &tables, &seqs, &got);
+    assert!(constrained >= 1000, "only {constrained} constrained steps");
+    assert!(filtered > 0, "the budget never changed a list");
+
+    let mut r = Rng(0x5EED_5EED_1234_5678);
+    let mut seqs = strict_walks(&mut r, &tables, 400);
+    let pools = Pools::new(&tok, &tools);
+    let random = random_sequences(&mut r, &pools, &answers, 300);
+    seqs.extend(with_budgets(&mut r, random));
+    let texts = text_sequences(&mut r, &tok, &tools, 300);
+    seqs.extend(with_budgets(&mut r, texts));
+    let got = run_strict(&exe, &seqs);
+    let (constrained, filtered) = assert_same_strict("random", &tables, &seqs, &got);
+    assert!(constrained >= 5000, "only {constrained} constrained steps");
+    assert!(filtered >= 200, "the budget changed only {filtered} lists");
+}
+
+/// Every schema form the strict grammar expresses (strings, integers, numbers, booleans, null,
+/// enums, arrays, nested objects, optional keys), over the golden 4k vocabulary.
+#[test]
+fn strict_matches_the_runtime_on_every_schema_form() {
+    let tok = Tokenizer::from_file(&golden("dev4k.model")).unwrap();
+    let tools = r#"[
+      {"name":"set_alarm","description":"d","parameters":{
+        "hour":{"type":"integer","description":"h","required":true},
+        "label":{"type":"string","description":"l","required":false},
+        "ratio":{"type":"number","description":"r","required":false},
+        "loud":{"type":"boolean","description":"b","required":true}}},
+      {"name":"plan","description":"d","parameters":{
+        "mode":{"type":"string","enum":["fast","slow","a\"b"],"description":"m","required":true},
+        "tags":{"type":"array","items":{"type":"string"},"description":"t","required":false},
+        "nums":{"type":"array","items":{"type":"number"},"description":"n","required":false},
+        "where":{"type":"object","properties":{"lat":{"type":"number"},"lon":{"type":"number"},
+                 "name":{"type":"string"}},"required":["lat","lon"],"description":"w","required":false},
+        "nothing":{"type":"null","description":"z","required":false}}},
+      {"name":"ping","description":"no parameters","parameters":{}}
+    ]"#;
+    let set = needlec::tools::load_tools_arg(tools).unwrap();
+    let tables = strict_tables(&tok, &set.context()).unwrap();
+    let exe = strict_harness("strict-forms", &tables);
+    let mut r = Rng(42);
+    let mut seqs = strict_walks(&mut r, &tables, 600);
+    let texts = [
+        r#"[{"name":"set_alarm","arguments":{"hour":7,"label":"wake \"up\" \u00e9\n","loud":true}}]"#,
+        r#"[{"name":"plan","arguments":{"mode":"a\"b","tags":["x","y"],"nums":[1.5,-2,0.25],"where":{"lat":1,"lon":-0.5},"nothing":null}},{"name":"ping","arguments":{}}]"#,
+        r#"[{"name":"set_alarm","arguments":{"hour":-12345678901234567,"ratio":3.14159,"loud":false}}]"#,
+        r#"[]"#,
+    ];
+    let base: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            let mut ids = vec![4];
+            ids.extend(tok.encode(t));
+            ids.push(1);
+            ids
+        })
+        .collect();
+    let base_at = seqs.len();
+    for b in &base {
+        seqs.push((None, b.clone()));
+        seqs.push((Some(b.len() - 1), b.clone()));
+    }
+    let pools = Pools::new(&tok, &[]);
+    let random = random_sequences(&mut r, &pools, &base, 300);
+    seqs.extend(with_budgets(&mut r, random));
+    let got = run_strict(&exe, &seqs);
+    let (constrained, filtered) = assert_same_strict("forms", &tables, &seqs, &got);
+    // The hand-written answers are in the language: the library allows each of their tokens.
+    for (k, b) in base.iter().enumerate() {
+        for (pos, &id) in b.iter().enumerate() {
+            let allowed = got[base_at + 2 * k][pos].as_ref();
+            assert!(
+                allowed.is_some_and(|a| a.contains(&id)),
+                "answer {k} token {pos} ({id}) is not allowed"
+            );
+        }
+    }
+    assert!(constrained >= 5000, "only {constrained} constrained steps");
+    assert!(filtered >= 200, "the budget changed only {filtered} lists");
+}
+
+#[test]
+fn strict_generates_a_standalone_deterministic_object_for_every_target() {
+    let tok = Tokenizer::from_file(&tiny_needle("tokenizer.model")).unwrap();
+    let set = needlec::tools::load_tools_arg(tiny_needle("tools.json").to_str().unwrap()).unwrap();
+    let tables = strict_tables(&tok, &set.context()).unwrap();
+    let mut triples: Vec<(&str, Vec<&str>)> = supported()
+        .into_iter()
+        .map(|s| (s.triple, vec![]))
+        .collect();
+    triples.push(("riscv64gc-unknown-linux-gnu", vec!["v"]));
+    for (triple, features) in triples {
+        let target = Target::with_features(triple, &features).unwrap();
+        let (obj, header) = build_strict(&target, &tables);
+        let rep = check_standalone(&obj, PREFIX).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert_eq!(rep.exports, EXPORTS, "{target}");
+        let (again, header2) = build_strict(&target, &tables);
+        assert!(
+            obj == again && header == header2,
+            "{target}: not deterministic"
+        );
     }
 }

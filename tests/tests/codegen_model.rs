@@ -49,6 +49,7 @@ fn compile_checkpoint(
         name: "t".into(),
         escalate_below: 0.0,
         quantize_activations: false,
+        grammar: Default::default(),
         emit: vec![],
         out_dir: PathBuf::from("."),
     };

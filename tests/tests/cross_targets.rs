@@ -2,6 +2,7 @@
 //! - aarch64 and riscv64 Linux: the golden cases' libraries (both fixtures, both fold modes)
 //!   linked `-static` with Debian's cross compilers and run under qemu-user must give outputs
 //!   byte-identical to the host library's;
+//!   and so must the bundled model's `--grammar strict` library on the 40 samples;
 //! - Android, Apple (Mach-O) and Windows (COFF): the objects are parsed (architecture, format,
 //!   exports, relocations, sections, nothing undefined) and linked by lld into a shared library.
 //!
@@ -42,6 +43,7 @@ fn options(
         name: "needle".into(),
         escalate_below: 0.0,
         quantize_activations: false,
+        grammar: Default::default(),
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),
     }
@@ -204,6 +206,69 @@ fn aarch64_linux_under_qemu_matches_host() {
         "aarch64-linux-gnu-gcc",
         "gcc-aarch64-linux-gnu",
         "qemu-aarch64",
+    );
+}
+
+/// `--grammar strict` under qemu: the bundled model's library answers the 40 samples exactly
+/// as the host's does (the strict tables are target-independent data, the code that follows
+/// them is generated per target), at a budget small enough to close some lists early.
+fn check_strict_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
+    let what = format!("cross_targets: {triple} --grammar strict under qemu");
+    if require(cc, cc_package, &what).is_none() || require(qemu, "qemu-user", &what).is_none() {
+        return;
+    }
+    let host = Target::host().unwrap();
+    let target = Target::with_features(triple, &[]).unwrap();
+    let samples: Vec<needle_test_support::Sample> =
+        read_json(&needle_test_support::tiny_needle("samples.json"));
+    let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    let tools = needle_test_support::tiny_needle("tools.json");
+    let dir = work_dir(&format!("strict-{triple}"));
+    let outputs: Vec<String> = [&host, &target]
+        .iter()
+        .map(|t| {
+            let out = dir.join(t.name);
+            build(&BuildOptions {
+                checkpoint: needle_test_support::tiny_needle("tiny-needle-folded.pkl"),
+                tokenizer: needle_test_support::tiny_needle("tokenizer.model"),
+                grammar: needle_runtime::decode::GrammarKind::Strict,
+                max_gen_len: 24,
+                ..options(t, "", tools.to_str().unwrap(), FoldMode::Tools, None, &out)
+            })
+            .unwrap();
+            let exe = harness_for(t, &out);
+            run_queries(t, &exe, &queries)
+        })
+        .collect();
+    assert_eq!(outputs[0].lines().count(), queries.len());
+    assert!(
+        outputs[0].lines().all(|l| l.starts_with("0 ")),
+        "host statuses"
+    );
+    same_answers(
+        &outputs[1],
+        &outputs[0],
+        &format!("strict: {triple} vs host"),
+    );
+}
+
+#[test]
+fn aarch64_strict_grammar_under_qemu_matches_host() {
+    check_strict_emulated(
+        "aarch64-unknown-linux-gnu",
+        "aarch64-linux-gnu-gcc",
+        "gcc-aarch64-linux-gnu",
+        "qemu-aarch64",
+    );
+}
+
+#[test]
+fn riscv64_strict_grammar_under_qemu_matches_host() {
+    check_strict_emulated(
+        "riscv64gc-unknown-linux-gnu",
+        "riscv64-linux-gnu-gcc",
+        "gcc-riscv64-linux-gnu",
+        "qemu-riscv64",
     );
 }
 

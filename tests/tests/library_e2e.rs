@@ -44,6 +44,7 @@ fn options(
         name: "needle".into(),
         escalate_below: 0.0,
         quantize_activations: false,
+        grammar: Default::default(),
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.to_path_buf(),
     }
@@ -1464,4 +1465,168 @@ fn library_is_clean_under_valgrind_memcheck() {
     assert_eq!(statuses.len(), queries.len());
     assert!(statuses.contains(&"0") && statuses.contains(&"3") && statuses.contains(&"4"));
     memcheck(&valgrind, &exe, "ex", &queries);
+}
+
+/// `needlec build --grammar strict`: on every bundled sample (and three requests no tool
+/// covers), with both checkpoints and both fold modes, the library's answer is byte for byte
+/// `needlec run --grammar strict`'s (the runtime engine with the strict grammar), at the default
+/// budget and at small ones where the budget closes the list early; `NAME_call_ex` reports the
+/// runtime's confidence (within 1e-4), choice steps and tool; and the decoder steps take the
+/// runtime's strict lists (one allowed id: jump-forward without logits; a short list: sparse
+/// logits; else full), query by query.
+#[test]
+fn strict_library_answers_like_needlec_run_strict() {
+    use needle_runtime::decode::GrammarKind;
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let mut queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    queries.extend(["Tell me a joke", "", "hello"]);
+    let tools = tiny_needle("tools.json");
+    let combos = [
+        ("tiny-needle.pkl", FoldMode::None, [512, 12]),
+        ("tiny-needle.pkl", FoldMode::Tools, [512, 64]),
+        ("tiny-needle-folded.pkl", FoldMode::None, [512, 64]),
+        ("tiny-needle-folded.pkl", FoldMode::Tools, [512, 12]),
+    ];
+    let (mut forced, mut cut) = (0, 0);
+    for (i, (checkpoint, fold, lens)) in combos.into_iter().enumerate() {
+        let options = needlec::frontend::ModelOptions {
+            fold: Some(fold),
+            grammar: GrammarKind::Strict,
+            ..Default::default()
+        };
+        let loaded = needlec::frontend::load_with(
+            &tiny_needle(checkpoint),
+            &tiny_needle("tokenizer.model"),
+            tools.to_str().unwrap(),
+            &options,
+        )
+        .unwrap();
+        let engine = &loaded.engine;
+        let sparse_max = needlec::codegen::model::sparse_logits_max(engine.model.config.vocab_size);
+        for max_gen_len in lens {
+            let exe = build_library(&format!("strict-{i}-{max_gen_len}"), |out| BuildOptions {
+                grammar: GrammarKind::Strict,
+                ..bundled(checkpoint, Some(fold), max_gen_len, out)
+            });
+            let got = ex_answers(&exe, &queries);
+            let steps = step_counts(&exe, &queries);
+            // Four threads with their own workspaces answer as one does.
+            let threaded = answers(&exe, "threads", &queries);
+            for (t, g) in threaded.iter().zip(&got) {
+                assert_eq!((t.0, &t.1), (g.status, &g.output), "{checkpoint} threads");
+            }
+            assert_eq!(threaded.len(), got.len());
+            assert_eq!((got.len(), steps.len()), (queries.len(), queries.len()));
+            for ((q, got), line) in queries.iter().zip(&got).zip(&steps) {
+                let what = format!("{checkpoint} {fold:?} max_gen_len {max_gen_len} {q:?}");
+                let run = engine.generate(q, max_gen_len).unwrap();
+                let c = engine.confidence(&run);
+                assert_eq!(got.status, 0, "{what}");
+                assert_eq!(
+                    got.output, run.output,
+                    "{what}: library vs needlec run --grammar strict"
+                );
+                assert!(
+                    (got.confidence - c.value).abs() <= 1e-4,
+                    "{what}: {got:?} vs {}",
+                    c.value
+                );
+                let choices = run.steps.iter().filter(|s| s.allowed != Some(1)).count();
+                assert_eq!(got.choice_steps, choices, "{what}");
+                assert_eq!(got.tool, c.tool.map_or(-1, |t| t as i32), "{what}");
+                assert!(!got.escalate, "{what}");
+                // The strict grammar's guarantee, as the library reports it: always JSON.
+                assert!(
+                    got.parsed && needle_runtime::output::parses_as_json(&run.text),
+                    "{what}: {}",
+                    run.text
+                );
+                let mut want = [0usize; 3];
+                for step in &run.steps {
+                    match step.allowed {
+                        Some(1) => want[0] += 1,
+                        Some(n) if n >= 2 && n <= sparse_max => want[1] += 1,
+                        _ => want[2] += 1,
+                    }
+                }
+                assert_eq!(*line, (0, want), "{what}: steps");
+                forced += want[0];
+                // Answers the budget cut short: the list is still complete and valid JSON.
+                if run.steps.len() == max_gen_len - 1 {
+                    cut += 1;
+                    assert!(
+                        needle_runtime::pyjson::parse(&run.output).is_ok(),
+                        "{what}: {}",
+                        run.output
+                    );
+                }
+            }
+        }
+    }
+    // The strict grammar forces literal runs (`{"name":"`, `"arguments":`): jump-forward works;
+    // and max_gen_len 12 closes some answers early.
+    assert!(forced > 0, "no forced step in any strict decode");
+    assert!(cut > 0, "the small budgets never bit");
+}
+
+/// A tool whose parameter type the strict grammar cannot express fails `needlec build
+/// --grammar strict` with the same message as `needlec run --grammar strict`, naming the tool
+/// and the key; so does a budget too small for `[]`. The reference grammar builds both.
+#[test]
+fn strict_build_refuses_what_strict_run_refuses() {
+    use needle_runtime::decode::GrammarKind;
+    let tools = r#"[{"name":"f","description":"d","parameters":{"when":{"type":"date","description":"x","required":true}}}]"#;
+    let run_err = match needlec::frontend::load_with(
+        &tiny_needle("tiny-needle-folded.pkl"),
+        &tiny_needle("tokenizer.model"),
+        tools,
+        &needlec::frontend::ModelOptions {
+            grammar: GrammarKind::Strict,
+            ..Default::default()
+        },
+    ) {
+        Ok(_) => panic!("run accepted a schema the strict grammar cannot express"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        run_err.contains("\"f\"") && run_err.contains("\"when\""),
+        "{run_err}"
+    );
+    let dir = work_dir("strict-refused");
+    let opts = |grammar, max_gen_len, tools: &str| BuildOptions {
+        grammar,
+        tools: tools.to_string(),
+        ..bundled("tiny-needle-folded.pkl", None, max_gen_len, &dir)
+    };
+    let build_err = build(&opts(GrammarKind::Strict, 64, tools))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(build_err, run_err);
+    build(&opts(GrammarKind::Reference, 64, tools)).unwrap();
+
+    // `<tool_call>` plus the shortest list take `needed` tokens: max_gen_len `needed` allows
+    // one too few, `needed + 1` builds.
+    let bundled_tools = std::fs::read_to_string(tiny_needle("tools.json")).unwrap();
+    let loaded = needlec::frontend::load_with(
+        &tiny_needle("tiny-needle-folded.pkl"),
+        &tiny_needle("tokenizer.model"),
+        &bundled_tools,
+        &needlec::frontend::ModelOptions {
+            grammar: GrammarKind::Strict,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let needed = loaded.engine.strict_tables().unwrap().min_tokens() as usize + 1;
+    let err = build(&opts(GrammarKind::Strict, needed, &bundled_tools))
+        .unwrap_err()
+        .to_string();
+    let run_err = loaded
+        .engine
+        .generate("hello", needed)
+        .unwrap_err()
+        .to_string();
+    assert!(err.ends_with(&run_err), "{err} / {run_err}");
+    assert!(err.contains("--grammar strict needs at least"), "{err}");
+    build(&opts(GrammarKind::Strict, needed + 1, &bundled_tools)).unwrap();
 }

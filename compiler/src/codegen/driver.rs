@@ -387,6 +387,7 @@ pub fn define_driver(
     let l = layout.clone();
     let skips_by_allowed = parts.model.skips_by_allowed;
     let logits_offset = parts.model.logits_offset;
+    let budget = parts.grammar.budget;
     ks.define_function(
         generate,
         &[],
@@ -428,7 +429,16 @@ pub fn define_driver(
                 let d = g.get(done);
                 let cond = g.b.ins().icmp_imm_u(IntCC::Equal, d, 0);
                 g.if_then(cond, |g| {
-                    let allowed_ptr = g.call(allowed, &[state, n_allowed_ptr]).expect("returns");
+                    let allowed_ptr = if budget {
+                        // The strict grammar closes the list within the steps left after this
+                        // one: `max_steps - pos - 1`, as the runtime's `allowed(remaining)`.
+                        let left = g.iconst(max_steps - 1);
+                        let remaining = g.b.ins().isub(left, pos);
+                        g.call(allowed, &[state, n_allowed_ptr, remaining])
+                    } else {
+                        g.call(allowed, &[state, n_allowed_ptr])
+                    }
+                    .expect("returns");
                     let na = g.b.ins().load(ptr, mem(), n_allowed_ptr, 0);
                     // Count the step as the model will run it: counts[2 - kind].
                     let kind = if skips_by_allowed {

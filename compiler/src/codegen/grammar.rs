@@ -68,6 +68,9 @@ pub struct GrammarCode {
     pub allowed: FuncId,
     pub state_bytes: usize,
     pub state_align: usize,
+    /// `allowed` takes a third argument, `size_t remaining`: the most tokens that may follow the
+    /// one chosen now (the strict grammar, [`super::strict`]).
+    pub budget: bool,
 }
 
 // Machine states, as stored at `ST_STATE`.
@@ -286,6 +289,7 @@ pub fn define_grammar(
         allowed,
         state_bytes: STATE_BYTES,
         state_align: STATE_ALIGN,
+        budget: false,
     })
 }
 

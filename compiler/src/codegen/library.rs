@@ -5,6 +5,7 @@ use needle_ir::{ConstStore, Module};
 use needle_runtime::config::Config;
 use needle_runtime::decode::FoldMode;
 use needle_runtime::grammar::GrammarTables;
+use needle_runtime::strict::StrictTables;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
 
@@ -15,6 +16,7 @@ use super::driver::{
 use super::grammar::define_grammar;
 use super::model::define_model;
 use super::output::define_output;
+use super::strict::define_strict_grammar;
 use super::tokenizer::define_tokenizer;
 use super::{CodegenError, KernelSet};
 use crate::abi::write_header;
@@ -59,6 +61,8 @@ pub struct LibraryInput<'a> {
     /// `--quantize-activations`: int8/int4 matrix products on quantized activations
     /// (opt-in; the outputs may differ from the reference's).
     pub quantize_activations: bool,
+    /// The strict grammar's tables (`--grammar strict`); `None`: the reference grammar.
+    pub strict: Option<&'a StrictTables>,
 }
 
 /// Generates the library for `target`; every symbol starts with `input.name` and `_`.
@@ -74,8 +78,13 @@ pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, Co
     ks.set_quantize_activations(input.quantize_activations);
     let model = define_model(&mut ks, input.module, input.store, false)?;
     let tokenizer_code = define_tokenizer(&mut ks, tokenizer, MAX_QUERY_BYTES, false)?;
-    let tables = GrammarTables::new(&tokenizer.token_texts(), input.signatures);
-    let grammar = define_grammar(&mut ks, &tables, false)?;
+    let grammar = match input.strict {
+        None => {
+            let tables = GrammarTables::new(&tokenizer.token_texts(), input.signatures);
+            define_grammar(&mut ks, &tables, false)?
+        }
+        Some(tables) => define_strict_grammar(&mut ks, tables, false)?,
+    };
     // Detokenized text is never longer than the generated pieces' own bytes.
     let max_piece = (0..tokenizer.vocab_size() as u32)
         .filter_map(|id| tokenizer.piece(id))

@@ -1,8 +1,8 @@
 //! Code generation with Cranelift: the object builder every generator writes into
 //! ([`kernels::KernelSet`]), the building layer ([`gen`]) with the byte-level toolkit of the text
 //! generators ([`bytes`]), inline math ([`math`]), embedded weights ([`weights`]), and the
-//! generators that use them: the model ([`model`]), the tokenizer ([`tokenizer`]), the grammar
-//! ([`grammar`]), the output text path ([`output`]), the C-interface driver ([`driver`]) and the
+//! generators that use them: the model ([`model`]), the tokenizer ([`tokenizer`]), the grammars
+//! ([`grammar`], and [`strict`] for `--grammar strict`), the output text path ([`output`]), the C-interface driver ([`driver`]) and the
 //! whole library ([`library`]).
 //!
 //! Generated code references no symbol outside its own object: no libc, no libm, no allocator.
@@ -21,6 +21,7 @@ pub mod math;
 pub mod model;
 pub mod object;
 pub mod output;
+pub mod strict;
 pub mod tokenizer;
 pub mod weights;
 
