@@ -328,14 +328,14 @@ pub struct BuildReport {
 /// Runs the whole build and writes the requested files.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let target = target_of(opts)?;
+    // The target is known before anything loads; the weights' precision only after.
+    if opts.quantize_activations && !target.int_dot_products() {
+        return Err(BuildError::QuantizeActivationsTarget(target.to_string()));
+    }
     let compiled = compile(opts)?;
-    if opts.quantize_activations {
-        if !matches!(compiled.precision, Precision::Int8 | Precision::Int4) {
-            return Err(BuildError::QuantizeActivationsWeights(compiled.precision));
-        }
-        if !target.int_dot_products() {
-            return Err(BuildError::QuantizeActivationsTarget(target.to_string()));
-        }
+    if opts.quantize_activations && !matches!(compiled.precision, Precision::Int8 | Precision::Int4)
+    {
+        return Err(BuildError::QuantizeActivationsWeights(compiled.precision));
     }
     let needs_code = opts
         .emit

@@ -21,26 +21,24 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `needlec SUB` with the bundled model as the integration examples build it: folded, int4 (the
+/// phone build), `--max-gen-len 128` (as `examples/cmake/CMakeLists.txt` says).
+fn needlec_bundled(sub: &str) -> Command {
+    let mut cmd = Command::new(needlec());
+    cmd.arg(sub)
+        .arg("--checkpoint")
+        .arg(tiny_needle("tiny-needle-folded.pkl"))
+        .arg("--tokenizer")
+        .arg(tiny_needle("tokenizer.model"))
+        .arg("--tools")
+        .arg(tiny_needle("tools.json"))
+        .args(["--weights", "int4", "--max-gen-len", "128"]);
+    cmd
+}
+
 /// `needlec run` with the options `examples/cmake/CMakeLists.txt` builds with.
 fn reference_answer(query: &str) -> String {
-    run_ok(
-        Command::new(needlec())
-            .arg("run")
-            .arg("--checkpoint")
-            .arg(tiny_needle("tiny-needle-folded.pkl"))
-            .arg("--tokenizer")
-            .arg(tiny_needle("tokenizer.model"))
-            .arg("--tools")
-            .arg(tiny_needle("tools.json"))
-            .args([
-                "--weights",
-                "int4",
-                "--max-gen-len",
-                "128",
-                "--query",
-                query,
-            ]),
-    )
+    run_ok(needlec_bundled("run").args(["--query", query]))
 }
 
 fn configure_and_build(cmake: &Path, source: &Path, build: &Path) {
@@ -193,22 +191,8 @@ fn the_ci_workflow_example_parses_and_uses_real_options() {
 /// `needlec build` for a target into `out` with the bundled model (folded, int4: the phone build).
 fn build_bundled(target: &str, extra: &[&str], out: &Path) {
     run_ok(
-        Command::new(needlec())
-            .arg("build")
-            .arg("--checkpoint")
-            .arg(tiny_needle("tiny-needle-folded.pkl"))
-            .arg("--tokenizer")
-            .arg(tiny_needle("tokenizer.model"))
-            .arg("--tools")
-            .arg(tiny_needle("tools.json"))
-            .args([
-                "--weights",
-                "int4",
-                "--max-gen-len",
-                "128",
-                "--target",
-                target,
-            ])
+        needlec_bundled("build")
+            .args(["--target", target])
             .args(extra)
             .arg("--out-dir")
             .arg(out),

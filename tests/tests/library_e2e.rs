@@ -68,6 +68,22 @@ fn bundled(
     )
 }
 
+/// The bundled model (`checkpoint` of `examples/tiny-needle/`) with its 6-tool list, loaded as
+/// `needlec run` loads it under `options`: the runtime a library is compared with.
+fn bundled_model(
+    checkpoint: &str,
+    options: &needlec::frontend::ModelOptions,
+) -> needlec::frontend::Loaded {
+    let tools = tiny_needle("tools.json");
+    needlec::frontend::load_with(
+        &tiny_needle(checkpoint),
+        &tiny_needle("tokenizer.model"),
+        tools.to_str().expect("UTF-8 path"),
+        options,
+    )
+    .unwrap()
+}
+
 /// Builds `libneedle.a` + `needle.h` into a fresh directory and links the harness against them.
 fn build_library(test: &str, opts_for: impl FnOnce(&Path) -> BuildOptions) -> PathBuf {
     let dir = work_dir(test);
@@ -767,7 +783,6 @@ fn workspace_size(header: &str) -> usize {
 #[test]
 fn bounded_query_answers_like_needlec_run_with_the_same_bound() {
     const BOUND: usize = 8;
-    let tools = tiny_needle("tools.json");
     let short = "Start a 35 minute timer.";
     let long = "I need an alarm at 11:50 AM for stretching";
     let queries = [short, long];
@@ -778,14 +793,7 @@ fn bounded_query_answers_like_needlec_run_with_the_same_bound() {
             max_query_tokens: Some(BOUND),
             ..Default::default()
         };
-        let engine = needlec::frontend::load_with(
-            &tiny_needle("tiny-needle-folded.pkl"),
-            &tiny_needle("tokenizer.model"),
-            tools.to_str().unwrap(),
-            &options,
-        )
-        .unwrap()
-        .engine;
+        let engine = bundled_model("tiny-needle-folded.pkl", &options).engine;
         let tokens = |q: &str| engine.tokenizer.encode(q).len();
         assert!(tokens(short) <= BOUND && tokens(long) > BOUND);
         let mut sizes = Vec::new();
@@ -966,7 +974,6 @@ fn call_ex_reports_the_runtimes_confidence_tool_and_escalate_bit() {
     let mut queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
     // Requests no tool covers (answered `[]`: tool -1), the empty one included.
     queries.extend(["Tell me a joke", "", "hello"]);
-    let tools = tiny_needle("tools.json");
     let combos = [
         ("tiny-needle.pkl", FoldMode::None),
         ("tiny-needle.pkl", FoldMode::Tools),
@@ -980,14 +987,7 @@ fn call_ex_reports_the_runtimes_confidence_tool_and_escalate_bit() {
             fold: Some(fold),
             ..Default::default()
         };
-        let engine = needlec::frontend::load_with(
-            &tiny_needle(checkpoint),
-            &tiny_needle("tokenizer.model"),
-            tools.to_str().unwrap(),
-            &options,
-        )
-        .unwrap()
-        .engine;
+        let engine = bundled_model(checkpoint, &options).engine;
         let want: Vec<_> = queries
             .iter()
             .map(|q| {
@@ -1274,7 +1274,6 @@ fn random_queries_answer_byte_for_byte_like_the_runtime() {
     const MAX_GEN: usize = 64;
     let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
     let sample_queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
-    let tools = tiny_needle("tools.json");
     let combos = [
         ("tiny-needle.pkl", FoldMode::None),
         ("tiny-needle.pkl", FoldMode::Tools),
@@ -1286,14 +1285,7 @@ fn random_queries_answer_byte_for_byte_like_the_runtime() {
             fold: Some(fold),
             ..Default::default()
         };
-        let engine = needlec::frontend::load_with(
-            &tiny_needle(checkpoint),
-            &tiny_needle("tokenizer.model"),
-            tools.to_str().unwrap(),
-            &options,
-        )
-        .unwrap()
-        .engine;
+        let engine = bundled_model(checkpoint, &options).engine;
         let mut out_dir = PathBuf::new();
         let exe = build_library(&format!("random-{i}"), |out| {
             out_dir = out.to_path_buf();
@@ -1480,7 +1472,6 @@ fn strict_library_answers_like_needlec_run_strict() {
     let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
     let mut queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
     queries.extend(["Tell me a joke", "", "hello"]);
-    let tools = tiny_needle("tools.json");
     let combos = [
         ("tiny-needle.pkl", FoldMode::None, [512, 12]),
         ("tiny-needle.pkl", FoldMode::Tools, [512, 64]),
@@ -1494,13 +1485,7 @@ fn strict_library_answers_like_needlec_run_strict() {
             grammar: GrammarKind::Strict,
             ..Default::default()
         };
-        let loaded = needlec::frontend::load_with(
-            &tiny_needle(checkpoint),
-            &tiny_needle("tokenizer.model"),
-            tools.to_str().unwrap(),
-            &options,
-        )
-        .unwrap();
+        let loaded = bundled_model(checkpoint, &options);
         let engine = &loaded.engine;
         let sparse_max = needlec::codegen::model::sparse_logits_max(engine.model.config.vocab_size);
         for max_gen_len in lens {
