@@ -44,6 +44,9 @@ pub enum Emit {
     Ir,
     /// `NAME.h`.
     Header,
+    /// `NAME.rs`: the Rust binding, a safe `Needle` type over the C interface
+    /// ([`crate::codegen::rust_binding`]).
+    Rust,
     /// `NAME.report.json`: bytes per component, the workspace's regions and the options
     /// ([`crate::report`]); the build's [`BuildReport::size_report`] has it as a table.
     Report,
@@ -386,6 +389,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             }
             (Emit::Ir, _) => (format!("{name}.ir"), compiled.stages.text().into_bytes()),
             (Emit::Header, Some(lib)) => (format!("{name}.h"), lib.header.clone().into_bytes()),
+            (Emit::Rust, Some(lib)) => (format!("{name}.rs"), lib.binding.clone().into_bytes()),
             (Emit::Obj, Some(lib)) => (
                 format!("{name}.{}", target.object_extension()),
                 lib.object.clone(),

@@ -45,6 +45,9 @@ enum EmitArg {
     Obj,
     Ir,
     Header,
+    /// `NAME.rs`: the Rust binding (a safe `Needle` type over the C interface; include it in
+    /// a crate that links libNAME.a, as examples/rust does).
+    Rust,
     /// `NAME.report.json`: bytes per component, workspace regions, options (see `--report`).
     Report,
     /// `NAME.xcframework/` (Info.plist, a static library per Apple platform, headers, module
@@ -369,6 +372,7 @@ fn real_main() -> Result<ExitCode> {
                     EmitArg::Obj => Emit::Obj,
                     EmitArg::Ir => Emit::Ir,
                     EmitArg::Header => Emit::Header,
+                    EmitArg::Rust => Emit::Rust,
                     EmitArg::Report => Emit::Report,
                     EmitArg::Xcframework => Emit::Xcframework,
                 })

@@ -782,6 +782,56 @@ fn emit_ir_shows_every_stage_and_the_workspace_plan() {
     assert!(last.contains(": i32[1]  # returned, no memory\n"), "{last}");
 }
 
+/// `--emit rust` writes `NAME.rs` beside the header, its constants the header's macros (the
+/// crate in examples/rust compiles, links and runs the same binding).
+#[test]
+fn emit_rust_writes_a_binding_whose_limits_are_the_headers() {
+    let dir = std::env::temp_dir().join(format!("needlec-cli-rust-{}", std::process::id()));
+    let out = needlec(&[
+        "build",
+        "--checkpoint",
+        &example("tiny-needle-folded.pkl"),
+        "--tokenizer",
+        &example("tokenizer.model"),
+        "--tools",
+        &example("tools.json"),
+        "--name",
+        "assistant",
+        "--max-gen-len",
+        "64",
+        "--emit",
+        "header",
+        "--emit",
+        "rust",
+        "--out-dir",
+        dir.to_str().unwrap(),
+    ]);
+    stdout(&out);
+    let header = std::fs::read_to_string(dir.join("assistant.h")).unwrap();
+    let binding = std::fs::read_to_string(dir.join("assistant.rs")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    for limit in [
+        "WORKSPACE_SIZE",
+        "MAX_QUERY_BYTES",
+        "MAX_QUERY_TOKENS",
+        "MAX_GEN_LEN",
+        "MAX_OUTPUT_BYTES",
+    ] {
+        let value = header
+            .split(&format!("#define ASSISTANT_{limit} ((size_t)"))
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .unwrap_or_else(|| panic!("{limit} in the header"));
+        assert!(
+            binding.contains(&format!("pub const {limit}: usize = {value};")),
+            "{limit} = {value}:\n{binding}"
+        );
+    }
+    assert!(binding.contains("#[link(name = \"assistant\", kind = \"static\")]"));
+    assert!(binding.contains("pub fn assistant_call_ex("));
+    assert!(binding.contains("pub const TOOL_NAMES: &[&str] = &[\"get_weather\""));
+}
+
 #[test]
 fn unknown_weight_format_is_refused_with_the_choices() {
     let out = needlec(&[

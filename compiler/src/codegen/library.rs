@@ -16,6 +16,7 @@ use super::driver::{
 use super::grammar::define_grammar;
 use super::model::define_model;
 use super::output::define_output;
+use super::rust_binding::{rust_binding, BindingFacts};
 use super::strict::define_strict_grammar;
 use super::tokenizer::define_tokenizer;
 use super::{CodegenError, KernelSet};
@@ -29,6 +30,8 @@ pub const MAX_QUERY_BYTES: usize = 16384;
 pub struct Library {
     pub object: Vec<u8>,
     pub header: String,
+    /// `NAME.rs`: the Rust binding ([`super::rust_binding`]).
+    pub binding: String,
     pub info: LibraryInfo,
 }
 
@@ -135,10 +138,22 @@ pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, Co
     debug_assert_eq!(values.len(), INFO_FIELDS.len());
     define_driver(&mut ks, &parts, &limits, &info, &values, &originals)?;
     let header = header_text(input, &info, &ks);
+    let binding = rust_binding(
+        &BindingFacts {
+            name,
+            target: ks.target().name,
+            vocab_size: c.vocab_size,
+            escalate_below: input.escalate_below,
+            fold_tools: input.fold == FoldMode::Tools,
+            tool_names: &originals,
+        },
+        &info,
+    );
     let object = ks.finish()?;
     Ok(Library {
         object,
         header,
+        binding,
         info,
     })
 }

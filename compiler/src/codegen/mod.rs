@@ -2,8 +2,8 @@
 //! ([`kernels::KernelSet`]), the building layer ([`gen`]) with the byte-level toolkit of the text
 //! generators ([`bytes`]), inline math ([`math`]), embedded weights ([`weights`]), and the
 //! generators that use them: the model ([`model`]), the tokenizer ([`tokenizer`]), the grammars
-//! ([`grammar`], and [`strict`] for `--grammar strict`), the output text path ([`output`]), the C-interface driver ([`driver`]) and the
-//! whole library ([`library`]).
+//! ([`grammar`], and [`strict`] for `--grammar strict`), the output text path ([`output`]), the C-interface driver ([`driver`]), the
+//! whole library ([`library`]) and its Rust binding ([`rust_binding`]).
 //!
 //! Generated code references no symbol outside its own object: no libc, no libm, no allocator.
 //! Cranelift silently lowers a few instructions to library calls on some targets (`fma` below
@@ -21,6 +21,7 @@ pub mod math;
 pub mod model;
 pub mod object;
 pub mod output;
+pub mod rust_binding;
 pub mod strict;
 pub mod tokenizer;
 pub mod weights;
