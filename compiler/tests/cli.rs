@@ -829,7 +829,7 @@ fn emit_rust_writes_a_binding_whose_limits_are_the_headers() {
     }
     assert!(binding.contains("#[link(name = \"assistant\", kind = \"static\")]"));
     assert!(binding.contains("pub fn assistant_call_ex("));
-    assert!(binding.contains("pub const TOOL_NAMES: &[&str] = &[\"get_weather\""));
+    assert!(binding.contains("pub const TOOL_NAMES: &[&str] = &[\n    \"get_weather\",\n"));
 }
 
 #[test]
