@@ -447,25 +447,34 @@ impl Parser<'_> {
 /// `json.dumps(value, separators=(",", ":"))`: compact, ASCII-only, Python's float repr.
 pub fn to_compact_string(value: &Value) -> String {
     let mut out = String::new();
-    write_value(&mut out, value);
+    write_value(&mut out, value, true);
     out
 }
 
-fn write_value(out: &mut String, value: &Value) {
+/// `json.dumps(value, separators=(",", ":"), ensure_ascii=False)`: as [`to_compact_string`],
+/// but non-ASCII characters (and DEL) are written as themselves; only `"`, `\\` and the
+/// control characters below U+0020 are escaped. Needle 3's prompt renders tools and calls so.
+pub fn to_compact_string_unicode(value: &Value) -> String {
+    let mut out = String::new();
+    write_value(&mut out, value, false);
+    out
+}
+
+fn write_value(out: &mut String, value: &Value, ascii: bool) {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(true) => out.push_str("true"),
         Value::Bool(false) => out.push_str("false"),
         Value::Int(digits) => out.push_str(digits),
         Value::Float(f) => out.push_str(&float_repr(*f)),
-        Value::Str(s) => write_str(out, s),
+        Value::Str(s) => write_str(out, s, ascii),
         Value::Array(items) => {
             out.push('[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
-                write_value(out, item);
+                write_value(out, item, ascii);
             }
             out.push(']');
         }
@@ -475,20 +484,22 @@ fn write_value(out: &mut String, value: &Value) {
                 if i > 0 {
                     out.push(',');
                 }
-                write_str(out, key);
+                write_str(out, key, ascii);
                 out.push(':');
-                write_value(out, item);
+                write_value(out, item, ascii);
             }
             out.push('}');
         }
     }
 }
 
-/// Python's `py_encode_basestring_ascii`: everything outside `' '..='~'` is escaped.
-fn write_str(out: &mut String, s: &str) {
+/// Python's `py_encode_basestring_ascii` (`ascii`): everything outside `' '..='~'` is escaped;
+/// or `py_encode_basestring`: only `"`, `\\` and the control characters.
+fn write_str(out: &mut String, s: &str, ascii: bool) {
     out.push('"');
     for ch in s.chars() {
         match ch {
+            c if !ascii && !matches!(c, '"' | '\\' | '\u{0}'..='\u{1f}') => out.push(c),
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),

@@ -610,3 +610,83 @@ fn greedy_decoding_follows_the_whole_pass_argmax() {
     }
     assert!(greedy(&model, &ids[..prompt_len], 0, 1).unwrap().is_empty());
 }
+
+/// The prompt and target are rendered as the package renders them (compact JSON, non-ASCII as
+/// is, the system turn only when given), and the fold split falls right after `</tools>`.
+#[test]
+fn prompts_render_and_split_as_the_reference_renders_them() {
+    use needle_runtime::needle3::prompt::{
+        encode_prompt, render_prompt, render_target, tools_json,
+    };
+    use needle_runtime::pyjson;
+    for (name, model) in [("small", "n3tok2k.model"), ("default", "n3tok8k.model")] {
+        let tok = needle_runtime::tokenizer::Tokenizer::from_file(&fixture(model)).unwrap();
+        let (json, _) = golden(name);
+        for case in json["cases"].as_array().unwrap() {
+            let ex = &case["example"];
+            let system = ex["system"].as_str().unwrap_or("");
+            let tools = tools_json(&serde_json::to_string(&ex["tools"]).unwrap()).unwrap();
+            let query = ex["query"].as_str().unwrap();
+            assert_eq!(
+                render_prompt(system, &tools, query),
+                case["prompt"].as_str().unwrap()
+            );
+            let answers = pyjson::parse(&serde_json::to_string(&ex["answers"]).unwrap()).unwrap();
+            let reasoning = ex["reasoning"].as_str().unwrap_or("");
+            assert_eq!(
+                render_target(reasoning, &answers),
+                case["target"].as_str().unwrap()
+            );
+            let p = encode_prompt(&tok, system, &tools, query).unwrap();
+            let prompt_len = case["prompt_len"].as_u64().unwrap() as usize;
+            let want: Vec<u32> = usizes(&case["ids"])[..prompt_len]
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            assert_eq!(p.ids, want);
+            assert_eq!(
+                p.prefix_len,
+                case["tools_end_pos"].as_u64().unwrap() as usize + 1
+            );
+        }
+    }
+}
+
+/// Folding the prefix changes nothing: every step's logits are bit for bit those of running
+/// the whole prompt, at full depth and on a ladder depth; the answer is greedy decoding's.
+#[test]
+fn folded_and_unfolded_engines_give_bit_identical_logits() {
+    use needle_runtime::needle3::engine::Engine;
+    use needle_runtime::needle3::prompt::tools_json;
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let tok = needle_runtime::tokenizer::Tokenizer::from_file(&fixture("n3tok2k.model")).unwrap();
+    let (json, _) = golden("small");
+    for depth in [6, 3] {
+        for case in json["cases"].as_array().unwrap() {
+            let ex = &case["example"];
+            let system = ex["system"].as_str().unwrap_or("");
+            let tools = tools_json(&serde_json::to_string(&ex["tools"]).unwrap()).unwrap();
+            let query = ex["query"].as_str().unwrap();
+            let engine = |fold| {
+                let model = Model::from_safetensors_bytes(&data)
+                    .unwrap()
+                    .into_ladder(depth)
+                    .unwrap();
+                Engine::new(model, tok.clone(), system, tools.clone(), fold).unwrap()
+            };
+            let (folded, whole) = (engine(true), engine(false));
+            assert!(folded.folded() && !whole.folded());
+            let a = folded.generate(query, 8).unwrap();
+            let b = whole.generate(query, 8).unwrap();
+            assert_eq!(a.new_ids, b.new_ids);
+            assert_eq!(a.logits.len(), b.logits.len());
+            for (i, (x, y)) in a.logits.iter().zip(&b.logits).enumerate() {
+                let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "depth {depth}, step {i}: logits differ");
+            }
+            assert_eq!(a.heads, b.heads);
+            let greedy_ids = greedy(&whole.model, &a.prompt.ids, 8, 1).unwrap();
+            assert_eq!(a.new_ids, greedy_ids);
+        }
+    }
+}

@@ -3,14 +3,17 @@
 //!
 //! [`config`] reads the saved config, [`model`] loads a safetensors checkpoint into float32
 //! weights ([`cact`] the `.cact` export, CQ codes dequantized) (and slices it to a ladder depth), [`forward`] runs a prompt through it, whole or
-//! incrementally through a cache (logits, hidden cells, heads), [`generate`] rebuilds the default-config test checkpoint from its documented
+//! incrementally through a cache (logits, hidden cells, heads), [`prompt`] renders and tokenizes the chat prompt, [`engine`] answers queries
+//! (greedy, folded or not, the output envelope read), [`generate`] rebuilds the default-config test checkpoint from its documented
 //! counter-based generator.
 
 pub mod cact;
 pub mod config;
+pub mod engine;
 pub mod forward;
 pub mod generate;
 pub mod model;
+pub mod prompt;
 
 pub use config::Config;
 pub use model::Model;
@@ -44,6 +47,8 @@ pub enum Error {
         "ladder depth {depth} is out of range: a model of {layers} layers runs at 2 to {layers}"
     )]
     Depth { depth: usize, layers: usize },
+    #[error(transparent)]
+    Prompt(#[from] prompt::PromptError),
     #[error("token id {id} at position {pos} is outside the vocabulary of {vocab}")]
     Token { id: u32, pos: usize, vocab: usize },
 }
