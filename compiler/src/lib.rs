@@ -22,6 +22,7 @@ pub mod frontend;
 pub mod load;
 pub mod lower;
 pub mod materialize;
+pub mod needle3;
 pub mod precision;
 pub mod report;
 pub mod synth;

@@ -18,7 +18,7 @@ fn check_max_gen_len(n: usize) -> Result<()> {
 }
 use needle_runtime::quant::Precision;
 use needlec::build::{self, BuildOptions, Emit};
-use needlec::frontend;
+use needlec::{frontend, needle3};
 
 #[derive(Parser)]
 #[command(
@@ -85,6 +85,13 @@ struct ModelArgs {
     /// call list under the tool schemas, closed within --max-gen-len (docs/spec.md).
     #[arg(long, value_name = "reference|strict", default_value = "reference")]
     grammar: GrammarKind,
+    /// Needle 3 only: the system turn's text (none by default).
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// Needle 3 only: run the model at this ladder depth (2 to its layer count), as the
+    /// package slices it (docs/needle3.md, "Ladder slicing").
+    #[arg(long, value_name = "N")]
+    layers: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -339,6 +346,9 @@ fn real_main() -> Result<ExitCode> {
         } => {
             let query = utf8_query(query)?;
             check_max_gen_len(model.max_gen_len)?;
+            if needle3::is_needle3_checkpoint(&model.checkpoint) {
+                return run_needle3(&model, &query, confidence);
+            }
             let engine = load_engine(&model)?;
             let generation = engine.generate(&query, model.max_gen_len)?;
             out(format_args!("{}\n", generation.output))?;
@@ -365,6 +375,7 @@ fn real_main() -> Result<ExitCode> {
             report,
             out_dir,
         } => {
+            not_needle3(&checkpoint, "build")?;
             let mut emit: Vec<Emit> = emit
                 .into_iter()
                 .map(|e| match e {
@@ -445,6 +456,7 @@ fn real_main() -> Result<ExitCode> {
         } => {
             let query = utf8_query(query)?;
             check_max_gen_len(model.max_gen_len)?;
+            not_needle3(&model.checkpoint, "trace")?;
             let engine = load_engine(&model)?;
             let generation = match answer {
                 Some(answer) => engine.forced(&query, &engine.tokenizer.encode(&answer))?,
@@ -481,6 +493,9 @@ fn real_main() -> Result<ExitCode> {
             std::fs::write(&output, json)
                 .with_context(|| format!("writing {}", output.display()))?;
         }
+        Command::Inspect { path } if needle3::is_needle3_checkpoint(&path) => {
+            out(needle3::inspect_report(&path)?)?;
+        }
         Command::Inspect { path } => {
             let ckpt = with_spinner("loading checkpoint", || frontend::load_checkpoint_at(&path))?;
             out(needlec::load::inspect_report(&ckpt))?;
@@ -511,6 +526,7 @@ fn real_main() -> Result<ExitCode> {
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
+    not_needle3(&args.checkpoint, "eval")?;
     let shares = [
         ("--min-accuracy", args.min_accuracy),
         ("--min-agreement", args.min_agreement),
@@ -599,7 +615,60 @@ fn utf8_query(query: OsString) -> Result<String> {
     })
 }
 
+/// `run` with a Needle 3 checkpoint: the calls on the first line (as for v1); with
+/// `--confidence`, a second line with the reasoning, whether the calls parsed, the confidence
+/// head's score and the router head's logits.
+fn run_needle3(model: &ModelArgs, query: &str, details: bool) -> Result<ExitCode> {
+    anyhow::ensure!(
+        model.weights.is_none() && model.max_query_tokens.is_none(),
+        "--weights and --max-query-tokens are not yet supported for Needle 3 checkpoints \
+         (the runtime computes with the checkpoint's dequantized float32 weights): drop them"
+    );
+    anyhow::ensure!(
+        model.grammar == GrammarKind::Reference,
+        "--grammar strict is not yet supported for Needle 3 checkpoints: drop it (decoding is \
+         unconstrained greedy, as the package's run.generate)"
+    );
+    let opts = needle3::RunOptions {
+        checkpoint: model.checkpoint.clone(),
+        tokenizer: model.tokenizer.clone(),
+        tools: model.tools.clone(),
+        system: model.system.clone().unwrap_or_default(),
+        layers: model.layers,
+        fold: model.fold.map(fold_mode) != Some(FoldMode::None),
+    };
+    let engine = with_spinner("loading checkpoint, tokenizer and tools", || {
+        needle3::load_engine(&opts)
+    })?;
+    let generation = engine
+        .generate(query, model.max_gen_len - 1)
+        .map_err(needle3::Needle3Error::Engine)?;
+    out(format_args!("{}\n", generation.calls))?;
+    if details {
+        out(format_args!("{}\n", needle3::details_json(&generation)))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses a Needle 3 checkpoint (with `--system`/`--layers` refused for v1 ones elsewhere) in
+/// a command that does not take one yet.
+fn not_needle3(checkpoint: &std::path::Path, command: &str) -> Result<()> {
+    anyhow::ensure!(
+        !needle3::is_needle3_checkpoint(checkpoint),
+        "{} is a Needle 3 checkpoint; `needlec {command}` does not take Needle 3 yet (`run` and \
+         `inspect` do)",
+        checkpoint.display()
+    );
+    Ok(())
+}
+
 fn load_engine(args: &ModelArgs) -> Result<Engine> {
+    anyhow::ensure!(
+        args.system.is_none() && args.layers.is_none(),
+        "--system and --layers are for Needle 3 checkpoints; {} is a Needle v1 checkpoint \
+         (its prompt has no system turn and its depth is fixed): drop them",
+        args.checkpoint.display()
+    );
     let options = frontend::ModelOptions {
         fold: args.fold.map(fold_mode),
         weights: args.weights,

@@ -174,8 +174,24 @@ pub fn load_tools_arg(arg: &str) -> Result<ToolSet, ToolsError> {
 }
 
 fn load_tools_arg_any(arg: &str) -> Result<(ToolSet, Origin), ToolsError> {
+    let (text, origin) = tools_arg_text(arg)?;
+    Ok((parse_from(&text, origin.clone())?, origin))
+}
+
+/// The `--tools` argument's JSON text as given (inline, or the file's, bounded, without a BOM),
+/// checked to be a valid tool list. Needle 3 renders the list into its prompt as written.
+pub fn load_tools_arg_text(arg: &str) -> Result<String, ToolsError> {
+    let (text, origin) = tools_arg_text(arg)?;
+    let set = parse_from(&text, origin.clone())?;
+    if set.tools.is_empty() {
+        return Err(ToolsError::Empty { origin });
+    }
+    Ok(text)
+}
+
+fn tools_arg_text(arg: &str) -> Result<(String, Origin), ToolsError> {
     if arg.trim_start().starts_with('[') {
-        return Ok((parse_from(arg, Origin::Inline)?, Origin::Inline));
+        return Ok((arg.to_string(), Origin::Inline));
     }
     let path = Path::new(arg);
     let read_err = |cause| ToolsError::Read {
@@ -197,9 +213,8 @@ fn load_tools_arg_any(arg: &str) -> Result<(ToolSet, Origin), ToolsError> {
         offset: e.utf8_error().valid_up_to(),
     })?;
     // Editors on Windows like to prepend a BOM; it carries no meaning in a JSON file.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let origin = Origin::File(path.to_path_buf());
-    Ok((parse_from(text, origin.clone())?, origin))
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text).to_string();
+    Ok((text, Origin::File(path.to_path_buf())))
 }
 
 fn parse_from(text: &str, origin: Origin) -> Result<ToolSet, ToolsError> {

@@ -422,7 +422,8 @@ impl Cact {
     }
 
     /// The model config the header describes (heads' geometry from their tensors).
-    fn config(&self) -> Result<Config, Error> {
+    /// The model config the header describes.
+    pub fn config(&self) -> Result<Config, Error> {
         let h = &self.header;
         let orders = h.engram_orders.len().max(1);
         let c = Config {

@@ -1,0 +1,263 @@
+//! Needle 3 checkpoints in needlec's commands: told apart from v1 files by content, loaded from
+//! safetensors or the `.cact` export, sliced to a ladder depth (`--layers`), described by
+//! `inspect` and answered by `run` through the runtime's engine
+//! ([`needle_runtime::needle3::engine`]). The semantics are in `docs/needle3.md`.
+
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use needle_runtime::needle3::cact::{self, Cact, Format};
+use needle_runtime::needle3::config::looks_like_needle3;
+use needle_runtime::needle3::engine::{Engine, Generation};
+use needle_runtime::needle3::prompt::tools_json;
+use needle_runtime::needle3::{self, Config, Model};
+
+use crate::frontend::{load_tokenizer, FrontendError};
+use crate::load::{human_bytes, read_limited, Limited, MAX_CHECKPOINT_BYTES};
+use crate::tools::{load_tools_arg_text, ToolsError};
+
+/// Why a Needle 3 command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Needle3Error {
+    #[error("reading {}: {cause}", .path.display())]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{} is larger than {}, more than any Needle 3 checkpoint", .path.display(), human_bytes(MAX_CHECKPOINT_BYTES))]
+    TooLarge { path: PathBuf },
+    #[error("{}: {cause}", .path.display())]
+    Model {
+        path: PathBuf,
+        cause: needle3::Error,
+    },
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    #[error(transparent)]
+    Tools(#[from] ToolsError),
+    #[error("{0}")]
+    Engine(needle3::Error),
+}
+
+/// Whether the file at `path` is a Needle 3 checkpoint: a `.cact` export, or a safetensors
+/// file whose metadata `config` has Needle 3's keys. Reads only the file's head; any file that
+/// is not one (or cannot be read) is left to the v1 loader and its errors.
+pub fn is_needle3_checkpoint(path: &Path) -> bool {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = [0u8; 8];
+    if file.read_exact(&mut head).is_err() {
+        return false;
+    }
+    if cact::is_cact(&head) {
+        return true;
+    }
+    let n = u64::from_le_bytes(head);
+    // A safetensors header is JSON of at most this many bytes here; larger is not Needle 3's.
+    if !(2..=16 << 20).contains(&n) {
+        return false;
+    }
+    let mut header = Vec::new();
+    if file.take(n).read_to_end(&mut header).is_err() {
+        return false;
+    }
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return false;
+    };
+    json["__metadata__"]["config"]
+        .as_str()
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+        .is_some_and(|c| looks_like_needle3(&c))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Needle3Error> {
+    let read = read_limited(
+        path,
+        MAX_CHECKPOINT_BYTES,
+        0,
+        |cause| Needle3Error::Io {
+            path: path.into(),
+            cause,
+        },
+        |_| Ok(()),
+    )?;
+    match read {
+        Limited::Read(data) => Ok(data),
+        Limited::TooLarge => Err(Needle3Error::TooLarge { path: path.into() }),
+    }
+}
+
+/// Loads a Needle 3 checkpoint as float32 (CQ codes dequantized), at ladder depth `layers`
+/// (`None`: every layer).
+pub fn load_model(path: &Path, layers: Option<usize>) -> Result<Model, Needle3Error> {
+    let data = read(path)?;
+    let model_err = |cause| Needle3Error::Model {
+        path: path.into(),
+        cause,
+    };
+    let model = if cact::is_cact(&data) {
+        Model::from_cact_bytes(&data)
+    } else {
+        Model::from_safetensors_bytes(&data)
+    }
+    .map_err(model_err)?;
+    match layers {
+        None => Ok(model),
+        Some(depth) => model.into_ladder(depth).map_err(model_err),
+    }
+}
+
+/// What `run` takes for a Needle 3 model.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub checkpoint: PathBuf,
+    pub tokenizer: PathBuf,
+    /// `--tools`: a path, or inline JSON starting with `[`; rendered into the prompt as given.
+    pub tools: String,
+    /// `--system`: the system turn's text (none when empty).
+    pub system: String,
+    /// `--layers N`: the ladder depth.
+    pub layers: Option<usize>,
+    /// Fold the prefix up to `</tools>` (the default: it is exact for Needle 3).
+    pub fold: bool,
+}
+
+/// Loads the model, tokenizer and tools, and folds the prefix when asked.
+pub fn load_engine(opts: &RunOptions) -> Result<Engine, Needle3Error> {
+    let model = load_model(&opts.checkpoint, opts.layers)?;
+    let tokenizer = load_tokenizer(&opts.tokenizer)?;
+    let tools = load_tools_arg_text(&opts.tools)?;
+    let tools = tools_json(&tools).map_err(|e| Needle3Error::Engine(e.into()))?;
+    Engine::new(model, tokenizer, &opts.system, tools, opts.fold).map_err(Needle3Error::Engine)
+}
+
+/// The answer's details as `run --confidence` prints them (a second line after the calls).
+pub fn details_json(g: &Generation) -> serde_json::Value {
+    let sigmoid = |x: f32| 1.0 / (1.0 + (-f64::from(x)).exp());
+    serde_json::json!({
+        "reasoning": g.reasoning,
+        "parsed": g.parsed,
+        "confidence": g.heads.confidence.map(sigmoid),
+        "confidence_logit": g.heads.confidence,
+        "router": g.heads.router,
+        "generated_tokens": g.new_ids.len(),
+    })
+}
+
+/// `inspect` of a Needle 3 file: generation, config, ladder depths and every tensor's storage.
+pub fn inspect_report(path: &Path) -> Result<String, Needle3Error> {
+    let data = read(path)?;
+    let model_err = |cause| Needle3Error::Model {
+        path: path.into(),
+        cause,
+    };
+    let mut out = String::new();
+    let (config, tensors) = if cact::is_cact(&data) {
+        let file = Cact::parse(&data).map_err(model_err)?;
+        let config = file.config().map_err(model_err)?;
+        let rows: Vec<[String; 4]> = file
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let format = match e.format {
+                    Format::F16 => "f16".to_string(),
+                    Format::F32 => "f32".to_string(),
+                    Format::Raw => "raw".to_string(),
+                    Format::Cq { group, bits: 5 } => format!("cq ternary, group {group}"),
+                    Format::Cq { group, bits } => format!("cq{bits}, group {group}"),
+                };
+                [
+                    format!("#{i}"),
+                    format,
+                    format!("{:?}", e.shape),
+                    e.nbytes.to_string(),
+                ]
+            })
+            .collect();
+        let _ = writeln!(out, "generation: Needle 3 (.cact export)");
+        (config, rows)
+    } else {
+        let src = needle3::model::SafetensorsSource::new(&data).map_err(model_err)?;
+        let config = src.config().map_err(model_err)?;
+        let st = safetensors::SafeTensors::deserialize(&data)
+            .map_err(|e| model_err(needle3::Error::Safetensors(e.to_string())))?;
+        let mut rows: Vec<[String; 4]> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                [
+                    name,
+                    format!("{:?}", view.dtype()).to_lowercase(),
+                    format!("{:?}", view.shape()),
+                    view.data().len().to_string(),
+                ]
+            })
+            .collect();
+        rows.sort();
+        let _ = writeln!(out, "generation: Needle 3 (safetensors)");
+        (config, rows)
+    };
+    write_config(&mut out, &config);
+    let _ = writeln!(
+        out,
+        "depth: {} layers; ladder depths 2 to {} (`--layers N`)",
+        config.num_layers, config.num_layers
+    );
+    let widths: Vec<usize> = (0..4)
+        .map(|c| tensors.iter().map(|r| r[c].len()).max().unwrap_or(0).max(6))
+        .collect();
+    let _ = writeln!(
+        out,
+        "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}",
+        "tensor",
+        "format",
+        "shape",
+        "bytes",
+        w0 = widths[0],
+        w1 = widths[1],
+        w2 = widths[2],
+        w3 = widths[3]
+    );
+    for r in &tensors {
+        let _ = writeln!(
+            out,
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+    }
+    Ok(out)
+}
+
+fn write_config(out: &mut String, c: &Config) {
+    let rows = [
+        ("vocab_size", c.vocab_size.to_string()),
+        ("d_model", c.d_model.to_string()),
+        ("num_heads", c.num_heads.to_string()),
+        ("num_kv_heads", c.num_kv_heads.to_string()),
+        ("num_layers", c.num_layers.to_string()),
+        ("qk_head_dim", c.qk_head_dim().to_string()),
+        ("v_head_dim", c.v_head_dim().to_string()),
+        ("max_seq_len", c.max_seq_len.to_string()),
+        ("sliding_window", c.sliding_window.to_string()),
+        ("global_layers", format!("{:?}", c.global_layers)),
+        ("engram_layers", format!("{:?}", c.engram_layers)),
+        ("engram_orders", format!("{:?}", c.engram_orders)),
+        ("mhc_lanes", c.mhc_lanes.to_string()),
+        ("qkv_conv_taps", c.qkv_conv_taps.to_string()),
+        ("embedding_dim", c.embedding_dim.to_string()),
+    ];
+    let _ = writeln!(out, "config:");
+    for (k, v) in rows {
+        let _ = writeln!(out, "  {k:<16}{v}");
+    }
+}

@@ -1,0 +1,203 @@
+//! Needle 3 checkpoints through the command line: `inspect` of both file formats, `run` folded
+//! and unfolded (the same answer), `--layers`, `--system`, and clear refusals where Needle 3 is
+//! not taken yet or an option does not fit the checkpoint.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> String {
+    needle_test_support::repo_root()
+        .join("tests/fixtures/needle3")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn needlec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_needlec"))
+        .args(args)
+        .output()
+        .expect("needlec runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "needlec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn fails_with(out: &Output, message: &str) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(message), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+}
+
+/// The golden cases' first tool list, as a file.
+fn tools_file(test: &str) -> PathBuf {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("small.json")).unwrap()).unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "needlec-n3-tools-{test}-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        serde_json::to_string(&json["cases"][0]["example"]["tools"]).unwrap(),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn inspect_describes_both_needle3_formats() {
+    let st = ok(&needlec(&["inspect", &fixture("small.safetensors")]));
+    assert!(
+        st.starts_with("generation: Needle 3 (safetensors)\n"),
+        "{st}"
+    );
+    assert!(st.contains("  num_layers      6\n"), "{st}");
+    assert!(st.contains("depth: 6 layers; ladder depths 2 to 6"), "{st}");
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("embedding/embedding ") && l.contains("[2048, 128]")),
+        "{st}"
+    );
+    let cact = ok(&needlec(&["inspect", &fixture("small.cact")]));
+    assert!(
+        cact.starts_with("generation: Needle 3 (.cact export)\n"),
+        "{cact}"
+    );
+    assert!(cact.contains("cq4, group"), "{cact}");
+    assert!(cact.contains(" f16 "), "{cact}");
+}
+
+#[test]
+fn run_answers_the_same_folded_and_unfolded_at_any_depth() {
+    let tools = tools_file("run");
+    let run = |ckpt: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--checkpoint",
+            ckpt,
+            "--tokenizer",
+            &fixture_tok(),
+            "--tools",
+            tools.to_str().unwrap(),
+            "--query",
+            "What's the weather in Paris?",
+            "--system",
+            "You are a helpful on-device assistant.",
+            "--max-gen-len",
+            "12",
+            "--confidence",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&needlec(&args))
+    };
+    for ckpt in [fixture("small.safetensors"), fixture("small.cact")] {
+        let folded = run(&ckpt, &[]);
+        assert_eq!(folded, run(&ckpt, &["--fold", "none"]), "{ckpt}");
+        assert_eq!(folded.lines().count(), 2, "{folded}");
+        let details: serde_json::Value =
+            serde_json::from_str(folded.lines().nth(1).unwrap()).unwrap();
+        let p = details["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p), "{details}");
+        assert_eq!(details["router"].as_array().unwrap().len(), 3);
+        assert!(details["generated_tokens"].as_u64().unwrap() <= 11);
+        let shallow = run(&ckpt, &["--layers", "3"]);
+        assert_eq!(shallow, run(&ckpt, &["--layers", "3", "--fold", "none"]));
+        assert_ne!(shallow, folded, "depth 3 is another model");
+    }
+    std::fs::remove_file(tools).ok();
+}
+
+fn fixture_tok() -> String {
+    fixture("n3tok2k.model")
+}
+
+#[test]
+fn bad_needle3_requests_get_one_clear_error() {
+    let tools_path = tools_file("bad");
+    let tools = tools_path.to_str().unwrap();
+    let (cact, tok) = (fixture("small.cact"), fixture_tok());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--checkpoint",
+            &cact,
+            "--tokenizer",
+            &tok,
+            "--tools",
+            tools,
+            "--query",
+            "hi",
+        ];
+        args.extend(extra);
+        needlec(&args)
+    };
+    fails_with(
+        &run(&["--layers", "9"]),
+        "ladder depth 9 is out of range: a model of 6 layers runs at 2 to 6",
+    );
+    fails_with(
+        &run(&["--weights", "int4"]),
+        "not yet supported for Needle 3",
+    );
+    let v1_tok = needle_test_support::tiny_needle("tokenizer.model");
+    fails_with(
+        &needlec(&[
+            "run",
+            "--checkpoint",
+            &cact,
+            "--tokenizer",
+            v1_tok.to_str().unwrap(),
+            "--tools",
+            tools,
+            "--query",
+            "hi",
+        ]),
+        "is not a Needle 3 tokenizer: id 4 is",
+    );
+    fails_with(
+        &needlec(&[
+            "build",
+            "--checkpoint",
+            &cact,
+            "--tokenizer",
+            &tok,
+            "--tools",
+            tools,
+            "--out-dir",
+            "/tmp/needlec-n3-never",
+        ]),
+        "is a Needle 3 checkpoint; `needlec build` does not take Needle 3 yet",
+    );
+    let v1 = needle_test_support::tiny_needle("tiny-needle.pkl");
+    let v1_tools = needle_test_support::tiny_needle("tools.json");
+    fails_with(
+        &needlec(&[
+            "run",
+            "--checkpoint",
+            v1.to_str().unwrap(),
+            "--tokenizer",
+            v1_tok.to_str().unwrap(),
+            "--tools",
+            v1_tools.to_str().unwrap(),
+            "--query",
+            "hi",
+            "--layers",
+            "2",
+        ]),
+        "--system and --layers are for Needle 3 checkpoints",
+    );
+    std::fs::remove_file(&tools_path).ok();
+}
