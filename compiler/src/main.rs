@@ -456,7 +456,13 @@ fn real_main() -> Result<ExitCode> {
         } => {
             let query = utf8_query(query)?;
             check_max_gen_len(model.max_gen_len)?;
-            not_needle3(&model.checkpoint, "trace")?;
+            if needle3::is_needle3_checkpoint(&model.checkpoint) {
+                let engine = load_needle3(&model)?;
+                let trace =
+                    needle3::trace(&engine, &query, answer.as_deref(), model.max_gen_len - 1)?;
+                out(format_args!("{trace}\n"))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let engine = load_engine(&model)?;
             let generation = match answer {
                 Some(answer) => engine.forced(&query, &engine.tokenizer.encode(&answer))?,
@@ -619,6 +625,18 @@ fn utf8_query(query: OsString) -> Result<String> {
 /// `--confidence`, a second line with the reasoning, whether the calls parsed, the confidence
 /// head's score and the router head's logits.
 fn run_needle3(model: &ModelArgs, query: &str, details: bool) -> Result<ExitCode> {
+    let engine = load_needle3(model)?;
+    let generation = engine
+        .generate(query, model.max_gen_len - 1)
+        .map_err(needle3::Needle3Error::Engine)?;
+    out(format_args!("{}\n", generation.calls))?;
+    if details {
+        out(format_args!("{}\n", needle3::details_json(&generation)))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_needle3(model: &ModelArgs) -> Result<needle_runtime::needle3::engine::Engine> {
     anyhow::ensure!(
         model.weights.is_none() && model.max_query_tokens.is_none(),
         "--weights and --max-query-tokens are not yet supported for Needle 3 checkpoints \
@@ -637,17 +655,10 @@ fn run_needle3(model: &ModelArgs, query: &str, details: bool) -> Result<ExitCode
         layers: model.layers,
         fold: model.fold.map(fold_mode) != Some(FoldMode::None),
     };
-    let engine = with_spinner("loading checkpoint, tokenizer and tools", || {
-        needle3::load_engine(&opts)
-    })?;
-    let generation = engine
-        .generate(query, model.max_gen_len - 1)
-        .map_err(needle3::Needle3Error::Engine)?;
-    out(format_args!("{}\n", generation.calls))?;
-    if details {
-        out(format_args!("{}\n", needle3::details_json(&generation)))?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(with_spinner(
+        "loading checkpoint, tokenizer and tools",
+        || needle3::load_engine(&opts),
+    )?)
 }
 
 /// Refuses a Needle 3 checkpoint (with `--system`/`--layers` refused for v1 ones elsewhere) in

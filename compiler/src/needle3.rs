@@ -261,3 +261,56 @@ fn write_config(out: &mut String, c: &Config) {
         let _ = writeln!(out, "  {k:<16}{v}");
     }
 }
+
+/// `trace` of a Needle 3 model: the prompt's ids and fold split, each step's five highest
+/// logits and chosen id, the text, the envelope and the heads. With `answer` (the calls as
+/// JSON), the answer `render_target` writes is teacher-forced instead of decoding greedily.
+pub fn trace(
+    engine: &Engine,
+    query: &str,
+    answer: Option<&str>,
+    max_new: usize,
+) -> Result<serde_json::Value, Needle3Error> {
+    let g = match answer {
+        Some(answer) => {
+            let calls = needle_runtime::pyjson::parse(answer).map_err(|e| {
+                Needle3Error::Engine(needle3::Error::Config(format!(
+                    "--answer is not JSON: {e}; give the calls, e.g. \
+                     '[{{\"name\":\"get_weather\",\"arguments\":{{\"location\":\"Paris\"}}}}]'"
+                )))
+            })?;
+            let target = needle3::prompt::render_target("", &calls);
+            let ids = engine.tokenizer.encode(&target);
+            engine.forced(query, &ids)
+        }
+        None => engine.generate(query, max_new),
+    }
+    .map_err(Needle3Error::Engine)?;
+    let steps: Vec<serde_json::Value> = g
+        .logits
+        .iter()
+        .zip(&g.new_ids)
+        .map(|(row, &next)| {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            // Highest first; the lower id first on ties, as argmax picks.
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let top: Vec<serde_json::Value> = order
+                .iter()
+                .take(5)
+                .map(|&i| serde_json::json!([i, row[i]]))
+                .collect();
+            serde_json::json!({ "top": top, "next": next })
+        })
+        .collect();
+    let mut details = details_json(&g);
+    details["generation"] = "needle3".into();
+    details["prompt_ids"] = serde_json::json!(g.prompt.ids);
+    details["prefix_len"] = serde_json::json!(g.prompt.prefix_len);
+    details["folded"] = engine.folded().into();
+    details["new_ids"] = serde_json::json!(g.new_ids);
+    details["steps"] = serde_json::json!(steps);
+    details["text"] = g.text.clone().into();
+    details["calls"] = g.calls.clone().into();
+    details["embedding"] = serde_json::json!(g.heads.embedding);
+    Ok(details)
+}

@@ -201,3 +201,46 @@ fn bad_needle3_requests_get_one_clear_error() {
     );
     std::fs::remove_file(&tools_path).ok();
 }
+
+/// `trace` teacher-forces an answer through the prompt, folded or not, with the same steps.
+#[test]
+fn trace_forces_an_answer_and_reports_every_step() {
+    let tools = tools_file("trace");
+    let trace = |fold: &str| -> serde_json::Value {
+        let out = ok(&needlec(&[
+            "trace",
+            "--checkpoint",
+            &fixture("small.safetensors"),
+            "--tokenizer",
+            &fixture_tok(),
+            "--tools",
+            tools.to_str().unwrap(),
+            "--query",
+            "What's the weather in Paris?",
+            "--fold",
+            fold,
+            "--answer",
+            r#"[{"name":"get_weather","arguments":{"location":"Paris"}}]"#,
+        ]));
+        serde_json::from_str(&out).unwrap()
+    };
+    let mut folded = trace("tools");
+    let mut whole = trace("none");
+    assert_eq!(folded["folded"], true);
+    assert_eq!(whole["folded"], false);
+    assert_eq!(
+        folded["text"],
+        r#"<tool_call>[{"name":"get_weather","arguments":{"location":"Paris"}}]</tool_call><|im_end|>"#
+    );
+    assert_eq!(folded["parsed"], true);
+    let steps = folded["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), folded["new_ids"].as_array().unwrap().len());
+    assert_eq!(steps[0]["top"].as_array().unwrap().len(), 5);
+    let ids = folded["prompt_ids"].as_array().unwrap();
+    let split = folded["prefix_len"].as_u64().unwrap() as usize;
+    assert_eq!(ids[split - 1], 9, "the split falls after </tools>");
+    folded["folded"] = serde_json::Value::Null;
+    whole["folded"] = serde_json::Value::Null;
+    assert_eq!(folded, whole);
+    std::fs::remove_file(tools).ok();
+}

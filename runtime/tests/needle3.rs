@@ -690,3 +690,64 @@ fn folded_and_unfolded_engines_give_bit_identical_logits() {
         }
     }
 }
+
+/// Teacher forcing the golden answers through the engine, folded and not, at every depth:
+/// the logits of every answer position and the heads (over the whole sequence, EOS included)
+/// are the reference's within the forward pass's tolerance.
+#[test]
+fn forced_answers_through_the_engine_match_the_reference() {
+    use needle_runtime::needle3::engine::Engine;
+    use needle_runtime::needle3::prompt::tools_json;
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let tok = needle_runtime::tokenizer::Tokenizer::from_file(&fixture("n3tok2k.model")).unwrap();
+    let (json, bin) = golden("small");
+    let mut checked = 0;
+    for run in json["runs"].as_array().unwrap() {
+        if run["weights"] != "f32" {
+            continue;
+        }
+        let depth = run["depth"].as_u64().unwrap() as usize;
+        let case = &json["cases"][run["case"].as_u64().unwrap() as usize];
+        let ex = &case["example"];
+        let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+        let prompt_len = case["prompt_len"].as_u64().unwrap() as usize;
+        let answer = &ids[prompt_len..ids.len() - 1];
+        let tools = tools_json(&serde_json::to_string(&ex["tools"]).unwrap()).unwrap();
+        for fold in [true, false] {
+            let model = Model::from_safetensors_bytes(&data)
+                .unwrap()
+                .into_ladder(depth)
+                .unwrap();
+            let system = ex["system"].as_str().unwrap_or("");
+            let engine = Engine::new(model, tok.clone(), system, tools.clone(), fold).unwrap();
+            let g = engine
+                .forced(ex["query"].as_str().unwrap(), answer)
+                .unwrap();
+            assert_eq!(g.prompt.ids, ids[..prompt_len]);
+            assert_eq!(g.new_ids, ids[prompt_len..]);
+            let want = block(&bin, &run["logits"]);
+            let v = g.logits[0].len();
+            let (mut got, mut exp) = (Vec::new(), Vec::new());
+            for (k, &t) in usizes(&run["logit_rows"]).iter().enumerate() {
+                if t + 1 >= prompt_len && t + 1 - prompt_len < g.logits.len() {
+                    got.extend(&g.logits[t + 1 - prompt_len]);
+                    exp.extend(&want[k * v..(k + 1) * v]);
+                }
+            }
+            assert!(!got.is_empty());
+            let r = rel(&got, &exp);
+            assert!(r <= 2e-3, "depth {depth} fold {fold}: logits rel {r}");
+            let d =
+                (g.heads.confidence.unwrap() - run["confidence"].as_f64().unwrap() as f32).abs();
+            assert!(
+                d <= 1e-3,
+                "depth {depth} fold {fold}: confidence off by {d}"
+            );
+            for (a, b) in g.heads.router.unwrap().iter().zip(f32s(&run["router"])) {
+                assert!((a - b).abs() <= 1e-3, "router {a} vs {b}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked}");
+}

@@ -47,7 +47,7 @@ pub struct Generation {
     /// else the block's text (or, with no block, the whole text) as generated.
     pub calls: String,
     pub parsed: bool,
-    /// The heads over the prompt and the answer.
+    /// The heads over the prompt and the answer (its final EOS included).
     pub heads: HeadOutputs,
     /// Every step's logits (row `i` chose `new_ids[i]`).
     pub logits: Vec<Vec<f32>>,
@@ -99,14 +99,32 @@ impl Engine {
         )?)
     }
 
-    /// Greedy decoding, at most `max_new` tokens, until EOS.
-    pub fn generate(&self, query: &str, max_new: usize) -> Result<Generation, Error> {
+    /// Teacher forcing: the prompt for `query` followed by `answer` (token ids, EOS appended
+    /// here), run as one pass after the prompt; `logits[i]` is the step that predicts
+    /// `new_ids[i]`, as in [`Engine::generate`].
+    pub fn forced(&self, query: &str, answer: &[u32]) -> Result<Generation, Error> {
         let prompt = self.prompt(query)?;
-        let (mut cache, mut cells, mut out) = match &self.prefix {
+        let (mut cache, mut cells, out) = self.run_prompt(&prompt)?;
+        let mut new_ids = answer.to_vec();
+        new_ids.push(EOS);
+        let mut logits = Vec::with_capacity(new_ids.len());
+        if let Some(r) = out.logits.nrows().checked_sub(1) {
+            logits.push(out.logits.row(r).to_vec());
+        }
+        cells.push(out);
+        // EOS runs too: the heads read its cells. Its own logits predict nothing asked for.
+        let rest = cache.extend(&self.model, &new_ids)?;
+        let n = rest.logits.nrows().saturating_sub(1);
+        logits.extend(rest.logits.rows().into_iter().take(n).map(|r| r.to_vec()));
+        cells.push(rest);
+        self.finish(prompt, new_ids, logits, cells)
+    }
+
+    /// The prompt through the model: from the folded prefix's cache when there is one.
+    fn run_prompt(&self, prompt: &PromptIds) -> Result<(Cache, Vec<Output>, Output), Error> {
+        Ok(match &self.prefix {
             Some(p) => {
-                if prompt.ids[..p.len] != prompt.ids[..prompt.prefix_len]
-                    || p.len != prompt.prefix_len
-                {
+                if p.len != prompt.prefix_len {
                     return Err(super::prompt::PromptError::Split.into());
                 }
                 let mut cache = p.cache.clone();
@@ -118,7 +136,13 @@ impl Engine {
                 let out = cache.extend(&self.model, &prompt.ids)?;
                 (cache, Vec::new(), out)
             }
-        };
+        })
+    }
+
+    /// Greedy decoding, at most `max_new` tokens, until EOS.
+    pub fn generate(&self, query: &str, max_new: usize) -> Result<Generation, Error> {
+        let prompt = self.prompt(query)?;
+        let (mut cache, mut cells, mut out) = self.run_prompt(&prompt)?;
         let mut new_ids = Vec::new();
         let mut logits = Vec::new();
         // The pass whose last row picks the next token; its rows join `cells` once read.
@@ -138,16 +162,28 @@ impl Engine {
             let next = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32;
             logits.push(row);
             new_ids.push(next);
+            // EOS runs too: the heads read its cells.
+            let step = cache.extend(&self.model, &[next])?;
+            cells.push(std::mem::replace(&mut out, step));
             if next == EOS {
                 break;
             }
-            let step = cache.extend(&self.model, &[next])?;
-            cells.push(std::mem::replace(&mut out, step));
         }
         cells.push(out);
-        // The heads pool over every position run: prompt and answer, EOS excluded.
+        self.finish(prompt, new_ids, logits, cells)
+    }
+
+    /// The heads over every position run (prompt and answer, a final EOS included, as the
+    /// package's heads read a whole training sequence), the text and the envelope.
+    fn finish(
+        &self,
+        prompt: PromptIds,
+        new_ids: Vec<u32>,
+        logits: Vec<Vec<f32>>,
+        cells: Vec<Output>,
+    ) -> Result<Generation, Error> {
         let mut all = prompt.ids.clone();
-        all.extend(new_ids.iter().filter(|&&id| id != EOS));
+        all.extend(&new_ids);
         let joined = join_cells(&cells, all.len());
         let heads = heads(&self.model, &all, &joined);
         let text = self
