@@ -642,11 +642,6 @@ fn load_needle3(model: &ModelArgs) -> Result<needle_runtime::needle3::engine::En
         "--weights and --max-query-tokens are not yet supported for Needle 3 checkpoints \
          (the runtime computes with the checkpoint's dequantized float32 weights): drop them"
     );
-    anyhow::ensure!(
-        model.grammar == GrammarKind::Reference,
-        "--grammar strict is not yet supported for Needle 3 checkpoints: drop it (decoding is \
-         unconstrained greedy, as the package's run.generate)"
-    );
     let opts = needle3::RunOptions {
         checkpoint: model.checkpoint.clone(),
         tokenizer: model.tokenizer.clone(),
@@ -654,6 +649,7 @@ fn load_needle3(model: &ModelArgs) -> Result<needle_runtime::needle3::engine::En
         system: model.system.clone().unwrap_or_default(),
         layers: model.layers,
         fold: model.fold.map(fold_mode) != Some(FoldMode::None),
+        strict: model.grammar == GrammarKind::Strict,
     };
     Ok(with_spinner(
         "loading checkpoint, tokenizer and tools",

@@ -122,6 +122,8 @@ pub struct RunOptions {
     pub layers: Option<usize>,
     /// Fold the prefix up to `</tools>` (the default: it is exact for Needle 3).
     pub fold: bool,
+    /// `--grammar strict`: decode inside the envelope under the tool schemas.
+    pub strict: bool,
 }
 
 /// Loads the model, tokenizer and tools, and folds the prefix when asked.
@@ -130,7 +132,12 @@ pub fn load_engine(opts: &RunOptions) -> Result<Engine, Needle3Error> {
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let tools = load_tools_arg_text(&opts.tools)?;
     let tools = tools_json(&tools).map_err(|e| Needle3Error::Engine(e.into()))?;
-    Engine::new(model, tokenizer, &opts.system, tools, opts.fold).map_err(Needle3Error::Engine)
+    let engine = Engine::new(model, tokenizer, &opts.system, tools, opts.fold)
+        .map_err(Needle3Error::Engine)?;
+    if opts.strict {
+        return engine.with_strict_grammar().map_err(Needle3Error::Engine);
+    }
+    Ok(engine)
 }
 
 /// The answer's details as `run --confidence` prints them (a second line after the calls).

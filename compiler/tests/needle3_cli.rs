@@ -244,3 +244,35 @@ fn trace_forces_an_answer_and_reports_every_step() {
     assert_eq!(folded, whole);
     std::fs::remove_file(tools).ok();
 }
+
+/// `--grammar strict` closes the envelope with a valid call list within the budget, and
+/// refuses a budget too small for it.
+#[test]
+fn strict_grammar_closes_the_envelope_from_the_command_line() {
+    let tools = tools_file("strict");
+    let run = |max_gen_len: &str| {
+        needlec(&[
+            "run",
+            "--checkpoint",
+            &fixture("small.cact"),
+            "--tokenizer",
+            &fixture_tok(),
+            "--tools",
+            tools.to_str().unwrap(),
+            "--query",
+            "Set a timer for 10 minutes",
+            "--grammar",
+            "strict",
+            "--max-gen-len",
+            max_gen_len,
+            "--confidence",
+        ])
+    };
+    let out = ok(&run("40"));
+    let calls: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(calls.is_array(), "{out}");
+    let details: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(details["parsed"], true, "{out}");
+    fails_with(&run("4"), "--grammar strict needs at least");
+    std::fs::remove_file(tools).ok();
+}

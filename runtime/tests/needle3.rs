@@ -751,3 +751,53 @@ fn forced_answers_through_the_engine_match_the_reference() {
     }
     assert!(checked >= 12, "{checked}");
 }
+
+/// Under the strict grammar every answer closes its envelope within the budget with a call
+/// list valid under the schemas (it parses, names a listed tool), folded or not alike; a budget
+/// too small for the shortest envelope is refused before decoding.
+#[test]
+fn strict_decoding_always_closes_a_valid_envelope() {
+    use needle_runtime::needle3::engine::Engine;
+    use needle_runtime::needle3::prompt::tools_json;
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let tok = needle_runtime::tokenizer::Tokenizer::from_file(&fixture("n3tok2k.model")).unwrap();
+    let (json, _) = golden("small");
+    for case in json["cases"].as_array().unwrap() {
+        let ex = &case["example"];
+        let tools = tools_json(&serde_json::to_string(&ex["tools"]).unwrap()).unwrap();
+        let names: Vec<&str> = ex["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        let query = ex["query"].as_str().unwrap();
+        let engine = |fold| {
+            let model = Model::from_safetensors_bytes(&data).unwrap();
+            Engine::new(model, tok.clone(), "", tools.clone(), fold)
+                .unwrap()
+                .with_strict_grammar()
+                .unwrap()
+        };
+        let (folded, whole) = (engine(true), engine(false));
+        for budget in [20, 48] {
+            let g = folded.generate(query, budget).unwrap();
+            assert!(g.new_ids.len() <= budget);
+            assert!(g.parsed, "budget {budget}: {:?}", g.text);
+            assert!(
+                g.text.trim_end().ends_with("</tool_call><|im_end|>"),
+                "budget {budget}: {:?}",
+                g.text
+            );
+            let calls: Value = serde_json::from_str(&g.calls).unwrap();
+            for call in calls.as_array().unwrap() {
+                assert!(names.contains(&call["name"].as_str().unwrap()), "{call}");
+                assert!(call["arguments"].is_object(), "{call}");
+            }
+            let w = whole.generate(query, budget).unwrap();
+            assert_eq!(g.new_ids, w.new_ids);
+        }
+        let err = folded.generate(query, 3).unwrap_err().to_string();
+        assert!(err.contains("--grammar strict needs at least"), "{err}");
+    }
+}

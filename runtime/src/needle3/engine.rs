@@ -9,6 +9,7 @@
 //! which rows run with it (tested).
 
 use super::forward::{heads, Cache, HeadOutputs, Output};
+use super::grammar::{Allowed, EnvelopeMachine, EnvelopeTables};
 use super::model::Model;
 use super::prompt::{encode_prompt, PromptIds, EOS};
 use super::Error;
@@ -31,6 +32,8 @@ pub struct Engine {
     system: String,
     tools_json: String,
     prefix: Option<Prefix>,
+    /// `--grammar strict`: the envelope and schema tables.
+    strict: Option<EnvelopeTables>,
 }
 
 /// One answer.
@@ -69,6 +72,7 @@ impl Engine {
             system: system.to_string(),
             tools_json,
             prefix: None,
+            strict: None,
         };
         if fold {
             // Any query gives the same prefix ids; an empty one is enough to find them.
@@ -82,6 +86,13 @@ impl Engine {
             });
         }
         Ok(engine)
+    }
+
+    /// Decodes under the strict grammar from now on (`--grammar strict`): the tool list's
+    /// schemas must be expressible (an error names the tool and key otherwise).
+    pub fn with_strict_grammar(mut self) -> Result<Engine, Error> {
+        self.strict = Some(EnvelopeTables::new(&self.tokenizer, &self.tools_json)?);
+        Ok(self)
     }
 
     /// Whether the prefix is folded.
@@ -141,6 +152,15 @@ impl Engine {
 
     /// Greedy decoding, at most `max_new` tokens, until EOS.
     pub fn generate(&self, query: &str, max_new: usize) -> Result<Generation, Error> {
+        if let Some(t) = &self.strict {
+            if max_new < t.calls_cost() {
+                return Err(Error::StrictBudget {
+                    allows: max_new,
+                    needed: t.calls_cost(),
+                });
+            }
+        }
+        let mut envelope = self.strict.as_ref().map(EnvelopeMachine::new);
         let prompt = self.prompt(query)?;
         let (mut cache, mut cells, mut out) = self.run_prompt(&prompt)?;
         let mut new_ids = Vec::new();
@@ -158,8 +178,35 @@ impl Engine {
                     new_ids.len()
                 )));
             }
-            // The first maximum (lowest id on ties), as argmax does.
-            let next = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32;
+            let remaining = max_new - new_ids.len() - 1;
+            let allowed = match &envelope {
+                None => None,
+                Some(e) => match e.allowed(remaining) {
+                    Some(a) => Some(a),
+                    None => break,
+                },
+            };
+            // The first maximum (lowest id on ties), as argmax does, among the allowed ids.
+            let pick = |ids: &mut dyn Iterator<Item = usize>| {
+                ids.fold(None, |b: Option<usize>, i| match b {
+                    Some(b) if row[b] >= row[i] => Some(b),
+                    _ => Some(i),
+                })
+            };
+            let next = match &allowed {
+                None => pick(&mut (0..row.len())),
+                Some(Allowed::Only(ids)) => pick(&mut ids.iter().map(|&i| i as usize)),
+                Some(Allowed::Mask(mask)) => pick(&mut (0..row.len()).filter(|&i| mask[i])),
+            };
+            let Some(next) = next.map(|n| n as u32) else {
+                return Err(Error::Config(
+                    "the strict grammar allows no token here: a needlec bug, please report it"
+                        .into(),
+                ));
+            };
+            if let Some(e) = &mut envelope {
+                e.feed(next);
+            }
             logits.push(row);
             new_ids.push(next);
             // EOS runs too: the heads read its cells.

@@ -4,7 +4,8 @@
 //! [`config`] reads the saved config, [`model`] loads a safetensors checkpoint into float32
 //! weights ([`cact`] the `.cact` export, CQ codes dequantized) (and slices it to a ladder depth), [`forward`] runs a prompt through it, whole or
 //! incrementally through a cache (logits, hidden cells, heads), [`prompt`] renders and tokenizes the chat prompt, [`engine`] answers queries
-//! (greedy, folded or not, the output envelope read), [`generate`] rebuilds the default-config test checkpoint from its documented
+//! (greedy, folded or not, the output envelope read; [`grammar`] constrains it under
+//! `--grammar strict`), [`generate`] rebuilds the default-config test checkpoint from its documented
 //! counter-based generator.
 
 pub mod cact;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod forward;
 pub mod generate;
+pub mod grammar;
 pub mod model;
 pub mod prompt;
 
@@ -49,6 +51,14 @@ pub enum Error {
     Depth { depth: usize, layers: usize },
     #[error(transparent)]
     Prompt(#[from] prompt::PromptError),
+    #[error("--grammar strict: {0}")]
+    Strict(#[from] crate::strict::StrictError),
+    #[error(
+        "--grammar strict needs at least {needed} generated tokens for `<tool_call>`, the \
+         shortest complete call list, `</tool_call>` and `<|im_end|>`, but --max-gen-len \
+         allows {allows}: raise --max-gen-len"
+    )]
+    StrictBudget { allows: usize, needed: usize },
     #[error("token id {id} at position {pos} is outside the vocabulary of {vocab}")]
     Token { id: u32, pos: usize, vocab: usize },
 }
