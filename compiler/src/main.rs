@@ -532,7 +532,6 @@ fn real_main() -> Result<ExitCode> {
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
-    not_needle3(&args.checkpoint, "eval")?;
     let shares = [
         ("--min-accuracy", args.min_accuracy),
         ("--min-agreement", args.min_agreement),

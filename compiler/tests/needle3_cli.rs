@@ -276,3 +276,67 @@ fn strict_grammar_closes_the_envelope_from_the_command_line() {
     fails_with(&run("4"), "--grammar strict needs at least");
     std::fs::remove_file(tools).ok();
 }
+
+/// `eval` of a Needle 3 checkpoint: the golden cases as data, folded and unfolded agree on
+/// every example, strict outputs are all valid calls, and the confidence is the head's.
+#[test]
+fn eval_runs_needle3_with_fold_and_grammar_comparisons() {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("small.json")).unwrap()).unwrap();
+    let data = std::env::temp_dir().join(format!("needlec-n3-eval-{}.jsonl", std::process::id()));
+    let lines: Vec<String> = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let e = &c["example"];
+            serde_json::json!({"query": e["query"], "tools": e["tools"], "answers": e["answers"]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let report = std::env::temp_dir().join(format!("needlec-n3-eval-{}.json", std::process::id()));
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--checkpoint",
+            &fixture("small.safetensors"),
+            "--tokenizer",
+            &fixture_tok(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-gen-len",
+            "40",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        needlec(&args)
+    };
+    let out = ok(&eval(&[
+        "--compare",
+        "fold=none",
+        "--grammar",
+        "strict",
+        "--json",
+        report.to_str().unwrap(),
+    ]));
+    assert!(out.contains("3 examples"), "{out}");
+    assert!(
+        out.contains("compare fold=none") && out.contains("agreement 100.0%"),
+        "{out}"
+    );
+    assert!(out.contains("valid calls                100.0%"), "{out}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["confidence"]["signal"], "confidence_head");
+    assert_eq!(r["confidence"]["examples"], 3);
+    fails_with(
+        &eval(&["--compare", "weights=int4"]),
+        "--compare weights=int4 is not yet supported for Needle 3",
+    );
+    std::fs::remove_file(&data).ok();
+    std::fs::remove_file(&report).ok();
+}

@@ -10,6 +10,7 @@
 pub mod data;
 pub mod html;
 pub mod metrics;
+pub mod needle3;
 pub mod report;
 
 use std::collections::HashMap;
@@ -18,7 +19,6 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Instant;
 
-use needle_runtime::confidence::Confidence;
 use needle_runtime::decode::{
     check_max_query_tokens, check_tools_fit, Engine, EngineError, FoldMode, GrammarKind,
 };
@@ -55,6 +55,8 @@ pub enum EvalError {
     Frontend(#[from] FrontendError),
     #[error("--tools: {0}")]
     Tools(tools::ToolsError),
+    #[error("{0}")]
+    Needle3(String),
 }
 
 // By hand rather than `#[from]`, which would also make it a `source()` that a chain printer
@@ -154,7 +156,30 @@ pub struct Outcome {
     /// Wall time of the greedy decode, prompt to output, in milliseconds.
     pub latency_ms: f64,
     /// Only for the base configuration.
-    pub confidence: Option<Confidence>,
+    pub confidence: Option<Scored>,
+}
+
+/// The confidence of one output and the candidate signals it was chosen from, whatever the
+/// model generation (v1: `needle_runtime::confidence`; Needle 3: its confidence head).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scored {
+    /// In `[0, 1]`.
+    pub value: f32,
+    /// The name of the signal that is `value`.
+    pub signal: &'static str,
+    /// Every candidate signal, `(name, value)`, `signal` among them.
+    pub signals: Vec<(&'static str, f32)>,
+}
+
+impl Scored {
+    /// A v1 confidence with its signals.
+    pub fn v1(c: &needle_runtime::confidence::Confidence) -> Scored {
+        Scored {
+            value: c.value,
+            signal: needle_runtime::confidence::CONFIDENCE_SIGNAL,
+            signals: c.signals.named().to_vec(),
+        }
+    }
 }
 
 /// An example ready to run: its normalized tool list is `tool_sets[set]`.
@@ -311,7 +336,7 @@ pub fn answer_all(
             let latency_ms = start.elapsed().as_secs_f64() * 1e3;
             let outcome = match generation {
                 Ok(g) => Outcome {
-                    confidence: with_confidence.then(|| engine.confidence(&g)),
+                    confidence: with_confidence.then(|| Scored::v1(&engine.confidence(&g))),
                     output: Ok(g.output),
                     latency_ms,
                 },
@@ -338,6 +363,9 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &indicatif::ProgressBar,
 ) -> Result<Report, EvalError> {
+    if crate::needle3::is_needle3_checkpoint(&opts.checkpoint) {
+        return needle3::evaluate(opts, progress);
+    }
     needle_runtime::decode::check_max_gen_len(opts.max_gen_len).map_err(FrontendError::from)?;
     let tokenizer = frontend::load_tokenizer(&opts.tokenizer)?;
     let dataset = prepare(opts, &tokenizer)?;

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use needle_runtime::confidence::{Signals, CONFIDENCE_SIGNAL};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -68,7 +67,8 @@ pub struct Latency {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConfidenceReport {
-    /// The signal that is the confidence (`needle_runtime::confidence::CONFIDENCE_SIGNAL`).
+    /// The signal that is the confidence (v1: `needle_runtime::confidence::CONFIDENCE_SIGNAL`;
+    /// Needle 3: `confidence_head`).
     pub signal: &'static str,
     /// Examples with an output (refused queries have no confidence).
     pub examples: usize,
@@ -222,13 +222,10 @@ pub fn assemble(
             valid: validity.is_ok(),
             invalid: validity.err(),
             confidence: o.confidence.as_ref().map(|c| f64::from(c.value)),
-            signals: o.confidence.as_ref().map(|c| {
-                c.signals
-                    .named()
-                    .into_iter()
-                    .map(|(k, v)| (k, f64::from(v)))
-                    .collect()
-            }),
+            signals: o
+                .confidence
+                .as_ref()
+                .map(|c| c.signals.iter().map(|&(k, v)| (k, f64::from(v))).collect()),
             latency_ms: o.latency_ms,
         });
     }
@@ -306,22 +303,34 @@ fn confidence_report(
     base: &[Outcome],
     target: Option<f64>,
 ) -> ConfidenceReport {
-    let scored: Vec<(&Signals, bool)> = base
+    let scored: Vec<(&super::Scored, bool)> = base
         .iter()
         .zip(results)
-        .filter_map(|(o, r)| o.confidence.as_ref().map(|c| (&c.signals, r.exact)))
+        .filter_map(|(o, r)| o.confidence.as_ref().map(|c| (c, r.exact)))
         .collect();
     let correct: Vec<bool> = scored.iter().map(|s| s.1).collect();
     let values = |name: &str| -> Vec<f64> {
         scored
             .iter()
-            .map(|(s, _)| f64::from(s.get(name).unwrap_or(0.0)))
+            .map(|(s, _)| {
+                let v = s.signals.iter().find(|(k, _)| *k == name).map(|&(_, v)| v);
+                f64::from(v.unwrap_or(0.0))
+            })
             .collect()
     };
-    let mut candidates: Vec<Candidate> = Signals::new(&[], None, &[], 0.0)
-        .named()
+    // Every output of a run has the same signals (one model generation).
+    let names: Vec<&'static str> = scored
+        .first()
+        .map(|(s, _)| s.signals.iter().map(|&(k, _)| k).collect())
+        .unwrap_or_default();
+    let signal = scored
+        .first()
+        .map_or(needle_runtime::confidence::CONFIDENCE_SIGNAL, |(s, _)| {
+            s.signal
+        });
+    let mut candidates: Vec<Candidate> = names
         .iter()
-        .map(|(name, _)| {
+        .map(|name| {
             let v = values(name);
             Candidate {
                 signal: name,
@@ -331,7 +340,7 @@ fn confidence_report(
         })
         .collect();
     candidates.sort_by(|a, b| b.auroc.unwrap_or(-1.0).total_cmp(&a.auroc.unwrap_or(-1.0)));
-    let chosen = values(CONFIDENCE_SIGNAL);
+    let chosen = values(signal);
     let reliability = metrics::reliability(&chosen, &correct, 10);
     let curve = metrics::precision_coverage(&chosen, &correct);
     let target = target.map(|t| {
@@ -344,7 +353,7 @@ fn confidence_report(
         }
     });
     ConfidenceReport {
-        signal: CONFIDENCE_SIGNAL,
+        signal,
         examples: scored.len(),
         auroc: metrics::auroc(&chosen, &correct),
         ece: metrics::ece(&reliability),
