@@ -80,12 +80,13 @@ fn inspect_describes_both_needle3_formats() {
 fn run_answers_the_same_folded_and_unfolded_at_any_depth() {
     let tools = tools_file("run");
     let run = |ckpt: &str, extra: &[&str]| {
-        let mut args = vec![
+        let tok = fixture_tok();
+        let args = [
             "run",
             "--checkpoint",
             ckpt,
             "--tokenizer",
-            &fixture_tok(),
+            &tok,
             "--tools",
             tools.to_str().unwrap(),
             "--query",
@@ -95,13 +96,8 @@ fn run_answers_the_same_folded_and_unfolded_at_any_depth() {
             "--max-gen-len",
             "12",
             "--confidence",
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(&needlec(&args))
+        ];
+        ok(&needlec(&[args.as_slice(), extra].concat()))
     };
     for ckpt in [fixture("small.safetensors"), fixture("small.cact")] {
         let folded = run(&ckpt, &[]);
@@ -297,23 +293,19 @@ fn eval_runs_needle3_with_fold_and_grammar_comparisons() {
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
     let report = std::env::temp_dir().join(format!("needlec-n3-eval-{}.json", std::process::id()));
     let eval = |extra: &[&str]| {
-        let mut args = vec![
+        let (ckpt, tok) = (fixture("small.safetensors"), fixture_tok());
+        let args = [
             "eval",
             "--checkpoint",
-            &fixture("small.safetensors"),
+            &ckpt,
             "--tokenizer",
-            &fixture_tok(),
+            &tok,
             "--data",
             data.to_str().unwrap(),
             "--max-gen-len",
             "40",
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        needlec(&args)
+        ];
+        needlec(&[args.as_slice(), extra].concat())
     };
     let out = ok(&eval(&[
         "--compare",
