@@ -85,6 +85,10 @@ pub struct BuildOptions {
     /// `--grammar`: the reference's name/key grammar (the default; the library is then what it
     /// was before the strict grammar existed, byte for byte) or the strict schema grammar.
     pub grammar: GrammarKind,
+    /// `--max-forced-rows`: the most consecutive forced tokens the decoder runs as one
+    /// multi-row step (default [`crate::codegen::model::MAX_FORCED_ROWS`]; 1: one row per
+    /// step). The answer is the same whatever it is.
+    pub max_forced_rows: usize,
     pub emit: Vec<Emit>,
     pub out_dir: PathBuf,
 }
@@ -359,6 +363,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         max_gen_len: opts.max_gen_len,
         escalate_below: opts.escalate_below as f32,
         quantize_activations: opts.quantize_activations,
+        max_forced_rows: opts.max_forced_rows,
         strict: compiled.strict.as_ref(),
     };
     let library = if needs_code {

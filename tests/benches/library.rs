@@ -113,6 +113,7 @@ fn build_library(
         escalate_below: 0.0,
         quantize_activations,
         grammar: Default::default(),
+        max_forced_rows: needlec::codegen::model::MAX_FORCED_ROWS,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),
     };

@@ -50,6 +50,7 @@ fn compile_checkpoint(
         escalate_below: 0.0,
         quantize_activations: false,
         grammar: Default::default(),
+        max_forced_rows: needlec::codegen::model::MAX_FORCED_ROWS,
         emit: vec![],
         out_dir: PathBuf::from("."),
     };
@@ -60,7 +61,7 @@ fn compile_checkpoint(
 fn harness(dir: &std::path::Path, compiled: &Compiled) -> (PathBuf, ModelCode) {
     let target = Target::host().unwrap();
     let mut ks = KernelSet::new(&target, PREFIX).unwrap();
-    let code = define_model(&mut ks, &compiled.module, &compiled.store, true).unwrap();
+    let code = define_model(&mut ks, &compiled.module, &compiled.store, true, 0).unwrap();
     // The layout the code uses is the IR's workspace plan (what `--emit ir` prints).
     let plan = needle_ir::WorkspacePlan::of(&compiled.module).unwrap();
     assert_eq!(
@@ -302,8 +303,14 @@ fn every_supported_target_generates_a_standalone_model() {
         let target = Target::with_features(triple, &features).unwrap();
         for (p, compiled) in &formats {
             let mut ks = KernelSet::new(&target, PREFIX).unwrap();
-            define_model(&mut ks, &compiled.module, &compiled.store, false)
-                .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
+            define_model(
+                &mut ks,
+                &compiled.module,
+                &compiled.store,
+                false,
+                needlec::codegen::model::MAX_FORCED_ROWS,
+            )
+            .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
             let obj = ks.finish().unwrap();
             let rep = check_standalone(&obj, PREFIX)
                 .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
@@ -325,7 +332,7 @@ fn a_module_the_passes_have_not_run_on_is_refused() {
     );
     let lowered = needle_ir::parse(compiled.stages.after("lowered").unwrap()).unwrap();
     let mut ks = KernelSet::new(&Target::host().unwrap(), PREFIX).unwrap();
-    let e = define_model(&mut ks, &lowered, &compiled.store, false).unwrap_err();
+    let e = define_model(&mut ks, &lowered, &compiled.store, false, 0).unwrap_err();
     assert!(
         e.to_string()
             .contains("is removed by the `fold-constants` pass: run the pass pipeline"),

@@ -44,6 +44,7 @@ fn options(
         escalate_below: 0.0,
         quantize_activations: false,
         grammar: Default::default(),
+        max_forced_rows: needlec::codegen::model::MAX_FORCED_ROWS,
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),
     }

@@ -141,14 +141,23 @@ pub struct WorkspaceLayout {
     pub text: usize,
     pub output_scratch: usize,
     pub output: usize,
-    /// The last call's decoder steps by [`StepKind`]: `uint32_t` forced, sparse, full. The last
-    /// region, so it sits at `total - STEP_COUNTS_BYTES` (tests read it there).
+    /// The forced tokens waiting for the multi-row step (`decoder_rows`): `max_rows` ids.
+    pub forced_ids: usize,
+    /// The last call's decoder steps ([`STEP_COUNTS`]). The last region, so it sits at
+    /// `total - STEP_COUNTS_BYTES` (tests read it there).
     pub step_counts: usize,
     pub total: usize,
 }
 
-/// Bytes of the step-count region at the end of the workspace (three `uint32_t`, aligned).
+/// Bytes of the step-count region at the end of the workspace ([`STEP_COUNTS`], aligned).
 pub const STEP_COUNTS_BYTES: usize = WORKSPACE_ALIGN;
+
+/// The `uint32_t` counts a call leaves in the step-count region, in order: its decoder steps by
+/// [`StepKind`] (forced, sparse, full: they add up to the steps), then how many steps ran their
+/// rows in multi-row steps (`decoder_rows` calls, two rows or more: forced steps and the step
+/// after them), and how many such calls there were ([`ForcedRows`]). Forced steps the call ends
+/// on (EOS, or the last step) run no rows at all: nothing reads their K/V.
+pub const STEP_COUNTS: &[&str] = &["forced", "sparse", "full", "multi_row_steps", "multi_row_calls"];
 
 /// What the header and tests need to know of the generated interface.
 #[derive(Clone, Debug)]
@@ -305,6 +314,10 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
     let grammar_state = place("grammar state", Model..=Model, parts.grammar.state_bytes);
     let n_allowed = place("allowed-token count", Model..=Model, 8);
     let gen_ids = place("generated token ids", Model..=Render, 4 * max_steps);
+    let forced_ids = match parts.model.decoder_rows {
+        Some(_) => place("forced token ids", Model..=Model, 4 * parts.model.max_rows),
+        None => 0,
+    };
     let text = place("generated text", Render..=Render, max_text_bytes);
     let output_scratch = place(
         "output scratch",
@@ -324,6 +337,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
         text,
         output_scratch,
         output,
+        forced_ids,
         step_counts,
         total: step_counts + STEP_COUNTS_BYTES,
     };
@@ -388,16 +402,20 @@ pub fn define_driver(
     let skips_by_allowed = parts.model.skips_by_allowed;
     let logits_offset = parts.model.logits_offset;
     let budget = parts.grammar.budget;
+    let mut callees = vec![
+        parts.model.encode_query,
+        parts.model.decoder_step,
+        parts.grammar.reset,
+        parts.grammar.allowed,
+        parts.grammar.feed,
+    ];
+    callees.extend(parts.model.decoder_rows);
+    let max_rows = parts.model.max_rows as i64;
+    let max_positions = parts.model.max_positions as i64;
     ks.define_function(
         generate,
         &[],
-        &[
-            parts.model.encode_query,
-            parts.model.decoder_step,
-            parts.grammar.reset,
-            parts.grammar.allowed,
-            parts.grammar.feed,
-        ],
+        &callees,
         |g, a, _, f| {
             let (ws, ids, n, result) = (a[0], a[1], a[2], a[3]);
             let encode = f.get(parts.model.encode_query);
@@ -412,7 +430,7 @@ pub fn define_driver(
             let gen = at(g, ws, l.gen_ids);
             let counts = at(g, ws, l.step_counts);
             let zero32 = iconst32(g, 0);
-            for k in 0..3 {
+            for k in 0..STEP_COUNTS.len() as i32 {
                 g.b.ins().store(mem(), zero32, counts, 4 * k);
             }
             let eos = iconst32(g, 1);
@@ -423,6 +441,23 @@ pub fn define_driver(
             let not_done = g.b.ins().iconst(types::I8, 0);
             let done = g.var(types::I8, not_done);
             let conf = Confidence::new(g);
+            let rows = match parts.model.decoder_rows {
+                Some(rows_fn) if skips_by_allowed => {
+                    let z = iconst32(g, 0);
+                    Some(ForcedRows {
+                        rows_fn: f.get(rows_fn),
+                        step_fn: step,
+                        ws,
+                        ids: at(g, ws, l.forced_ids),
+                        counts,
+                        pending: g.var(types::I32, z),
+                        max_rows,
+                        vocab,
+                        max_positions,
+                    })
+                }
+                _ => None,
+            };
             let non_finite = g.var(types::I8, not_done);
             let limit = g.iconst(max_steps);
             g.for_range(zero, limit, 1, |g, pos| {
@@ -453,9 +488,12 @@ pub fn define_driver(
                     let c1 = g.b.ins().iadd_imm_s(c, 1);
                     g.b.ins().store(mem(), c1, cp, 0);
                     let tok = g.get(token);
-                    let next = g
-                        .call(step, &[ws, tok, pos, allowed_ptr, na])
-                        .expect("returns");
+                    let next = match &rows {
+                        Some(rows) => rows.step(g, kind, tok, pos, allowed_ptr, na),
+                        None => g
+                            .call(step, &[ws, tok, pos, allowed_ptr, na])
+                            .expect("returns"),
+                    };
                     let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
                     g.if_then(wanted, |g| {
                         let logits = at(g, ws, logits_offset);
@@ -790,6 +828,135 @@ impl Confidence {
             .store(mem(), c, result, result_field("confidence"));
         g.b.ins()
             .store(mem(), steps, result, result_field("choice_steps"));
+    }
+}
+
+/// The multi-row step in the decode loop. A step's row (the token it feeds, at its position)
+/// goes into a buffer. A forced step (one allowed id: its token is known without logits)
+/// returns that id and leaves its row there; the next step that needs logits runs the buffered
+/// rows and its own as one `model_decoder_rows` call (its head on the last row), or, alone, as
+/// the one-row `model_decoder_step`. A buffer that reaches [`ModelCode::max_rows`] rows runs at
+/// once (the forced step's head computes nothing). Rows still buffered when the decode ends
+/// never run: nothing reads their K/V. The tokens, and with them the answer and the confidence
+/// (forced steps count for neither), are those of one-row steps: each row is computed exactly
+/// as the one-row step computes it.
+///
+/// [`ModelCode::max_rows`]: super::model::ModelCode::max_rows
+struct ForcedRows {
+    rows_fn: cranelift_codegen::ir::FuncRef,
+    step_fn: cranelift_codegen::ir::FuncRef,
+    ws: Value,
+    /// The buffered tokens (`max_rows` i32 in the workspace).
+    ids: Value,
+    /// The step-count region ([`STEP_COUNTS`]).
+    counts: Value,
+    /// How many rows are buffered (i32).
+    pending: cranelift_frontend::Variable,
+    max_rows: i64,
+    vocab: i64,
+    max_positions: i64,
+}
+
+impl ForcedRows {
+    /// The step at `pos` of kind `kind` feeding `tok` with the list `(allowed, n)`: its token,
+    /// as the one-row step returns it.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        g: &mut Gen<'_>,
+        kind: Value,
+        tok: Value,
+        pos: Value,
+        allowed: Value,
+        n: Value,
+    ) -> Value {
+        let m1 = iconst32(g, -1);
+        let next = g.var(types::I32, m1);
+        // What the one-row step refuses (a token outside the vocabulary, a position past the
+        // cache) goes to it, to be refused as before (-1, and so every later step: the
+        // buffered rows are never read).
+        let tok_ok = g
+            .b
+            .ins()
+            .icmp_imm_u(IntCC::UnsignedLessThan, tok, self.vocab);
+        let pos_ok = g
+            .b
+            .ins()
+            .icmp_imm_u(IntCC::UnsignedLessThan, pos, self.max_positions);
+        let ok = g.b.ins().band(tok_ok, pos_ok);
+        g.if_else(
+            ok,
+            |g| {
+                let k = g.get(self.pending);
+                let kp = to_ptr(g, k);
+                let slot = g.addr(self.ids, kp, 4);
+                g.b.ins().store(mem(), tok, slot, 0);
+                let k1 = g.b.ins().iadd_imm_s(k, 1);
+                let forced = g
+                    .b
+                    .ins()
+                    .icmp_imm_u(IntCC::Equal, kind, StepKind::Forced as i64);
+                let full = g.b.ins().icmp_imm_u(IntCC::Equal, k1, self.max_rows);
+                let not_forced = g.b.ins().icmp_imm_u(IntCC::Equal, forced, 0);
+                let go = g.b.ins().bor(not_forced, full);
+                g.if_else(
+                    go,
+                    |g| {
+                        let alone = g.b.ins().icmp_imm_u(IntCC::Equal, k1, 1);
+                        g.if_else(
+                            alone,
+                            |g| {
+                                let t = g
+                                    .call(self.step_fn, &[self.ws, tok, pos, allowed, n])
+                                    .expect("returns");
+                                g.set(next, t);
+                            },
+                            |g| {
+                                let rows = to_ptr(g, k1);
+                                let kp = to_ptr(g, k);
+                                let first = g.b.ins().isub(pos, kp);
+                                let t = g
+                                    .call(
+                                        self.rows_fn,
+                                        &[self.ws, self.ids, first, allowed, n, rows],
+                                    )
+                                    .expect("returns");
+                                g.set(next, t);
+                                let one = iconst32(g, 1);
+                                for (i, add) in [(3, k1), (4, one)] {
+                                    let c = g.b.ins().load(types::I32, mem(), self.counts, 4 * i);
+                                    let c = g.b.ins().iadd(c, add);
+                                    g.b.ins().store(mem(), c, self.counts, 4 * i);
+                                }
+                            },
+                        );
+                        let z = iconst32(g, 0);
+                        g.set(self.pending, z);
+                    },
+                    |g| {
+                        g.set(self.pending, k1);
+                        // The one allowed id, as the one-row step returns it (-1 out of range).
+                        let id = g.b.ins().load(types::I32, mem(), allowed, 0);
+                        let in_range = g
+                            .b
+                            .ins()
+                            .icmp_imm_u(IntCC::UnsignedLessThan, id, self.vocab);
+                        let m1 = iconst32(g, -1);
+                        let id = g.b.ins().select(in_range, id, m1);
+                        g.set(next, id);
+                    },
+                );
+            },
+            |g| {
+                let z = iconst32(g, 0);
+                g.set(self.pending, z);
+                let t = g
+                    .call(self.step_fn, &[self.ws, tok, pos, allowed, n])
+                    .expect("returns");
+                g.set(next, t);
+            },
+        );
+        g.get(next)
     }
 }
 
