@@ -1689,7 +1689,11 @@ fn multi_row_forced_steps_answer_as_one_row_steps() {
             }
         }
         for line in step_counts(&one, &queries) {
-            assert_eq!((line.1[3], line.1[4]), (0, 0), "{what}: --max-forced-rows 1");
+            assert_eq!(
+                (line.1[3], line.1[4]),
+                (0, 0),
+                "{what}: --max-forced-rows 1"
+            );
         }
     }
     assert!(multi_rows > 0, "no multi-row step ran");

@@ -149,7 +149,11 @@ fn forced_runs_by_grammar() {
         println!("  forced run length: number of runs  {hist:?}");
         match grammar {
             GrammarKind::Reference => {
-                assert_eq!((forced, multi, unrun), (0, 0, 0), "the reference grammar forced a step")
+                assert_eq!(
+                    (forced, multi, unrun),
+                    (0, 0, 0),
+                    "the reference grammar forced a step"
+                )
             }
             GrammarKind::Strict => {
                 assert!(forced > 0 && multi > 0, "strict forced nothing to batch")

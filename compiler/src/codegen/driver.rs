@@ -157,7 +157,13 @@ pub const STEP_COUNTS_BYTES: usize = WORKSPACE_ALIGN;
 /// rows in multi-row steps (`decoder_rows` calls, two rows or more: forced steps and the step
 /// after them), and how many such calls there were ([`ForcedRows`]). Forced steps the call ends
 /// on (EOS, or the last step) run no rows at all: nothing reads their K/V.
-pub const STEP_COUNTS: &[&str] = &["forced", "sparse", "full", "multi_row_steps", "multi_row_calls"];
+pub const STEP_COUNTS: &[&str] = &[
+    "forced",
+    "sparse",
+    "full",
+    "multi_row_steps",
+    "multi_row_calls",
+];
 
 /// What the header and tests need to know of the generated interface.
 #[derive(Clone, Debug)]
@@ -412,138 +418,133 @@ pub fn define_driver(
     callees.extend(parts.model.decoder_rows);
     let max_rows = parts.model.max_rows as i64;
     let max_positions = parts.model.max_positions as i64;
-    ks.define_function(
-        generate,
-        &[],
-        &callees,
-        |g, a, _, f| {
-            let (ws, ids, n, result) = (a[0], a[1], a[2], a[3]);
-            let encode = f.get(parts.model.encode_query);
-            let step = f.get(parts.model.decoder_step);
-            let reset = f.get(parts.grammar.reset);
-            let allowed = f.get(parts.grammar.allowed);
-            let feed = f.get(parts.grammar.feed);
-            g.call(encode, &[ws, ids, n]);
-            let state = at(g, ws, l.grammar_state);
-            g.call(reset, &[state]);
-            let n_allowed_ptr = at(g, ws, l.n_allowed);
-            let gen = at(g, ws, l.gen_ids);
-            let counts = at(g, ws, l.step_counts);
-            let zero32 = iconst32(g, 0);
-            for k in 0..STEP_COUNTS.len() as i32 {
-                g.b.ins().store(mem(), zero32, counts, 4 * k);
+    ks.define_function(generate, &[], &callees, |g, a, _, f| {
+        let (ws, ids, n, result) = (a[0], a[1], a[2], a[3]);
+        let encode = f.get(parts.model.encode_query);
+        let step = f.get(parts.model.decoder_step);
+        let reset = f.get(parts.grammar.reset);
+        let allowed = f.get(parts.grammar.allowed);
+        let feed = f.get(parts.grammar.feed);
+        g.call(encode, &[ws, ids, n]);
+        let state = at(g, ws, l.grammar_state);
+        g.call(reset, &[state]);
+        let n_allowed_ptr = at(g, ws, l.n_allowed);
+        let gen = at(g, ws, l.gen_ids);
+        let counts = at(g, ws, l.step_counts);
+        let zero32 = iconst32(g, 0);
+        for k in 0..STEP_COUNTS.len() as i32 {
+            g.b.ins().store(mem(), zero32, counts, 4 * k);
+        }
+        let eos = iconst32(g, 1);
+        let token = g.var(types::I32, eos);
+        let zero = g.iconst(0);
+        let ptr = g.ptr;
+        let count = g.var(ptr, zero);
+        let not_done = g.b.ins().iconst(types::I8, 0);
+        let done = g.var(types::I8, not_done);
+        let conf = Confidence::new(g);
+        let rows = match parts.model.decoder_rows {
+            Some(rows_fn) if skips_by_allowed => {
+                let z = iconst32(g, 0);
+                Some(ForcedRows {
+                    rows_fn: f.get(rows_fn),
+                    step_fn: step,
+                    ws,
+                    ids: at(g, ws, l.forced_ids),
+                    counts,
+                    pending: g.var(types::I32, z),
+                    max_rows,
+                    vocab,
+                    max_positions,
+                })
             }
-            let eos = iconst32(g, 1);
-            let token = g.var(types::I32, eos);
-            let zero = g.iconst(0);
-            let ptr = g.ptr;
-            let count = g.var(ptr, zero);
-            let not_done = g.b.ins().iconst(types::I8, 0);
-            let done = g.var(types::I8, not_done);
-            let conf = Confidence::new(g);
-            let rows = match parts.model.decoder_rows {
-                Some(rows_fn) if skips_by_allowed => {
-                    let z = iconst32(g, 0);
-                    Some(ForcedRows {
-                        rows_fn: f.get(rows_fn),
-                        step_fn: step,
-                        ws,
-                        ids: at(g, ws, l.forced_ids),
-                        counts,
-                        pending: g.var(types::I32, z),
-                        max_rows,
-                        vocab,
-                        max_positions,
-                    })
+            _ => None,
+        };
+        let non_finite = g.var(types::I8, not_done);
+        let limit = g.iconst(max_steps);
+        g.for_range(zero, limit, 1, |g, pos| {
+            let d = g.get(done);
+            let cond = g.b.ins().icmp_imm_u(IntCC::Equal, d, 0);
+            g.if_then(cond, |g| {
+                let allowed_ptr = if budget {
+                    // The strict grammar closes the list within the steps left after this
+                    // one: `max_steps - pos - 1`, as the runtime's `allowed(remaining)`.
+                    let left = g.iconst(max_steps - 1);
+                    let remaining = g.b.ins().isub(left, pos);
+                    g.call(allowed, &[state, n_allowed_ptr, remaining])
+                } else {
+                    g.call(allowed, &[state, n_allowed_ptr])
                 }
-                _ => None,
-            };
-            let non_finite = g.var(types::I8, not_done);
-            let limit = g.iconst(max_steps);
-            g.for_range(zero, limit, 1, |g, pos| {
-                let d = g.get(done);
-                let cond = g.b.ins().icmp_imm_u(IntCC::Equal, d, 0);
-                g.if_then(cond, |g| {
-                    let allowed_ptr = if budget {
-                        // The strict grammar closes the list within the steps left after this
-                        // one: `max_steps - pos - 1`, as the runtime's `allowed(remaining)`.
-                        let left = g.iconst(max_steps - 1);
-                        let remaining = g.b.ins().isub(left, pos);
-                        g.call(allowed, &[state, n_allowed_ptr, remaining])
-                    } else {
-                        g.call(allowed, &[state, n_allowed_ptr])
-                    }
-                    .expect("returns");
-                    let na = g.b.ins().load(ptr, mem(), n_allowed_ptr, 0);
-                    // Count the step as the model will run it: counts[2 - kind].
-                    let kind = if skips_by_allowed {
-                        emit_step_kind(g, allowed_ptr, na, vocab as usize)
-                    } else {
-                        g.iconst(StepKind::Full as i64)
-                    };
-                    let two = g.iconst(2);
-                    let slot = g.b.ins().isub(two, kind);
-                    let cp = g.addr(counts, slot, 4);
-                    let c = g.b.ins().load(types::I32, mem(), cp, 0);
-                    let c1 = g.b.ins().iadd_imm_s(c, 1);
-                    g.b.ins().store(mem(), c1, cp, 0);
-                    let tok = g.get(token);
-                    let next = match &rows {
-                        Some(rows) => rows.step(g, kind, tok, pos, allowed_ptr, na),
-                        None => g
-                            .call(step, &[ws, tok, pos, allowed_ptr, na])
-                            .expect("returns"),
-                    };
-                    let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
-                    g.if_then(wanted, |g| {
-                        let logits = at(g, ws, logits_offset);
-                        conf.step(g, logits, allowed_ptr, na, next, vocab);
-                    });
-                    // A step with a choice (not exactly one allowed id) leaves the chosen id's
-                    // logit in the logits region; one that is not finite (exponent all ones)
-                    // ends the call with NAME_ERR_NUMERIC, as `needlec run` errs.
-                    let chose = g.b.ins().icmp_imm_u(IntCC::NotEqual, na, 1);
-                    g.if_then(chose, |g| {
-                        let logits = at(g, ws, logits_offset);
-                        let i = to_ptr(g, next);
-                        let bits = u32_at(g, mem(), logits, i);
-                        let exp = g.b.ins().band_imm_u(bits, 0x7f80_0000);
-                        let bad = g.b.ins().icmp_imm_u(IntCC::Equal, exp, 0x7f80_0000);
-                        g.if_then(bad, |g| {
-                            let one = g.b.ins().iconst(types::I8, 1);
-                            g.set(non_finite, one);
-                        });
-                    });
-                    let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
-                    let nf = g.get(non_finite);
-                    let stop = g.b.ins().bor(is_eos, nf);
-                    g.if_else(
-                        stop,
-                        |g| {
-                            let one = g.b.ins().iconst(types::I8, 1);
-                            g.set(done, one);
-                        },
-                        |g| {
-                            g.call(feed, &[state, next]);
-                            let c = g.get(count);
-                            let p = g.addr(gen, c, 4);
-                            g.b.ins().store(mem(), next, p, 0);
-                            let one = g.iconst(1);
-                            let c1 = g.b.ins().iadd(c, one);
-                            g.set(count, c1);
-                            g.set(token, next);
-                        },
-                    );
+                .expect("returns");
+                let na = g.b.ins().load(ptr, mem(), n_allowed_ptr, 0);
+                // Count the step as the model will run it: counts[2 - kind].
+                let kind = if skips_by_allowed {
+                    emit_step_kind(g, allowed_ptr, na, vocab as usize)
+                } else {
+                    g.iconst(StepKind::Full as i64)
+                };
+                let two = g.iconst(2);
+                let slot = g.b.ins().isub(two, kind);
+                let cp = g.addr(counts, slot, 4);
+                let c = g.b.ins().load(types::I32, mem(), cp, 0);
+                let c1 = g.b.ins().iadd_imm_s(c, 1);
+                g.b.ins().store(mem(), c1, cp, 0);
+                let tok = g.get(token);
+                let next = match &rows {
+                    Some(rows) => rows.step(g, kind, tok, pos, allowed_ptr, na),
+                    None => g
+                        .call(step, &[ws, tok, pos, allowed_ptr, na])
+                        .expect("returns"),
+                };
+                let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
+                g.if_then(wanted, |g| {
+                    let logits = at(g, ws, logits_offset);
+                    conf.step(g, logits, allowed_ptr, na, next, vocab);
                 });
+                // A step with a choice (not exactly one allowed id) leaves the chosen id's
+                // logit in the logits region; one that is not finite (exponent all ones)
+                // ends the call with NAME_ERR_NUMERIC, as `needlec run` errs.
+                let chose = g.b.ins().icmp_imm_u(IntCC::NotEqual, na, 1);
+                g.if_then(chose, |g| {
+                    let logits = at(g, ws, logits_offset);
+                    let i = to_ptr(g, next);
+                    let bits = u32_at(g, mem(), logits, i);
+                    let exp = g.b.ins().band_imm_u(bits, 0x7f80_0000);
+                    let bad = g.b.ins().icmp_imm_u(IntCC::Equal, exp, 0x7f80_0000);
+                    g.if_then(bad, |g| {
+                        let one = g.b.ins().iconst(types::I8, 1);
+                        g.set(non_finite, one);
+                    });
+                });
+                let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
+                let nf = g.get(non_finite);
+                let stop = g.b.ins().bor(is_eos, nf);
+                g.if_else(
+                    stop,
+                    |g| {
+                        let one = g.b.ins().iconst(types::I8, 1);
+                        g.set(done, one);
+                    },
+                    |g| {
+                        g.call(feed, &[state, next]);
+                        let c = g.get(count);
+                        let p = g.addr(gen, c, 4);
+                        g.b.ins().store(mem(), next, p, 0);
+                        let one = g.iconst(1);
+                        let c1 = g.b.ins().iadd(c, one);
+                        g.set(count, c1);
+                        g.set(token, next);
+                    },
+                );
             });
-            let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
-            g.if_then(wanted, |g| conf.store(g, result));
-            let nf = g.get(non_finite);
-            let count = g.get(count);
-            let flag = g.iconst(GENERATE_NON_FINITE);
-            Some(g.b.ins().select(nf, flag, count))
-        },
-    )?;
+        });
+        let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
+        g.if_then(wanted, |g| conf.store(g, result));
+        let nf = g.get(non_finite);
+        let count = g.get(count);
+        let flag = g.iconst(GENERATE_NON_FINITE);
+        Some(g.b.ins().select(nf, flag, count))
+    })?;
 
     // ---- NAME_call and NAME_call_ex ----------------------------------------------------------
     let text_params = [
@@ -875,14 +876,12 @@ impl ForcedRows {
         // What the one-row step refuses (a token outside the vocabulary, a position past the
         // cache) goes to it, to be refused as before (-1, and so every later step: the
         // buffered rows are never read).
-        let tok_ok = g
-            .b
-            .ins()
-            .icmp_imm_u(IntCC::UnsignedLessThan, tok, self.vocab);
-        let pos_ok = g
-            .b
-            .ins()
-            .icmp_imm_u(IntCC::UnsignedLessThan, pos, self.max_positions);
+        let tok_ok =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedLessThan, tok, self.vocab);
+        let pos_ok =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedLessThan, pos, self.max_positions);
         let ok = g.b.ins().band(tok_ok, pos_ok);
         g.if_else(
             ok,
@@ -892,10 +891,9 @@ impl ForcedRows {
                 let slot = g.addr(self.ids, kp, 4);
                 g.b.ins().store(mem(), tok, slot, 0);
                 let k1 = g.b.ins().iadd_imm_s(k, 1);
-                let forced = g
-                    .b
-                    .ins()
-                    .icmp_imm_u(IntCC::Equal, kind, StepKind::Forced as i64);
+                let forced =
+                    g.b.ins()
+                        .icmp_imm_u(IntCC::Equal, kind, StepKind::Forced as i64);
                 let full = g.b.ins().icmp_imm_u(IntCC::Equal, k1, self.max_rows);
                 let not_forced = g.b.ins().icmp_imm_u(IntCC::Equal, forced, 0);
                 let go = g.b.ins().bor(not_forced, full);
@@ -937,10 +935,9 @@ impl ForcedRows {
                         g.set(self.pending, k1);
                         // The one allowed id, as the one-row step returns it (-1 out of range).
                         let id = g.b.ins().load(types::I32, mem(), allowed, 0);
-                        let in_range = g
-                            .b
-                            .ins()
-                            .icmp_imm_u(IntCC::UnsignedLessThan, id, self.vocab);
+                        let in_range =
+                            g.b.ins()
+                                .icmp_imm_u(IntCC::UnsignedLessThan, id, self.vocab);
                         let m1 = iconst32(g, -1);
                         let id = g.b.ins().select(in_range, id, m1);
                         g.set(next, id);

@@ -827,9 +827,11 @@ fn plan(
                 // decoder's multi-row step takes every row singly (block by block).
                 let rows_k = if entry == Entry::Decode && wr.scales.is_some() && !wr.format.is_dot()
                 {
-                    Some(p.cx.kernel(format!("matmul1:{w}"), "matmul_rows", |ks, n| {
-                        kernels::matmul(ks, n, &wr, false)
-                    })?)
+                    Some(
+                        p.cx.kernel(format!("matmul1:{w}"), "matmul_rows", |ks, n| {
+                            kernels::matmul(ks, n, &wr, false)
+                        })?,
+                    )
                 } else {
                     None
                 };
@@ -1296,7 +1298,16 @@ fn emit_entry(
             emit_call(g, c);
         }
         let (allowed, n) = (params[3], params[4]);
-        Some(emit_head(g, plan, head, allowed, n, limits.vocab, frefs, &arg))
+        Some(emit_head(
+            g,
+            plan,
+            head,
+            allowed,
+            n,
+            limits.vocab,
+            frefs,
+            &arg,
+        ))
     })
 }
 
@@ -1444,8 +1455,10 @@ impl RowsPlan {
                     Arg::Ws(off) if *off == token_slot => RowsArg::Tokens,
                     Arg::Ws(off) if *off >= arena_start => RowsArg::Arena(*off),
                     Arg::Count(dims, f) if dims.first() == Some(&Expr::lit(1)) => {
-                        let rest: Option<usize> =
-                            dims[1..].iter().map(|d| d.as_static().map(|v| v as usize)).product();
+                        let rest: Option<usize> = dims[1..]
+                            .iter()
+                            .map(|d| d.as_static().map(|v| v as usize))
+                            .product();
                         RowsArg::PerRow(rest? * f)
                     }
                     // An attention's key count (`p + 1` of the cache, `q + t` of the query).
@@ -1458,10 +1471,7 @@ impl RowsPlan {
                 args.push(ra);
             }
             if c.attention.is_some()
-                && !matches!(
-                    args.get(..2),
-                    Some([RowsArg::Arena(_), RowsArg::Arena(_)])
-                )
+                && !matches!(args.get(..2), Some([RowsArg::Arena(_), RowsArg::Arena(_)]))
             {
                 return None;
             }
@@ -1519,10 +1529,9 @@ fn emit_rows(
         let (ws, tokens, pos) = (params[0], params[1], params[2]);
         let (allowed, n_allowed, rows) = (params[3], params[4], params[5]);
         let none = g.b.ins().icmp_imm_u(IntCC::Equal, rows, 0);
-        let many = g
-            .b
-            .ins()
-            .icmp_imm_u(IntCC::UnsignedGreaterThan, rows, rp.max_rows as i64);
+        let many =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, rows, rp.max_rows as i64);
         let far = g.b.ins().icmp_imm_u(
             IntCC::UnsignedGreaterThanOrEqual,
             pos,
@@ -1537,11 +1546,9 @@ fn emit_rows(
         g.if_then(bad, refuse);
         // `pos < max_positions` and `rows <= max_rows`: the sum cannot wrap.
         let end = g.b.ins().iadd(pos, rows);
-        let past = g.b.ins().icmp_imm_u(
-            IntCC::UnsignedGreaterThan,
-            end,
-            limits.max_positions as i64,
-        );
+        let past =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, end, limits.max_positions as i64);
         g.if_then(past, refuse);
         let pt = g.ptr;
         let q = g.b.ins().load(pt, mem(), ws, rp.state_offset as i32);
@@ -1550,46 +1557,43 @@ fn emit_rows(
         let q = g.b.ins().select(over, qmax, q);
         // One argument; `row` is `Some((i, row bytes))` for a row-by-row call's query (0) and
         // result (1) pointers, `n_rows` what a per-row count multiplies.
-        let value = |g: &mut Gen<'_>,
-                     a: &RowsArg,
-                     p: Value,
-                     n_rows: Value,
-                     row: Option<(Value, usize)>| {
-            match a {
-                RowsArg::Tokens => tokens,
-                RowsArg::Arena(off) => {
-                    let base = g.b.ins().iadd_imm_s(ws, rp.arena_at(*off) as i64);
-                    match row {
-                        Some((i, bytes)) => g.addr(base, i, bytes as i64),
-                        None => base,
-                    }
-                }
-                RowsArg::PerRow(n) => g.b.ins().imul_imm_s(n_rows, *n as i64),
-                RowsArg::Same(a) => match a {
-                    Arg::Ws(off) => g.b.ins().iadd_imm_s(ws, *off as i64),
-                    Arg::WsRow { off, at, row_bytes } => {
-                        let base = g.b.ins().iadd_imm_s(ws, *off as i64);
-                        let at = eval_dims(g, at, q, p);
-                        g.addr(base, at, *row_bytes as i64)
-                    }
-                    Arg::Data(id) => addrs.get(*id),
-                    Arg::Count(dims, factor) => {
-                        let mut v = g.iconst(*factor as i64);
-                        for d in dims {
-                            let e = eval_dims(g, d, q, p);
-                            v = g.b.ins().imul(v, e);
+        let value =
+            |g: &mut Gen<'_>, a: &RowsArg, p: Value, n_rows: Value, row: Option<(Value, usize)>| {
+                match a {
+                    RowsArg::Tokens => tokens,
+                    RowsArg::Arena(off) => {
+                        let base = g.b.ins().iadd_imm_s(ws, rp.arena_at(*off) as i64);
+                        match row {
+                            Some((i, bytes)) => g.addr(base, i, bytes as i64),
+                            None => base,
                         }
-                        v
                     }
-                    Arg::Dim(e) => eval_dims(g, e, q, p),
-                    Arg::F32(x) => g.f32(*x),
-                    // Only the head reads parameters: the allowed list.
-                    Arg::Param(3) => allowed,
-                    Arg::Param(4) => n_allowed,
-                    Arg::Param(_) => g.iconst(0),
-                },
-            }
-        };
+                    RowsArg::PerRow(n) => g.b.ins().imul_imm_s(n_rows, *n as i64),
+                    RowsArg::Same(a) => match a {
+                        Arg::Ws(off) => g.b.ins().iadd_imm_s(ws, *off as i64),
+                        Arg::WsRow { off, at, row_bytes } => {
+                            let base = g.b.ins().iadd_imm_s(ws, *off as i64);
+                            let at = eval_dims(g, at, q, p);
+                            g.addr(base, at, *row_bytes as i64)
+                        }
+                        Arg::Data(id) => addrs.get(*id),
+                        Arg::Count(dims, factor) => {
+                            let mut v = g.iconst(*factor as i64);
+                            for d in dims {
+                                let e = eval_dims(g, d, q, p);
+                                v = g.b.ins().imul(v, e);
+                            }
+                            v
+                        }
+                        Arg::Dim(e) => eval_dims(g, e, q, p),
+                        Arg::F32(x) => g.f32(*x),
+                        // Only the head reads parameters: the allowed list.
+                        Arg::Param(3) => allowed,
+                        Arg::Param(4) => n_allowed,
+                        Arg::Param(_) => g.iconst(0),
+                    },
+                }
+            };
         for c in &rp.calls {
             let f = frefs.get(c.callee);
             match c.attention {
@@ -1609,8 +1613,11 @@ fn emit_rows(
                     g.call(f, &args);
                 }),
                 None => {
-                    let args: Vec<Value> =
-                        c.args.iter().map(|a| value(g, a, pos, rows, None)).collect();
+                    let args: Vec<Value> = c
+                        .args
+                        .iter()
+                        .map(|a| value(g, a, pos, rows, None))
+                        .collect();
                     g.call(f, &args);
                 }
             }
