@@ -52,6 +52,9 @@ pub enum Emit {
     Xcframework,
 }
 
+/// The default of `--max-forced-rows` ([`crate::codegen::model::MAX_FORCED_ROWS`]).
+pub const MAX_FORCED_ROWS: usize = crate::codegen::model::MAX_FORCED_ROWS;
+
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
     pub checkpoint: PathBuf,
@@ -481,6 +484,15 @@ fn size_report_of(
             offset: f.arena_start,
             bytes: f.arena_end - f.arena_start,
         });
+        // The multi-row step: the decoder step's values, a row per token, from the same start.
+        let rows = lib.info.max_forced_rows;
+        if f.name == needle_ir::DECODER_STEP && rows >= 2 {
+            workspace.push(WorkspaceRegion {
+                name: format!("model: scratch of decoder_rows ({rows} rows)"),
+                offset: f.arena_start,
+                bytes: (f.arena_end - f.arena_start) * rows,
+            });
+        }
     }
     for &(region, offset, bytes) in &lib.info.regions {
         if region != "model" {
@@ -509,6 +521,10 @@ fn size_report_of(
         ("weights", compiled.precision.to_string()),
         ("max-gen-len", opts.max_gen_len.to_string()),
         ("grammar", opts.grammar.name().to_string()),
+        (
+            "max-forced-rows",
+            lib.info.max_forced_rows.max(1).to_string(),
+        ),
         ("max-query-tokens", lib.info.max_query_tokens.to_string()),
         ("name", opts.name.clone()),
     ]

@@ -218,7 +218,7 @@ enum Command {
         /// Run up to N consecutive forced tokens (the grammar allowed exactly one) through the
         /// decoder as one multi-row step, each weight block read once for all of them (1 to 64;
         /// 1: one row per step). The answer is the same for every N.
-        #[arg(long, value_name = "N", default_value_t = needlec::codegen::model::MAX_FORCED_ROWS,
+        #[arg(long, value_name = "N", default_value_t = needlec::build::MAX_FORCED_ROWS,
               value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
         max_forced_rows: usize,
         /// What to write (repeatable); default: staticlib and header.

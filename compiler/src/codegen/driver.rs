@@ -176,6 +176,8 @@ pub struct LibraryInfo {
     pub max_gen_len: usize,
     pub max_text_bytes: usize,
     pub max_output_bytes: usize,
+    /// The most rows of the model's multi-row step (0: none; see [`ForcedRows`]).
+    pub max_forced_rows: usize,
 }
 
 /// Model facts reported by `NAME_model_info`, in the struct's field order.
@@ -355,6 +357,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
         max_gen_len: limits.max_gen_len,
         max_text_bytes,
         max_output_bytes,
+        max_forced_rows: parts.model.max_rows,
     }
 }
 
