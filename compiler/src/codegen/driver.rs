@@ -16,8 +16,9 @@
 //!
 //! The workspace is the only mutable memory: the model's region (the IR's workspace plan), the
 //! grammar state, the token buffers, the scratch of the tokenizer and of the output code, the
-//! output text, and last the call's decoder-step counts (forced, sparse, full: see
-//! [`super::model::StepKind`]). Its layout is planned here, at build time, so its size is exact,
+//! output text, the forced steps' waiting tokens (see `ForcedRows`), and last the call's
+//! decoder-step counts ([`STEP_COUNTS`]: forced, sparse, full, see [`super::model::StepKind`];
+//! then the multi-row steps). Its layout is planned here, at build time, so its size is exact,
 //! and by lifetime: a call tokenizes, then runs the model, then renders the answer, and regions
 //! of phases that never meet share memory (the tokenizer's and the output's scratch lie over
 //! the model's region; see [`Phase`]).
@@ -155,7 +156,7 @@ pub const STEP_COUNTS_BYTES: usize = WORKSPACE_ALIGN;
 /// The `uint32_t` counts a call leaves in the step-count region, in order: its decoder steps by
 /// [`StepKind`] (forced, sparse, full: they add up to the steps), then how many steps ran their
 /// rows in multi-row steps (`decoder_rows` calls, two rows or more: forced steps and the step
-/// after them), and how many such calls there were ([`ForcedRows`]). Forced steps the call ends
+/// after them), and how many such calls there were (`ForcedRows`). Forced steps the call ends
 /// on (EOS, or the last step) run no rows at all: nothing reads their K/V.
 pub const STEP_COUNTS: &[&str] = &[
     "forced",
@@ -176,7 +177,7 @@ pub struct LibraryInfo {
     pub max_gen_len: usize,
     pub max_text_bytes: usize,
     pub max_output_bytes: usize,
-    /// The most rows of the model's multi-row step (0: none; see [`ForcedRows`]).
+    /// The most rows of the model's multi-row step (0: none; see `ForcedRows`).
     pub max_forced_rows: usize,
 }
 

@@ -20,6 +20,12 @@
 //!   needs no reset: row `pos` is written before rows `..=pos` are read, so a new query's steps
 //!   from `pos = 0` never see an earlier query's rows. Returns -1 (computing nothing) when
 //!   `pos >= max_positions` or `token` is not below the vocabulary.
+//! - `int32_t decoder_rows(uint8_t *ws, const int32_t *tokens, size_t pos, const int32_t
+//!   *allowed, size_t n_allowed, size_t rows)` (when the bound is 2 or more, `RowsPlan`): the
+//!   multi-row step, `rows` tokens at positions `pos..pos + rows` through the decoder layers at
+//!   once (K/V into the cache), then the head on the last row with the list: the token
+//!   `decoder_step` would return at `pos + rows - 1`, computed bit for bit as it would be. The
+//!   driver runs forced steps' rows with the next step's through it.
 //!
 //! # Allowed ids
 //!
@@ -81,7 +87,7 @@ pub struct ModelCode {
     /// step then computes the full logits.
     pub skips_by_allowed: bool,
     /// `int32_t decoder_rows(uint8_t *ws, const int32_t *tokens, size_t pos, const int32_t
-    /// *allowed, size_t n_allowed, size_t rows)`: the multi-row step ([`RowsPlan`]):
+    /// *allowed, size_t n_allowed, size_t rows)`: the multi-row step (`RowsPlan`):
     /// `decoder_step`'s layers for `rows` (at most [`ModelCode::max_rows`]) tokens at positions
     /// `pos..pos + rows`, their K/V written into the cache, then its head on the last row with
     /// the allowed list: the token `decoder_step` would return at `pos + rows - 1`. `None` when
@@ -1378,11 +1384,12 @@ fn emit_head(
     g.get(token)
 }
 
-/// The default bound on the rows of the decoder's multi-row forced step (`decoder_rows`): the
-/// longest run of forced tokens it takes at once; longer runs take several. Eight covers the
-/// strict grammar's literal runs (`{"name":"`, `"arguments":{"`) on the bundled samples while the
-/// step's arena (eight rows of every decoder value) stays well inside the encoder's, so the
-/// workspace does not grow.
+/// The default bound on the rows of the decoder's multi-row step (`decoder_rows`): forced
+/// steps waiting for the next step with a choice, and its own row. Eight rows of every decoder
+/// value stay small next to the encoder's arena (the full-size model, folded with
+/// `--max-query-tokens 128 --max-gen-len 64`: 57 KB more workspace). On the bundled samples the
+/// strict grammar never forces two steps in a row, so two rows is all a step takes there; a
+/// grammar with longer literal runs would take up to this many.
 pub const MAX_FORCED_ROWS: usize = 8;
 
 /// An argument of a `decoder_rows` call, from the one-row step's [`Arg`].
