@@ -55,6 +55,9 @@ pub enum Emit {
     Xcframework,
 }
 
+/// The default of `--max-forced-rows` ([`crate::codegen::model::MAX_FORCED_ROWS`]).
+pub const MAX_FORCED_ROWS: usize = crate::codegen::model::MAX_FORCED_ROWS;
+
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
     pub checkpoint: PathBuf,
@@ -88,6 +91,10 @@ pub struct BuildOptions {
     /// `--grammar`: the reference's name/key grammar (the default; the library is then what it
     /// was before the strict grammar existed, byte for byte) or the strict schema grammar.
     pub grammar: GrammarKind,
+    /// `--max-forced-rows`: the most consecutive forced tokens the decoder runs as one
+    /// multi-row step (default [`crate::codegen::model::MAX_FORCED_ROWS`]; 1: one row per
+    /// step). The answer is the same whatever it is.
+    pub max_forced_rows: usize,
     pub emit: Vec<Emit>,
     pub out_dir: PathBuf,
 }
@@ -362,6 +369,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         max_gen_len: opts.max_gen_len,
         escalate_below: opts.escalate_below as f32,
         quantize_activations: opts.quantize_activations,
+        max_forced_rows: opts.max_forced_rows,
         strict: compiled.strict.as_ref(),
     };
     let library = if needs_code {
@@ -480,6 +488,15 @@ fn size_report_of(
             offset: f.arena_start,
             bytes: f.arena_end - f.arena_start,
         });
+        // The multi-row step: the decoder step's values, a row per token, from the same start.
+        let rows = lib.info.max_forced_rows;
+        if f.name == needle_ir::DECODER_STEP && rows >= 2 {
+            workspace.push(WorkspaceRegion {
+                name: format!("model: scratch of decoder_rows ({rows} rows)"),
+                offset: f.arena_start,
+                bytes: (f.arena_end - f.arena_start) * rows,
+            });
+        }
     }
     for &(region, offset, bytes) in &lib.info.regions {
         if region != "model" {
@@ -508,6 +525,10 @@ fn size_report_of(
         ("weights", compiled.precision.to_string()),
         ("max-gen-len", opts.max_gen_len.to_string()),
         ("grammar", opts.grammar.name().to_string()),
+        (
+            "max-forced-rows",
+            lib.info.max_forced_rows.max(1).to_string(),
+        ),
         ("max-query-tokens", lib.info.max_query_tokens.to_string()),
         ("name", opts.name.clone()),
     ]

@@ -225,6 +225,12 @@ enum Command {
         /// `needlec run --grammar strict`.
         #[arg(long, value_name = "reference|strict", default_value = "reference")]
         grammar: GrammarKind,
+        /// Run up to N consecutive forced tokens (the grammar allowed exactly one) through the
+        /// decoder as one multi-row step, each weight block read once for all of them (1 to 64;
+        /// 1: one row per step). The answer is the same for every N.
+        #[arg(long, value_name = "N", default_value_t = needlec::build::MAX_FORCED_ROWS,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+        max_forced_rows: usize,
         /// What to write (repeatable); default: staticlib and header.
         #[arg(long, value_enum)]
         emit: Vec<EmitArg>,
@@ -371,6 +377,7 @@ fn real_main() -> Result<ExitCode> {
             escalate_below,
             quantize_activations,
             grammar,
+            max_forced_rows,
             emit,
             report,
             out_dir,
@@ -414,6 +421,7 @@ fn real_main() -> Result<ExitCode> {
                 escalate_below,
                 quantize_activations,
                 grammar,
+                max_forced_rows,
                 emit,
                 out_dir,
             };

@@ -527,3 +527,39 @@ fn build_and_run_refuse_an_inexpressible_schema_alike() {
         stderr_of(&out)
     );
 }
+
+/// `--max-forced-rows` outside 1 to 64 (or not a number) is refused before anything loads,
+/// naming the flag and the range.
+#[test]
+fn max_forced_rows_outside_its_range_is_refused() {
+    let (ckpt, tok, tools) = (
+        example("tiny-needle.pkl"),
+        example("tokenizer.model"),
+        example("tools.json"),
+    );
+    let out_dir = path(work_dir("bad-input-forced-rows"));
+    for n in ["0", "65", "x"] {
+        let out = needlec(&[
+            "build",
+            "--checkpoint",
+            &ckpt,
+            "--tokenizer",
+            &tok,
+            "--tools",
+            &tools,
+            "--out-dir",
+            &out_dir,
+            "--max-forced-rows",
+            n,
+        ]);
+        let stderr = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{n}: {stderr}");
+        assert!(
+            stderr.starts_with("error: invalid value") && stderr.contains("--max-forced-rows"),
+            "{n}: {stderr}"
+        );
+        if n != "x" {
+            assert!(stderr.contains("not in 1..=64"), "{n}: {stderr}");
+        }
+    }
+}

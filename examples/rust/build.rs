@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use needlec::build::{build, BuildOptions, Emit};
+use needlec::build::{build, BuildOptions, Emit, MAX_FORCED_ROWS};
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -32,6 +32,7 @@ fn main() {
         escalate_below: 0.0,
         quantize_activations: false,
         grammar: Default::default(),
+        max_forced_rows: MAX_FORCED_ROWS,
         emit: vec![Emit::Staticlib, Emit::Rust],
         out_dir: out_dir.clone(),
     };

@@ -7,7 +7,11 @@
 //! and the library/runtime ratios. Prefill is timed as a call that stops after one decoder step
 //! (`--max-gen-len 2`); decode as the difference to a call of `DECODE_LEN - 1` steps.
 //!
-//! Run: `cargo bench -p needlec-tests --bench library`
+//! Then the bundled trained model on its 40 samples, under the reference grammar and under
+//! `--grammar strict` (with and without the multi-row step).
+//!
+//! Run: `cargo bench -p needlec-tests --bench library`; only the bundled model's part (seconds,
+//! not minutes): `NEEDLE_BENCH_ONLY=bundled cargo bench -p needlec-tests --bench library`.
 
 use std::path::Path;
 use std::process::Command;
@@ -15,7 +19,7 @@ use std::time::Instant;
 
 use needle_runtime::checkpoint::DType;
 use needle_runtime::config::Config;
-use needle_runtime::decode::{Engine, FoldMode};
+use needle_runtime::decode::{Engine, FoldMode, GrammarKind, ToolContext};
 use needle_runtime::model::Model;
 use needle_test_support::c::build_harness;
 use needle_test_support::{golden, work_dir};
@@ -79,6 +83,9 @@ fn workspace_size(header: &str) -> u64 {
 }
 
 /// Builds `model` into a library linked with the timing harness.
+/// The library for `model` as `needlec build` makes it with these options; `strict`:
+/// `--grammar strict --max-forced-rows N` (`None`: the reference grammar, default rows).
+#[allow(clippy::too_many_arguments)]
 fn build_library(
     dir: &Path,
     model: &Inputs<'_>,
@@ -87,12 +94,14 @@ fn build_library(
     cpu: Option<&str>,
     quantize_activations: bool,
     max_gen_len: usize,
+    strict: Option<usize>,
 ) -> BenchLibrary {
     let stem = model.checkpoint.file_stem().unwrap().to_string_lossy();
     let level = format!(
-        "{}{}",
+        "{}{}{}",
         cpu.unwrap_or("base"),
-        if quantize_activations { "-qa" } else { "" }
+        if quantize_activations { "-qa" } else { "" },
+        strict.map_or(String::new(), |r| format!("-strict{r}"))
     );
     let out = dir.join(format!(
         "{stem}-{}-{weights}-{level}-{max_gen_len}",
@@ -112,7 +121,12 @@ fn build_library(
         name: "needle".into(),
         escalate_below: 0.0,
         quantize_activations,
-        grammar: Default::default(),
+        grammar: if strict.is_some() {
+            GrammarKind::Strict
+        } else {
+            GrammarKind::Reference
+        },
+        max_forced_rows: strict.unwrap_or(needlec::codegen::model::MAX_FORCED_ROWS),
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.clone(),
     };
@@ -164,6 +178,10 @@ fn padded_model(model: &Path, vocab: usize) -> Vec<u8> {
 
 fn main() {
     let dir = work_dir("bench-library");
+    if std::env::var("NEEDLE_BENCH_ONLY").as_deref() == Ok("bundled") {
+        bundled_samples(&dir);
+        return;
+    }
     let config = Config::full();
     // needlec refuses a tokenizer smaller than the model's vocabulary: dev4k padded to it.
     let tokenizer_path = dir.join("dev4k-padded.model");
@@ -254,8 +272,8 @@ fn main() {
             .chain(v3.map(|cpu| (Precision::Int4, Some(cpu), false)))
             .chain([(Precision::Int4, None, true)]);
         for (weights, cpu, qa) in levels {
-            let short = build_library(&dir, &full, fold, weights, cpu, qa, 2);
-            let long = build_library(&dir, &full, fold, weights, cpu, qa, DECODE_LEN);
+            let short = build_library(&dir, &full, fold, weights, cpu, qa, 2, None);
+            let long = build_library(&dir, &full, fold, weights, cpu, qa, DECODE_LEN, None);
             let (short_secs, long_secs) = (call_secs(&short, QUERY), call_secs(&long, QUERY));
             let name = match (cpu, qa) {
                 (Some(_), _) => format!("lib {weights} v3"),
@@ -327,7 +345,7 @@ fn bundled_samples(dir: &Path) {
             tools: &tools_json,
         };
         let lib = |weights: Precision| {
-            let lib = build_library(dir, &model, fold, weights, None, false, 512);
+            let lib = build_library(dir, &model, fold, weights, None, false, 512, None);
             samples
                 .iter()
                 .map(|s| call_secs(&lib, &s.query))
@@ -346,6 +364,100 @@ fn bundled_samples(dir: &Path) {
             pct(0),
             pct(1),
             pct(2)
+        );
+    }
+    bundled_strict(&root, &samples, &tokenizer, &tools, dir);
+}
+
+/// The bundled model under `--grammar strict`: call ms for the runtime and the library (f16
+/// with the multi-row step and without it, `--max-forced-rows 1`; int4 with it), the step
+/// kinds as above, and the steps the library runs in multi-row steps (forced steps batched
+/// with the step after them) and the forced steps it runs no row for (those a decode ends on,
+/// its EOS), as `needlec::codegen::model::forced_row_calls` counts them and the library follows
+/// (`library_e2e::multi_row_forced_steps_answer_as_one_row_steps` checks they agree).
+fn bundled_strict(
+    root: &Path,
+    samples: &[needle_test_support::Sample],
+    tokenizer: &needle_runtime::tokenizer::Tokenizer,
+    tools: &ToolContext,
+    dir: &Path,
+) {
+    use needlec::codegen::model::{forced_row_calls, MAX_FORCED_ROWS};
+    let tools_json = std::fs::read_to_string(root.join("tools.json")).unwrap();
+    let tokenizer_path = root.join("tokenizer.model");
+    println!("\nthe same under --grammar strict (multi-row: --max-forced-rows {MAX_FORCED_ROWS}; one-row: 1):");
+    println!(
+        "{:<24} {:<8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9} {:>7}",
+        "checkpoint",
+        "fold",
+        "runtime",
+        "f16 multi",
+        "f16 one",
+        "int4 mult",
+        "forced",
+        "sparse",
+        "full",
+        "multi-row",
+        "no row"
+    );
+    for (file, fold) in [
+        ("tiny-needle.pkl", FoldMode::None),
+        ("tiny-needle-folded.pkl", FoldMode::Tools),
+    ] {
+        let checkpoint = root.join(file);
+        let loaded = needlec::frontend::load_model_as(&checkpoint, None).unwrap();
+        let vocab = loaded.model.config.vocab_size;
+        let sparse_max = needlec::codegen::model::sparse_logits_max(vocab);
+        let engine = Engine::new(loaded.model, tokenizer.clone(), tools.clone(), fold)
+            .unwrap()
+            .with_grammar(GrammarKind::Strict)
+            .unwrap();
+        let (mut rt, mut steps, mut multi, mut unrun) = (0.0, [0usize; 3], 0usize, 0usize);
+        for s in samples {
+            rt += best_of(REPEATS, || {
+                engine.generate(&s.query, 512).unwrap();
+            });
+            let g = engine.generate(&s.query, 512).unwrap();
+            let allowed: Vec<Option<usize>> = g.steps.iter().map(|st| st.allowed).collect();
+            for a in &allowed {
+                match *a {
+                    Some(1) => steps[0] += 1,
+                    Some(n) if n >= 2 && n <= sparse_max => steps[1] += 1,
+                    _ => steps[2] += 1,
+                }
+            }
+            let calls = forced_row_calls(allowed.iter().copied(), MAX_FORCED_ROWS);
+            multi += calls.iter().filter(|&&r| r >= 2).sum::<usize>();
+            unrun += allowed.len() - calls.iter().sum::<usize>();
+        }
+        let model = Inputs {
+            checkpoint: &checkpoint,
+            tokenizer: &tokenizer_path,
+            tools: &tools_json,
+        };
+        let lib = |weights: Precision, rows: usize| {
+            let lib = build_library(dir, &model, fold, weights, None, false, 512, Some(rows));
+            samples
+                .iter()
+                .map(|s| call_secs(&lib, &s.query))
+                .sum::<f64>()
+        };
+        let n = samples.len() as f64;
+        let total = steps.iter().sum::<usize>() as f64;
+        let pct = |k: usize| 100.0 * k as f64 / total;
+        println!(
+            "{:<24} {:<8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6.1}% {:>6.1}% {:>6.1}% {:>8.1}% {:>6.1}%",
+            file,
+            fold.name(),
+            rt / n * 1e3,
+            lib(Precision::F16, MAX_FORCED_ROWS) / n * 1e3,
+            lib(Precision::F16, 1) / n * 1e3,
+            lib(Precision::Int4, MAX_FORCED_ROWS) / n * 1e3,
+            pct(steps[0]),
+            pct(steps[1]),
+            pct(steps[2]),
+            pct(multi),
+            pct(unrun),
         );
     }
 }

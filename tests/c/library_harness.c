@@ -7,9 +7,10 @@
  *   library_harness threads    answers every query on stdin from 4 threads at once, each with its
  *                              own workspace, and prints the outputs of thread 0 as `answer` does
  *   library_harness steps      answers every query on stdin and prints, per query, "<status>
- *                              <forced> <sparse> <full>": the decoder steps of the call by what
- *                              they computed, from the three uint32_t the library leaves in the
- *                              last 64 bytes of the workspace
+ *                              <forced> <sparse> <full> <multi-row steps> <multi-row calls>": the
+ *                              decoder steps of the call by what they computed, and how many of
+ *                              the forced ones ran in how many multi-row steps, from the five
+ *                              uint32_t the library leaves in the last 64 bytes of the workspace
  *   library_harness ex         answers every query on stdin with needle_call and needle_call_ex
  *                              (checking they give the same status and bytes) and prints, per
  *                              query, "<status> <confidence> <escalate> <tool> <parsed>
@@ -245,9 +246,10 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < n; i++) {
             size_t len = 0;
             int32_t st = needle_call(ws, qs[i].bytes, qs[i].len, out, NEEDLE_MAX_OUTPUT_BYTES, &len);
-            uint32_t counts[3];
+            uint32_t counts[5];
             memcpy(counts, ws + NEEDLE_WORKSPACE_SIZE - 64, sizeof counts);
-            printf("%d %u %u %u\n", (int)st, counts[0], counts[1], counts[2]);
+            printf("%d %u %u %u %u %u\n", (int)st, counts[0], counts[1], counts[2], counts[3],
+                   counts[4]);
         }
         free(out);
         free(ws);

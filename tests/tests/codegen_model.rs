@@ -50,6 +50,7 @@ fn compile_checkpoint(
         escalate_below: 0.0,
         quantize_activations: false,
         grammar: Default::default(),
+        max_forced_rows: needlec::codegen::model::MAX_FORCED_ROWS,
         emit: vec![],
         out_dir: PathBuf::from("."),
     };
@@ -60,28 +61,51 @@ fn compile_checkpoint(
 fn harness(dir: &std::path::Path, compiled: &Compiled) -> (PathBuf, ModelCode) {
     let target = Target::host().unwrap();
     let mut ks = KernelSet::new(&target, PREFIX).unwrap();
-    let code = define_model(&mut ks, &compiled.module, &compiled.store, true).unwrap();
-    // The layout the code uses is the IR's workspace plan (what `--emit ir` prints).
+    let code = define_model(
+        &mut ks,
+        &compiled.module,
+        &compiled.store,
+        true,
+        needlec::codegen::model::MAX_FORCED_ROWS,
+    )
+    .unwrap();
+    // The layout the code uses is the IR's workspace plan (what `--emit ir` prints), with room
+    // for the multi-row step's rows past its arena where they need it.
     let plan = needle_ir::WorkspacePlan::of(&compiled.module).unwrap();
-    assert_eq!(
-        (code.workspace_bytes, code.logits_offset),
-        (plan.total_bytes, plan.logits.offset)
-    );
+    assert_eq!(code.logits_offset, plan.logits.offset);
+    assert!(code.workspace_bytes >= plan.total_bytes);
+    assert_eq!(code.max_rows, needlec::codegen::model::MAX_FORCED_ROWS);
     let functions = ks.functions().to_vec();
     let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, ["t_model_encode_query", "t_model_decoder_step"]);
+    assert_eq!(
+        names,
+        [
+            "t_model_encode_query",
+            "t_model_decoder_step",
+            "t_model_decoder_rows"
+        ]
+    );
     let obj = ks.finish().unwrap();
     let rep = check_standalone(&obj, PREFIX).unwrap();
     assert_eq!(
         rep.exports,
-        ["t_model_decoder_step", "t_model_encode_query"]
+        [
+            "t_model_decoder_rows",
+            "t_model_decoder_step",
+            "t_model_encode_query"
+        ]
     );
     let vocab = compiled.model.config.vocab_size;
     let extra = format!(
         "#define MODEL_WS_BYTES {}\n#define MODEL_WS_ALIGN {}\n#define MODEL_LOGITS_OFFSET {}\n\
          #define MODEL_VOCAB {vocab}\n#define MODEL_MAX_POSITIONS {}\n\
-         #define MODEL_ENCODE t_model_encode_query\n#define MODEL_STEP t_model_decoder_step\n",
-        code.workspace_bytes, code.workspace_align, code.logits_offset, code.max_positions
+         #define MODEL_ENCODE t_model_encode_query\n#define MODEL_STEP t_model_decoder_step\n\
+         #define MODEL_ROWS t_model_decoder_rows\n#define MODEL_MAX_ROWS {}\n",
+        code.workspace_bytes,
+        code.workspace_align,
+        code.logits_offset,
+        code.max_positions,
+        code.max_rows
     );
     let header = write_header("t_model", &["needlec model test"], &extra, &functions);
     let name = format!("model.{}", target.object_extension());
@@ -168,7 +192,23 @@ fn check(checkpoint: &str, forced: &str, mode: &str, weights: Option<Precision>)
                 case.query
             );
             let what = format!("{forced} {mode} {:?}", case.query);
-            let lines: Vec<&str> = runs[i].lines().collect();
+            // The multi-row steps' tokens and logits are the one-row steps', bit for bit.
+            let (lines, rows): (Vec<&str>, Vec<&str>) =
+                runs[i].lines().partition(|l| !l.starts_with("rows "));
+            let expected_calls = {
+                let (mut calls, mut pos, mut k) = (0, 0, 1);
+                while pos < case.dec_ids.len() {
+                    pos += k.min(case.dec_ids.len() - pos);
+                    k = k % code.max_rows + 1;
+                    calls += 1;
+                }
+                calls
+            };
+            assert_eq!(
+                rows,
+                [format!("rows {expected_calls} 0")],
+                "{what}: multi-row steps (calls, mismatches)"
+            );
             assert_eq!(lines.len(), case.dec_ids.len(), "{what}");
             for (pos, line) in lines.iter().enumerate() {
                 let f: Vec<&str> = line.split(' ').collect();
@@ -302,8 +342,14 @@ fn every_supported_target_generates_a_standalone_model() {
         let target = Target::with_features(triple, &features).unwrap();
         for (p, compiled) in &formats {
             let mut ks = KernelSet::new(&target, PREFIX).unwrap();
-            define_model(&mut ks, &compiled.module, &compiled.store, false)
-                .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
+            define_model(
+                &mut ks,
+                &compiled.module,
+                &compiled.store,
+                false,
+                needlec::codegen::model::MAX_FORCED_ROWS,
+            )
+            .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
             let obj = ks.finish().unwrap();
             let rep = check_standalone(&obj, PREFIX)
                 .unwrap_or_else(|e| panic!("{target} --weights {p}: {e}"));
@@ -325,7 +371,7 @@ fn a_module_the_passes_have_not_run_on_is_refused() {
     );
     let lowered = needle_ir::parse(compiled.stages.after("lowered").unwrap()).unwrap();
     let mut ks = KernelSet::new(&Target::host().unwrap(), PREFIX).unwrap();
-    let e = define_model(&mut ks, &lowered, &compiled.store, false).unwrap_err();
+    let e = define_model(&mut ks, &lowered, &compiled.store, false, 0).unwrap_err();
     assert!(
         e.to_string()
             .contains("is removed by the `fold-constants` pass: run the pass pipeline"),
@@ -408,7 +454,13 @@ fn forced_and_sparse_steps_pick_the_full_paths_token() {
         }
         let out = run(&exe, &[], input.as_bytes());
         let text = String::from_utf8(out.stdout).unwrap();
-        let lines: Vec<&str> = text.lines().filter(|l| *l != "end").collect();
+        let (lines, rows): (Vec<&str>, Vec<&str>) =
+            (text.lines().filter(|l| *l != "end")).partition(|l| !l.starts_with("rows "));
+        // The multi-row steps pick the same tokens (forced, sparse, NaN, ties) bit for bit.
+        assert!(
+            rows.len() == 1 && rows[0].ends_with(" 0"),
+            "multi-row steps: {rows:?}"
+        );
         assert_eq!(lines.len(), lists.len());
         for (pos, (line, allowed)) in lines.iter().zip(&lists).enumerate() {
             let f: Vec<&str> = line.split(' ').collect();

@@ -2,7 +2,8 @@
 //! - aarch64 and riscv64 Linux: the golden cases' libraries (both fixtures, both fold modes)
 //!   linked `-static` with Debian's cross compilers and run under qemu-user must give outputs
 //!   byte-identical to the host library's;
-//!   and so must the bundled model's `--grammar strict` library on the 40 samples;
+//!   and so must the bundled model's `--grammar strict` library on the 40 samples (default and
+//!   int4 weights: forced steps there run as multi-row steps);
 //! - Android, Apple (Mach-O) and Windows (COFF): the objects are parsed (architecture, format,
 //!   exports, relocations, sections, nothing undefined) and linked by lld into a shared library.
 //!
@@ -44,6 +45,7 @@ fn options(
         escalate_below: 0.0,
         quantize_activations: false,
         grammar: Default::default(),
+        max_forced_rows: needlec::codegen::model::MAX_FORCED_ROWS,
         emit: vec![Emit::Staticlib, Emit::Header, Emit::Obj],
         out_dir: out.to_path_buf(),
     }
@@ -223,33 +225,45 @@ fn check_strict_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
         read_json(&needle_test_support::tiny_needle("samples.json"));
     let queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
     let tools = needle_test_support::tiny_needle("tools.json");
-    let dir = work_dir(&format!("strict-{triple}"));
-    let outputs: Vec<String> = [&host, &target]
-        .iter()
-        .map(|t| {
-            let out = dir.join(t.name);
-            build(&BuildOptions {
-                checkpoint: needle_test_support::tiny_needle("tiny-needle-folded.pkl"),
-                tokenizer: needle_test_support::tiny_needle("tokenizer.model"),
-                grammar: needle_runtime::decode::GrammarKind::Strict,
-                max_gen_len: 24,
-                ..options(t, "", tools.to_str().unwrap(), FoldMode::Tools, None, &out)
+    // The default weights and int4: under strict, forced steps run with the next step as
+    // multi-row steps, whose integer matrix products take each row singly (as a one-row step).
+    for weights in [None, Some(Precision::Int4)] {
+        let w = weights.map_or("default", |p| p.name());
+        let dir = work_dir(&format!("strict-{triple}-{w}"));
+        let outputs: Vec<String> = [&host, &target]
+            .iter()
+            .map(|t| {
+                let out = dir.join(t.name);
+                build(&BuildOptions {
+                    checkpoint: needle_test_support::tiny_needle("tiny-needle-folded.pkl"),
+                    tokenizer: needle_test_support::tiny_needle("tokenizer.model"),
+                    grammar: needle_runtime::decode::GrammarKind::Strict,
+                    max_gen_len: 24,
+                    ..options(
+                        t,
+                        "",
+                        tools.to_str().unwrap(),
+                        FoldMode::Tools,
+                        weights,
+                        &out,
+                    )
+                })
+                .unwrap();
+                let exe = harness_for(t, &out);
+                run_queries(t, &exe, &queries)
             })
-            .unwrap();
-            let exe = harness_for(t, &out);
-            run_queries(t, &exe, &queries)
-        })
-        .collect();
-    assert_eq!(outputs[0].lines().count(), queries.len());
-    assert!(
-        outputs[0].lines().all(|l| l.starts_with("0 ")),
-        "host statuses"
-    );
-    same_answers(
-        &outputs[1],
-        &outputs[0],
-        &format!("strict: {triple} vs host"),
-    );
+            .collect();
+        assert_eq!(outputs[0].lines().count(), queries.len());
+        assert!(
+            outputs[0].lines().all(|l| l.starts_with("0 ")),
+            "host statuses"
+        );
+        same_answers(
+            &outputs[1],
+            &outputs[0],
+            &format!("strict {w}: {triple} vs host"),
+        );
+    }
 }
 
 #[test]

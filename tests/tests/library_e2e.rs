@@ -45,6 +45,7 @@ fn options(
         escalate_below: 0.0,
         quantize_activations: false,
         grammar: Default::default(),
+        max_forced_rows: needlec::codegen::model::MAX_FORCED_ROWS,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out.to_path_buf(),
     }
@@ -127,8 +128,9 @@ fn answers(exe: &Path, mode: &str, queries: &[&str]) -> Vec<(i32, String)> {
 }
 
 /// Runs the harness's `steps` mode over `queries`: per query, the status and the library's
-/// decoder steps as forced, sparse, full.
-fn step_counts(exe: &Path, queries: &[&str]) -> Vec<(i32, [usize; 3])> {
+/// decoder steps as forced, sparse, full, then the forced steps that ran in multi-row steps and
+/// those steps (`needlec::codegen::driver::STEP_COUNTS`).
+fn step_counts(exe: &Path, queries: &[&str]) -> Vec<(i32, [usize; 5])> {
     let mut stdin = Vec::new();
     for q in queries {
         stdin.extend((q.len() as u32).to_le_bytes());
@@ -140,8 +142,8 @@ fn step_counts(exe: &Path, queries: &[&str]) -> Vec<(i32, [usize; 3])> {
         .lines()
         .map(|line| {
             let f: Vec<usize> = line.split(' ').map(|x| x.parse().unwrap()).collect();
-            assert_eq!(f.len(), 4, "{line}");
-            (f[0] as i32, [f[1], f[2], f[3]])
+            assert_eq!(f.len(), 6, "{line}");
+            (f[0] as i32, [f[1], f[2], f[3], f[4], f[5]])
         })
         .collect()
 }
@@ -517,7 +519,7 @@ fn jump_forward_and_sparse_steps_follow_the_grammar() {
                 }
             }
             assert_eq!(want.iter().sum::<usize>(), run.steps.len());
-            assert_eq!(*line, (0, want), "{what}: steps");
+            assert_eq!((line.0, &line.1[..3]), (0, &want[..]), "{what}: steps");
             for k in 0..3 {
                 totals[k] += want[k];
                 all[k] += want[k];
@@ -1534,7 +1536,7 @@ fn strict_library_answers_like_needlec_run_strict() {
                         _ => want[2] += 1,
                     }
                 }
-                assert_eq!(*line, (0, want), "{what}: steps");
+                assert_eq!((line.0, &line.1[..3]), (0, &want[..]), "{what}: steps");
                 forced += want[0];
                 // Answers the budget cut short: the list is still complete and valid JSON.
                 if run.steps.len() == max_gen_len - 1 {
@@ -1614,4 +1616,85 @@ fn strict_build_refuses_what_strict_run_refuses() {
     assert!(err.ends_with(&run_err), "{err} / {run_err}");
     assert!(err.contains("--grammar strict needs at least"), "{err}");
     build(&opts(GrammarKind::Strict, needed + 1, &bundled_tools)).unwrap();
+}
+
+/// The multi-row forced step (`--max-forced-rows`): under `--grammar strict` on the bundled
+/// samples, in every weight format (float32, half, int8, int4: the integer formats take their
+/// rows singly inside each weight block, as a one-row step computes them) and both fold modes,
+/// a library that runs runs of forced tokens as multi-row steps answers exactly as one that
+/// runs every step as one row (`--max-forced-rows 1`): the same status and bytes, the same
+/// confidence bit for bit, the same choice steps and tool. The step counts prove the multi-row
+/// path ran, exactly as `forced_row_calls` predicts from the runtime's allowed lists, and
+/// never with `--max-forced-rows 1`. A bound of 2 splits the same runs into more steps.
+#[test]
+fn multi_row_forced_steps_answer_as_one_row_steps() {
+    use needle_runtime::decode::GrammarKind;
+    use needlec::codegen::model::{forced_row_calls, MAX_FORCED_ROWS};
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let mut queries: Vec<&str> = samples.iter().map(|s| s.query.as_str()).collect();
+    queries.extend(["Tell me a joke", ""]);
+    let combos = [
+        (None, FoldMode::None, 512),
+        (Some(Precision::F32), FoldMode::Tools, 512),
+        (Some(Precision::Int8), FoldMode::Tools, 64),
+        (Some(Precision::Int4), FoldMode::None, 512),
+    ];
+    let mut multi_rows = 0;
+    for (i, (weights, fold, max_gen_len)) in combos.into_iter().enumerate() {
+        let checkpoint = "tiny-needle.pkl";
+        let options = needlec::frontend::ModelOptions {
+            fold: Some(fold),
+            grammar: GrammarKind::Strict,
+            weights,
+            ..Default::default()
+        };
+        let loaded = bundled_model(checkpoint, &options);
+        let lib = |rows: usize| {
+            build_library(&format!("multirow-{i}-{rows}"), |out| BuildOptions {
+                grammar: GrammarKind::Strict,
+                weights,
+                max_forced_rows: rows,
+                ..bundled(checkpoint, Some(fold), max_gen_len, out)
+            })
+        };
+        let what = format!("{weights:?} {fold:?} max_gen_len {max_gen_len}");
+        let one = lib(1);
+        let want = ex_answers(&one, &queries);
+        for rows in [MAX_FORCED_ROWS, 2] {
+            let exe = lib(rows);
+            let got = ex_answers(&exe, &queries);
+            assert_eq!(got.len(), want.len(), "{what}");
+            for ((q, g), w) in queries.iter().zip(&got).zip(&want) {
+                let what = format!("{what} --max-forced-rows {rows} {q:?}");
+                assert_eq!((g.status, &g.output), (w.status, &w.output), "{what}");
+                assert_eq!(
+                    (g.confidence.to_bits(), g.choice_steps, g.tool, g.parsed),
+                    (w.confidence.to_bits(), w.choice_steps, w.tool, w.parsed),
+                    "{what}"
+                );
+            }
+            for (q, line) in queries.iter().zip(step_counts(&exe, &queries)) {
+                let run = loaded.engine.generate(q, max_gen_len).unwrap();
+                let calls = forced_row_calls(run.steps.iter().map(|s| s.allowed), rows);
+                let multi: Vec<usize> = calls.into_iter().filter(|&n| n >= 2).collect();
+                assert!(multi.iter().all(|&n| n <= rows), "{what} {q:?}");
+                assert_eq!(
+                    (line.0, line.1[3], line.1[4]),
+                    (0, multi.iter().sum::<usize>(), multi.len()),
+                    "{what} --max-forced-rows {rows} {q:?}: multi-row steps"
+                );
+                if rows == MAX_FORCED_ROWS {
+                    multi_rows += line.1[3];
+                }
+            }
+        }
+        for line in step_counts(&one, &queries) {
+            assert_eq!(
+                (line.1[3], line.1[4]),
+                (0, 0),
+                "{what}: --max-forced-rows 1"
+            );
+        }
+    }
+    assert!(multi_rows > 0, "no multi-row step ran");
 }

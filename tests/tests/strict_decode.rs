@@ -84,3 +84,80 @@ fn every_sample_decodes_to_a_valid_call_under_strict() {
         }
     }
 }
+
+/// How much a multi-row decoder step can batch: on the 40 bundled samples, in the three
+/// checkpoint/fold combinations, under the reference and the strict grammar, the decoder steps
+/// the grammar forces (one allowed id), the lengths of their runs (consecutive forced steps) as
+/// a histogram, and the steps the library runs in multi-row steps (`forced_row_calls` at the
+/// default bound: forced rows join the next step with a choice). Measured: the reference
+/// grammar forces no step (it lists every continuation of a name or key along its trie); strict
+/// forces about one step in twelve, but never two in a row (it allows every tokenization of its
+/// literals, so a literal leaves a choice of pieces): `<tool_call>` first and EOS last in every
+/// answer, and single tokens between literals. So the multi-row step batches forced steps with
+/// the step after them (two rows), and a decode's trailing forced EOS runs no row at all.
+#[test]
+fn forced_runs_by_grammar() {
+    use needlec::codegen::model::{forced_row_calls, forced_runs, MAX_FORCED_ROWS};
+    let samples: Vec<Sample> = read_json(&tiny_needle("samples.json"));
+    let tokenizer = tiny_needle("tokenizer.model");
+    let tools = tiny_needle("tools.json");
+    let tools = tools.to_str().unwrap();
+    let combos = [
+        ("tiny-needle.pkl", FoldMode::None),
+        ("tiny-needle.pkl", FoldMode::Tools),
+        ("tiny-needle-folded.pkl", FoldMode::Tools),
+    ];
+    for grammar in [GrammarKind::Reference, GrammarKind::Strict] {
+        let (mut steps, mut forced) = (0usize, 0usize);
+        let (mut multi, mut calls, mut unrun) = (0usize, 0usize, 0usize);
+        let mut hist = std::collections::BTreeMap::new();
+        for (checkpoint, fold) in combos {
+            let options = ModelOptions {
+                fold: Some(fold),
+                grammar,
+                ..ModelOptions::default()
+            };
+            let loaded = load_with(&tiny_needle(checkpoint), &tokenizer, tools, &options).unwrap();
+            for s in &samples {
+                let g = loaded.engine.generate(&s.query, 512).unwrap();
+                let allowed: Vec<Option<usize>> = g.steps.iter().map(|st| st.allowed).collect();
+                let runs = forced_runs(allowed.iter().copied());
+                // The runs cover the forced steps exactly.
+                let n_forced = allowed.iter().filter(|a| **a == Some(1)).count();
+                assert_eq!(runs.iter().sum::<usize>(), n_forced, "{:?}", s.query);
+                let rows = forced_row_calls(allowed.iter().copied(), MAX_FORCED_ROWS);
+                // Every step runs its row in one call, but forced steps the decode ends on.
+                let ran: usize = rows.iter().sum();
+                assert!(ran <= allowed.len() && rows.iter().all(|&r| r <= MAX_FORCED_ROWS));
+                unrun += allowed.len() - ran;
+                multi += rows.iter().filter(|&&r| r >= 2).sum::<usize>();
+                calls += rows.iter().filter(|&&r| r >= 2).count();
+                steps += allowed.len();
+                forced += n_forced;
+                for r in runs {
+                    *hist.entry(r).or_insert(0usize) += 1;
+                }
+            }
+        }
+        let pct = |n: usize| 100.0 * n as f64 / steps as f64;
+        println!(
+            "{grammar:?}: {steps} decoder steps, {forced} forced ({:.1}%); multi-row: {multi} steps ({:.1}%) in {calls} calls; {unrun} steps run no row ({:.1}%)",
+            pct(forced),
+            pct(multi),
+            pct(unrun),
+        );
+        println!("  forced run length: number of runs  {hist:?}");
+        match grammar {
+            GrammarKind::Reference => {
+                assert_eq!(
+                    (forced, multi, unrun),
+                    (0, 0, 0),
+                    "the reference grammar forced a step"
+                )
+            }
+            GrammarKind::Strict => {
+                assert!(forced > 0 && multi > 0, "strict forced nothing to batch")
+            }
+        }
+    }
+}

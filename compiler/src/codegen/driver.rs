@@ -16,8 +16,9 @@
 //!
 //! The workspace is the only mutable memory: the model's region (the IR's workspace plan), the
 //! grammar state, the token buffers, the scratch of the tokenizer and of the output code, the
-//! output text, and last the call's decoder-step counts (forced, sparse, full: see
-//! [`super::model::StepKind`]). Its layout is planned here, at build time, so its size is exact,
+//! output text, the forced steps' waiting tokens (see `ForcedRows`), and last the call's
+//! decoder-step counts ([`STEP_COUNTS`]: forced, sparse, full, see [`super::model::StepKind`];
+//! then the multi-row steps). Its layout is planned here, at build time, so its size is exact,
 //! and by lifetime: a call tokenizes, then runs the model, then renders the answer, and regions
 //! of phases that never meet share memory (the tokenizer's and the output's scratch lie over
 //! the model's region; see [`Phase`]).
@@ -141,14 +142,29 @@ pub struct WorkspaceLayout {
     pub text: usize,
     pub output_scratch: usize,
     pub output: usize,
-    /// The last call's decoder steps by [`StepKind`]: `uint32_t` forced, sparse, full. The last
-    /// region, so it sits at `total - STEP_COUNTS_BYTES` (tests read it there).
+    /// The forced tokens waiting for the multi-row step (`decoder_rows`): `max_rows` ids.
+    pub forced_ids: usize,
+    /// The last call's decoder steps ([`STEP_COUNTS`]). The last region, so it sits at
+    /// `total - STEP_COUNTS_BYTES` (tests read it there).
     pub step_counts: usize,
     pub total: usize,
 }
 
-/// Bytes of the step-count region at the end of the workspace (three `uint32_t`, aligned).
+/// Bytes of the step-count region at the end of the workspace ([`STEP_COUNTS`], aligned).
 pub const STEP_COUNTS_BYTES: usize = WORKSPACE_ALIGN;
+
+/// The `uint32_t` counts a call leaves in the step-count region, in order: its decoder steps by
+/// [`StepKind`] (forced, sparse, full: they add up to the steps), then how many steps ran their
+/// rows in multi-row steps (`decoder_rows` calls, two rows or more: forced steps and the step
+/// after them), and how many such calls there were (`ForcedRows`). Forced steps the call ends
+/// on (EOS, or the last step) run no rows at all: nothing reads their K/V.
+pub const STEP_COUNTS: &[&str] = &[
+    "forced",
+    "sparse",
+    "full",
+    "multi_row_steps",
+    "multi_row_calls",
+];
 
 /// What the header and tests need to know of the generated interface.
 #[derive(Clone, Debug)]
@@ -161,6 +177,8 @@ pub struct LibraryInfo {
     pub max_gen_len: usize,
     pub max_text_bytes: usize,
     pub max_output_bytes: usize,
+    /// The most rows of the model's multi-row step (0: none; see `ForcedRows`).
+    pub max_forced_rows: usize,
 }
 
 /// Model facts reported by `NAME_model_info`, in the struct's field order.
@@ -305,6 +323,10 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
     let grammar_state = place("grammar state", Model..=Model, parts.grammar.state_bytes);
     let n_allowed = place("allowed-token count", Model..=Model, 8);
     let gen_ids = place("generated token ids", Model..=Render, 4 * max_steps);
+    let forced_ids = match parts.model.decoder_rows {
+        Some(_) => place("forced token ids", Model..=Model, 4 * parts.model.max_rows),
+        None => 0,
+    };
     let text = place("generated text", Render..=Render, max_text_bytes);
     let output_scratch = place(
         "output scratch",
@@ -324,6 +346,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
         text,
         output_scratch,
         output,
+        forced_ids,
         step_counts,
         total: step_counts + STEP_COUNTS_BYTES,
     };
@@ -335,6 +358,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
         max_gen_len: limits.max_gen_len,
         max_text_bytes,
         max_output_bytes,
+        max_forced_rows: parts.model.max_rows,
     }
 }
 
@@ -388,124 +412,143 @@ pub fn define_driver(
     let skips_by_allowed = parts.model.skips_by_allowed;
     let logits_offset = parts.model.logits_offset;
     let budget = parts.grammar.budget;
-    ks.define_function(
-        generate,
-        &[],
-        &[
-            parts.model.encode_query,
-            parts.model.decoder_step,
-            parts.grammar.reset,
-            parts.grammar.allowed,
-            parts.grammar.feed,
-        ],
-        |g, a, _, f| {
-            let (ws, ids, n, result) = (a[0], a[1], a[2], a[3]);
-            let encode = f.get(parts.model.encode_query);
-            let step = f.get(parts.model.decoder_step);
-            let reset = f.get(parts.grammar.reset);
-            let allowed = f.get(parts.grammar.allowed);
-            let feed = f.get(parts.grammar.feed);
-            g.call(encode, &[ws, ids, n]);
-            let state = at(g, ws, l.grammar_state);
-            g.call(reset, &[state]);
-            let n_allowed_ptr = at(g, ws, l.n_allowed);
-            let gen = at(g, ws, l.gen_ids);
-            let counts = at(g, ws, l.step_counts);
-            let zero32 = iconst32(g, 0);
-            for k in 0..3 {
-                g.b.ins().store(mem(), zero32, counts, 4 * k);
+    let mut callees = vec![
+        parts.model.encode_query,
+        parts.model.decoder_step,
+        parts.grammar.reset,
+        parts.grammar.allowed,
+        parts.grammar.feed,
+    ];
+    callees.extend(parts.model.decoder_rows);
+    let max_rows = parts.model.max_rows as i64;
+    let max_positions = parts.model.max_positions as i64;
+    ks.define_function(generate, &[], &callees, |g, a, _, f| {
+        let (ws, ids, n, result) = (a[0], a[1], a[2], a[3]);
+        let encode = f.get(parts.model.encode_query);
+        let step = f.get(parts.model.decoder_step);
+        let reset = f.get(parts.grammar.reset);
+        let allowed = f.get(parts.grammar.allowed);
+        let feed = f.get(parts.grammar.feed);
+        g.call(encode, &[ws, ids, n]);
+        let state = at(g, ws, l.grammar_state);
+        g.call(reset, &[state]);
+        let n_allowed_ptr = at(g, ws, l.n_allowed);
+        let gen = at(g, ws, l.gen_ids);
+        let counts = at(g, ws, l.step_counts);
+        let zero32 = iconst32(g, 0);
+        for k in 0..STEP_COUNTS.len() as i32 {
+            g.b.ins().store(mem(), zero32, counts, 4 * k);
+        }
+        let eos = iconst32(g, 1);
+        let token = g.var(types::I32, eos);
+        let zero = g.iconst(0);
+        let ptr = g.ptr;
+        let count = g.var(ptr, zero);
+        let not_done = g.b.ins().iconst(types::I8, 0);
+        let done = g.var(types::I8, not_done);
+        let conf = Confidence::new(g);
+        let rows = match parts.model.decoder_rows {
+            Some(rows_fn) if skips_by_allowed => {
+                let z = iconst32(g, 0);
+                Some(ForcedRows {
+                    rows_fn: f.get(rows_fn),
+                    step_fn: step,
+                    ws,
+                    ids: at(g, ws, l.forced_ids),
+                    counts,
+                    pending: g.var(types::I32, z),
+                    max_rows,
+                    vocab,
+                    max_positions,
+                })
             }
-            let eos = iconst32(g, 1);
-            let token = g.var(types::I32, eos);
-            let zero = g.iconst(0);
-            let ptr = g.ptr;
-            let count = g.var(ptr, zero);
-            let not_done = g.b.ins().iconst(types::I8, 0);
-            let done = g.var(types::I8, not_done);
-            let conf = Confidence::new(g);
-            let non_finite = g.var(types::I8, not_done);
-            let limit = g.iconst(max_steps);
-            g.for_range(zero, limit, 1, |g, pos| {
-                let d = g.get(done);
-                let cond = g.b.ins().icmp_imm_u(IntCC::Equal, d, 0);
-                g.if_then(cond, |g| {
-                    let allowed_ptr = if budget {
-                        // The strict grammar closes the list within the steps left after this
-                        // one: `max_steps - pos - 1`, as the runtime's `allowed(remaining)`.
-                        let left = g.iconst(max_steps - 1);
-                        let remaining = g.b.ins().isub(left, pos);
-                        g.call(allowed, &[state, n_allowed_ptr, remaining])
-                    } else {
-                        g.call(allowed, &[state, n_allowed_ptr])
-                    }
-                    .expect("returns");
-                    let na = g.b.ins().load(ptr, mem(), n_allowed_ptr, 0);
-                    // Count the step as the model will run it: counts[2 - kind].
-                    let kind = if skips_by_allowed {
-                        emit_step_kind(g, allowed_ptr, na, vocab as usize)
-                    } else {
-                        g.iconst(StepKind::Full as i64)
-                    };
-                    let two = g.iconst(2);
-                    let slot = g.b.ins().isub(two, kind);
-                    let cp = g.addr(counts, slot, 4);
-                    let c = g.b.ins().load(types::I32, mem(), cp, 0);
-                    let c1 = g.b.ins().iadd_imm_s(c, 1);
-                    g.b.ins().store(mem(), c1, cp, 0);
-                    let tok = g.get(token);
-                    let next = g
+            _ => None,
+        };
+        let non_finite = g.var(types::I8, not_done);
+        let limit = g.iconst(max_steps);
+        g.for_range(zero, limit, 1, |g, pos| {
+            let d = g.get(done);
+            let cond = g.b.ins().icmp_imm_u(IntCC::Equal, d, 0);
+            g.if_then(cond, |g| {
+                let allowed_ptr = if budget {
+                    // The strict grammar closes the list within the steps left after this
+                    // one: `max_steps - pos - 1`, as the runtime's `allowed(remaining)`.
+                    let left = g.iconst(max_steps - 1);
+                    let remaining = g.b.ins().isub(left, pos);
+                    g.call(allowed, &[state, n_allowed_ptr, remaining])
+                } else {
+                    g.call(allowed, &[state, n_allowed_ptr])
+                }
+                .expect("returns");
+                let na = g.b.ins().load(ptr, mem(), n_allowed_ptr, 0);
+                // Count the step as the model will run it: counts[2 - kind].
+                let kind = if skips_by_allowed {
+                    emit_step_kind(g, allowed_ptr, na, vocab as usize)
+                } else {
+                    g.iconst(StepKind::Full as i64)
+                };
+                let two = g.iconst(2);
+                let slot = g.b.ins().isub(two, kind);
+                let cp = g.addr(counts, slot, 4);
+                let c = g.b.ins().load(types::I32, mem(), cp, 0);
+                let c1 = g.b.ins().iadd_imm_s(c, 1);
+                g.b.ins().store(mem(), c1, cp, 0);
+                let tok = g.get(token);
+                let next = match &rows {
+                    Some(rows) => rows.step(g, kind, tok, pos, allowed_ptr, na),
+                    None => g
                         .call(step, &[ws, tok, pos, allowed_ptr, na])
-                        .expect("returns");
-                    let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
-                    g.if_then(wanted, |g| {
-                        let logits = at(g, ws, logits_offset);
-                        conf.step(g, logits, allowed_ptr, na, next, vocab);
-                    });
-                    // A step with a choice (not exactly one allowed id) leaves the chosen id's
-                    // logit in the logits region; one that is not finite (exponent all ones)
-                    // ends the call with NAME_ERR_NUMERIC, as `needlec run` errs.
-                    let chose = g.b.ins().icmp_imm_u(IntCC::NotEqual, na, 1);
-                    g.if_then(chose, |g| {
-                        let logits = at(g, ws, logits_offset);
-                        let i = to_ptr(g, next);
-                        let bits = u32_at(g, mem(), logits, i);
-                        let exp = g.b.ins().band_imm_u(bits, 0x7f80_0000);
-                        let bad = g.b.ins().icmp_imm_u(IntCC::Equal, exp, 0x7f80_0000);
-                        g.if_then(bad, |g| {
-                            let one = g.b.ins().iconst(types::I8, 1);
-                            g.set(non_finite, one);
-                        });
-                    });
-                    let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
-                    let nf = g.get(non_finite);
-                    let stop = g.b.ins().bor(is_eos, nf);
-                    g.if_else(
-                        stop,
-                        |g| {
-                            let one = g.b.ins().iconst(types::I8, 1);
-                            g.set(done, one);
-                        },
-                        |g| {
-                            g.call(feed, &[state, next]);
-                            let c = g.get(count);
-                            let p = g.addr(gen, c, 4);
-                            g.b.ins().store(mem(), next, p, 0);
-                            let one = g.iconst(1);
-                            let c1 = g.b.ins().iadd(c, one);
-                            g.set(count, c1);
-                            g.set(token, next);
-                        },
-                    );
+                        .expect("returns"),
+                };
+                let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
+                g.if_then(wanted, |g| {
+                    let logits = at(g, ws, logits_offset);
+                    conf.step(g, logits, allowed_ptr, na, next, vocab);
                 });
+                // A step with a choice (not exactly one allowed id) leaves the chosen id's
+                // logit in the logits region; one that is not finite (exponent all ones)
+                // ends the call with NAME_ERR_NUMERIC, as `needlec run` errs.
+                let chose = g.b.ins().icmp_imm_u(IntCC::NotEqual, na, 1);
+                g.if_then(chose, |g| {
+                    let logits = at(g, ws, logits_offset);
+                    let i = to_ptr(g, next);
+                    let bits = u32_at(g, mem(), logits, i);
+                    let exp = g.b.ins().band_imm_u(bits, 0x7f80_0000);
+                    let bad = g.b.ins().icmp_imm_u(IntCC::Equal, exp, 0x7f80_0000);
+                    g.if_then(bad, |g| {
+                        let one = g.b.ins().iconst(types::I8, 1);
+                        g.set(non_finite, one);
+                    });
+                });
+                let is_eos = g.b.ins().icmp_imm_u(IntCC::Equal, next, 1);
+                let nf = g.get(non_finite);
+                let stop = g.b.ins().bor(is_eos, nf);
+                g.if_else(
+                    stop,
+                    |g| {
+                        let one = g.b.ins().iconst(types::I8, 1);
+                        g.set(done, one);
+                    },
+                    |g| {
+                        g.call(feed, &[state, next]);
+                        let c = g.get(count);
+                        let p = g.addr(gen, c, 4);
+                        g.b.ins().store(mem(), next, p, 0);
+                        let one = g.iconst(1);
+                        let c1 = g.b.ins().iadd(c, one);
+                        g.set(count, c1);
+                        g.set(token, next);
+                    },
+                );
             });
-            let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
-            g.if_then(wanted, |g| conf.store(g, result));
-            let nf = g.get(non_finite);
-            let count = g.get(count);
-            let flag = g.iconst(GENERATE_NON_FINITE);
-            Some(g.b.ins().select(nf, flag, count))
-        },
-    )?;
+        });
+        let wanted = g.b.ins().icmp_imm_u(IntCC::NotEqual, result, 0);
+        g.if_then(wanted, |g| conf.store(g, result));
+        let nf = g.get(non_finite);
+        let count = g.get(count);
+        let flag = g.iconst(GENERATE_NON_FINITE);
+        Some(g.b.ins().select(nf, flag, count))
+    })?;
 
     // ---- NAME_call and NAME_call_ex ----------------------------------------------------------
     let text_params = [
@@ -790,6 +833,131 @@ impl Confidence {
             .store(mem(), c, result, result_field("confidence"));
         g.b.ins()
             .store(mem(), steps, result, result_field("choice_steps"));
+    }
+}
+
+/// The multi-row step in the decode loop. A step's row (the token it feeds, at its position)
+/// goes into a buffer. A forced step (one allowed id: its token is known without logits)
+/// returns that id and leaves its row there; the next step that needs logits runs the buffered
+/// rows and its own as one `model_decoder_rows` call (its head on the last row), or, alone, as
+/// the one-row `model_decoder_step`. A buffer that reaches [`ModelCode::max_rows`] rows runs at
+/// once (the forced step's head computes nothing). Rows still buffered when the decode ends
+/// never run: nothing reads their K/V. The tokens, and with them the answer and the confidence
+/// (forced steps count for neither), are those of one-row steps: each row is computed exactly
+/// as the one-row step computes it.
+///
+/// [`ModelCode::max_rows`]: super::model::ModelCode::max_rows
+struct ForcedRows {
+    rows_fn: cranelift_codegen::ir::FuncRef,
+    step_fn: cranelift_codegen::ir::FuncRef,
+    ws: Value,
+    /// The buffered tokens (`max_rows` i32 in the workspace).
+    ids: Value,
+    /// The step-count region ([`STEP_COUNTS`]).
+    counts: Value,
+    /// How many rows are buffered (i32).
+    pending: cranelift_frontend::Variable,
+    max_rows: i64,
+    vocab: i64,
+    max_positions: i64,
+}
+
+impl ForcedRows {
+    /// The step at `pos` of kind `kind` feeding `tok` with the list `(allowed, n)`: its token,
+    /// as the one-row step returns it.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        g: &mut Gen<'_>,
+        kind: Value,
+        tok: Value,
+        pos: Value,
+        allowed: Value,
+        n: Value,
+    ) -> Value {
+        let m1 = iconst32(g, -1);
+        let next = g.var(types::I32, m1);
+        // What the one-row step refuses (a token outside the vocabulary, a position past the
+        // cache) goes to it, to be refused as before (-1, and so every later step: the
+        // buffered rows are never read).
+        let tok_ok =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedLessThan, tok, self.vocab);
+        let pos_ok =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedLessThan, pos, self.max_positions);
+        let ok = g.b.ins().band(tok_ok, pos_ok);
+        g.if_else(
+            ok,
+            |g| {
+                let k = g.get(self.pending);
+                let kp = to_ptr(g, k);
+                let slot = g.addr(self.ids, kp, 4);
+                g.b.ins().store(mem(), tok, slot, 0);
+                let k1 = g.b.ins().iadd_imm_s(k, 1);
+                let forced =
+                    g.b.ins()
+                        .icmp_imm_u(IntCC::Equal, kind, StepKind::Forced as i64);
+                let full = g.b.ins().icmp_imm_u(IntCC::Equal, k1, self.max_rows);
+                let not_forced = g.b.ins().icmp_imm_u(IntCC::Equal, forced, 0);
+                let go = g.b.ins().bor(not_forced, full);
+                g.if_else(
+                    go,
+                    |g| {
+                        let alone = g.b.ins().icmp_imm_u(IntCC::Equal, k1, 1);
+                        g.if_else(
+                            alone,
+                            |g| {
+                                let t = g
+                                    .call(self.step_fn, &[self.ws, tok, pos, allowed, n])
+                                    .expect("returns");
+                                g.set(next, t);
+                            },
+                            |g| {
+                                let rows = to_ptr(g, k1);
+                                let kp = to_ptr(g, k);
+                                let first = g.b.ins().isub(pos, kp);
+                                let t = g
+                                    .call(
+                                        self.rows_fn,
+                                        &[self.ws, self.ids, first, allowed, n, rows],
+                                    )
+                                    .expect("returns");
+                                g.set(next, t);
+                                let one = iconst32(g, 1);
+                                for (i, add) in [(3, k1), (4, one)] {
+                                    let c = g.b.ins().load(types::I32, mem(), self.counts, 4 * i);
+                                    let c = g.b.ins().iadd(c, add);
+                                    g.b.ins().store(mem(), c, self.counts, 4 * i);
+                                }
+                            },
+                        );
+                        let z = iconst32(g, 0);
+                        g.set(self.pending, z);
+                    },
+                    |g| {
+                        g.set(self.pending, k1);
+                        // The one allowed id, as the one-row step returns it (-1 out of range).
+                        let id = g.b.ins().load(types::I32, mem(), allowed, 0);
+                        let in_range =
+                            g.b.ins()
+                                .icmp_imm_u(IntCC::UnsignedLessThan, id, self.vocab);
+                        let m1 = iconst32(g, -1);
+                        let id = g.b.ins().select(in_range, id, m1);
+                        g.set(next, id);
+                    },
+                );
+            },
+            |g| {
+                let z = iconst32(g, 0);
+                g.set(self.pending, z);
+                let t = g
+                    .call(self.step_fn, &[self.ws, tok, pos, allowed, n])
+                    .expect("returns");
+                g.set(next, t);
+            },
+        );
+        g.get(next)
     }
 }
 

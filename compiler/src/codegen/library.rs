@@ -64,6 +64,8 @@ pub struct LibraryInput<'a> {
     /// `--quantize-activations`: int8/int4 matrix products on quantized activations
     /// (opt-in; the outputs may differ from the reference's).
     pub quantize_activations: bool,
+    /// The most forced tokens one multi-row decoder step takes (below 2: none).
+    pub max_forced_rows: usize,
     /// The strict grammar's tables (`--grammar strict`); `None`: the reference grammar.
     pub strict: Option<&'a StrictTables>,
 }
@@ -79,7 +81,13 @@ pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, Co
     let prefix = format!("{name}_");
     let mut ks = KernelSet::new(target, &prefix)?;
     ks.set_quantize_activations(input.quantize_activations);
-    let model = define_model(&mut ks, input.module, input.store, false)?;
+    let model = define_model(
+        &mut ks,
+        input.module,
+        input.store,
+        false,
+        input.max_forced_rows,
+    )?;
     let tokenizer_code = define_tokenizer(&mut ks, tokenizer, MAX_QUERY_BYTES, false)?;
     let grammar = match input.strict {
         None => {

@@ -157,7 +157,17 @@ pub fn embed(
 /// register tiles of `matmul_rows` over `matmul_cols` columns (each weight vector loaded once
 /// serves every row of the tile), then tiles of 4 rows, then single rows (the decoder, row
 /// tails), which take the whole block at once. Each output is still one sum over `k` in order.
-pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, CodegenError> {
+///
+/// `row_tiles: false` takes every row singly (still block by block, so a block's weights serve
+/// every row from cache): each row is then computed exactly as a one-row call computes it. The
+/// decoder's multi-row step needs that for integer formats, whose single rows sum `x * q` per
+/// group and scale the sum ([`mm_tile`]), while register tiles scale every weight first.
+pub fn matmul(
+    ks: &mut KernelSet,
+    name: &str,
+    w: &WeightRef,
+    row_tiles: bool,
+) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstF32Ptr, "x"),
         (CType::F32Ptr, "y"),
@@ -188,16 +198,22 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
             let wa = WeightAccess::new(&w, addrs);
             // Rows in tiles of `tile_rows`, then of 4 (when larger), then single rows.
             let zero = g.iconst(0);
-            let mut row_tiles: Vec<(Value, Value, i64)> = Vec::new();
-            let ntiles = g.b.ins().udiv_imm_u(rows, tile_rows);
-            let tiled = g.b.ins().imul_imm_s(ntiles, tile_rows);
-            row_tiles.push((zero, tiled, tile_rows));
+            let mut tiles: Vec<(Value, Value, i64)> = Vec::new();
+            let tiled = if row_tiles {
+                let ntiles = g.b.ins().udiv_imm_u(rows, tile_rows);
+                g.b.ins().imul_imm_s(ntiles, tile_rows)
+            } else {
+                zero
+            };
+            if row_tiles {
+                tiles.push((zero, tiled, tile_rows));
+            }
             let mut done = tiled;
-            if tile_rows > 4 {
+            if row_tiles && tile_rows > 4 {
                 let rest = g.b.ins().isub(rows, tiled);
                 let rest4 = g.b.ins().band_imm_s(rest, !3i64);
                 let end4 = g.b.ins().iadd(tiled, rest4);
-                row_tiles.push((tiled, end4, 4));
+                tiles.push((tiled, end4, 4));
                 done = end4;
             }
             for range in wa.column_ranges() {
@@ -210,7 +226,7 @@ pub fn matmul(ks: &mut KernelSet, name: &str, w: &WeightRef) -> Result<FuncId, C
                     }
                     g.for_const(lo, hi, width, |g, c| {
                         let blk = wa.block(g, &range, c).unrolled(unroll);
-                        for &(r0, r1, tile) in &row_tiles {
+                        for &(r0, r1, tile) in &tiles {
                             g.for_range(r0, r1, tile, |g, r| {
                                 for j0 in (0..width).step_by(tile_cols as usize) {
                                     let cols = MmCols {

@@ -20,6 +20,12 @@
 //!   needs no reset: row `pos` is written before rows `..=pos` are read, so a new query's steps
 //!   from `pos = 0` never see an earlier query's rows. Returns -1 (computing nothing) when
 //!   `pos >= max_positions` or `token` is not below the vocabulary.
+//! - `int32_t decoder_rows(uint8_t *ws, const int32_t *tokens, size_t pos, const int32_t
+//!   *allowed, size_t n_allowed, size_t rows)` (when the bound is 2 or more, `RowsPlan`): the
+//!   multi-row step, `rows` tokens at positions `pos..pos + rows` through the decoder layers at
+//!   once (K/V into the cache), then the head on the last row with the list: the token
+//!   `decoder_step` would return at `pos + rows - 1`, computed bit for bit as it would be. The
+//!   driver runs forced steps' rows with the next step's through it.
 //!
 //! # Allowed ids
 //!
@@ -80,6 +86,15 @@ pub struct ModelCode {
     /// logits); false when the step's tail is not the final norm, logits and argmax, and every
     /// step then computes the full logits.
     pub skips_by_allowed: bool,
+    /// `int32_t decoder_rows(uint8_t *ws, const int32_t *tokens, size_t pos, const int32_t
+    /// *allowed, size_t n_allowed, size_t rows)`: the multi-row step (`RowsPlan`):
+    /// `decoder_step`'s layers for `rows` (at most [`ModelCode::max_rows`]) tokens at positions
+    /// `pos..pos + rows`, their K/V written into the cache, then its head on the last row with
+    /// the allowed list: the token `decoder_step` would return at `pos + rows - 1`. `None` when
+    /// the step's layers are not row-wise or the bound is below 2.
+    pub decoder_rows: Option<FuncId>,
+    /// The most rows `decoder_rows` takes (0 without it); the workspace holds that many.
+    pub max_rows: usize,
 }
 
 fn invalid(msg: impl Into<String>) -> CodegenError {
@@ -94,6 +109,7 @@ pub fn define_model(
     module: &Module,
     store: &ConstStore,
     export: bool,
+    max_rows: usize,
 ) -> Result<ModelCode, CodegenError> {
     verify(module).map_err(|e| invalid(format!("the IR module does not verify: {e}")))?;
     check_pipeline_ran(module).map_err(|e| invalid(e.to_string()))?;
@@ -137,6 +153,8 @@ pub fn define_model(
     };
     let enc_plan = plan(&mut cx, &ws_plan, enc, Entry::Encode)?;
     let dec_plan = plan(&mut cx, &ws_plan, dec, Entry::Decode)?;
+    let copy = cx.kernel("copy".into(), "copy", kernels::copy_words)?;
+    let rows_plan = RowsPlan::of(&dec_plan, max_rows, copy);
 
     let ks = cx.ks;
     let encode_query = ks.declare_function(
@@ -176,15 +194,45 @@ pub fn define_model(
     };
     emit_entry(ks, encode_query, &enc_plan, Entry::Encode, &limits)?;
     emit_entry(ks, decoder_step, &dec_plan, Entry::Decode, &limits)?;
+    let decoder_rows = match &rows_plan {
+        Some(rp) => {
+            let id = ks.declare_function(
+                "model_decoder_rows",
+                &[
+                    "Feeds tokens[0..rows] at positions pos..pos+rows (1 <= rows <= the row",
+                    "bound) in one multi-row step, then returns the last row's token as",
+                    "model_decoder_step would (-1 on bad arguments).",
+                ],
+                &[
+                    (CType::U8Ptr, "ws"),
+                    (CType::ConstI32Ptr, "tokens"),
+                    (CType::SizeT, "pos"),
+                    (CType::ConstI32Ptr, "allowed"),
+                    (CType::SizeT, "n_allowed"),
+                    (CType::SizeT, "rows"),
+                ],
+                CType::I32,
+                export,
+            )?;
+            emit_rows(ks, id, &dec_plan, rp, &limits)?;
+            Some(id)
+        }
+        None => None,
+    };
     Ok(ModelCode {
         encode_query,
         decoder_step,
-        workspace_bytes: ws_plan.total_bytes,
+        // The multi-row step's arena may reach past the plan's largest.
+        workspace_bytes: ws_plan
+            .total_bytes
+            .max(rows_plan.as_ref().map_or(0, |rp| rp.end)),
         workspace_align: needle_ir::plan::ALIGN,
         logits_offset: ws_plan.logits.offset,
         max_query_tokens,
         max_positions,
         skips_by_allowed: dec_plan.head.is_some(),
+        decoder_rows,
+        max_rows: rows_plan.as_ref().map_or(0, |rp| rp.max_rows),
     })
 }
 
@@ -243,6 +291,13 @@ struct Call {
     /// The kernel called (one of the entry point's [`Plan::callees`]).
     callee: FuncId,
     args: Vec<Arg>,
+    /// What the multi-row step calls instead, when the kernel's rows would not each be
+    /// computed as a one-row call computes them (integer matrix products; see
+    /// [`kernels::matmul`]).
+    rows_callee: Option<FuncId>,
+    /// An `attention` call: the bytes of one row of its query and of its result. The
+    /// multi-row step makes it once per row, each row at its own position (causal).
+    attention: Option<(usize, usize)>,
 }
 
 /// An entry point's kernel calls, in order.
@@ -262,6 +317,8 @@ struct Plan {
     /// `decoder_step`'s head (final norm, logits, argmax), which the step skips or narrows by
     /// the allowed list; `None` runs every call unconditionally.
     head: Option<Head>,
+    /// The entry point's arena: `arena_start..arena_end` of the workspace.
+    arena: (usize, usize),
 }
 
 /// The calls after the decoder layers that only pick the next token: `calls[start..logits]`
@@ -272,6 +329,8 @@ struct Head {
     logits: usize,
     /// The sparse kernel ([`kernels::sparse_logits_argmax`]) for this table.
     sparse: FuncId,
+    /// Bytes of the head's input row (the last layer's output, one token).
+    row_bytes: usize,
 }
 
 /// Module-wide codegen state: constants and kernels, each declared once.
@@ -596,7 +655,12 @@ impl Planner<'_, '_> {
 
     fn call(&mut self, f: FuncId, args: Vec<Arg>) {
         let callee = import(&mut self.callees, f);
-        self.calls.push(Call { callee, args });
+        self.calls.push(Call {
+            callee,
+            args,
+            rows_callee: None,
+            attention: None,
+        });
     }
 
     fn copy_kernel(&mut self) -> Result<FuncId, CodegenError> {
@@ -690,7 +754,7 @@ fn plan(
     let mut ret = None;
     // The call that wrote each value, and the head's parts as they are met.
     let mut producer: HashMap<String, usize> = HashMap::new();
-    let mut logits_call: Option<(usize, Option<usize>, FuncId)> = None;
+    let mut logits_call: Option<(usize, Option<usize>, FuncId, usize)> = None;
     for (i, inst) in f.body.iter().enumerate() {
         let calls_before = p.calls.len();
         let result = inst.result.as_ref();
@@ -762,9 +826,21 @@ fn plan(
                     if wr.format.is_dot() {
                         kernels::matmul_int_dot(ks, n, &wr)
                     } else {
-                        kernels::matmul(ks, n, &wr)
+                        kernels::matmul(ks, n, &wr, true)
                     }
                 })?;
+                // Integer panels: a one-row call sums per group, register tiles do not; the
+                // decoder's multi-row step takes every row singly (block by block).
+                let rows_k = if entry == Entry::Decode && wr.scales.is_some() && !wr.format.is_dot()
+                {
+                    Some(
+                        p.cx.kernel(format!("matmul1:{w}"), "matmul_rows", |ks, n| {
+                            kernels::matmul(ks, n, &wr, false)
+                        })?,
+                    )
+                } else {
+                    None
+                };
                 let loc = placed(inst.op.name())?;
                 let args = vec![
                     p.ptr(x)?,
@@ -772,6 +848,9 @@ fn plan(
                     Arg::Count(vec![r.ty.shape[0]], 1),
                 ];
                 p.call(k, args);
+                if let Some(c) = p.calls.last_mut() {
+                    c.rows_callee = rows_k;
+                }
                 Some(loc)
             }
             // The plan gives a reshape its input's place: nothing to copy.
@@ -851,7 +930,11 @@ fn plan(
                 for (kp, vp, kt) in blocks {
                     args.extend([kp, vp, Arg::Count(vec![kt.shape[0]], 1)]);
                 }
+                let rows = (row_elems(&p.ty(q)?)? * 4, row_elems(&r.ty)? * 4);
                 p.call(k, args);
+                if let Some(c) = p.calls.last_mut() {
+                    c.attention = Some(rows);
+                }
                 Some(loc)
             }
             Op::Store { value, buffer, at } => {
@@ -905,7 +988,8 @@ fn plan(
                 ];
                 p.call(k, args);
                 let norm = head_norm(f, &producer, x, p.calls.len() - 1);
-                logits_call = Some((p.calls.len() - 1, norm, sparse));
+                let row_bytes = row_elems(&p.ty(x)?)? * 4;
+                logits_call = Some((p.calls.len() - 1, norm, sparse, row_bytes));
                 Some(Loc::Logits)
             }
             Op::ArgmaxMasked { logits, allowed } => {
@@ -961,13 +1045,14 @@ fn plan(
     // The head is the tail of the step: the final norm (when it is only the logits' input),
     // the logits, the argmax last.
     let head = match (entry, logits_call, ret) {
-        (Entry::Decode, Some((logits, norm, sparse)), Some(argmax))
+        (Entry::Decode, Some((logits, norm, sparse, row_bytes)), Some(argmax))
             if argmax == logits + 1 && argmax + 1 == p.calls.len() =>
         {
             Some(Head {
                 start: norm.unwrap_or(logits),
                 logits,
                 sparse,
+                row_bytes,
             })
         }
         _ => None,
@@ -980,6 +1065,7 @@ fn plan(
         token_slot,
         state_offset: ws.state.offset,
         head,
+        arena: (fp.arena_start, fp.arena_end),
     })
 }
 
@@ -1037,6 +1123,52 @@ pub enum StepKind {
 /// fewer (tens of ids), so in practice every constrained step is sparse.
 pub fn sparse_logits_max(vocab: usize) -> usize {
     vocab / 2
+}
+
+/// The lengths of the runs of consecutive forced steps (exactly one allowed id) in a decode,
+/// given each step's allowed count in order (`None`: unconstrained), as the runtime's
+/// `Step::allowed` reports them. The measure of how much a multi-row step could batch.
+pub fn forced_runs(allowed: impl IntoIterator<Item = Option<usize>>) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let mut cur = 0;
+    for a in allowed {
+        if a == Some(1) {
+            cur += 1;
+        } else if cur > 0 {
+            runs.push(cur);
+            cur = 0;
+        }
+    }
+    if cur > 0 {
+        runs.push(cur);
+    }
+    runs
+}
+
+/// The rows of each decoder call a decode makes with the multi-row step, given each step's
+/// allowed count in order (as [`forced_runs`] takes them) and the row bound: every step adds
+/// its row; a step with a choice (not exactly one allowed id) runs the rows gathered so far
+/// with its own in one call (1 row: the one-row `decoder_step`; more: `decoder_rows`), and so
+/// does a forced step that fills the bound; rows still gathered at the end (forced steps the
+/// decode ends on) never run. The library's step counts follow this rule (tests compare).
+/// Empty for a bound below 2 (no multi-row step).
+pub fn forced_row_calls(
+    allowed: impl IntoIterator<Item = Option<usize>>,
+    max_rows: usize,
+) -> Vec<usize> {
+    let mut calls = Vec::new();
+    if max_rows < 2 {
+        return calls;
+    }
+    let mut pending = 0;
+    for a in allowed {
+        pending += 1;
+        if a != Some(1) || pending == max_rows {
+            calls.push(pending);
+            pending = 0;
+        }
+    }
+    calls
 }
 
 /// Emits the [`StepKind`] (as an `i64`-typed pointer-sized integer) of a step given
@@ -1172,52 +1304,351 @@ fn emit_entry(
             emit_call(g, c);
         }
         let (allowed, n) = (params[3], params[4]);
-        let kind = emit_step_kind(g, allowed, n, limits.vocab);
-        let m1 = g.b.ins().iconst(types::I32, -1);
-        let token = g.var(types::I32, m1);
-        let forced =
+        Some(emit_head(
+            g,
+            plan,
+            head,
+            allowed,
+            n,
+            limits.vocab,
+            frefs,
+            &arg,
+        ))
+    })
+}
+
+/// The step's head as the allowed list `(allowed, n)` says ([`StepKind`]): the token. `arg`
+/// gives the entry point's values of the head calls' arguments (`Arg::Param(3)` and `(4)`
+/// being `allowed` and `n`).
+#[allow(clippy::too_many_arguments)]
+fn emit_head(
+    g: &mut Gen<'_>,
+    plan: &Plan,
+    head: &Head,
+    allowed: Value,
+    n: Value,
+    vocab: usize,
+    frefs: &crate::codegen::kernels::Callees,
+    arg: &dyn Fn(&mut Gen<'_>, &Arg) -> Value,
+) -> Value {
+    let emit_call = |g: &mut Gen<'_>, c: &Call| -> Option<Value> {
+        let args: Vec<Value> = c.args.iter().map(|a| arg(g, a)).collect();
+        g.call(frefs.get(c.callee), &args)
+    };
+    let kind = emit_step_kind(g, allowed, n, vocab);
+    let m1 = g.b.ins().iconst(types::I32, -1);
+    let token = g.var(types::I32, m1);
+    let forced =
+        g.b.ins()
+            .icmp_imm_u(IntCC::Equal, kind, StepKind::Forced as i64);
+    g.if_else(
+        forced,
+        |g| {
+            // The one allowed id is what the argmax would pick (-1 when out of range).
+            let id = g.b.ins().load(types::I32, mem(), allowed, 0);
+            let ok =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::UnsignedLessThan, id, vocab as i64);
+            let id = g.b.ins().select(ok, id, m1);
+            g.set(token, id);
+        },
+        |g| {
+            let sparse =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::Equal, kind, StepKind::Sparse as i64);
+            g.if_else(
+                sparse,
+                |g| {
+                    for c in &plan.calls[head.start..head.logits] {
+                        emit_call(g, c);
+                    }
+                    let lc = &plan.calls[head.logits];
+                    let x = arg(g, &lc.args[0]);
+                    let y = arg(g, &lc.args[1]);
+                    let t = g
+                        .call(frefs.get(head.sparse), &[x, y, allowed, n])
+                        .expect("returns the token");
+                    g.set(token, t);
+                },
+                |g| {
+                    let mut last = None;
+                    for c in &plan.calls[head.start..] {
+                        last = emit_call(g, c);
+                    }
+                    let t = last.expect("the argmax returns the token");
+                    g.set(token, t);
+                },
+            );
+        },
+    );
+    g.get(token)
+}
+
+/// The default bound on the rows of the decoder's multi-row step (`decoder_rows`): forced
+/// steps waiting for the next step with a choice, and its own row. Eight rows of every decoder
+/// value stay small next to the encoder's arena (the full-size model, folded with
+/// `--max-query-tokens 128 --max-gen-len 64`: 57 KB more workspace). On the bundled samples the
+/// strict grammar never forces two steps in a row, so two rows is all a step takes there; a
+/// grammar with longer literal runs would take up to this many.
+pub const MAX_FORCED_ROWS: usize = 8;
+
+/// An argument of a `decoder_rows` call, from the one-row step's [`Arg`].
+#[derive(Clone, Debug)]
+enum RowsArg {
+    /// As in the one-row step (buffers, data, constants), `p` being the call's position.
+    Same(Arg),
+    /// A decoder value in the arena at `off` in the one-row plan: here `rows` rows of it, at
+    /// `start + (off - start) * max_rows` ([`RowsPlan::arena_at`]).
+    Arena(usize),
+    /// The one-row step's token slot: the step's `tokens` parameter.
+    Tokens,
+    /// A count per token row (a row count or a row's elements): `rows` times this.
+    PerRow(usize),
+}
+
+struct RowsCall {
+    callee: FuncId,
+    args: Vec<RowsArg>,
+    /// See [`Call::attention`].
+    attention: Option<(usize, usize)>,
+}
+
+/// `decoder_rows`: the decoder layers of `decoder_step` (not its head) for several tokens at
+/// consecutive positions at once. Every decoder value of the one-row plan becomes `max_rows`
+/// rows: its arena slot is scaled by `max_rows` from the arena's start, which keeps slots that
+/// did not overlap apart and in-place ops in place. Matrix products take all rows in one call
+/// (each weight block read once for every row); attention runs row by row, row `i` at position
+/// `pos + i` over the cache rows `..=pos + i` (causal, the rows before it written by the same
+/// step's `store`, which wrote all the rows' K/V first).
+struct RowsPlan {
+    calls: Vec<RowsCall>,
+    callees: Vec<FuncId>,
+    data: Vec<DataId>,
+    state_offset: usize,
+    arena_start: usize,
+    max_rows: usize,
+    /// Bytes of workspace the step needs (its scaled arena's end).
+    end: usize,
+    /// The head's input (the last layer's output) in the one-row plan: the last row's is copied
+    /// there, and the one-row step's head runs on it.
+    head_input: usize,
+    copy: FuncId,
+}
+
+impl RowsPlan {
+    fn arena_at(&self, off: usize) -> usize {
+        self.arena_start + (off - self.arena_start) * self.max_rows
+    }
+
+    /// The multi-row form of `plan` (the decoder step's), or `None` when its layers are not
+    /// row-wise in the way [`RowsPlan`] needs (then every forced step runs as one row).
+    fn of(plan: &Plan, max_rows: usize, copy: FuncId) -> Option<RowsPlan> {
+        let head = plan.head.as_ref()?;
+        let token_slot = plan.token_slot?;
+        if max_rows < 2 {
+            return None;
+        }
+        let (arena_start, arena_end) = plan.arena;
+        let head_input = match plan.calls[head.start].args.first() {
+            Some(Arg::Ws(off)) if *off >= arena_start && *off != token_slot => *off,
+            _ => return None,
+        };
+        let mut calls = Vec::new();
+        let mut callees = plan.callees.clone();
+        for c in &plan.calls[..head.start] {
+            let mut args = Vec::new();
+            for a in &c.args {
+                let ra = match a {
+                    Arg::Ws(off) if *off == token_slot => RowsArg::Tokens,
+                    Arg::Ws(off) if *off >= arena_start => RowsArg::Arena(*off),
+                    Arg::Count(dims, f) if dims.first() == Some(&Expr::lit(1)) => {
+                        let rest: Option<usize> = dims[1..]
+                            .iter()
+                            .map(|d| d.as_static().map(|v| v as usize))
+                            .product();
+                        RowsArg::PerRow(rest? * f)
+                    }
+                    // An attention's key count (`p + 1` of the cache, `q + t` of the query).
+                    Arg::Count(..) if c.attention.is_some() => RowsArg::Same(a.clone()),
+                    Arg::Count(..) | Arg::Param(_) => return None,
+                    Arg::Ws(_) | Arg::WsRow { .. } | Arg::Data(_) | Arg::Dim(_) | Arg::F32(_) => {
+                        RowsArg::Same(a.clone())
+                    }
+                };
+                args.push(ra);
+            }
+            if c.attention.is_some()
+                && !matches!(args.get(..2), Some([RowsArg::Arena(_), RowsArg::Arena(_)]))
+            {
+                return None;
+            }
+            let callee = c.rows_callee.unwrap_or(c.callee);
+            import(&mut callees, callee);
+            calls.push(RowsCall {
+                callee,
+                args,
+                attention: c.attention,
+            });
+        }
+        let end = arena_start + (arena_end - arena_start) * max_rows;
+        import(&mut callees, copy);
+        Some(RowsPlan {
+            head_input,
+            copy,
+            calls,
+            callees,
+            data: plan.data.clone(),
+            state_offset: plan.state_offset,
+            arena_start,
+            max_rows,
+            end: end.next_multiple_of(needle_ir::plan::ALIGN),
+        })
+    }
+}
+
+/// `e` with `q` and `p` at their run-time values (`a` is not used by the decoder layers).
+fn eval_dims(g: &mut Gen<'_>, e: &Expr, q: Value, p: Value) -> Value {
+    let mut v = g.iconst(e.offset);
+    for (coeff, sym) in [(e.q, q), (e.p, p)] {
+        if coeff != 0 {
+            let t = g.b.ins().imul_imm_s(sym, coeff);
+            v = g.b.ins().iadd(v, t);
+        }
+    }
+    v
+}
+
+/// Defines `int32_t decoder_rows(ws, tokens, pos, allowed, n_allowed, rows)`: feeds
+/// `tokens[0..rows]` at positions `pos..pos + rows` (their K/V into the cache rows), then runs
+/// the step's head on the last row as `decoder_step` would at `pos + rows - 1` with the list
+/// `(allowed, n_allowed)`, and returns its token (one allowed id: that id, no logits). -1 and
+/// nothing computed unless `1 <= rows <= max_rows` and `pos + rows <= max_positions`; the tokens
+/// must be below the vocabulary (the driver's; a bad id reads embedding row 0, memory-safe).
+fn emit_rows(
+    ks: &mut KernelSet,
+    id: FuncId,
+    plan: &Plan,
+    rp: &RowsPlan,
+    limits: &Limits,
+) -> Result<(), CodegenError> {
+    let head = plan.head.as_ref().expect("a rows plan has a head");
+    ks.define_function(id, &rp.data, &rp.callees, |g, params, addrs, frefs| {
+        let (ws, tokens, pos) = (params[0], params[1], params[2]);
+        let (allowed, n_allowed, rows) = (params[3], params[4], params[5]);
+        let none = g.b.ins().icmp_imm_u(IntCC::Equal, rows, 0);
+        let many =
             g.b.ins()
-                .icmp_imm_u(IntCC::Equal, kind, StepKind::Forced as i64);
-        g.if_else(
-            forced,
-            |g| {
-                // The one allowed id is what the argmax would pick (-1 when out of range).
-                let id = g.b.ins().load(types::I32, mem(), allowed, 0);
-                let ok =
-                    g.b.ins()
-                        .icmp_imm_u(IntCC::UnsignedLessThan, id, limits.vocab as i64);
-                let id = g.b.ins().select(ok, id, m1);
-                g.set(token, id);
-            },
-            |g| {
-                let sparse =
-                    g.b.ins()
-                        .icmp_imm_u(IntCC::Equal, kind, StepKind::Sparse as i64);
-                g.if_else(
-                    sparse,
-                    |g| {
-                        for c in &plan.calls[head.start..head.logits] {
-                            emit_call(g, c);
-                        }
-                        let lc = &plan.calls[head.logits];
-                        let x = arg(g, &lc.args[0]);
-                        let y = arg(g, &lc.args[1]);
-                        let t = g
-                            .call(frefs.get(head.sparse), &[x, y, allowed, n])
-                            .expect("returns the token");
-                        g.set(token, t);
-                    },
-                    |g| {
-                        let mut last = None;
-                        for c in &plan.calls[head.start..] {
-                            last = emit_call(g, c);
-                        }
-                        let t = last.expect("the argmax returns the token");
-                        g.set(token, t);
-                    },
-                );
-            },
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, rows, rp.max_rows as i64);
+        let far = g.b.ins().icmp_imm_u(
+            IntCC::UnsignedGreaterThanOrEqual,
+            pos,
+            limits.max_positions as i64,
         );
-        Some(g.get(token))
+        let bad = g.b.ins().bor(none, many);
+        let bad = g.b.ins().bor(bad, far);
+        let refuse = |g: &mut Gen<'_>| {
+            let m1 = g.b.ins().iconst(types::I32, -1);
+            g.ret(&[m1]);
+        };
+        g.if_then(bad, refuse);
+        // `pos < max_positions` and `rows <= max_rows`: the sum cannot wrap.
+        let end = g.b.ins().iadd(pos, rows);
+        let past =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, end, limits.max_positions as i64);
+        g.if_then(past, refuse);
+        let pt = g.ptr;
+        let q = g.b.ins().load(pt, mem(), ws, rp.state_offset as i32);
+        let qmax = g.iconst(limits.max_query_tokens as i64);
+        let over = g.icmp(IntCC::UnsignedGreaterThan, q, qmax);
+        let q = g.b.ins().select(over, qmax, q);
+        // One argument; `row` is `Some((i, row bytes))` for a row-by-row call's query (0) and
+        // result (1) pointers, `n_rows` what a per-row count multiplies.
+        let value =
+            |g: &mut Gen<'_>, a: &RowsArg, p: Value, n_rows: Value, row: Option<(Value, usize)>| {
+                match a {
+                    RowsArg::Tokens => tokens,
+                    RowsArg::Arena(off) => {
+                        let base = g.b.ins().iadd_imm_s(ws, rp.arena_at(*off) as i64);
+                        match row {
+                            Some((i, bytes)) => g.addr(base, i, bytes as i64),
+                            None => base,
+                        }
+                    }
+                    RowsArg::PerRow(n) => g.b.ins().imul_imm_s(n_rows, *n as i64),
+                    RowsArg::Same(a) => match a {
+                        Arg::Ws(off) => g.b.ins().iadd_imm_s(ws, *off as i64),
+                        Arg::WsRow { off, at, row_bytes } => {
+                            let base = g.b.ins().iadd_imm_s(ws, *off as i64);
+                            let at = eval_dims(g, at, q, p);
+                            g.addr(base, at, *row_bytes as i64)
+                        }
+                        Arg::Data(id) => addrs.get(*id),
+                        Arg::Count(dims, factor) => {
+                            let mut v = g.iconst(*factor as i64);
+                            for d in dims {
+                                let e = eval_dims(g, d, q, p);
+                                v = g.b.ins().imul(v, e);
+                            }
+                            v
+                        }
+                        Arg::Dim(e) => eval_dims(g, e, q, p),
+                        Arg::F32(x) => g.f32(*x),
+                        // Only the head reads parameters: the allowed list.
+                        Arg::Param(3) => allowed,
+                        Arg::Param(4) => n_allowed,
+                        Arg::Param(_) => g.iconst(0),
+                    },
+                }
+            };
+        for c in &rp.calls {
+            let f = frefs.get(c.callee);
+            match c.attention {
+                Some((q_bytes, out_bytes)) => g.for_n(rows, |g, i| {
+                    let p = g.b.ins().iadd(pos, i);
+                    let one = g.iconst(1);
+                    let args: Vec<Value> = (c.args.iter().enumerate())
+                        .map(|(k, a)| {
+                            let row = match k {
+                                0 => Some((i, q_bytes)),
+                                1 => Some((i, out_bytes)),
+                                _ => None,
+                            };
+                            value(g, a, p, one, row)
+                        })
+                        .collect();
+                    g.call(f, &args);
+                }),
+                None => {
+                    let args: Vec<Value> = c
+                        .args
+                        .iter()
+                        .map(|a| value(g, a, pos, rows, None))
+                        .collect();
+                    g.call(f, &args);
+                }
+            }
+        }
+        // The last row's layer output where the one-row step has it (forward over a region
+        // at or above it: the copy is safe), then the one-row head.
+        let last = g.b.ins().iadd_imm_s(rows, -1);
+        let from = g.b.ins().iadd_imm_s(ws, rp.arena_at(rp.head_input) as i64);
+        let from = g.addr(from, last, head.row_bytes as i64);
+        let to = g.b.ins().iadd_imm_s(ws, rp.head_input as i64);
+        let words = g.iconst((head.row_bytes / 4) as i64);
+        g.call(frefs.get(rp.copy), &[to, from, words]);
+        let p_last = g.b.ins().iadd(pos, last);
+        let one = g.iconst(1);
+        let arg = |g: &mut Gen<'_>, a: &Arg| value(g, &RowsArg::Same(a.clone()), p_last, one, None);
+        Some(emit_head(
+            g,
+            plan,
+            head,
+            allowed,
+            n_allowed,
+            limits.vocab,
+            frefs,
+            &arg,
+        ))
     })
 }
