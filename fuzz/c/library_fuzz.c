@@ -8,7 +8,9 @@
  *
  * Every buffer the library is handed (workspace, query or ids, output) lies flush against the
  * end of its own mapping, with a PROT_NONE guard page before and after it: a read or write one
- * byte past either end faults at once, without a sanitizer in the library. A status outside
+ * byte past the end faults at once, without a sanitizer in the library; one before the start
+ * faults once it leaves the mapping (the buffers are page-rounded at their start, so up to a
+ * page less one byte of slack lies before them). A status outside
  * the header's list, a length past the capacity, a token id outside the vocabulary or calls
  * that disagree abort (a crash libFuzzer records).
  */
