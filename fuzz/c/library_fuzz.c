@@ -2,15 +2,15 @@
  * libFuzzer harness for the library `needlec build --name needle` emits (scripts/fuzz builds it
  * for the bundled model and links it with `clang -fsanitize=fuzzer`).
  *
- * Input: byte 0 picks the entry point and byte 1 the output capacity; the rest is the query's
+ * Input: byte 0 picks the entry point (bits 0-1) and where buffers sit (bit 2), byte 1 the
+ * output capacity; the rest is the query's
  * bytes (needle_call, needle_call_ex) or little-endian int32 token ids (needle_call_tokens),
  * any values, negative and past the vocabulary included.
  *
- * Every buffer the library is handed (workspace, query or ids, output) lies flush against the
- * end of its own mapping, with a PROT_NONE guard page before and after it: a read or write one
- * byte past the end faults at once, without a sanitizer in the library; one before the start
- * faults once it leaves the mapping (the buffers are page-rounded at their start, so up to a
- * page less one byte of slack lies before them). A status outside
+ * Every buffer the library is handed (workspace, query or ids, output) lies in its own mapping
+ * with a PROT_NONE guard page before and after it, flush against the end guard (bit 2 of byte 0
+ * clear) or against the start guard (set): a read or write one byte past the end, or one byte
+ * before the start, faults at once, without a sanitizer in the library. A status outside
  * the header's list, a length past the capacity, a token id outside the vocabulary or calls
  * that disagree abort (a crash libFuzzer records).
  */
@@ -52,10 +52,13 @@ static guarded_t guarded(size_t cap) {
     return g;
 }
 
-/* `n` bytes ending exactly at the end guard. */
+/* Whether this input's buffers sit against the start guard instead of the end guard. */
+static int at_start;
+
+/* `n` bytes ending exactly at the end guard, or (at_start) starting exactly at the start guard. */
 static uint8_t *flush_end(const guarded_t *g, size_t n) {
     CHECK(n <= g->cap);
-    return g->end - n;
+    return at_start ? g->end - g->cap : g->end - n;
 }
 
 static guarded_t workspace_map, query_map, out_map;
@@ -72,7 +75,7 @@ static void observe(uint64_t a, uint64_t b) {
     h ^= h >> 29;
     feedback[h % FEEDBACK] = 1;
 }
-static void *workspace;
+static void *workspace, *workspace_end, *workspace_start;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
@@ -85,7 +88,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     workspace_map = guarded(ws + NEEDLE_WORKSPACE_ALIGN);
     uintptr_t start = (uintptr_t)(workspace_map.end - ws);
     start &= ~(uintptr_t)(NEEDLE_WORKSPACE_ALIGN - 1);
-    workspace = (void *)start;
+    workspace_end = (void *)start;
+    workspace_start = workspace_map.end - workspace_map.cap; /* page-aligned */
     /* Queries past the byte limit are refused before being read; 4 ids a query byte. */
     query_map = guarded(4 * (NEEDLE_MAX_QUERY_BYTES + 64));
     out_map = guarded(NEEDLE_MAX_OUTPUT_BYTES * 4 > NEEDLE_MAX_GEN_LEN * 4 ? NEEDLE_MAX_OUTPUT_BYTES * 4
@@ -183,6 +187,8 @@ static void fuzz_tokens(const uint8_t *data, size_t size, uint8_t pick) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 2) return 0;
     uint8_t mode = data[0], pick = data[1];
+    at_start = (mode & 4) != 0;
+    workspace = at_start ? workspace_start : workspace_end;
     if (mode & 1) {
         fuzz_tokens(data + 2, size - 2, pick);
     } else {
