@@ -249,6 +249,11 @@ fn the_same_seed_gives_the_same_bytes() {
     assert!(text.contains("\"isolated\""), "{text}");
 }
 
+/// The end-to-end run's size: steps of 8 examples, dev examples scored, the gain it must show.
+const E2E_STEPS: &str = "40";
+const E2E_DEV: usize = 60;
+const E2E_GAIN: f64 = 0.1;
+
 /// A CI-sized run from the stock model with `--isolate-tools` makes folded decoding better on
 /// held-out examples: the full run is a benchmark (README, "Fine-tuning").
 #[test]
@@ -260,7 +265,7 @@ fn a_short_isolated_finetune_makes_folding_better() {
         "tuned.safetensors",
         &[
             "--steps",
-            "E2E_STEPS",
+            E2E_STEPS,
             "--batch-size",
             "8",
             "--lr",

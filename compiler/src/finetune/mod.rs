@@ -283,6 +283,25 @@ pub fn exact_match(
     Ok(metrics::ratio(exact, outcomes.len()))
 }
 
+/// One epoch's batches: a seeded shuffle, then within windows of 32 batches the examples sorted
+/// by encoder length (so a batch pads little), then the batches shuffled.
+fn epoch_batches(train: &[Sequence], batch_size: usize, rng: &mut SplitMix) -> Vec<Vec<usize>> {
+    fn shuffle<T>(v: &mut [T], rng: &mut SplitMix) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, rng.below(i + 1));
+        }
+    }
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    shuffle(&mut order, rng);
+    let mut batches = Vec::new();
+    for window in order.chunks_mut(batch_size * 32) {
+        window.sort_by_key(|&i| (train[i].enc_ids.len(), i));
+        batches.extend(window.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    shuffle(&mut batches, rng);
+    batches
+}
+
 /// Runs the whole fine-tune and writes `--out`.
 pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, FinetuneError> {
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
@@ -438,7 +457,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         validations.push(v);
     }
     let mut rng = SplitMix(opts.seed);
-    let mut order: Vec<usize> = Vec::new();
+    let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut cursor = 0;
     let mut final_loss = f64::NAN;
     let mut last_good: Option<Vec<Tensor>> = None;
@@ -446,17 +465,12 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     let mut step_seconds = 0.0;
     for step in 0..total {
         let t0 = Instant::now();
-        if cursor + opts.batch_size > order.len() || order.is_empty() {
-            // A new epoch: a fresh permutation (Fisher-Yates) from the seeded generator.
-            order = (0..train.len()).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
+        if cursor == batches.len() {
+            batches = epoch_batches(&train, opts.batch_size, &mut rng);
             cursor = 0;
         }
-        let end = (cursor + opts.batch_size).min(order.len());
-        let refs: Vec<&Sequence> = order[cursor..end].iter().map(|&i| &train[i]).collect();
-        cursor = end;
+        let refs: Vec<&Sequence> = batches[cursor].iter().map(|&i| &train[i]).collect();
+        cursor += 1;
         let batch = Batch::new(&refs, opts.isolate_tools, DType::F32, &device)?;
         let (loss, correct) = model.loss(&batch)?;
         let loss_value = loss.to_scalar::<f32>()?;

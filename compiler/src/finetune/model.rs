@@ -366,11 +366,17 @@ impl TrainModel {
         let (b, _, tq, h) = q.dims4()?;
         let k = self.repeat_kv(k)?;
         let v = self.repeat_kv(v)?;
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (h as f64).sqrt()))?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let scores = q.matmul(&k.t()?)?;
+        let mask = match mask {
+            Some(m) => m.broadcast_as(scores.shape())?,
+            None => scores.zeros_like()?,
+        };
+        let probs = scores.apply_op2(
+            &mask,
+            MaskedSoftmax {
+                scale: 1.0 / (h as f32).sqrt(),
+            },
+        )?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -476,6 +482,136 @@ impl TrainModel {
             config: config.clone(),
             tensors,
         })
+    }
+}
+
+/// `softmax(scores * scale + mask)` over the last axis in one pass (the mask broadcast to the
+/// scores' shape; `exp` of a masked entry is exactly 0), with its gradient with respect to the
+/// scores: `scale * p * (g - sum(g * p))`. The scale multiplies in float32 (or float64) exactly
+/// as the runtime's `scores * scale`.
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl MaskedSoftmax {
+    fn run<T: Real>(
+        &self,
+        scores: &[T],
+        l1: &candle_core::Layout,
+        mask: &[T],
+        l2: &candle_core::Layout,
+    ) -> Result<Vec<T>> {
+        let Some((o1, o2)) = l1.contiguous_offsets() else {
+            candle_core::bail!("masked softmax: the scores must be contiguous")
+        };
+        let scores = &scores[o1..o2];
+        let dims = l1.dims();
+        let (b, h, tq, tk) = match dims {
+            [b, h, tq, tk] => (*b, *h, *tq, *tk),
+            _ => candle_core::bail!("masked softmax: scores of rank 4 expected, got {dims:?}"),
+        };
+        let ms = l2.stride();
+        let m0 = l2.start_offset();
+        let scale = T::from_f32(self.scale);
+        let mut out = vec![T::ZERO; scores.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..tq {
+                    let row = ((bi * h + hi) * tq + i) * tk;
+                    let mrow = m0 + bi * ms[0] + hi * ms[1] + i * ms[2];
+                    let dst = &mut out[row..row + tk];
+                    let mut max = T::NEG_INFINITY;
+                    for j in 0..tk {
+                        let v = scores[row + j] * scale + mask[mrow + j * ms[3]];
+                        dst[j] = v;
+                        if v > max {
+                            max = v;
+                        }
+                    }
+                    let mut sum = T::ZERO;
+                    for v in dst.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    for v in dst.iter_mut() {
+                        *v = *v / sum;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The float types the masked softmax runs in.
+trait Real:
+    Copy
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const NEG_INFINITY: Self;
+    fn from_f32(v: f32) -> Self;
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: f32 = 0.0;
+    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: f64 = 0.0;
+    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
+    fn from_f32(v: f32) -> f64 {
+        v as f64
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+}
+
+impl candle_core::CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let out = match (s1, s2) {
+            (S::F32(a), S::F32(m)) => S::F32(self.run(a, l1, m, l2)?),
+            (S::F64(a), S::F64(m)) => S::F64(self.run(a, l1, m, l2)?),
+            _ => candle_core::bail!("masked softmax: float32 or float64 scores and mask"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
+        let g = (res * grad.broadcast_sub(&dot)?)?.affine(self.scale as f64, 0.0)?;
+        Ok((Some(g), None))
     }
 }
 
