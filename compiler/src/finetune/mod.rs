@@ -60,10 +60,11 @@ pub enum FinetuneError {
     },
     #[error("{0}")]
     Options(String),
-    #[error("the loss is {loss} at step {step}: training diverged (try a lower --lr); {kept}")]
+    #[error("{what} is {value} at step {step}: training diverged (try a lower --lr); {kept}")]
     NonFinite {
+        what: &'static str,
         step: usize,
-        loss: f32,
+        value: f64,
         kept: String,
     },
     #[error("training computation failed: {0}")]
@@ -474,41 +475,68 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         let batch = Batch::new(&refs, opts.isolate_tools, DType::F32, &device)?;
         let (loss, correct) = model.loss(&batch)?;
         let loss_value = loss.to_scalar::<f32>()?;
-        if !loss_value.is_finite() {
-            let kept = match (&best, &last_good) {
-                (Some((_, _, at)), _) => format!(
-                    "{} keeps the best checkpoint so far (step {at})",
+        // A non-finite loss, or finite loss with non-finite gradients, ends the run: the step is
+        // not applied, and --out keeps the best validated weights or else the last weights that
+        // gave a finite loss and finite gradients.
+        let mut diverged: Option<(&'static str, f64)> = None;
+        let mut grads = None;
+        if loss_value.is_finite() {
+            let mut g = loss.backward()?;
+            let norm = clip_gradients(&mut g, &all_trainable, opts.clip)?;
+            if norm.is_finite() {
+                grads = Some(g);
+            } else {
+                diverged = Some(("the gradient norm", norm));
+            }
+        } else {
+            diverged = Some(("the loss", loss_value as f64));
+        }
+        let Some(grads) = grads else {
+            let (what, value) = diverged.expect("no gradients only when diverged");
+            // A bad loss: the previous step's weights; bad gradients: this step's.
+            let (weights, kept_step) = if what == "the loss" {
+                (last_good.as_ref(), step)
+            } else {
+                (None, step + 1)
+            };
+            let kept = match &best {
+                Some((_, _, at)) => format!(
+                    "{} keeps the best validated checkpoint (step {at})",
                     opts.out.display()
                 ),
-                (None, Some(snapshot)) => {
-                    for (v, t) in vars.iter().zip(snapshot) {
-                        v.set(t)?;
+                None if kept_step == 0 => format!(
+                    "the checkpoint as loaded already gives it, so {} was not written",
+                    opts.out.display()
+                ),
+                None => {
+                    if let Some(snapshot) = weights {
+                        for (v, t) in vars.iter().zip(snapshot) {
+                            v.set(t)?;
+                        }
                     }
                     save(&model, &opts.out)?;
                     format!(
-                        "{} holds the last weights that gave a finite loss (those of step {step})",
+                        "{} holds the last weights that gave a finite loss and gradients (those of step {kept_step})",
                         opts.out.display()
                     )
                 }
-                (None, None) => format!(
-                    "nothing was trained, so {} was not written",
-                    opts.out.display()
-                ),
             };
             return Err(FinetuneError::NonFinite {
+                what,
                 step: step + 1,
-                loss: loss_value,
+                value,
                 kept,
             });
+        };
+        // The weights that gave a finite loss and gradients, kept until the next step proves its
+        // own (only needed while no validated checkpoint is in --out).
+        if best.is_none() {
+            last_good = Some(
+                vars.iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?,
+            );
         }
-        // The weights that gave a finite loss, kept until the next step proves its own.
-        last_good = Some(
-            vars.iter()
-                .map(|v| v.as_tensor().copy())
-                .collect::<candle_core::Result<_>>()?,
-        );
-        let mut grads = loss.backward()?;
-        clip_gradients(&mut grads, &all_trainable, opts.clip)?;
         let lr = learning_rate(opts.lr, step, warmup, total);
         opt_decay.set_learning_rate(lr);
         opt_plain.set_learning_rate(lr);
