@@ -597,7 +597,12 @@ impl needlec::finetune::Progress for FinetuneBar {
     }
 
     fn line(&self, text: &str) {
-        self.0.println(text);
+        // `println` shows nothing while the bar is hidden (stderr is not a terminal).
+        if self.0.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.0.println(text);
+        }
     }
 
     fn phase(&self, what: &str) {

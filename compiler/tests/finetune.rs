@@ -291,3 +291,78 @@ fn a_short_isolated_finetune_makes_folding_better() {
         "folded exact match {after:.3} after the short run, {stock:.3} before"
     );
 }
+
+/// `--qat int4`'s forward pass is the runtime's int4 model (the reference's quantization), and
+/// `--lora-rank` starts exactly from the checkpoint (the adapters' `B` is zero).
+#[test]
+fn qat_computes_the_quantized_model_and_lora_starts_from_the_checkpoint() {
+    use needle_runtime::quant::Precision;
+    let ckpt = needlec::frontend::load_checkpoint_at(&golden("tiny_random.pkl")).unwrap();
+    let cases: Vec<ForcedCase> = read_json(&golden("forced_tiny_int4.json"));
+    let cases: Vec<&ForcedCase> = cases.iter().filter(|c| c.mode == "exact").take(3).collect();
+    let seqs: Vec<Sequence> = cases.iter().map(|c| sequence(c)).collect();
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    let batch = Batch::new(&refs, false, DType::F32, &Device::Cpu).unwrap();
+    let int4 = Model::from_checkpoint_as(&ckpt, Precision::Int4).unwrap();
+    let qat = TrainModel::from_checkpoint(&ckpt, DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_qat(Precision::Int4);
+    let got = qat.logits(&batch).unwrap().to_vec2::<f32>().unwrap();
+    let want: Vec<Vec<f32>> = cases
+        .iter()
+        .flat_map(|c| runtime_logits(&int4, c, false))
+        .collect();
+    let worst = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-4, "qat vs the runtime's int4 model: {worst}");
+    // And it is not the float model.
+    let plain = TrainModel::from_checkpoint(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let float = plain.logits(&batch).unwrap().to_vec2::<f32>().unwrap();
+    assert!(float != got);
+    let lora = TrainModel::from_checkpoint(&ckpt, DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_lora(4, 3)
+        .unwrap();
+    assert_eq!(
+        lora.logits(&batch).unwrap().to_vec2::<f32>().unwrap(),
+        float
+    );
+}
+
+/// `--lora-rank` and `--qat` runs write plain checkpoints: the stock model's tensors, same
+/// shapes, the attention kernels changed.
+#[test]
+fn lora_and_qat_runs_write_plain_checkpoints() {
+    let dir = work_dir("finetune-lora-qat");
+    let stock = needlec::frontend::load_checkpoint_at(&tiny_needle("tiny-needle.pkl")).unwrap();
+    for (name, extra) in [
+        ("lora.safetensors", ["--lora-rank", "4"]),
+        ("qat.safetensors", ["--qat", "int4"]),
+    ] {
+        let mut args = vec!["--steps", "2", "--batch-size", "2", "--isolate-tools"];
+        args.extend_from_slice(&extra);
+        train(&dir, name, &args);
+        let tuned = needlec::frontend::load_checkpoint_at(&dir.join(name)).unwrap();
+        assert_eq!(
+            tuned.tensors.keys().collect::<Vec<_>>(),
+            stock.tensors.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (path, t) in &tuned.tensors {
+            assert_eq!(t.shape, stock.tensors[path].shape, "{name} {path}");
+        }
+        let kernel = "decoder/layers/DecoderBlock_0/cross_attn/q_proj/kernel";
+        assert_ne!(
+            tuned.tensors[kernel].to_f32(),
+            stock.tensors[kernel].to_f32(),
+            "{name}: the kernels did not move"
+        );
+        assert_eq!(
+            tuned.config.tool_attention,
+            needle_runtime::config::ToolAttention::Isolated
+        );
+    }
+}
