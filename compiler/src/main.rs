@@ -124,7 +124,7 @@ struct FinetuneArgs {
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Peak learning rate (AdamW, linear warmup, cosine decay to 0).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     /// Warmup steps (default: a tenth of the steps, at most 100).
     #[arg(long)]

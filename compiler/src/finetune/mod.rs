@@ -118,7 +118,7 @@ impl Default for FinetuneOptions {
             steps: None,
             epochs: None,
             batch_size: 16,
-            lr: 5e-4,
+            lr: 3e-4,
             weight_decay: 0.01,
             clip: 1.0,
             warmup: None,
