@@ -95,6 +95,68 @@ struct ModelArgs {
 }
 
 #[derive(clap::Args)]
+struct FinetuneArgs {
+    /// The checkpoint to start from: the original needle.pkl or a safetensors file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// SentencePiece `.model` file (or a Hugging Face `tokenizer.json`).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Training examples, the JSON Lines `eval` reads (`query`, `tools`, `answers`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation examples: loss and greedy exact-match every --val-every steps; the best
+    /// checkpoint is the one written.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Train with the tools-isolation mask (tools-side positions attend only to the tools side)
+    /// and write `"tool_attention": "isolated"`, so `build` folds by default.
+    #[arg(long)]
+    isolate_tools: bool,
+    /// Learn the stock model's own greedy exact-mode answers instead of `answers` (which may
+    /// then be left out).
+    #[arg(long)]
+    distill: bool,
+    /// Quantization-aware training: the forward pass uses the `--weights int4|int8` quantization
+    /// of every Dense kernel (straight-through gradients).
+    #[arg(long, value_name = "int4|int8")]
+    qat: Option<Precision>,
+    /// Train rank-R adapters of every attention kernel instead of the weights; merged into a
+    /// plain checkpoint at the end.
+    #[arg(long, value_name = "R")]
+    lora_rank: Option<usize>,
+    /// Optimizer steps (default: one epoch).
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    /// Passes over the data.
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW, linear warmup, cosine decay to 0).
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Warmup steps (default: a tenth of the steps, at most 100).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Clip the gradients' global norm to this.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Data order and adapter initialization; the same seed and inputs give the same bytes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validate every N steps (and after the last).
+    #[arg(long, default_value_t = 100)]
+    val_every: usize,
+    /// Validate on the first N examples of --val only.
+    #[arg(long, value_name = "N")]
+    val_limit: Option<usize>,
+    /// The fine-tuned checkpoint (safetensors, config in its metadata).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct EvalArgs {
     /// Checkpoint: the original needle.pkl or a safetensors file.
     #[arg(long)]
@@ -274,6 +336,9 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Fine-tune a checkpoint on tool-calling examples (CPU): `--isolate-tools` makes folding
+    /// the result's own semantics.
+    Finetune(FinetuneArgs),
     /// Write a deterministic random checkpoint (for tests and benchmarks).
     Synth {
         /// `full`, `tiny`, `small`, or a JSON object of config keys.
@@ -345,6 +410,7 @@ fn error_text(e: &anyhow::Error) -> String {
 fn real_main() -> Result<ExitCode> {
     match Cli::parse().command {
         Command::Eval(args) => return eval(args),
+        Command::Finetune(args) => finetune(args)?,
         Command::Run {
             model,
             query,
@@ -537,6 +603,89 @@ fn real_main() -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Draws the fine-tune's progress bar: loss, token accuracy and time per step.
+struct FinetuneBar(indicatif::ProgressBar);
+
+impl needlec::finetune::Progress for FinetuneBar {
+    fn start(&self, total_steps: usize) {
+        self.0.set_length(total_steps as u64);
+        self.0.set_position(0);
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template(
+                "finetune [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+    }
+
+    fn step(&self, step: usize, loss: f64, token_accuracy: f64, seconds: f64) {
+        self.0.set_position(step as u64);
+        self.0.set_message(format!(
+            "loss {loss:.4} tokens {:.1}% {seconds:.2} s/step",
+            token_accuracy * 100.0
+        ));
+    }
+
+    fn line(&self, text: &str) {
+        // `println` shows nothing while the bar is hidden (stderr is not a terminal).
+        if self.0.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.0.println(text);
+        }
+    }
+
+    fn phase(&self, what: &str) {
+        self.0.set_message(what.to_string());
+    }
+}
+
+fn finetune(args: FinetuneArgs) -> Result<()> {
+    if let Some(p) = args.qat {
+        anyhow::ensure!(
+            p.is_quantized(),
+            "--qat {p}: quantization-aware training is for int4 or int8"
+        );
+    }
+    let opts = needlec::finetune::FinetuneOptions {
+        checkpoint: args.checkpoint,
+        tokenizer: args.tokenizer,
+        data: args.data,
+        val: args.val,
+        out: args.out,
+        isolate_tools: args.isolate_tools,
+        distill: args.distill,
+        qat: args.qat,
+        lora_rank: args.lora_rank,
+        steps: args.steps,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        clip: args.clip,
+        warmup: args.warmup,
+        seed: args.seed,
+        val_every: args.val_every,
+        val_limit: args.val_limit,
+        ..Default::default()
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let result = needlec::finetune::run(&opts, &FinetuneBar(bar.clone()));
+    bar.finish_and_clear();
+    let summary = result?;
+    eprintln!(
+        "trained {} steps on {} examples ({:.3} s/step), last loss {:.4}; wrote {} (the weights after step {})",
+        summary.steps,
+        summary.examples,
+        summary.seconds_per_step,
+        summary.final_loss,
+        opts.out.display(),
+        summary.kept_step
+    );
+    Ok(())
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {

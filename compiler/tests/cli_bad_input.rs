@@ -563,3 +563,110 @@ fn max_forced_rows_outside_its_range_is_refused() {
         }
     }
 }
+
+// ---- needlec finetune ----------------------------------------------------------------------------
+
+/// `needlec finetune` from the bundled stock model on `data`, writing `out`, plus `extra`.
+fn finetune_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "finetune",
+        "--checkpoint",
+        &example("tiny-needle.pkl"),
+        "--tokenizer",
+        &example("tokenizer.model"),
+        "--data",
+        data,
+        "--out",
+        out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn finetune_fails(data: &str, out: &str, extra: &[&str]) -> String {
+    let args = finetune_args(data, out, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails(&args)
+}
+
+const GOOD_LINE: &str = r#"{"query": "What's the weather in Paris?", "tools": [{"name": "get_weather", "description": "Get the weather.", "parameters": {"location": {"type": "string", "description": "City.", "required": true}}}], "answers": [{"name": "get_weather", "arguments": {"location": "Paris"}}]}"#;
+
+#[test]
+fn finetune_refuses_a_line_without_answers_unless_distilling() {
+    let dir = work_dir("bad-input-finetune-answers");
+    let data = dir.join("data.jsonl");
+    let no_answers = r#"{"query": "hi", "tools": [{"name": "get_weather", "description": "Get the weather.", "parameters": {}}]}"#;
+    std::fs::write(&data, format!("{GOOD_LINE}\n{no_answers}\n")).unwrap();
+    let out = path(dir.join("out.safetensors"));
+    let err = finetune_fails(&path(data.clone()), &out, &["--steps", "1"]);
+    assert!(err.contains("line 2: no \"answers\""), "{err}");
+    assert!(err.contains("--distill"), "{err}");
+    assert!(err.contains("data.jsonl"), "{err}");
+    assert!(!std::path::Path::new(&out).exists(), "nothing written");
+    // With --distill the stock model labels it, and training runs.
+    let args = finetune_args(&path(data), &out, &["--steps", "1", "--distill"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = needlec(&args);
+    assert!(run.status.success(), "{}", stderr_of(&run));
+    assert!(std::path::Path::new(&out).exists());
+}
+
+#[test]
+fn finetune_refuses_a_tool_list_that_does_not_fit_the_encoder() {
+    let dir = work_dir("bad-input-finetune-tools");
+    let data = dir.join("data.jsonl");
+    let long = "very long description ".repeat(400);
+    let line = format!(
+        r#"{{"query": "hi", "tools": [{{"name": "t", "description": "{long}", "parameters": {{}}}}], "answers": []}}"#
+    );
+    std::fs::write(&data, format!("{GOOD_LINE}\n{line}\n")).unwrap();
+    let err = finetune_fails(&path(data), &path(dir.join("o.safetensors")), &[]);
+    assert!(err.contains("line 2: its tools"), "{err}");
+    assert!(err.contains("1024-token encoder budget"), "{err}");
+}
+
+#[test]
+fn finetune_refuses_an_empty_data_file_and_an_unwritable_output() {
+    let dir = work_dir("bad-input-finetune-empty");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let err = finetune_fails(&path(empty), &path(dir.join("o.safetensors")), &[]);
+    assert!(err.contains("empty.jsonl holds no example"), "{err}");
+
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, format!("{GOOD_LINE}\n")).unwrap();
+    let out = path(dir.join("no-such-dir").join("o.safetensors"));
+    let err = finetune_fails(&path(data), &out, &[]);
+    assert!(err.contains("cannot write the output"), "{err}");
+    assert!(err.contains("no-such-dir"), "{err}");
+}
+
+#[test]
+fn finetune_stops_at_a_non_finite_loss_and_keeps_the_last_good_weights() {
+    let dir = work_dir("bad-input-finetune-nan");
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, format!("{GOOD_LINE}\n{GOOD_LINE}\n")).unwrap();
+    let out = path(dir.join("o.safetensors"));
+    // A learning rate that throws the weights out of float32's range at the first step.
+    let err = finetune_fails(
+        &path(data),
+        &out,
+        &["--steps", "5", "--batch-size", "1", "--lr", "1e30"],
+    );
+    assert!(err.contains("at step 2"), "{err}");
+    assert!(
+        err.contains("last weights that gave a finite loss"),
+        "{err}"
+    );
+    // What it kept is a checkpoint that answers.
+    let run = needlec(&run_args(
+        &out,
+        &example("tokenizer.model"),
+        &example("tools.json"),
+        "Turn off the lights in the kitchen",
+    ));
+    assert!(run.status.success(), "{}", stderr_of(&run));
+}

@@ -51,6 +51,16 @@ pub fn read(path: &Path) -> Result<String, EvalError> {
 /// Parses every line; `tools_given` says whether `--tools` supplies the list, so a line
 /// without `tools` is fine.
 pub fn parse(text: &str, tools_given: bool) -> (Vec<Example>, Vec<BadLine>) {
+    parse_lines(text, tools_given, true)
+}
+
+/// [`parse`]; with `answers_required` false a line without `answers` is read with none
+/// (`needlec finetune --distill` labels such lines itself).
+pub fn parse_lines(
+    text: &str,
+    tools_given: bool,
+    answers_required: bool,
+) -> (Vec<Example>, Vec<BadLine>) {
     let mut examples = Vec::new();
     let mut bad = Vec::new();
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -58,7 +68,7 @@ pub fn parse(text: &str, tools_given: bool) -> (Vec<Example>, Vec<BadLine>) {
         if line.trim().is_empty() {
             continue;
         }
-        match parse_line(line, tools_given) {
+        match parse_line(line, tools_given, answers_required) {
             Ok((query, tools, answers)) => examples.push(Example {
                 line: i + 1,
                 query,
@@ -76,7 +86,7 @@ pub fn parse(text: &str, tools_given: bool) -> (Vec<Example>, Vec<BadLine>) {
 
 type Parsed = (String, Option<String>, Vec<Value>);
 
-fn parse_line(line: &str, tools_given: bool) -> Result<Parsed, String> {
+fn parse_line(line: &str, tools_given: bool, answers_required: bool) -> Result<Parsed, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| {
         format!(
             "not JSON ({e}); each line must be one object like {{\"query\": ..., \"tools\": [...], \"answers\": [...]}}"
@@ -109,6 +119,7 @@ fn parse_line(line: &str, tools_given: bool) -> Result<Parsed, String> {
             _ => return Err("\"answers\" is a string that does not hold a JSON array".into()),
         },
         Some(_) => return Err("\"answers\" must be a list of calls ([] when no tool fits)".into()),
+        None if !answers_required => Vec::new(),
         None => return Err("no \"answers\" (use [] when no tool fits)".into()),
     };
     Ok((query, tools, answers))

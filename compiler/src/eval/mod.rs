@@ -199,8 +199,19 @@ pub struct Dataset {
 /// Reads the data file and normalizes each example's tool list (or `--tools`), checking that
 /// each list fits the encoder; bad lines are collected (or, with `--strict-data`, an error).
 pub fn prepare(opts: &EvalOptions, tokenizer: &Tokenizer) -> Result<Dataset, EvalError> {
+    prepare_with(opts, tokenizer, true)
+}
+
+/// [`prepare`]; with `answers_required` false a line without `answers` is kept with none
+/// ([`data::parse_lines`]).
+pub fn prepare_with(
+    opts: &EvalOptions,
+    tokenizer: &Tokenizer,
+    answers_required: bool,
+) -> Result<Dataset, EvalError> {
     let text = data::read(&opts.data)?;
-    let (examples, mut bad_lines) = data::parse(&text, opts.tools.is_some());
+    let (examples, mut bad_lines) =
+        data::parse_lines(&text, opts.tools.is_some(), answers_required);
     let mut tool_sets: Vec<ToolSet> = Vec::new();
     let mut by_text: HashMap<String, Result<usize, String>> = HashMap::new();
     let mut by_normalized: HashMap<String, usize> = HashMap::new();
