@@ -17,6 +17,7 @@ pub mod codegen;
 pub mod const_names;
 pub mod emit;
 pub mod eval;
+#[cfg(feature = "finetune")]
 pub mod finetune;
 pub mod fold;
 pub mod frontend;
