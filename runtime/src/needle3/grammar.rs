@@ -1,7 +1,9 @@
 //! `--grammar strict` for Needle 3: the output envelope around the strict schema grammar of
 //! [`crate::strict`] (`docs/needle3.md`, "Strict decoding").
 //!
-//!     [<think> TEXT </think> WHITESPACE] <tool_call> CALLS </tool_call> <|im_end|> [EOS]
+//! ```text
+//! [<think> TEXT </think> WHITESPACE] <tool_call> CALLS </tool_call> <|im_end|> [EOS]
+//! ```
 //!
 //! The first token is `<think>` or `<tool_call>`; inside the think block any ordinary token
 //! (no marker) until `</think>`; then whitespace tokens or `<tool_call>`; CALLS is a call list

@@ -1,9 +1,11 @@
 //! The Needle 3 prompt (`docs/needle3.md` section 5), rendered as the package's
 //! `render_example` renders it, and split where folding splits it: after `</tools>`.
 //!
-//!     prefix = [<|im_start|>system\nSYSTEM<|im_end|>\n]<|im_start|>user\n<tools>TOOLS</tools>
-//!     prompt = prefix + \nQUERY<|im_end|>\n<|im_start|>assistant\n
-//!     target = [<think>\nREASONING\n</think>\n]<tool_call>CALLS</tool_call><|im_end|>
+//! ```text
+//! prefix = [<|im_start|>system\nSYSTEM<|im_end|>\n]<|im_start|>user\n<tools>TOOLS</tools>
+//! prompt = prefix + \nQUERY<|im_end|>\n<|im_start|>assistant\n
+//! target = [<think>\nREASONING\n</think>\n]<tool_call>CALLS</tool_call><|im_end|>
+//! ```
 //!
 //! JSON is `json.dumps(..., separators=(",", ":"), ensure_ascii=False)`: compact, key order
 //! kept, non-ASCII as is.
