@@ -384,6 +384,35 @@ impl TrainModel {
         Self::dense(&out, wo)
     }
 
+    /// Layer `i`'s gated self-attention sublayer of the stack under `stack` (encoder and decoder
+    /// alike: pre-norm, RoPE on q and k, masked attention, residual scaled by the gate
+    /// `stack/gate`).
+    fn self_attention(
+        &self,
+        x: &Tensor,
+        stack: &str,
+        gate: &str,
+        i: usize,
+        tables: &(Tensor, Tensor),
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let w = self.attn(&format!("{stack}/self_attn"), i)?;
+        let n = zcrmsnorm(x, &self.p(&format!("{stack}/ZCRMSNorm_0/scale"))?.get(i)?)?;
+        let q = rope(
+            &self.heads(&n, &w.wq, Some(&w.q_norm), c.num_heads)?,
+            tables,
+        )?;
+        let k = rope(
+            &self.heads(&n, &w.wk, Some(&w.k_norm), c.num_kv_heads)?,
+            tables,
+        )?;
+        let v = self.heads(&n, &w.wv, None, c.num_kv_heads)?;
+        let out = self.attend(&q, &k, &v, Some(mask), &w.wo)?;
+        let gate = sigmoid(&self.p(&format!("{stack}/{gate}"))?.get(i)?)?;
+        x + out.broadcast_mul(&gate)?
+    }
+
     /// The encoder's final-normed states `(B, Te, D)`.
     fn encode(&self, batch: &Batch) -> Result<Tensor> {
         let c = &self.config;
@@ -391,20 +420,7 @@ impl TrainModel {
         let tables = rope_tables(c, te, self.dtype, &self.device)?;
         let mut x = self.embed(&batch.enc_ids)?;
         for i in 0..c.num_encoder_layers {
-            let w = self.attn(&format!("{ENC}/self_attn"), i)?;
-            let n = zcrmsnorm(&x, &self.p(&format!("{ENC}/ZCRMSNorm_0/scale"))?.get(i)?)?;
-            let q = rope(
-                &self.heads(&n, &w.wq, Some(&w.q_norm), c.num_heads)?,
-                &tables,
-            )?;
-            let k = rope(
-                &self.heads(&n, &w.wk, Some(&w.k_norm), c.num_kv_heads)?,
-                &tables,
-            )?;
-            let v = self.heads(&n, &w.wv, None, c.num_kv_heads)?;
-            let out = self.attend(&q, &k, &v, Some(&batch.enc_mask), &w.wo)?;
-            let gate = sigmoid(&self.p(&format!("{ENC}/attn_gate"))?.get(i)?)?;
-            x = (x + out.broadcast_mul(&gate)?)?;
+            x = self.self_attention(&x, ENC, "attn_gate", i, &tables, &batch.enc_mask)?;
         }
         zcrmsnorm(&x, self.p("encoder/final_norm/scale")?)
     }
@@ -416,20 +432,7 @@ impl TrainModel {
         let tables = rope_tables(c, td, self.dtype, &self.device)?;
         let mut x = self.embed(&batch.dec_ids)?;
         for i in 0..c.num_decoder_layers {
-            let w = self.attn(&format!("{DEC}/self_attn"), i)?;
-            let n = zcrmsnorm(&x, &self.p(&format!("{DEC}/ZCRMSNorm_0/scale"))?.get(i)?)?;
-            let q = rope(
-                &self.heads(&n, &w.wq, Some(&w.q_norm), c.num_heads)?,
-                &tables,
-            )?;
-            let k = rope(
-                &self.heads(&n, &w.wk, Some(&w.k_norm), c.num_kv_heads)?,
-                &tables,
-            )?;
-            let v = self.heads(&n, &w.wv, None, c.num_kv_heads)?;
-            let out = self.attend(&q, &k, &v, Some(&batch.dec_mask), &w.wo)?;
-            let gate = sigmoid(&self.p(&format!("{DEC}/self_attn_gate"))?.get(i)?)?;
-            x = (x + out.broadcast_mul(&gate)?)?;
+            x = self.self_attention(&x, DEC, "self_attn_gate", i, &tables, &batch.dec_mask)?;
 
             let w = self.attn(&format!("{DEC}/cross_attn"), i)?;
             let n = zcrmsnorm(&x, &self.p(&format!("{DEC}/ZCRMSNorm_1/scale"))?.get(i)?)?;
