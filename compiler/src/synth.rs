@@ -174,3 +174,22 @@ pub fn parse_config_spec(spec: &str) -> Result<Config, LoadError> {
     }
     Ok(config)
 }
+
+/// A SentencePiece `.model` (`bytes`, with `have` pieces) with control pieces appended up to
+/// `vocab` pieces, for pairing a small tokenizer with a random checkpoint of a larger vocabulary
+/// (needlec refuses a tokenizer smaller than the model's vocabulary). Repeated protobuf fields
+/// may follow the others, and control pieces never match text, so every text tokenizes as with
+/// the original; only the vocabulary grows.
+pub fn padded_sentencepiece(bytes: &[u8], have: usize, vocab: usize) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    for i in have..vocab {
+        let name = format!("<pad_{i}>");
+        // SentencePiece { piece = 1: name, score = 2: 0.0, type = 3: CONTROL (3) }
+        let mut piece = vec![0x0a, name.len() as u8];
+        piece.extend(name.as_bytes());
+        piece.extend([0x15, 0, 0, 0, 0, 0x18, 3]);
+        bytes.extend([0x0a, piece.len() as u8]);
+        bytes.extend(piece);
+    }
+    bytes
+}

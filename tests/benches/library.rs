@@ -158,22 +158,10 @@ fn call_secs(lib: &BenchLibrary, query: &str) -> f64 {
         .unwrap()
 }
 
-/// A SentencePiece `.model` with control pieces appended up to `vocab` pieces: repeated
-/// protobuf fields may follow the others, and control pieces never match text, so every text
-/// tokenizes as with the original; only the vocabulary grows to the model's.
+/// `model` padded with control pieces up to `vocab` pieces (see `synth::padded_sentencepiece`).
 fn padded_model(model: &Path, vocab: usize) -> Vec<u8> {
-    let mut bytes = std::fs::read(model).unwrap();
     let have = load_tokenizer(model).unwrap().vocab_size();
-    for i in have..vocab {
-        let name = format!("<pad_{i}>");
-        // SentencePiece { piece = 1: name, score = 2: 0.0, type = 3: CONTROL (3) }
-        let mut piece = vec![0x0a, name.len() as u8];
-        piece.extend(name.as_bytes());
-        piece.extend([0x15, 0, 0, 0, 0, 0x18, 3]);
-        bytes.extend([0x0a, piece.len() as u8]);
-        bytes.extend(piece);
-    }
-    bytes
+    needlec::synth::padded_sentencepiece(&std::fs::read(model).unwrap(), have, vocab)
 }
 
 fn main() {
