@@ -7,8 +7,8 @@
 //! with the golden 4k tokenizer padded to the full vocabulary, so sequence lengths are those of
 //! real tool-calling examples. Validation is off: only training steps are timed.
 //!
-//! Run: `cargo bench -p needlec --bench finetune` (about 10 minutes on 2 cores;
-//! `NEEDLE_BENCH_STEPS=N` changes the timed steps per variant, default 4).
+//! Run: `cargo bench -p needlec --bench finetune` (about 5 minutes on 2 cores;
+//! `NEEDLE_BENCH_STEPS=N` changes the timed steps per variant, default 8).
 
 use std::path::{Path, PathBuf};
 
@@ -41,7 +41,7 @@ fn main() {
     let steps: usize = std::env::var("NEEDLE_BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(8);
 
     let config = Config::full();
     let golden = root.join("tests/fixtures/golden/dev4k.model");

@@ -113,8 +113,9 @@ struct FinetuneArgs {
     /// and write `"tool_attention": "isolated"`, so `build` folds by default.
     #[arg(long)]
     isolate_tools: bool,
-    /// Learn the stock model's own greedy exact-mode answers instead of `answers` (which may
-    /// then be left out).
+    /// Learn the stock model's own exact-mode behaviour instead of `answers` (which may then be
+    /// left out): its greedy answers as labels, and its next-token distributions as soft targets
+    /// (half the loss).
     #[arg(long)]
     distill: bool,
     /// Quantization-aware training: the forward pass uses the `--weights int4|int8` quantization

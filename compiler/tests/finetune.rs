@@ -180,6 +180,58 @@ fn gradients_match_finite_differences() {
     assert_eq!(logits.dim(D::Minus1).unwrap(), 4096);
 }
 
+/// `--distill`'s soft targets: against a teacher certain of each label the loss is the labels'
+/// cross-entropy, and against the student's own distributions the soft half contributes no
+/// gradient (its derivative is `softmax(student) - teacher`), so the gradient is half the labels'.
+#[test]
+fn soft_targets_reduce_to_the_labels_and_vanish_at_the_teacher() {
+    let ckpt = needlec::frontend::load_checkpoint_at(&golden("tiny_random.pkl")).unwrap();
+    let model = TrainModel::from_checkpoint(&ckpt, DType::F64, &Device::Cpu).unwrap();
+    let cases: Vec<ForcedCase> = read_json(&golden("forced_tiny.json"));
+    let seqs: Vec<Sequence> = cases.iter().take(2).map(sequence).collect();
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    let batch = Batch::new(&refs, true, DType::F64, &Device::Cpu).unwrap();
+    let (hard, _) = model.loss(&batch).unwrap();
+    let hard_value = hard.to_scalar::<f64>().unwrap();
+
+    let targets = batch.targets.to_vec1::<u32>().unwrap();
+    let mut certain = vec![0f64; targets.len() * 4096];
+    for (row, &t) in targets.iter().enumerate() {
+        certain[row * 4096 + t as usize] = 200.0;
+    }
+    let certain = Tensor::from_vec(certain, (targets.len(), 4096), &Device::Cpu).unwrap();
+    let (soft, correct) = model.soft_loss(&batch, &certain).unwrap();
+    assert!(
+        (soft.to_scalar::<f64>().unwrap() - hard_value).abs() < 1e-9,
+        "a certain teacher: {} vs the labels' {hard_value}",
+        soft.to_scalar::<f64>().unwrap()
+    );
+    assert_eq!(correct, model.loss(&batch).unwrap().1);
+
+    let own = model.logits(&batch).unwrap().detach();
+    let (soft, _) = model.soft_loss(&batch, &own).unwrap();
+    let soft_grads = soft.backward().unwrap();
+    let hard_grads = hard.backward().unwrap();
+    let path = "decoder/layers/DecoderBlock_0/self_attn/out_proj/kernel";
+    let var = model.param(path).unwrap();
+    let flat = |g: &candle_core::backprop::GradStore| {
+        g.get(var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (soft_g, hard_g) = (flat(&soft_grads), flat(&hard_grads));
+    assert!(hard_g.iter().any(|&g| g != 0.0));
+    for (i, (s, h)) in soft_g.iter().zip(&hard_g).enumerate() {
+        assert!(
+            (s - 0.5 * h).abs() <= 1e-9 + 1e-6 * h.abs(),
+            "{path}[{i}]: {s} vs half of {h}"
+        );
+    }
+}
+
 /// Trains `steps` steps on the first examples of the training fixture; returns the output bytes.
 fn train(dir: &std::path::Path, name: &str, extra: &[&str]) -> Vec<u8> {
     let out = dir.join(name);

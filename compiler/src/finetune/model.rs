@@ -469,6 +469,26 @@ impl TrainModel {
         Ok((loss, correct))
     }
 
+    /// Mean cross-entropy against a teacher's distributions at the scored positions (soft-target
+    /// distillation), and how many of them the argmax gets right against `batch`'s targets.
+    pub fn soft_loss(&self, batch: &Batch, teacher_logits: &Tensor) -> Result<(Tensor, usize)> {
+        let logits = self.logits(batch)?;
+        let p_teacher = candle_nn::ops::softmax_last_dim(&teacher_logits.detach())?;
+        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let n = batch.n_targets.max(1) as f64;
+        let soft = ((p_teacher * log_p)?.sum_all()? * (-1.0 / n))?;
+        let hard = candle_nn::loss::cross_entropy(&logits, &batch.targets)?;
+        let loss = ((soft + hard)? * 0.5)?;
+        let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let targets = batch.targets.to_vec1::<u32>()?;
+        let correct = predicted
+            .iter()
+            .zip(&targets)
+            .filter(|(a, b)| a == b)
+            .count();
+        Ok((loss, correct))
+    }
+
     /// The checkpoint of the current weights (adapters merged; float32), with `config`.
     pub fn to_checkpoint(&self, config: &Config) -> Result<Checkpoint> {
         let mut tensors = BTreeMap::new();
