@@ -111,14 +111,21 @@ fn training_logits_equal_the_runtime_on_the_golden_forced_cases() {
 /// The gradient of the loss (float64 graph, isolation mask, two padded sequences) against central
 /// differences, for entries of an encoder kernel, a decoder cross-attention kernel, the
 /// embedding, a norm scale and a gate.
-#[test]
-fn gradients_match_finite_differences() {
+/// The tiny random fixture in float64 and a batch of its first two golden forced cases
+/// (isolated), for gradient checks.
+fn tiny_f64_batch() -> (TrainModel, Vec<Sequence>, Batch) {
     let ckpt = needlec::frontend::load_checkpoint_at(&golden("tiny_random.pkl")).unwrap();
     let model = TrainModel::from_checkpoint(&ckpt, DType::F64, &Device::Cpu).unwrap();
     let cases: Vec<ForcedCase> = read_json(&golden("forced_tiny.json"));
     let seqs: Vec<Sequence> = cases.iter().take(2).map(sequence).collect();
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let batch = Batch::new(&refs, true, DType::F64, &Device::Cpu).unwrap();
+    (model, seqs, batch)
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let (model, seqs, batch) = tiny_f64_batch();
     let loss_of = |m: &TrainModel| m.loss(&batch).unwrap().0.to_scalar::<f64>().unwrap();
     let (loss, _) = model.loss(&batch).unwrap();
     let grads = loss.backward().unwrap();
@@ -185,12 +192,7 @@ fn gradients_match_finite_differences() {
 /// gradient (its derivative is `softmax(student) - teacher`), so the gradient is half the labels'.
 #[test]
 fn soft_targets_reduce_to_the_labels_and_vanish_at_the_teacher() {
-    let ckpt = needlec::frontend::load_checkpoint_at(&golden("tiny_random.pkl")).unwrap();
-    let model = TrainModel::from_checkpoint(&ckpt, DType::F64, &Device::Cpu).unwrap();
-    let cases: Vec<ForcedCase> = read_json(&golden("forced_tiny.json"));
-    let seqs: Vec<Sequence> = cases.iter().take(2).map(sequence).collect();
-    let refs: Vec<&Sequence> = seqs.iter().collect();
-    let batch = Batch::new(&refs, true, DType::F64, &Device::Cpu).unwrap();
+    let (model, _, batch) = tiny_f64_batch();
     let (hard, _) = model.loss(&batch).unwrap();
     let hard_value = hard.to_scalar::<f64>().unwrap();
 

@@ -459,14 +459,7 @@ impl TrainModel {
     pub fn loss(&self, batch: &Batch) -> Result<(Tensor, usize)> {
         let logits = self.logits(batch)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &batch.targets)?;
-        let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let targets = batch.targets.to_vec1::<u32>()?;
-        let correct = predicted
-            .iter()
-            .zip(&targets)
-            .filter(|(a, b)| a == b)
-            .count();
-        Ok((loss, correct))
+        Ok((loss, correct(&logits, batch)?))
     }
 
     /// Mean cross-entropy against a teacher's distributions at the scored positions (soft-target
@@ -479,14 +472,7 @@ impl TrainModel {
         let soft = ((p_teacher * log_p)?.sum_all()? * (-1.0 / n))?;
         let hard = candle_nn::loss::cross_entropy(&logits, &batch.targets)?;
         let loss = ((soft + hard)? * 0.5)?;
-        let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let targets = batch.targets.to_vec1::<u32>()?;
-        let correct = predicted
-            .iter()
-            .zip(&targets)
-            .filter(|(a, b)| a == b)
-            .count();
-        Ok((loss, correct))
+        Ok((loss, correct(&logits, batch)?))
     }
 
     /// The checkpoint of the current weights (adapters merged; float32), with `config`.
@@ -512,6 +498,17 @@ impl TrainModel {
 /// scores' shape; `exp` of a masked entry is exactly 0), with its gradient with respect to the
 /// scores: `scale * p * (g - sum(g * p))`. The scale multiplies in float32 (or float64) exactly
 /// as the runtime's `scores * scale`.
+/// How many of `batch`'s scored positions the argmax of `logits` gets right.
+fn correct(logits: &Tensor, batch: &Batch) -> Result<usize> {
+    let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let targets = batch.targets.to_vec1::<u32>()?;
+    Ok(predicted
+        .iter()
+        .zip(&targets)
+        .filter(|(a, b)| a == b)
+        .count())
+}
+
 struct MaskedSoftmax {
     scale: f32,
 }
