@@ -108,9 +108,6 @@ fn training_logits_equal_the_runtime_on_the_golden_forced_cases() {
     }
 }
 
-/// The gradient of the loss (float64 graph, isolation mask, two padded sequences) against central
-/// differences, for entries of an encoder kernel, a decoder cross-attention kernel, the
-/// embedding, a norm scale and a gate.
 /// The tiny random fixture in float64 and a batch of its first two golden forced cases
 /// (isolated), for gradient checks.
 fn tiny_f64_batch() -> (TrainModel, Vec<Sequence>, Batch) {
@@ -123,6 +120,9 @@ fn tiny_f64_batch() -> (TrainModel, Vec<Sequence>, Batch) {
     (model, seqs, batch)
 }
 
+/// The gradient of the loss (float64 graph, isolation mask, two padded sequences) against central
+/// differences, for entries of an encoder kernel, a decoder cross-attention kernel, the
+/// embedding, a norm scale and a gate.
 #[test]
 fn gradients_match_finite_differences() {
     let (model, seqs, batch) = tiny_f64_batch();

@@ -485,8 +485,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         let (loss, correct) = match &teacher {
             Some(teacher) => {
                 let exact = Batch::new(&refs, false, DType::F32, &device)?;
-                let t_logits = teacher.logits(&exact)?.detach();
-                model.soft_loss(&batch, &t_logits)?
+                model.soft_loss(&batch, &teacher.logits(&exact)?)?
             }
             None => model.loss(&batch)?,
         };

@@ -494,10 +494,6 @@ impl TrainModel {
     }
 }
 
-/// `softmax(scores * scale + mask)` over the last axis in one pass (the mask broadcast to the
-/// scores' shape; `exp` of a masked entry is exactly 0), with its gradient with respect to the
-/// scores: `scale * p * (g - sum(g * p))`. The scale multiplies in float32 (or float64) exactly
-/// as the runtime's `scores * scale`.
 /// How many of `batch`'s scored positions the argmax of `logits` gets right.
 fn correct(logits: &Tensor, batch: &Batch) -> Result<usize> {
     let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
@@ -509,6 +505,10 @@ fn correct(logits: &Tensor, batch: &Batch) -> Result<usize> {
         .count())
 }
 
+/// `softmax(scores * scale + mask)` over the last axis in one pass (the mask broadcast to the
+/// scores' shape; `exp` of a masked entry is exactly 0), with its gradient with respect to the
+/// scores: `scale * p * (g - sum(g * p))`. The scale multiplies in float32 (or float64) exactly
+/// as the runtime's `scores * scale`.
 struct MaskedSoftmax {
     scale: f32,
 }
