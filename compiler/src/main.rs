@@ -113,11 +113,15 @@ struct FinetuneArgs {
     /// and write `"tool_attention": "isolated"`, so `build` folds by default.
     #[arg(long)]
     isolate_tools: bool,
-    /// Learn the stock model's own exact-mode behaviour instead of `answers` (which may then be
-    /// left out): its greedy answers as labels, and its next-token distributions as soft targets
-    /// (half the loss).
+    /// Learn from the stock model's own exact-mode behaviour too: its next-token distributions
+    /// as soft targets (half the loss), and its greedy answers as the labels of lines without
+    /// `answers` (which may then be left out).
     #[arg(long)]
     distill: bool,
+    /// Every epoch, give half the labelled examples new argument values (in the query and the
+    /// answer alike), so the model learns to copy values rather than memorize them.
+    #[arg(long)]
+    augment: bool,
     /// Quantization-aware training: the forward pass uses the `--weights int4|int8` quantization
     /// of every Dense kernel (straight-through gradients).
     #[arg(long, value_name = "int4|int8")]
@@ -659,6 +663,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         out: args.out,
         isolate_tools: args.isolate_tools,
         distill: args.distill,
+        augment: args.augment,
         qat: args.qat,
         lora_rank: args.lora_rank,
         steps: args.steps,

@@ -615,6 +615,23 @@ fn finetune_refuses_a_line_without_answers_unless_distilling() {
 }
 
 #[test]
+fn finetune_refuses_augment_without_a_labelled_line() {
+    let dir = work_dir("bad-input-finetune-augment");
+    let data = dir.join("data.jsonl");
+    let no_answers = r#"{"query": "weather in Paris", "tools": [{"name": "get_weather", "description": "Get the weather.", "parameters": {}}]}"#;
+    std::fs::write(&data, format!("{no_answers}\n")).unwrap();
+    let out = path(dir.join("out.safetensors"));
+    let err = finetune_fails(
+        &path(data),
+        &out,
+        &["--steps", "1", "--distill", "--augment"],
+    );
+    assert!(err.contains("--augment varies labelled examples"), "{err}");
+    assert!(err.contains("drop --augment"), "{err}");
+    assert!(!std::path::Path::new(&out).exists(), "nothing written");
+}
+
+#[test]
 fn finetune_refuses_a_tool_list_that_does_not_fit_the_encoder() {
     let dir = work_dir("bad-input-finetune-tools");
     let data = dir.join("data.jsonl");

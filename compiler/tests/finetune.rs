@@ -292,6 +292,12 @@ fn the_same_seed_gives_the_same_bytes() {
         ],
     );
     assert!(a != c, "--seed changes nothing");
+    // --augment draws its variants from the same seed: reproducible, and a different run.
+    let augmented = [&args[..], &["--augment"]].concat();
+    let d = train(&dir, "d.safetensors", &augmented);
+    let e = train(&dir, "e.safetensors", &augmented);
+    assert!(d == e, "two --augment runs with --seed 7 differ");
+    assert!(a != d, "--augment changes nothing");
     // The output is a checkpoint every command loads, and says it was trained isolated.
     let inspect = needlec(&["inspect", &s(&dir.join("a.safetensors"))]);
     let text = String::from_utf8_lossy(&inspect.stdout);

@@ -21,6 +21,9 @@ pub struct Example {
     pub tools: Option<String>,
     /// The expected calls.
     pub answers: Vec<Value>,
+    /// Whether the line gave `answers` (a line without, read for `finetune --distill`, has none
+    /// and is labelled by the stock model).
+    pub labelled: bool,
 }
 
 /// A line that could not be used, and why.
@@ -73,7 +76,8 @@ pub fn parse_lines(
                 line: i + 1,
                 query,
                 tools,
-                answers,
+                labelled: answers.is_some(),
+                answers: answers.unwrap_or_default(),
             }),
             Err(message) => bad.push(BadLine {
                 line: i + 1,
@@ -84,7 +88,7 @@ pub fn parse_lines(
     (examples, bad)
 }
 
-type Parsed = (String, Option<String>, Vec<Value>);
+type Parsed = (String, Option<String>, Option<Vec<Value>>);
 
 fn parse_line(line: &str, tools_given: bool, answers_required: bool) -> Result<Parsed, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| {
@@ -113,13 +117,13 @@ fn parse_line(line: &str, tools_given: bool, answers_required: bool) -> Result<P
         Some(_) => return Err("\"tools\" must be a JSON array (or a string holding one)".into()),
     };
     let answers = match obj.get("answers") {
-        Some(Value::Array(a)) => a.clone(),
+        Some(Value::Array(a)) => Some(a.clone()),
         Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(Value::Array(a)) => a,
+            Ok(Value::Array(a)) => Some(a),
             _ => return Err("\"answers\" is a string that does not hold a JSON array".into()),
         },
         Some(_) => return Err("\"answers\" must be a list of calls ([] when no tool fits)".into()),
-        None if !answers_required => Vec::new(),
+        None if !answers_required => None,
         None => return Err("no \"answers\" (use [] when no tool fits)".into()),
     };
     Ok((query, tools, answers))

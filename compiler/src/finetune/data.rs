@@ -4,8 +4,8 @@
 //! tool list leaves of the budget, `<tools>`, the tool list's tokens. The decoder is fed
 //! `[EOS, <tool_call>] + tokens(answer)` and learns `[<tool_call>] + tokens(answer) + [EOS]`,
 //! where the answer is the expected calls with the model's (snake_case) tool names, serialized as
-//! the model emits them (Python's compact `json.dumps`). With `--distill` the decoder learns the
-//! stock model's own greedy exact-mode output instead.
+//! the model emits them (Python's compact `json.dumps`). A line without `answers` (allowed with
+//! `--distill`) is labelled by the stock model's own greedy exact-mode output instead.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -110,37 +110,62 @@ pub fn prompt(tokenizer: &Tokenizer, query: &str, tool_ids: &[u32]) -> (Vec<u32>
     (enc, n_query)
 }
 
-/// Teacher-forced sequences of every example, labelled by its `answers`.
-pub fn sequences(dataset: &Dataset, tokenizer: &Tokenizer) -> Result<Vec<Sequence>, FinetuneError> {
+/// Teacher-forced sequences of every labelled example (a line with `answers`), each with the
+/// index of its example in `dataset.examples` (what `--augment` varies).
+pub fn sequences(
+    dataset: &Dataset,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<(Sequence, usize)>, FinetuneError> {
     let tools = tool_ids_of(dataset, tokenizer)?;
     Ok(dataset
         .examples
         .iter()
-        .map(|p| {
-            let (enc_ids, n_query) = prompt(tokenizer, &p.example.query, &tools[p.set]);
-            let answer =
-                tokenizer.encode(&answer_text(&p.example.answers, &dataset.tool_sets[p.set]));
-            let mut dec_in = vec![EOS_ID, TOOL_CALL_ID];
-            dec_in.extend(&answer);
-            let mut targets = vec![TOOL_CALL_ID];
-            targets.extend(&answer);
-            targets.push(EOS_ID);
-            Sequence {
-                enc_ids,
-                n_query,
-                dec_in,
-                targets,
-            }
+        .enumerate()
+        .filter(|(_, p)| p.example.labelled)
+        .map(|(i, p)| {
+            let seq = labelled_sequence(
+                tokenizer,
+                &p.example.query,
+                &p.example.answers,
+                &dataset.tool_sets[p.set],
+                &tools[p.set],
+            );
+            (seq, i)
         })
         .collect())
+}
+
+/// The teacher-forced sequence of `query` answered by `answers`, with the tool list `set`
+/// (tokenized as `tool_ids`).
+pub fn labelled_sequence(
+    tokenizer: &Tokenizer,
+    query: &str,
+    answers: &[Value],
+    set: &ToolSet,
+    tool_ids: &[u32],
+) -> Sequence {
+    let (enc_ids, n_query) = prompt(tokenizer, query, tool_ids);
+    let answer = tokenizer.encode(&answer_text(answers, set));
+    let mut dec_in = vec![EOS_ID, TOOL_CALL_ID];
+    dec_in.extend(&answer);
+    let mut targets = vec![TOOL_CALL_ID];
+    targets.extend(&answer);
+    targets.push(EOS_ID);
+    Sequence {
+        enc_ids,
+        n_query,
+        dec_in,
+        targets,
+    }
 }
 
 /// The most tokens a distillation label may take before it is dropped as a runaway.
 pub const DISTILL_MAX_GEN_LEN: usize = 128;
 
-/// Teacher-forced sequences labelled by `model`'s own greedy exact-mode output
-/// (self-distillation); an example whose output does not end within
-/// [`DISTILL_MAX_GEN_LEN`] is left out. Returns the sequences and how many were left out.
+/// Teacher-forced sequences of the unlabelled examples (lines without `answers`), labelled by
+/// `model`'s own greedy exact-mode output (self-distillation); an example whose output does not
+/// end within [`DISTILL_MAX_GEN_LEN`] is left out. Returns the sequences and how many were left
+/// out.
 pub fn distilled(
     dataset: &Dataset,
     model: &Model,
@@ -157,7 +182,11 @@ pub fn distilled(
             FoldMode::None,
         )
         .map_err(|e| FinetuneError::Eval(EvalError::Frontend(e.into())))?;
-        for p in dataset.examples.iter().filter(|p| p.set == set) {
+        for p in dataset
+            .examples
+            .iter()
+            .filter(|p| p.set == set && !p.example.labelled)
+        {
             tick();
             let Ok(g) = engine.generate(&p.example.query, DISTILL_MAX_GEN_LEN) else {
                 dropped += 1;
@@ -182,7 +211,10 @@ pub fn distilled(
     Ok((out, dropped))
 }
 
-fn tool_ids_of(dataset: &Dataset, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>, FinetuneError> {
+pub fn tool_ids_of(
+    dataset: &Dataset,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<Vec<u32>>, FinetuneError> {
     dataset
         .tool_sets
         .iter()

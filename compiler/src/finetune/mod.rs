@@ -1,12 +1,14 @@
 //! `needlec finetune`: trains a checkpoint on tool-calling examples, on the CPU, with candle.
 //!
 //! [`model`] is the training graph (the runtime's forward pass over tensors, with autograd),
-//! [`data`] turns the examples into teacher-forced sequences, and [`run`] is the loop: AdamW with
-//! linear warmup and cosine decay, gradient clipping, a fixed seed (the same inputs give the same
-//! bytes), validation loss and exact-match (greedy decoding through the runtime, folded when
-//! `--isolate-tools`) every `--val-every` steps with the best checkpoint kept, and a stop at the
-//! first non-finite loss that keeps the last good checkpoint.
+//! [`data`] turns the examples into teacher-forced sequences, [`augment`] varies them per epoch
+//! (`--augment`), and [`run`] is the loop: AdamW with linear warmup and cosine decay, gradient
+//! clipping, a fixed seed (the same inputs give the same bytes), validation loss and exact-match
+//! (greedy decoding through the runtime, folded when `--isolate-tools`) every `--val-every` steps
+//! with the best checkpoint kept, and a stop at the first non-finite loss that keeps the last
+//! good checkpoint.
 
+pub mod augment;
 pub mod data;
 pub mod model;
 
@@ -87,6 +89,8 @@ pub struct FinetuneOptions {
     pub out: PathBuf,
     pub isolate_tools: bool,
     pub distill: bool,
+    /// Vary the argument values of half the labelled examples every epoch ([`augment`]).
+    pub augment: bool,
     pub qat: Option<Precision>,
     pub lora_rank: Option<usize>,
     pub steps: Option<usize>,
@@ -113,6 +117,7 @@ impl Default for FinetuneOptions {
             out: PathBuf::new(),
             isolate_tools: false,
             distill: false,
+            augment: false,
             qat: None,
             lora_rank: None,
             steps: None,
@@ -303,6 +308,62 @@ fn epoch_batches(train: &[Sequence], batch_size: usize, rng: &mut SplitMix) -> V
     batches
 }
 
+/// `--augment`'s epochs: the training sequences with a share of the labelled ones varied.
+struct EpochVariants<'a> {
+    augmenter: augment::Augmenter,
+    set: &'a Dataset,
+    tool_ids: Vec<Vec<u32>>,
+    tokenizer: &'a Tokenizer,
+}
+
+impl<'a> EpochVariants<'a> {
+    fn new(set: &'a Dataset, tokenizer: &'a Tokenizer) -> Result<Self, FinetuneError> {
+        let labelled = set.examples.iter().map(|p| &p.example);
+        Ok(EpochVariants {
+            augmenter: augment::Augmenter::new(labelled.filter(|e| e.labelled)),
+            set,
+            tool_ids: data::tool_ids_of(set, tokenizer)?,
+            tokenizer,
+        })
+    }
+
+    /// One epoch's sequences: `train[i]`, or with probability [`augment::VARIED_SHARE`] a
+    /// variant of its example when `sources[i]` names one.
+    fn epoch(
+        &self,
+        train: &[Sequence],
+        sources: &[Option<usize>],
+        rng: &mut SplitMix,
+    ) -> Vec<Sequence> {
+        train
+            .iter()
+            .zip(sources)
+            .map(|(seq, source)| {
+                let Some(i) = *source else {
+                    return seq.clone();
+                };
+                if rng.unit() >= augment::VARIED_SHARE {
+                    return seq.clone();
+                }
+                let p = &self.set.examples[i];
+                match self
+                    .augmenter
+                    .vary(&p.example.query, &p.example.answers, rng)
+                {
+                    Some((query, answers)) => data::labelled_sequence(
+                        self.tokenizer,
+                        &query,
+                        &answers,
+                        &self.set.tool_sets[p.set],
+                        &self.tool_ids[p.set],
+                    ),
+                    None => seq.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
 /// Runs the whole fine-tune and writes `--out`.
 pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, FinetuneError> {
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
@@ -343,8 +404,15 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     frontend::check_vocab(&tokenizer, &opts.tokenizer, ckpt.config.vocab_size)?;
 
     let train_set = data::read_dataset(&opts.data, &tokenizer, !opts.distill, "--data")?;
-    let train: Vec<Sequence> = if opts.distill {
-        progress.phase("labelling the data with the stock model (--distill)");
+    // Labelled lines train on their answers; under --distill the lines without answers are
+    // labelled by the stock model's greedy exact-mode output.
+    let (mut train, mut sources): (Vec<Sequence>, Vec<Option<usize>>) =
+        data::sequences(&train_set, &tokenizer)?
+            .into_iter()
+            .map(|(seq, i)| (seq, Some(i)))
+            .unzip();
+    if opts.distill && train.len() < train_set.examples.len() {
+        progress.phase("labelling the lines without answers with the stock model (--distill)");
         let (seqs, dropped) = data::distilled(&train_set, &stock, &tokenizer, &|| {})?;
         if dropped > 0 {
             progress.line(&format!(
@@ -352,15 +420,24 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
                 data::DISTILL_MAX_GEN_LEN
             ));
         }
-        if seqs.is_empty() {
-            return Err(FinetuneError::Empty {
-                what: "--data (after --distill)",
-                path: opts.data.clone(),
-            });
+        sources.extend(seqs.iter().map(|_| None));
+        train.extend(seqs);
+    }
+    if train.is_empty() {
+        return Err(FinetuneError::Empty {
+            what: "--data (after --distill)",
+            path: opts.data.clone(),
+        });
+    }
+    let augmenter = if opts.augment {
+        if sources.iter().all(Option::is_none) {
+            return Err(FinetuneError::Options(
+                "--augment varies labelled examples, and no line of --data has \"answers\"; label some lines or drop --augment".into(),
+            ));
         }
-        seqs
+        Some(EpochVariants::new(&train_set, &tokenizer)?)
     } else {
-        data::sequences(&train_set, &tokenizer)?
+        None
     };
     drop(stock);
     let val = match &opts.val {
@@ -369,7 +446,10 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
             if let Some(limit) = opts.val_limit {
                 set.examples.truncate(limit.max(1));
             }
-            let seqs = data::sequences(&set, &tokenizer)?;
+            let seqs: Vec<Sequence> = data::sequences(&set, &tokenizer)?
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .collect();
             Some((set, seqs))
         }
         None => None,
@@ -469,6 +549,8 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     let mut rng = SplitMix(opts.seed);
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut cursor = 0;
+    // This epoch's sequences: `train`, with a share of the labelled ones varied under --augment.
+    let mut epoch: Vec<Sequence> = Vec::new();
     let mut final_loss = f64::NAN;
     let mut last_good: Option<Vec<Tensor>> = None;
     let vars = model.all_vars();
@@ -476,10 +558,14 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     for step in 0..total {
         let t0 = Instant::now();
         if cursor == batches.len() {
-            batches = epoch_batches(&train, opts.batch_size, &mut rng);
+            epoch = match &augmenter {
+                Some(aug) => aug.epoch(&train, &sources, &mut rng),
+                None => train.clone(),
+            };
+            batches = epoch_batches(&epoch, opts.batch_size, &mut rng);
             cursor = 0;
         }
-        let refs: Vec<&Sequence> = batches[cursor].iter().map(|&i| &train[i]).collect();
+        let refs: Vec<&Sequence> = batches[cursor].iter().map(|&i| &epoch[i]).collect();
         cursor += 1;
         let batch = Batch::new(&refs, opts.isolate_tools, DType::F32, &device)?;
         let (loss, correct) = match &teacher {
