@@ -426,3 +426,60 @@ fn lora_and_qat_runs_write_plain_checkpoints() {
         );
     }
 }
+
+/// Each validation reports how often the model, folded under `--isolate-tools`, answers as the
+/// stock model does in exact mode: the stock model itself agrees everywhere unfolded and not
+/// everywhere folded (its encoder was trained with tools that see the query).
+#[test]
+fn validation_reports_agreement_with_the_stock_exact_mode() {
+    let dir = work_dir("finetune-agreement");
+    let (ckpt, tok, data, dev) = (
+        s(&tiny_needle("tiny-needle.pkl")),
+        s(&tiny_needle("tokenizer.model")),
+        s(&finetune("train_head.jsonl")),
+        s(&finetune("dev.jsonl")),
+    );
+    let step0 = |isolate: bool| {
+        let out = s(&dir.join("o.safetensors"));
+        let mut args = vec![
+            "finetune",
+            "--checkpoint",
+            &ckpt,
+            "--tokenizer",
+            &tok,
+            "--data",
+            &data,
+            "--val",
+            &dev,
+            "--val-limit",
+            "40",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            &out,
+        ];
+        if isolate {
+            args.push("--isolate-tools");
+        }
+        let run = needlec(&args);
+        let err = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(run.status.success(), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("step 0 (as loaded)"))
+            .unwrap_or_else(|| panic!("no step-0 line: {err}"))
+            .to_string();
+        let pct = line
+            .rsplit("agreement with the stock exact mode ")
+            .next()
+            .and_then(|t| t.trim_end_matches('%').parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no agreement in {line:?}"));
+        (line, pct)
+    };
+    let (line, unfolded) = step0(false);
+    assert_eq!(unfolded, 100.0, "{line}");
+    let (line, folded) = step0(true);
+    assert!(folded < 95.0, "naive folding agrees {folded}%: {line}");
+}

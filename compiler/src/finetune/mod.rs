@@ -142,6 +142,9 @@ pub struct Validation {
     pub seconds: f64,
     pub loss: f64,
     pub exact_match: f64,
+    /// The share of validation examples on which the model (folded under `--isolate-tools`)
+    /// answers exactly as the stock model does in exact mode: how lossless folding has become.
+    pub agreement: f64,
 }
 
 /// What a finished run reports.
@@ -259,6 +262,43 @@ pub fn exact_match(
     fold: FoldMode,
     max_gen_len: usize,
 ) -> Result<f64, FinetuneError> {
+    let outputs = greedy_outputs(ckpt, tokenizer, dataset, fold, max_gen_len)?;
+    Ok(exact_share(&outputs, dataset))
+}
+
+/// The share of `dataset`'s examples whose output parses to its expected calls.
+fn exact_share(outputs: &[Option<String>], dataset: &Dataset) -> f64 {
+    let exact = outputs
+        .iter()
+        .zip(&dataset.examples)
+        .filter(|(o, p)| {
+            let parsed = o.as_ref().and_then(|t| serde_json::from_str(t).ok());
+            metrics::score_calls(parsed.as_ref(), &p.example.answers).exact
+        })
+        .count();
+    metrics::ratio(exact, outputs.len())
+}
+
+/// The share of examples on which two runs' outputs are the same text (a failed decode agrees
+/// with nothing).
+fn agreement(a: &[Option<String>], b: &[Option<String>]) -> f64 {
+    let same = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.is_some() && x == y)
+        .count();
+    metrics::ratio(same, a.len())
+}
+
+/// `ckpt`'s greedy output text on every example of `dataset` through the runtime, folded or
+/// not; `None` where decoding failed.
+fn greedy_outputs(
+    ckpt: &needle_runtime::checkpoint::Checkpoint,
+    tokenizer: &Tokenizer,
+    dataset: &Dataset,
+    fold: FoldMode,
+    max_gen_len: usize,
+) -> Result<Vec<Option<String>>, FinetuneError> {
     let model = Model::from_checkpoint(ckpt).map_err(|e| {
         FinetuneError::Options(format!("the trained weights do not form a model: {e}"))
     })?;
@@ -274,19 +314,7 @@ pub fn exact_match(
         &|| {},
     )
     .map_err(FinetuneError::Eval)?;
-    let exact = outcomes
-        .iter()
-        .zip(&dataset.examples)
-        .filter(|(o, p)| {
-            let parsed = o
-                .output
-                .as_ref()
-                .ok()
-                .and_then(|t| serde_json::from_str(t).ok());
-            metrics::score_calls(parsed.as_ref(), &p.example.answers).exact
-        })
-        .count();
-    Ok(metrics::ratio(exact, outcomes.len()))
+    Ok(outcomes.into_iter().map(|o| o.output.ok()).collect())
 }
 
 /// One epoch's batches: a seeded shuffle, then within windows of 32 batches the examples sorted
@@ -520,27 +548,34 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         load::save_safetensors(&ckpt, path)?;
         Ok(())
     };
+    // The stock model's exact-mode answers, what each validation's agreement is measured against.
+    let stock_outputs = match &val {
+        Some((set, _)) => greedy_outputs(&ckpt, &tokenizer, set, FoldMode::None, opts.max_gen_len)?,
+        None => Vec::new(),
+    };
     let validate = |model: &TrainModel, step: usize| -> Result<Option<Validation>, FinetuneError> {
         let Some((set, seqs)) = &val else {
             return Ok(None);
         };
         let loss = mean_loss(model, seqs, opts.batch_size, opts.isolate_tools)?;
         let ckpt = model.to_checkpoint(&out_config)?;
-        let exact = exact_match(&ckpt, &tokenizer, set, fold, opts.max_gen_len)?;
+        let outputs = greedy_outputs(&ckpt, &tokenizer, set, fold, opts.max_gen_len)?;
         Ok(Some(Validation {
             step,
             seconds: started.elapsed().as_secs_f64(),
             loss,
-            exact_match: exact,
+            exact_match: exact_share(&outputs, set),
+            agreement: agreement(&outputs, &stock_outputs),
         }))
     };
 
     progress.start(total);
     if let Some(v) = validate(&model, 0)? {
         progress.line(&format!(
-            "step 0 (as loaded): validation loss {:.4}, exact match {:.1}%",
+            "step 0 (as loaded): validation loss {:.4}, exact match {:.1}%, agreement with the stock exact mode {:.1}%",
             v.loss,
-            v.exact_match * 100.0
+            v.exact_match * 100.0,
+            v.agreement * 100.0
         ));
         save(&model, &opts.out)?;
         best = Some((v.exact_match, -v.loss, 0));
@@ -656,9 +691,10 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         if val.is_some() && (done % opts.val_every == 0 || done == total) {
             if let Some(v) = validate(&model, done)? {
                 progress.line(&format!(
-                    "step {done}: validation loss {:.4}, exact match {:.1}% ({:.0} s)",
+                    "step {done}: validation loss {:.4}, exact match {:.1}%, agreement {:.1}% ({:.0} s)",
                     v.loss,
                     v.exact_match * 100.0,
+                    v.agreement * 100.0,
                     v.seconds
                 ));
                 let key = (v.exact_match, -v.loss, done);
