@@ -141,6 +141,10 @@ struct FinetuneArgs {
     /// Peak learning rate (AdamW, linear warmup, cosine decay to 0).
     #[arg(long, default_value_t = 3e-4)]
     lr: f64,
+    /// Score and keep an exponential moving average of the weights, with this decay per step
+    /// (0.995 averages about the last 200 steps), instead of the weights themselves.
+    #[arg(long, value_name = "DECAY", allow_negative_numbers = true)]
+    ema: Option<f64>,
     /// Warmup steps (default: a tenth of the steps, at most 100).
     #[arg(long)]
     warmup: Option<usize>,
@@ -670,6 +674,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         epochs: args.epochs,
         batch_size: args.batch_size,
         lr: args.lr,
+        ema: args.ema,
         clip: args.clip,
         warmup: args.warmup,
         seed: args.seed,

@@ -615,6 +615,20 @@ fn finetune_refuses_a_line_without_answers_unless_distilling() {
 }
 
 #[test]
+fn finetune_refuses_an_ema_decay_outside_0_to_1() {
+    let dir = work_dir("bad-input-finetune-ema");
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, format!("{GOOD_LINE}\n")).unwrap();
+    let out = path(dir.join("out.safetensors"));
+    for decay in ["1", "0", "-0.5", "NaN"] {
+        let err = finetune_fails(&path(data.clone()), &out, &["--ema", decay]);
+        assert!(err.contains(&format!("--ema {decay}")), "{decay}: {err}");
+        assert!(err.contains("between 0 and 1"), "{decay}: {err}");
+    }
+    assert!(!std::path::Path::new(&out).exists(), "nothing written");
+}
+
+#[test]
 fn finetune_refuses_augment_without_a_labelled_line() {
     let dir = work_dir("bad-input-finetune-augment");
     let data = dir.join("data.jsonl");

@@ -483,3 +483,52 @@ fn validation_reports_agreement_with_the_stock_exact_mode() {
     let (line, folded) = step0(true);
     assert!(folded < 95.0, "naive folding agrees {folded}%: {line}");
 }
+
+/// `--ema D` keeps the moving average of the weights: with D near 0 it is the live weights, with
+/// D near 1 it has hardly left the starting checkpoint.
+#[test]
+fn ema_keeps_the_moving_average_of_the_weights() {
+    let dir = work_dir("finetune-ema");
+    let base = ["--steps", "3", "--batch-size", "2", "--seed", "3"];
+    let load = |name: &str| needlec::frontend::load_checkpoint_at(&dir.join(name)).unwrap();
+    train(&dir, "live.safetensors", &base);
+    train(
+        &dir,
+        "near0.safetensors",
+        &[&base[..], &["--ema", "1e-9"]].concat(),
+    );
+    train(
+        &dir,
+        "near1.safetensors",
+        &[&base[..], &["--ema", "0.999999"]].concat(),
+    );
+    let stock = needlec::frontend::load_checkpoint_at(&tiny_needle("tiny-needle.pkl")).unwrap();
+    let (live, near0, near1) = (
+        load("live.safetensors"),
+        load("near0.safetensors"),
+        load("near1.safetensors"),
+    );
+    let max_diff = |a: &needle_runtime::checkpoint::Checkpoint,
+                    b: &needle_runtime::checkpoint::Checkpoint| {
+        a.tensors
+            .iter()
+            .flat_map(|(k, t)| {
+                t.to_f32()
+                    .into_iter()
+                    .zip(b.tensors[k].to_f32())
+                    .map(|(x, y)| (x - y).abs())
+                    .collect::<Vec<_>>()
+            })
+            .fold(0.0f32, f32::max)
+    };
+    let moved = max_diff(&live, &stock);
+    assert!(moved > 1e-4, "training moved nothing ({moved})");
+    assert!(
+        max_diff(&near0, &live) < 1e-6,
+        "decay ~0 is not the live weights"
+    );
+    assert!(
+        max_diff(&near1, &stock) < moved * 1e-3,
+        "decay ~1 left the checkpoint"
+    );
+}

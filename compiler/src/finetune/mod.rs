@@ -97,6 +97,9 @@ pub struct FinetuneOptions {
     pub epochs: Option<usize>,
     pub batch_size: usize,
     pub lr: f64,
+    /// Validate and keep an exponential moving average of the weights with this decay per step
+    /// instead of the weights themselves (`--ema`).
+    pub ema: Option<f64>,
     pub weight_decay: f64,
     pub clip: f64,
     pub warmup: Option<usize>,
@@ -124,6 +127,7 @@ impl Default for FinetuneOptions {
             epochs: None,
             batch_size: 16,
             lr: 3e-4,
+            ema: None,
             weight_decay: 0.01,
             clip: 1.0,
             warmup: None,
@@ -262,7 +266,7 @@ pub fn exact_match(
     fold: FoldMode,
     max_gen_len: usize,
 ) -> Result<f64, FinetuneError> {
-    let outputs = greedy_outputs(ckpt, tokenizer, dataset, fold, max_gen_len)?;
+    let outputs = greedy_outputs(ckpt, Precision::F32, tokenizer, dataset, fold, max_gen_len)?;
     Ok(exact_share(&outputs, dataset))
 }
 
@@ -291,15 +295,16 @@ fn agreement(a: &[Option<String>], b: &[Option<String>]) -> f64 {
 }
 
 /// `ckpt`'s greedy output text on every example of `dataset` through the runtime, folded or
-/// not; `None` where decoding failed.
+/// not, with its weights stored at `precision`; `None` where decoding failed.
 fn greedy_outputs(
     ckpt: &needle_runtime::checkpoint::Checkpoint,
+    precision: Precision,
     tokenizer: &Tokenizer,
     dataset: &Dataset,
     fold: FoldMode,
     max_gen_len: usize,
 ) -> Result<Vec<Option<String>>, FinetuneError> {
-    let model = Model::from_checkpoint(ckpt).map_err(|e| {
+    let model = Model::from_checkpoint_as(ckpt, precision).map_err(|e| {
         FinetuneError::Options(format!("the trained weights do not form a model: {e}"))
     })?;
     let outcomes = eval::answer_all(
@@ -315,6 +320,18 @@ fn greedy_outputs(
     )
     .map_err(FinetuneError::Eval)?;
     Ok(outcomes.into_iter().map(|o| o.output.ok()).collect())
+}
+
+/// Sets `vars` to `values` and returns what they held.
+fn swap_weights(vars: &[Var], values: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    vars.iter()
+        .zip(values)
+        .map(|(v, t)| {
+            let old = v.as_tensor().copy()?;
+            v.set(t)?;
+            Ok(old)
+        })
+        .collect()
 }
 
 /// One epoch's batches: a seeded shuffle, then within windows of 32 batches the examples sorted
@@ -409,6 +426,13 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         return Err(FinetuneError::Options(
             "--steps and --epochs must be at least 1".into(),
         ));
+    }
+    if let Some(d) = opts.ema {
+        if !(d > 0.0 && d < 1.0) {
+            return Err(FinetuneError::Options(format!(
+                "--ema {d}: the decay must be between 0 and 1 exclusive (0.995 averages about the last 200 steps)"
+            )));
+        }
     }
     if opts.lora_rank == Some(0) {
         return Err(FinetuneError::Options(
@@ -550,7 +574,14 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     };
     // The stock model's exact-mode answers, what each validation's agreement is measured against.
     let stock_outputs = match &val {
-        Some((set, _)) => greedy_outputs(&ckpt, &tokenizer, set, FoldMode::None, opts.max_gen_len)?,
+        Some((set, _)) => greedy_outputs(
+            &ckpt,
+            Precision::F32,
+            &tokenizer,
+            set,
+            FoldMode::None,
+            opts.max_gen_len,
+        )?,
         None => Vec::new(),
     };
     let validate = |model: &TrainModel, step: usize| -> Result<Option<Validation>, FinetuneError> {
@@ -559,7 +590,9 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         };
         let loss = mean_loss(model, seqs, opts.batch_size, opts.isolate_tools)?;
         let ckpt = model.to_checkpoint(&out_config)?;
-        let outputs = greedy_outputs(&ckpt, &tokenizer, set, fold, opts.max_gen_len)?;
+        // Under --qat the model is scored as its quantized build will run.
+        let precision = opts.qat.unwrap_or(Precision::F32);
+        let outputs = greedy_outputs(&ckpt, precision, &tokenizer, set, fold, opts.max_gen_len)?;
         Ok(Some(Validation {
             step,
             seconds: started.elapsed().as_secs_f64(),
@@ -589,6 +622,16 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     let mut final_loss = f64::NAN;
     let mut last_good: Option<Vec<Tensor>> = None;
     let vars = model.all_vars();
+    // Under --ema the moving average of the weights, which validation scores and --out keeps:
+    // averaging the last few hundred steps smooths out where the last batches happened to pull.
+    let mut average: Option<Vec<Tensor>> = match opts.ema {
+        Some(_) => Some(
+            vars.iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+        ),
+        None => None,
+    };
     let mut step_seconds = 0.0;
     for step in 0..total {
         let t0 = Instant::now();
@@ -678,6 +721,11 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         opt_plain.set_learning_rate(lr);
         opt_decay.step(&grads)?;
         opt_plain.step(&grads)?;
+        if let (Some(average), Some(decay)) = (&mut average, opts.ema) {
+            for (a, v) in average.iter_mut().zip(&vars) {
+                *a = ((&*a * decay)? + (v.as_tensor() * (1.0 - decay))?)?;
+            }
+        }
         final_loss = loss_value as f64;
         let seconds = t0.elapsed().as_secs_f64();
         step_seconds += seconds;
@@ -689,6 +737,11 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         );
         let done = step + 1;
         if val.is_some() && (done % opts.val_every == 0 || done == total) {
+            // Under --ema the average is what is scored and kept; the live weights go back after.
+            let live = match &average {
+                Some(average) => Some(swap_weights(&vars, average)?),
+                None => None,
+            };
             if let Some(v) = validate(&model, done)? {
                 progress.line(&format!(
                     "step {done}: validation loss {:.4}, exact match {:.1}%, agreement {:.1}% ({:.0} s)",
@@ -705,11 +758,17 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
                 }
                 validations.push(v);
             }
+            if let Some(live) = live {
+                swap_weights(&vars, &live)?;
+            }
         }
     }
     let kept_step = match best {
         Some((_, _, at)) => at,
         None => {
+            if let Some(average) = &average {
+                swap_weights(&vars, average)?;
+            }
             save(&model, &opts.out)?;
             total
         }
