@@ -235,12 +235,14 @@ fn soft_targets_reduce_to_the_labels_and_vanish_at_the_teacher() {
 }
 
 /// Trains `steps` steps on the first examples of the training fixture; returns the output bytes.
-fn train(dir: &std::path::Path, name: &str, extra: &[&str]) -> Vec<u8> {
-    let out = dir.join(name);
-    let (ckpt, tok, data) = (
+/// `needlec finetune` from the bundled stock model on the committed head of `train.jsonl`,
+/// writing `out`, plus `extra`; it must succeed.
+fn run_finetune(out: &std::path::Path, extra: &[&str]) -> Output {
+    let (ckpt, tok, data, out_s) = (
         s(&tiny_needle("tiny-needle.pkl")),
         s(&tiny_needle("tokenizer.model")),
         s(&finetune("train_head.jsonl")),
+        s(out),
     );
     let mut args = vec![
         "finetune",
@@ -250,9 +252,9 @@ fn train(dir: &std::path::Path, name: &str, extra: &[&str]) -> Vec<u8> {
         &tok,
         "--data",
         &data,
+        "--out",
+        &out_s,
     ];
-    let out_s = s(&out);
-    args.extend_from_slice(&["--out", &out_s]);
     args.extend_from_slice(extra);
     let run = needlec(&args);
     assert!(
@@ -260,6 +262,13 @@ fn train(dir: &std::path::Path, name: &str, extra: &[&str]) -> Vec<u8> {
         "{args:?}: {}",
         String::from_utf8_lossy(&run.stderr)
     );
+    run
+}
+
+/// [`run_finetune`] into `dir/name`; the bytes written.
+fn train(dir: &std::path::Path, name: &str, extra: &[&str]) -> Vec<u8> {
+    let out = dir.join(name);
+    run_finetune(&out, extra);
     std::fs::read(&out).unwrap()
 }
 
@@ -433,22 +442,9 @@ fn lora_and_qat_runs_write_plain_checkpoints() {
 #[test]
 fn validation_reports_agreement_with_the_stock_exact_mode() {
     let dir = work_dir("finetune-agreement");
-    let (ckpt, tok, data, dev) = (
-        s(&tiny_needle("tiny-needle.pkl")),
-        s(&tiny_needle("tokenizer.model")),
-        s(&finetune("train_head.jsonl")),
-        s(&finetune("dev.jsonl")),
-    );
+    let dev = s(&finetune("dev.jsonl"));
     let step0 = |isolate: bool| {
-        let out = s(&dir.join("o.safetensors"));
         let mut args = vec![
-            "finetune",
-            "--checkpoint",
-            &ckpt,
-            "--tokenizer",
-            &tok,
-            "--data",
-            &data,
             "--val",
             &dev,
             "--val-limit",
@@ -457,15 +453,12 @@ fn validation_reports_agreement_with_the_stock_exact_mode() {
             "1",
             "--batch-size",
             "2",
-            "--out",
-            &out,
         ];
         if isolate {
             args.push("--isolate-tools");
         }
-        let run = needlec(&args);
+        let run = run_finetune(&dir.join("o.safetensors"), &args);
         let err = String::from_utf8_lossy(&run.stderr).to_string();
-        assert!(run.status.success(), "{err}");
         let line = err
             .lines()
             .find(|l| l.contains("step 0 (as loaded)"))
