@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod library;
 pub mod math;
 pub mod model;
+pub mod needle3;
 pub mod object;
 pub mod output;
 pub mod rust_binding;

@@ -161,7 +161,7 @@ fn engram_sites(
 
 /// RoPE tables `(cos, sin)` of positions `start..start+rows`, `(rows, dq/2)` each, in float32
 /// like the reference.
-fn rope_tables(c: &Config, start: usize, rows: usize) -> (Array2<f32>, Array2<f32>) {
+pub fn rope_tables(c: &Config, start: usize, rows: usize) -> (Array2<f32>, Array2<f32>) {
     let dq = c.qk_head_dim();
     let half = dq / 2;
     let theta = c.rope_theta as f32;

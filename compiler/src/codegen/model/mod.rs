@@ -46,7 +46,7 @@
 //! point runs, each value at the slot the plan gives it. This module only turns the plan's
 //! places into kernel arguments; `needlec build --emit ir` prints the same plan beside the IR.
 
-mod kernels;
+pub(crate) mod kernels;
 
 use std::collections::HashMap;
 

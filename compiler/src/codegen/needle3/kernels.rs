@@ -1,0 +1,864 @@
+//! The Needle 3 kernels that v1 has no counterpart for (`docs/needle3.md` sections 2-3): the
+//! causal taps over cached rows, windowed attention with separate q/k and v head widths, the
+//! hyper-connection lanes with Sinkhorn routing, the engram gather and injection, and the
+//! Monarch-factored Hadamard MLP. The matrix products, norms, RoPE, embedding, tied logits and
+//! argmax are v1's kernels ([`crate::codegen::model::kernels`]).
+//!
+//! Every kernel computes one position (the step's row), in float32, summing in the order the
+//! runtime's forward pass (`needle_runtime::needle3::forward`) sums, so that the generated code
+//! and the runtime agree to float32 rounding.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_module::{DataId, FuncId};
+
+use crate::abi::CType;
+use crate::codegen::gen::{mem_ro, Gen};
+use crate::codegen::math;
+use crate::codegen::{CodegenError, KernelSet};
+
+/// The norms' epsilon (section 2).
+const EPS: f32 = 1e-6;
+
+/// Declares and defines an internal function; `body` gets the parameters and the addresses of
+/// `data` in its order.
+pub(crate) fn internal(
+    ks: &mut KernelSet,
+    name: &str,
+    params: &[(CType, &str)],
+    ret: CType,
+    data: &[DataId],
+    body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value]) -> Option<Value>,
+) -> Result<FuncId, CodegenError> {
+    let id = ks.declare_function(name, &[], params, ret, false)?;
+    ks.define_function(id, data, &[], |g, a, d, _| {
+        let addrs: Vec<Value> = data.iter().map(|&t| d.get(t)).collect();
+        body(g, a, &addrs)
+    })?;
+    Ok(id)
+}
+
+fn load_ro(g: &mut Gen<'_>, base: Value, index: Value) -> Value {
+    let p = g.addr(base, index, 4);
+    g.b.ins().load(types::F32, mem_ro(), p, 0)
+}
+
+/// `sum_i a[i] * b[i]` over `n` floats, in order (as the runtime's iterator sum).
+fn dot(g: &mut Gen<'_>, a: Value, b: Value, n: i64, b_ro: bool) -> Value {
+    let zero = g.f32(0.0);
+    let acc = g.var(types::F32, zero);
+    g.for_const(0, n, 1, |g, i| {
+        let x = g.load_f32(a, i);
+        let y = if b_ro {
+            load_ro(g, b, i)
+        } else {
+            g.load_f32(b, i)
+        };
+        let p = g.b.ins().fmul(x, y);
+        let s = g.get(acc);
+        let s = g.b.ins().fadd(s, p);
+        g.set(acc, s);
+    });
+    g.get(acc)
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of `n` floats, as the runtime's `unit` computes it.
+fn inv_rms(g: &mut Gen<'_>, x: Value, n: i64) -> Value {
+    let ss = dot(g, x, x, n, false);
+    let nf = g.f32(n as f32);
+    let ms = g.b.ins().fdiv(ss, nf);
+    let eps = g.f32(EPS);
+    let ms = g.b.ins().fadd(ms, eps);
+    let rms = g.b.ins().sqrt(ms);
+    let one = g.f32(1.0);
+    g.b.ins().fdiv(one, rms)
+}
+
+/// `ln(x)` of a positive f32, through [`math::ln_f64`].
+fn ln32(g: &mut Gen<'_>, x: Value) -> Value {
+    let x64 = g.b.ins().fpromote(types::F64, x);
+    let l = math::ln_f64(g, x64);
+    g.b.ins().fdemote(types::F32, l)
+}
+
+/// `void taps(const float *rows, float *out, size_t t)`: the causal depthwise conv of row `t`
+/// of `rows` (`width` floats a row, every row up to `t` written), `out[c] = sum_j taps[j][c] *
+/// rows[t - j*dil][c]` over the taps `j` with `j*dil <= t` and, with a `window`, `j < window`
+/// (section 2.3 step 2 and the engram values' taps of section 3).
+pub fn taps(
+    ks: &mut KernelSet,
+    name: &str,
+    table: DataId,
+    n_taps: usize,
+    width: usize,
+    dil: usize,
+    window: Option<usize>,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "rows"),
+        (CType::F32Ptr, "out"),
+        (CType::SizeT, "t"),
+    ];
+    let (w, dil) = (width as i64, dil as i64);
+    let last = match window {
+        Some(win) => n_taps.min(win) as i64,
+        None => n_taps as i64,
+    };
+    internal(ks, name, &params, CType::Void, &[table], |g, a, d| {
+        let (rows, out, t, tab) = (a[0], a[1], a[2], d[0]);
+        let cur = g.addr(rows, t, w * 4);
+        g.for_const(0, w, 1, |g, c| {
+            let x = g.load_f32(cur, c);
+            let tp = load_ro(g, tab, c);
+            let o = g.b.ins().fmul(tp, x);
+            g.store_f32(o, out, c);
+        });
+        for j in 1..last {
+            let back = j * dil;
+            let ok =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, t, back);
+            g.if_then(ok, |g| {
+                let src_t = g.b.ins().iadd_imm_s(t, -back);
+                let src = g.addr(rows, src_t, w * 4);
+                let jv = g.iconst(j);
+                let trow = g.addr(tab, jv, w * 4);
+                g.for_const(0, w, 1, |g, c| {
+                    let x = g.load_f32(src, c);
+                    let tp = load_ro(g, trow, c);
+                    let p = g.b.ins().fmul(tp, x);
+                    let o = g.load_f32(out, c);
+                    let o = g.b.ins().fadd(o, p);
+                    g.store_f32(o, out, c);
+                });
+            });
+        }
+        None
+    })
+}
+
+/// The head geometry of [`attention`].
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dq: usize,
+    pub dv: usize,
+    pub window: Option<usize>,
+}
+
+/// `void attention(const float *q, const float *k, const float *v, float *out, size_t t, float
+/// *scores)`: row `t`'s query heads against the cached keys and values of rows `lo..=t` (`lo =
+/// t + 1 - window` on a sliding layer, else 0), GQA, plain softmax (section 2.3 step 5).
+pub fn attention(ks: &mut KernelSet, name: &str, s: &AttnShape) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "q"),
+        (CType::ConstF32Ptr, "k"),
+        (CType::ConstF32Ptr, "v"),
+        (CType::F32Ptr, "out"),
+        (CType::SizeT, "t"),
+        (CType::F32Ptr, "scores"),
+    ];
+    let (dq, dv) = (s.dq as i64, s.dv as i64);
+    let (kw, vw) = ((s.kv_heads * s.dq) as i64, (s.kv_heads * s.dv) as i64);
+    let group = (s.heads / s.kv_heads) as i64;
+    let scale = 1.0 / (s.dq as f32).sqrt();
+    let window = s.window.map(|w| w as i64);
+    let heads = s.heads as i64;
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (q, k, v, out, t, scores) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+        let lo = match window {
+            Some(win) => {
+                // (t + 1).saturating_sub(win)
+                let t1 = g.b.ins().iadd_imm_s(t, 1);
+                let wv = g.iconst(win);
+                let big = g.icmp(IntCC::UnsignedGreaterThan, t1, wv);
+                let d = g.b.ins().isub(t1, wv);
+                let zero = g.iconst(0);
+                g.b.ins().select(big, d, zero)
+            }
+            None => g.iconst(0),
+        };
+        let t1 = g.b.ins().iadd_imm_s(t, 1);
+        let n = g.b.ins().isub(t1, lo);
+        let sc = g.f32(scale);
+        g.for_const(0, heads, 1, |g, h| {
+            let kvh = g.b.ins().udiv_imm_u(h, group);
+            let qh = g.addr(q, h, dq * 4);
+            let koff = g.b.ins().imul_imm_s(kvh, dq * 4);
+            let voff = g.b.ins().imul_imm_s(kvh, dv * 4);
+            let ninf = g.f32(f32::NEG_INFINITY);
+            let mx = g.var(types::F32, ninf);
+            g.for_n(n, |g, i| {
+                let row = g.b.ins().iadd(lo, i);
+                let kr = g.addr(k, row, kw * 4);
+                let kr = g.b.ins().iadd(kr, koff);
+                let d = dot(g, qh, kr, dq, false);
+                let d = g.b.ins().fmul(d, sc);
+                g.store_f32(d, scores, i);
+                let m = g.get(mx);
+                let m = g.b.ins().fmax(m, d);
+                g.set(mx, m);
+            });
+            let m = g.get(mx);
+            let zero = g.f32(0.0);
+            let sum = g.var(types::F32, zero);
+            g.for_n(n, |g, i| {
+                let s = g.load_f32(scores, i);
+                let e = g.b.ins().fsub(s, m);
+                let e = math::exp(g, e);
+                g.store_f32(e, scores, i);
+                let acc = g.get(sum);
+                let acc = g.b.ins().fadd(acc, e);
+                g.set(sum, acc);
+            });
+            let total = g.get(sum);
+            g.for_n(n, |g, i| {
+                let s = g.load_f32(scores, i);
+                let p = g.b.ins().fdiv(s, total);
+                g.store_f32(p, scores, i);
+            });
+            let oh = g.addr(out, h, dv * 4);
+            g.for_const(0, dv, 1, |g, c| {
+                let z = g.f32(0.0);
+                g.store_f32(z, oh, c);
+            });
+            g.for_n(n, |g, i| {
+                let p = g.load_f32(scores, i);
+                let row = g.b.ins().iadd(lo, i);
+                let vr = g.addr(v, row, vw * 4);
+                let vr = g.b.ins().iadd(vr, voff);
+                g.for_const(0, dv, 1, |g, c| {
+                    let x = g.load_f32(vr, c);
+                    let pv = g.b.ins().fmul(p, x);
+                    let o = g.load_f32(oh, c);
+                    let o = g.b.ins().fadd(o, pv);
+                    g.store_f32(o, oh, c);
+                });
+            });
+        });
+        None
+    })
+}
+
+/// `void gate(float *o, const float *gate)`: `o[c] *= sigmoid(gate[c])` over `n` floats
+/// (section 2.3 step 6).
+pub fn gate(ks: &mut KernelSet, name: &str, n: usize) -> Result<FuncId, CodegenError> {
+    let params = [(CType::F32Ptr, "o"), (CType::ConstF32Ptr, "gate")];
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (o, gt) = (a[0], a[1]);
+        g.for_const(0, n as i64, 1, |g, c| {
+            let x = g.load_f32(gt, c);
+            let s = math::sigmoid(g, x);
+            let v = g.load_f32(o, c);
+            let v = g.b.ins().fmul(v, s);
+            g.store_f32(v, o, c);
+        });
+        None
+    })
+}
+
+/// `void sub(const float *x, const float *y, float *out)`: `out = x - y` over `n` floats.
+pub fn sub(ks: &mut KernelSet, name: &str, n: usize) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::ConstF32Ptr, "y"),
+        (CType::F32Ptr, "out"),
+    ];
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        g.for_const(0, n as i64, 1, |g, c| {
+            let x = g.load_f32(a[0], c);
+            let y = g.load_f32(a[1], c);
+            let v = g.b.ins().fsub(x, y);
+            g.store_f32(v, a[2], c);
+        });
+        None
+    })
+}
+
+/// `void copy(const float *x, float *out, size_t n)`.
+pub fn copy(ks: &mut KernelSet, name: &str) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "out"),
+        (CType::SizeT, "n"),
+    ];
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        g.for_n(a[2], |g, c| {
+            let x = g.load_f32(a[0], c);
+            g.store_f32(x, a[1], c);
+        });
+        None
+    })
+}
+
+/// `void lanes(const float *x0, float *x)`: every one of the `n` lanes of `x` a copy of `x0`
+/// (`d` floats), the stream's start (section 2).
+pub fn spread_lanes(
+    ks: &mut KernelSet,
+    name: &str,
+    n: usize,
+    d: usize,
+) -> Result<FuncId, CodegenError> {
+    let params = [(CType::ConstF32Ptr, "x0"), (CType::F32Ptr, "x")];
+    let (n, d) = (n as i64, d as i64);
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        g.for_const(0, n, 1, |g, i| {
+            let lane = g.addr(a[1], i, d * 4);
+            g.for_const(0, d, 1, |g, c| {
+                let x = g.load_f32(a[0], c);
+                g.store_f32(x, lane, c);
+            });
+        });
+        None
+    })
+}
+
+/// `void lane_mean(const float *x, float *out)`: `out = (sum_i x[i]) / n` over the `n` lanes.
+pub fn lane_mean(
+    ks: &mut KernelSet,
+    name: &str,
+    n: usize,
+    d: usize,
+) -> Result<FuncId, CodegenError> {
+    let params = [(CType::ConstF32Ptr, "x"), (CType::F32Ptr, "out")];
+    let (n, d) = (n as i64, d as i64);
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        g.for_const(0, d, 1, |g, c| {
+            let zero = g.f32(0.0);
+            let acc = g.var(types::F32, zero);
+            for i in 0..n {
+                let idx = g.b.ins().iadd_imm_s(c, i * d);
+                let x = g.load_f32(a[0], idx);
+                let s = g.get(acc);
+                let s = g.b.ins().fadd(s, x);
+                g.set(acc, s);
+            }
+            let s = g.get(acc);
+            let nf = g.f32(n as f32);
+            let m = g.b.ins().fdiv(s, nf);
+            g.store_f32(m, a[1], c);
+        });
+        None
+    })
+}
+
+/// One layer's hyper-connection constants (section 2.1).
+pub struct MhcConsts {
+    pub lanes: usize,
+    pub d: usize,
+    /// `l mod n`.
+    pub lane: usize,
+    pub a_pre: f32,
+    pub a_post: f32,
+    pub a_res: f32,
+    pub b_pre: Vec<f32>,
+    pub b_post: Vec<f32>,
+    pub b_res: Vec<f32>,
+}
+
+/// `void mhc_pre(const float *x, const float *mix, float *u)`: the block input `u = sum_i
+/// sigmoid(a_pre * mix[i] + b_pre[i] + off_i) * x[i]`, `mix` the row's `z @ [phi_pre | phi_post
+/// | phi_res]` (section 2.1 step 3).
+pub fn mhc_pre(ks: &mut KernelSet, name: &str, m: &MhcConsts) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::ConstF32Ptr, "mix"),
+        (CType::F32Ptr, "u"),
+    ];
+    let d = m.d as i64;
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (x, mix, u) = (a[0], a[1], a[2]);
+        g.for_const(0, d, 1, |g, c| {
+            let z = g.f32(0.0);
+            g.store_f32(z, u, c);
+        });
+        for i in 0..m.lanes {
+            let off = if i == m.lane { 4.0 } else { -4.0 };
+            let iv = g.iconst(i as i64);
+            let zp = g.load_f32(mix, iv);
+            let ap = g.f32(m.a_pre);
+            let v = g.b.ins().fmul(ap, zp);
+            let bp = g.f32(m.b_pre[i]);
+            let v = g.b.ins().fadd(v, bp);
+            let o = g.f32(off);
+            let v = g.b.ins().fadd(v, o);
+            let h = math::sigmoid(g, v);
+            let lane = g.iconst(i as i64 * d * 4);
+            let xl = g.b.ins().iadd(x, lane);
+            g.for_const(0, d, 1, |g, c| {
+                let xv = g.load_f32(xl, c);
+                let p = g.b.ins().fmul(h, xv);
+                let uv = g.load_f32(u, c);
+                let s = g.b.ins().fadd(uv, p);
+                g.store_f32(s, u, c);
+            });
+        }
+        None
+    })
+}
+
+/// `void mhc_post(const float *x, const float *mix, const float *y, float *next, float *r)`:
+/// the lanes after the layer, `next[i] = sum_j R[i][j] * x[j] + hpost[i] * y` with
+/// `R = Sinkhorn(a_res * mix[2n..] + b_res)` (in `r`, `n*n` floats of scratch) and `hpost[i] =
+/// 2 * sigmoid(a_post * mix[n + i] + b_post[i] + off_i)` (section 2.1 steps 5-7).
+pub fn mhc_post(ks: &mut KernelSet, name: &str, m: &MhcConsts) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::ConstF32Ptr, "mix"),
+        (CType::ConstF32Ptr, "y"),
+        (CType::F32Ptr, "next"),
+        (CType::F32Ptr, "r"),
+    ];
+    let (n, d) = (m.lanes as i64, m.d as i64);
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (x, mix, y, next, r) = (a[0], a[1], a[2], a[3], a[4]);
+        for ij in 0..n * n {
+            let at = g.iconst(2 * n + ij);
+            let zr = g.load_f32(mix, at);
+            let ar = g.f32(m.a_res);
+            let v = g.b.ins().fmul(ar, zr);
+            let br = g.f32(m.b_res[ij as usize]);
+            let v = g.b.ins().fadd(v, br);
+            let idx = g.iconst(ij);
+            g.store_f32(v, r, idx);
+        }
+        // Sinkhorn: 20 rounds of row, then column, log-normalization.
+        g.for_const(0, 20, 1, |g, _| {
+            for (stride, step) in [(n, 1), (1, n)] {
+                for line in 0..n {
+                    let idx: Vec<i64> = (0..n).map(|k| line * stride + k * step).collect();
+                    let ninf = g.f32(f32::NEG_INFINITY);
+                    let mut mx = ninf;
+                    let vals: Vec<Value> = idx
+                        .iter()
+                        .map(|&i| {
+                            let iv = g.iconst(i);
+                            g.load_f32(r, iv)
+                        })
+                        .collect();
+                    for &v in &vals {
+                        mx = g.b.ins().fmax(mx, v);
+                    }
+                    let mut sum = g.f32(0.0);
+                    for &v in &vals {
+                        let e = g.b.ins().fsub(v, mx);
+                        let e = math::exp(g, e);
+                        sum = g.b.ins().fadd(sum, e);
+                    }
+                    let l = ln32(g, sum);
+                    let lse = g.b.ins().fadd(mx, l);
+                    for (&i, &v) in idx.iter().zip(&vals) {
+                        let nv = g.b.ins().fsub(v, lse);
+                        let iv = g.iconst(i);
+                        g.store_f32(nv, r, iv);
+                    }
+                }
+            }
+        });
+        for ij in 0..n * n {
+            let iv = g.iconst(ij);
+            let v = g.load_f32(r, iv);
+            let e = math::exp(g, v);
+            g.store_f32(e, r, iv);
+        }
+        for i in 0..n {
+            let off = if i as usize == m.lane { 0.0 } else { -4.0 };
+            let at = g.iconst(n + i);
+            let zo = g.load_f32(mix, at);
+            let ap = g.f32(m.a_post);
+            let v = g.b.ins().fmul(ap, zo);
+            let bp = g.f32(m.b_post[i as usize]);
+            let v = g.b.ins().fadd(v, bp);
+            let o = g.f32(off);
+            let v = g.b.ins().fadd(v, o);
+            let s = math::sigmoid(g, v);
+            let two = g.f32(2.0);
+            let hpost = g.b.ins().fmul(two, s);
+            let rij: Vec<Value> = (0..n)
+                .map(|j| {
+                    let iv = g.iconst(i * n + j);
+                    g.load_f32(r, iv)
+                })
+                .collect();
+            let dst = g.iconst(i * d * 4);
+            let dst = g.b.ins().iadd(next, dst);
+            g.for_const(0, d, 1, |g, c| {
+                let mut acc = g.f32(0.0);
+                for (j, &rv) in rij.iter().enumerate() {
+                    let idx = g.b.ins().iadd_imm_s(c, j as i64 * d);
+                    let xv = g.load_f32(x, idx);
+                    let p = g.b.ins().fmul(rv, xv);
+                    acc = g.b.ins().fadd(acc, p);
+                }
+                let yv = g.load_f32(y, c);
+                let p = g.b.ins().fmul(hpost, yv);
+                let acc = g.b.ins().fadd(acc, p);
+                g.store_f32(acc, dst, c);
+            });
+        }
+        None
+    })
+}
+
+/// One site's engram geometry (section 3).
+pub struct EngramShape {
+    pub orders: Vec<usize>,
+    pub heads: usize,
+    pub stride: usize,
+    pub slots: usize,
+    /// Row width `S` of a table.
+    pub sub: usize,
+}
+
+/// `void engram_gather(const int32_t *ids, float *m, size_t t)`: the n-gram rows of position
+/// `t` (`ids[..=t]` written): `m = concat_e(Table_e[index[t][e]] * ok[t][e])`, `index` the
+/// hash of section 3.
+pub fn engram_gather(
+    ks: &mut KernelSet,
+    name: &str,
+    tables: DataId,
+    e: &EngramShape,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstI32Ptr, "ids"),
+        (CType::F32Ptr, "m"),
+        (CType::SizeT, "t"),
+    ];
+    let (slots, sub) = (e.slots as i64, e.sub as i64);
+    internal(ks, name, &params, CType::Void, &[tables], |g, a, d| {
+        let (ids, m, t, tab) = (a[0], a[1], a[2], d[0]);
+        for (oi, &order) in e.orders.iter().enumerate() {
+            for hh in 0..e.heads {
+                let table = (oi * e.heads + hh) as i64;
+                let seed = 0x9E37_79B9u32.wrapping_mul((oi * e.stride + hh + 1) as u32);
+                let mut acc = g.b.ins().iconst(types::I32, i64::from(seed as i32));
+                for j in 0..order as i64 {
+                    let ok =
+                        g.b.ins()
+                            .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, t, j);
+                    let src = g.b.ins().iadd_imm_s(t, -j);
+                    let zero = g.iconst(0);
+                    let src = g.b.ins().select(ok, src, zero);
+                    let p = g.addr(ids, src, 4);
+                    let tok = g.b.ins().load(types::I32, crate::codegen::gen::mem(), p, 0);
+                    let z32 = g.b.ins().iconst(types::I32, 0);
+                    let tok = g.b.ins().select(ok, tok, z32);
+                    let x = g.b.ins().bxor(acc, tok);
+                    acc = g.b.ins().imul_imm_s(x, 0x0100_0193);
+                }
+                let sh = g.b.ins().ushr_imm_s(acc, 15);
+                let acc = g.b.ins().bxor(acc, sh);
+                let slot = g.b.ins().urem_imm_u(acc, slots);
+                let slot = if g.ptr == types::I32 {
+                    slot
+                } else {
+                    let pt = g.ptr;
+                    g.b.ins().uextend(pt, slot)
+                };
+                let row = g.b.ins().iadd_imm_s(slot, table * slots);
+                let src = g.addr(tab, row, sub * 4);
+                let dst = g.iconst(table * sub * 4);
+                let dst = g.b.ins().iadd(m, dst);
+                let valid =
+                    g.b.ins()
+                        .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, t, order as i64 - 1);
+                g.if_else(
+                    valid,
+                    |g| {
+                        g.for_const(0, sub, 1, |g, c| {
+                            let v = load_ro(g, src, c);
+                            g.store_f32(v, dst, c);
+                        });
+                    },
+                    |g| {
+                        g.for_const(0, sub, 1, |g, c| {
+                            let z = g.f32(0.0);
+                            g.store_f32(z, dst, c);
+                        });
+                    },
+                );
+            }
+        }
+        None
+    })
+}
+
+/// `void engram_inject(float *u, const float *ek, const float *ev, float *tmp)`: `u += alpha *
+/// ev` with `alpha = sigmoid(dot(unit(u), unit(ek)) / sqrt(D))` (section 2.2 step 1); `tmp`
+/// holds `2*D` floats of scratch.
+pub fn engram_inject(ks: &mut KernelSet, name: &str, d: usize) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::F32Ptr, "u"),
+        (CType::ConstF32Ptr, "ek"),
+        (CType::ConstF32Ptr, "ev"),
+        (CType::F32Ptr, "tmp"),
+    ];
+    let d = d as i64;
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (u, ek, ev, tmp) = (a[0], a[1], a[2], a[3]);
+        let off = g.iconst(d * 4);
+        let tmp_b = g.b.ins().iadd(tmp, off);
+        for (src, dst) in [(u, tmp), (ek, tmp_b)] {
+            let inv = inv_rms(g, src, d);
+            g.for_const(0, d, 1, |g, c| {
+                let x = g.load_f32(src, c);
+                let x = g.b.ins().fmul(x, inv);
+                g.store_f32(x, dst, c);
+            });
+        }
+        let dd = dot(g, tmp, tmp_b, d, false);
+        let sq = g.f32((d as f32).sqrt());
+        let s = g.b.ins().fdiv(dd, sq);
+        let alpha = math::sigmoid(g, s);
+        g.for_const(0, d, 1, |g, c| {
+            let e = g.load_f32(ev, c);
+            let p = g.b.ins().fmul(alpha, e);
+            let x = g.load_f32(u, c);
+            let x = g.b.ins().fadd(x, p);
+            g.store_f32(x, u, c);
+        });
+        None
+    })
+}
+
+/// One layer's Hadamard MLP data (section 2.4), each a read-only f32 object.
+pub struct MlpData {
+    pub d: usize,
+    pub n: usize,
+    pub a: usize,
+    pub b: usize,
+    /// Columns of `cond_v`.
+    pub rank: usize,
+    pub w1a: DataId,
+    pub w1b: DataId,
+    pub w2a: DataId,
+    pub w2b: DataId,
+    pub w3a: DataId,
+    pub w3b: DataId,
+    pub d1: DataId,
+    pub d2: DataId,
+    pub b2: DataId,
+    pub d3: DataId,
+    pub d4: DataId,
+    pub cond_v: DataId,
+    pub cond_u: DataId,
+    /// `p1`, `p2` as u32 (shared by every layer).
+    pub p1: DataId,
+    pub p2: DataId,
+}
+
+/// `kron(z; A, B)` of one row into `out` through `tmp` (`a*b` floats each): `tmp = Z B`, then
+/// `out = A^T tmp`, `Z` the row viewed `(a, b)`.
+fn kron(
+    g: &mut Gen<'_>,
+    z: Value,
+    out: Value,
+    tmp: Value,
+    (am, a): (Value, i64),
+    (bm, b): (Value, i64),
+) {
+    for (dst, src, mat, rows, inner, transposed) in
+        [(tmp, z, bm, a, b, false), (out, tmp, am, a, a, true)]
+    {
+        // dst[r][l] = sum_i coef(r, i) * src_row(i)[l], coef = Z[r][i] (then A[i][r]).
+        g.for_const(0, rows, 1, |g, r| {
+            let drow = g.addr(dst, r, b * 4);
+            g.for_const(0, b, 1, |g, l| {
+                let zero = g.f32(0.0);
+                let acc = g.var(types::F32, zero);
+                g.for_const(0, inner, 1, |g, i| {
+                    let (coef, val) = if transposed {
+                        // A[i][r] * tmp[i][l]
+                        let ai = g.b.ins().imul_imm_s(i, a);
+                        let ai = g.b.ins().iadd(ai, r);
+                        let c = load_ro(g, mat, ai);
+                        let ti = g.b.ins().imul_imm_s(i, b);
+                        let ti = g.b.ins().iadd(ti, l);
+                        let v = g.load_f32(src, ti);
+                        (c, v)
+                    } else {
+                        // Z[r][i] * B[i][l]
+                        let zi = g.b.ins().imul_imm_s(r, b);
+                        let zi = g.b.ins().iadd(zi, i);
+                        let c = g.load_f32(src, zi);
+                        let bi = g.b.ins().imul_imm_s(i, b);
+                        let bi = g.b.ins().iadd(bi, l);
+                        let v = load_ro(g, mat, bi);
+                        (c, v)
+                    };
+                    let p = g.b.ins().fmul(coef, val);
+                    let s = g.get(acc);
+                    let s = g.b.ins().fadd(s, p);
+                    g.set(acc, s);
+                });
+                let s = g.get(acc);
+                g.store_f32(s, drow, l);
+            });
+        });
+    }
+}
+
+/// `out[m] = src[p[m]] * scale[m]` over `n` (p a u32 table; `scale` optional).
+fn permute(g: &mut Gen<'_>, src: Value, dst: Value, p: Value, n: i64) {
+    g.for_const(0, n, 1, |g, m| {
+        let pp = g.addr(p, m, 4);
+        let i = g.b.ins().load(types::I32, mem_ro(), pp, 0);
+        let i = if g.ptr == types::I32 {
+            i
+        } else {
+            let pt = g.ptr;
+            g.b.ins().uextend(pt, i)
+        };
+        let v = g.load_f32(src, i);
+        g.store_f32(v, dst, m);
+    });
+}
+
+/// `void mlp(const float *x, float *out, float *s)`: the Hadamard MLP of one row (section 2.4);
+/// `s` holds `3*N + 2*rank` floats of scratch. `out` gets `D` floats.
+pub fn mlp(ks: &mut KernelSet, name: &str, w: &MlpData) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "x"),
+        (CType::F32Ptr, "out"),
+        (CType::F32Ptr, "s"),
+    ];
+    let data = [
+        w.w1a, w.w1b, w.w2a, w.w2b, w.w3a, w.w3b, w.d1, w.d2, w.b2, w.d3, w.d4, w.cond_v, w.cond_u,
+        w.p1, w.p2,
+    ];
+    let (d, n, a, b, rank) = (
+        w.d as i64,
+        w.n as i64,
+        w.a as i64,
+        w.b as i64,
+        w.rank as i64,
+    );
+    internal(ks, name, &params, CType::Void, &data, |g, args, dd| {
+        let (x, out, s) = (args[0], args[1], args[2]);
+        let [w1a, w1b, w2a, w2b, w3a, w3b, d1, d2, b2, d3, d4, cv, cu, p1, p2] =
+            <[Value; 15]>::try_from(dd).expect("15 data objects");
+        let at = |g: &mut Gen<'_>, floats: i64| {
+            let o = g.iconst(floats * 4);
+            g.b.ins().iadd(s, o)
+        };
+        let z1 = s;
+        let z2 = at(g, n);
+        let z3 = at(g, 2 * n);
+        let cnd = at(g, 3 * n);
+        // cond = 1 + softmax(x @ cond_v) @ cond_u.
+        g.for_const(0, rank, 1, |g, j| {
+            let zero = g.f32(0.0);
+            let acc = g.var(types::F32, zero);
+            g.for_const(0, d, 1, |g, i| {
+                let xv = g.load_f32(x, i);
+                let wi = g.b.ins().imul_imm_s(i, rank);
+                let wi = g.b.ins().iadd(wi, j);
+                let wv = load_ro(g, cv, wi);
+                let p = g.b.ins().fmul(xv, wv);
+                let sacc = g.get(acc);
+                let sacc = g.b.ins().fadd(sacc, p);
+                g.set(acc, sacc);
+            });
+            let v = g.get(acc);
+            g.store_f32(v, cnd, j);
+        });
+        {
+            let ninf = g.f32(f32::NEG_INFINITY);
+            let mut mx = ninf;
+            let vals: Vec<Value> = (0..rank)
+                .map(|j| {
+                    let iv = g.iconst(j);
+                    g.load_f32(cnd, iv)
+                })
+                .collect();
+            for &v in &vals {
+                mx = g.b.ins().fmax(mx, v);
+            }
+            let mut sum = g.f32(0.0);
+            let es: Vec<Value> = vals
+                .iter()
+                .map(|&v| {
+                    let e = g.b.ins().fsub(v, mx);
+                    math::exp(g, e)
+                })
+                .collect();
+            for &e in &es {
+                sum = g.b.ins().fadd(sum, e);
+            }
+            for (j, &e) in es.iter().enumerate() {
+                let p = g.b.ins().fdiv(e, sum);
+                let iv = g.iconst(j as i64);
+                g.store_f32(p, cnd, iv);
+            }
+        }
+        // z3 = cond (N floats).
+        g.for_const(0, n, 1, |g, c| {
+            let zero = g.f32(0.0);
+            let acc = g.var(types::F32, zero);
+            for j in 0..rank {
+                let jv = g.iconst(j);
+                let pj = g.load_f32(cnd, jv);
+                let ui = g.b.ins().iadd_imm_s(c, j * n);
+                let u = load_ro(g, cu, ui);
+                let p = g.b.ins().fmul(pj, u);
+                let sacc = g.get(acc);
+                let sacc = g.b.ins().fadd(sacc, p);
+                g.set(acc, sacc);
+            }
+            let v = g.get(acc);
+            let one = g.f32(1.0);
+            let v = g.b.ins().fadd(v, one);
+            g.store_f32(v, z3, c);
+        });
+        // z1 = pad(x) * d1.
+        g.for_const(0, n, 1, |g, c| {
+            let dv = load_ro(g, d1, c);
+            let inside = g.b.ins().icmp_imm_u(IntCC::UnsignedLessThan, c, d);
+            let zero = g.iconst(0);
+            let ci = g.b.ins().select(inside, c, zero);
+            let xv = g.load_f32(x, ci);
+            let zf = g.f32(0.0);
+            let xv = g.b.ins().select(inside, xv, zf);
+            let v = g.b.ins().fmul(xv, dv);
+            g.store_f32(v, z1, c);
+        });
+        // Each product goes z1 -> z2 through its own temp `kt`; the permutation brings it back.
+        let kt = at(g, 3 * n + rank);
+        kron(g, z1, z2, kt, (w1a, a), (w1b, b));
+        permute(g, z2, z1, p1, n);
+        // pre = ((cond * d2) * z) + b2; silu.
+        g.for_const(0, n, 1, |g, c| {
+            let cv = g.load_f32(z3, c);
+            let dv = load_ro(g, d2, c);
+            let v = g.b.ins().fmul(cv, dv);
+            let z = g.load_f32(z1, c);
+            let v = g.b.ins().fmul(v, z);
+            let bv = load_ro(g, b2, c);
+            let p = g.b.ins().fadd(v, bv);
+            let sg = math::sigmoid(g, p);
+            let act = g.b.ins().fmul(p, sg);
+            g.store_f32(act, z1, c);
+        });
+        kron(g, z1, z2, kt, (w2a, a), (w2b, b));
+        permute(g, z2, z1, p2, n);
+        g.for_const(0, n, 1, |g, c| {
+            let dv = load_ro(g, d3, c);
+            let z = g.load_f32(z1, c);
+            let v = g.b.ins().fmul(z, dv);
+            g.store_f32(v, z1, c);
+        });
+        kron(g, z1, z2, kt, (w3a, a), (w3b, b));
+        g.for_const(0, d, 1, |g, c| {
+            let z = g.load_f32(z2, c);
+            let dv = load_ro(g, d4, c);
+            let v = g.b.ins().fmul(z, dv);
+            g.store_f32(v, out, c);
+        });
+        None
+    })
+}
+
+/// Floats of scratch [`mlp`] needs.
+pub fn mlp_scratch(n: usize, rank: usize) -> usize {
+    4 * n + rank
+}

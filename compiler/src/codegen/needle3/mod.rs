@@ -1,0 +1,578 @@
+//! The Needle 3 model code: one generated function that runs one position through a Needle 3
+//! model (`docs/needle3.md` sections 2-3), with every cache in the caller's workspace.
+//!
+//! # Interface
+//!
+//! `int32_t step(uint8_t *ws, int32_t token, size_t pos)`: feeds `token` at position `pos`:
+//! records the id (the engram hashes read back `max(orders) - 1` ids), runs every layer (the
+//! engram sites' gathered rows, the hyper-connection lanes, the block with its conv taps over
+//! the layer's cached pre-conv rows and attention over its cached keys and values, the MLP),
+//! writes the position's rows into the caches, leaves the tied logits at `ws + logits_offset`
+//! and returns their argmax (the lowest id on ties). Positions must be fed in order from 0;
+//! feeding `pos` again rewrites its rows, so a new prompt needs no reset. Returns -1,
+//! computing nothing, when `pos >= max_positions` or `token` is outside the vocabulary.
+//!
+//! # Weights
+//!
+//! float32 in read-only data: the projections in the panels of the v1 matrix product (q, k, v
+//! and the gate concatenated into one product of the normalized input), the MLP's Monarch
+//! factors, diagonals and permutations as the checkpoint has them, the engram tables row-major
+//! (gathered, never multiplied).
+
+pub mod kernels;
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_module::{DataId, FuncId};
+use needle_runtime::needle3::forward::rope_tables;
+use needle_runtime::needle3::Model;
+
+use crate::abi::CType;
+use crate::codegen::gen::Gen;
+use crate::codegen::model::kernels as v1;
+use crate::codegen::weights::{WeightFormat, WeightRef};
+use crate::codegen::{CodegenError, KernelSet};
+use kernels::{AttnShape, EngramShape, MhcConsts, MlpData};
+
+/// What a caller needs to drive the generated step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Needle3Code {
+    /// `int32_t step(uint8_t *ws, int32_t token, size_t pos)`.
+    pub step: FuncId,
+    pub workspace_bytes: usize,
+    pub workspace_align: usize,
+    /// `f32[logits_vocab]` of the last step.
+    pub logits_offset: usize,
+    pub max_positions: usize,
+    pub vocab: usize,
+    pub logits_vocab: usize,
+}
+
+fn invalid(msg: impl Into<String>) -> CodegenError {
+    CodegenError::Invalid(msg.into())
+}
+
+/// Byte offsets of the workspace's regions, allocated in order, each 16-byte aligned.
+#[derive(Default)]
+struct Layout {
+    bytes: usize,
+}
+
+impl Layout {
+    fn floats(&mut self, n: usize) -> usize {
+        let at = self.bytes;
+        self.bytes = (at + 4 * n.max(1)).div_ceil(16) * 16;
+        at
+    }
+}
+
+/// Per-layer regions.
+struct LayerWs {
+    /// Pre-conv q|k|v rows, `cw` floats a position.
+    pre: usize,
+    /// Keys after norm and RoPE, `K*dq` floats a position; values `K*dv`.
+    k: usize,
+    v: usize,
+}
+
+/// One layer's generated kernels and data.
+struct LayerCode {
+    z_norm: FuncId,
+    mix: FuncId,
+    mhc_pre: FuncId,
+    mhc_post: FuncId,
+    norm_in: FuncId,
+    qkvg: FuncId,
+    taps: FuncId,
+    q_norm: FuncId,
+    k_norm: FuncId,
+    attention: FuncId,
+    wout: FuncId,
+    post_norm: FuncId,
+    attn_gate: f32,
+    pre_hada: FuncId,
+    mlp: FuncId,
+    /// Index into the sites, on a site layer.
+    site: Option<usize>,
+}
+
+struct SiteCode {
+    gather: FuncId,
+    key: FuncId,
+    value: FuncId,
+    taps: FuncId,
+    /// The values before their taps, `D` floats a position.
+    w: usize,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `values` (row-major `[k][n]`) as matrix-product weights.
+fn weights(
+    ks: &mut KernelSet,
+    name: &str,
+    k: usize,
+    n: usize,
+    values: &[f32],
+) -> Result<WeightRef, CodegenError> {
+    if values.len() != k * n {
+        return Err(invalid(format!(
+            "weights `{name}`: {} values for {k}x{n}",
+            values.len()
+        )));
+    }
+    let format = WeightFormat::F32Panels;
+    let data = ks.declare_f32_data(name, &format.layout(k, n, values))?;
+    Ok(WeightRef {
+        data,
+        scales: None,
+        k,
+        n,
+        format,
+    })
+}
+
+/// `[k][a] ++ [k][b] ++ ...`: row-major matrices with the same rows, side by side.
+fn side_by_side(parts: &[(&[f32], usize)], k: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for r in 0..k {
+        for &(m, n) in parts {
+            out.extend_from_slice(&m[r * n..(r + 1) * n]);
+        }
+    }
+    out
+}
+
+/// An array's values in row-major order.
+fn flat<'a>(values: impl IntoIterator<Item = &'a f32>) -> Vec<f32> {
+    values.into_iter().copied().collect()
+}
+
+fn one_plus(g: &[f32]) -> Vec<f32> {
+    g.iter().map(|v| 1.0 + v).collect()
+}
+
+fn u32_data(ks: &mut KernelSet, name: &str, v: &[usize]) -> Result<DataId, CodegenError> {
+    let bits: Vec<f32> = v.iter().map(|&i| f32::from_bits(i as u32)).collect();
+    ks.declare_f32_data(name, &bits)
+}
+
+/// Defines the step of `model` (any ladder depth; every dimension from its config) for
+/// positions `0..max_positions` in `ks`. `export` makes it part of the object's interface
+/// (tests).
+pub fn define_needle3_model(
+    ks: &mut KernelSet,
+    model: &Model,
+    max_positions: usize,
+    export: bool,
+) -> Result<Needle3Code, CodegenError> {
+    let c = &model.config;
+    let (d, n_lanes, l_n) = (c.d_model, c.mhc_lanes, model.layers.len());
+    let (h_n, k_n, dq, dv) = (c.num_heads, c.num_kv_heads, c.qk_head_dim(), c.v_head_dim());
+    let (qw, kw, vw, gw) = (h_n * dq, k_n * dq, k_n * dv, h_n * dv);
+    let cw = qw + kw + vw;
+    let vocab = c.vocab_size;
+    let v_out = c.logits_vocab();
+    if max_positions == 0 || max_positions > c.max_seq_len.max(1) {
+        return Err(invalid(format!(
+            "{max_positions} positions: the model takes 1 to {}",
+            c.max_seq_len
+        )));
+    }
+    if l_n == 0 || n_lanes == 0 || dq % 2 != 0 || k_n == 0 || h_n % k_n != 0 {
+        return Err(invalid(
+            "a Needle 3 config without layers, lanes or whole heads",
+        ));
+    }
+    let nn = c.hada_n();
+    let (fa, fb) = c.hada_factors();
+    let p = max_positions;
+
+    // ---- workspace -------------------------------------------------------------------------
+    let mut ws = Layout::default();
+    let ids_at = ws.floats(p);
+    let layer_ws: Vec<LayerWs> = (0..l_n)
+        .map(|_| LayerWs {
+            pre: ws.floats(p * cw),
+            k: ws.floats(p * kw),
+            v: ws.floats(p * vw),
+        })
+        .collect();
+    let site_w: Vec<usize> = model.sites.iter().map(|_| ws.floats(p * d)).collect();
+    let x_at = [ws.floats(n_lanes * d), ws.floats(n_lanes * d)];
+    let z_at = ws.floats(n_lanes * d);
+    let mix_w = 2 * n_lanes + n_lanes * n_lanes;
+    let mix_at = ws.floats(mix_w);
+    let r_at = ws.floats(n_lanes * n_lanes);
+    let x0_at = ws.floats(d);
+    let u_at = ws.floats(d);
+    let b_at = ws.floats(d);
+    let a_at = ws.floats(d);
+    let y_at = ws.floats(d);
+    let t_at = ws.floats(d.max(nn));
+    let qkvg_at = ws.floats(cw + gw);
+    let conv_at = ws.floats(cw);
+    let o_at = ws.floats(gw);
+    let scores_at = ws.floats(p);
+    let e_n = c.engram_tables();
+    let sub = if e_n == 0 { 0 } else { c.engram_sub_dim() };
+    let m_at = ws.floats(e_n * sub);
+    let ek_at = ws.floats(d);
+    let ev_at = ws.floats(d);
+    let inj_at = ws.floats(2 * d);
+    let rank = model.layers[0].mlp.cond_v.ncols();
+    let mlp_at = ws.floats(kernels::mlp_scratch(nn, rank));
+    let h_at = ws.floats(d);
+    let logits_at = ws.floats(v_out);
+    let workspace_bytes = ws.bytes;
+
+    // ---- shared data and kernels -----------------------------------------------------------
+    let emb_vals: Vec<f32> = model.embedding.iter().copied().collect();
+    let emb_data = ks.declare_f32_data("n3_embedding", &emb_vals)?;
+    let table = WeightRef {
+        data: emb_data,
+        scales: None,
+        k: vocab,
+        n: d,
+        format: WeightFormat::F32,
+    };
+    let embed = v1::embed(ks, "n3_embed", &table, (d as f32).sqrt())?;
+    let tied = WeightRef { k: v_out, ..table };
+    let logits = v1::logits(ks, "n3_logits", &tied)?;
+    let argmax = v1::argmax(ks, "n3_argmax", v_out)?;
+    let final_scale = ks.declare_f32_data("n3_final_norm", &one_plus(&model.final_norm))?;
+    let final_norm = v1::rmsnorm(ks, "n3_final_norm_k", d, Some(final_scale))?;
+    let (cos, sin) = rope_tables(c, 0, p);
+    let half = dq / 2;
+    let mut rope_vals = Vec::with_capacity(p * dq);
+    for r in 0..p {
+        rope_vals.extend((0..half).map(|i| cos[[r, i]]));
+        rope_vals.extend((0..half).map(|i| sin[[r, i]]));
+    }
+    let rope_tab = ks.declare_f32_data("n3_rope", &rope_vals)?;
+    let rope_q = v1::rope(ks, "n3_rope_q", rope_tab, h_n, dq)?;
+    let rope_k = v1::rope(ks, "n3_rope_k", rope_tab, k_n, dq)?;
+    let spread = kernels::spread_lanes(ks, "n3_spread", n_lanes, d)?;
+    let lane_mean = kernels::lane_mean(ks, "n3_lane_mean", n_lanes, d)?;
+    let residual = v1::residual(ks, "n3_residual")?;
+    let copy = kernels::copy(ks, "n3_copy")?;
+    let gate = kernels::gate(ks, "n3_gate", gw)?;
+    let sub_k = kernels::sub(ks, "n3_sub", d)?;
+    let inject = kernels::engram_inject(ks, "n3_inject", d)?;
+    let p1 = u32_data(ks, "n3_p1", &model.p1)?;
+    let p2 = u32_data(ks, "n3_p2", &model.p2)?;
+
+    // ---- engram sites ----------------------------------------------------------------------
+    let shape = EngramShape {
+        orders: c.engram_orders.clone(),
+        heads: c.engram_heads(),
+        stride: c.engram_seed_stride(),
+        slots: c.engram_slots,
+        sub,
+    };
+    let mut sites = Vec::new();
+    for (s, site) in model.sites.iter().enumerate() {
+        let tables = ks.declare_f32_data(&format!("n3_s{s}_tables"), &site.tables)?;
+        let gather = kernels::engram_gather(ks, &format!("n3_s{s}_gather"), tables, &shape)?;
+        let kp: Vec<f32> = site.key_proj.iter().copied().collect();
+        let vp: Vec<f32> = site.value_proj.iter().copied().collect();
+        let kw_ref = weights(ks, &format!("n3_s{s}_key"), e_n * sub, d, &kp)?;
+        let vw_ref = weights(ks, &format!("n3_s{s}_value"), e_n * sub, d, &vp)?;
+        let key = v1::matmul(ks, &format!("n3_s{s}_key_mm"), &kw_ref, false)?;
+        let value = v1::matmul(ks, &format!("n3_s{s}_value_mm"), &vw_ref, false)?;
+        let tv: Vec<f32> = site.taps.iter().copied().collect();
+        let tt = ks.declare_f32_data(&format!("n3_s{s}_taps"), &tv)?;
+        let taps = kernels::taps(
+            ks,
+            &format!("n3_s{s}_taps_k"),
+            tt,
+            site.taps.nrows(),
+            d,
+            c.engram_dilation(),
+            None,
+        )?;
+        sites.push(SiteCode {
+            gather,
+            key,
+            value,
+            taps,
+            w: site_w[s],
+        });
+    }
+
+    // ---- layers ----------------------------------------------------------------------------
+    let mut layers = Vec::new();
+    for (l, w) in model.layers.iter().enumerate() {
+        let name = |what: &str| format!("n3_l{l}_{what}");
+        let window = (!c.is_global(l)).then_some(c.sliding_window);
+        let z_norm = v1::rmsnorm(ks, &name("z"), n_lanes * d, None)?;
+        let mhc = &w.mhc;
+        let (pre, post, res) = (flat(&mhc.phi_pre), flat(&mhc.phi_post), flat(&mhc.phi_res));
+        let phi = side_by_side(
+            &[(&pre, n_lanes), (&post, n_lanes), (&res, n_lanes * n_lanes)],
+            n_lanes * d,
+        );
+        let phi_ref = weights(ks, &name("phi"), n_lanes * d, mix_w, &phi)?;
+        let mix = v1::matmul(ks, &name("mix"), &phi_ref, false)?;
+        let consts = MhcConsts {
+            lanes: n_lanes,
+            d,
+            lane: l % n_lanes,
+            a_pre: mhc.a_pre,
+            a_post: mhc.a_post,
+            a_res: mhc.a_res,
+            b_pre: mhc.b_pre.clone(),
+            b_post: mhc.b_post.clone(),
+            b_res: mhc.b_res.clone(),
+        };
+        let mhc_pre = kernels::mhc_pre(ks, &name("mhc_pre"), &consts)?;
+        let mhc_post = kernels::mhc_post(ks, &name("mhc_post"), &consts)?;
+        let s_in = ks.declare_f32_data(&name("norm_in"), &one_plus(&w.norm_in))?;
+        let norm_in = v1::rmsnorm(ks, &name("norm_in_k"), d, Some(s_in))?;
+        let (wq, wk, wv, wg) = (flat(&w.wq), flat(&w.wk), flat(&w.wv), flat(&w.wgate));
+        let cat = side_by_side(&[(&wq, qw), (&wk, kw), (&wv, vw), (&wg, gw)], d);
+        let cat_ref = weights(ks, &name("qkvg"), d, cw + gw, &cat)?;
+        let qkvg = v1::matmul(ks, &name("qkvg_mm"), &cat_ref, false)?;
+        let n_taps = w.q_taps.nrows();
+        let tap_vals = if n_taps == 0 {
+            vec![1.0; cw]
+        } else {
+            let (qt, kt, vt) = (flat(&w.q_taps), flat(&w.k_taps), flat(&w.v_taps));
+            side_by_side(&[(&qt, qw), (&kt, kw), (&vt, vw)], n_taps)
+        };
+        let tap_tab = ks.declare_f32_data(&name("taps"), &tap_vals)?;
+        let taps = kernels::taps(ks, &name("taps_k"), tap_tab, n_taps.max(1), cw, 1, window)?;
+        let sq = ks.declare_f32_data(&name("q_norm"), &one_plus(&w.q_norm))?;
+        let q_norm = v1::rmsnorm(ks, &name("q_norm_k"), dq, Some(sq))?;
+        let sk = ks.declare_f32_data(&name("k_norm"), &one_plus(&w.k_norm))?;
+        let k_norm = v1::rmsnorm(ks, &name("k_norm_k"), dq, Some(sk))?;
+        let attention = kernels::attention(
+            ks,
+            &name("attention"),
+            &AttnShape {
+                heads: h_n,
+                kv_heads: k_n,
+                dq,
+                dv,
+                window,
+            },
+        )?;
+        let wo = flat(&w.wout);
+        let wo_ref = weights(ks, &name("wout"), gw, d, &wo)?;
+        let wout = v1::matmul(ks, &name("wout_mm"), &wo_ref, false)?;
+        let sp = ks.declare_f32_data(&name("post_norm"), &one_plus(&w.post_norm))?;
+        let post_norm = v1::rmsnorm(ks, &name("post_norm_k"), d, Some(sp))?;
+        let sh = ks.declare_f32_data(&name("pre_hada"), &one_plus(&w.pre_hada))?;
+        let pre_hada = v1::rmsnorm(ks, &name("pre_hada_k"), d, Some(sh))?;
+        let m = &w.mlp;
+        let mut f = |what: &str, v: &[f32]| ks.declare_f32_data(&name(what), v);
+        let data = MlpData {
+            d,
+            n: nn,
+            a: fa,
+            b: fb,
+            rank,
+            w1a: f("w1a", &flat(&m.w1a))?,
+            w1b: f("w1b", &flat(&m.w1b))?,
+            w2a: f("w2a", &flat(&m.w2a))?,
+            w2b: f("w2b", &flat(&m.w2b))?,
+            w3a: f("w3a", &flat(&m.w3a))?,
+            w3b: f("w3b", &flat(&m.w3b))?,
+            d1: f("d1", &m.d1)?,
+            d2: f("d2", &m.d2)?,
+            b2: f("b2", &m.b2)?,
+            d3: f("d3", &m.d3)?,
+            d4: f("d4", &m.d4)?,
+            cond_v: f("cond_v", &flat(&m.cond_v))?,
+            cond_u: f("cond_u", &flat(&m.cond_u))?,
+            p1,
+            p2,
+        };
+        let mlp = kernels::mlp(ks, &name("mlp"), &data)?;
+        layers.push(LayerCode {
+            z_norm,
+            mix,
+            mhc_pre,
+            mhc_post,
+            norm_in,
+            qkvg,
+            taps,
+            q_norm,
+            k_norm,
+            attention,
+            wout,
+            post_norm,
+            attn_gate: sigmoid(w.attn_gate),
+            pre_hada,
+            mlp,
+            site: c.engram_layers.iter().position(|&s| s == l),
+        });
+    }
+
+    // ---- the step --------------------------------------------------------------------------
+    let params = [
+        (CType::U8Ptr, "ws"),
+        (CType::I32, "token"),
+        (CType::SizeT, "pos"),
+    ];
+    let step = ks.declare_function(
+        "n3_step",
+        &["Runs one position of the Needle 3 model; returns the argmax of its logits."],
+        &params,
+        CType::I32,
+        export,
+    )?;
+    let mut callees = vec![
+        embed, logits, argmax, final_norm, rope_q, rope_k, spread, lane_mean, residual, copy, gate,
+        sub_k, inject,
+    ];
+    for s in &sites {
+        callees.extend([s.gather, s.key, s.value, s.taps]);
+    }
+    for l in &layers {
+        callees.extend([
+            l.z_norm,
+            l.mix,
+            l.mhc_pre,
+            l.mhc_post,
+            l.norm_in,
+            l.qkvg,
+            l.taps,
+            l.q_norm,
+            l.k_norm,
+            l.attention,
+            l.wout,
+            l.post_norm,
+            l.pre_hada,
+            l.mlp,
+        ]);
+    }
+    ks.define_function(step, &[], &callees, |g, a, _, f| {
+        let (ws_p, token, pos) = (a[0], a[1], a[2]);
+        let bad_pos =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, pos, p as i64);
+        let bad_tok =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, token, vocab as i64);
+        let bad = g.b.ins().bor(bad_pos, bad_tok);
+        g.if_then(bad, |g| {
+            let m1 = g.b.ins().iconst(types::I32, -1);
+            g.ret(&[m1]);
+        });
+        let at = |g: &mut Gen<'_>, off: usize| {
+            let o = g.iconst(off as i64);
+            g.b.ins().iadd(ws_p, o)
+        };
+        let row = |g: &mut Gen<'_>, base: usize, width: usize| {
+            let b = at(g, base);
+            g.addr(b, pos, (width * 4) as i64)
+        };
+        let call = |g: &mut Gen<'_>, id: FuncId, args: &[Value]| {
+            let r = f.get(id);
+            g.call(r, args)
+        };
+        let one = g.iconst(1);
+        let ids = at(g, ids_at);
+        let idp = g.addr(ids, pos, 4);
+        g.b.ins().store(crate::codegen::gen::mem(), token, idp, 0);
+        let x0 = at(g, x0_at);
+        call(g, embed, &[idp, x0, one]);
+        let x_first = at(g, x_at[0]);
+        call(g, spread, &[x0, x_first]);
+        let (z, mix_p, r_p) = (at(g, z_at), at(g, mix_at), at(g, r_at));
+        let (u, b, a_p, y, t) = (
+            at(g, u_at),
+            at(g, b_at),
+            at(g, a_at),
+            at(g, y_at),
+            at(g, t_at),
+        );
+        let (qkvg_p, conv, o, scores) = (
+            at(g, qkvg_at),
+            at(g, conv_at),
+            at(g, o_at),
+            at(g, scores_at),
+        );
+        let (m_p, ek, ev, inj, mlp_s) = (
+            at(g, m_at),
+            at(g, ek_at),
+            at(g, ev_at),
+            at(g, inj_at),
+            at(g, mlp_at),
+        );
+        let cw_v = g.iconst(cw as i64);
+        let vw_v = g.iconst(vw as i64);
+        let h_rows = g.iconst(h_n as i64);
+        let k_rows = g.iconst(k_n as i64);
+        let d_v = g.iconst(d as i64);
+        for (l, lc) in layers.iter().enumerate() {
+            let x = at(g, x_at[l % 2]);
+            let xn = at(g, x_at[(l + 1) % 2]);
+            let lw = &layer_ws[l];
+            call(g, lc.z_norm, &[x, z, one]);
+            call(g, lc.mix, &[z, mix_p, one]);
+            call(g, lc.mhc_pre, &[x, mix_p, u]);
+            call(g, copy, &[u, b, d_v]);
+            if let Some(si) = lc.site {
+                let sc = &sites[si];
+                call(g, sc.gather, &[ids, m_p, pos]);
+                call(g, sc.key, &[m_p, ek, one]);
+                let w_base = at(g, sc.w);
+                let w_row = g.addr(w_base, pos, (d * 4) as i64);
+                call(g, sc.value, &[m_p, w_row, one]);
+                call(g, sc.taps, &[w_base, ev, pos]);
+                call(g, inject, &[b, ek, ev, inj]);
+            }
+            call(g, lc.norm_in, &[b, a_p, one]);
+            call(g, lc.qkvg, &[a_p, qkvg_p, one]);
+            let pre_base = at(g, lw.pre);
+            let pre_row = row(g, lw.pre, cw);
+            call(g, copy, &[qkvg_p, pre_row, cw_v]);
+            call(g, lc.taps, &[pre_base, conv, pos]);
+            // q: conv[..qw]; k: conv[qw..qw+kw]; v: conv[qw+kw..cw].
+            call(g, lc.q_norm, &[conv, conv, h_rows]);
+            call(g, rope_q, &[conv, conv, one, pos]);
+            let kc = g.b.ins().iadd_imm_s(conv, (qw * 4) as i64);
+            let k_row = row(g, lw.k, kw);
+            call(g, lc.k_norm, &[kc, k_row, k_rows]);
+            call(g, rope_k, &[k_row, k_row, one, pos]);
+            let vc = g.b.ins().iadd_imm_s(conv, ((qw + kw) * 4) as i64);
+            let v_row = row(g, lw.v, vw);
+            call(g, copy, &[vc, v_row, vw_v]);
+            let (k_base, v_base) = (at(g, lw.k), at(g, lw.v));
+            call(g, lc.attention, &[conv, k_base, v_base, o, pos, scores]);
+            let gate_p = g.b.ins().iadd_imm_s(qkvg_p, (cw * 4) as i64);
+            call(g, gate, &[o, gate_p]);
+            call(g, lc.wout, &[o, t, one]);
+            call(g, lc.post_norm, &[t, t, one]);
+            let s = g.f32(lc.attn_gate);
+            call(g, residual, &[b, t, b, d_v, s]);
+            call(g, lc.pre_hada, &[b, a_p, one]);
+            call(g, lc.mlp, &[a_p, t, mlp_s]);
+            let s1 = g.f32(1.0);
+            call(g, residual, &[b, t, b, d_v, s1]);
+            call(g, sub_k, &[b, u, y]);
+            call(g, lc.mhc_post, &[x, mix_p, y, xn, r_p]);
+        }
+        let x = at(g, x_at[l_n % 2]);
+        let h = at(g, h_at);
+        call(g, lane_mean, &[x, h]);
+        call(g, final_norm, &[h, h, one]);
+        let lg = at(g, logits_at);
+        call(g, logits, &[h, lg, one]);
+        let zero = g.iconst(0);
+        call(g, argmax, &[lg, zero, zero])
+    })?;
+    Ok(Needle3Code {
+        step,
+        workspace_bytes,
+        workspace_align: 16,
+        logits_offset: logits_at,
+        max_positions: p,
+        vocab,
+        logits_vocab: v_out,
+    })
+}

@@ -1,0 +1,53 @@
+/* Drives a generated Needle 3 step over one prompt, position by position.
+ *
+ * The header defines N3_WS_BYTES, N3_WS_ALIGN, N3_LOGITS_OFFSET, N3_VOCAB_OUT and the entry
+ * point as N3_STEP.
+ *
+ * stdin: runs, then per run: n ids...
+ * stdout, per position: "argmax bits..." with every logit as the hex of its float32 bits;
+ * then "end" after each run.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include HEADER
+
+static long next_long(void) {
+    long v;
+    if (scanf("%ld", &v) != 1) {
+        fprintf(stderr, "bad input\n");
+        exit(2);
+    }
+    return v;
+}
+
+int main(void) {
+    size_t bytes = ((size_t)N3_WS_BYTES + N3_WS_ALIGN - 1) / N3_WS_ALIGN * N3_WS_ALIGN;
+    uint8_t *ws = aligned_alloc(N3_WS_ALIGN, bytes);
+    if (!ws) return 3;
+    /* Garbage, not zeros: the model must not depend on a cleared workspace. */
+    memset(ws, 0xA5, bytes);
+    const float *logits = (const float *)(ws + N3_LOGITS_OFFSET);
+    long runs = next_long();
+    for (long r = 0; r < runs; r++) {
+        long n = next_long();
+        for (long pos = 0; pos < n; pos++) {
+            int32_t token = (int32_t)next_long();
+            int32_t best = N3_STEP(ws, token, (size_t)pos);
+            printf("%d", (int)best);
+            for (size_t i = 0; i < N3_VOCAB_OUT; i++) {
+                uint32_t u;
+                memcpy(&u, &logits[i], sizeof u);
+                printf(" %08lx", (unsigned long)u);
+            }
+            printf("\n");
+        }
+        printf("end\n");
+    }
+    /* Out of range: -1 and nothing computed. */
+    if (N3_STEP(ws, 0, (size_t)N3_MAX_POSITIONS) != -1) return 5;
+    if (N3_STEP(ws, -1, 0) != -1) return 6;
+    free(ws);
+    return 0;
+}

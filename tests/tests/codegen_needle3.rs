@@ -1,0 +1,187 @@
+//! The generated Needle 3 step (`needlec::codegen::needle3`) end to end: generate it for the
+//! host from the small golden checkpoint at each stored ladder depth, link it into
+//! `tests/c/needle3_harness.c`, feed each golden prompt position by position, and compare every
+//! position's logits with the reference package's (`tests/fixtures/needle3/small.json`, within
+//! the issue's 2e-3 relative, the argmax exactly) and with the runtime's forward pass (measured: 7e-7 relative to both).
+
+use std::path::PathBuf;
+
+use needle_runtime::needle3::forward::forward;
+use needle_runtime::needle3::Model;
+use needle_targets::Target;
+use needle_test_support::c::{build_harness, run};
+use needle_test_support::work_dir;
+use needlec::abi::write_header;
+use needlec::codegen::needle3::{define_needle3_model, Needle3Code};
+use needlec::codegen::KernelSet;
+use needlec::emit::{check_standalone, write_archive, ArchiveMember};
+use serde_json::Value;
+
+const PREFIX: &str = "t3_";
+
+fn fixture(name: &str) -> PathBuf {
+    needle_test_support::repo_root()
+        .join("tests/fixtures/needle3")
+        .join(name)
+}
+
+fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// `max |got - want| / max |want|`.
+fn rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// The harness for `model`, and its layout.
+fn harness(dir: &std::path::Path, model: &Model, positions: usize) -> (PathBuf, Needle3Code) {
+    let target = Target::host().unwrap();
+    let mut ks = KernelSet::new(&target, PREFIX).unwrap();
+    let code = define_needle3_model(&mut ks, model, positions, true).unwrap();
+    let functions = ks.functions().to_vec();
+    let obj = ks.finish().unwrap();
+    let rep = check_standalone(&obj, PREFIX).unwrap();
+    assert_eq!(rep.exports, ["t3_n3_step"]);
+    let extra = format!(
+        "#define N3_WS_BYTES {}\n#define N3_WS_ALIGN {}\n#define N3_LOGITS_OFFSET {}\n\
+         #define N3_VOCAB_OUT {}\n#define N3_MAX_POSITIONS {}\n#define N3_STEP t3_n3_step\n",
+        code.workspace_bytes,
+        code.workspace_align,
+        code.logits_offset,
+        code.logits_vocab,
+        code.max_positions,
+    );
+    let header = write_header(
+        "t3_model",
+        &["needlec Needle 3 step test"],
+        &extra,
+        &functions,
+    );
+    let name = format!("needle3.{}", target.object_extension());
+    let ar = write_archive(target.archive_kind(), &[ArchiveMember { name, data: obj }]).unwrap();
+    let exe = build_harness(dir, "t3model", &ar, &header, "needle3_harness.c");
+    (exe, code)
+}
+
+/// Per position: the argmax and the logits the generated step gives for `ids`.
+fn run_steps(exe: &std::path::Path, ids: &[u32]) -> Vec<(i64, Vec<f32>)> {
+    let mut input = format!("1 {}", ids.len());
+    for id in ids {
+        input.push_str(&format!(" {id}"));
+    }
+    let out = run(exe, &[], input.as_bytes());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let rows: Vec<(i64, Vec<f32>)> = (0..ids.len())
+        .map(|_| {
+            let mut it = lines.next().expect("a line per position").split(' ');
+            let best = it.next().unwrap().parse().unwrap();
+            let logits = it
+                .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
+                .collect();
+            (best, logits)
+        })
+        .collect();
+    assert_eq!(lines.next(), Some("end"));
+    rows
+}
+
+/// Every golden run of `weights` through generated code for `full` sliced to its depth.
+fn check(full: &Model, weights: &str, test: &str) {
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("small.json")).unwrap()).unwrap();
+    let bin: Vec<f32> = std::fs::read(fixture("small.bin"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let mut depths: Vec<usize> = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["weights"] == weights)
+        .map(|r| r["depth"].as_u64().unwrap() as usize)
+        .collect();
+    depths.sort_unstable();
+    depths.dedup();
+    assert!(depths.len() >= 3, "{weights}: runs at {depths:?}");
+    let positions = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["ids"].as_array().unwrap().len())
+        .max()
+        .unwrap();
+    let mut worst = [0f32; 2];
+    for depth in depths {
+        let model = full.clone().into_ladder(depth).unwrap();
+        let dir = work_dir(&format!("{test}_{depth}"));
+        let (exe, code) = harness(&dir, &model, positions);
+        assert_eq!(code.logits_vocab, model.config.logits_vocab());
+        for r in json["runs"].as_array().unwrap() {
+            if r["weights"] != weights || r["depth"].as_u64() != Some(depth as u64) {
+                continue;
+            }
+            let case = &json["cases"][r["case"].as_u64().unwrap() as usize];
+            let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+            let what = format!("{weights} case {} depth {depth}", r["case"]);
+            let got = run_steps(&exe, &ids);
+            // The golden argmax of every position, exactly.
+            let want_argmax = usizes(&r["argmax"]);
+            for (t, (best, _)) in got.iter().enumerate() {
+                assert_eq!(*best, want_argmax[t] as i64, "{what}: argmax at {t}");
+            }
+            // The golden logits rows, within the issue's tolerance.
+            let rows = usizes(&r["logit_rows"]);
+            let off = r["logits"]["offset"].as_u64().unwrap() as usize / 4;
+            let v = code.logits_vocab;
+            let want = &bin[off..off + rows.len() * v];
+            let got_rows: Vec<f32> = rows.iter().flat_map(|&t| got[t].1.clone()).collect();
+            let r_golden = rel(&got_rows, want);
+            // Every row against the runtime's forward pass.
+            let reference = forward(&model, &ids).unwrap();
+            let all: Vec<f32> = got.iter().flat_map(|(_, l)| l.clone()).collect();
+            let rt: Vec<f32> = reference.logits.iter().copied().collect();
+            let r_runtime = rel(&all, &rt);
+            eprintln!("{what}: golden rel {r_golden:.2e}, runtime rel {r_runtime:.2e}");
+            assert!(
+                r_golden <= 2e-3,
+                "{what}: logits differ from the reference by {r_golden}"
+            );
+            assert!(
+                r_runtime <= 1e-5,
+                "{what}: logits differ from the runtime by {r_runtime}"
+            );
+            worst = [worst[0].max(r_golden), worst[1].max(r_runtime)];
+        }
+    }
+    eprintln!(
+        "{weights}: worst golden rel {:.2e}, runtime rel {:.2e}",
+        worst[0], worst[1]
+    );
+}
+
+#[test]
+fn the_generated_step_gives_the_reference_logits_at_every_depth() {
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let model = Model::from_safetensors_bytes(&data).unwrap();
+    check(&model, "f32", "n3_step_f32");
+}
+
+#[test]
+fn the_generated_step_of_the_cact_export_gives_the_reference_cq4_logits() {
+    let data = std::fs::read(fixture("small.cact")).unwrap();
+    let model = Model::from_cact_bytes(&data).unwrap();
+    check(&model, "cq4", "n3_step_cq4");
+}
