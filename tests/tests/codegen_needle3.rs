@@ -5,11 +5,13 @@
 //! the issue's 2e-3 relative, the argmax exactly) and with the runtime's forward pass (measured: 7e-7 relative to both).
 
 use std::path::PathBuf;
+use std::process::Command;
 
 use needle_runtime::needle3::forward::forward;
 use needle_runtime::needle3::Model;
-use needle_targets::Target;
+use needle_targets::{supported, Target};
 use needle_test_support::c::{build_harness, run};
+use needle_test_support::toolchain::require;
 use needle_test_support::work_dir;
 use needlec::abi::write_header;
 use needlec::codegen::needle3::{define_needle3_model, Needle3Code};
@@ -44,15 +46,14 @@ fn rel(got: &[f32], want: &[f32]) -> f32 {
     diff / scale
 }
 
-/// The harness for `model`, and its layout.
-fn harness(dir: &std::path::Path, model: &Model, positions: usize) -> (PathBuf, Needle3Code) {
-    let target = Target::host().unwrap();
-    let mut ks = KernelSet::new(&target, PREFIX).unwrap();
+/// The step of `model` for `target` as a static archive, its header and its layout.
+fn generate(target: &Target, model: &Model, positions: usize) -> (Vec<u8>, String, Needle3Code) {
+    let mut ks = KernelSet::new(target, PREFIX).unwrap();
     let code = define_needle3_model(&mut ks, model, positions, true).unwrap();
     let functions = ks.functions().to_vec();
     let obj = ks.finish().unwrap();
     let rep = check_standalone(&obj, PREFIX).unwrap();
-    assert_eq!(rep.exports, ["t3_n3_step"]);
+    assert_eq!(rep.exports, ["t3_n3_step"], "{target}");
     let extra = format!(
         "#define N3_WS_BYTES {}\n#define N3_WS_ALIGN {}\n#define N3_LOGITS_OFFSET {}\n\
          #define N3_VOCAB_OUT {}\n#define N3_MAX_POSITIONS {}\n#define N3_STEP t3_n3_step\n",
@@ -70,17 +71,62 @@ fn harness(dir: &std::path::Path, model: &Model, positions: usize) -> (PathBuf, 
     );
     let name = format!("needle3.{}", target.object_extension());
     let ar = write_archive(target.archive_kind(), &[ArchiveMember { name, data: obj }]).unwrap();
-    let exe = build_harness(dir, "t3model", &ar, &header, "needle3_harness.c");
-    (exe, code)
+    (ar, header, code)
+}
+
+/// The harness for `model` on `target` (the host, or one run under its emulator), and how to
+/// run it.
+fn harness(
+    dir: &std::path::Path,
+    target: &Target,
+    model: &Model,
+    positions: usize,
+) -> (Vec<String>, Needle3Code) {
+    let (ar, header, code) = generate(target, model, positions);
+    if target.name == Target::host().unwrap().name {
+        let exe = build_harness(dir, "t3model", &ar, &header, "needle3_harness.c");
+        return (vec![exe.display().to_string()], code);
+    }
+    std::fs::write(dir.join("libt3model.a"), &ar).unwrap();
+    std::fs::write(dir.join("t3model.h"), &header).unwrap();
+    let tc = target.test_toolchain();
+    let exe = dir.join("needle3_harness");
+    let src = needle_test_support::repo_root().join("tests/c/needle3_harness.c");
+    let res = Command::new(tc.cc)
+        .args(tc.cc_args)
+        .args(needle_test_support::c::STRICT_C11)
+        .arg("-DHEADER=\"t3model.h\"")
+        .arg("-I")
+        .arg(dir)
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .arg(dir.join("libt3model.a"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{target}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let mut cmd: Vec<String> = tc
+        .runner
+        .expect("a runnable target")
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cmd.push(exe.display().to_string());
+    (cmd, code)
 }
 
 /// Per position: the argmax and the logits the generated step gives for `ids`.
-fn run_steps(exe: &std::path::Path, ids: &[u32]) -> Vec<(i64, Vec<f32>)> {
+fn run_steps(cmd: &[String], ids: &[u32]) -> Vec<(i64, Vec<f32>)> {
     let mut input = format!("1 {}", ids.len());
     for id in ids {
         input.push_str(&format!(" {id}"));
     }
-    let out = run(exe, &[], input.as_bytes());
+    let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
+    let out = run(std::path::Path::new(&cmd[0]), &args, input.as_bytes());
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines();
     let rows: Vec<(i64, Vec<f32>)> = (0..ids.len())
@@ -98,7 +144,7 @@ fn run_steps(exe: &std::path::Path, ids: &[u32]) -> Vec<(i64, Vec<f32>)> {
 }
 
 /// Every golden run of `weights` through generated code for `full` sliced to its depth.
-fn check(full: &Model, weights: &str, test: &str) {
+fn check(target: &Target, full: &Model, weights: &str, test: &str) {
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("small.json")).unwrap()).unwrap();
     let bin: Vec<f32> = std::fs::read(fixture("small.bin"))
@@ -127,7 +173,7 @@ fn check(full: &Model, weights: &str, test: &str) {
     for depth in depths {
         let model = full.clone().into_ladder(depth).unwrap();
         let dir = work_dir(&format!("{test}_{depth}"));
-        let (exe, code) = harness(&dir, &model, positions);
+        let (exe, code) = harness(&dir, target, &model, positions);
         assert_eq!(code.logits_vocab, model.config.logits_vocab());
         for r in json["runs"].as_array().unwrap() {
             if r["weights"] != weights || r["depth"].as_u64() != Some(depth as u64) {
@@ -135,7 +181,7 @@ fn check(full: &Model, weights: &str, test: &str) {
             }
             let case = &json["cases"][r["case"].as_u64().unwrap() as usize];
             let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
-            let what = format!("{weights} case {} depth {depth}", r["case"]);
+            let what = format!("{target} {weights} case {} depth {depth}", r["case"]);
             let got = run_steps(&exe, &ids);
             // The golden argmax of every position, exactly.
             let want_argmax = usizes(&r["argmax"]);
@@ -176,12 +222,59 @@ fn check(full: &Model, weights: &str, test: &str) {
 fn the_generated_step_gives_the_reference_logits_at_every_depth() {
     let data = std::fs::read(fixture("small.safetensors")).unwrap();
     let model = Model::from_safetensors_bytes(&data).unwrap();
-    check(&model, "f32", "n3_step_f32");
+    check(&Target::host().unwrap(), &model, "f32", "n3_step_f32");
 }
 
 #[test]
 fn the_generated_step_of_the_cact_export_gives_the_reference_cq4_logits() {
     let data = std::fs::read(fixture("small.cact")).unwrap();
     let model = Model::from_cact_bytes(&data).unwrap();
-    check(&model, "cq4", "n3_step_cq4");
+    check(&Target::host().unwrap(), &model, "cq4", "n3_step_cq4");
+}
+
+/// The step under qemu-user on the emulated Linux targets: the same golden checks as on the
+/// host (the argmax exactly; the logits within tolerance, since targets with a native FMA fuse
+/// the products' multiply-adds).
+fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
+    let what = format!("codegen_needle3: {triple} under qemu");
+    if require(cc, cc_package, &what).is_none() || require(qemu, "qemu-user", &what).is_none() {
+        return;
+    }
+    let target = Target::from_triple(triple).unwrap();
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let model = Model::from_safetensors_bytes(&data).unwrap();
+    check(&target, &model, "f32", &format!("n3_step_{triple}"));
+}
+
+#[test]
+fn the_generated_step_under_qemu_aarch64_gives_the_reference_logits() {
+    check_emulated(
+        "aarch64-unknown-linux-gnu",
+        "aarch64-linux-gnu-gcc",
+        "gcc-aarch64-linux-gnu",
+        "qemu-aarch64",
+    );
+}
+
+#[test]
+fn the_generated_step_under_qemu_riscv64_gives_the_reference_logits() {
+    check_emulated(
+        "riscv64gc-unknown-linux-gnu",
+        "riscv64-linux-gnu-gcc",
+        "gcc-riscv64-linux-gnu",
+        "qemu-riscv64",
+    );
+}
+
+/// Every supported target generates the step as a standalone object (nothing undefined, the
+/// one export).
+#[test]
+fn every_target_generates_a_standalone_step() {
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let model = Model::from_safetensors_bytes(&data).unwrap();
+    for t in supported() {
+        let target = Target::from_triple(t.triple).unwrap();
+        let (ar, _, code) = generate(&target, &model, 64);
+        assert!(!ar.is_empty() && code.max_positions == 64, "{target}");
+    }
 }
