@@ -3,7 +3,7 @@
  * The header defines N3_WS_BYTES, N3_WS_ALIGN, N3_LOGITS_OFFSET, N3_VOCAB_OUT and the entry
  * point as N3_STEP.
  *
- * stdin: runs, then per run: n ids...
+ * stdin: runs, then per run: start n ids... (positions start..start+n)
  * stdout, per position: "argmax bits..." with every logit as the hex of its float32 bits;
  * then "end" after each run.
  */
@@ -31,8 +31,9 @@ int main(void) {
     const float *logits = (const float *)(ws + N3_LOGITS_OFFSET);
     long runs = next_long();
     for (long r = 0; r < runs; r++) {
+        long start = next_long();
         long n = next_long();
-        for (long pos = 0; pos < n; pos++) {
+        for (long pos = start; pos < start + n; pos++) {
             int32_t token = (int32_t)next_long();
             int32_t best = N3_STEP(ws, token, (size_t)pos);
             printf("%d", (int)best);

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use needle_runtime::needle3::forward::forward;
+use needle_runtime::needle3::forward::{forward, Cache};
 use needle_runtime::needle3::Model;
 use needle_targets::{supported, Target};
 use needle_test_support::c::{build_harness, run};
@@ -47,9 +47,14 @@ fn rel(got: &[f32], want: &[f32]) -> f32 {
 }
 
 /// The step of `model` for `target` as a static archive, its header and its layout.
-fn generate(target: &Target, model: &Model, positions: usize) -> (Vec<u8>, String, Needle3Code) {
+fn generate(
+    target: &Target,
+    model: &Model,
+    positions: usize,
+    prefix: Option<&Cache>,
+) -> (Vec<u8>, String, Needle3Code) {
     let mut ks = KernelSet::new(target, PREFIX).unwrap();
-    let code = define_needle3_model(&mut ks, model, positions, true).unwrap();
+    let code = define_needle3_model(&mut ks, model, positions, prefix, true).unwrap();
     let functions = ks.functions().to_vec();
     let obj = ks.finish().unwrap();
     let rep = check_standalone(&obj, PREFIX).unwrap();
@@ -81,8 +86,9 @@ fn harness(
     target: &Target,
     model: &Model,
     positions: usize,
+    prefix: Option<&Cache>,
 ) -> (Vec<String>, Needle3Code) {
-    let (ar, header, code) = generate(target, model, positions);
+    let (ar, header, code) = generate(target, model, positions, prefix);
     if target.name == Target::host().unwrap().name {
         let exe = build_harness(dir, "t3model", &ar, &header, "needle3_harness.c");
         return (vec![exe.display().to_string()], code);
@@ -119,9 +125,9 @@ fn harness(
     (cmd, code)
 }
 
-/// Per position: the argmax and the logits the generated step gives for `ids`.
-fn run_steps(cmd: &[String], ids: &[u32]) -> Vec<(i64, Vec<f32>)> {
-    let mut input = format!("1 {}", ids.len());
+/// Per position from `start`: the argmax and the logits the generated step gives for `ids`.
+fn run_steps(cmd: &[String], start: usize, ids: &[u32]) -> Vec<(i64, Vec<f32>)> {
+    let mut input = format!("1 {start} {}", ids.len());
     for id in ids {
         input.push_str(&format!(" {id}"));
     }
@@ -173,7 +179,7 @@ fn check(target: &Target, full: &Model, weights: &str, test: &str) {
     for depth in depths {
         let model = full.clone().into_ladder(depth).unwrap();
         let dir = work_dir(&format!("{test}_{depth}"));
-        let (exe, code) = harness(&dir, target, &model, positions);
+        let (exe, code) = harness(&dir, target, &model, positions, None);
         assert_eq!(code.logits_vocab, model.config.logits_vocab());
         for r in json["runs"].as_array().unwrap() {
             if r["weights"] != weights || r["depth"].as_u64() != Some(depth as u64) {
@@ -182,7 +188,7 @@ fn check(target: &Target, full: &Model, weights: &str, test: &str) {
             let case = &json["cases"][r["case"].as_u64().unwrap() as usize];
             let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
             let what = format!("{target} {weights} case {} depth {depth}", r["case"]);
-            let got = run_steps(&exe, &ids);
+            let got = run_steps(&exe, 0, &ids);
             // The golden argmax of every position, exactly.
             let want_argmax = usizes(&r["argmax"]);
             for (t, (best, _)) in got.iter().enumerate() {
@@ -274,7 +280,49 @@ fn every_target_generates_a_standalone_step() {
     let model = Model::from_safetensors_bytes(&data).unwrap();
     for t in supported() {
         let target = Target::from_triple(t.triple).unwrap();
-        let (ar, _, code) = generate(&target, &model, 64);
+        let (ar, _, code) = generate(&target, &model, 64, None);
         assert!(!ar.is_empty() && code.max_positions == 64, "{target}");
     }
+}
+
+/// Folding: the prompt up to `</tools>` run by the runtime at build time, its rows read-only
+/// data; the step then takes the positions after it. Its logits are the unfolded step's to
+/// float32 rounding (the prefix's rows come from the runtime's arithmetic, not the step's) and
+/// its argmax the reference's; positions inside the prefix are refused (-1).
+#[test]
+fn the_folded_step_continues_the_prefix_as_the_unfolded_one() {
+    let data = std::fs::read(fixture("small.safetensors")).unwrap();
+    let model = Model::from_safetensors_bytes(&data).unwrap();
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("small.json")).unwrap()).unwrap();
+    let host = Target::host().unwrap();
+    let case = &json["cases"][0];
+    let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
+    let p0 = case["tools_end_pos"].as_u64().unwrap() as usize + 1;
+    assert_eq!(ids[p0 - 1], needle_runtime::needle3::prompt::TOOLS_END);
+    let mut cache = Cache::new(&model);
+    cache.extend(&model, &ids[..p0]).unwrap();
+    let dir = work_dir("n3_step_folded");
+    let (folded, code) = harness(&dir, &host, &model, ids.len(), Some(&cache));
+    assert_eq!(code.first_position, p0);
+    let got = run_steps(&folded, p0, &ids[p0..]);
+    let unfolded_dir = work_dir("n3_step_unfolded");
+    let (unfolded, _) = harness(&unfolded_dir, &host, &model, ids.len(), None);
+    let want = run_steps(&unfolded, 0, &ids);
+    let want_argmax = usizes(&json["runs"][0]["argmax"]);
+    assert_eq!(json["runs"][0]["case"], 0);
+    for (i, (best, logits)) in got.iter().enumerate() {
+        let t = p0 + i;
+        assert_eq!(*best, want_argmax[t] as i64, "argmax at {t}");
+        let r = rel(logits, &want[t].1);
+        assert!(r <= 1e-5, "position {t}: folded and unfolded differ by {r}");
+    }
+    // A position inside the folded prefix is not a step.
+    let early = run(
+        std::path::Path::new(&folded[0]),
+        &[],
+        format!("1 {} 1 {}", p0 - 1, ids[p0 - 1]).as_bytes(),
+    );
+    let text = String::from_utf8(early.stdout).unwrap();
+    assert!(text.starts_with("-1 "), "{text}");
 }

@@ -74,6 +74,18 @@ fn inv_rms(g: &mut Gen<'_>, x: Value, n: i64) -> Value {
     g.b.ins().fdiv(one, rms)
 }
 
+/// Row `r`'s address, `stride` bytes a row: below `p0` (the folded prefix) in the read-only
+/// rows at `ro`, else in the workspace's at `ws`. With no prefix there is no choice to make.
+fn row_at(g: &mut Gen<'_>, ws: Value, ro: Value, r: Value, stride: i64, p0: usize) -> Value {
+    let w = g.addr(ws, r, stride);
+    if p0 == 0 {
+        return w;
+    }
+    let o = g.addr(ro, r, stride);
+    let folded = g.b.ins().icmp_imm_u(IntCC::UnsignedLessThan, r, p0 as i64);
+    g.b.ins().select(folded, o, w)
+}
+
 /// `ln(x)` of a positive f32, through [`math::ln_f64`].
 fn ln32(g: &mut Gen<'_>, x: Value) -> Value {
     let x64 = g.b.ins().fpromote(types::F64, x);
@@ -81,10 +93,12 @@ fn ln32(g: &mut Gen<'_>, x: Value) -> Value {
     g.b.ins().fdemote(types::F32, l)
 }
 
-/// `void taps(const float *rows, float *out, size_t t)`: the causal depthwise conv of row `t`
-/// of `rows` (`width` floats a row, every row up to `t` written), `out[c] = sum_j taps[j][c] *
-/// rows[t - j*dil][c]` over the taps `j` with `j*dil <= t` and, with a `window`, `j < window`
-/// (section 2.3 step 2 and the engram values' taps of section 3).
+/// `void taps(const float *rows, const float *folded, float *out, size_t t)`: the causal
+/// depthwise conv of row `t` of `rows` (`width` floats a row, every row up to `t` written; rows
+/// below `p0` in `folded` instead), `out[c] = sum_j taps[j][c] * rows[t - j*dil][c]` over the
+/// taps `j` with `j*dil <= t` and, with a `window`, `j < window` (section 2.3 step 2 and the
+/// engram values' taps of section 3). Row `t` itself is at or past `p0`.
+#[allow(clippy::too_many_arguments)]
 pub fn taps(
     ks: &mut KernelSet,
     name: &str,
@@ -93,9 +107,11 @@ pub fn taps(
     width: usize,
     dil: usize,
     window: Option<usize>,
+    p0: usize,
 ) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstF32Ptr, "rows"),
+        (CType::ConstF32Ptr, "folded"),
         (CType::F32Ptr, "out"),
         (CType::SizeT, "t"),
     ];
@@ -105,7 +121,7 @@ pub fn taps(
         None => n_taps as i64,
     };
     internal(ks, name, &params, CType::Void, &[table], |g, a, d| {
-        let (rows, out, t, tab) = (a[0], a[1], a[2], d[0]);
+        let (rows, folded, out, t, tab) = (a[0], a[1], a[2], a[3], d[0]);
         let cur = g.addr(rows, t, w * 4);
         g.for_const(0, w, 1, |g, c| {
             let x = g.load_f32(cur, c);
@@ -120,7 +136,7 @@ pub fn taps(
                     .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, t, back);
             g.if_then(ok, |g| {
                 let src_t = g.b.ins().iadd_imm_s(t, -back);
-                let src = g.addr(rows, src_t, w * 4);
+                let src = row_at(g, rows, folded, src_t, w * 4, p0);
                 let jv = g.iconst(j);
                 let trow = g.addr(tab, jv, w * 4);
                 g.for_const(0, w, 1, |g, c| {
@@ -144,16 +160,21 @@ pub struct AttnShape {
     pub dq: usize,
     pub dv: usize,
     pub window: Option<usize>,
+    /// Rows below this are the folded prefix's (read-only).
+    pub p0: usize,
 }
 
-/// `void attention(const float *q, const float *k, const float *v, float *out, size_t t, float
-/// *scores)`: row `t`'s query heads against the cached keys and values of rows `lo..=t` (`lo =
-/// t + 1 - window` on a sliding layer, else 0), GQA, plain softmax (section 2.3 step 5).
+/// `void attention(const float *q, const float *k, const float *v, const float *k_folded,
+/// const float *v_folded, float *out, size_t t, float *scores)`: row `t`'s query heads against
+/// the cached keys and values of rows `lo..=t` (`lo = t + 1 - window` on a sliding layer, else
+/// 0; rows below `p0` from the folded prefix's), GQA, plain softmax (section 2.3 step 5).
 pub fn attention(ks: &mut KernelSet, name: &str, s: &AttnShape) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstF32Ptr, "q"),
         (CType::ConstF32Ptr, "k"),
         (CType::ConstF32Ptr, "v"),
+        (CType::ConstF32Ptr, "k_folded"),
+        (CType::ConstF32Ptr, "v_folded"),
         (CType::F32Ptr, "out"),
         (CType::SizeT, "t"),
         (CType::F32Ptr, "scores"),
@@ -165,7 +186,9 @@ pub fn attention(ks: &mut KernelSet, name: &str, s: &AttnShape) -> Result<FuncId
     let window = s.window.map(|w| w as i64);
     let heads = s.heads as i64;
     internal(ks, name, &params, CType::Void, &[], |g, a, _| {
-        let (q, k, v, out, t, scores) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+        let (q, k, v, kf, vf) = (a[0], a[1], a[2], a[3], a[4]);
+        let (out, t, scores) = (a[5], a[6], a[7]);
+        let p0 = s.p0;
         let lo = match window {
             Some(win) => {
                 // (t + 1).saturating_sub(win)
@@ -190,7 +213,7 @@ pub fn attention(ks: &mut KernelSet, name: &str, s: &AttnShape) -> Result<FuncId
             let mx = g.var(types::F32, ninf);
             g.for_n(n, |g, i| {
                 let row = g.b.ins().iadd(lo, i);
-                let kr = g.addr(k, row, kw * 4);
+                let kr = row_at(g, k, kf, row, kw * 4, p0);
                 let kr = g.b.ins().iadd(kr, koff);
                 let d = dot(g, qh, kr, dq, false);
                 let d = g.b.ins().fmul(d, sc);
@@ -225,7 +248,7 @@ pub fn attention(ks: &mut KernelSet, name: &str, s: &AttnShape) -> Result<FuncId
             g.for_n(n, |g, i| {
                 let p = g.load_f32(scores, i);
                 let row = g.b.ins().iadd(lo, i);
-                let vr = g.addr(v, row, vw * 4);
+                let vr = row_at(g, v, vf, row, vw * 4, p0);
                 let vr = g.b.ins().iadd(vr, voff);
                 g.for_const(0, dv, 1, |g, c| {
                     let x = g.load_f32(vr, c);
@@ -510,23 +533,25 @@ pub struct EngramShape {
     pub sub: usize,
 }
 
-/// `void engram_gather(const int32_t *ids, float *m, size_t t)`: the n-gram rows of position
-/// `t` (`ids[..=t]` written): `m = concat_e(Table_e[index[t][e]] * ok[t][e])`, `index` the
-/// hash of section 3.
+/// `void engram_gather(const int32_t *ids, const int32_t *folded, float *m, size_t t)`: the
+/// n-gram rows of position `t` (`ids[..=t]` written, those below `p0` in `folded`): `m =
+/// concat_e(Table_e[index[t][e]] * ok[t][e])`, `index` the hash of section 3.
 pub fn engram_gather(
     ks: &mut KernelSet,
     name: &str,
     tables: DataId,
     e: &EngramShape,
+    p0: usize,
 ) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstI32Ptr, "ids"),
+        (CType::ConstI32Ptr, "folded"),
         (CType::F32Ptr, "m"),
         (CType::SizeT, "t"),
     ];
     let (slots, sub) = (e.slots as i64, e.sub as i64);
     internal(ks, name, &params, CType::Void, &[tables], |g, a, d| {
-        let (ids, m, t, tab) = (a[0], a[1], a[2], d[0]);
+        let (ids, folded, m, t, tab) = (a[0], a[1], a[2], a[3], d[0]);
         for (oi, &order) in e.orders.iter().enumerate() {
             for hh in 0..e.heads {
                 let table = (oi * e.heads + hh) as i64;
@@ -539,7 +564,7 @@ pub fn engram_gather(
                     let src = g.b.ins().iadd_imm_s(t, -j);
                     let zero = g.iconst(0);
                     let src = g.b.ins().select(ok, src, zero);
-                    let p = g.addr(ids, src, 4);
+                    let p = row_at(g, ids, folded, src, 4, p0);
                     let tok = g.b.ins().load(types::I32, crate::codegen::gen::mem(), p, 0);
                     let z32 = g.b.ins().iconst(types::I32, 0);
                     let tok = g.b.ins().select(ok, tok, z32);

@@ -24,7 +24,7 @@ pub mod kernels;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
-use needle_runtime::needle3::forward::rope_tables;
+use needle_runtime::needle3::forward::{rope_tables, Cache};
 use needle_runtime::needle3::Model;
 
 use crate::abi::CType;
@@ -44,6 +44,8 @@ pub struct Needle3Code {
     /// `f32[logits_vocab]` of the last step.
     pub logits_offset: usize,
     pub max_positions: usize,
+    /// The first position the step takes: the folded prefix's length (0 unfolded).
+    pub first_position: usize,
     pub vocab: usize,
     pub logits_vocab: usize,
 }
@@ -105,6 +107,98 @@ struct SiteCode {
     w: usize,
 }
 
+/// Rows of the folded prefix in read-only data: the object, the first row it holds (only the
+/// rows a later position can read back are kept) and the floats a row.
+#[derive(Clone, Copy)]
+struct FoldedRows {
+    data: DataId,
+    first: usize,
+    width: usize,
+}
+
+/// The folded prefix's rows, where the step reads them for positions below `p0`.
+struct Folded {
+    ids: FoldedRows,
+    /// Per layer: the pre-conv rows the taps reach back to, the keys and the values.
+    pre: Vec<Option<FoldedRows>>,
+    k: Vec<FoldedRows>,
+    v: Vec<FoldedRows>,
+    /// Per site: the values before their taps that the taps reach back to.
+    w: Vec<Option<FoldedRows>>,
+}
+
+/// The last `keep` rows (of `width` floats, `rows` in all) of `values`, as read-only data.
+fn tail(
+    ks: &mut KernelSet,
+    name: &str,
+    values: &[f32],
+    width: usize,
+    keep: usize,
+) -> Result<Option<FoldedRows>, CodegenError> {
+    let rows = values.len() / width.max(1);
+    let keep = keep.min(rows);
+    if keep == 0 {
+        return Ok(None);
+    }
+    let first = rows - keep;
+    let data = ks.declare_f32_data(name, &values[first * width..])?;
+    Ok(Some(FoldedRows { data, first, width }))
+}
+
+/// The read-only rows of the folded `prefix`.
+fn fold_prefix(ks: &mut KernelSet, model: &Model, prefix: &Cache) -> Result<Folded, CodegenError> {
+    let c = &model.config;
+    let (h_n, k_n, dq, dv) = (c.num_heads, c.num_kv_heads, c.qk_head_dim(), c.v_head_dim());
+    let (qw, kw, vw) = (h_n * dq, k_n * dq, k_n * dv);
+    let p0 = prefix.len();
+    let ids: Vec<usize> = prefix.ids().iter().map(|&i| i as usize).collect();
+    let ids = FoldedRows {
+        data: u32_data(ks, "n3_folded_ids", &ids)?,
+        first: 0,
+        width: 1,
+    };
+    let mut folded = Folded {
+        ids,
+        pre: Vec::new(),
+        k: Vec::new(),
+        v: Vec::new(),
+        w: Vec::new(),
+    };
+    for (l, w) in model.layers.iter().enumerate() {
+        let [q_pre, k_pre, v_pre, k, v] = prefix.layer_rows(l);
+        let pre = side_by_side(&[(q_pre, qw), (k_pre, kw), (v_pre, vw)], p0);
+        let keep = w.q_taps.nrows().saturating_sub(1);
+        folded.pre.push(tail(
+            ks,
+            &format!("n3_l{l}_folded_pre"),
+            &pre,
+            qw + kw + vw,
+            keep,
+        )?);
+        for (rows, width, what, out) in [(k, kw, "k", &mut folded.k), (v, vw, "v", &mut folded.v)] {
+            let data = ks.declare_f32_data(&format!("n3_l{l}_folded_{what}"), rows)?;
+            out.push(FoldedRows {
+                data,
+                first: 0,
+                width,
+            });
+        }
+    }
+    let dil = c.engram_dilation();
+    for (s, site) in model.sites.iter().enumerate() {
+        let keep = site.taps.nrows().saturating_sub(1) * dil;
+        let rows = prefix.site_rows(s);
+        folded.w.push(tail(
+            ks,
+            &format!("n3_s{s}_folded_w"),
+            rows,
+            c.d_model,
+            keep,
+        )?);
+    }
+    Ok(folded)
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -160,12 +254,14 @@ fn u32_data(ks: &mut KernelSet, name: &str, v: &[usize]) -> Result<DataId, Codeg
 }
 
 /// Defines the step of `model` (any ladder depth; every dimension from its config) for
-/// positions `0..max_positions` in `ks`. `export` makes it part of the object's interface
-/// (tests).
+/// positions `0..max_positions` in `ks`. With `prefix` (the cache after the folded prompt
+/// prefix, made by the runtime), its rows are read-only data and the step takes positions from
+/// `prefix.len()` on. `export` makes the step part of the object's interface (tests).
 pub fn define_needle3_model(
     ks: &mut KernelSet,
     model: &Model,
     max_positions: usize,
+    prefix: Option<&Cache>,
     export: bool,
 ) -> Result<Needle3Code, CodegenError> {
     let c = &model.config;
@@ -189,6 +285,12 @@ pub fn define_needle3_model(
     let nn = c.hada_n();
     let (fa, fb) = c.hada_factors();
     let p = max_positions;
+    let p0 = prefix.map_or(0, Cache::len);
+    if p0 >= p {
+        return Err(invalid(format!(
+            "a folded prefix of {p0} positions leaves none of the {p} for the query"
+        )));
+    }
 
     // ---- workspace -------------------------------------------------------------------------
     let mut ws = Layout::default();
@@ -275,7 +377,7 @@ pub fn define_needle3_model(
     let mut sites = Vec::new();
     for (s, site) in model.sites.iter().enumerate() {
         let tables = ks.declare_f32_data(&format!("n3_s{s}_tables"), &site.tables)?;
-        let gather = kernels::engram_gather(ks, &format!("n3_s{s}_gather"), tables, &shape)?;
+        let gather = kernels::engram_gather(ks, &format!("n3_s{s}_gather"), tables, &shape, p0)?;
         let kp: Vec<f32> = site.key_proj.iter().copied().collect();
         let vp: Vec<f32> = site.value_proj.iter().copied().collect();
         let kw_ref = weights(ks, &format!("n3_s{s}_key"), e_n * sub, d, &kp)?;
@@ -292,6 +394,7 @@ pub fn define_needle3_model(
             d,
             c.engram_dilation(),
             None,
+            p0,
         )?;
         sites.push(SiteCode {
             gather,
@@ -343,7 +446,16 @@ pub fn define_needle3_model(
             side_by_side(&[(&qt, qw), (&kt, kw), (&vt, vw)], n_taps)
         };
         let tap_tab = ks.declare_f32_data(&name("taps"), &tap_vals)?;
-        let taps = kernels::taps(ks, &name("taps_k"), tap_tab, n_taps.max(1), cw, 1, window)?;
+        let taps = kernels::taps(
+            ks,
+            &name("taps_k"),
+            tap_tab,
+            n_taps.max(1),
+            cw,
+            1,
+            window,
+            p0,
+        )?;
         let sq = ks.declare_f32_data(&name("q_norm"), &one_plus(&w.q_norm))?;
         let q_norm = v1::rmsnorm(ks, &name("q_norm_k"), dq, Some(sq))?;
         let sk = ks.declare_f32_data(&name("k_norm"), &one_plus(&w.k_norm))?;
@@ -357,6 +469,7 @@ pub fn define_needle3_model(
                 dq,
                 dv,
                 window,
+                p0,
             },
         )?;
         let wo = flat(&w.wout);
@@ -411,6 +524,20 @@ pub fn define_needle3_model(
         });
     }
 
+    let folded = match prefix {
+        Some(cache) => Some(fold_prefix(ks, model, cache)?),
+        None => None,
+    };
+    let mut folded_data = Vec::new();
+    if let Some(f) = &folded {
+        let all = std::iter::once(Some(f.ids))
+            .chain(f.pre.iter().copied())
+            .chain(f.k.iter().copied().map(Some))
+            .chain(f.v.iter().copied().map(Some))
+            .chain(f.w.iter().copied());
+        folded_data.extend(all.flatten().map(|r| r.data));
+    }
+
     // ---- the step --------------------------------------------------------------------------
     let params = [
         (CType::U8Ptr, "ws"),
@@ -449,11 +576,20 @@ pub fn define_needle3_model(
             l.mlp,
         ]);
     }
-    ks.define_function(step, &[], &callees, |g, a, _, f| {
+    ks.define_function(step, &folded_data, &callees, |g, a, data, f| {
         let (ws_p, token, pos) = (a[0], a[1], a[2]);
         let bad_pos =
             g.b.ins()
                 .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, pos, p as i64);
+        // With a folded prefix, its positions are data, not steps.
+        let bad_pos = if p0 > 0 {
+            let early =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::UnsignedLessThan, pos, p0 as i64);
+            g.b.ins().bor(bad_pos, early)
+        } else {
+            bad_pos
+        };
         let bad_tok =
             g.b.ins()
                 .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, token, vocab as i64);
@@ -474,8 +610,19 @@ pub fn define_needle3_model(
             let r = f.get(id);
             g.call(r, args)
         };
+        // The folded rows' base for row indices (their object minus the rows it does not
+        // hold), or `fallback` (the workspace's rows; then nothing below `p0` is read).
+        let folded_base = |g: &mut Gen<'_>, r: Option<FoldedRows>, fallback: Value| match r {
+            Some(r) => {
+                let addr = data.get(r.data);
+                g.b.ins()
+                    .iadd_imm_s(addr, -((r.first * r.width * 4) as i64))
+            }
+            None => fallback,
+        };
         let one = g.iconst(1);
         let ids = at(g, ids_at);
+        let ids_ro = folded_base(g, folded.as_ref().map(|f| f.ids), ids);
         let idp = g.addr(ids, pos, 4);
         g.b.ins().store(crate::codegen::gen::mem(), token, idp, 0);
         let x0 = at(g, x0_at);
@@ -518,12 +665,13 @@ pub fn define_needle3_model(
             call(g, copy, &[u, b, d_v]);
             if let Some(si) = lc.site {
                 let sc = &sites[si];
-                call(g, sc.gather, &[ids, m_p, pos]);
+                call(g, sc.gather, &[ids, ids_ro, m_p, pos]);
                 call(g, sc.key, &[m_p, ek, one]);
                 let w_base = at(g, sc.w);
                 let w_row = g.addr(w_base, pos, (d * 4) as i64);
                 call(g, sc.value, &[m_p, w_row, one]);
-                call(g, sc.taps, &[w_base, ev, pos]);
+                let w_ro = folded_base(g, folded.as_ref().and_then(|f| f.w[si]), w_base);
+                call(g, sc.taps, &[w_base, w_ro, ev, pos]);
                 call(g, inject, &[b, ek, ev, inj]);
             }
             call(g, lc.norm_in, &[b, a_p, one]);
@@ -531,7 +679,8 @@ pub fn define_needle3_model(
             let pre_base = at(g, lw.pre);
             let pre_row = row(g, lw.pre, cw);
             call(g, copy, &[qkvg_p, pre_row, cw_v]);
-            call(g, lc.taps, &[pre_base, conv, pos]);
+            let pre_ro = folded_base(g, folded.as_ref().and_then(|f| f.pre[l]), pre_base);
+            call(g, lc.taps, &[pre_base, pre_ro, conv, pos]);
             // q: conv[..qw]; k: conv[qw..qw+kw]; v: conv[qw+kw..cw].
             call(g, lc.q_norm, &[conv, conv, h_rows]);
             call(g, rope_q, &[conv, conv, one, pos]);
@@ -543,7 +692,13 @@ pub fn define_needle3_model(
             let v_row = row(g, lw.v, vw);
             call(g, copy, &[vc, v_row, vw_v]);
             let (k_base, v_base) = (at(g, lw.k), at(g, lw.v));
-            call(g, lc.attention, &[conv, k_base, v_base, o, pos, scores]);
+            let k_ro = folded_base(g, folded.as_ref().map(|f| f.k[l]), k_base);
+            let v_ro = folded_base(g, folded.as_ref().map(|f| f.v[l]), v_base);
+            call(
+                g,
+                lc.attention,
+                &[conv, k_base, v_base, k_ro, v_ro, o, pos, scores],
+            );
             let gate_p = g.b.ins().iadd_imm_s(qkvg_p, (cw * 4) as i64);
             call(g, gate, &[o, gate_p]);
             call(g, lc.wout, &[o, t, one]);
@@ -572,6 +727,7 @@ pub fn define_needle3_model(
         workspace_align: 16,
         logits_offset: logits_at,
         max_positions: p,
+        first_position: p0,
         vocab,
         logits_vocab: v_out,
     })
