@@ -1,11 +1,11 @@
 /* Drives a generated Needle 3 step over one prompt, position by position.
  *
- * The header defines N3_WS_BYTES, N3_WS_ALIGN, N3_LOGITS_OFFSET, N3_VOCAB_OUT and the entry
- * point as N3_STEP.
+ * The header defines N3_WS_BYTES, N3_WS_ALIGN, N3_LOGITS_OFFSET, N3_VOCAB_OUT, N3_HEAD_FLOATS
+ * and the entry points as N3_STEP and N3_HEADS.
  *
  * stdin: runs, then per run: start n ids... (positions start..start+n)
  * stdout, per position: "argmax bits..." with every logit as the hex of its float32 bits;
- * then "end" after each run.
+ * then "heads bits..." (the heads' outputs) and "end" after each run.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -44,7 +44,15 @@ int main(void) {
             }
             printf("\n");
         }
-        printf("end\n");
+        float heads[N3_HEAD_FLOATS + 1];
+        N3_HEADS(ws, heads);
+        printf("heads");
+        for (size_t i = 0; i < N3_HEAD_FLOATS; i++) {
+            uint32_t u;
+            memcpy(&u, &heads[i], sizeof u);
+            printf(" %08lx", (unsigned long)u);
+        }
+        printf("\nend\n");
     }
     /* Out of range: -1 and nothing computed. */
     if (N3_STEP(ws, 0, (size_t)N3_MAX_POSITIONS) != -1) return 5;

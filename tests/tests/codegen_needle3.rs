@@ -2,12 +2,13 @@
 //! host from the small golden checkpoint at each stored ladder depth, link it into
 //! `tests/c/needle3_harness.c`, feed each golden prompt position by position, and compare every
 //! position's logits with the reference package's (`tests/fixtures/needle3/small.json`, within
-//! the issue's 2e-3 relative, the argmax exactly) and with the runtime's forward pass (measured: 7e-7 relative to both).
+//! the issue's 2e-3 relative, the argmax exactly; the heads within 1e-5) and with the runtime's
+//! forward pass (measured: 7e-7 relative to both; the heads 4e-7).
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use needle_runtime::needle3::forward::{forward, Cache};
+use needle_runtime::needle3::forward::{forward, Cache, Output};
 use needle_runtime::needle3::Model;
 use needle_targets::{supported, Target};
 use needle_test_support::c::{build_harness, run};
@@ -51,17 +52,19 @@ fn generate(
     target: &Target,
     model: &Model,
     positions: usize,
-    prefix: Option<&Cache>,
+    prefix: Option<(&Cache, &Output)>,
 ) -> (Vec<u8>, String, Needle3Code) {
     let mut ks = KernelSet::new(target, PREFIX).unwrap();
     let code = define_needle3_model(&mut ks, model, positions, prefix, true).unwrap();
     let functions = ks.functions().to_vec();
     let obj = ks.finish().unwrap();
     let rep = check_standalone(&obj, PREFIX).unwrap();
-    assert_eq!(rep.exports, ["t3_n3_step"], "{target}");
+    assert_eq!(rep.exports, ["t3_n3_heads", "t3_n3_step"], "{target}");
+    let head_floats: usize = code.head_outputs.iter().map(|(_, n)| n).sum();
     let extra = format!(
         "#define N3_WS_BYTES {}\n#define N3_WS_ALIGN {}\n#define N3_LOGITS_OFFSET {}\n\
-         #define N3_VOCAB_OUT {}\n#define N3_MAX_POSITIONS {}\n#define N3_STEP t3_n3_step\n",
+         #define N3_VOCAB_OUT {}\n#define N3_MAX_POSITIONS {}\n#define N3_STEP t3_n3_step\n\
+         #define N3_HEADS t3_n3_heads\n#define N3_HEAD_FLOATS {head_floats}\n",
         code.workspace_bytes,
         code.workspace_align,
         code.logits_offset,
@@ -86,7 +89,7 @@ fn harness(
     target: &Target,
     model: &Model,
     positions: usize,
-    prefix: Option<&Cache>,
+    prefix: Option<(&Cache, &Output)>,
 ) -> (Vec<String>, Needle3Code) {
     let (ar, header, code) = generate(target, model, positions, prefix);
     if target.name == Target::host().unwrap().name {
@@ -125,8 +128,20 @@ fn harness(
     (cmd, code)
 }
 
-/// Per position from `start`: the argmax and the logits the generated step gives for `ids`.
-fn run_steps(cmd: &[String], start: usize, ids: &[u32]) -> Vec<(i64, Vec<f32>)> {
+/// What the harness prints for one prompt: per position from `start`, the argmax and the
+/// logits; then the heads' outputs.
+struct Steps {
+    rows: Vec<(i64, Vec<f32>)>,
+    heads: Vec<f32>,
+}
+
+fn hex_floats<'a>(it: impl Iterator<Item = &'a str>) -> Vec<f32> {
+    it.map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
+        .collect()
+}
+
+/// Feeds `ids` from position `start` to the harness `cmd`.
+fn run_steps(cmd: &[String], start: usize, ids: &[u32]) -> Steps {
     let mut input = format!("1 {start} {}", ids.len());
     for id in ids {
         input.push_str(&format!(" {id}"));
@@ -139,14 +154,33 @@ fn run_steps(cmd: &[String], start: usize, ids: &[u32]) -> Vec<(i64, Vec<f32>)> 
         .map(|_| {
             let mut it = lines.next().expect("a line per position").split(' ');
             let best = it.next().unwrap().parse().unwrap();
-            let logits = it
-                .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
-                .collect();
-            (best, logits)
+            (best, hex_floats(it))
         })
         .collect();
+    let mut it = lines.next().expect("the heads").split(' ');
+    assert_eq!(it.next(), Some("heads"));
+    let heads = hex_floats(it.filter(|s| !s.is_empty()));
     assert_eq!(lines.next(), Some("end"));
-    rows
+    Steps { rows, heads }
+}
+
+/// The largest absolute difference of the heads' outputs from a golden run's.
+fn heads_diff(code: &Needle3Code, heads: &[f32], run: &Value) -> f32 {
+    let mut at = 0;
+    let mut worst = 0f32;
+    for (name, n) in &code.head_outputs {
+        let want: Vec<f32> = match run[*name].as_array() {
+            Some(a) => a.iter().map(|v| v.as_f64().unwrap() as f32).collect(),
+            None => vec![run[*name].as_f64().unwrap() as f32],
+        };
+        assert_eq!(want.len(), *n, "{name}");
+        for (g, w) in heads[at..at + n].iter().zip(&want) {
+            worst = worst.max((g - w).abs());
+        }
+        at += n;
+    }
+    assert_eq!(at, heads.len());
+    worst
 }
 
 /// Every golden run of `weights` through generated code for `full` sliced to its depth.
@@ -188,7 +222,11 @@ fn check(target: &Target, full: &Model, weights: &str, test: &str) {
             let case = &json["cases"][r["case"].as_u64().unwrap() as usize];
             let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
             let what = format!("{target} {weights} case {} depth {depth}", r["case"]);
-            let got = run_steps(&exe, 0, &ids);
+            let steps = run_steps(&exe, 0, &ids);
+            let d_heads = heads_diff(&code, &steps.heads, r);
+            assert_eq!(code.head_outputs.len(), 3, "the fixture has every head");
+            assert!(d_heads <= 1e-5, "{what}: heads differ by {d_heads}");
+            let got = steps.rows;
             // The golden argmax of every position, exactly.
             let want_argmax = usizes(&r["argmax"]);
             for (t, (best, _)) in got.iter().enumerate() {
@@ -206,7 +244,9 @@ fn check(target: &Target, full: &Model, weights: &str, test: &str) {
             let all: Vec<f32> = got.iter().flat_map(|(_, l)| l.clone()).collect();
             let rt: Vec<f32> = reference.logits.iter().copied().collect();
             let r_runtime = rel(&all, &rt);
-            eprintln!("{what}: golden rel {r_golden:.2e}, runtime rel {r_runtime:.2e}");
+            eprintln!(
+                "{what}: golden rel {r_golden:.2e}, runtime rel {r_runtime:.2e}, heads abs {d_heads:.2e}"
+            );
             assert!(
                 r_golden <= 2e-3,
                 "{what}: logits differ from the reference by {r_golden}"
@@ -301,14 +341,18 @@ fn the_folded_step_continues_the_prefix_as_the_unfolded_one() {
     let p0 = case["tools_end_pos"].as_u64().unwrap() as usize + 1;
     assert_eq!(ids[p0 - 1], needle_runtime::needle3::prompt::TOOLS_END);
     let mut cache = Cache::new(&model);
-    cache.extend(&model, &ids[..p0]).unwrap();
+    let prefix_out = cache.extend(&model, &ids[..p0]).unwrap();
     let dir = work_dir("n3_step_folded");
-    let (folded, code) = harness(&dir, &host, &model, ids.len(), Some(&cache));
+    let (folded, code) = harness(&dir, &host, &model, ids.len(), Some((&cache, &prefix_out)));
     assert_eq!(code.first_position, p0);
     let got = run_steps(&folded, p0, &ids[p0..]);
     let unfolded_dir = work_dir("n3_step_unfolded");
     let (unfolded, _) = harness(&unfolded_dir, &host, &model, ids.len(), None);
     let want = run_steps(&unfolded, 0, &ids);
+    // The heads pool the folded prefix's positions too.
+    let d_heads = heads_diff(&code, &got.heads, &json["runs"][0]);
+    assert!(d_heads <= 1e-5, "folded heads differ by {d_heads}");
+    let (got, want) = (got.rows, want.rows);
     let want_argmax = usizes(&json["runs"][0]["argmax"]);
     assert_eq!(json["runs"][0]["case"], 0);
     for (i, (best, logits)) in got.iter().enumerate() {

@@ -887,3 +887,247 @@ pub fn mlp(ks: &mut KernelSet, name: &str, w: &MlpData) -> Result<FuncId, Codege
 pub fn mlp_scratch(n: usize, rank: usize) -> usize {
     4 * n + rank
 }
+
+/// Floats of one probe's pooling state: the running max, the running sum, two floats of
+/// padding (16-byte rows), then the running weighted sum of the cells (`D`).
+pub fn pool_stride(d: usize) -> usize {
+    d + 4
+}
+
+/// `void pool_init(float *state)`: every one of `probes` pooling states empty (max -inf, sum
+/// and weighted sum 0), or, with `folded`, the folded prefix's states (copied).
+pub fn pool_init(
+    ks: &mut KernelSet,
+    name: &str,
+    probes: usize,
+    d: usize,
+    folded: Option<DataId>,
+) -> Result<FuncId, CodegenError> {
+    let params = [(CType::F32Ptr, "state")];
+    let total = (probes * pool_stride(d)) as i64;
+    let stride = pool_stride(d) as i64;
+    let data: Vec<DataId> = folded.into_iter().collect();
+    internal(ks, name, &params, CType::Void, &data, |g, a, dd| {
+        let st = a[0];
+        match dd.first() {
+            Some(&src) => g.for_const(0, total, 1, |g, i| {
+                let v = load_ro(g, src, i);
+                g.store_f32(v, st, i);
+            }),
+            None => g.for_const(0, probes as i64, 1, |g, p| {
+                let row = g.addr(st, p, stride * 4);
+                let ninf = g.f32(f32::NEG_INFINITY);
+                let zero = g.f32(0.0);
+                let i0 = g.iconst(0);
+                g.store_f32(ninf, row, i0);
+                g.for_const(1, stride, 1, |g, i| g.store_f32(zero, row, i));
+            }),
+        }
+        None
+    })
+}
+
+/// `void pool_add(const float *cell, const float *probes, float *state)`: one position's
+/// cell of one row into that row's `k` probe states (section 4, online): `s = dot(cell,
+/// probe) / sqrt(D)`, the max moved to `max(m, s)`, the sum and the weighted sum rescaled by
+/// `exp(m - m')` and `exp(s - m')` (times the cell) added.
+pub fn pool_add(
+    ks: &mut KernelSet,
+    name: &str,
+    k: usize,
+    d: usize,
+) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "cell"),
+        (CType::ConstF32Ptr, "probes"),
+        (CType::F32Ptr, "state"),
+    ];
+    let (di, stride) = (d as i64, pool_stride(d) as i64);
+    internal(ks, name, &params, CType::Void, &[], |g, a, _| {
+        let (cell, probes, state) = (a[0], a[1], a[2]);
+        g.for_const(0, k as i64, 1, |g, p| {
+            let probe = g.addr(probes, p, di * 4);
+            let st = g.addr(state, p, stride * 4);
+            let dd = dot(g, cell, probe, di, true);
+            let sq = g.f32((d as f32).sqrt());
+            let s = g.b.ins().fdiv(dd, sq);
+            let i0 = g.iconst(0);
+            let i1 = g.iconst(1);
+            let m = g.load_f32(st, i0);
+            let m2 = g.b.ins().fmax(m, s);
+            let dm = g.b.ins().fsub(m, m2);
+            let old = math::exp(g, dm);
+            let ds = g.b.ins().fsub(s, m2);
+            let e = math::exp(g, ds);
+            let sum = g.load_f32(st, i1);
+            let sum = g.b.ins().fmul(sum, old);
+            let sum = g.b.ins().fadd(sum, e);
+            g.store_f32(m2, st, i0);
+            g.store_f32(sum, st, i1);
+            let acc = g.b.ins().iadd_imm_s(st, 16);
+            g.for_const(0, di, 1, |g, c| {
+                let v = g.load_f32(acc, c);
+                let v = g.b.ins().fmul(v, old);
+                let x = g.load_f32(cell, c);
+                let x = g.b.ins().fmul(e, x);
+                let v = g.b.ins().fadd(v, x);
+                g.store_f32(v, acc, c);
+            });
+        });
+        None
+    })
+}
+
+/// One head's read-only data (section 4).
+pub struct HeadData {
+    pub d: usize,
+    /// `(L+1) * k` probes.
+    pub rows: usize,
+    pub queries: usize,
+    pub out: usize,
+    pub gain: DataId,
+    pub query: DataId,
+    pub row_bias: DataId,
+    /// `(queries * D) x out`, row-major.
+    pub proj: DataId,
+    pub bias: Option<DataId>,
+    /// Divide the output by its norm (the embedding head).
+    pub normalize: bool,
+}
+
+/// `void head(const float *state, float *out, float *scratch)`: a head's output from its
+/// pooling states: each probe's pooled cell `R = unit(acc / sum) * gain`, then per query `j`
+/// the softmax over every probe of `dot(R, query[j]) / sqrt(D) + row_bias[j]` pooling the `R`s,
+/// the pooled vectors concatenated through `proj` (+ `bias`). `scratch` holds `rows * D + rows
+/// + queries * D` floats.
+pub fn head(ks: &mut KernelSet, name: &str, h: &HeadData) -> Result<FuncId, CodegenError> {
+    let params = [
+        (CType::ConstF32Ptr, "state"),
+        (CType::F32Ptr, "out"),
+        (CType::F32Ptr, "scratch"),
+    ];
+    let mut data = vec![h.gain, h.query, h.row_bias, h.proj];
+    data.extend(h.bias);
+    let (d, rows, qn, out_n) = (h.d as i64, h.rows as i64, h.queries as i64, h.out as i64);
+    let stride = pool_stride(h.d) as i64;
+    let sqrt_d = (h.d as f32).sqrt();
+    let normalize = h.normalize;
+    internal(ks, name, &params, CType::Void, &data, |g, a, dd| {
+        let (state, out, scratch) = (a[0], a[1], a[2]);
+        let (gain, query, row_bias, proj) = (dd[0], dd[1], dd[2], dd[3]);
+        let bias = dd.get(4).copied();
+        let pooled = scratch;
+        let u_off = g.iconst(rows * d * 4);
+        let u = g.b.ins().iadd(scratch, u_off);
+        let cat_off = g.iconst((rows * d + rows) * 4);
+        let cat = g.b.ins().iadd(scratch, cat_off);
+        // R = unit(acc / sum) * gain.
+        g.for_const(0, rows, 1, |g, r| {
+            let st = g.addr(state, r, stride * 4);
+            let i1 = g.iconst(1);
+            let sum = g.load_f32(st, i1);
+            let acc = g.b.ins().iadd_imm_s(st, 16);
+            let prow = g.addr(pooled, r, d * 4);
+            g.for_const(0, d, 1, |g, c| {
+                let v = g.load_f32(acc, c);
+                let v = g.b.ins().fdiv(v, sum);
+                g.store_f32(v, prow, c);
+            });
+            let inv = inv_rms(g, prow, d);
+            let gv = load_ro(g, gain, r);
+            g.for_const(0, d, 1, |g, c| {
+                let v = g.load_f32(prow, c);
+                let v = g.b.ins().fmul(v, inv);
+                let v = g.b.ins().fmul(v, gv);
+                g.store_f32(v, prow, c);
+            });
+        });
+        g.for_const(0, qn, 1, |g, j| {
+            let qj = g.addr(query, j, d * 4);
+            let ninf = g.f32(f32::NEG_INFINITY);
+            let mx = g.var(types::F32, ninf);
+            g.for_const(0, rows, 1, |g, r| {
+                let prow = g.addr(pooled, r, d * 4);
+                let dv = dot(g, prow, qj, d, true);
+                let sq = g.f32(sqrt_d);
+                let v = g.b.ins().fdiv(dv, sq);
+                let bi = g.b.ins().imul_imm_s(j, rows);
+                let bi = g.b.ins().iadd(bi, r);
+                let b = load_ro(g, row_bias, bi);
+                let v = g.b.ins().fadd(v, b);
+                g.store_f32(v, u, r);
+                let m = g.get(mx);
+                let m = g.b.ins().fmax(m, v);
+                g.set(mx, m);
+            });
+            let m = g.get(mx);
+            let zero = g.f32(0.0);
+            let sum = g.var(types::F32, zero);
+            g.for_const(0, rows, 1, |g, r| {
+                let v = g.load_f32(u, r);
+                let e = g.b.ins().fsub(v, m);
+                let e = math::exp(g, e);
+                g.store_f32(e, u, r);
+                let s = g.get(sum);
+                let s = g.b.ins().fadd(s, e);
+                g.set(sum, s);
+            });
+            let total = g.get(sum);
+            let cj = g.addr(cat, j, d * 4);
+            g.for_const(0, d, 1, |g, c| {
+                let z = g.f32(0.0);
+                g.store_f32(z, cj, c);
+            });
+            g.for_const(0, rows, 1, |g, r| {
+                let e = g.load_f32(u, r);
+                let w = g.b.ins().fdiv(e, total);
+                let prow = g.addr(pooled, r, d * 4);
+                g.for_const(0, d, 1, |g, c| {
+                    let x = g.load_f32(prow, c);
+                    let x = g.b.ins().fmul(w, x);
+                    let o = g.load_f32(cj, c);
+                    let o = g.b.ins().fadd(o, x);
+                    g.store_f32(o, cj, c);
+                });
+            });
+        });
+        let zero = g.f32(0.0);
+        let norm = g.var(types::F32, zero);
+        g.for_const(0, out_n, 1, |g, o| {
+            let z = g.f32(0.0);
+            let acc = g.var(types::F32, z);
+            g.for_const(0, qn * d, 1, |g, i| {
+                let x = g.load_f32(cat, i);
+                let wi = g.b.ins().imul_imm_s(i, out_n);
+                let wi = g.b.ins().iadd(wi, o);
+                let w = load_ro(g, proj, wi);
+                let p = g.b.ins().fmul(x, w);
+                let s = g.get(acc);
+                let s = g.b.ins().fadd(s, p);
+                g.set(acc, s);
+            });
+            let mut y = g.get(acc);
+            if let Some(b) = bias {
+                let bv = load_ro(g, b, o);
+                y = g.b.ins().fadd(y, bv);
+            }
+            g.store_f32(y, out, o);
+            let sq = g.b.ins().fmul(y, y);
+            let n = g.get(norm);
+            let n = g.b.ins().fadd(n, sq);
+            g.set(norm, n);
+        });
+        if normalize {
+            let n = g.get(norm);
+            let eps = g.f32(1e-12);
+            let n = g.b.ins().fadd(n, eps);
+            let n = g.b.ins().sqrt(n);
+            g.for_const(0, out_n, 1, |g, o| {
+                let y = g.load_f32(out, o);
+                let y = g.b.ins().fdiv(y, n);
+                g.store_f32(y, out, o);
+            });
+        }
+        None
+    })
+}

@@ -24,7 +24,8 @@ pub mod kernels;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
-use needle_runtime::needle3::forward::{rope_tables, Cache};
+use needle_runtime::needle3::forward::{rope_tables, Cache, Output};
+use needle_runtime::needle3::model::Head;
 use needle_runtime::needle3::Model;
 
 use crate::abi::CType;
@@ -32,7 +33,7 @@ use crate::codegen::gen::Gen;
 use crate::codegen::model::kernels as v1;
 use crate::codegen::weights::{WeightFormat, WeightRef};
 use crate::codegen::{CodegenError, KernelSet};
-use kernels::{AttnShape, EngramShape, MhcConsts, MlpData};
+use kernels::{pool_stride, AttnShape, EngramShape, HeadData, MhcConsts, MlpData};
 
 /// What a caller needs to drive the generated step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,8 +45,15 @@ pub struct Needle3Code {
     /// `f32[logits_vocab]` of the last step.
     pub logits_offset: usize,
     pub max_positions: usize,
-    /// The first position the step takes: the folded prefix's length (0 unfolded).
+    /// The first position the step takes: the folded prefix's length (0 unfolded). Feeding it
+    /// starts a new sequence for the heads.
     pub first_position: usize,
+    /// `void heads(uint8_t *ws, float *out)`: the heads over every position fed since the
+    /// first, as [`Needle3Code::head_outputs`] lays them out in `out`.
+    pub heads: FuncId,
+    /// The heads the checkpoint has, in output order, with their widths: `confidence` (the
+    /// logit), `router` (three logits), `embedding` (unit length).
+    pub head_outputs: Vec<(&'static str, usize)>,
     pub vocab: usize,
     pub logits_vocab: usize,
 }
@@ -199,6 +207,40 @@ fn fold_prefix(ks: &mut KernelSet, model: &Model, prefix: &Cache) -> Result<Fold
     Ok(folded)
 }
 
+/// A head's pooling states after the folded prefix (the runtime's cells of its positions): per
+/// probe the max score, the sum of `exp(s - max)` and the cells weighed by it, as
+/// [`kernels::pool_add`] keeps them.
+fn pool_state(h: &Head, out: &Output, ids: &[u32], pad: u32, d: usize) -> Vec<f32> {
+    let k = h.probes_per_row;
+    let stride = pool_stride(d);
+    let mut state = vec![0f32; out.cells.len() * k * stride];
+    let sqrt_d = (d as f32).sqrt();
+    for (r, cell) in out.cells.iter().enumerate() {
+        for p in 0..k {
+            let probe = &h.probes[(r * k + p) * d..(r * k + p + 1) * d];
+            let scores: Vec<(usize, f32)> = (0..cell.nrows())
+                .filter(|&t| ids.get(t) != Some(&pad))
+                .map(|t| {
+                    let row = cell.row(t);
+                    let s: f32 = row.iter().zip(probe).map(|(a, b)| a * b).sum();
+                    (t, s / sqrt_d)
+                })
+                .collect();
+            let st = &mut state[(r * k + p) * stride..(r * k + p + 1) * stride];
+            let m = scores.iter().fold(f32::NEG_INFINITY, |m, &(_, s)| m.max(s));
+            st[0] = m;
+            for &(t, s) in &scores {
+                let e = (s - m).exp();
+                st[1] += e;
+                for (a, &x) in st[4..].iter_mut().zip(cell.row(t).iter()) {
+                    *a += e * x;
+                }
+            }
+        }
+    }
+    state
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -255,15 +297,20 @@ fn u32_data(ks: &mut KernelSet, name: &str, v: &[usize]) -> Result<DataId, Codeg
 
 /// Defines the step of `model` (any ladder depth; every dimension from its config) for
 /// positions `0..max_positions` in `ks`. With `prefix` (the cache after the folded prompt
-/// prefix, made by the runtime), its rows are read-only data and the step takes positions from
-/// `prefix.len()` on. `export` makes the step part of the object's interface (tests).
+/// prefix and that pass's output, made by the runtime), its rows and the heads' pooling over it
+/// are read-only data and the step takes positions from `prefix.len()` on. `export` makes the
+/// step and the heads part of the object's interface (tests).
 pub fn define_needle3_model(
     ks: &mut KernelSet,
     model: &Model,
     max_positions: usize,
-    prefix: Option<&Cache>,
+    prefix: Option<(&Cache, &Output)>,
     export: bool,
 ) -> Result<Needle3Code, CodegenError> {
+    let (prefix, prefix_out) = match prefix {
+        Some((c, o)) => (Some(c), Some(o)),
+        None => (None, None),
+    };
     let c = &model.config;
     let (d, n_lanes, l_n) = (c.d_model, c.mhc_lanes, model.layers.len());
     let (h_n, k_n, dq, dv) = (c.num_heads, c.num_kv_heads, c.qk_head_dim(), c.v_head_dim());
@@ -327,6 +374,28 @@ pub fn define_needle3_model(
     let rank = model.layers[0].mlp.cond_v.ncols();
     let mlp_at = ws.floats(kernels::mlp_scratch(nn, rank));
     let h_at = ws.floats(d);
+    let cell_at = ws.floats(d);
+    let heads: Vec<(&'static str, &Head)> = [
+        ("confidence", &model.heads.confidence),
+        ("router", &model.heads.router),
+        ("embedding", &model.heads.embedding),
+    ]
+    .into_iter()
+    .filter_map(|(n, h)| h.as_ref().map(|h| (n, h)))
+    .collect();
+    let head_state: Vec<usize> = heads
+        .iter()
+        .map(|(_, h)| ws.floats((l_n + 1) * h.probes_per_row * pool_stride(d)))
+        .collect();
+    let head_scratch = heads
+        .iter()
+        .map(|(_, h)| {
+            let rows = (l_n + 1) * h.probes_per_row;
+            rows * d + rows + h.queries * d
+        })
+        .max()
+        .unwrap_or(0);
+    let head_scratch_at = ws.floats(head_scratch);
     let logits_at = ws.floats(v_out);
     let workspace_bytes = ws.bytes;
 
@@ -538,6 +607,90 @@ pub fn define_needle3_model(
         folded_data.extend(all.flatten().map(|r| r.data));
     }
 
+    // ---- heads -----------------------------------------------------------------------------
+    struct HeadCode {
+        probes: DataId,
+        k: usize,
+        state: usize,
+        init: FuncId,
+        add: FuncId,
+        finish: FuncId,
+        out: usize,
+    }
+    let mut head_code = Vec::new();
+    for ((hname, h), &state) in heads.iter().zip(&head_state) {
+        let name = |what: &str| format!("n3_{hname}_{what}");
+        let rows = (l_n + 1) * h.probes_per_row;
+        let folded_state = match prefix_out {
+            Some(out) => {
+                let st = pool_state(
+                    h,
+                    out,
+                    prefix.map_or(&[][..], Cache::ids),
+                    c.pad_token_id,
+                    d,
+                );
+                Some(ks.declare_f32_data(&name("folded_state"), &st)?)
+            }
+            None => None,
+        };
+        let probes = ks.declare_f32_data(&name("probes"), &h.probes)?;
+        let init = kernels::pool_init(ks, &name("init"), rows, d, folded_state)?;
+        let add = kernels::pool_add(ks, &name("add"), h.probes_per_row, d)?;
+        let out_n = h.proj.ncols();
+        let data = HeadData {
+            d,
+            rows,
+            queries: h.queries,
+            out: out_n,
+            gain: ks.declare_f32_data(&name("gain"), &h.gain)?,
+            query: ks.declare_f32_data(&name("query"), &flat(&h.query))?,
+            row_bias: ks.declare_f32_data(&name("row_bias"), &h.row_bias)?,
+            proj: ks.declare_f32_data(&name("proj"), &flat(&h.proj))?,
+            bias: match &h.bias {
+                Some(b) => Some(ks.declare_f32_data(&name("bias"), b)?),
+                None => None,
+            },
+            normalize: *hname == "embedding",
+        };
+        let finish = kernels::head(ks, &name("finish"), &data)?;
+        head_code.push(HeadCode {
+            probes,
+            k: h.probes_per_row,
+            state,
+            init,
+            add,
+            finish,
+            out: out_n,
+        });
+    }
+    let heads_fn = ks.declare_function(
+        "n3_heads",
+        &["The heads over every position fed since the first: confidence logit, router logits, unit embedding (those the model has)."],
+        &[(CType::U8Ptr, "ws"), (CType::F32Ptr, "out")],
+        CType::Void,
+        export,
+    )?;
+    let finishes: Vec<FuncId> = head_code.iter().map(|h| h.finish).collect();
+    ks.define_function(heads_fn, &[], &finishes, |g, a, _, f| {
+        let (ws_p, out) = (a[0], a[1]);
+        let scratch = g.b.ins().iadd_imm_s(ws_p, head_scratch_at as i64);
+        let mut at = 0i64;
+        for h in &head_code {
+            let st = g.b.ins().iadd_imm_s(ws_p, h.state as i64);
+            let o = g.b.ins().iadd_imm_s(out, at * 4);
+            let r = f.get(h.finish);
+            g.call(r, &[st, o, scratch]);
+            at += h.out as i64;
+        }
+        None
+    })?;
+    let head_outputs: Vec<(&'static str, usize)> = heads
+        .iter()
+        .zip(&head_code)
+        .map(|((n, _), h)| (*n, h.out))
+        .collect();
+
     // ---- the step --------------------------------------------------------------------------
     let params = [
         (CType::U8Ptr, "ws"),
@@ -557,6 +710,10 @@ pub fn define_needle3_model(
     ];
     for s in &sites {
         callees.extend([s.gather, s.key, s.value, s.taps]);
+    }
+    for h in &head_code {
+        callees.extend([h.init, h.add]);
+        folded_data.push(h.probes);
     }
     for l in &layers {
         callees.extend([
@@ -629,6 +786,29 @@ pub fn define_needle3_model(
         call(g, embed, &[idp, x0, one]);
         let x_first = at(g, x_at[0]);
         call(g, spread, &[x0, x_first]);
+        // The heads: a new sequence at the first position; pad tokens are not pooled.
+        let first = g.b.ins().icmp_imm_u(IntCC::Equal, pos, p0 as i64);
+        g.if_then(first, |g| {
+            for h in &head_code {
+                let st = at(g, h.state);
+                call(g, h.init, &[st]);
+            }
+        });
+        let keep =
+            g.b.ins()
+                .icmp_imm_u(IntCC::NotEqual, token, i64::from(c.pad_token_id));
+        let pool = |g: &mut Gen<'_>, cell: Value, r: usize| {
+            g.if_then(keep, |g| {
+                for h in &head_code {
+                    let probes = data.get(h.probes);
+                    let probes = g.b.ins().iadd_imm_s(probes, (r * h.k * d * 4) as i64);
+                    let st = at(g, h.state + r * h.k * pool_stride(d) * 4);
+                    call(g, h.add, &[cell, probes, st]);
+                }
+            });
+        };
+        pool(g, x0, 0);
+        let cell = at(g, cell_at);
         let (z, mix_p, r_p) = (at(g, z_at), at(g, mix_at), at(g, r_at));
         let (u, b, a_p, y, t) = (
             at(g, u_at),
@@ -711,6 +891,10 @@ pub fn define_needle3_model(
             call(g, residual, &[b, t, b, d_v, s1]);
             call(g, sub_k, &[b, u, y]);
             call(g, lc.mhc_post, &[x, mix_p, y, xn, r_p]);
+            if !head_code.is_empty() {
+                call(g, lane_mean, &[xn, cell]);
+                pool(g, cell, l + 1);
+            }
         }
         let x = at(g, x_at[l_n % 2]);
         let h = at(g, h_at);
@@ -728,6 +912,8 @@ pub fn define_needle3_model(
         logits_offset: logits_at,
         max_positions: p,
         first_position: p0,
+        heads: heads_fn,
+        head_outputs,
         vocab,
         logits_vocab: v_out,
     })
