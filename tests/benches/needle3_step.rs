@@ -1,0 +1,149 @@
+//! The generated Needle 3 step against the runtime's forward pass (`needlec run`'s engine),
+//! side by side in one run, on the default config (width 768, vocabulary 8192; its documented
+//! generator's weights, float32) at the ladder depth suited to phones (8 layers) and at its 20,
+//! with a 3-tool prompt folded up to `</tools>` in both.
+//!
+//! Prints, per depth: the folded prefix's and the query's token counts, query prefill and
+//! decode tokens/s for each engine and the step/runtime ratios, the object's bytes and the
+//! workspace's. This is the model half of a library only (no tokenizer, envelope or C entry
+//! points yet), with the weights in float32 (the engram tables alone are 283 MB).
+//!
+//! Run: `cargo bench -p needlec-tests --bench needle3_step` (minutes: it generates a 0.5 GB
+//! object per depth).
+
+use std::path::Path;
+use std::time::Instant;
+
+use needle_runtime::needle3::forward::Cache;
+use needle_runtime::needle3::generate::Generated;
+use needle_runtime::needle3::prompt::{encode_prompt, tools_json};
+use needle_runtime::needle3::{Config, Model};
+use needle_runtime::tokenizer::Tokenizer;
+use needle_targets::Target;
+use needle_test_support::c::build_harness;
+use needle_test_support::work_dir;
+use needlec::abi::write_header;
+use needlec::codegen::needle3::define_needle3_model;
+use needlec::codegen::KernelSet;
+use needlec::emit::{write_archive, ArchiveMember};
+
+const TOOLS: &str = r#"[{"name":"get_weather","description":"Get current weather for a city.","parameters":{"location":{"type":"string","description":"City name.","required":true}}},{"name":"set_timer","description":"Start a countdown timer.","parameters":{"minutes":{"type":"integer","description":"Timer length in minutes.","required":true}}},{"name":"send_message","description":"Send a text message to a contact.","parameters":{"recipient":{"type":"string","description":"Name of the contact.","required":true},"message":{"type":"string","description":"The message text.","required":true}}}]"#;
+const QUERY: &str = "What's the weather going to be like in San Francisco tomorrow?";
+const DECODE_LEN: usize = 32;
+const REPEATS: usize = 3;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    needle_test_support::repo_root()
+        .join("tests/fixtures/needle3")
+        .join(name)
+}
+
+fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
+    (0..repeats)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("default.json")).unwrap()).unwrap();
+    let config = Config::from_json(&json["config"].to_string()).unwrap();
+    let layers = config.num_layers;
+    let full = Model::load(config, &mut Generated { num_layers: layers }).unwrap();
+    let tokenizer =
+        Tokenizer::from_model_bytes(&std::fs::read(fixture("n3tok8k.model")).unwrap()).unwrap();
+    let tools = tools_json(TOOLS).unwrap();
+    let prompt = encode_prompt(&tokenizer, "", &tools, QUERY).unwrap();
+    let (prefix, query) = prompt.ids.split_at(prompt.prefix_len);
+    println!(
+        "Needle 3 default config, {} prefix tokens folded, {} query tokens, {DECODE_LEN} decode steps",
+        prefix.len(),
+        query.len()
+    );
+    let host = Target::host().unwrap();
+    for depth in [8, layers] {
+        let model = full.clone().into_ladder(depth).unwrap();
+        let mut cache = Cache::new(&model);
+        let prefix_out = cache.extend(&model, prefix).unwrap();
+
+        // The runtime: the query's rows from a copy of the folded cache, then one row a step.
+        let rt_prefill = best_of(REPEATS, || {
+            let mut c = cache.clone();
+            c.extend(&model, query).unwrap();
+        });
+        let mut c = cache.clone();
+        c.extend(&model, query).unwrap();
+        let rt_decode = best_of(1, || {
+            let mut c = c.clone();
+            for i in 0..DECODE_LEN {
+                c.extend(&model, &[(i % 100) as u32 + 100]).unwrap();
+            }
+        });
+
+        // The generated step, folded the same way.
+        let positions = prompt.ids.len() + DECODE_LEN + 1;
+        let mut ks = KernelSet::new(&host, "b3_").unwrap();
+        let code = define_needle3_model(
+            &mut ks,
+            &model,
+            positions,
+            Some((&cache, &prefix_out)),
+            true,
+        )
+        .unwrap();
+        let functions = ks.functions().to_vec();
+        let obj = ks.finish().unwrap();
+        let object_bytes = obj.len();
+        let extra = format!(
+            "#define N3_WS_BYTES {}\n#define N3_WS_ALIGN {}\n#define N3_FIRST {}\n\
+             #define N3_STEP b3_n3_step\n",
+            code.workspace_bytes, code.workspace_align, code.first_position
+        );
+        let header = write_header("b3_model", &["needle3 step bench"], &extra, &functions);
+        let ar = write_archive(
+            host.archive_kind(),
+            &[ArchiveMember {
+                name: format!("needle3.{}", host.object_extension()),
+                data: obj,
+            }],
+        )
+        .unwrap();
+        let dir = work_dir(&format!("bench_needle3_{depth}"));
+        let exe = build_harness(&dir, "b3model", &ar, &header, "needle3_bench.c");
+        let mut input = format!("{}", query.len());
+        for id in query {
+            input.push_str(&format!(" {id}"));
+        }
+        input.push_str(&format!(" {DECODE_LEN}\n"));
+        let out = needle_test_support::c::run(Path::new(&exe), &[], input.as_bytes());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut it = text.split_whitespace();
+        let lib_prefill: f64 = it.next().unwrap().parse().unwrap();
+        let lib_decode: f64 = it.next().unwrap().parse().unwrap();
+
+        let q = query.len() as f64;
+        let d = DECODE_LEN as f64;
+        println!("\n{depth} layers:");
+        println!(
+            "  runtime:        prefill {:8.1} tok/s, decode {:8.1} tok/s",
+            q / rt_prefill,
+            d / rt_decode
+        );
+        println!(
+            "  generated step: prefill {:8.1} tok/s, decode {:8.1} tok/s  (x{:.2}, x{:.2} the runtime)",
+            q / lib_prefill,
+            d / lib_decode,
+            rt_prefill / lib_prefill,
+            rt_decode / lib_decode
+        );
+        println!(
+            "  object {:.1} MB (float32), workspace {:.1} MB for {positions} positions",
+            object_bytes as f64 / 1e6,
+            code.workspace_bytes as f64 / 1e6
+        );
+    }
+}
