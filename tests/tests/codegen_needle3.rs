@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use needle_runtime::needle3::forward::{forward, Cache, Output};
+use needle_runtime::needle3::forward::forward;
 use needle_runtime::needle3::Model;
 use needle_targets::{supported, Target};
 use needle_test_support::c::{build_harness, run};
@@ -52,7 +52,7 @@ fn generate(
     target: &Target,
     model: &Model,
     positions: usize,
-    prefix: Option<(&Cache, &Output)>,
+    prefix: Option<&[u32]>,
 ) -> (Vec<u8>, String, Needle3Code) {
     let mut ks = KernelSet::new(target, PREFIX).unwrap();
     let code = define_needle3_model(&mut ks, model, positions, prefix, true).unwrap();
@@ -89,7 +89,7 @@ fn harness(
     target: &Target,
     model: &Model,
     positions: usize,
-    prefix: Option<(&Cache, &Output)>,
+    prefix: Option<&[u32]>,
 ) -> (Vec<String>, Needle3Code) {
     let (ar, header, code) = generate(target, model, positions, prefix);
     if target.name == Target::host().unwrap().name {
@@ -280,7 +280,8 @@ fn the_generated_step_of_the_cact_export_gives_the_reference_cq4_logits() {
 
 /// The step under qemu-user on the emulated Linux targets: the same golden checks as on the
 /// host (the argmax exactly; the logits within tolerance, since targets with a native FMA fuse
-/// the products' multiply-adds).
+/// the products' multiply-adds), and folding bit for bit (the folded rows made with the
+/// target's fused multiply-adds).
 fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
     let what = format!("codegen_needle3: {triple} under qemu");
     if require(cc, cc_package, &what).is_none() || require(qemu, "qemu-user", &what).is_none() {
@@ -290,6 +291,7 @@ fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
     let data = std::fs::read(fixture("small.safetensors")).unwrap();
     let model = Model::from_safetensors_bytes(&data).unwrap();
     check(&target, &model, "f32", &format!("n3_step_{triple}"));
+    check_folding(&target, &format!("n3_fold_{triple}"));
 }
 
 #[test]
@@ -325,48 +327,61 @@ fn every_target_generates_a_standalone_step() {
     }
 }
 
-/// Folding: the prompt up to `</tools>` run by the runtime at build time, its rows read-only
-/// data; the step then takes the positions after it. Its logits are the unfolded step's to
-/// float32 rounding (the prefix's rows come from the runtime's arithmetic, not the step's) and
-/// its argmax the reference's; positions inside the prefix are refused (-1).
-#[test]
-fn the_folded_step_continues_the_prefix_as_the_unfolded_one() {
+/// Folding on `target`: the prompt up to `</tools>` run at build time with the step's own
+/// arithmetic for the target, its rows read-only data; the step then takes the positions after
+/// it and gives the unfolded step's logits and heads bit for bit (and so the reference's argmax);
+/// positions inside the prefix are refused (-1).
+fn check_folding(target: &Target, test: &str) {
     let data = std::fs::read(fixture("small.safetensors")).unwrap();
     let model = Model::from_safetensors_bytes(&data).unwrap();
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("small.json")).unwrap()).unwrap();
-    let host = Target::host().unwrap();
     let case = &json["cases"][0];
     let ids: Vec<u32> = usizes(&case["ids"]).iter().map(|&i| i as u32).collect();
     let p0 = case["tools_end_pos"].as_u64().unwrap() as usize + 1;
     assert_eq!(ids[p0 - 1], needle_runtime::needle3::prompt::TOOLS_END);
-    let mut cache = Cache::new(&model);
-    let prefix_out = cache.extend(&model, &ids[..p0]).unwrap();
-    let dir = work_dir("n3_step_folded");
-    let (folded, code) = harness(&dir, &host, &model, ids.len(), Some((&cache, &prefix_out)));
+    let dir = work_dir(&format!("{test}_folded"));
+    let (folded, code) = harness(&dir, target, &model, ids.len(), Some(&ids[..p0]));
     assert_eq!(code.first_position, p0);
     let got = run_steps(&folded, p0, &ids[p0..]);
-    let unfolded_dir = work_dir("n3_step_unfolded");
-    let (unfolded, _) = harness(&unfolded_dir, &host, &model, ids.len(), None);
+    let unfolded_dir = work_dir(&format!("{test}_unfolded"));
+    let (unfolded, _) = harness(&unfolded_dir, target, &model, ids.len(), None);
     let want = run_steps(&unfolded, 0, &ids);
-    // The heads pool the folded prefix's positions too.
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert_eq!(
+        bits(&got.heads),
+        bits(&want.heads),
+        "{target}: folded heads"
+    );
     let d_heads = heads_diff(&code, &got.heads, &json["runs"][0]);
-    assert!(d_heads <= 1e-5, "folded heads differ by {d_heads}");
-    let (got, want) = (got.rows, want.rows);
+    assert!(
+        d_heads <= 1e-5,
+        "{target}: folded heads differ by {d_heads}"
+    );
     let want_argmax = usizes(&json["runs"][0]["argmax"]);
     assert_eq!(json["runs"][0]["case"], 0);
-    for (i, (best, logits)) in got.iter().enumerate() {
+    for (i, (best, logits)) in got.rows.iter().enumerate() {
         let t = p0 + i;
-        assert_eq!(*best, want_argmax[t] as i64, "argmax at {t}");
-        let r = rel(logits, &want[t].1);
-        assert!(r <= 1e-5, "position {t}: folded and unfolded differ by {r}");
+        assert_eq!(*best, want_argmax[t] as i64, "{target}: argmax at {t}");
+        assert_eq!(*best, want.rows[t].0, "{target}: argmax at {t}");
+        assert_eq!(
+            bits(logits),
+            bits(&want.rows[t].1),
+            "{target}: position {t}: folded and unfolded logits differ"
+        );
     }
     // A position inside the folded prefix is not a step.
+    let args: Vec<&str> = folded[1..].iter().map(String::as_str).collect();
     let early = run(
         std::path::Path::new(&folded[0]),
-        &[],
+        &args,
         format!("1 {} 1 {}", p0 - 1, ids[p0 - 1]).as_bytes(),
     );
     let text = String::from_utf8(early.stdout).unwrap();
     assert!(text.starts_with("-1 "), "{text}");
+}
+
+#[test]
+fn the_folded_step_continues_the_prefix_bit_for_bit() {
+    check_folding(&Target::host().unwrap(), "n3_fold_host");
 }

@@ -428,23 +428,6 @@ impl Cache {
         self.ids.is_empty()
     }
 
-    /// The ids run so far.
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
-
-    /// Layer `l`'s rows so far, flat row-major: the pre-conv q, k and v rows, then the keys
-    /// after norm and RoPE and the values (what a compiled model folds).
-    pub fn layer_rows(&self, l: usize) -> [&[f32]; 5] {
-        let c = &self.layers[l];
-        [&c.q_pre, &c.k_pre, &c.v_pre, &c.k, &c.v]
-    }
-
-    /// Site `s`'s engram values before their taps, `D` floats a position.
-    pub fn site_rows(&self, s: usize) -> &[f32] {
-        &self.site_w[s]
-    }
-
     /// Runs the next positions `ids` after those already in the cache: their logits and hidden
     /// cells (rows relative to the first new position). Running a prompt in any split gives the
     /// logits of running it whole, up to float32 rounding.

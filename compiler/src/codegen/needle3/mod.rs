@@ -20,11 +20,12 @@
 //! (gathered, never multiplied).
 
 pub mod kernels;
+pub mod mirror;
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
-use needle_runtime::needle3::forward::{rope_tables, Cache, Output};
+use needle_runtime::needle3::forward::rope_tables;
 use needle_runtime::needle3::model::Head;
 use needle_runtime::needle3::Model;
 
@@ -153,13 +154,17 @@ fn tail(
     Ok(Some(FoldedRows { data, first, width }))
 }
 
-/// The read-only rows of the folded `prefix`.
-fn fold_prefix(ks: &mut KernelSet, model: &Model, prefix: &Cache) -> Result<Folded, CodegenError> {
+/// The read-only rows of the folded prefix, as the step's own arithmetic wrote them.
+fn fold_prefix(
+    ks: &mut KernelSet,
+    model: &Model,
+    rows: &mirror::Rows,
+) -> Result<Folded, CodegenError> {
     let c = &model.config;
     let (h_n, k_n, dq, dv) = (c.num_heads, c.num_kv_heads, c.qk_head_dim(), c.v_head_dim());
-    let (qw, kw, vw) = (h_n * dq, k_n * dq, k_n * dv);
-    let p0 = prefix.len();
-    let ids: Vec<usize> = prefix.ids().iter().map(|&i| i as usize).collect();
+    let (kw, vw) = (k_n * dq, k_n * dv);
+    let cw = h_n * dq + kw + vw;
+    let ids: Vec<usize> = rows.ids.iter().map(|&i| i as usize).collect();
     let ids = FoldedRows {
         data: u32_data(ks, "n3_folded_ids", &ids)?,
         first: 0,
@@ -173,18 +178,14 @@ fn fold_prefix(ks: &mut KernelSet, model: &Model, prefix: &Cache) -> Result<Fold
         w: Vec::new(),
     };
     for (l, w) in model.layers.iter().enumerate() {
-        let [q_pre, k_pre, v_pre, k, v] = prefix.layer_rows(l);
-        let pre = side_by_side(&[(q_pre, qw), (k_pre, kw), (v_pre, vw)], p0);
         let keep = w.q_taps.nrows().saturating_sub(1);
-        folded.pre.push(tail(
-            ks,
-            &format!("n3_l{l}_folded_pre"),
-            &pre,
-            qw + kw + vw,
-            keep,
-        )?);
-        for (rows, width, what, out) in [(k, kw, "k", &mut folded.k), (v, vw, "v", &mut folded.v)] {
-            let data = ks.declare_f32_data(&format!("n3_l{l}_folded_{what}"), rows)?;
+        let name = format!("n3_l{l}_folded_pre");
+        folded.pre.push(tail(ks, &name, &rows.pre[l], cw, keep)?);
+        for (vals, width, what, out) in [
+            (&rows.k[l], kw, "k", &mut folded.k),
+            (&rows.v[l], vw, "v", &mut folded.v),
+        ] {
+            let data = ks.declare_f32_data(&format!("n3_l{l}_folded_{what}"), vals)?;
             out.push(FoldedRows {
                 data,
                 first: 0,
@@ -195,50 +196,10 @@ fn fold_prefix(ks: &mut KernelSet, model: &Model, prefix: &Cache) -> Result<Fold
     let dil = c.engram_dilation();
     for (s, site) in model.sites.iter().enumerate() {
         let keep = site.taps.nrows().saturating_sub(1) * dil;
-        let rows = prefix.site_rows(s);
-        folded.w.push(tail(
-            ks,
-            &format!("n3_s{s}_folded_w"),
-            rows,
-            c.d_model,
-            keep,
-        )?);
+        let name = format!("n3_s{s}_folded_w");
+        folded.w.push(tail(ks, &name, &rows.w[s], c.d_model, keep)?);
     }
     Ok(folded)
-}
-
-/// A head's pooling states after the folded prefix (the runtime's cells of its positions): per
-/// probe the max score, the sum of `exp(s - max)` and the cells weighed by it, as
-/// [`kernels::pool_add`] keeps them.
-fn pool_state(h: &Head, out: &Output, ids: &[u32], pad: u32, d: usize) -> Vec<f32> {
-    let k = h.probes_per_row;
-    let stride = pool_stride(d);
-    let mut state = vec![0f32; out.cells.len() * k * stride];
-    let sqrt_d = (d as f32).sqrt();
-    for (r, cell) in out.cells.iter().enumerate() {
-        for p in 0..k {
-            let probe = &h.probes[(r * k + p) * d..(r * k + p + 1) * d];
-            let scores: Vec<(usize, f32)> = (0..cell.nrows())
-                .filter(|&t| ids.get(t) != Some(&pad))
-                .map(|t| {
-                    let row = cell.row(t);
-                    let s: f32 = row.iter().zip(probe).map(|(a, b)| a * b).sum();
-                    (t, s / sqrt_d)
-                })
-                .collect();
-            let st = &mut state[(r * k + p) * stride..(r * k + p + 1) * stride];
-            let m = scores.iter().fold(f32::NEG_INFINITY, |m, &(_, s)| m.max(s));
-            st[0] = m;
-            for &(t, s) in &scores {
-                let e = (s - m).exp();
-                st[1] += e;
-                for (a, &x) in st[4..].iter_mut().zip(cell.row(t).iter()) {
-                    *a += e * x;
-                }
-            }
-        }
-    }
-    state
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -296,21 +257,18 @@ fn u32_data(ks: &mut KernelSet, name: &str, v: &[usize]) -> Result<DataId, Codeg
 }
 
 /// Defines the step of `model` (any ladder depth; every dimension from its config) for
-/// positions `0..max_positions` in `ks`. With `prefix` (the cache after the folded prompt
-/// prefix and that pass's output, made by the runtime), its rows and the heads' pooling over it
-/// are read-only data and the step takes positions from `prefix.len()` on. `export` makes the
-/// step and the heads part of the object's interface (tests).
+/// positions `0..max_positions` in `ks`. With `prefix` (the ids of the folded prompt prefix),
+/// the rows the step would write for them and the heads' pooling over them are computed now,
+/// with the step's own arithmetic for this target ([`mirror`]), and become read-only data; the
+/// step then takes positions from `prefix.len()` on, and gives an unfolded step's logits bit
+/// for bit. `export` makes the step and the heads part of the object's interface (tests).
 pub fn define_needle3_model(
     ks: &mut KernelSet,
     model: &Model,
     max_positions: usize,
-    prefix: Option<(&Cache, &Output)>,
+    prefix: Option<&[u32]>,
     export: bool,
 ) -> Result<Needle3Code, CodegenError> {
-    let (prefix, prefix_out) = match prefix {
-        Some((c, o)) => (Some(c), Some(o)),
-        None => (None, None),
-    };
     let c = &model.config;
     let (d, n_lanes, l_n) = (c.d_model, c.mhc_lanes, model.layers.len());
     let (h_n, k_n, dq, dv) = (c.num_heads, c.num_kv_heads, c.qk_head_dim(), c.v_head_dim());
@@ -332,7 +290,7 @@ pub fn define_needle3_model(
     let nn = c.hada_n();
     let (fa, fb) = c.hada_factors();
     let p = max_positions;
-    let p0 = prefix.map_or(0, Cache::len);
+    let p0 = prefix.map_or(0, <[u32]>::len);
     if p0 >= p {
         return Err(invalid(format!(
             "a folded prefix of {p0} positions leaves none of the {p} for the query"
@@ -593,8 +551,10 @@ pub fn define_needle3_model(
         });
     }
 
-    let folded = match prefix {
-        Some(cache) => Some(fold_prefix(ks, model, cache)?),
+    let fma = ks.target().native_fma();
+    let prefix_rows = prefix.map(|ids| mirror::run(model, ids, fma));
+    let folded = match &prefix_rows {
+        Some(rows) => Some(fold_prefix(ks, model, rows)?),
         None => None,
     };
     let mut folded_data = Vec::new();
@@ -621,15 +581,9 @@ pub fn define_needle3_model(
     for ((hname, h), &state) in heads.iter().zip(&head_state) {
         let name = |what: &str| format!("n3_{hname}_{what}");
         let rows = (l_n + 1) * h.probes_per_row;
-        let folded_state = match prefix_out {
-            Some(out) => {
-                let st = pool_state(
-                    h,
-                    out,
-                    prefix.map_or(&[][..], Cache::ids),
-                    c.pad_token_id,
-                    d,
-                );
+        let folded_state = match &prefix_rows {
+            Some(rows) => {
+                let st = mirror::pool_states(h, rows, c.pad_token_id, d, fma);
                 Some(ks.declare_f32_data(&name("folded_state"), &st)?)
             }
             None => None,
