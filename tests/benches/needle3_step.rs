@@ -3,8 +3,9 @@
 //! generator's weights, float32) at the ladder depth suited to phones (8 layers) and at its 20,
 //! with a 3-tool prompt folded up to `</tools>` in both.
 //!
-//! Prints, per depth: the folded prefix's and the query's token counts, query prefill and
-//! decode tokens/s for each engine and the step/runtime ratios, the object's bytes and the
+//! Prints, per depth: the folded prefix's and the query's token counts, query prefill (the
+//! multi-row entry, up to 16 positions a call) and decode (one-row steps) tokens/s for each
+//! engine and the generated/runtime ratios, the object's bytes and the
 //! workspace's. This is the model half of a library only (no tokenizer, envelope or C entry
 //! points yet), with the weights in float32 (the engram tables alone are 283 MB).
 //!
@@ -93,8 +94,8 @@ fn main() {
         let object_bytes = obj.len();
         let extra = format!(
             "#define N3_WS_BYTES {}\n#define N3_WS_ALIGN {}\n#define N3_FIRST {}\n\
-             #define N3_STEP b3_n3_step\n",
-            code.workspace_bytes, code.workspace_align, code.first_position
+             #define N3_STEP b3_n3_step\n#define N3_ROWS b3_n3_rows\n#define N3_MAX_ROWS {}\n",
+            code.workspace_bytes, code.workspace_align, code.first_position, code.max_rows
         );
         let header = write_header("b3_model", &["needle3 step bench"], &extra, &functions);
         let ar = write_archive(

@@ -1,7 +1,9 @@
 /* Times a generated Needle 3 step: the query's positions after the folded prefix (prefill),
  * then greedy decoding from the last one (decode), best of REPEATS runs each.
  *
- * The header defines N3_WS_BYTES, N3_WS_ALIGN, N3_FIRST and the entry point as N3_STEP.
+ * The header defines N3_WS_BYTES, N3_WS_ALIGN, N3_FIRST and the entry points as N3_STEP and
+ * N3_ROWS (with N3_MAX_ROWS): the query runs through the multi-row entry in calls of up to
+ * N3_MAX_ROWS positions.
  * stdin: n ids... (the query's ids, positions N3_FIRST..), then the decode length.
  * stdout: "prefill_seconds decode_seconds last_token".
  */
@@ -41,7 +43,10 @@ int main(void) {
     int32_t tok = 0;
     for (int r = 0; r < REPEATS; r++) {
         double t0 = now();
-        for (long i = 0; i < n; i++) tok = N3_STEP(ws, ids[i], (size_t)(N3_FIRST + i));
+        for (long i = 0; i < n; i += N3_MAX_ROWS) {
+            long rows = n - i < N3_MAX_ROWS ? n - i : N3_MAX_ROWS;
+            tok = N3_ROWS(ws, &ids[i], (size_t)(N3_FIRST + i), (size_t)rows);
+        }
         double t1 = now();
         for (long i = 0; i < decode; i++) tok = N3_STEP(ws, tok, (size_t)(N3_FIRST + n + i));
         double t2 = now();

@@ -5,7 +5,10 @@
  *
  * stdin: runs, then per run: start n ids... (positions start..start+n)
  * stdout, per position: "argmax bits..." with every logit as the hex of its float32 bits;
- * then "heads bits..." (the heads' outputs) and "end" after each run.
+ * then "heads bits..." (the heads' outputs); then, with N3_ROWS, "rows <calls> <mismatches>":
+ * the run again through the multi-row entry in calls of 1, 2, ..., N3_MAX_ROWS rows in turn,
+ * each call's argmax and logits and the final heads compared with the one-row steps' bit for
+ * bit; then "end".
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -33,9 +36,16 @@ int main(void) {
     for (long r = 0; r < runs; r++) {
         long start = next_long();
         long n = next_long();
+        int32_t *toks = malloc((size_t)(n ? n : 1) * sizeof *toks);
+        int32_t *bests = malloc((size_t)(n ? n : 1) * sizeof *bests);
+        float *all = malloc((size_t)(n ? n : 1) * N3_VOCAB_OUT * sizeof *all);
+        if (!toks || !bests || !all) return 3;
         for (long pos = start; pos < start + n; pos++) {
             int32_t token = (int32_t)next_long();
             int32_t best = N3_STEP(ws, token, (size_t)pos);
+            toks[pos - start] = token;
+            bests[pos - start] = best;
+            memcpy(&all[(size_t)(pos - start) * N3_VOCAB_OUT], logits, N3_VOCAB_OUT * sizeof *all);
             printf("%d", (int)best);
             for (size_t i = 0; i < N3_VOCAB_OUT; i++) {
                 uint32_t u;
@@ -52,7 +62,33 @@ int main(void) {
             memcpy(&u, &heads[i], sizeof u);
             printf(" %08lx", (unsigned long)u);
         }
-        printf("\nend\n");
+        printf("\n");
+#ifdef N3_ROWS
+        {
+            long calls = 0, bad = 0, size = 1;
+            for (long i = 0; i < n; i += size, size = size % N3_MAX_ROWS + 1) {
+                long rows = size < n - i ? size : n - i;
+                int32_t best = N3_ROWS(ws, &toks[i], (size_t)(start + i), (size_t)rows);
+                long last = i + rows - 1;
+                calls++;
+                if (best != bests[last] ||
+                    memcmp(logits, &all[(size_t)last * N3_VOCAB_OUT], N3_VOCAB_OUT * sizeof *all))
+                    bad++;
+            }
+            float again[N3_HEAD_FLOATS + 1];
+            N3_HEADS(ws, again);
+            if (memcmp(again, heads, N3_HEAD_FLOATS * sizeof *heads)) bad++;
+            /* Refused whole: no rows, too many, past the end. */
+            if (N3_ROWS(ws, toks, (size_t)start, 0) != -1) bad++;
+            if (N3_ROWS(ws, toks, (size_t)start, (size_t)N3_MAX_ROWS + 1) != -1) bad++;
+            if (N3_ROWS(ws, toks, (size_t)N3_MAX_POSITIONS, 1) != -1) bad++;
+            printf("rows %ld %ld\n", calls, bad);
+        }
+#endif
+        free(toks);
+        free(bests);
+        free(all);
+        printf("end\n");
     }
     /* Out of range: -1 and nothing computed. */
     if (N3_STEP(ws, 0, (size_t)N3_MAX_POSITIONS) != -1) return 5;

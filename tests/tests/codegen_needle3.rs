@@ -59,17 +59,23 @@ fn generate(
     let functions = ks.functions().to_vec();
     let obj = ks.finish().unwrap();
     let rep = check_standalone(&obj, PREFIX).unwrap();
-    assert_eq!(rep.exports, ["t3_n3_heads", "t3_n3_step"], "{target}");
+    assert_eq!(
+        rep.exports,
+        ["t3_n3_heads", "t3_n3_rows", "t3_n3_step"],
+        "{target}"
+    );
     let head_floats: usize = code.head_outputs.iter().map(|(_, n)| n).sum();
     let extra = format!(
         "#define N3_WS_BYTES {}\n#define N3_WS_ALIGN {}\n#define N3_LOGITS_OFFSET {}\n\
          #define N3_VOCAB_OUT {}\n#define N3_MAX_POSITIONS {}\n#define N3_STEP t3_n3_step\n\
-         #define N3_HEADS t3_n3_heads\n#define N3_HEAD_FLOATS {head_floats}\n",
+         #define N3_HEADS t3_n3_heads\n#define N3_HEAD_FLOATS {head_floats}\n\
+         #define N3_ROWS t3_n3_rows\n#define N3_MAX_ROWS {}\n",
         code.workspace_bytes,
         code.workspace_align,
         code.logits_offset,
         code.logits_vocab,
         code.max_positions,
+        code.max_rows,
     );
     let header = write_header(
         "t3_model",
@@ -160,6 +166,19 @@ fn run_steps(cmd: &[String], start: usize, ids: &[u32]) -> Steps {
     let mut it = lines.next().expect("the heads").split(' ');
     assert_eq!(it.next(), Some("heads"));
     let heads = hex_floats(it.filter(|s| !s.is_empty()));
+    // The same positions through the multi-row entry: bit for bit, and the bad calls refused.
+    let rows_line = lines.next().expect("the rows check");
+    let calls_bad: Vec<usize> = rows_line
+        .strip_prefix("rows ")
+        .expect("rows")
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(calls_bad[0] >= ids.len().min(2) / 2, "{rows_line}");
+    assert_eq!(
+        calls_bad[1], 0,
+        "multi-row calls differ from one-row steps: {rows_line}"
+    );
     assert_eq!(lines.next(), Some("end"));
     Steps { rows, heads }
 }

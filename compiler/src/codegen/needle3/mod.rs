@@ -41,6 +41,12 @@ use kernels::{pool_stride, AttnShape, EngramShape, HeadData, MhcConsts, MlpData}
 pub struct Needle3Code {
     /// `int32_t step(uint8_t *ws, int32_t token, size_t pos)`.
     pub step: FuncId,
+    /// `int32_t rows(uint8_t *ws, const int32_t *tokens, size_t pos, size_t rows)`: positions
+    /// `pos..pos+rows` (1 to [`MAX_ROWS`]) at once, the matrix products over all the rows (each
+    /// row summed as a one-row step sums it); returns what `step` returns for the last one,
+    /// bit for bit, and leaves every cache and the heads as the steps would.
+    pub rows: FuncId,
+    pub max_rows: usize,
     pub workspace_bytes: usize,
     pub workspace_align: usize,
     /// `f32[logits_vocab]` of the last step.
@@ -58,6 +64,14 @@ pub struct Needle3Code {
     pub vocab: usize,
     pub logits_vocab: usize,
 }
+
+/// The most positions one `rows` call takes (the workspace holds this many rows).
+pub const MAX_ROWS: usize = 16;
+
+/// The matrix products take rows in register tiles: with float32 weights each output is still
+/// one sum over the inputs in order, so a row comes out as a one-row product computes it (the
+/// tests check `rows` against one-row steps bit for bit).
+const ROW_TILES: bool = true;
 
 fn invalid(msg: impl Into<String>) -> CodegenError {
     CodegenError::Invalid(msg.into())
@@ -308,26 +322,27 @@ pub fn define_needle3_model(
         })
         .collect();
     let site_w: Vec<usize> = model.sites.iter().map(|_| ws.floats(p * d)).collect();
-    let x_at = [ws.floats(n_lanes * d), ws.floats(n_lanes * d)];
-    let z_at = ws.floats(n_lanes * d);
+    let mr = MAX_ROWS;
+    let x_at = [ws.floats(mr * n_lanes * d), ws.floats(mr * n_lanes * d)];
+    let z_at = ws.floats(mr * n_lanes * d);
     let mix_w = 2 * n_lanes + n_lanes * n_lanes;
-    let mix_at = ws.floats(mix_w);
+    let mix_at = ws.floats(mr * mix_w);
     let r_at = ws.floats(n_lanes * n_lanes);
-    let x0_at = ws.floats(d);
-    let u_at = ws.floats(d);
-    let b_at = ws.floats(d);
-    let a_at = ws.floats(d);
-    let y_at = ws.floats(d);
-    let t_at = ws.floats(d.max(nn));
-    let qkvg_at = ws.floats(cw + gw);
-    let conv_at = ws.floats(cw);
-    let o_at = ws.floats(gw);
+    let x0_at = ws.floats(mr * d);
+    let u_at = ws.floats(mr * d);
+    let b_at = ws.floats(mr * d);
+    let a_at = ws.floats(mr * d);
+    let y_at = ws.floats(mr * d);
+    let t_at = ws.floats(mr * d);
+    let qkvg_at = ws.floats(mr * (cw + gw));
+    let conv_at = ws.floats(mr * cw);
+    let o_at = ws.floats(mr * gw);
     let scores_at = ws.floats(p);
     let e_n = c.engram_tables();
     let sub = if e_n == 0 { 0 } else { c.engram_sub_dim() };
-    let m_at = ws.floats(e_n * sub);
-    let ek_at = ws.floats(d);
-    let ev_at = ws.floats(d);
+    let m_at = ws.floats(mr * e_n * sub);
+    let ek_at = ws.floats(mr * d);
+    let ev_at = ws.floats(mr * d);
     let inj_at = ws.floats(2 * d);
     let rank = model.layers[0].mlp.cond_v.ncols();
     let mlp_at = ws.floats(kernels::mlp_scratch(nn, rank));
@@ -409,8 +424,8 @@ pub fn define_needle3_model(
         let vp: Vec<f32> = site.value_proj.iter().copied().collect();
         let kw_ref = weights(ks, &format!("n3_s{s}_key"), e_n * sub, d, &kp)?;
         let vw_ref = weights(ks, &format!("n3_s{s}_value"), e_n * sub, d, &vp)?;
-        let key = v1::matmul(ks, &format!("n3_s{s}_key_mm"), &kw_ref, false)?;
-        let value = v1::matmul(ks, &format!("n3_s{s}_value_mm"), &vw_ref, false)?;
+        let key = v1::matmul(ks, &format!("n3_s{s}_key_mm"), &kw_ref, ROW_TILES)?;
+        let value = v1::matmul(ks, &format!("n3_s{s}_value_mm"), &vw_ref, ROW_TILES)?;
         let tv: Vec<f32> = site.taps.iter().copied().collect();
         let tt = ks.declare_f32_data(&format!("n3_s{s}_taps"), &tv)?;
         let taps = kernels::taps(
@@ -445,7 +460,7 @@ pub fn define_needle3_model(
             n_lanes * d,
         );
         let phi_ref = weights(ks, &name("phi"), n_lanes * d, mix_w, &phi)?;
-        let mix = v1::matmul(ks, &name("mix"), &phi_ref, false)?;
+        let mix = v1::matmul(ks, &name("mix"), &phi_ref, ROW_TILES)?;
         let consts = MhcConsts {
             lanes: n_lanes,
             d,
@@ -464,7 +479,7 @@ pub fn define_needle3_model(
         let (wq, wk, wv, wg) = (flat(&w.wq), flat(&w.wk), flat(&w.wv), flat(&w.wgate));
         let cat = side_by_side(&[(&wq, qw), (&wk, kw), (&wv, vw), (&wg, gw)], d);
         let cat_ref = weights(ks, &name("qkvg"), d, cw + gw, &cat)?;
-        let qkvg = v1::matmul(ks, &name("qkvg_mm"), &cat_ref, false)?;
+        let qkvg = v1::matmul(ks, &name("qkvg_mm"), &cat_ref, ROW_TILES)?;
         let n_taps = w.q_taps.nrows();
         let tap_vals = if n_taps == 0 {
             vec![1.0; cw]
@@ -501,7 +516,7 @@ pub fn define_needle3_model(
         )?;
         let wo = flat(&w.wout);
         let wo_ref = weights(ks, &name("wout"), gw, d, &wo)?;
-        let wout = v1::matmul(ks, &name("wout_mm"), &wo_ref, false)?;
+        let wout = v1::matmul(ks, &name("wout_mm"), &wo_ref, ROW_TILES)?;
         let sp = ks.declare_f32_data(&name("post_norm"), &one_plus(&w.post_norm))?;
         let post_norm = v1::rmsnorm(ks, &name("post_norm_k"), d, Some(sp))?;
         let sh = ks.declare_f32_data(&name("pre_hada"), &one_plus(&w.pre_hada))?;
@@ -646,15 +661,15 @@ pub fn define_needle3_model(
         .collect();
 
     // ---- the step --------------------------------------------------------------------------
-    let params = [
-        (CType::U8Ptr, "ws"),
-        (CType::I32, "token"),
-        (CType::SizeT, "pos"),
-    ];
-    let step = ks.declare_function(
-        "n3_step",
-        &["Runs one position of the Needle 3 model; returns the argmax of its logits."],
-        &params,
+    let rows_fn = ks.declare_function(
+        "n3_rows",
+        &["Runs positions pos..pos+rows of the Needle 3 model; returns the argmax of the last one's logits."],
+        &[
+            (CType::U8Ptr, "ws"),
+            (CType::ConstI32Ptr, "tokens"),
+            (CType::SizeT, "pos"),
+            (CType::SizeT, "rows"),
+        ],
         CType::I32,
         export,
     )?;
@@ -687,35 +702,55 @@ pub fn define_needle3_model(
             l.mlp,
         ]);
     }
-    ks.define_function(step, &folded_data, &callees, |g, a, data, f| {
-        let (ws_p, token, pos) = (a[0], a[1], a[2]);
-        let bad_pos =
+    let max_rows = MAX_ROWS as i64;
+    ks.define_function(rows_fn, &folded_data, &callees, |g, a, data, f| {
+        let (ws_p, tokens, pos, rows) = (a[0], a[1], a[2], a[3]);
+        // Refused whole, before anything is written: no rows, too many, positions outside
+        // `p0..p` (the folded prefix's are data, not steps), a token outside the vocabulary.
+        let none = g.b.ins().icmp_imm_u(IntCC::Equal, rows, 0);
+        let many =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, rows, max_rows);
+        let late =
             g.b.ins()
                 .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, pos, p as i64);
-        // With a folded prefix, its positions are data, not steps.
-        let bad_pos = if p0 > 0 {
-            let early =
-                g.b.ins()
-                    .icmp_imm_u(IntCC::UnsignedLessThan, pos, p0 as i64);
-            g.b.ins().bor(bad_pos, early)
-        } else {
-            bad_pos
-        };
-        let bad_tok =
+        let early =
             g.b.ins()
-                .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, token, vocab as i64);
-        let bad = g.b.ins().bor(bad_pos, bad_tok);
+                .icmp_imm_u(IntCC::UnsignedLessThan, pos, p0 as i64);
+        let pv = g.iconst(p as i64);
+        let left = g.b.ins().isub(pv, pos);
+        let past = g.icmp(IntCC::UnsignedGreaterThan, rows, left);
+        let bad = g.b.ins().bor(none, many);
+        let bad = g.b.ins().bor(bad, late);
+        let bad = g.b.ins().bor(bad, early);
         g.if_then(bad, |g| {
             let m1 = g.b.ins().iconst(types::I32, -1);
             g.ret(&[m1]);
+        });
+        g.if_then(past, |g| {
+            let m1 = g.b.ins().iconst(types::I32, -1);
+            g.ret(&[m1]);
+        });
+        g.for_n(rows, |g, r| {
+            let tp = g.addr(tokens, r, 4);
+            let tok =
+                g.b.ins()
+                    .load(types::I32, crate::codegen::gen::mem(), tp, 0);
+            let bad =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, tok, vocab as i64);
+            g.if_then(bad, |g| {
+                let m1 = g.b.ins().iconst(types::I32, -1);
+                g.ret(&[m1]);
+            });
         });
         let at = |g: &mut Gen<'_>, off: usize| {
             let o = g.iconst(off as i64);
             g.b.ins().iadd(ws_p, o)
         };
-        let row = |g: &mut Gen<'_>, base: usize, width: usize| {
-            let b = at(g, base);
-            g.addr(b, pos, (width * 4) as i64)
+        // Row `r` of a region of `width` floats a row.
+        let nth = |g: &mut Gen<'_>, base: Value, r: Value, width: usize| {
+            g.addr(base, r, (width * 4) as i64)
         };
         let call = |g: &mut Gen<'_>, id: FuncId, args: &[Value]| {
             let r = f.get(id);
@@ -734,13 +769,26 @@ pub fn define_needle3_model(
         let one = g.iconst(1);
         let ids = at(g, ids_at);
         let ids_ro = folded_base(g, folded.as_ref().map(|f| f.ids), ids);
+        g.for_n(rows, |g, r| {
+            let tp = g.addr(tokens, r, 4);
+            let tok =
+                g.b.ins()
+                    .load(types::I32, crate::codegen::gen::mem(), tp, 0);
+            let t = g.b.ins().iadd(pos, r);
+            let idp = g.addr(ids, t, 4);
+            g.b.ins().store(crate::codegen::gen::mem(), tok, idp, 0);
+        });
         let idp = g.addr(ids, pos, 4);
-        g.b.ins().store(crate::codegen::gen::mem(), token, idp, 0);
         let x0 = at(g, x0_at);
-        call(g, embed, &[idp, x0, one]);
+        call(g, embed, &[idp, x0, rows]);
         let x_first = at(g, x_at[0]);
-        call(g, spread, &[x0, x_first]);
-        // The heads: a new sequence at the first position; pad tokens are not pooled.
+        g.for_n(rows, |g, r| {
+            let x0r = nth(g, x0, r, d);
+            let xr = nth(g, x_first, r, n_lanes * d);
+            call(g, spread, &[x0r, xr]);
+        });
+        // The heads: a new sequence at the first position; pad tokens are not pooled. Each
+        // probe's state takes the positions in order, whichever layer comes first.
         let first = g.b.ins().icmp_imm_u(IntCC::Equal, pos, p0 as i64);
         g.if_then(first, |g| {
             for h in &head_code {
@@ -748,20 +796,30 @@ pub fn define_needle3_model(
                 call(g, h.init, &[st]);
             }
         });
-        let keep =
-            g.b.ins()
-                .icmp_imm_u(IntCC::NotEqual, token, i64::from(c.pad_token_id));
-        let pool = |g: &mut Gen<'_>, cell: Value, r: usize| {
+        let pool = |g: &mut Gen<'_>, cell: Value, r: Value, row: usize| {
+            let t = g.b.ins().iadd(pos, r);
+            let idp = g.addr(ids, t, 4);
+            let tok =
+                g.b.ins()
+                    .load(types::I32, crate::codegen::gen::mem(), idp, 0);
+            let keep =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::NotEqual, tok, i64::from(c.pad_token_id));
             g.if_then(keep, |g| {
                 for h in &head_code {
                     let probes = data.get(h.probes);
-                    let probes = g.b.ins().iadd_imm_s(probes, (r * h.k * d * 4) as i64);
-                    let st = at(g, h.state + r * h.k * pool_stride(d) * 4);
+                    let probes = g.b.ins().iadd_imm_s(probes, (row * h.k * d * 4) as i64);
+                    let st = at(g, h.state + row * h.k * pool_stride(d) * 4);
                     call(g, h.add, &[cell, probes, st]);
                 }
             });
         };
-        pool(g, x0, 0);
+        if !head_code.is_empty() {
+            g.for_n(rows, |g, r| {
+                let x0r = nth(g, x0, r, d);
+                pool(g, x0r, r, 0);
+            });
+        }
         let cell = at(g, cell_at);
         let (z, mix_p, r_p) = (at(g, z_at), at(g, mix_at), at(g, r_at));
         let (u, b, a_p, y, t) = (
@@ -788,79 +846,149 @@ pub fn define_needle3_model(
         let vw_v = g.iconst(vw as i64);
         let h_rows = g.iconst(h_n as i64);
         let k_rows = g.iconst(k_n as i64);
-        let d_v = g.iconst(d as i64);
+        let rows_d = g.b.ins().imul_imm_s(rows, d as i64);
         for (l, lc) in layers.iter().enumerate() {
             let x = at(g, x_at[l % 2]);
             let xn = at(g, x_at[(l + 1) % 2]);
             let lw = &layer_ws[l];
-            call(g, lc.z_norm, &[x, z, one]);
-            call(g, lc.mix, &[z, mix_p, one]);
-            call(g, lc.mhc_pre, &[x, mix_p, u]);
-            call(g, copy, &[u, b, d_v]);
+            call(g, lc.z_norm, &[x, z, rows]);
+            call(g, lc.mix, &[z, mix_p, rows]);
+            g.for_n(rows, |g, r| {
+                let (xr, mr, ur) = (
+                    nth(g, x, r, n_lanes * d),
+                    nth(g, mix_p, r, mix_w),
+                    nth(g, u, r, d),
+                );
+                call(g, lc.mhc_pre, &[xr, mr, ur]);
+            });
+            call(g, copy, &[u, b, rows_d]);
             if let Some(si) = lc.site {
                 let sc = &sites[si];
-                call(g, sc.gather, &[ids, ids_ro, m_p, pos]);
-                call(g, sc.key, &[m_p, ek, one]);
+                g.for_n(rows, |g, r| {
+                    let tr = g.b.ins().iadd(pos, r);
+                    let mr = nth(g, m_p, r, e_n * sub);
+                    call(g, sc.gather, &[ids, ids_ro, mr, tr]);
+                });
+                call(g, sc.key, &[m_p, ek, rows]);
                 let w_base = at(g, sc.w);
                 let w_row = g.addr(w_base, pos, (d * 4) as i64);
-                call(g, sc.value, &[m_p, w_row, one]);
+                call(g, sc.value, &[m_p, w_row, rows]);
                 let w_ro = folded_base(g, folded.as_ref().and_then(|f| f.w[si]), w_base);
-                call(g, sc.taps, &[w_base, w_ro, ev, pos]);
-                call(g, inject, &[b, ek, ev, inj]);
+                g.for_n(rows, |g, r| {
+                    let tr = g.b.ins().iadd(pos, r);
+                    let (er, vr, br) = (nth(g, ek, r, d), nth(g, ev, r, d), nth(g, b, r, d));
+                    call(g, sc.taps, &[w_base, w_ro, vr, tr]);
+                    call(g, inject, &[br, er, vr, inj]);
+                });
             }
-            call(g, lc.norm_in, &[b, a_p, one]);
-            call(g, lc.qkvg, &[a_p, qkvg_p, one]);
+            call(g, lc.norm_in, &[b, a_p, rows]);
+            call(g, lc.qkvg, &[a_p, qkvg_p, rows]);
             let pre_base = at(g, lw.pre);
-            let pre_row = row(g, lw.pre, cw);
-            call(g, copy, &[qkvg_p, pre_row, cw_v]);
-            let pre_ro = folded_base(g, folded.as_ref().and_then(|f| f.pre[l]), pre_base);
-            call(g, lc.taps, &[pre_base, pre_ro, conv, pos]);
-            // q: conv[..qw]; k: conv[qw..qw+kw]; v: conv[qw+kw..cw].
-            call(g, lc.q_norm, &[conv, conv, h_rows]);
-            call(g, rope_q, &[conv, conv, one, pos]);
-            let kc = g.b.ins().iadd_imm_s(conv, (qw * 4) as i64);
-            let k_row = row(g, lw.k, kw);
-            call(g, lc.k_norm, &[kc, k_row, k_rows]);
-            call(g, rope_k, &[k_row, k_row, one, pos]);
-            let vc = g.b.ins().iadd_imm_s(conv, ((qw + kw) * 4) as i64);
-            let v_row = row(g, lw.v, vw);
-            call(g, copy, &[vc, v_row, vw_v]);
             let (k_base, v_base) = (at(g, lw.k), at(g, lw.v));
+            g.for_n(rows, |g, r| {
+                let tr = g.b.ins().iadd(pos, r);
+                let src = nth(g, qkvg_p, r, cw + gw);
+                let pre_row = nth(g, pre_base, tr, cw);
+                call(g, copy, &[src, pre_row, cw_v]);
+            });
+            let pre_ro = folded_base(g, folded.as_ref().and_then(|f| f.pre[l]), pre_base);
+            g.for_n(rows, |g, r| {
+                let tr = g.b.ins().iadd(pos, r);
+                let cr = nth(g, conv, r, cw);
+                call(g, lc.taps, &[pre_base, pre_ro, cr, tr]);
+                // q: conv[..qw]; k: conv[qw..qw+kw]; v: conv[qw+kw..cw].
+                call(g, lc.q_norm, &[cr, cr, h_rows]);
+                call(g, rope_q, &[cr, cr, one, tr]);
+                let kc = g.b.ins().iadd_imm_s(cr, (qw * 4) as i64);
+                let k_row = nth(g, k_base, tr, kw);
+                call(g, lc.k_norm, &[kc, k_row, k_rows]);
+                call(g, rope_k, &[k_row, k_row, one, tr]);
+                let vc = g.b.ins().iadd_imm_s(cr, ((qw + kw) * 4) as i64);
+                let v_row = nth(g, v_base, tr, vw);
+                call(g, copy, &[vc, v_row, vw_v]);
+            });
             let k_ro = folded_base(g, folded.as_ref().map(|f| f.k[l]), k_base);
             let v_ro = folded_base(g, folded.as_ref().map(|f| f.v[l]), v_base);
-            call(
-                g,
-                lc.attention,
-                &[conv, k_base, v_base, k_ro, v_ro, o, pos, scores],
-            );
-            let gate_p = g.b.ins().iadd_imm_s(qkvg_p, (cw * 4) as i64);
-            call(g, gate, &[o, gate_p]);
-            call(g, lc.wout, &[o, t, one]);
-            call(g, lc.post_norm, &[t, t, one]);
+            g.for_n(rows, |g, r| {
+                let tr = g.b.ins().iadd(pos, r);
+                let (cr, or) = (nth(g, conv, r, cw), nth(g, o, r, gw));
+                call(
+                    g,
+                    lc.attention,
+                    &[cr, k_base, v_base, k_ro, v_ro, or, tr, scores],
+                );
+                let qr = nth(g, qkvg_p, r, cw + gw);
+                let gate_p = g.b.ins().iadd_imm_s(qr, (cw * 4) as i64);
+                call(g, gate, &[or, gate_p]);
+            });
+            call(g, lc.wout, &[o, t, rows]);
+            call(g, lc.post_norm, &[t, t, rows]);
             let s = g.f32(lc.attn_gate);
-            call(g, residual, &[b, t, b, d_v, s]);
-            call(g, lc.pre_hada, &[b, a_p, one]);
-            call(g, lc.mlp, &[a_p, t, mlp_s]);
+            call(g, residual, &[b, t, b, rows_d, s]);
+            call(g, lc.pre_hada, &[b, a_p, rows]);
+            g.for_n(rows, |g, r| {
+                let (ar, tr) = (nth(g, a_p, r, d), nth(g, t, r, d));
+                call(g, lc.mlp, &[ar, tr, mlp_s]);
+            });
             let s1 = g.f32(1.0);
-            call(g, residual, &[b, t, b, d_v, s1]);
-            call(g, sub_k, &[b, u, y]);
-            call(g, lc.mhc_post, &[x, mix_p, y, xn, r_p]);
-            if !head_code.is_empty() {
-                call(g, lane_mean, &[xn, cell]);
-                pool(g, cell, l + 1);
-            }
+            call(g, residual, &[b, t, b, rows_d, s1]);
+            g.for_n(rows, |g, r| {
+                let (br, ur, yr) = (nth(g, b, r, d), nth(g, u, r, d), nth(g, y, r, d));
+                call(g, sub_k, &[br, ur, yr]);
+                let (xr, mr, xnr) = (
+                    nth(g, x, r, n_lanes * d),
+                    nth(g, mix_p, r, mix_w),
+                    nth(g, xn, r, n_lanes * d),
+                );
+                call(g, lc.mhc_post, &[xr, mr, yr, xnr, r_p]);
+                if !head_code.is_empty() {
+                    call(g, lane_mean, &[xnr, cell]);
+                    pool(g, cell, r, l + 1);
+                }
+            });
         }
+        // The head on the last row only.
         let x = at(g, x_at[l_n % 2]);
+        let last = g.b.ins().iadd_imm_s(rows, -1);
+        let x_last = nth(g, x, last, n_lanes * d);
         let h = at(g, h_at);
-        call(g, lane_mean, &[x, h]);
+        call(g, lane_mean, &[x_last, h]);
         call(g, final_norm, &[h, h, one]);
         let lg = at(g, logits_at);
         call(g, logits, &[h, lg, one]);
         let zero = g.iconst(0);
         call(g, argmax, &[lg, zero, zero])
     })?;
+    // The one-row step: the token through a stack slot.
+    let step = ks.declare_function(
+        "n3_step",
+        &["Runs one position of the Needle 3 model; returns the argmax of its logits."],
+        &[
+            (CType::U8Ptr, "ws"),
+            (CType::I32, "token"),
+            (CType::SizeT, "pos"),
+        ],
+        CType::I32,
+        export,
+    )?;
+    ks.define_function(step, &[], &[rows_fn], |g, a, _, f| {
+        let slot =
+            g.b.create_sized_stack_slot(cranelift_codegen::ir::StackSlotData::new(
+                cranelift_codegen::ir::StackSlotKind::ExplicitSlot,
+                4,
+                2,
+            ));
+        let pt = g.ptr;
+        let p_tok = g.b.ins().stack_addr(pt, slot, 0);
+        g.b.ins().store(crate::codegen::gen::mem(), a[1], p_tok, 0);
+        let one = g.iconst(1);
+        let r = f.get(rows_fn);
+        g.call(r, &[a[0], p_tok, a[2], one])
+    })?;
     Ok(Needle3Code {
         step,
+        rows: rows_fn,
+        max_rows: MAX_ROWS,
         workspace_bytes,
         workspace_align: 16,
         logits_offset: logits_at,
