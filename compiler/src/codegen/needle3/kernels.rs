@@ -62,6 +62,72 @@ fn dot(g: &mut Gen<'_>, a: Value, b: Value, n: i64, b_ro: bool) -> Value {
     g.get(acc)
 }
 
+/// `y[i] = y[i] + a * x[i]` over `n` floats, four lanes at a time (each element's operations
+/// are those of the scalar loop, so the result is too).
+fn axpy(g: &mut Gen<'_>, y: Value, a: Value, x: Value, n: i64, x_ro: bool) {
+    let n4 = n / 4 * 4;
+    let av = g.vsplat(a);
+    g.for_const(0, n4, 4, |g, i| {
+        let xv = if x_ro {
+            g.vload_with(x, i, mem_ro())
+        } else {
+            g.vload(x, i)
+        };
+        let m = g.vmul(av, xv);
+        let yv = g.vload(y, i);
+        let s = g.vadd(yv, m);
+        g.vstore(s, y, i);
+    });
+    g.for_const(n4, n, 1, |g, i| {
+        let xv = if x_ro {
+            load_ro(g, x, i)
+        } else {
+            g.load_f32(x, i)
+        };
+        let m = g.b.ins().fmul(a, xv);
+        let yv = g.load_f32(y, i);
+        let s = g.b.ins().fadd(yv, m);
+        g.store_f32(s, y, i);
+    });
+}
+
+/// `n` zeros at `y`.
+fn zeros(g: &mut Gen<'_>, y: Value, n: i64) {
+    let n4 = n / 4 * 4;
+    let z = g.vconst(0.0);
+    g.for_const(0, n4, 4, |g, i| g.vstore(z, y, i));
+    let zs = g.f32(0.0);
+    g.for_const(n4, n, 1, |g, i| g.store_f32(zs, y, i));
+}
+
+/// `sum_i a[i] * b[i]` in four partial sums (lane `l` takes `i = l mod 4` below `n4`), added as
+/// `(s0 + s1) + (s2 + s3)`, then the tail in order; unfused (the mirror's `dot4`).
+fn dot4(g: &mut Gen<'_>, a: Value, b: Value, n: i64) -> Value {
+    let n4 = n / 4 * 4;
+    let z = g.vconst(0.0);
+    let acc = g.vvar(z);
+    g.for_const(0, n4, 4, |g, i| {
+        let x = g.vload(a, i);
+        let y = g.vload(b, i);
+        let m = g.vmul(x, y);
+        let cur = g.vget(acc);
+        let nxt = g.vadd(cur, m);
+        g.vset(acc, nxt);
+    });
+    let accv = g.vget(acc);
+    let s = g.vsum(accv);
+    let sv = g.var(types::F32, s);
+    g.for_const(n4, n, 1, |g, i| {
+        let x = g.load_f32(a, i);
+        let y = g.load_f32(b, i);
+        let m = g.b.ins().fmul(x, y);
+        let cur = g.get(sv);
+        let nxt = g.b.ins().fadd(cur, m);
+        g.set(sv, nxt);
+    });
+    g.get(sv)
+}
+
 /// `1 / sqrt(mean(x^2) + eps)` of `n` floats, as the runtime's `unit` computes it.
 fn inv_rms(g: &mut Gen<'_>, x: Value, n: i64) -> Value {
     let ss = dot(g, x, x, n, false);
@@ -215,7 +281,7 @@ pub fn attention(ks: &mut KernelSet, name: &str, s: &AttnShape) -> Result<FuncId
                 let row = g.b.ins().iadd(lo, i);
                 let kr = row_at(g, k, kf, row, kw * 4, p0);
                 let kr = g.b.ins().iadd(kr, koff);
-                let d = dot(g, qh, kr, dq, false);
+                let d = dot4(g, qh, kr, dq);
                 let d = g.b.ins().fmul(d, sc);
                 g.store_f32(d, scores, i);
                 let m = g.get(mx);
@@ -241,22 +307,13 @@ pub fn attention(ks: &mut KernelSet, name: &str, s: &AttnShape) -> Result<FuncId
                 g.store_f32(p, scores, i);
             });
             let oh = g.addr(out, h, dv * 4);
-            g.for_const(0, dv, 1, |g, c| {
-                let z = g.f32(0.0);
-                g.store_f32(z, oh, c);
-            });
+            zeros(g, oh, dv);
             g.for_n(n, |g, i| {
                 let p = g.load_f32(scores, i);
                 let row = g.b.ins().iadd(lo, i);
                 let vr = row_at(g, v, vf, row, vw * 4, p0);
                 let vr = g.b.ins().iadd(vr, voff);
-                g.for_const(0, dv, 1, |g, c| {
-                    let x = g.load_f32(vr, c);
-                    let pv = g.b.ins().fmul(p, x);
-                    let o = g.load_f32(oh, c);
-                    let o = g.b.ins().fadd(o, pv);
-                    g.store_f32(o, oh, c);
-                });
+                axpy(g, oh, p, vr, dv, false);
             });
         });
         None
@@ -673,7 +730,8 @@ pub struct MlpData {
 }
 
 /// `kron(z; A, B)` of one row into `out` through `tmp` (`a*b` floats each): `tmp = Z B`, then
-/// `out = A^T tmp`, `Z` the row viewed `(a, b)`.
+/// `out = A^T tmp`, `Z` the row viewed `(a, b)`. Each output row is a sum of scaled rows, in
+/// order of the summed index, four columns at a time.
 fn kron(
     g: &mut Gen<'_>,
     z: Value,
@@ -682,45 +740,30 @@ fn kron(
     (am, a): (Value, i64),
     (bm, b): (Value, i64),
 ) {
-    for (dst, src, mat, rows, inner, transposed) in
-        [(tmp, z, bm, a, b, false), (out, tmp, am, a, a, true)]
-    {
-        // dst[r][l] = sum_i coef(r, i) * src_row(i)[l], coef = Z[r][i] (then A[i][r]).
-        g.for_const(0, rows, 1, |g, r| {
-            let drow = g.addr(dst, r, b * 4);
-            g.for_const(0, b, 1, |g, l| {
-                let zero = g.f32(0.0);
-                let acc = g.var(types::F32, zero);
-                g.for_const(0, inner, 1, |g, i| {
-                    let (coef, val) = if transposed {
-                        // A[i][r] * tmp[i][l]
-                        let ai = g.b.ins().imul_imm_s(i, a);
-                        let ai = g.b.ins().iadd(ai, r);
-                        let c = load_ro(g, mat, ai);
-                        let ti = g.b.ins().imul_imm_s(i, b);
-                        let ti = g.b.ins().iadd(ti, l);
-                        let v = g.load_f32(src, ti);
-                        (c, v)
-                    } else {
-                        // Z[r][i] * B[i][l]
-                        let zi = g.b.ins().imul_imm_s(r, b);
-                        let zi = g.b.ins().iadd(zi, i);
-                        let c = g.load_f32(src, zi);
-                        let bi = g.b.ins().imul_imm_s(i, b);
-                        let bi = g.b.ins().iadd(bi, l);
-                        let v = load_ro(g, mat, bi);
-                        (c, v)
-                    };
-                    let p = g.b.ins().fmul(coef, val);
-                    let s = g.get(acc);
-                    let s = g.b.ins().fadd(s, p);
-                    g.set(acc, s);
-                });
-                let s = g.get(acc);
-                g.store_f32(s, drow, l);
-            });
+    // tmp[r][:] = sum_i Z[r][i] * B[i][:]
+    g.for_const(0, a, 1, |g, r| {
+        let drow = g.addr(tmp, r, b * 4);
+        zeros(g, drow, b);
+        g.for_const(0, b, 1, |g, i| {
+            let zi = g.b.ins().imul_imm_s(r, b);
+            let zi = g.b.ins().iadd(zi, i);
+            let coef = g.load_f32(z, zi);
+            let brow = g.addr(bm, i, b * 4);
+            axpy(g, drow, coef, brow, b, true);
         });
-    }
+    });
+    // out[r][:] = sum_i A[i][r] * tmp[i][:]
+    g.for_const(0, a, 1, |g, r| {
+        let drow = g.addr(out, r, b * 4);
+        zeros(g, drow, b);
+        g.for_const(0, a, 1, |g, i| {
+            let ai = g.b.ins().imul_imm_s(i, a);
+            let ai = g.b.ins().iadd(ai, r);
+            let coef = load_ro(g, am, ai);
+            let trow = g.addr(tmp, i, b * 4);
+            axpy(g, drow, coef, trow, b, false);
+        });
+    });
 }
 
 /// `out[m] = src[p[m]] * scale[m]` over `n` (p a u32 table; `scale` optional).

@@ -125,6 +125,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0, |s, (x, y)| s + x * y)
 }
 
+/// The attention scores' `dot4`: four partial sums, then the tail.
+fn dot4(a: &[f32], b: &[f32]) -> f32 {
+    let n4 = a.len() / 4 * 4;
+    let mut acc = [0f32; 4];
+    for i in (0..n4).step_by(4) {
+        for l in 0..4 {
+            acc[l] += a[i + l] * b[i + l];
+        }
+    }
+    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for i in n4..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
 fn inv_rms(x: &[f32]) -> f32 {
     1.0 / (dot(x, x) / x.len() as f32 + EPS).sqrt()
 }
@@ -285,7 +301,7 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
                 let g = h / group;
                 let qh = &q[h * dq..(h + 1) * dq];
                 let scores: Vec<f32> = (lo..=t)
-                    .map(|s| dot(qh, &rows.k[l][s * kw + g * dq..s * kw + (g + 1) * dq]) * scale)
+                    .map(|s| dot4(qh, &rows.k[l][s * kw + g * dq..s * kw + (g + 1) * dq]) * scale)
                     .collect();
                 let m = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let es: Vec<f32> = scores.iter().map(|&s| exp(s - m, fma)).collect();
