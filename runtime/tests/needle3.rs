@@ -8,6 +8,7 @@ use needle_runtime::needle3::cact::{Cact, CqWeights, Format};
 use needle_runtime::needle3::forward::{engram_indices, forward, greedy, heads, Cache};
 use needle_runtime::needle3::model::{is_needle3_safetensors, mt_permutation, Model};
 use needle_runtime::needle3::{generate, Config, Error};
+use needle_test_support::max_rel_diff;
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -51,17 +52,6 @@ fn block<'a>(bin: &'a [f32], at: &Value) -> &'a [f32] {
     &bin[off..off + len]
 }
 
-/// `max |got - want| / max |want|`.
-fn rel(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    diff / scale
-}
-
 fn argmax(row: &[f32]) -> usize {
     (0..row.len())
         .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
@@ -101,7 +91,7 @@ fn check_runs(
             .iter()
             .flat_map(|&t| out.logits.row(t).to_vec())
             .collect();
-        let r_logits = rel(&got, block(bin, &run["logits"]));
+        let r_logits = max_rel_diff(&got, block(bin, &run["logits"]));
         assert_eq!(usizes(&run["logits"]["shape"]), [rows.len(), v]);
 
         let want_argmax = usizes(&run["argmax"]);
@@ -127,7 +117,7 @@ fn check_runs(
             .iter()
             .flat_map(|&t| out.cells.iter().flat_map(move |c| c.row(t).to_vec()))
             .collect();
-        let r_hidden = rel(&got, block(bin, &run["hidden"]));
+        let r_hidden = max_rel_diff(&got, block(bin, &run["hidden"]));
 
         let h = heads(&model, &ids, &out);
         let mut d_heads =
@@ -343,7 +333,7 @@ fn cached_decoding_gives_the_full_pass_logits() {
             let (logits, cells) = incremental(&model, &ids, &chunks);
             let mut worst = 0f32;
             for (t, row) in logits.iter().enumerate() {
-                worst = worst.max(rel(row, &whole.logits.row(t).to_vec()));
+                worst = worst.max(max_rel_diff(row, &whole.logits.row(t).to_vec()));
                 assert_eq!(
                     argmax(row),
                     argmax_want[t],
@@ -351,14 +341,14 @@ fn cached_decoding_gives_the_full_pass_logits() {
                 );
                 let whole_cells: Vec<f32> =
                     whole.cells.iter().flat_map(|c| c.row(t).to_vec()).collect();
-                let rc = rel(&cells[t], &whole_cells);
+                let rc = max_rel_diff(&cells[t], &whole_cells);
                 assert!(
                     rc <= 1e-5,
                     "depth {depth} {chunks:?}: cells at {t} differ by {rc}"
                 );
             }
             let got: Vec<f32> = rows.iter().flat_map(|&t| logits[t].clone()).collect();
-            let r_golden = rel(&got, want_rows);
+            let r_golden = max_rel_diff(&got, want_rows);
             assert_eq!(got.len(), rows.len() * v);
             eprintln!(
                 "depth {depth} chunks {chunks:?}: vs whole pass {worst:.2e}, vs reference {r_golden:.2e}"
@@ -735,7 +725,7 @@ fn forced_answers_through_the_engine_match_the_reference() {
                 }
             }
             assert!(!got.is_empty());
-            let r = rel(&got, &exp);
+            let r = max_rel_diff(&got, &exp);
             assert!(r <= 2e-3, "depth {depth} fold {fold}: logits rel {r}");
             let d =
                 (g.heads.confidence.unwrap() - run["confidence"].as_f64().unwrap() as f32).abs();

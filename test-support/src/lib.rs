@@ -211,6 +211,30 @@ pub fn logit_tolerance(golden_values: &[f32]) -> f32 {
     1e-3 * scale.max(1e-2)
 }
 
+/// `max |got - want| / max |want|`: how far a vector is from a reference, relative to the
+/// reference's scale (the Needle 3 tests' measure).
+pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// The fastest of `repeats` timed runs of `f` (after one untimed warm-up run), in seconds.
+pub fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..repeats)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// A fresh scratch directory for one test (emptied first; one per process), under
 /// `$CARGO_TARGET_TMPDIR` when that is set, else `needlec-tests/` in the system's temp directory.
 pub fn work_dir(test: &str) -> PathBuf {

@@ -15,14 +15,13 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
 use needle_runtime::checkpoint::DType;
 use needle_runtime::config::Config;
 use needle_runtime::decode::{Engine, FoldMode, GrammarKind, ToolContext};
 use needle_runtime::model::Model;
 use needle_test_support::c::build_harness;
-use needle_test_support::{golden, work_dir};
+use needle_test_support::{best_of, golden, work_dir};
 use needlec::build::{build, BuildOptions, Emit};
 use needlec::frontend::load_tokenizer;
 use needlec::precision::Precision;
@@ -41,17 +40,6 @@ fn host_has_fma() -> bool {
 #[cfg(not(target_arch = "x86_64"))]
 fn host_has_fma() -> bool {
     false
-}
-
-fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 /// A library built for the bench: its harness and sizes.

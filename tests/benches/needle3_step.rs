@@ -13,7 +13,6 @@
 //! object per depth).
 
 use std::path::Path;
-use std::time::Instant;
 
 use needle_runtime::needle3::forward::Cache;
 use needle_runtime::needle3::generate::Generated;
@@ -22,7 +21,7 @@ use needle_runtime::needle3::{Config, Model};
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
 use needle_test_support::c::build_harness;
-use needle_test_support::work_dir;
+use needle_test_support::{best_of, work_dir};
 use needlec::abi::write_header;
 use needlec::codegen::needle3::define_needle3_model;
 use needlec::codegen::KernelSet;
@@ -37,16 +36,6 @@ fn fixture(name: &str) -> std::path::PathBuf {
     needle_test_support::repo_root()
         .join("tests/fixtures/needle3")
         .join(name)
-}
-
-fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
-    (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 fn main() {

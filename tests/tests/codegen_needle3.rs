@@ -13,7 +13,7 @@ use needle_runtime::needle3::Model;
 use needle_targets::{supported, Target};
 use needle_test_support::c::{build_harness, run};
 use needle_test_support::toolchain::require;
-use needle_test_support::work_dir;
+use needle_test_support::{max_rel_diff, work_dir};
 use needlec::abi::write_header;
 use needlec::codegen::needle3::{define_needle3_model, Needle3Code};
 use needlec::codegen::KernelSet;
@@ -34,17 +34,6 @@ fn usizes(v: &Value) -> Vec<usize> {
         .iter()
         .map(|x| x.as_u64().unwrap() as usize)
         .collect()
-}
-
-/// `max |got - want| / max |want|`.
-fn rel(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    diff / scale
 }
 
 /// The step of `model` for `target` as a static archive, its header and its layout.
@@ -257,12 +246,12 @@ fn check(target: &Target, full: &Model, weights: &str, test: &str) {
             let v = code.logits_vocab;
             let want = &bin[off..off + rows.len() * v];
             let got_rows: Vec<f32> = rows.iter().flat_map(|&t| got[t].1.clone()).collect();
-            let r_golden = rel(&got_rows, want);
+            let r_golden = max_rel_diff(&got_rows, want);
             // Every row against the runtime's forward pass.
             let reference = forward(&model, &ids).unwrap();
             let all: Vec<f32> = got.iter().flat_map(|(_, l)| l.clone()).collect();
             let rt: Vec<f32> = reference.logits.iter().copied().collect();
-            let r_runtime = rel(&all, &rt);
+            let r_runtime = max_rel_diff(&all, &rt);
             eprintln!(
                 "{what}: golden rel {r_golden:.2e}, runtime rel {r_runtime:.2e}, heads abs {d_heads:.2e}"
             );

@@ -13,21 +13,21 @@ use super::gen::{Gen, V4};
 pub const EXP_LO: f32 = -104.0;
 pub const EXP_HI: f32 = 89.0;
 
-const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// 1.5 * 2^23: adding it rounds a float of magnitude < 2^22 to an integer (round to nearest
 /// even) and leaves that integer in the low mantissa bits. Used instead of `nearest`, which
 /// x86-64 below SSE4.1 lowers to a libcall.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-const ROUND_MAGIC_BITS: i32 = 0x4B40_0000;
+pub(crate) const ROUND_MAGIC: f32 = 12_582_912.0;
+pub(crate) const ROUND_MAGIC_BITS: i32 = 0x4B40_0000;
 /// ln 2 split so that `n * LN2_HI` is exact for |n| <= 256 (Cody-Waite).
 #[allow(clippy::excessive_precision)] // exactly representable (355/512); written in full on purpose
-const LN2_HI: f32 = 0.693_359_375;
+pub(crate) const LN2_HI: f32 = 0.693_359_375;
 #[allow(clippy::excessive_precision)] // the published constant, rounded by the compiler
-const LN2_LO: f32 = -2.121_944_40e-4;
+pub(crate) const LN2_LO: f32 = -2.121_944_40e-4;
 /// Cephes `expf` minimax coefficients for `(exp(r) - 1 - r) / r^2` on [-ln2/2, ln2/2]
 /// (relative error about 1 ulp before the final scaling).
 #[allow(clippy::excessive_precision)] // the published constants, rounded by the compiler
-const EXP_POLY: [f32; 6] = [
+pub(crate) const EXP_POLY: [f32; 6] = [
     1.987_569_150_0e-4,
     1.398_199_950_7e-3,
     8.333_451_907_3e-3,

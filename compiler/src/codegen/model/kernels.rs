@@ -25,7 +25,7 @@ const DOT_CHAINS: usize = 4;
 const NORM_EPS: f32 = 1e-6;
 
 /// Declares and defines an internal (unexported) function without callees.
-fn internal(
+pub(crate) fn internal(
     ks: &mut KernelSet,
     name: &str,
     params: &[(CType, &str)],

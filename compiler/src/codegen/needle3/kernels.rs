@@ -15,28 +15,11 @@ use cranelift_module::{DataId, FuncId};
 use crate::abi::CType;
 use crate::codegen::gen::{mem_ro, Gen};
 use crate::codegen::math;
+use crate::codegen::model::kernels::internal;
 use crate::codegen::{CodegenError, KernelSet};
 
 /// The norms' epsilon (section 2).
 const EPS: f32 = 1e-6;
-
-/// Declares and defines an internal function; `body` gets the parameters and the addresses of
-/// `data` in its order.
-pub(crate) fn internal(
-    ks: &mut KernelSet,
-    name: &str,
-    params: &[(CType, &str)],
-    ret: CType,
-    data: &[DataId],
-    body: impl FnOnce(&mut Gen<'_>, &[Value], &[Value]) -> Option<Value>,
-) -> Result<FuncId, CodegenError> {
-    let id = ks.declare_function(name, &[], params, ret, false)?;
-    ks.define_function(id, data, &[], |g, a, d, _| {
-        let addrs: Vec<Value> = data.iter().map(|&t| d.get(t)).collect();
-        body(g, a, &addrs)
-    })?;
-    Ok(id)
-}
 
 fn load_ro(g: &mut Gen<'_>, base: Value, index: Value) -> Value {
     let p = g.addr(base, index, 4);
@@ -448,10 +431,7 @@ pub fn mhc_pre(ks: &mut KernelSet, name: &str, m: &MhcConsts) -> Result<FuncId, 
     let d = m.d as i64;
     internal(ks, name, &params, CType::Void, &[], |g, a, _| {
         let (x, mix, u) = (a[0], a[1], a[2]);
-        g.for_const(0, d, 1, |g, c| {
-            let z = g.f32(0.0);
-            g.store_f32(z, u, c);
-        });
+        zeros(g, u, d);
         for i in 0..m.lanes {
             let off = if i == m.lane { 4.0 } else { -4.0 };
             let iv = g.iconst(i as i64);
@@ -465,13 +445,7 @@ pub fn mhc_pre(ks: &mut KernelSet, name: &str, m: &MhcConsts) -> Result<FuncId, 
             let h = math::sigmoid(g, v);
             let lane = g.iconst(i as i64 * d * 4);
             let xl = g.b.ins().iadd(x, lane);
-            g.for_const(0, d, 1, |g, c| {
-                let xv = g.load_f32(xl, c);
-                let p = g.b.ins().fmul(h, xv);
-                let uv = g.load_f32(u, c);
-                let s = g.b.ins().fadd(uv, p);
-                g.store_f32(s, u, c);
-            });
+            axpy(g, u, h, xl, d, false);
         }
         None
     })
@@ -692,13 +666,7 @@ pub fn engram_inject(ks: &mut KernelSet, name: &str, d: usize) -> Result<FuncId,
         let sq = g.f32((d as f32).sqrt());
         let s = g.b.ins().fdiv(dd, sq);
         let alpha = math::sigmoid(g, s);
-        g.for_const(0, d, 1, |g, c| {
-            let e = g.load_f32(ev, c);
-            let p = g.b.ins().fmul(alpha, e);
-            let x = g.load_f32(u, c);
-            let x = g.b.ins().fadd(x, p);
-            g.store_f32(x, u, c);
-        });
+        axpy(g, u, alpha, ev, d, false);
         None
     })
 }

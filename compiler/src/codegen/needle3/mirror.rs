@@ -24,28 +24,19 @@ fn mul_add(a: f32, b: f32, c: f32, fma: bool) -> f32 {
     }
 }
 
-/// [`crate::codegen::math::exp`].
-#[allow(clippy::excessive_precision)]
+/// [`crate::codegen::math::exp`], with its constants.
 pub fn exp(x: f32, fma: bool) -> f32 {
-    const LN2_HI: f32 = 0.693_359_375;
-    const LN2_LO: f32 = -2.121_944_40e-4;
-    const POLY: [f32; 6] = [
-        1.987_569_150_0e-4,
-        1.398_199_950_7e-3,
-        8.333_451_907_3e-3,
-        4.166_579_589_4e-2,
-        1.666_666_545_9e-1,
-        5.000_000_120_1e-1,
-    ];
-    const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(crate::codegen::math::EXP_LO, crate::codegen::math::EXP_HI);
-    let t = mul_add(x, std::f32::consts::LOG2_E, MAGIC, fma);
-    let nf = t - MAGIC;
-    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    use crate::codegen::math::{
+        EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUND_MAGIC, ROUND_MAGIC_BITS,
+    };
+    let x = x.clamp(EXP_LO, EXP_HI);
+    let t = mul_add(x, LOG2E, ROUND_MAGIC, fma);
+    let nf = t - ROUND_MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC_BITS);
     let r = x - nf * LN2_HI;
     let r = r - nf * LN2_LO;
-    let mut p = POLY[0];
-    for &k in &POLY[1..] {
+    let mut p = EXP_POLY[0];
+    for &k in &EXP_POLY[1..] {
         p = mul_add(p, r, k, fma);
     }
     let z = r * r;
