@@ -791,3 +791,39 @@ fn strict_decoding_always_closes_a_valid_envelope() {
         assert!(err.contains("--grammar strict needs at least"), "{err}");
     }
 }
+
+/// The query part tokenized alone (`encode_query`, no dummy prefix) is the whole prompt's ids
+/// after `</tools>`: what lets a compiled library tokenize only the query.
+#[test]
+fn the_query_part_tokenizes_alone_as_within_the_prompt() {
+    use needle_runtime::needle3::prompt::{encode_prompt, encode_query, tools_json};
+    for model in ["n3tok2k.model", "n3tok8k.model"] {
+        let tok = needle_runtime::tokenizer::Tokenizer::from_model_bytes(
+            &std::fs::read(fixture(model)).unwrap(),
+        )
+        .unwrap();
+        let continuing = tok.continuing();
+        let tools =
+            tools_json(r#"[{"name":"get_weather","parameters":{"location":{"type":"string"}}}]"#)
+                .unwrap();
+        for query in [
+            "What's the weather in Paris?",
+            "",
+            " leading space",
+            "   three leading spaces and  double  spaces ",
+            "a marker <tool_call> inside</tools> and <|im_end|>",
+            "\nnewline first",
+            "unicode: café 東京 🙂",
+            "trailing space ",
+        ] {
+            for system in ["", "You are a helpful assistant."] {
+                let whole = encode_prompt(&tok, system, &tools, query).unwrap();
+                assert_eq!(
+                    encode_query(&continuing, query),
+                    whole.ids[whole.prefix_len..],
+                    "{model}: {query:?}"
+                );
+            }
+        }
+    }
+}

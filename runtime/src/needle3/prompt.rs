@@ -151,3 +151,12 @@ pub fn encode_prompt(
         prefix_len: prefix_ids.len(),
     })
 }
+
+/// The ids of the prompt after the folded prefix for `query`, tokenized alone as a compiled
+/// library tokenizes it: `render_query(query)` with the tokenizer's dummy prefix left out, which
+/// gives the whole prompt's ids after `</tools>` (`</tools>` is a user-defined symbol, and the
+/// part starts with `\n`, so nothing else in the normalization depends on what came before;
+/// tested on the golden prompts and on queries with leading spaces, markers and none at all).
+pub fn encode_query(continuing: &Tokenizer, query: &str) -> Vec<u32> {
+    continuing.encode(&render_query(query))
+}

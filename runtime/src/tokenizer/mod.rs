@@ -464,6 +464,16 @@ impl Agenda {
 }
 
 impl Tokenizer {
+    /// This tokenizer without the dummy prefix: how a text is tokenized where it continues a
+    /// longer one right after a user-defined symbol (no piece crosses one, and only a text's
+    /// very start gets the prefix), e.g. Needle 3's query part after the folded `</tools>`
+    /// (`needle3::prompt::encode_query`).
+    pub fn continuing(&self) -> Tokenizer {
+        let mut t = self.t.clone();
+        t.add_dummy_prefix = false;
+        Tokenizer { t }
+    }
+
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
         let bytes = std::fs::read(path).map_err(|cause| TokenizerError::Io {
             path: path.to_path_buf(),
