@@ -393,3 +393,109 @@ fn check_folding(target: &Target, test: &str) {
 fn the_folded_step_continues_the_prefix_bit_for_bit() {
     check_folding(&Target::host().unwrap(), "n3_fold_host");
 }
+
+/// A source that lacks the three heads.
+struct Headless(needle_runtime::needle3::generate::Generated);
+
+impl needle_runtime::needle3::model::Source for Headless {
+    fn has(&self, name: &str) -> bool {
+        !name.split('/').next().unwrap_or("").ends_with("_head") && self.0.has(name)
+    }
+
+    fn get(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Vec<f32>, needle_runtime::needle3::Error> {
+        self.0.get(name, shape)
+    }
+}
+
+/// Configs the golden fixture does not cover, with generated weights, against the runtime:
+/// every layer global with no conv taps and no engram sites; one KV head, two lanes, head
+/// widths from `d_model / num_heads` and logits over part of the vocabulary; no heads at all.
+/// The step's logits and heads within 1e-5 of the runtime's, folding bit for bit.
+#[test]
+fn configs_without_taps_sites_window_or_heads_follow_the_runtime() {
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("small.json")).unwrap()).unwrap();
+    let base = json["config"].clone();
+    // (name, config changes, whether the model has its heads)
+    type Variant = (&'static str, Vec<(&'static str, Value)>, bool);
+    let variants: [Variant; 3] = [
+        (
+            "plain",
+            vec![
+                ("qkv_conv_taps", 0.into()),
+                ("engram_layers", serde_json::json!([])),
+                ("sliding_window", 0.into()),
+                ("global_layers", serde_json::json!([])),
+            ],
+            true,
+        ),
+        (
+            "narrow",
+            vec![
+                ("num_kv_heads", 1.into()),
+                ("mhc_lanes", 2.into()),
+                ("qk_head_dim", 0.into()),
+                ("v_head_dim", 0.into()),
+                ("out_vocab", 1000.into()),
+                ("sliding_window", 5.into()),
+            ],
+            true,
+        ),
+        ("headless", vec![], false),
+    ];
+    let host = Target::host().unwrap();
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 977 + 13) % 2000 + 3).collect();
+    let p0 = 15;
+    for (name, changes, heads) in variants {
+        let mut cfg = base.clone();
+        for (k, v) in changes {
+            cfg[k] = v;
+        }
+        let config = needle_runtime::needle3::Config::from_json(&cfg.to_string()).unwrap();
+        let layers = config.num_layers;
+        let generated = needle_runtime::needle3::generate::Generated { num_layers: layers };
+        let model = if heads {
+            Model::load(config, &mut { generated }).unwrap()
+        } else {
+            Model::load(config, &mut Headless(generated)).unwrap()
+        };
+        let dir = work_dir(&format!("n3_variant_{name}"));
+        let (exe, code) = harness(&dir, &host, &model, ids.len(), None);
+        assert_eq!(code.logits_vocab, model.config.logits_vocab(), "{name}");
+        assert_eq!(code.head_outputs.len(), if heads { 3 } else { 0 }, "{name}");
+        let got = run_steps(&exe, 0, &ids);
+        let reference = forward(&model, &ids).unwrap();
+        let all: Vec<f32> = got.rows.iter().flat_map(|(_, l)| l.clone()).collect();
+        let rt: Vec<f32> = reference.logits.iter().copied().collect();
+        let r = max_rel_diff(&all, &rt);
+        assert!(r <= 1e-5, "{name}: logits differ from the runtime by {r}");
+        let h = needle_runtime::needle3::forward::heads(&model, &ids, &reference);
+        let want: Vec<f32> = h
+            .confidence
+            .into_iter()
+            .chain(h.router.into_iter().flatten())
+            .chain(h.embedding.into_iter().flatten())
+            .collect();
+        assert_eq!(want.len(), got.heads.len(), "{name}");
+        for (a, b) in got.heads.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-5, "{name}: heads {a} vs {b}");
+        }
+        let fold_dir = work_dir(&format!("n3_variant_{name}_folded"));
+        let (folded, _) = harness(&fold_dir, &host, &model, ids.len(), Some(&ids[..p0]));
+        let f = run_steps(&folded, p0, &ids[p0..]);
+        for (i, (_, l)) in f.rows.iter().enumerate() {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(
+                bits(l),
+                bits(&got.rows[p0 + i].1),
+                "{name}: folded position {}",
+                p0 + i
+            );
+        }
+        eprintln!("{name}: logits rel {r:.2e}");
+    }
+}
