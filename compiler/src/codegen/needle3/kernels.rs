@@ -13,7 +13,7 @@ use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 
 use crate::abi::CType;
-use crate::codegen::gen::{mem_ro, Gen};
+use crate::codegen::gen::{mem_ro, Gen, V4};
 use crate::codegen::math;
 use crate::codegen::model::kernels::internal;
 use crate::codegen::{CodegenError, KernelSet};
@@ -172,7 +172,14 @@ pub fn taps(
     internal(ks, name, &params, CType::Void, &[table], |g, a, d| {
         let (rows, folded, out, t, tab) = (a[0], a[1], a[2], a[3], d[0]);
         let cur = g.addr(rows, t, w * 4);
-        g.for_const(0, w, 1, |g, c| {
+        let w4 = w / 4 * 4;
+        g.for_const(0, w4, 4, |g, c| {
+            let x = g.vload(cur, c);
+            let tp = g.vload_with(tab, c, mem_ro());
+            let o = g.vmul(tp, x);
+            g.vstore(o, out, c);
+        });
+        g.for_const(w4, w, 1, |g, c| {
             let x = g.load_f32(cur, c);
             let tp = load_ro(g, tab, c);
             let o = g.b.ins().fmul(tp, x);
@@ -188,7 +195,15 @@ pub fn taps(
                 let src = row_at(g, rows, folded, src_t, w * 4, p0);
                 let jv = g.iconst(j);
                 let trow = g.addr(tab, jv, w * 4);
-                g.for_const(0, w, 1, |g, c| {
+                g.for_const(0, w4, 4, |g, c| {
+                    let x = g.vload(src, c);
+                    let tp = g.vload_with(trow, c, mem_ro());
+                    let p = g.vmul(tp, x);
+                    let o = g.vload(out, c);
+                    let o = g.vadd(o, p);
+                    g.vstore(o, out, c);
+                });
+                g.for_const(w4, w, 1, |g, c| {
                     let x = g.load_f32(src, c);
                     let tp = load_ro(g, trow, c);
                     let p = g.b.ins().fmul(tp, x);
@@ -309,7 +324,15 @@ pub fn gate(ks: &mut KernelSet, name: &str, n: usize) -> Result<FuncId, CodegenE
     let params = [(CType::F32Ptr, "o"), (CType::ConstF32Ptr, "gate")];
     internal(ks, name, &params, CType::Void, &[], |g, a, _| {
         let (o, gt) = (a[0], a[1]);
-        g.for_const(0, n as i64, 1, |g, c| {
+        let (n, n4) = (n as i64, n as i64 / 4 * 4);
+        g.for_const(0, n4, 4, |g, c| {
+            let x = g.vload(gt, c);
+            let s = g.map1(x, math::sigmoid);
+            let v = g.vload(o, c);
+            let v = g.vmul(v, s);
+            g.vstore(v, o, c);
+        });
+        g.for_const(n4, n, 1, |g, c| {
             let x = g.load_f32(gt, c);
             let s = math::sigmoid(g, x);
             let v = g.load_f32(o, c);
@@ -386,7 +409,19 @@ pub fn lane_mean(
     let params = [(CType::ConstF32Ptr, "x"), (CType::F32Ptr, "out")];
     let (n, d) = (n as i64, d as i64);
     internal(ks, name, &params, CType::Void, &[], |g, a, _| {
-        g.for_const(0, d, 1, |g, c| {
+        let d4 = d / 4 * 4;
+        g.for_const(0, d4, 4, |g, c| {
+            let mut acc = g.vconst(0.0);
+            for i in 0..n {
+                let idx = g.b.ins().iadd_imm_s(c, i * d);
+                let x = g.vload(a[0], idx);
+                acc = g.vadd(acc, x);
+            }
+            let nf = g.vconst(n as f32);
+            let m = g.vdiv(acc, nf);
+            g.vstore(m, a[1], c);
+        });
+        g.for_const(d4, d, 1, |g, c| {
             let zero = g.f32(0.0);
             let acc = g.var(types::F32, zero);
             for i in 0..n {
@@ -536,7 +571,23 @@ pub fn mhc_post(ks: &mut KernelSet, name: &str, m: &MhcConsts) -> Result<FuncId,
                 .collect();
             let dst = g.iconst(i * d * 4);
             let dst = g.b.ins().iadd(next, dst);
-            g.for_const(0, d, 1, |g, c| {
+            let d4 = d / 4 * 4;
+            let rv4: Vec<V4> = rij.iter().map(|&rv| g.vsplat(rv)).collect();
+            let hp4 = g.vsplat(hpost);
+            g.for_const(0, d4, 4, |g, c| {
+                let mut acc = g.vconst(0.0);
+                for (j, &rv) in rv4.iter().enumerate() {
+                    let idx = g.b.ins().iadd_imm_s(c, j as i64 * d);
+                    let xv = g.vload(x, idx);
+                    let p = g.vmul(rv, xv);
+                    acc = g.vadd(acc, p);
+                }
+                let yv = g.vload(y, c);
+                let p = g.vmul(hp4, yv);
+                let acc = g.vadd(acc, p);
+                g.vstore(acc, dst, c);
+            });
+            g.for_const(d4, d, 1, |g, c| {
                 let mut acc = g.f32(0.0);
                 for (j, &rv) in rij.iter().enumerate() {
                     let idx = g.b.ins().iadd_imm_s(c, j as i64 * d);
