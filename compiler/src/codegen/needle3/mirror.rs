@@ -12,6 +12,7 @@ use needle_runtime::needle3::forward::rope_tables;
 use needle_runtime::needle3::Model;
 
 use super::kernels::pool_stride;
+use super::side_by_side;
 
 const EPS: f32 = 1e-6;
 
@@ -171,6 +172,68 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
         w: vec![Vec::new(); model.sites.len()],
         cells: Vec::new(),
     };
+    // Each layer's weights as the step holds them (concatenated, `1 + g` scales), made once.
+    struct Mats {
+        phi: Vec<f32>,
+        cat: Vec<f32>,
+        taps: Vec<f32>,
+        wout: Vec<f32>,
+        norm_in: Vec<f32>,
+        q_norm: Vec<f32>,
+        k_norm: Vec<f32>,
+        post_norm: Vec<f32>,
+        pre_hada: Vec<f32>,
+    }
+    let mats: Vec<Mats> = model
+        .layers
+        .iter()
+        .map(|w| {
+            let mhc = &w.mhc;
+            let n_taps = w.q_taps.nrows();
+            Mats {
+                phi: side_by_side(
+                    &[
+                        (&flat2(&mhc.phi_pre), n),
+                        (&flat2(&mhc.phi_post), n),
+                        (&flat2(&mhc.phi_res), n * n),
+                    ],
+                    n * d,
+                ),
+                cat: side_by_side(
+                    &[
+                        (&flat2(&w.wq), qw),
+                        (&flat2(&w.wk), kw),
+                        (&flat2(&w.wv), vw),
+                        (&flat2(&w.wgate), gw),
+                    ],
+                    d,
+                ),
+                taps: if n_taps == 0 {
+                    vec![1.0; cw]
+                } else {
+                    side_by_side(
+                        &[
+                            (&flat2(&w.q_taps), qw),
+                            (&flat2(&w.k_taps), kw),
+                            (&flat2(&w.v_taps), vw),
+                        ],
+                        n_taps,
+                    )
+                },
+                wout: flat2(&w.wout),
+                norm_in: one_plus(&w.norm_in),
+                q_norm: one_plus(&w.q_norm),
+                k_norm: one_plus(&w.k_norm),
+                post_norm: one_plus(&w.post_norm),
+                pre_hada: one_plus(&w.pre_hada),
+            }
+        })
+        .collect();
+    let site_mats: Vec<[Vec<f32>; 3]> = model
+        .sites
+        .iter()
+        .map(|s| [flat2(&s.key_proj), flat2(&s.value_proj), flat2(&s.taps)])
+        .collect();
     for (t, &tok) in ids.iter().enumerate() {
         rows.ids.push(tok);
         let sqrt_d = (d as f32).sqrt();
@@ -182,20 +245,10 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             .collect();
         let mut cells = x0.clone();
         let mut x: Vec<f32> = (0..n).flat_map(|_| x0.iter().copied()).collect();
-        for (l, w) in model.layers.iter().enumerate() {
+        for (l, (w, wm)) in model.layers.iter().zip(&mats).enumerate() {
             let mhc = &w.mhc;
             let z = rmsnorm(&x, None, fma);
-            let phi: Vec<f32> = {
-                let (pre, post, res) = (&mhc.phi_pre, &mhc.phi_post, &mhc.phi_res);
-                let mut m = Vec::with_capacity(n * d * (2 * n + n * n));
-                for r in 0..n * d {
-                    m.extend(pre.row(r).iter());
-                    m.extend(post.row(r).iter());
-                    m.extend(res.row(r).iter());
-                }
-                m
-            };
-            let mix = matmul(&z, &phi, 2 * n + n * n, fma);
+            let mix = matmul(&z, &wm.phi, 2 * n + n * n, fma);
             let lane = l % n;
             let mut u = vec![0f32; d];
             for i in 0..n {
@@ -209,14 +262,15 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             if let Some(si) = c.engram_layers.iter().position(|&s| s == l) {
                 let site = &model.sites[si];
                 let m = gather(model, si, &rows.ids, t);
-                let ek = matmul(&m, &flat2(&site.key_proj), d, fma);
-                let wrow = matmul(&m, &flat2(&site.value_proj), d, fma);
+                let [key, value, site_taps] = &site_mats[si];
+                let ek = matmul(&m, key, d, fma);
+                let wrow = matmul(&m, value, d, fma);
                 rows.w[si].extend(&wrow);
                 let ev = taps(
                     &rows.w[si],
                     d,
                     t,
-                    &flat2(&site.taps),
+                    site_taps,
                     site.taps.nrows(),
                     c.engram_dilation(),
                     None,
@@ -234,35 +288,13 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
                     *bc += alpha * e;
                 }
             }
-            let a = rmsnorm(&b, Some(&one_plus(&w.norm_in)), fma);
-            let cat = {
-                let mut m = Vec::with_capacity(d * (cw + gw));
-                for r in 0..d {
-                    m.extend(w.wq.row(r).iter());
-                    m.extend(w.wk.row(r).iter());
-                    m.extend(w.wv.row(r).iter());
-                    m.extend(w.wgate.row(r).iter());
-                }
-                m
-            };
-            let qkvg = matmul(&a, &cat, cw + gw, fma);
+            let a = rmsnorm(&b, Some(&wm.norm_in), fma);
+            let qkvg = matmul(&a, &wm.cat, cw + gw, fma);
             rows.pre[l].extend(&qkvg[..cw]);
             let window = (!c.is_global(l)).then_some(c.sliding_window);
             let n_taps = w.q_taps.nrows();
-            let tap_vals: Vec<f32> = if n_taps == 0 {
-                vec![1.0; cw]
-            } else {
-                let mut m = Vec::with_capacity(n_taps * cw);
-                for j in 0..n_taps {
-                    m.extend(w.q_taps.row(j).iter());
-                    m.extend(w.k_taps.row(j).iter());
-                    m.extend(w.v_taps.row(j).iter());
-                }
-                m
-            };
-            let conv = taps(&rows.pre[l], cw, t, &tap_vals, n_taps.max(1), 1, window);
-            let qn = one_plus(&w.q_norm);
-            let kn = one_plus(&w.k_norm);
+            let conv = taps(&rows.pre[l], cw, t, &wm.taps, n_taps.max(1), 1, window);
+            let (qn, kn) = (&wm.q_norm, &wm.k_norm);
             let rope = |head: &mut [f32]| {
                 let half = dq / 2;
                 for i in 0..half {
@@ -274,12 +306,12 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             };
             let mut q = Vec::with_capacity(qw);
             for head in conv[..qw].chunks_exact(dq) {
-                let mut h = rmsnorm(head, Some(&qn), fma);
+                let mut h = rmsnorm(head, Some(qn), fma);
                 rope(&mut h);
                 q.extend(h);
             }
             for head in conv[qw..qw + kw].chunks_exact(dq) {
-                let mut h = rmsnorm(head, Some(&kn), fma);
+                let mut h = rmsnorm(head, Some(kn), fma);
                 rope(&mut h);
                 rows.k[l].extend(h);
             }
@@ -310,16 +342,16 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             for (oc, &gv) in o.iter_mut().zip(&qkvg[cw..]) {
                 *oc *= sigmoid(gv, fma);
             }
-            let t1 = matmul(&o, &flat2(&w.wout), d, fma);
-            let t1 = rmsnorm(&t1, Some(&one_plus(&w.post_norm)), fma);
+            let t1 = matmul(&o, &wm.wout, d, fma);
+            let t1 = rmsnorm(&t1, Some(&wm.post_norm), fma);
             let ag = 1.0 / (1.0 + (-w.attn_gate).exp());
             for (bc, &tv) in b.iter_mut().zip(&t1) {
                 *bc += tv * ag;
             }
-            let m = rmsnorm(&b, Some(&one_plus(&w.pre_hada)), fma);
+            let m = rmsnorm(&b, Some(&wm.pre_hada), fma);
             let t1 = mlp(model, l, &m, fma);
             for (bc, &tv) in b.iter_mut().zip(&t1) {
-                *bc += tv * 1.0;
+                *bc += tv;
             }
             let y: Vec<f32> = b.iter().zip(&u).map(|(p, q)| p - q).collect();
             x = mhc_post(&x, &mix, &y, model, l, fma);
@@ -490,7 +522,7 @@ fn mlp(model: &Model, l: usize, x: &[f32], fma: bool) -> Vec<f32> {
         })
         .collect();
     let z2 = kron(&act, &flat2(&m.w2a), &flat2(&m.w2b));
-    let z1: Vec<f32> = model.p2.iter().map(|&i| z2[i] * 1.0).collect();
+    let z1: Vec<f32> = model.p2.iter().map(|&i| z2[i]).collect();
     let z1: Vec<f32> = z1.iter().zip(&m.d3).map(|(z, dv)| z * dv).collect();
     let z2 = kron(&z1, &flat2(&m.w3a), &flat2(&m.w3b));
     (0..d).map(|ci| z2[ci] * m.d4[ci]).collect()
