@@ -77,6 +77,8 @@ pub(super) struct Post {
     huge: Value,
     passes: Vec<(i64, i64, i64, i64)>,
     restore_names: bool,
+    /// `ensure_ascii`: non-ASCII characters as `\uXXXX` (else as their UTF-8 bytes).
+    ascii: bool,
     // parser state
     pos: Variable,
     cur: Variable,
@@ -207,6 +209,7 @@ impl Post {
             huge,
             passes,
             restore_names,
+            ascii: plan.ascii,
             pos: var(g, zero),
             cur: var(g, none),
             nn: var(g, zero),
@@ -334,6 +337,56 @@ impl Post {
         }
     }
 
+    /// Code point `cp` (a scalar value: surrogates never reach here) as its UTF-8 bytes.
+    fn wr_utf8(&self, g: &mut Gen<'_>, cp: Value) {
+        let cont = |g: &mut Gen<'_>, shift: i64| {
+            let c = g.b.ins().ushr_imm_s(cp, shift);
+            let c = g.b.ins().band_imm_s(c, 0x3F);
+            g.b.ins().bor_imm_s(c, 0x80)
+        };
+        let lead = |g: &mut Gen<'_>, shift: i64, mark: i64| {
+            let c = g.b.ins().ushr_imm_s(cp, shift);
+            g.b.ins().bor_imm_s(c, mark)
+        };
+        let one = g.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, cp, 0x80);
+        g.if_else(
+            one,
+            |g| self.wr(g, cp),
+            |g| {
+                let two = g.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, cp, 0x800);
+                g.if_else(
+                    two,
+                    |g| {
+                        let b0 = lead(g, 6, 0xC0);
+                        self.wr(g, b0);
+                        let b1 = cont(g, 0);
+                        self.wr(g, b1);
+                    },
+                    |g| {
+                        let three = g.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, cp, 0x10000);
+                        g.if_else(
+                            three,
+                            |g| {
+                                let b0 = lead(g, 12, 0xE0);
+                                self.wr(g, b0);
+                            },
+                            |g| {
+                                let b0 = lead(g, 18, 0xF0);
+                                self.wr(g, b0);
+                                let b1 = cont(g, 12);
+                                self.wr(g, b1);
+                            },
+                        );
+                        let b = cont(g, 6);
+                        self.wr(g, b);
+                        let b = cont(g, 0);
+                        self.wr(g, b);
+                    },
+                );
+            },
+        );
+    }
+
     /// Writes code point `cp` as `json.dumps` does inside a string.
     fn emit_cp(&self, g: &mut Gen<'_>, cp: Value) {
         let mut esc = g.iconst(0);
@@ -356,6 +409,14 @@ impl Post {
         let done = label(g);
         let has_esc = g.b.ins().icmp_imm_s(IntCC::NotEqual, esc, 0);
         br_if(g, has_esc, short);
+        if !self.ascii {
+            // `ensure_ascii=False`: only the control characters left are escaped; everything
+            // else (DEL and non-ASCII included) is written as its UTF-8 bytes.
+            let control = g.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, cp, 0x20);
+            br_if(g, control, u4);
+            self.wr_utf8(g, cp);
+            goto(g, done);
+        }
         let printable = in_range(g, cp, 0x20, 0x7E);
         br_if(g, printable, print);
         let bmp = g.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, cp, 0x10000);

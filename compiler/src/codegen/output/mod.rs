@@ -134,6 +134,9 @@ struct Plan {
     max_delta: usize,
     /// Text-path replacements in order: (snake bytes, original bytes).
     passes: Vec<(usize, usize)>,
+    /// `ensure_ascii` (v1's `json.dumps`); false writes non-ASCII characters as themselves
+    /// (Needle 3's `ensure_ascii=False`).
+    ascii: bool,
 }
 
 impl Plan {
@@ -183,6 +186,7 @@ pub(super) struct Helpers {
 
 /// Defines `validate_utf8`, `detokenize` and `postprocess` (names get the library prefix) and
 /// their internal helpers in `ks`. `name_map` is `(snake_name, original_name)` in tool order.
+/// `postprocess` writes JSON as v1's reference does (`ensure_ascii`).
 pub fn define_output(
     ks: &mut KernelSet,
     tok: &Tokenizer,
@@ -190,12 +194,27 @@ pub fn define_output(
     max_text_bytes: usize,
     export: bool,
 ) -> Result<OutputCode, CodegenError> {
+    define_output_with(ks, tok, name_map, max_text_bytes, export, true)
+}
+
+/// [`define_output`], choosing how `postprocess` writes non-ASCII characters: escaped
+/// (`ascii`, `needle_runtime::pyjson::to_compact_string`) or as themselves
+/// (`to_compact_string_unicode`, Needle 3's calls).
+pub fn define_output_with(
+    ks: &mut KernelSet,
+    tok: &Tokenizer,
+    name_map: &[(String, String)],
+    max_text_bytes: usize,
+    export: bool,
+    ascii: bool,
+) -> Result<OutputCode, CodegenError> {
     let pieces = detokenize::declare_piece_tables(ks, tok)?;
     let names = names::declare_name_tables(ks, name_map)?;
     let plan = Plan {
         max_orig: names.max_orig,
         max_delta: names.max_delta,
         passes: names.passes.iter().map(|p| (p.1, p.3)).collect(),
+        ascii,
     };
 
     // ---- declarations -------------------------------------------------------------------------
