@@ -594,7 +594,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     })
 }
 
-fn is_c_identifier(s: &str) -> bool {
+pub(crate) fn is_c_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

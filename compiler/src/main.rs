@@ -312,6 +312,13 @@ enum Command {
         report: bool,
         #[arg(long)]
         out_dir: PathBuf,
+        /// Needle 3 only: the system turn's text, fixed in the library (none by default).
+        #[arg(long, value_name = "TEXT")]
+        system: Option<String>,
+        /// Needle 3 only: build the model at this ladder depth (2 to its layer count), as the
+        /// package slices it (docs/needle3.md, "Ladder slicing").
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
     },
     /// List the supported target triples, their CPU levels and ISA features.
     Targets,
@@ -456,8 +463,16 @@ fn real_main() -> Result<ExitCode> {
             emit,
             report,
             out_dir,
+            system,
+            layers,
         } => {
-            not_needle3(&checkpoint, "build")?;
+            let is_needle3 = needle3::is_needle3_checkpoint(&checkpoint);
+            anyhow::ensure!(
+                is_needle3 || (system.is_none() && layers.is_none()),
+                "--system and --layers are for Needle 3 checkpoints; {} is a Needle v1 checkpoint \
+                 (its prompt has no system turn and its depth is fixed): drop them",
+                checkpoint.display()
+            );
             let mut emit: Vec<Emit> = emit
                 .into_iter()
                 .map(|e| match e {
@@ -500,7 +515,15 @@ fn real_main() -> Result<ExitCode> {
                 emit,
                 out_dir,
             };
-            let report = with_spinner("building", || build::build(&opts))?;
+            let report = if is_needle3 {
+                let n3 = needle3::Needle3BuildOptions {
+                    system: system.unwrap_or_default(),
+                    layers,
+                };
+                with_spinner("building", || needle3::build(&opts, &n3))?
+            } else {
+                with_spinner("building", || build::build(&opts))?
+            };
             if let Some(warning) = report.fold_warning {
                 eprintln!("warning: {warning}");
             }
@@ -822,18 +845,6 @@ fn load_needle3(model: &ModelArgs) -> Result<needle_runtime::needle3::engine::En
         "loading checkpoint, tokenizer and tools",
         || needle3::load_engine(&opts),
     )?)
-}
-
-/// Refuses a Needle 3 checkpoint (with `--system`/`--layers` refused for v1 ones elsewhere) in
-/// a command that does not take one yet.
-fn not_needle3(checkpoint: &std::path::Path, command: &str) -> Result<()> {
-    anyhow::ensure!(
-        !needle3::is_needle3_checkpoint(checkpoint),
-        "{} is a Needle 3 checkpoint; `needlec {command}` does not take Needle 3 yet (`run` and \
-         `inspect` do)",
-        checkpoint.display()
-    );
-    Ok(())
 }
 
 fn load_engine(args: &ModelArgs) -> Result<Engine> {

@@ -38,6 +38,10 @@ pub enum Needle3Error {
     Tools(#[from] ToolsError),
     #[error("{0}")]
     Engine(needle3::Error),
+    #[error(transparent)]
+    Build(crate::build::BuildError),
+    #[error("a Needle 3 build does not take {0}")]
+    Unsupported(String),
 }
 
 /// Whether the file at `path` is a Needle 3 checkpoint: a `.cact` export, or a safetensors
@@ -320,4 +324,199 @@ pub fn trace(
     details["calls"] = g.calls.clone().into();
     details["embedding"] = serde_json::json!(g.heads.embedding);
     Ok(details)
+}
+
+/// What `needlec build` takes for a Needle 3 checkpoint besides v1's options.
+#[derive(Clone, Debug, Default)]
+pub struct Needle3BuildOptions {
+    /// `--system`: the system turn's text, fixed in the library (none when empty).
+    pub system: String,
+    /// `--layers N`: the ladder depth.
+    pub layers: Option<usize>,
+}
+
+/// The most query-part ids a Needle 3 library reads unless `--max-query-tokens` says otherwise:
+/// the markup takes 8 of them, so a few hundred words of query.
+pub const DEFAULT_MAX_QUERY_TOKENS: usize = 512;
+
+/// `needlec build` of a Needle 3 checkpoint: the library of
+/// [`crate::codegen::needle3::library`] for the target, written as v1's are (staticlib, object,
+/// header). Options that are v1's only (`--weights` other than f32, `--grammar strict`,
+/// `--quantize-activations`, `--emit ir|rust|report|xcframework`) are refused by name.
+pub fn build(
+    opts: &crate::build::BuildOptions,
+    n3: &Needle3BuildOptions,
+) -> Result<crate::build::BuildReport, Needle3Error> {
+    use crate::build::{staticlib_file, target_of, BuildReport, Emit};
+    use crate::codegen::needle3::library::{generate_needle3, Needle3LibraryInput};
+    use crate::emit::{check_standalone, write_archive, ArchiveMember};
+    let refuse = |what: &str| Err(Needle3Error::Unsupported(what.to_string()));
+    if let Some(p) = opts.weights {
+        if p != crate::precision::Precision::F32 {
+            return refuse(&format!(
+                "--weights {p}: a Needle 3 library keeps its weights as float32 for now (a .cact \
+                 export's CQ codes are dequantized at build time); drop --weights"
+            ));
+        }
+    }
+    if opts.grammar == needle_runtime::decode::GrammarKind::Strict {
+        return refuse(
+            "--grammar strict: a Needle 3 library decodes without a grammar for now; \
+             `needlec run --grammar strict` has it; drop --grammar",
+        );
+    }
+    if opts.quantize_activations {
+        return refuse("--quantize-activations is for v1 int8/int4 builds; drop it");
+    }
+    for e in &opts.emit {
+        if !matches!(e, Emit::Staticlib | Emit::Obj | Emit::Header) {
+            return refuse(&format!(
+                "--emit {e:?} (lowercase): a Needle 3 build writes staticlib, obj and header; \
+                 use those"
+            ));
+        }
+    }
+    if !(2..=crate::build::MAX_GEN_LEN_LIMIT).contains(&opts.max_gen_len) {
+        return Err(Needle3Error::Build(crate::build::BuildError::MaxGenLen {
+            got: opts.max_gen_len,
+            max: crate::build::MAX_GEN_LEN_LIMIT,
+        }));
+    }
+    if !(0.0..=1.0).contains(&opts.escalate_below) {
+        return Err(Needle3Error::Build(
+            crate::build::BuildError::EscalateBelow(opts.escalate_below),
+        ));
+    }
+    let target = target_of(opts).map_err(Needle3Error::Build)?;
+    let fold = match opts.fold {
+        None | Some(needle_runtime::decode::FoldMode::Tools) => true,
+        Some(needle_runtime::decode::FoldMode::None) => false,
+    };
+    let model = load_model(&opts.checkpoint, n3.layers)?;
+    let tokenizer = load_tokenizer(&opts.tokenizer)?;
+    let tools_text = load_tools_arg_text(&opts.tools)?;
+    let tools = tools_json(&tools_text).map_err(|e| Needle3Error::Engine(e.into()))?;
+    let tool_names = tool_names(&tools);
+    needle3::prompt::check_tokenizer(&tokenizer).map_err(|e| Needle3Error::Engine(e.into()))?;
+    let prompt = needle3::prompt::encode_prompt(&tokenizer, &n3.system, &tools, "")
+        .map_err(|e| Needle3Error::Engine(e.into()))?;
+    let prefix_ids = &prompt.ids[..prompt.prefix_len];
+    // The model reads `max_seq_len` positions: the prefix, the query part and the answer.
+    let max_seq = model.config.max_seq_len;
+    let room = max_seq.saturating_sub(prefix_ids.len() + opts.max_gen_len - 1);
+    let max_query_tokens = opts
+        .max_query_tokens
+        .unwrap_or(DEFAULT_MAX_QUERY_TOKENS.min(room));
+    // The markup around the query is 8 ids or so: fewer leaves no room for a query.
+    let markup = needle3::prompt::encode_query(&tokenizer.continuing(), "").len();
+    let positions = format!(
+        "the model reads {max_seq} positions; the system turn and tools take {} and \
+         --max-gen-len {} the answer, which leaves {room} for the query part",
+        prefix_ids.len(),
+        opts.max_gen_len
+    );
+    if room <= markup {
+        return Err(Needle3Error::Unsupported(format!(
+            "this tool list with --max-gen-len {}: {positions}, and its markup alone is \
+             {markup}; give a smaller --max-gen-len or tool list",
+            opts.max_gen_len
+        )));
+    }
+    if max_query_tokens > room || max_query_tokens <= markup {
+        return Err(Needle3Error::Unsupported(format!(
+            "--max-query-tokens {max_query_tokens}: {positions}, and its markup alone is \
+             {markup}; give one between {} and {room}",
+            markup + 1
+        )));
+    }
+    let input = Needle3LibraryInput {
+        model: &model,
+        tokenizer: &tokenizer,
+        prefix_ids,
+        fold,
+        tool_names: &tool_names,
+        name: &opts.name,
+        max_gen_len: opts.max_gen_len,
+        max_query_tokens,
+        escalate_below: opts.escalate_below as f32,
+    };
+    if !crate::build::is_c_identifier(&opts.name) {
+        return Err(Needle3Error::Build(crate::build::BuildError::BadName(
+            opts.name.clone(),
+        )));
+    }
+    let lib = generate_needle3(&input, &target)
+        .map_err(|e| Needle3Error::Build(crate::build::BuildError::Codegen(e)))?;
+    check_standalone(&lib.library.object, &format!("{}_", opts.name))
+        .map_err(|e| Needle3Error::Build(crate::build::BuildError::Emit(e)))?;
+    std::fs::create_dir_all(&opts.out_dir).map_err(|cause| Needle3Error::Io {
+        path: opts.out_dir.clone(),
+        cause,
+    })?;
+    let name = &opts.name;
+    let mut written = Vec::new();
+    for emit in &opts.emit {
+        let (file, bytes) = match emit {
+            Emit::Header => (format!("{name}.h"), lib.library.header.clone().into_bytes()),
+            Emit::Obj => (
+                format!("{name}.{}", target.object_extension()),
+                lib.library.object.clone(),
+            ),
+            Emit::Staticlib => {
+                let member = ArchiveMember {
+                    name: format!("{name}.{}", target.object_extension()),
+                    data: lib.library.object.clone(),
+                };
+                (
+                    staticlib_file(&target, name),
+                    write_archive(target.archive_kind(), &[member])
+                        .map_err(|e| Needle3Error::Build(crate::build::BuildError::Emit(e)))?,
+                )
+            }
+            _ => continue,
+        };
+        let path = opts.out_dir.join(file);
+        std::fs::write(&path, &bytes).map_err(|cause| Needle3Error::Io {
+            path: path.clone(),
+            cause,
+        })?;
+        written.push(path);
+    }
+    let summary = format!(
+        "{target}, Needle 3 ({} layers), --fold {}, --weights f32: {} query-part tokens at most, \
+         prefix {} tokens, workspace {} bytes, code and data {} bytes",
+        model.layers.len(),
+        if fold { "tools" } else { "none" },
+        lib.info.max_query_tokens,
+        prefix_ids.len(),
+        lib.info.layout.total,
+        lib.library.object.len()
+    );
+    Ok(BuildReport {
+        written,
+        fold_warning: None,
+        weights_notice: None,
+        room_warning: None,
+        summary,
+        size_report: None,
+    })
+}
+
+/// The tools' names in tool order: each entry's `name`, or its `function.name` (the OpenAI
+/// shape); an entry without one gets an empty name (it can never be the call's tool).
+pub fn tool_names(tools_json: &str) -> Vec<String> {
+    use needle_runtime::pyjson::{parse, Value};
+    let Ok(Value::Array(items)) = parse(tools_json) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .map(|t| {
+            t.get("name")
+                .or_else(|| t.get("function").and_then(|f| f.get("name")))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
 }

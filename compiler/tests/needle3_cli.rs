@@ -163,8 +163,8 @@ fn bad_needle3_requests_get_one_clear_error() {
         ]),
         "is not a Needle 3 tokenizer: id 4 is",
     );
-    fails_with(
-        &needlec(&[
+    let build = |extra: &[&str]| {
+        let mut args = vec![
             "build",
             "--checkpoint",
             &cact,
@@ -174,8 +174,29 @@ fn bad_needle3_requests_get_one_clear_error() {
             tools,
             "--out-dir",
             "/tmp/needlec-n3-never",
-        ]),
-        "is a Needle 3 checkpoint; `needlec build` does not take Needle 3 yet",
+        ];
+        args.extend(extra);
+        needlec(&args)
+    };
+    fails_with(
+        &build(&["--weights", "int4"]),
+        "a Needle 3 build does not take --weights int4",
+    );
+    fails_with(
+        &build(&["--grammar", "strict"]),
+        "a Needle 3 build does not take --grammar strict",
+    );
+    fails_with(
+        &build(&["--max-gen-len", "64", "--max-query-tokens", "4"]),
+        "a Needle 3 build does not take --max-query-tokens 4: the model reads 512 positions",
+    );
+    fails_with(
+        &build(&[]),
+        "leaves 0 for the query part, and its markup alone is 6; give a smaller --max-gen-len",
+    );
+    fails_with(
+        &build(&["--layers", "9"]),
+        "ladder depth 9 is out of range: a model of 6 layers runs at 2 to 6",
     );
     let v1 = needle_test_support::tiny_needle("tiny-needle.pkl");
     let v1_tools = needle_test_support::tiny_needle("tools.json");
@@ -199,6 +220,57 @@ fn bad_needle3_requests_get_one_clear_error() {
 }
 
 /// `trace` teacher-forces an answer through the prompt, folded or not, with the same steps.
+#[test]
+fn build_writes_a_needle3_library_and_its_header() {
+    let tools_path = tools_file("build");
+    let out_dir = std::env::temp_dir().join(format!("needlec-n3-build-{}", std::process::id()));
+    let out = needlec(&[
+        "build",
+        "--checkpoint",
+        &fixture("small.cact"),
+        "--tokenizer",
+        &fixture_tok(),
+        "--tools",
+        tools_path.to_str().unwrap(),
+        "--max-gen-len",
+        "64",
+        "--layers",
+        "3",
+        "--system",
+        "Be brief.",
+        "--name",
+        "assistant",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Needle 3 (3 layers), --fold tools"),
+        "{stderr}"
+    );
+    let header = std::fs::read_to_string(out_dir.join("assistant.h")).unwrap();
+    for decl in [
+        "int32_t assistant_call(void *workspace,",
+        "int32_t assistant_call_ex(",
+        "assistant_result *result);",
+        "int32_t assistant_call_tokens(",
+        "int32_t assistant_embed(",
+        "void assistant_model_info(assistant_info *info);",
+        "#define ASSISTANT_FOLD_TOOLS 1",
+        "float router[3];",
+    ] {
+        assert!(header.contains(decl), "{decl} missing:\n{header}");
+    }
+    assert!(out_dir.join("libassistant.a").is_file());
+    std::fs::remove_dir_all(&out_dir).ok();
+    std::fs::remove_file(&tools_path).ok();
+}
+
 #[test]
 fn trace_forces_an_answer_and_reports_every_step() {
     let tools = tools_file("trace");

@@ -101,7 +101,7 @@ fn check_numeric(g: &mut Gen<'_>, n_gen: Value, out_len: Value) {
     });
 }
 
-fn status(name: &str) -> i64 {
+pub(crate) fn status(name: &str) -> i64 {
     STATUSES
         .iter()
         .find(|s| s.0 == name)
@@ -112,7 +112,7 @@ fn status(name: &str) -> i64 {
 /// Workspace alignment: what every region needs (vector loads), and what callers must give.
 pub const WORKSPACE_ALIGN: usize = 64;
 
-fn align_up(x: usize, a: usize) -> usize {
+pub(crate) fn align_up(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
 }
 
@@ -263,12 +263,12 @@ pub enum Phase {
 
 /// Regions placed by lifetime: each at the lowest offset that overlaps no region whose phases
 /// meet its own.
-struct LifetimePlan {
-    placed: Vec<(std::ops::RangeInclusive<Phase>, usize, usize)>,
+pub(crate) struct LifetimePlan {
+    pub(crate) placed: Vec<(std::ops::RangeInclusive<Phase>, usize, usize)>,
 }
 
 impl LifetimePlan {
-    fn place(&mut self, live: std::ops::RangeInclusive<Phase>, bytes: usize) -> usize {
+    pub(crate) fn place(&mut self, live: std::ops::RangeInclusive<Phase>, bytes: usize) -> usize {
         let size = align_up(bytes.max(1), WORKSPACE_ALIGN);
         let mut clashes: Vec<(usize, usize)> = self
             .placed
@@ -288,7 +288,7 @@ impl LifetimePlan {
         at
     }
 
-    fn end(&self) -> usize {
+    pub(crate) fn end(&self) -> usize {
         self.placed.iter().map(|p| p.2).max().unwrap_or(0)
     }
 }
@@ -363,7 +363,7 @@ pub fn plan(parts: &Parts<'_>, limits: &DriverLimits) -> LibraryInfo {
 }
 
 /// `base + offset` for a workspace region.
-fn at(g: &mut Gen<'_>, base: Value, offset: usize) -> Value {
+pub(crate) fn at(g: &mut Gen<'_>, base: Value, offset: usize) -> Value {
     let off = g.iconst(offset as i64);
     g.b.ins().iadd(base, off)
 }
@@ -1080,7 +1080,7 @@ impl TextCall {
 /// The checks both entry points start with: the workspace, a writable `*out_len` (zeroed, so
 /// every later status leaves it defined), and input/output pointers that are NULL only where
 /// their length is 0.
-fn check_arguments(
+pub(crate) fn check_arguments(
     g: &mut Gen<'_>,
     ws: Value,
     input: Value,
@@ -1116,7 +1116,7 @@ fn cut_query(g: &mut Gen<'_>, n: Value, max: i64, refuse: bool) -> Value {
 }
 
 /// Returns `ERR_WORKSPACE` when `ws` is NULL or misaligned.
-fn check_workspace(g: &mut Gen<'_>, ws: Value) {
+pub(crate) fn check_workspace(g: &mut Gen<'_>, ws: Value) {
     let null = g.b.ins().icmp_imm_u(IntCC::Equal, ws, 0);
     g.if_then(null, |g| ret_status(g, "ERR_WORKSPACE"));
     let mask = g.iconst(WORKSPACE_ALIGN as i64 - 1);
@@ -1125,7 +1125,7 @@ fn check_workspace(g: &mut Gen<'_>, ws: Value) {
     g.if_then(misaligned, |g| ret_status(g, "ERR_WORKSPACE"));
 }
 
-fn ret_status(g: &mut Gen<'_>, name: &str) {
+pub(crate) fn ret_status(g: &mut Gen<'_>, name: &str) {
     let v = iconst32(g, status(name));
     g.ret(&[v]);
 }

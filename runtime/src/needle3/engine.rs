@@ -150,6 +150,16 @@ impl Engine {
         })
     }
 
+    /// The embedding head over the prompt with `text` as its query, no answer (what a
+    /// compiled library's `NAME_embed` gives); `None` when the model has no embedding head.
+    pub fn embed(&self, text: &str) -> Result<Option<Vec<f32>>, Error> {
+        let prompt = self.prompt(text)?;
+        let (_, mut cells, out) = self.run_prompt(&prompt)?;
+        cells.push(out);
+        let joined = join_cells(&cells, prompt.ids.len());
+        Ok(heads(&self.model, &prompt.ids, &joined).embedding)
+    }
+
     /// Greedy decoding, at most `max_new` tokens, until EOS.
     pub fn generate(&self, query: &str, max_new: usize) -> Result<Generation, Error> {
         if let Some(t) = &self.strict {

@@ -19,7 +19,9 @@
 //! factors, diagonals and permutations as the checkpoint has them, the engram tables row-major
 //! (gathered, never multiplied).
 
+pub mod answer;
 pub mod kernels;
+pub mod library;
 pub mod mirror;
 
 use cranelift_codegen::ir::condcodes::IntCC;
