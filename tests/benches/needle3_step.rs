@@ -5,15 +5,18 @@
 //!
 //! Prints, per depth: the folded prefix's and the query's token counts, query prefill (the
 //! multi-row entry, up to 16 positions a call) and decode (one-row steps) tokens/s for each
-//! engine and the generated/runtime ratios, the object's bytes and the
-//! workspace's. This is the model half of a library only (no tokenizer, envelope or C entry
-//! points yet), with the weights in float32 (the engram tables alone are 283 MB).
+//! engine and the generated/runtime ratios, the object's bytes and the workspace's; then the
+//! whole library (`needlec build`'s, [`generate_needle3`]): one `NAME_call_ex` from the query's
+//! text to the answer, at most [`DECODE_LEN`] generated tokens, against the runtime's
+//! `Engine::generate` on the same folded prompt, with the archive's and the workspace's bytes.
+//! The weights are float32 (the engram tables alone are 283 MB).
 //!
-//! Run: `cargo bench -p needlec-tests --bench needle3_step` (minutes: it generates a 0.5 GB
-//! object per depth).
+//! Run: `cargo bench -p needlec-tests --bench needle3_step` (minutes: it generates two 0.5 GB
+//! objects per depth).
 
 use std::path::Path;
 
+use needle_runtime::needle3::engine::Engine;
 use needle_runtime::needle3::forward::Cache;
 use needle_runtime::needle3::generate::Generated;
 use needle_runtime::needle3::prompt::{encode_prompt, tools_json};
@@ -24,6 +27,7 @@ use needle_test_support::c::build_harness;
 use needle_test_support::{best_of, work_dir};
 use needlec::abi::write_header;
 use needlec::codegen::needle3::define_needle3_model;
+use needlec::codegen::needle3::library::{generate_needle3, Needle3LibraryInput};
 use needlec::codegen::KernelSet;
 use needlec::emit::{write_archive, ArchiveMember};
 
@@ -127,6 +131,61 @@ fn main() {
             "  object {:.1} MB (float32), workspace {:.1} MB for {positions} positions",
             object_bytes as f64 / 1e6,
             code.workspace_bytes as f64 / 1e6
+        );
+
+        // The whole library against the engine: one call each, query text to answer.
+        let engine =
+            Engine::new(model.clone(), tokenizer.clone(), "", tools.clone(), true).unwrap();
+        let rt_call = best_of(1, || {
+            engine.generate(QUERY, DECODE_LEN).unwrap();
+        });
+        let rt_tokens = engine.generate(QUERY, DECODE_LEN).unwrap().new_ids.len();
+        let names = needlec::needle3::tool_names(&tools);
+        let input = Needle3LibraryInput {
+            model: &model,
+            tokenizer: &tokenizer,
+            prefix_ids: prefix,
+            fold: true,
+            tool_names: &names,
+            name: "b3lib",
+            max_gen_len: DECODE_LEN + 1,
+            max_query_tokens: 64,
+            escalate_below: 0.0,
+        };
+        let lib = generate_needle3(&input, &host).unwrap();
+        let ar = write_archive(
+            host.archive_kind(),
+            &[ArchiveMember {
+                name: format!("b3lib.{}", host.object_extension()),
+                data: lib.library.object,
+            }],
+        )
+        .unwrap();
+        let exe = build_harness(
+            &dir,
+            "b3lib",
+            &ar,
+            &lib.library.header,
+            "needle3_call_bench.c",
+        );
+        let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let f: Vec<&str> = text.split_whitespace().collect();
+        let lib_call: f64 = f[0].parse().unwrap();
+        assert_eq!(f[2], "0", "the call succeeds");
+        println!(
+            "  library call:   {:.1} ms for {} query tokens and {} generated (runtime {:.1} ms, {} generated; x{:.2})",
+            lib_call * 1e3,
+            query.len(),
+            f[1],
+            rt_call * 1e3,
+            rt_tokens,
+            rt_call / lib_call
+        );
+        println!(
+            "  library archive {:.1} MB, workspace {:.2} MB",
+            ar.len() as f64 / 1e6,
+            lib.info.layout.total as f64 / 1e6
         );
     }
 }
