@@ -359,12 +359,6 @@ pub fn build(
             ));
         }
     }
-    if opts.grammar == needle_runtime::decode::GrammarKind::Strict {
-        return refuse(
-            "--grammar strict: a Needle 3 library decodes without a grammar for now; \
-             `needlec run --grammar strict` has it; drop --grammar",
-        );
-    }
     if opts.quantize_activations {
         return refuse("--quantize-activations is for v1 int8/int4 builds; drop it");
     }
@@ -429,6 +423,20 @@ pub fn build(
             markup + 1
         )));
     }
+    let strict = if opts.grammar == needle_runtime::decode::GrammarKind::Strict {
+        let tables = needle3::grammar::EnvelopeTables::new(&tokenizer, &tools)
+            .map_err(|e| Needle3Error::Engine(e.into()))?;
+        let max_new = opts.max_gen_len - 1;
+        if max_new < tables.calls_cost() {
+            return Err(Needle3Error::Engine(needle3::Error::StrictBudget {
+                allows: max_new,
+                needed: tables.calls_cost(),
+            }));
+        }
+        Some(tables)
+    } else {
+        None
+    };
     let input = Needle3LibraryInput {
         model: &model,
         tokenizer: &tokenizer,
@@ -439,6 +447,7 @@ pub fn build(
         max_gen_len: opts.max_gen_len,
         max_query_tokens,
         escalate_below: opts.escalate_below as f32,
+        strict: strict.as_ref(),
     };
     if !crate::build::is_c_identifier(&opts.name) {
         return Err(Needle3Error::Build(crate::build::BuildError::BadName(
@@ -483,10 +492,15 @@ pub fn build(
         written.push(path);
     }
     let summary = format!(
-        "{target}, Needle 3 ({} layers), --fold {}, --weights f32: {} query-part tokens at most, \
-         prefix {} tokens, workspace {} bytes, code and data {} bytes",
+        "{target}, Needle 3 ({} layers), --fold {}, --weights f32{}: {} query-part tokens at \
+         most, prefix {} tokens, workspace {} bytes, code and data {} bytes",
         model.layers.len(),
         if fold { "tools" } else { "none" },
+        if strict.is_some() {
+            ", --grammar strict"
+        } else {
+            ""
+        },
         lib.info.max_query_tokens,
         prefix_ids.len(),
         lib.info.layout.total,

@@ -183,8 +183,8 @@ fn bad_needle3_requests_get_one_clear_error() {
         "a Needle 3 build does not take --weights int4",
     );
     fails_with(
-        &build(&["--grammar", "strict"]),
-        "a Needle 3 build does not take --grammar strict",
+        &build(&["--grammar", "strict", "--max-gen-len", "4"]),
+        "raise --max-gen-len",
     );
     fails_with(
         &build(&["--max-gen-len", "64", "--max-query-tokens", "4"]),

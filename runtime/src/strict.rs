@@ -120,7 +120,7 @@ pub enum StrictError {
 pub fn schemas(normalized_json: &str, names: &[String]) -> Result<Vec<ToolSchema>, StrictError> {
     let value = pyjson::parse(normalized_json).map_err(|e| StrictError::NotAList(e.message))?;
     let Value::Array(tools) = value else {
-        return Err(StrictError::NotAList(format!("a {}", value.kind())));
+        return Err(StrictError::NotAList(value.kind().to_string()));
     };
     let mut out = Vec::with_capacity(tools.len());
     for (i, tool) in tools.iter().enumerate() {
@@ -149,7 +149,7 @@ pub fn schemas(normalized_json: &str, names: &[String]) -> Result<Vec<ToolSchema
                 return Err(StrictError::Unsupported {
                     tool: shown,
                     key: String::new(),
-                    what: format!("\"parameters\" is a {}, not an object", other.kind()),
+                    what: format!("\"parameters\" is {}, not an object", other.kind()),
                 })
             }
         };
@@ -175,7 +175,7 @@ fn schema_of(spec: &Value, tool: &str, key: &str) -> Result<Schema, StrictError>
         return Err(unsupported(
             tool,
             key,
-            format!("the schema is a {}, not an object", spec.kind()),
+            format!("the schema is {}, not an object", spec.kind()),
         ));
     }
     let ty = spec.get("type");

@@ -151,6 +151,7 @@ fn main() {
             max_gen_len: DECODE_LEN + 1,
             max_query_tokens: 64,
             escalate_below: 0.0,
+            strict: None,
         };
         let lib = generate_needle3(&input, &host).unwrap();
         let ar = write_archive(

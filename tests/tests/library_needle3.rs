@@ -31,7 +31,7 @@ use needlec::codegen::KernelSet;
 use needlec::emit::{check_standalone, write_archive, ArchiveMember};
 use needlec::needle3::{build, tool_names, Needle3BuildOptions};
 
-const TOOLS: &str = r#"[{"name":"get_weather","description":"Weather for a city","parameters":{"type":"object","properties":{"location":{"type":"string"}}}},{"name":"send_message","description":"Send a message","parameters":{"type":"object","properties":{"to":{"type":"string"},"body":{"type":"string"}}}}]"#;
+const TOOLS: &str = r#"[{"name":"get_weather","description":"Weather for a city","parameters":{"location":{"type":"string","description":"City name.","required":true}}},{"name":"send_message","description":"Send a message","parameters":{"to":{"type":"string","description":"Who.","required":true},"body":{"type":"string","description":"The text.","required":true}}}]"#;
 const MAX_GEN_LEN: usize = 48;
 
 fn fixture(name: &str) -> PathBuf {
@@ -253,7 +253,7 @@ fn the_answer_code_reads_envelopes_as_the_runtime_does() {
 
 // ---- whole libraries ----------------------------------------------------------------------------
 
-fn options(out_dir: &Path, target: &str, fold: bool) -> BuildOptions {
+fn options(out_dir: &Path, target: &str, fold: bool, strict: bool) -> BuildOptions {
     BuildOptions {
         checkpoint: fixture("small.safetensors"),
         tokenizer: fixture("n3tok2k.model"),
@@ -272,7 +272,11 @@ fn options(out_dir: &Path, target: &str, fold: bool) -> BuildOptions {
         name: "n3lib".to_string(),
         escalate_below: 0.6,
         quantize_activations: false,
-        grammar: needle_runtime::decode::GrammarKind::Reference,
+        grammar: if strict {
+            needle_runtime::decode::GrammarKind::Strict
+        } else {
+            needle_runtime::decode::GrammarKind::Reference
+        },
         max_forced_rows: 1,
         emit: vec![Emit::Staticlib, Emit::Header],
         out_dir: out_dir.to_path_buf(),
@@ -297,11 +301,12 @@ fn library_harness(
     dir: &Path,
     target: &Target,
     fold: bool,
+    strict: bool,
     n3: &Needle3BuildOptions,
 ) -> Vec<String> {
     let lib_dir = dir.join(if fold { "folded" } else { "unfolded" });
     std::fs::create_dir_all(&lib_dir).unwrap();
-    build(&options(&lib_dir, target.name, fold), n3).unwrap();
+    build(&options(&lib_dir, target.name, fold, strict), n3).unwrap();
     let exe = lib_dir.join("needle3_library_harness");
     let src = needle_test_support::repo_root().join("tests/c/needle3_library_harness.c");
     let host = target.name == Target::host().unwrap().name;
@@ -361,7 +366,7 @@ fn f32_of(hex: &str) -> f32 {
 
 /// Builds the folded and unfolded libraries for `target`, runs every query through both, and
 /// checks them against the engine and each other.
-fn check_libraries(target: &Target, tag: &str, n3: &Needle3BuildOptions) {
+fn check_libraries(target: &Target, tag: &str, strict: bool, n3: &Needle3BuildOptions) {
     let dir = work_dir(&format!("library_needle3_{tag}"));
     let tok = tokenizer();
     let mut model =
@@ -370,7 +375,7 @@ fn check_libraries(target: &Target, tag: &str, n3: &Needle3BuildOptions) {
     if let Some(depth) = n3.layers {
         model = model.into_ladder(depth).unwrap();
     }
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         model,
         tok.clone(),
         &n3.system,
@@ -378,6 +383,9 @@ fn check_libraries(target: &Target, tag: &str, n3: &Needle3BuildOptions) {
         true,
     )
     .unwrap();
+    if strict {
+        engine = engine.with_strict_grammar().unwrap();
+    }
     let continuing = tok.continuing();
     let mut input = String::new();
     let qs = queries();
@@ -392,14 +400,14 @@ fn check_libraries(target: &Target, tag: &str, n3: &Needle3BuildOptions) {
         input.push_str(&format!("E {}\n", hex(q.as_bytes())));
     }
     input.push_str("X\n");
-    let folded = run_cmd(&library_harness(&dir, target, true, n3), &input);
-    let unfolded = run_cmd(&library_harness(&dir, target, false, n3), &input);
+    let folded = run_cmd(&library_harness(&dir, target, true, strict, n3), &input);
+    let unfolded = run_cmd(&library_harness(&dir, target, false, strict, n3), &input);
     assert_eq!(
         folded, unfolded,
         "{target}: folded and unfolded libraries differ"
     );
     assert_eq!(folded.len(), 3 * qs.len() + 1);
-    let mut answered = 0;
+    let (mut answered, mut parsed) = (0, 0);
     for (i, q) in qs.iter().enumerate() {
         let call: Vec<&str> = folded[3 * i].split(' ').collect();
         let tokens: Vec<&str> = folded[3 * i + 1].split(' ').collect();
@@ -418,6 +426,7 @@ fn check_libraries(target: &Target, tag: &str, n3: &Needle3BuildOptions) {
         assert_eq!(call[0], "0", "{target} {q:?}: {}", folded[3 * i]);
         assert_eq!(unhex(call[2]), g.calls.as_bytes(), "{target} {q:?}: calls");
         assert_eq!(call[5] == "1", g.parsed, "{target} {q:?}: parsed");
+        parsed += usize::from(g.parsed);
         assert_eq!(
             call[7].parse::<usize>().unwrap(),
             g.new_ids.len(),
@@ -473,6 +482,10 @@ fn check_libraries(target: &Target, tag: &str, n3: &Needle3BuildOptions) {
         }
     }
     assert!(answered >= 5);
+    if strict {
+        // Under the strict grammar every answer is a call list.
+        assert_eq!(parsed, answered, "{target}: strict answers parse");
+    }
     // NULL workspace, misaligned, NULL out_len, NULL query, NULL result, bad UTF-8, too long,
     // no ids, a bad id; a zero cap; the ABI version and generation.
     let x = folded.last().unwrap();
@@ -488,6 +501,7 @@ fn needle3_libraries_answer_as_the_engine_folded_and_unfolded() {
     check_libraries(
         &Target::host().unwrap(),
         "host",
+        false,
         &Needle3BuildOptions::default(),
     );
 }
@@ -498,7 +512,7 @@ fn a_needle3_library_at_a_ladder_depth_with_a_system_turn_answers_as_the_engine(
         system: "You are a helpful assistant.".into(),
         layers: Some(4),
     };
-    check_libraries(&Target::host().unwrap(), "ladder", &n3);
+    check_libraries(&Target::host().unwrap(), "ladder", false, &n3);
 }
 
 fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
@@ -507,7 +521,23 @@ fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
         return;
     }
     let target = Target::from_triple(triple).unwrap();
-    check_libraries(&target, triple, &Needle3BuildOptions::default());
+    check_libraries(&target, triple, false, &Needle3BuildOptions::default());
+    check_libraries(
+        &target,
+        &format!("{triple}_strict"),
+        true,
+        &Needle3BuildOptions::default(),
+    );
+}
+
+#[test]
+fn strict_needle3_libraries_answer_as_the_strict_engine() {
+    check_libraries(
+        &Target::host().unwrap(),
+        "strict",
+        true,
+        &Needle3BuildOptions::default(),
+    );
 }
 
 #[test]
@@ -537,7 +567,7 @@ fn every_target_builds_a_standalone_needle3_library() {
     let dir = work_dir("library_needle3_targets");
     for t in supported() {
         let out = dir.join(t.triple);
-        let mut opts = options(&out, t.triple, true);
+        let mut opts = options(&out, t.triple, true, true);
         opts.emit = vec![Emit::Obj, Emit::Header];
         let report = build(&opts, &Needle3BuildOptions::default()).unwrap();
         let obj = std::fs::read(&report.written[0]).unwrap();

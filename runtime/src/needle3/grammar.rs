@@ -21,9 +21,9 @@ use crate::tokenizer::{PieceKind, Tokenizer};
 pub struct EnvelopeTables {
     pub strict: StrictTables,
     /// Tokens allowed inside the think block: ordinary text, no marker, no control piece.
-    think_text: Vec<bool>,
+    pub think_text: Vec<bool>,
     /// Tokens whose text is whitespace only (between `</think>` and `<tool_call>`).
-    whitespace: Vec<u32>,
+    pub whitespace: Vec<u32>,
 }
 
 impl EnvelopeTables {

@@ -24,7 +24,10 @@
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::FuncId;
-use needle_runtime::needle3::prompt::{render_query, EOS};
+use needle_runtime::needle3::grammar::EnvelopeTables;
+use needle_runtime::needle3::prompt::{
+    render_query, EOS, IM_END, THINK, THINK_END, TOOL_CALL, TOOL_CALL_END,
+};
 use needle_runtime::needle3::Model;
 use needle_runtime::tokenizer::Tokenizer;
 use needle_targets::Target;
@@ -37,8 +40,10 @@ use crate::codegen::driver::{
     align_up, at, check_arguments, check_workspace, LifetimePlan, Phase, WORKSPACE_ALIGN,
 };
 use crate::codegen::gen::{mem, Gen};
+use crate::codegen::grammar::GrammarCode;
 use crate::codegen::library::{Library, MAX_QUERY_BYTES};
 use crate::codegen::output::{define_output_with, OutputCode};
+use crate::codegen::strict::define_strict_grammar;
 use crate::codegen::tokenizer::{define_tokenizer, TokenizerCode};
 use crate::codegen::{math, CodegenError, KernelSet};
 
@@ -159,6 +164,9 @@ pub struct Needle3LibraryInput<'a> {
     /// The most ids of the query part (`\nQUERY<|im_end|>\n<|im_start|>assistant\n`).
     pub max_query_tokens: usize,
     pub escalate_below: f32,
+    /// `--grammar strict`: decode inside the envelope under the tool schemas, as the engine's
+    /// `with_strict_grammar` does; `None`: unconstrained greedy decoding.
+    pub strict: Option<&'a EnvelopeTables>,
 }
 
 /// Where each region of the workspace starts.
@@ -168,6 +176,8 @@ pub struct Needle3Layout {
     pub tokenizer_scratch: usize,
     pub query_ids: usize,
     pub gen_ids: usize,
+    /// The strict grammar's state (`--grammar strict`; 0 without).
+    pub grammar_state: usize,
     pub heads: usize,
     pub text: usize,
     pub output_scratch: usize,
@@ -233,20 +243,23 @@ pub fn generate_needle3(
         .collect();
     let output = define_output_with(&mut ks, input.tokenizer, &names, max_text, false, false)?;
     let answer = define_answer(&mut ks, &output, false)?;
+    let grammar = match input.strict {
+        Some(t) => Some(define_strict_grammar(&mut ks, &t.strict, false)?),
+        None => None,
+    };
     let embedding_dim = model
         .head_outputs
         .iter()
         .find(|h| h.0 == "embedding")
         .map_or(0, |h| h.1);
-    let info = plan(
-        &model,
-        &tokenizer,
-        &output,
-        input,
-        max_rendered,
-        max_text,
-        embedding_dim,
-    );
+    let parts = Parts {
+        model: &model,
+        tokenizer: &tokenizer,
+        output: &output,
+        answer: &answer,
+        grammar: grammar.as_ref(),
+    };
+    let info = plan(&parts, input, max_rendered, max_text, embedding_dim);
     let c = &input.model.config;
     let info_values: Vec<u32> = vec![
         ABI_VERSION,
@@ -266,12 +279,6 @@ pub fn generate_needle3(
         input.escalate_below.to_bits(),
     ];
     debug_assert_eq!(info_values.len(), INFO_FIELDS.len());
-    let parts = Parts {
-        model: &model,
-        tokenizer: &tokenizer,
-        output: &output,
-        answer: &answer,
-    };
     define_driver(&mut ks, &parts, input, &info, &info_values)?;
     let header = header_text(input, &info, &ks);
     let object = ks.finish()?;
@@ -312,18 +319,19 @@ struct Parts<'a> {
     tokenizer: &'a TokenizerCode,
     output: &'a OutputCode,
     answer: &'a AnswerCode,
+    grammar: Option<&'a GrammarCode>,
 }
 
 fn plan(
-    model: &Needle3Code,
-    tokenizer: &TokenizerCode,
-    output: &OutputCode,
+    parts: &Parts<'_>,
     input: &Needle3LibraryInput<'_>,
     max_rendered: usize,
     max_text: usize,
     embedding_dim: usize,
 ) -> Needle3Info {
     use Phase::{Model, Render, Tokenize};
+    let (model, tokenizer, output, grammar) =
+        (parts.model, parts.tokenizer, parts.output, parts.grammar);
     let max_new = input.max_gen_len - 1;
     let max_output_bytes = output.max_output_bytes(max_text);
     let mut lp = LifetimePlan { placed: Vec::new() };
@@ -347,6 +355,10 @@ fn plan(
         4 * (input.max_query_tokens + 1),
     );
     let gen_ids = place("generated token ids", Model..=Render, 4 * max_new.max(1));
+    let grammar_state = match grammar {
+        Some(g) => place("grammar state", Model..=Model, STRICT_AT + g.state_bytes),
+        None => 0,
+    };
     let heads_floats: usize = model.head_outputs.iter().map(|h| h.1).sum();
     let heads = place("heads", Model..=Render, 4 * heads_floats.max(1));
     let text = place("generated text", Render..=Render, max_text.max(1));
@@ -365,6 +377,7 @@ fn plan(
             tokenizer_scratch,
             query_ids,
             gen_ids,
+            grammar_state,
             heads,
             text,
             output_scratch,
@@ -388,6 +401,9 @@ fn plan(
 
 /// The value `generate` returns when a step's logits are not finite.
 const NON_FINITE: i64 = -1;
+/// The value `generate` returns when the strict grammar allows nothing (the runtime errs the
+/// same way; it cannot happen with tables the runtime accepts).
+const GRAMMAR_FAIL: i64 = -2;
 
 fn define_driver(
     ks: &mut KernelSet,
@@ -501,11 +517,24 @@ fn define_driver(
         false,
     )?;
     let query_start = if input.fold { first } else { prefix_len };
-    ks.define_function(generate, &[], &[prompt, m.step], |g, a, _, f| {
+    let envelope = match (input.strict, parts.grammar) {
+        (Some(t), Some(code)) => Some(Envelope::declare(ks, t, code, l.grammar_state)?),
+        _ => None,
+    };
+    let mut data = Vec::new();
+    let mut callees = vec![prompt, m.step];
+    if let Some(e) = &envelope {
+        data.extend([e.fixed, e.think, e.after]);
+        callees.extend([e.code.reset, e.code.allowed, e.code.feed]);
+    }
+    ks.define_function(generate, &data, &callees, |g, a, d, f| {
         let (ws, ids, n) = (a[0], a[1], a[2]);
         let step = f.get(m.step);
         let t0 = g.call(f.get(prompt), &[ws, ids, n]).expect("returns");
         let next = g.var(types::I32, t0);
+        if let Some(e) = &envelope {
+            e.reset(g, f, ws);
+        }
         let zero = g.iconst(0);
         let ptr = g.ptr;
         let count = g.var(ptr, zero);
@@ -529,7 +558,21 @@ fn define_driver(
                         g.ret(&[r]);
                     });
                 });
-                let tok = g.get(next);
+                let tok = match &envelope {
+                    None => g.get(next),
+                    Some(e) => {
+                        let remaining = g.iconst(max_new - 1);
+                        let remaining = g.b.ins().isub(remaining, s);
+                        let picked = e.pick(g, d, f, ws, logits, remaining);
+                        // Done: the envelope is complete; nothing more is generated.
+                        let finished = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, picked, 0);
+                        g.if_then(finished, |g| {
+                            let c = g.get(count);
+                            g.ret(&[c]);
+                        });
+                        picked
+                    }
+                };
                 // The step refuses (-1) only a position or token out of range, which the
                 // planned positions and the checked ids rule out: kept as an error, never
                 // decoded on.
@@ -674,6 +717,8 @@ fn define_driver(
             let n_gen = g.call(f.get(generate), &[ws, ids, n]).expect("returns");
             let nf = g.b.ins().icmp_imm_s(IntCC::Equal, n_gen, NON_FINITE);
             g.if_then(nf, |g| ret(g, "ERR_NUMERIC"));
+            let gf = g.b.ins().icmp_imm_s(IntCC::Equal, n_gen, GRAMMAR_FAIL);
+            g.if_then(gf, |g| ret(g, "ERR_OUTPUT"));
             let heads = at(g, ws, l.heads);
             g.call(f.get(heads_fn), &[ws, heads]);
             if let Some(result) = result {
@@ -806,6 +851,8 @@ fn define_driver(
         let n_gen = g.call(f.get(generate), &[ws, qids, n]).expect("returns");
         let nf = g.b.ins().icmp_imm_s(IntCC::Equal, n_gen, NON_FINITE);
         g.if_then(nf, |g| ret(g, "ERR_NUMERIC"));
+        let gf = g.b.ins().icmp_imm_s(IntCC::Equal, n_gen, GRAMMAR_FAIL);
+        g.if_then(gf, |g| ret(g, "ERR_OUTPUT"));
         let gen = at(g, ws, l.gen_ids);
         let k = without_eos(g, gen, n_gen);
         g.b.ins().store(mem(), k, out_len, 0);
@@ -1124,3 +1171,257 @@ fn header_text(input: &Needle3LibraryInput<'_>, info: &Needle3Info, ks: &KernelS
         )
         .replace("NAME_", &format!("{name}_"))
 }
+
+// ---- --grammar strict: the envelope around the strict machine ------------------------------------
+
+// Envelope phases (`needle_runtime::needle3::grammar`'s `Phase`).
+const P_START: i64 = 0;
+const P_THINK: i64 = 1;
+const P_AFTER: i64 = 2;
+const P_CALLS: i64 = 3;
+const P_IM_END: i64 = 4;
+const P_EOS: i64 = 5;
+const P_DONE: i64 = 6;
+
+/// The fixed lists, one table: `[<think>, <tool_call>]` from 0, `[<tool_call>]` from 1,
+/// `[</think>]` 2, `[<|im_end|>]` 3, `[EOS]` 4.
+const FIXED: [u32; 5] = [THINK, TOOL_CALL, THINK_END, IM_END, EOS];
+
+/// The envelope machine of `EnvelopeMachine` in generated code: its phase in the state word
+/// before the strict grammar's state, its lists in read-only data.
+struct Envelope {
+    code: GrammarCode,
+    fixed: cranelift_module::DataId,
+    /// The think block's tokens (`think_text`), in id order.
+    think: cranelift_module::DataId,
+    n_think: i64,
+    /// `<tool_call>` and the white-space tokens, in id order.
+    after: cranelift_module::DataId,
+    n_after: i64,
+    calls_cost: i64,
+    /// Workspace offset of the phase word, then the strict state.
+    state: usize,
+}
+
+impl Envelope {
+    fn declare(
+        ks: &mut KernelSet,
+        t: &EnvelopeTables,
+        code: &GrammarCode,
+        state: usize,
+    ) -> Result<Envelope, CodegenError> {
+        use crate::codegen::bytes::declare_u32_table;
+        let think: Vec<u32> = (0..t.think_text.len() as u32)
+            .filter(|&i| t.think_text[i as usize])
+            .collect();
+        let mut after = vec![TOOL_CALL];
+        after.extend(&t.whitespace);
+        after.sort_unstable();
+        Ok(Envelope {
+            code: *code,
+            fixed: declare_u32_table(ks, "envelope_fixed", FIXED, 4)?,
+            n_think: think.len() as i64,
+            think: declare_u32_table(ks, "envelope_think", think, 4)?,
+            n_after: after.len() as i64,
+            after: declare_u32_table(ks, "envelope_after", after, 4)?,
+            calls_cost: t.calls_cost() as i64,
+            state,
+        })
+    }
+
+    /// The phase word and the strict state's address.
+    fn addrs(&self, g: &mut Gen<'_>, ws: Value) -> (Value, Value) {
+        let phase = at(g, ws, self.state);
+        let strict = g.b.ins().iadd_imm_s(phase, STRICT_AT as i64);
+        (phase, strict)
+    }
+
+    fn reset(&self, g: &mut Gen<'_>, f: &crate::codegen::kernels::Callees, ws: Value) {
+        let (phase, strict) = self.addrs(g, ws);
+        let start = iconst32(g, P_START);
+        g.b.ins().store(mem(), start, phase, 0);
+        g.call(f.get(self.code.reset), &[strict]);
+    }
+
+    /// The step's token under the envelope (the first highest logit among the allowed ids),
+    /// fed to the machine; -1 once the envelope is complete; returns GRAMMAR_FAIL from the
+    /// enclosing function when nothing is allowed. `remaining`: the most tokens after it.
+    fn pick(
+        &self,
+        g: &mut Gen<'_>,
+        d: &crate::codegen::kernels::DataAddrs,
+        f: &crate::codegen::kernels::Callees,
+        ws: Value,
+        logits: Value,
+        remaining: Value,
+    ) -> Value {
+        let ptr = g.ptr;
+        let (phase_p, strict) = self.addrs(g, ws);
+        let phase = g.b.ins().load(types::I32, mem(), phase_p, 0);
+        let zero = g.iconst(0);
+        let list = g.var(ptr, zero);
+        let n = g.var(ptr, zero);
+        let fixed = d.get(self.fixed);
+        let set = |g: &mut Gen<'_>, base: Value, idx: i64, count: i64| {
+            let p = g.b.ins().iadd_imm_s(base, 4 * idx);
+            g.set(list, p);
+            let c = g.iconst(count);
+            g.set(n, c);
+        };
+        let calls = self.calls_cost;
+        let think_fits =
+            g.b.ins()
+                .icmp_imm_u(IntCC::UnsignedGreaterThan, remaining, calls);
+        let is = |g: &mut Gen<'_>, p: i64| g.b.ins().icmp_imm_u(IntCC::Equal, phase, p);
+        let c = is(g, P_START);
+        g.if_then(c, |g| {
+            g.if_else(think_fits, |g| set(g, fixed, 0, 2), |g| set(g, fixed, 1, 1));
+        });
+        let c = is(g, P_THINK);
+        g.if_then(c, |g| {
+            let think = d.get(self.think);
+            g.if_else(
+                think_fits,
+                |g| set(g, think, 0, self.n_think),
+                |g| set(g, fixed, 2, 1),
+            );
+        });
+        let c = is(g, P_AFTER);
+        g.if_then(c, |g| {
+            let fits =
+                g.b.ins()
+                    .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, remaining, calls);
+            let after = d.get(self.after);
+            g.if_else(
+                fits,
+                |g| set(g, after, 0, self.n_after),
+                |g| set(g, fixed, 1, 1),
+            );
+        });
+        let c = is(g, P_CALLS);
+        g.if_then(c, |g| {
+            // `</tool_call>` and `<|im_end|>` follow the list.
+            let two = g.iconst(2);
+            let short = g.b.ins().icmp_imm_u(IntCC::UnsignedLessThan, remaining, 2);
+            let r2 = g.b.ins().isub(remaining, two);
+            let zero = g.iconst(0);
+            let r2 = g.b.ins().select(short, zero, r2);
+            let slot =
+                g.b.create_sized_stack_slot(cranelift_codegen::ir::StackSlotData::new(
+                    cranelift_codegen::ir::StackSlotKind::ExplicitSlot,
+                    8,
+                    3,
+                ));
+            let np = g.b.ins().stack_addr(g.ptr, slot, 0);
+            g.b.ins().store(mem(), zero, np, 0);
+            let p = g
+                .call(f.get(self.code.allowed), &[strict, np, r2])
+                .expect("returns");
+            let k = g.b.ins().load(g.ptr, mem(), np, 0);
+            // NULL: the machine left the language (unconstrained in v1): nothing allowed here,
+            // as the runtime's `unwrap_or_default`.
+            let null = g.b.ins().icmp_imm_u(IntCC::Equal, p, 0);
+            let k = g.b.ins().select(null, zero, k);
+            g.set(list, p);
+            g.set(n, k);
+        });
+        let c = is(g, P_IM_END);
+        g.if_then(c, |g| set(g, fixed, 3, 1));
+        let c = is(g, P_EOS);
+        g.if_then(c, |g| set(g, fixed, 4, 1));
+        let m1 = iconst32(g, -1);
+        let result = g.var(types::I32, m1);
+        let not_done = g.b.ins().icmp_imm_u(IntCC::NotEqual, phase, P_DONE);
+        g.if_then(not_done, |g| {
+            let count = g.get(n);
+            let none = g.b.ins().icmp_imm_u(IntCC::Equal, count, 0);
+            g.if_then(none, |g| {
+                let r = g.iconst(GRAMMAR_FAIL);
+                g.ret(&[r]);
+            });
+            // The first maximum in list order (ids ascending), as the runtime's `pick`.
+            let lp = g.get(list);
+            let first = i32_at(g, mem(), lp, zero);
+            let best = g.var(types::I32, first);
+            let fi = to_ptr(g, first);
+            let bv = g.load_f32(logits, fi);
+            let best_v = g.var(types::F32, bv);
+            g.for_n(count, |g, i| {
+                let id = i32_at(g, mem(), lp, i);
+                let ii = to_ptr(g, id);
+                let v = g.load_f32(logits, ii);
+                let cur = g.get(best_v);
+                let better = g.b.ins().fcmp(FloatCC::GreaterThan, v, cur);
+                g.if_then(better, |g| {
+                    g.set(best, id);
+                    g.set(best_v, v);
+                });
+            });
+            let tok = g.get(best);
+            g.set(result, tok);
+            // Feed it (`EnvelopeMachine::feed`).
+            let next = g.var(types::I32, phase);
+            let set_phase = |g: &mut Gen<'_>, p: i64| {
+                let v = iconst32(g, p);
+                g.set(next, v);
+            };
+            let eq = |g: &mut Gen<'_>, x: Value, c: u32| {
+                g.b.ins().icmp_imm_u(IntCC::Equal, x, i64::from(c))
+            };
+            let c = is(g, P_START);
+            g.if_then(c, |g| {
+                let think = eq(g, tok, THINK);
+                let call = eq(g, tok, TOOL_CALL);
+                g.if_else(
+                    think,
+                    |g| set_phase(g, P_THINK),
+                    |g| {
+                        g.if_else(
+                            call,
+                            |g| {
+                                g.call(f.get(self.code.feed), &[strict, tok]);
+                                set_phase(g, P_CALLS);
+                            },
+                            |g| set_phase(g, P_DONE),
+                        );
+                    },
+                );
+            });
+            let c = is(g, P_THINK);
+            g.if_then(c, |g| {
+                let end = eq(g, tok, THINK_END);
+                g.if_then(end, |g| set_phase(g, P_AFTER));
+            });
+            let c = is(g, P_AFTER);
+            g.if_then(c, |g| {
+                let call = eq(g, tok, TOOL_CALL);
+                g.if_then(call, |g| {
+                    g.call(f.get(self.code.feed), &[strict, tok]);
+                    set_phase(g, P_CALLS);
+                });
+            });
+            let c = is(g, P_CALLS);
+            g.if_then(c, |g| {
+                // The list allows `</tool_call>` only once it is complete.
+                let end = eq(g, tok, TOOL_CALL_END);
+                g.if_else(
+                    end,
+                    |g| set_phase(g, P_IM_END),
+                    |g| {
+                        g.call(f.get(self.code.feed), &[strict, tok]);
+                    },
+                );
+            });
+            let c = is(g, P_IM_END);
+            g.if_then(c, |g| set_phase(g, P_EOS));
+            let c = is(g, P_EOS);
+            g.if_then(c, |g| set_phase(g, P_DONE));
+            let p = g.get(next);
+            g.b.ins().store(mem(), p, phase_p, 0);
+        });
+        g.get(result)
+    }
+}
+
+/// Offset of the strict state after the phase word (the state's alignment).
+const STRICT_AT: usize = 16;
