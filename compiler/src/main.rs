@@ -276,7 +276,9 @@ enum Command {
         max_gen_len: usize,
         /// Bound the query to N tokens, as `needlec run --max-query-tokens N`: longer queries are
         /// cut with `--fold tools` and refused (`NAME_ERR_QUERY_TOO_LONG`) with `--fold none`.
-        /// A smaller N needs a smaller workspace. Default: as many as the model allows.
+        /// A smaller N needs a smaller workspace. Default: as many as the model allows. Needle 3:
+        /// the ids of the query part (its markup included), longer ones refused; default 512,
+        /// or what the model's positions leave.
         #[arg(long, value_name = "N")]
         max_query_tokens: Option<usize>,
         /// Prefix of every exported symbol and macro.

@@ -351,6 +351,11 @@ pub fn build(
     use crate::codegen::needle3::library::{generate_needle3, Needle3LibraryInput};
     use crate::emit::{check_standalone, write_archive, ArchiveMember};
     let refuse = |what: &str| Err(Needle3Error::Unsupported(what.to_string()));
+    if !crate::build::is_c_identifier(&opts.name) {
+        return Err(Needle3Error::Build(crate::build::BuildError::BadName(
+            opts.name.clone(),
+        )));
+    }
     if let Some(p) = opts.weights {
         if p != crate::precision::Precision::F32 {
             return refuse(&format!(
@@ -363,12 +368,16 @@ pub fn build(
         return refuse("--quantize-activations is for v1 int8/int4 builds; drop it");
     }
     for e in &opts.emit {
-        if !matches!(e, Emit::Staticlib | Emit::Obj | Emit::Header) {
-            return refuse(&format!(
-                "--emit {e:?} (lowercase): a Needle 3 build writes staticlib, obj and header; \
-                 use those"
-            ));
-        }
+        let flag = match e {
+            Emit::Staticlib | Emit::Obj | Emit::Header | Emit::Xcframework => continue,
+            Emit::Ir => "ir",
+            Emit::Rust => "rust",
+            Emit::Report => "report (or --report)",
+        };
+        return refuse(&format!(
+            "--emit {flag}: a Needle 3 build writes staticlib, obj, header and xcframework; \
+             use those"
+        ));
     }
     if !(2..=crate::build::MAX_GEN_LEN_LIMIT).contains(&opts.max_gen_len) {
         return Err(Needle3Error::Build(crate::build::BuildError::MaxGenLen {
@@ -449,11 +458,6 @@ pub fn build(
         escalate_below: opts.escalate_below as f32,
         strict: strict.as_ref(),
     };
-    if !crate::build::is_c_identifier(&opts.name) {
-        return Err(Needle3Error::Build(crate::build::BuildError::BadName(
-            opts.name.clone(),
-        )));
-    }
     let lib = generate_needle3(&input, &target)
         .map_err(|e| Needle3Error::Build(crate::build::BuildError::Codegen(e)))?;
     check_standalone(&lib.library.object, &format!("{}_", opts.name))
@@ -481,6 +485,36 @@ pub fn build(
                     write_archive(target.archive_kind(), &[member])
                         .map_err(|e| Needle3Error::Build(crate::build::BuildError::Emit(e)))?,
                 )
+            }
+            Emit::Xcframework => {
+                // Every Apple target's library (baseline CPUs), one slice per platform.
+                let mut built = Vec::new();
+                for slice in crate::emit::xcframework::SLICES {
+                    for (triple, _) in slice.targets {
+                        let apple = needle_targets::Target::with_cpu(triple, None, &[])
+                            .map_err(|e| Needle3Error::Build(e.into()))?;
+                        let l = generate_needle3(&input, &apple).map_err(|e| {
+                            Needle3Error::Build(crate::build::BuildError::Codegen(e))
+                        })?;
+                        check_standalone(&l.library.object, &format!("{name}_"))
+                            .map_err(|e| Needle3Error::Build(e.into()))?;
+                        let member = ArchiveMember {
+                            name: format!("{name}.{}", apple.object_extension()),
+                            data: l.library.object,
+                        };
+                        built.push(crate::emit::xcframework::Built {
+                            triple,
+                            archive: write_archive(apple.archive_kind(), &[member])
+                                .map_err(|e| Needle3Error::Build(e.into()))?,
+                            header: l.library.header,
+                        });
+                    }
+                }
+                written.extend(
+                    crate::emit::xcframework::assemble(&opts.out_dir, name, &built)
+                        .map_err(|e| Needle3Error::Build(e.into()))?,
+                );
+                continue;
             }
             _ => continue,
         };

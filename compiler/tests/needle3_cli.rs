@@ -267,6 +267,55 @@ fn build_writes_a_needle3_library_and_its_header() {
         assert!(header.contains(decl), "{decl} missing:\n{header}");
     }
     assert!(out_dir.join("libassistant.a").is_file());
+    // The Apple targets as one XCFramework; v1-only outputs are refused by name.
+    let xc = needlec(&[
+        "build",
+        "--checkpoint",
+        &fixture("small.safetensors"),
+        "--tokenizer",
+        &fixture_tok(),
+        "--tools",
+        tools_path.to_str().unwrap(),
+        "--max-gen-len",
+        "64",
+        "--name",
+        "assistant",
+        "--emit",
+        "xcframework",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        xc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&xc.stderr)
+    );
+    for f in [
+        "assistant.xcframework/Info.plist",
+        "assistant.xcframework/ios-arm64/libassistant.a",
+        "assistant.xcframework/macos-arm64_x86_64/libassistant.a",
+        "assistant.xcframework/macos-arm64_x86_64/Headers/assistant.h",
+        "Package.swift",
+    ] {
+        assert!(out_dir.join(f).is_file(), "{f}");
+    }
+    fails_with(
+        &needlec(&[
+            "build",
+            "--checkpoint",
+            &fixture("small.safetensors"),
+            "--tokenizer",
+            &fixture_tok(),
+            "--tools",
+            tools_path.to_str().unwrap(),
+            "--emit",
+            "rust",
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+        ]),
+        "a Needle 3 build does not take --emit rust: a Needle 3 build writes staticlib, obj, \
+         header and xcframework",
+    );
     std::fs::remove_dir_all(&out_dir).ok();
     std::fs::remove_file(&tools_path).ok();
 }
