@@ -648,6 +648,25 @@ pub fn define_driver(
     })?;
 
     // ---- NAME_model_info / NAME_tool_name ------------------------------------------------------
+    define_info_and_names(
+        ks,
+        config_values,
+        tool_names,
+        "the original name of tool i (NUL-terminated), or NULL past the last tool",
+    )?;
+
+    Ok(())
+}
+
+/// `void NAME_model_info(void *info)`, which stores `values` as consecutive `u32`s (NULL is
+/// ignored), and `const char *NAME_tool_name(int32_t i)` over `tool_names` (NUL-terminated
+/// strings after a table of u32 offsets; NULL past the last), documented as `name_doc`.
+pub(crate) fn define_info_and_names(
+    ks: &mut KernelSet,
+    values: &[u32],
+    tool_names: &[String],
+    name_doc: &str,
+) -> Result<(), CodegenError> {
     let info_fn = ks.declare_function(
         "model_info",
         &["fills *info with the model's facts (NULL is ignored)"],
@@ -655,7 +674,7 @@ pub fn define_driver(
         CType::Void,
         true,
     )?;
-    let values: Vec<u32> = config_values.to_vec();
+    let values = values.to_vec();
     ks.define_function(info_fn, &[], &[], |g, a, _, _| {
         let p = a[0];
         let nonnull = g.b.ins().icmp_imm_u(IntCC::NotEqual, p, 0);
@@ -668,7 +687,6 @@ pub fn define_driver(
         None
     })?;
 
-    // Names: NUL-terminated strings after a table of u32 offsets.
     let mut blob = Vec::new();
     let mut offsets = Vec::new();
     for name in tool_names {
@@ -684,7 +702,7 @@ pub fn define_driver(
     let n_tools = tool_names.len() as i64;
     let name_fn = ks.declare_function(
         "tool_name",
-        &["the original name of tool i (NUL-terminated), or NULL past the last tool"],
+        &[name_doc],
         &[(CType::I32, "index")],
         CType::ConstCharPtr,
         true,
@@ -702,7 +720,6 @@ pub fn define_driver(
         let base = at(g, d.get(names), names_at);
         Some(g.b.ins().iadd(base, off))
     })?;
-
     Ok(())
 }
 

@@ -166,6 +166,52 @@ pub fn generate(input: &LibraryInput<'_>, target: &Target) -> Result<Library, Co
     })
 }
 
+/// The header's status macros and the `NAME_info` and `NAME_result` typedefs (v1's and Needle
+/// 3's libraries share the shape): `info_fields` are `uint32_t` but those in `float_fields`;
+/// `result` is `(C type, field, comment)`; `besides` says what `call_ex` reports them besides.
+pub(crate) fn header_types(
+    name: &str,
+    statuses: &[(&str, i32, &str)],
+    info_fields: &[&str],
+    float_fields: &[&str],
+    result: &[(&str, &str, &str)],
+    besides: &str,
+) -> String {
+    let up = name.to_ascii_uppercase();
+    let mut extra = String::from("\n");
+    for (status, value, doc) in statuses {
+        extra.push_str(&format!(
+            "#define {up}_{status} {value} /* {} */\n",
+            // `NAME_` spells a macro, `name_` a function.
+            doc.replace("NAME", &up)
+                .replace("name_", &format!("{name}_"))
+        ));
+    }
+    extra.push_str(&format!(
+        "\n/* What {name}_model_info reports. */\ntypedef struct {name}_info {{\n"
+    ));
+    for field in info_fields {
+        let ty = if float_fields.contains(field) {
+            "float"
+        } else {
+            "uint32_t"
+        };
+        extra.push_str(&format!("    {ty} {field};\n"));
+    }
+    extra.push_str(&format!("}} {name}_info;\n"));
+    extra.push_str(&format!(
+        "\n/* What {name}_call_ex reports besides {besides}. */\ntypedef struct {name}_result {{\n"
+    ));
+    for (ty, field, doc) in result {
+        let doc = doc
+            .replace("NAME_ESCALATE_BELOW", &format!("{up}_ESCALATE_BELOW"))
+            .replace("NAME_", &format!("{name}_"));
+        extra.push_str(&format!("    {ty} {field}; /* {doc} */\n"));
+    }
+    extra.push_str(&format!("}} {name}_result;\n"));
+    extra
+}
+
 fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> String {
     let name = input.name;
     let up = name.to_ascii_uppercase();
@@ -219,37 +265,14 @@ fn header_text(input: &LibraryInput<'_>, info: &LibraryInfo, ks: &KernelSet) -> 
         u32::from(input.fold == FoldMode::Tools).to_string(),
         "1: tools side folded",
     );
-    extra.push('\n');
-    for (status, value, doc) in STATUSES {
-        extra.push_str(&format!(
-            "#define {up}_{status} {value} /* {} */\n",
-            // `NAME_` spells a macro, `name_` a function.
-            doc.replace("NAME", &up)
-                .replace("name_", &format!("{name}_"))
-        ));
-    }
-    extra.push_str(&format!(
-        "\n/* What {name}_model_info reports. */\ntypedef struct {name}_info {{\n"
+    extra.push_str(&header_types(
+        name,
+        STATUSES,
+        INFO_FIELDS,
+        INFO_FLOAT_FIELDS,
+        RESULT_FIELDS,
+        "the answer",
     ));
-    for field in INFO_FIELDS {
-        let ty = if INFO_FLOAT_FIELDS.contains(field) {
-            "float"
-        } else {
-            "uint32_t"
-        };
-        extra.push_str(&format!("    {ty} {field};\n"));
-    }
-    extra.push_str(&format!("}} {name}_info;\n"));
-    extra.push_str(&format!(
-        "\n/* What {name}_call_ex reports besides the answer. */\ntypedef struct {name}_result {{\n"
-    ));
-    for (ty, field, doc) in RESULT_FIELDS {
-        let doc = doc
-            .replace("NAME_ESCALATE_BELOW", &format!("{up}_ESCALATE_BELOW"))
-            .replace("NAME_", &format!("{name}_"));
-        extra.push_str(&format!("    {ty} {field}; /* {doc} */\n"));
-    }
-    extra.push_str(&format!("}} {name}_result;\n"));
     let preamble = [
         format!("{name}: a Needle tool-calling model compiled by needlec for {}.", ks.target().name),
         "Link lib".to_string() + name + ".a; it needs nothing else (no libc, no allocator).",

@@ -23,7 +23,6 @@
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
-use cranelift_module::FuncId;
 use needle_runtime::needle3::grammar::EnvelopeTables;
 use needle_runtime::needle3::prompt::{
     render_query, EOS, IM_END, THINK, THINK_END, TOOL_CALL, TOOL_CALL_END,
@@ -37,11 +36,12 @@ use super::{define_needle3_model, Needle3Code};
 use crate::abi::{write_header, CType};
 use crate::codegen::bytes::{copy_bytes, copy_i32s, i32_at, iconst32, store_u8, to_ptr, u32_at};
 use crate::codegen::driver::{
-    align_up, at, check_arguments, check_workspace, LifetimePlan, Phase, WORKSPACE_ALIGN,
+    align_up, at, check_arguments, check_workspace, define_info_and_names, LifetimePlan, Phase,
+    WORKSPACE_ALIGN,
 };
 use crate::codegen::gen::{mem, Gen};
 use crate::codegen::grammar::GrammarCode;
-use crate::codegen::library::{Library, MAX_QUERY_BYTES};
+use crate::codegen::library::{header_types, Library, MAX_QUERY_BYTES};
 use crate::codegen::output::{define_output_with, OutputCode};
 use crate::codegen::strict::define_strict_grammar;
 use crate::codegen::tokenizer::{define_tokenizer, TokenizerCode};
@@ -932,26 +932,12 @@ fn define_driver(
     )?;
 
     // ---- NAME_model_info / NAME_tool_name ------------------------------------------------------
-    let info_fn = ks.declare_function(
-        "model_info",
-        &["fills *info with the model's facts (NULL is ignored)"],
-        &[(CType::VoidPtr, "info")],
-        CType::Void,
-        true,
+    define_info_and_names(
+        ks,
+        info_values,
+        input.tool_names,
+        "the name of tool i (NUL-terminated), or NULL past the last tool",
     )?;
-    let values = info_values.to_vec();
-    ks.define_function(info_fn, &[], &[], |g, a, _, _| {
-        let p = a[0];
-        let nonnull = g.b.ins().icmp_imm_u(IntCC::NotEqual, p, 0);
-        g.if_then(nonnull, |g| {
-            for (i, &v) in values.iter().enumerate() {
-                let c = g.b.ins().iconst(types::I32, i64::from(v));
-                g.b.ins().store(mem(), c, p, (4 * i) as i32);
-            }
-        });
-        None
-    })?;
-    define_tool_names(ks, input.tool_names)?;
     Ok(())
 }
 
@@ -1019,44 +1005,6 @@ fn store_escalate(g: &mut Gen<'_>, result: Value, threshold: f32) {
         .store(mem(), below, result, result_field("escalate"));
 }
 
-/// `const char *NAME_tool_name(int32_t i)`: NUL-terminated names after a table of u32 offsets.
-fn define_tool_names(ks: &mut KernelSet, tool_names: &[String]) -> Result<FuncId, CodegenError> {
-    let mut blob = Vec::new();
-    let mut offsets = Vec::new();
-    for name in tool_names {
-        offsets.push(blob.len() as u32);
-        blob.extend_from_slice(name.as_bytes());
-        blob.push(0);
-    }
-    let mut table = ks.target().u32_bytes(offsets);
-    let names_at = table.len();
-    table.extend_from_slice(&blob);
-    table.push(0);
-    let names = ks.declare_rodata("tool_names", table, 4)?;
-    let n_tools = tool_names.len() as i64;
-    let name_fn = ks.declare_function(
-        "tool_name",
-        &["the name of tool i (NUL-terminated), or NULL past the last tool"],
-        &[(CType::I32, "index")],
-        CType::ConstCharPtr,
-        true,
-    )?;
-    ks.define_function(name_fn, &[names], &[], |g, a, d, _| {
-        let i = to_ptr(g, a[0]);
-        let past =
-            g.b.ins()
-                .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, i, n_tools);
-        g.if_then(past, |g| {
-            let null = g.iconst(0);
-            g.ret(&[null]);
-        });
-        let off = u32_at(g, mem(), d.get(names), i);
-        let base = at(g, d.get(names), names_at);
-        Some(g.b.ins().iadd(base, off))
-    })?;
-    Ok(name_fn)
-}
-
 fn header_text(input: &Needle3LibraryInput<'_>, info: &Needle3Info, ks: &KernelSet) -> String {
     let name = input.name;
     let up = name.to_ascii_uppercase();
@@ -1117,36 +1065,14 @@ fn header_text(input: &Needle3LibraryInput<'_>, info: &Needle3Info, ks: &KernelS
         u32::from(input.fold).to_string(),
         "1: the prompt up to </tools> is precomputed",
     );
-    extra.push('\n');
-    for (status, value, doc) in statuses() {
-        extra.push_str(&format!(
-            "#define {up}_{status} {value} /* {} */\n",
-            doc.replace("NAME", &up)
-                .replace("name_", &format!("{name}_"))
-        ));
-    }
-    extra.push_str(&format!(
-        "\n/* What {name}_model_info reports. */\ntypedef struct {name}_info {{\n"
+    extra.push_str(&header_types(
+        name,
+        &statuses(),
+        INFO_FIELDS,
+        &["escalate_below"],
+        RESULT_FIELDS,
+        "the calls",
     ));
-    for field in INFO_FIELDS {
-        let ty = if *field == "escalate_below" {
-            "float"
-        } else {
-            "uint32_t"
-        };
-        extra.push_str(&format!("    {ty} {field};\n"));
-    }
-    extra.push_str(&format!("}} {name}_info;\n"));
-    extra.push_str(&format!(
-        "\n/* What {name}_call_ex reports besides the calls. */\ntypedef struct {name}_result {{\n"
-    ));
-    for (ty, field, doc) in RESULT_FIELDS {
-        let doc = doc
-            .replace("NAME_ESCALATE_BELOW", &format!("{up}_ESCALATE_BELOW"))
-            .replace("NAME_", &format!("{name}_"));
-        extra.push_str(&format!("    {ty} {field}; /* {doc} */\n"));
-    }
-    extra.push_str(&format!("}} {name}_result;\n"));
     let preamble = [
         format!(
             "{name}: a Needle 3 tool-calling model compiled by needlec for {}.",
