@@ -460,7 +460,7 @@ pub fn build(
     };
     let lib = generate_needle3(&input, &target)
         .map_err(|e| Needle3Error::Build(crate::build::BuildError::Codegen(e)))?;
-    check_standalone(&lib.library.object, &format!("{}_", opts.name))
+    check_standalone(&lib.object, &format!("{}_", opts.name))
         .map_err(|e| Needle3Error::Build(crate::build::BuildError::Emit(e)))?;
     std::fs::create_dir_all(&opts.out_dir).map_err(|cause| Needle3Error::Io {
         path: opts.out_dir.clone(),
@@ -470,15 +470,15 @@ pub fn build(
     let mut written = Vec::new();
     for emit in &opts.emit {
         let (file, bytes) = match emit {
-            Emit::Header => (format!("{name}.h"), lib.library.header.clone().into_bytes()),
+            Emit::Header => (format!("{name}.h"), lib.header.clone().into_bytes()),
             Emit::Obj => (
                 format!("{name}.{}", target.object_extension()),
-                lib.library.object.clone(),
+                lib.object.clone(),
             ),
             Emit::Staticlib => {
                 let member = ArchiveMember {
                     name: format!("{name}.{}", target.object_extension()),
-                    data: lib.library.object.clone(),
+                    data: lib.object.clone(),
                 };
                 (
                     staticlib_file(&target, name),
@@ -496,17 +496,17 @@ pub fn build(
                         let l = generate_needle3(&input, &apple).map_err(|e| {
                             Needle3Error::Build(crate::build::BuildError::Codegen(e))
                         })?;
-                        check_standalone(&l.library.object, &format!("{name}_"))
+                        check_standalone(&l.object, &format!("{name}_"))
                             .map_err(|e| Needle3Error::Build(e.into()))?;
                         let member = ArchiveMember {
                             name: format!("{name}.{}", apple.object_extension()),
-                            data: l.library.object,
+                            data: l.object,
                         };
                         built.push(crate::emit::xcframework::Built {
                             triple,
                             archive: write_archive(apple.archive_kind(), &[member])
                                 .map_err(|e| Needle3Error::Build(e.into()))?,
-                            header: l.library.header,
+                            header: l.header,
                         });
                     }
                 }
@@ -538,7 +538,7 @@ pub fn build(
         lib.info.max_query_tokens,
         prefix_ids.len(),
         lib.info.layout.total,
-        lib.library.object.len()
+        lib.object.len()
     );
     Ok(BuildReport {
         written,

@@ -158,17 +158,11 @@ fn main() {
             host.archive_kind(),
             &[ArchiveMember {
                 name: format!("b3lib.{}", host.object_extension()),
-                data: lib.library.object,
+                data: lib.object,
             }],
         )
         .unwrap();
-        let exe = build_harness(
-            &dir,
-            "b3lib",
-            &ar,
-            &lib.library.header,
-            "needle3_call_bench.c",
-        );
+        let exe = build_harness(&dir, "b3lib", &ar, &lib.header, "needle3_call_bench.c");
         let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
         let text = String::from_utf8(out.stdout).unwrap();
         let f: Vec<&str> = text.split_whitespace().collect();

@@ -41,7 +41,7 @@ use crate::codegen::driver::{
 };
 use crate::codegen::gen::{mem, Gen};
 use crate::codegen::grammar::GrammarCode;
-use crate::codegen::library::{header_types, Library, MAX_QUERY_BYTES};
+use crate::codegen::library::{header_types, MAX_QUERY_BYTES};
 use crate::codegen::output::{define_output_with, OutputCode};
 use crate::codegen::strict::define_strict_grammar;
 use crate::codegen::tokenizer::{define_tokenizer, TokenizerCode};
@@ -205,9 +205,10 @@ pub struct Needle3Info {
     pub model_bytes: usize,
 }
 
-/// A generated Needle 3 library.
+/// A generated Needle 3 library before archiving.
 pub struct Needle3Library {
-    pub library: Library,
+    pub object: Vec<u8>,
+    pub header: String,
     pub info: Needle3Info,
 }
 
@@ -282,36 +283,11 @@ pub fn generate_needle3(
     define_driver(&mut ks, &parts, input, &info, &info_values)?;
     let header = header_text(input, &info, &ks);
     let object = ks.finish()?;
-    // v1's `LibraryInfo` has no Needle 3 counterpart fields: the library's own info is
-    // `Needle3Info`; the shared struct carries the workspace total for the build summary.
-    let library = Library {
+    Ok(Needle3Library {
         object,
         header,
-        binding: String::new(),
-        info: crate::codegen::driver::LibraryInfo {
-            layout: crate::codegen::driver::WorkspaceLayout {
-                grammar_state: 0,
-                n_allowed: 0,
-                query_ids: info.layout.query_ids,
-                gen_ids: info.layout.gen_ids,
-                tokenizer_scratch: info.layout.tokenizer_scratch,
-                text: info.layout.text,
-                output_scratch: info.layout.output_scratch,
-                output: info.layout.output,
-                forced_ids: 0,
-                step_counts: 0,
-                total: info.layout.total,
-            },
-            regions: info.regions.clone(),
-            max_query_tokens: info.max_query_tokens,
-            max_query_bytes: info.max_query_bytes,
-            max_gen_len: info.max_gen_len,
-            max_text_bytes: info.max_text_bytes,
-            max_output_bytes: info.max_output_bytes,
-            max_forced_rows: 0,
-        },
-    };
-    Ok(Needle3Library { library, info })
+        info,
+    })
 }
 
 struct Parts<'a> {
