@@ -538,13 +538,13 @@ fn the_default_config_quantized_here_matches_the_reference_cq4_runs() {
     let cq: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("cq_codes.json")).unwrap()).unwrap();
     let config: Config = Config::from_json(&json["config"].to_string()).unwrap();
-    let mut src = CqWeights {
-        inner: generate::Generated {
+    let mut src = CqWeights::new(
+        generate::Generated {
             num_layers: config.num_layers,
         },
-        group: 128,
-        levels: f32s(&cq["codebooks_group128"]["4"]),
-    };
+        128,
+        f32s(&cq["codebooks_group128"]["4"]),
+    );
     let model = Model::load(config, &mut src).unwrap();
     let worst = check_runs(&json, &bin, &model, "cq4", None, [2e-3, 2e-3, 1e-3]);
     eprintln!("default cq4 quantized here, worst: {worst:?}");
@@ -823,6 +823,69 @@ fn the_query_part_tokenizes_alone_as_within_the_prompt() {
                     whole.ids[whole.prefix_len..],
                     "{model}: {query:?}"
                 );
+            }
+        }
+    }
+}
+
+/// A `.cact` export's embedding and engram tables come with their codes (a library embeds
+/// those), and the codes dequantize to exactly the values the model runs on.
+#[test]
+fn a_cact_model_keeps_the_codes_of_its_tables() {
+    let data = std::fs::read(fixture("small.cact")).unwrap();
+    let model = Model::from_cact_bytes(&data).unwrap();
+    let emb = model.embedding_cq.as_ref().expect("the embedding's codes");
+    assert_eq!((emb.rows, emb.cols), model.embedding.dim());
+    let values: Vec<f32> = model.embedding.iter().copied().collect();
+    assert!(emb.dequantize() == values);
+    assert!(!model.sites.is_empty());
+    for site in &model.sites {
+        let t = site.tables_cq.as_ref().expect("the tables' codes");
+        assert!(t.dequantize() == site.tables);
+    }
+    // A ladder slice keeps the codes of the sites it keeps.
+    let sliced = model.clone().into_ladder(2).unwrap();
+    assert!(sliced.embedding_cq.is_some());
+    assert!(sliced.sites.iter().all(|s| s.tables_cq.is_some()));
+}
+
+/// Quantizing here packs codes as a `.cact` file does, at every code width: the packed codes
+/// and float16 norms read back through the file's reader give the same tensor, and
+/// dequantize to `cq_quantize`'s values.
+#[test]
+fn codes_quantized_here_read_back_as_a_cact_blob() {
+    use needle_runtime::needle3::cact::cq_quantize;
+    use needle_runtime::needle3::cq::CqTensor;
+    let (rows, cols, group) = (5, 40, 16);
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 3) as f32))
+        .collect();
+    let books: [&[f32]; 5] = [
+        &[-0.2, 0.2],
+        &[-0.3, -0.1, 0.0, 0.3],
+        &[-0.4, -0.25, -0.1, -0.02, 0.02, 0.1, 0.25, 0.4],
+        &[
+            -0.5, -0.4, -0.3, -0.22, -0.15, -0.1, -0.05, -0.01, 0.01, 0.05, 0.1, 0.15, 0.22, 0.3,
+            0.4, 0.5,
+        ],
+        &[-0.3, 0.0, 0.3],
+    ];
+    for levels in books {
+        let t = CqTensor::encode(&values, cols, group, levels);
+        let mut blob = t.packed.clone();
+        blob.extend(
+            t.norms
+                .iter()
+                .flat_map(|&n| half::f16::from_f32(n).to_le_bytes()),
+        );
+        let back = CqTensor::from_blob(&blob, rows, cols, group, t.bits, levels).unwrap();
+        assert_eq!(back, t, "{} levels", levels.len());
+        assert!(t.dequantize() == cq_quantize(&values, cols, group, levels));
+        // Every code is one of the levels' (ternary: never crumb 2).
+        for r in 0..rows {
+            for k in 0..t.padded_cols() {
+                let code = t.code(r, k);
+                assert!(code < t.code_levels.len() && !(t.bits == 5 && code == 2));
             }
         }
     }

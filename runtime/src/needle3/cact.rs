@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use super::config::Config;
+use super::cq::CqTensor;
 use super::model::{Model, Source};
 use super::Error;
 
@@ -15,8 +16,7 @@ pub const TAG: u32 = 0x05E1_2A84;
 pub const HEADER_BYTES: usize = 196;
 /// Directory record bytes.
 pub const RECORD_BYTES: usize = 44;
-/// The record `bits` value of the ternary code.
-pub const TERNARY: u32 = 5;
+pub use super::cq::TERNARY;
 
 fn err(what: impl Into<String>) -> Error {
     Error::Cact(what.into())
@@ -76,6 +76,8 @@ pub struct Entry {
     pub nbytes: u64,
     pub values: Vec<f32>,
     pub raw: Vec<u8>,
+    /// A CQ tensor's codes (`values` holds them dequantized).
+    pub cq: Option<CqTensor>,
 }
 
 /// A parsed `.cact` file.
@@ -137,91 +139,6 @@ fn levels(codebook: &[f32], bits: u32, group: usize) -> Result<Vec<f32>, Error> 
             )))
         }
     })
-}
-
-/// Dequantizes a CQ blob of a logical `(rows, cols)` matrix.
-fn dequantize(
-    blob: &[u8],
-    rows: usize,
-    cols: usize,
-    group: usize,
-    bits: u32,
-    codebook: &[f32],
-    index: usize,
-) -> Result<Vec<f32>, Error> {
-    let levels = levels(codebook, bits, group)?;
-    let width = if bits == TERNARY { 2 } else { bits as usize };
-    let in_pad = cols.div_ceil(group) * group;
-    let row_bytes = in_pad * width / 8;
-    let n_idx = rows * row_bytes;
-    let scale = 1.0 / (group as f32).sqrt();
-    let mut out = Vec::with_capacity(rows * cols);
-    let mut buf = vec![0f32; group];
-    for r in 0..rows {
-        let packed = &blob[r * row_bytes..(r + 1) * row_bytes];
-        let mut row = Vec::with_capacity(in_pad);
-        for g in 0..in_pad / group {
-            let at = n_idx + 2 * (r * (in_pad / group) + g);
-            let norm = half::f16::from_le_bytes([blob[at], blob[at + 1]]).to_f32();
-            for (i, b) in buf.iter_mut().enumerate() {
-                let k = g * group + i;
-                let bit = k * width;
-                let word = u32::from(packed[bit / 8])
-                    | packed.get(bit / 8 + 1).map_or(0, |&v| u32::from(v) << 8);
-                let code = ((word >> (bit % 8)) & ((1 << width) - 1)) as usize;
-                let level = if bits == TERNARY {
-                    match code {
-                        3 => 0,
-                        0 => 1,
-                        1 => 2,
-                        _ => {
-                            return Err(err(format!(
-                                "tensor {index}: ternary crumb 2 at row {r}, column {k} is not a \
-                                 code (3, 0, 1 are); the file is corrupt"
-                            )))
-                        }
-                    }
-                } else {
-                    code
-                };
-                *b = levels[level] * norm;
-            }
-            fwht(&mut buf);
-            row.extend(buf.iter().map(|v| v * scale));
-        }
-        out.extend_from_slice(&row[..cols]);
-    }
-    Ok(out)
-}
-
-/// [`fwht`] in float64.
-fn fwht64(x: &mut [f64]) {
-    let mut h = 1;
-    while h < x.len() {
-        for i in (0..x.len()).step_by(2 * h) {
-            for j in i..i + h {
-                let (a, b) = (x[j], x[j + h]);
-                x[j] = a + b;
-                x[j + h] = a - b;
-            }
-        }
-        h *= 2;
-    }
-}
-
-/// The unnormalized fast Walsh-Hadamard transform (Sylvester order) in place.
-fn fwht(x: &mut [f32]) {
-    let mut h = 1;
-    while h < x.len() {
-        for i in (0..x.len()).step_by(2 * h) {
-            for j in i..i + h {
-                let (a, b) = (x[j], x[j + h]);
-                x[j] = a + b;
-                x[j + h] = a - b;
-            }
-        }
-        h *= 2;
-    }
 }
 
 impl Cact {
@@ -377,24 +294,28 @@ impl Cact {
             }
             spans.push((offset, end, i));
             let blob = &data[offset as usize..end as usize];
-            let (values, raw) = match format {
+            let (values, raw, cq) = match format {
                 Format::F16 => (
                     blob.chunks_exact(2)
                         .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                         .collect(),
                     Vec::new(),
+                    None,
                 ),
                 Format::F32 => (
                     blob.chunks_exact(4)
                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect(),
                     Vec::new(),
+                    None,
                 ),
-                Format::Cq { group, bits } => (
-                    dequantize(blob, shape[0], shape[1], group, bits, &codebook, i)?,
-                    Vec::new(),
-                ),
-                Format::Raw => (Vec::new(), blob.to_vec()),
+                Format::Cq { group, bits } => {
+                    let levels = levels(&codebook, bits, group)?;
+                    let t = CqTensor::from_blob(blob, shape[0], shape[1], group, bits, &levels)
+                        .map_err(|e| err(format!("tensor {i}: {e}")))?;
+                    (t.dequantize(), Vec::new(), Some(t))
+                }
+                Format::Raw => (Vec::new(), blob.to_vec(), None),
             };
             entries.push(Entry {
                 format,
@@ -403,6 +324,7 @@ impl Cact {
                 nbytes,
                 values,
                 raw,
+                cq,
             });
         }
         spans.sort_unstable();
@@ -534,6 +456,9 @@ impl Cact {
             e.shape.clone(),
             floats(i, e, "embedding")?,
         );
+        if let Some(t) = &e.cq {
+            named.cq.insert("embedding/embedding".into(), t.clone());
+        }
         let mut per_layer: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         let mut names: Vec<String> = vec![
             "ZCRMSNorm_0/scale".into(),
@@ -662,6 +587,9 @@ impl Cact {
                 vec![e_n, slots, s_n],
                 floats(i, e, "engram tables")?,
             );
+            if let Some(t) = &e.cq {
+                named.cq.insert(p("embedding"), t.clone());
+            }
             if e.shape != [e_n * slots, s_n] {
                 return Err(err(format!(
                     "tensor {i} (engram tables) has shape {:?}",
@@ -767,6 +695,8 @@ impl Cact {
 #[derive(Default)]
 struct Named {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// The codes of the CQ tensors a library keeps in CQ form (the tables read by row).
+    cq: HashMap<String, CqTensor>,
     p1: Vec<usize>,
     p2: Vec<usize>,
 }
@@ -780,6 +710,10 @@ impl Named {
 impl Source for Named {
     fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    fn cq(&mut self, name: &str) -> Option<CqTensor> {
+        self.cq.remove(name)
     }
 
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
@@ -822,46 +756,7 @@ impl Model {
 /// by the normalized Walsh-Hadamard matrix, keep its L2 norm as float16, pick the nearest
 /// `levels` entry of `rotated / max(norm, 1e-12)` (ties to the lower level), rotate back.
 pub fn cq_quantize(values: &[f32], len: usize, group: usize, levels: &[f32]) -> Vec<f32> {
-    let pad = len.div_ceil(group) * group;
-    let scale = 1.0 / (group as f32).sqrt();
-    let scale64 = 1.0 / (group as f64).sqrt();
-    let mut out = Vec::with_capacity(values.len());
-    let mut buf = vec![0f32; pad];
-    let mut rot = vec![0f64; group];
-    for row in values.chunks_exact(len) {
-        buf[..len].copy_from_slice(row);
-        buf[len..].iter_mut().for_each(|v| *v = 0.0);
-        for g in buf.chunks_exact_mut(group) {
-            // The rotation in float64, rounded once: the choice of code then only differs from
-            // the package's where its own float32 rounding lands across a midpoint.
-            for (r, &v) in rot.iter_mut().zip(g.iter()) {
-                *r = f64::from(v);
-            }
-            fwht64(&mut rot);
-            rot.iter_mut()
-                .for_each(|v| *v = f64::from((*v * scale64) as f32));
-            let norm = rot.iter().map(|v| v * v).sum::<f64>().sqrt() as f32;
-            let stored = half::f16::from_f32(norm).to_f32();
-            let inv = norm.max(1e-12);
-            for (v, &r) in g.iter_mut().zip(rot.iter()) {
-                let u = r as f32 / inv;
-                let pos = levels
-                    .partition_point(|&l| l < u)
-                    .clamp(1, levels.len() - 1);
-                let (lo, hi) = (levels[pos - 1], levels[pos]);
-                let q = if (u - lo).abs() <= (hi - u).abs() {
-                    lo
-                } else {
-                    hi
-                };
-                *v = q * stored;
-            }
-            fwht(g);
-            g.iter_mut().for_each(|v| *v *= scale);
-        }
-        out.extend_from_slice(&buf[..len]);
-    }
-    out
+    CqTensor::encode(values, len, group, levels).dequantize()
 }
 
 /// A [`Source`] with the package's CQ deployment weights (`scripts/needle3/README.md`, "CQ"):
@@ -871,11 +766,30 @@ pub struct CqWeights<S> {
     pub inner: S,
     pub group: usize,
     pub levels: Vec<f32>,
+    /// The codes of the tensors quantized along their last axis, by name, until
+    /// [`Source::cq`] takes them.
+    codes: HashMap<String, CqTensor>,
+}
+
+impl<S> CqWeights<S> {
+    /// `inner`'s tensors CQ-quantized in groups of `group` to `levels` (ascending).
+    pub fn new(inner: S, group: usize, levels: Vec<f32>) -> Self {
+        CqWeights {
+            inner,
+            group,
+            levels,
+            codes: HashMap::new(),
+        }
+    }
 }
 
 impl<S: Source> Source for CqWeights<S> {
     fn has(&self, name: &str) -> bool {
         self.inner.has(name)
+    }
+
+    fn cq(&mut self, name: &str) -> Option<CqTensor> {
+        self.codes.remove(name)
     }
 
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
@@ -907,7 +821,10 @@ impl<S: Source> Source for CqWeights<S> {
         } else if (leaf == "embedding" && shape.len() >= 2)
             || (head && matches!(leaf, "probes" | "query"))
         {
-            cq_quantize(&v, last, self.group, &self.levels)
+            let t = CqTensor::encode(&v, last, self.group, &self.levels);
+            let values = t.dequantize();
+            self.codes.insert(name.to_string(), t);
+            values
         } else {
             v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
         })

@@ -10,6 +10,7 @@
 
 pub mod cact;
 pub mod config;
+pub mod cq;
 pub mod engine;
 pub mod forward;
 pub mod generate;

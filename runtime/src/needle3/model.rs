@@ -8,6 +8,7 @@ use ndarray::Array2;
 use safetensors::tensor::{Dtype, SafeTensors};
 
 use super::config::{looks_like_needle3, Config};
+use super::cq::CqTensor;
 use super::Error;
 
 /// The `format_version` metadata value the reference writes and accepts.
@@ -76,6 +77,9 @@ pub struct Mhc {
 pub struct Site {
     /// `(E, slots, S)` row-major.
     pub tables: Vec<f32>,
+    /// The tables' CQ codes (`E * slots` rows of `S`) where the checkpoint is CQ-quantized:
+    /// `tables` is then their dequantization, and a library embeds these instead.
+    pub tables_cq: Option<CqTensor>,
     /// `(E*S, D)`.
     pub key_proj: Array2<f32>,
     pub value_proj: Array2<f32>,
@@ -116,6 +120,9 @@ pub struct Model {
     pub config: Config,
     /// `(V, D)`, also the tied output matrix.
     pub embedding: Array2<f32>,
+    /// The embedding's CQ codes where the checkpoint is CQ-quantized (`embedding` is then
+    /// their dequantization).
+    pub embedding_cq: Option<CqTensor>,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
     /// One per entry of `config.engram_layers`, in that order.
@@ -132,6 +139,12 @@ pub trait Source {
     fn has(&self, name: &str) -> bool;
     /// The tensor's values in row-major order, checked to have `shape`.
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error>;
+    /// The CQ codes of a tensor [`Source::get`] just returned, where the source has them (a
+    /// `.cact` file, or CQ quantization applied on loading): the values were their
+    /// dequantization.
+    fn cq(&mut self, _name: &str) -> Option<CqTensor> {
+        None
+    }
 }
 
 /// A parsed safetensors checkpoint as a [`Source`].
@@ -272,6 +285,7 @@ impl Model {
             c.vocab_size,
             d,
         );
+        let embedding_cq = src.cq("embedding/embedding");
 
         let mut stacked = |name: &str, shape: &[usize]| -> Result<Vec<Vec<f32>>, Error> {
             let mut full = vec![l_n];
@@ -386,6 +400,7 @@ impl Model {
                 let p = |x: &str| format!("engrams_{i}/{x}");
                 sites.push(Site {
                     tables: src.get(&p("embedding"), &[e, slots, s])?,
+                    tables_cq: src.cq(&p("embedding")),
                     key_proj: matrix(src.get(&p("key_proj/kernel"), &[e * s, d])?, e * s, d),
                     value_proj: matrix(src.get(&p("value_proj/kernel"), &[e * s, d])?, e * s, d),
                     taps: matrix(src.get(&p("taps"), &[4, d])?, 4, d),
@@ -435,6 +450,7 @@ impl Model {
         Ok(Model {
             config,
             embedding,
+            embedding_cq,
             layers,
             final_norm,
             sites,
@@ -513,6 +529,7 @@ impl Model {
         Ok(Model {
             config,
             embedding: self.embedding,
+            embedding_cq: self.embedding_cq,
             layers,
             final_norm: self.final_norm,
             sites,
