@@ -199,7 +199,7 @@ impl CqTensor {
             8 => 3,
             _ => 4,
         };
-        let rows = if cols == 0 { 0 } else { values.len() / cols };
+        let rows = values.len().checked_div(cols).unwrap_or(0);
         let mut t = CqTensor {
             rows,
             cols,
