@@ -843,6 +843,24 @@ fn a_cact_model_keeps_the_codes_of_its_tables() {
         let t = site.tables_cq.as_ref().expect("the tables' codes");
         assert!(t.dequantize() == site.tables);
     }
+    // The attention and engram projections' codes, `(out, in)`: the matrices transposed.
+    let transposed = |t: &needle_runtime::needle3::cq::CqTensor, m: &ndarray::Array2<f32>| {
+        assert_eq!((t.cols, t.rows), m.dim());
+        t.dequantize() == m.t().iter().copied().collect::<Vec<f32>>()
+    };
+    for layer in &model.layers {
+        let cq = layer.cq.as_ref().expect("the projections' codes");
+        assert!(transposed(&cq.q, &layer.wq) && transposed(&cq.k, &layer.wk));
+        assert!(transposed(&cq.v, &layer.wv) && transposed(&cq.gate, &layer.wgate));
+        assert!(transposed(&cq.out, &layer.wout));
+    }
+    for site in &model.sites {
+        assert!(transposed(site.key_cq.as_ref().unwrap(), &site.key_proj));
+        assert!(transposed(
+            site.value_cq.as_ref().unwrap(),
+            &site.value_proj
+        ));
+    }
     // A ladder slice keeps the codes of the sites it keeps.
     let sliced = model.clone().into_ladder(2).unwrap();
     assert!(sliced.embedding_cq.is_some());

@@ -470,6 +470,18 @@ impl Target {
         matches!(self.arch, Arch::X86_64 | Arch::Aarch64) && self.simd_f32x4()
     }
 
+    /// Whether Cranelift lowers `swizzle` (a byte shuffle by a vector of indices) to one
+    /// native instruction: aarch64's `tbl`, x86-64's `pshufb` (SSSE3; without it a libcall,
+    /// which a standalone object must not reference). RISC-V's vector code for it is not
+    /// checked under the emulator, so it is not used there.
+    pub fn byte_shuffles(&self) -> bool {
+        match self.arch {
+            Arch::X86_64 => self.has("ssse3"),
+            Arch::Aarch64 => true,
+            Arch::Riscv64 => false,
+        }
+    }
+
     pub fn simd_f32x4(&self) -> bool {
         match self.arch {
             Arch::X86_64 | Arch::Aarch64 => true,

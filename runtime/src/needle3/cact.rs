@@ -493,6 +493,11 @@ impl Cact {
                 let name = name.as_str();
                 let (i, e) = next(name)?;
                 let (shape, v) = if name.ends_with("kernel") {
+                    if let Some(t) = &e.cq {
+                        named
+                            .cq
+                            .insert(format!("stack/layers/block/{name}@{l}"), t.clone());
+                    }
                     kernel(i, e, name)?
                 } else if name == "attn_gate" {
                     (Vec::new(), floats(i, e, name)?)
@@ -596,12 +601,15 @@ impl Cact {
                     e.shape
                 )));
             }
-            let (i, e) = next("key_proj")?;
-            let (shape, v) = kernel(i, e, "key_proj")?;
-            named.put(&p("key_proj/kernel"), shape, v);
-            let (i, e) = next("value_proj")?;
-            let (shape, v) = kernel(i, e, "value_proj")?;
-            named.put(&p("value_proj/kernel"), shape, v);
+            for proj in ["key_proj", "value_proj"] {
+                let (i, e) = next(proj)?;
+                let (shape, v) = kernel(i, e, proj)?;
+                let name = p(&format!("{proj}/kernel"));
+                if let Some(t) = &e.cq {
+                    named.cq.insert(format!("{name}@0"), t.clone());
+                }
+                named.put(&name, shape, v);
+            }
             let (i, e) = next("engram taps")?;
             named.put(&p("taps"), e.shape.clone(), floats(i, e, "engram taps")?);
         }
@@ -801,14 +809,20 @@ impl<S: Source> Source for CqWeights<S> {
             // Along the input axis (second to last): quantize the transposed matrices.
             let rows = shape[shape.len() - 2];
             let mut out = Vec::with_capacity(v.len());
-            for m in v.chunks_exact(rows * last) {
+            for (i, m) in v.chunks_exact(rows * last).enumerate() {
                 let mut t = vec![0f32; m.len()];
                 for r in 0..rows {
                     for c in 0..last {
                         t[c * rows + r] = m[r * last + c];
                     }
                 }
-                let q = cq_quantize(&t, rows, self.group, &self.levels);
+                let codes = CqTensor::encode(&t, rows, self.group, &self.levels);
+                let q = codes.dequantize();
+                if leaf == "kernel" {
+                    // Stored `(out, in)`, as a `.cact` file stores it; `@i` the i-th matrix
+                    // of a stack (the layer).
+                    self.codes.insert(format!("{name}@{i}"), codes);
+                }
                 let start = out.len();
                 out.resize(start + m.len(), 0.0);
                 for r in 0..rows {

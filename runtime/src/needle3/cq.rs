@@ -175,6 +175,28 @@ impl CqTensor {
         }
     }
 
+    /// The rows of `parts` one after another: one tensor, where they share columns, group,
+    /// code width and levels (`None` otherwise).
+    pub fn concat_rows(parts: &[&CqTensor]) -> Option<CqTensor> {
+        let first = parts.first()?;
+        let same = |t: &&CqTensor| {
+            (t.cols, t.group, t.bits) == (first.cols, first.group, first.bits)
+                && t.code_levels == first.code_levels
+        };
+        if !parts.iter().all(same) {
+            return None;
+        }
+        Some(CqTensor {
+            rows: parts.iter().map(|t| t.rows).sum(),
+            packed: parts
+                .iter()
+                .flat_map(|t| t.packed.iter().copied())
+                .collect(),
+            norms: parts.iter().flat_map(|t| t.norms.iter().copied()).collect(),
+            ..(*first).clone()
+        })
+    }
+
     /// Every row's values, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];

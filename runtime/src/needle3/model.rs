@@ -35,6 +35,20 @@ pub struct Layer {
     pub k_norm: Vec<f32>,
     pub mlp: Mlp,
     pub mhc: Mhc,
+    /// The attention projections' CQ codes where the checkpoint is CQ-quantized (the
+    /// matrices above are then their dequantization).
+    pub cq: Option<LayerCq>,
+}
+
+/// One layer's CQ-quantized projections, each stored `(out, in)`: a row of codes per output,
+/// quantized along the input axis.
+#[derive(Clone, Debug)]
+pub struct LayerCq {
+    pub q: CqTensor,
+    pub k: CqTensor,
+    pub v: CqTensor,
+    pub gate: CqTensor,
+    pub out: CqTensor,
 }
 
 /// The Hadamard MLP's parameters (section 2.4).
@@ -85,6 +99,9 @@ pub struct Site {
     pub value_proj: Array2<f32>,
     /// `(4, D)`.
     pub taps: Array2<f32>,
+    /// The projections' CQ codes, `(out, in)`, where the checkpoint is CQ-quantized.
+    pub key_cq: Option<CqTensor>,
+    pub value_cq: Option<CqTensor>,
 }
 
 /// A probe-pooling head (section 4).
@@ -389,7 +406,17 @@ impl Model {
                     a_post: a_post[l][0],
                     a_res: a_res[l][0],
                 },
+                cq: None,
             });
+        }
+        // The projections' codes, where the source has them (all or none).
+        for (l, layer) in layers.iter_mut().enumerate() {
+            let mut take = |s: &str| src.cq(&format!("{BLOCK}self_attn/{s}_proj/kernel@{l}"));
+            if let (Some(q), Some(k), Some(v), Some(gate), Some(out)) =
+                (take("q"), take("k"), take("v"), take("gate"), take("out"))
+            {
+                layer.cq = Some(LayerCq { q, k, v, gate, out });
+            }
         }
         let final_norm = src.get("stack/final_norm/scale", &[d])?;
 
@@ -404,6 +431,8 @@ impl Model {
                     key_proj: matrix(src.get(&p("key_proj/kernel"), &[e * s, d])?, e * s, d),
                     value_proj: matrix(src.get(&p("value_proj/kernel"), &[e * s, d])?, e * s, d),
                     taps: matrix(src.get(&p("taps"), &[4, d])?, 4, d),
+                    key_cq: src.cq(&format!("{}@0", p("key_proj/kernel"))),
+                    value_cq: src.cq(&format!("{}@0", p("value_proj/kernel"))),
                 });
             }
         }

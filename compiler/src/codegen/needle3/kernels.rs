@@ -12,6 +12,7 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
 
+use super::cq::{self, CqData};
 use crate::abi::CType;
 use crate::codegen::gen::{mem_ro, Gen, V4};
 use crate::codegen::math;
@@ -615,13 +616,19 @@ pub struct EngramShape {
     pub sub: usize,
 }
 
+/// A site's tables: float32 rows, or CQ codes dequantized a gathered row at a time.
+pub enum Tables {
+    F32(DataId),
+    Cq(CqData),
+}
+
 /// `void engram_gather(const int32_t *ids, const int32_t *folded, float *m, size_t t)`: the
 /// n-gram rows of position `t` (`ids[..=t]` written, those below `p0` in `folded`): `m =
 /// concat_e(Table_e[index[t][e]] * ok[t][e])`, `index` the hash of section 3.
 pub fn engram_gather(
     ks: &mut KernelSet,
     name: &str,
-    tables: DataId,
+    tables: &Tables,
     e: &EngramShape,
     p0: usize,
 ) -> Result<FuncId, CodegenError> {
@@ -632,8 +639,16 @@ pub fn engram_gather(
         (CType::SizeT, "t"),
     ];
     let (slots, sub) = (e.slots as i64, e.sub as i64);
-    internal(ks, name, &params, CType::Void, &[tables], |g, a, d| {
+    let data: Vec<DataId> = match tables {
+        Tables::F32(id) => vec![*id],
+        Tables::Cq(cq) => cq.data_ids().to_vec(),
+    };
+    internal(ks, name, &params, CType::Void, &data, |g, a, d| {
         let (ids, folded, m, t, tab) = (a[0], a[1], a[2], a[3], d[0]);
+        let scratch = match tables {
+            Tables::Cq(cq) => Some((cq.shape, cq::stack_floats(g, cq.shape.group))),
+            Tables::F32(_) => None,
+        };
         for (oi, &order) in e.orders.iter().enumerate() {
             for hh in 0..e.heads {
                 let table = (oi * e.heads + hh) as i64;
@@ -663,7 +678,6 @@ pub fn engram_gather(
                     g.b.ins().uextend(pt, slot)
                 };
                 let row = g.b.ins().iadd_imm_s(slot, table * slots);
-                let src = g.addr(tab, row, sub * 4);
                 let dst = g.iconst(table * sub * 4);
                 let dst = g.b.ins().iadd(m, dst);
                 let valid =
@@ -671,11 +685,15 @@ pub fn engram_gather(
                         .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, t, order as i64 - 1);
                 g.if_else(
                     valid,
-                    |g| {
-                        g.for_const(0, sub, 1, |g, c| {
-                            let v = load_ro(g, src, c);
-                            g.store_f32(v, dst, c);
-                        });
+                    |g| match scratch {
+                        Some((shape, buf)) => cq::dequantize_row(g, d, &shape, row, dst, buf),
+                        None => {
+                            let src = g.addr(tab, row, sub * 4);
+                            g.for_const(0, sub, 1, |g, c| {
+                                let v = load_ro(g, src, c);
+                                g.store_f32(v, dst, c);
+                            });
+                        }
                     },
                     |g| {
                         g.for_const(0, sub, 1, |g, c| {

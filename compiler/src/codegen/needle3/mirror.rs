@@ -8,6 +8,7 @@
 //! [`crate::codegen::math::exp`]. Only what the prefix's rows and the heads' pooling depend
 //! on is here (not the logits).
 
+use needle_runtime::needle3::cq::{fwht, CqTensor};
 use needle_runtime::needle3::forward::rope_tables;
 use needle_runtime::needle3::Model;
 
@@ -112,6 +113,59 @@ fn matmul(x: &[f32], w: &[f32], n: usize, fma: bool) -> Vec<f32> {
     y
 }
 
+/// A matrix product as the step holds it: float32 `(k, n)` row-major (v1's `matmul`), or
+/// CQ codes stored `(n, k)` ([`super::cq::matmul`]).
+enum Product {
+    F32(Vec<f32>, usize),
+    Cq(CqTensor),
+}
+
+impl Product {
+    fn new(values: Vec<f32>, n: usize, codes: Option<&CqTensor>) -> Product {
+        match codes {
+            Some(t) => Product::Cq(t.clone()),
+            None => Product::F32(values, n),
+        }
+    }
+
+    fn apply(&self, x: &[f32], fma: bool) -> Vec<f32> {
+        match self {
+            Product::F32(w, n) => matmul(x, w, *n, fma),
+            Product::Cq(t) => cq_matmul(x, t, fma),
+        }
+    }
+}
+
+/// [`super::cq::matmul`] of one row: the row rotated per group, then per output and group the
+/// levels times the rotated values in four lanes (lane `l` takes values `l, l+4, ...`), `(l0 +
+/// l1) + (l2 + l3)`, and the output `+= norm * that`.
+fn cq_matmul(x: &[f32], t: &CqTensor, fma: bool) -> Vec<f32> {
+    let (g, gpr) = (t.group, t.groups_per_row());
+    let scale = 1.0 / (g as f32).sqrt();
+    let mut xr = vec![0f32; t.padded_cols()];
+    xr[..x.len()].copy_from_slice(x);
+    for grp in xr.chunks_exact_mut(g) {
+        fwht(grp);
+    }
+    xr.iter_mut().for_each(|v| *v *= scale);
+    (0..t.rows)
+        .map(|c| {
+            let mut acc = 0f32;
+            for gi in 0..gpr {
+                let mut lanes = [0f32; 4];
+                for i in 0..g {
+                    let k = gi * g + i;
+                    let level = t.code_levels[t.code(c, k)];
+                    lanes[i % 4] = mul_add(level, xr[k], lanes[i % 4], fma);
+                }
+                let gs = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+                acc = mul_add(t.norms[c * gpr + gi], gs, acc, fma);
+            }
+            acc
+        })
+        .collect()
+}
+
 /// The kernels' sequential dot product.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0, |s, (x, y)| s + x * y)
@@ -175,9 +229,9 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
     // Each layer's weights as the step holds them (concatenated, `1 + g` scales), made once.
     struct Mats {
         phi: Vec<f32>,
-        cat: Vec<f32>,
+        cat: Product,
         taps: Vec<f32>,
-        wout: Vec<f32>,
+        wout: Product,
         norm_in: Vec<f32>,
         q_norm: Vec<f32>,
         k_norm: Vec<f32>,
@@ -199,14 +253,20 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
                     ],
                     n * d,
                 ),
-                cat: side_by_side(
-                    &[
-                        (&flat2(&w.wq), qw),
-                        (&flat2(&w.wk), kw),
-                        (&flat2(&w.wv), vw),
-                        (&flat2(&w.wgate), gw),
-                    ],
-                    d,
+                cat: Product::new(
+                    side_by_side(
+                        &[
+                            (&flat2(&w.wq), qw),
+                            (&flat2(&w.wk), kw),
+                            (&flat2(&w.wv), vw),
+                            (&flat2(&w.wgate), gw),
+                        ],
+                        d,
+                    ),
+                    cw + gw,
+                    w.cq.as_ref()
+                        .and_then(|c| CqTensor::concat_rows(&[&c.q, &c.k, &c.v, &c.gate]))
+                        .as_ref(),
                 ),
                 taps: if n_taps == 0 {
                     vec![1.0; cw]
@@ -220,7 +280,7 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
                         n_taps,
                     )
                 },
-                wout: flat2(&w.wout),
+                wout: Product::new(flat2(&w.wout), d, w.cq.as_ref().map(|c| &c.out)),
                 norm_in: one_plus(&w.norm_in),
                 q_norm: one_plus(&w.q_norm),
                 k_norm: one_plus(&w.k_norm),
@@ -229,10 +289,16 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             }
         })
         .collect();
-    let site_mats: Vec<[Vec<f32>; 3]> = model
+    let site_mats: Vec<(Product, Product, Vec<f32>)> = model
         .sites
         .iter()
-        .map(|s| [flat2(&s.key_proj), flat2(&s.value_proj), flat2(&s.taps)])
+        .map(|s| {
+            (
+                Product::new(flat2(&s.key_proj), d, s.key_cq.as_ref()),
+                Product::new(flat2(&s.value_proj), d, s.value_cq.as_ref()),
+                flat2(&s.taps),
+            )
+        })
         .collect();
     for (t, &tok) in ids.iter().enumerate() {
         rows.ids.push(tok);
@@ -262,9 +328,9 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             if let Some(si) = c.engram_layers.iter().position(|&s| s == l) {
                 let site = &model.sites[si];
                 let m = gather(model, si, &rows.ids, t);
-                let [key, value, site_taps] = &site_mats[si];
-                let ek = matmul(&m, key, d, fma);
-                let wrow = matmul(&m, value, d, fma);
+                let (key, value, site_taps) = &site_mats[si];
+                let ek = key.apply(&m, fma);
+                let wrow = value.apply(&m, fma);
                 rows.w[si].extend(&wrow);
                 let ev = taps(
                     &rows.w[si],
@@ -289,7 +355,7 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
                 }
             }
             let a = rmsnorm(&b, Some(&wm.norm_in), fma);
-            let qkvg = matmul(&a, &wm.cat, cw + gw, fma);
+            let qkvg = wm.cat.apply(&a, fma);
             rows.pre[l].extend(&qkvg[..cw]);
             let window = (!c.is_global(l)).then_some(c.sliding_window);
             let n_taps = w.q_taps.nrows();
@@ -342,7 +408,7 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             for (oc, &gv) in o.iter_mut().zip(&qkvg[cw..]) {
                 *oc *= sigmoid(gv, fma);
             }
-            let t1 = matmul(&o, &wm.wout, d, fma);
+            let t1 = wm.wout.apply(&o, fma);
             let t1 = rmsnorm(&t1, Some(&wm.post_norm), fma);
             let ag = 1.0 / (1.0 + (-w.attn_gate).exp());
             for (bc, &tv) in b.iter_mut().zip(&t1) {

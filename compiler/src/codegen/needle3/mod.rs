@@ -20,6 +20,7 @@
 //! (gathered, never multiplied).
 
 pub mod answer;
+pub mod cq;
 pub mod kernels;
 pub mod library;
 pub mod mirror;
@@ -27,6 +28,7 @@ pub mod mirror;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_module::{DataId, FuncId};
+use needle_runtime::needle3::cq::CqTensor;
 use needle_runtime::needle3::forward::rope_tables;
 use needle_runtime::needle3::model::Head;
 use needle_runtime::needle3::Model;
@@ -218,6 +220,47 @@ fn fold_prefix(
     Ok(folded)
 }
 
+/// `void NAME_mm(const float *x, float *y, size_t rows)`: `y = x @ W`, `W` the `(k, n)`
+/// row-major `values`, or its CQ codes (stored `(n, k)`) where the checkpoint has them.
+fn product(
+    ks: &mut KernelSet,
+    name: &str,
+    (k, n, values): (usize, usize, &[f32]),
+    codes: Option<&CqTensor>,
+) -> Result<FuncId, CodegenError> {
+    match codes {
+        Some(t) => {
+            if (t.rows, t.cols) != (n, k) {
+                return Err(invalid(format!(
+                    "weights `{name}`: CQ codes of {}x{} for {k}x{n}",
+                    t.cols, t.rows
+                )));
+            }
+            let data = cq::CqData::declare(ks, name, t)?;
+            let planes = cq_planes(ks, name, t)?;
+            cq::matmul(ks, &format!("{name}_mm"), &data, planes)
+        }
+        None => {
+            let w = weights(ks, name, k, n, values)?;
+            v1::matmul(ks, &format!("{name}_mm"), &w, ROW_TILES)
+        }
+    }
+}
+
+/// The byte planes of a 4-bit CQ tensor's levels, for targets whose byte shuffles
+/// [`cq::matmul`] looks codes up with; `None` elsewhere (one lookup a code).
+fn cq_planes(ks: &mut KernelSet, name: &str, t: &CqTensor) -> Result<Option<DataId>, CodegenError> {
+    if !ks.target().byte_shuffles() || t.width() != 4 {
+        return Ok(None);
+    }
+    let planes = cq::level_planes(&t.code_levels);
+    Ok(Some(ks.declare_rodata(
+        &format!("{name}_planes"),
+        planes,
+        16,
+    )?))
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -375,18 +418,32 @@ pub fn define_needle3_model(
     let workspace_bytes = ws.bytes;
 
     // ---- shared data and kernels -----------------------------------------------------------
-    let emb_vals: Vec<f32> = model.embedding.iter().copied().collect();
-    let emb_data = ks.declare_f32_data("n3_embedding", &emb_vals)?;
-    let table = WeightRef {
-        data: emb_data,
-        scales: None,
-        k: vocab,
-        n: d,
-        format: WeightFormat::F32,
+    // The embedding: its CQ codes where the checkpoint has them (looked up a row at a time,
+    // and the tied logits a CQ product), else float32.
+    let (embed, logits) = match &model.embedding_cq {
+        Some(t) => {
+            let data = cq::CqData::declare(ks, "n3_embedding", t)?;
+            let planes = cq_planes(ks, "n3_embedding", t)?;
+            let embed = cq::embed(ks, "n3_embed", &data, (d as f32).sqrt())?;
+            let mut tied = data;
+            tied.shape.rows = v_out;
+            (embed, cq::matmul(ks, "n3_logits", &tied, planes)?)
+        }
+        None => {
+            let emb_vals: Vec<f32> = model.embedding.iter().copied().collect();
+            let emb_data = ks.declare_f32_data("n3_embedding", &emb_vals)?;
+            let table = WeightRef {
+                data: emb_data,
+                scales: None,
+                k: vocab,
+                n: d,
+                format: WeightFormat::F32,
+            };
+            let embed = v1::embed(ks, "n3_embed", &table, (d as f32).sqrt())?;
+            let tied = WeightRef { k: v_out, ..table };
+            (embed, v1::logits(ks, "n3_logits", &tied)?)
+        }
     };
-    let embed = v1::embed(ks, "n3_embed", &table, (d as f32).sqrt())?;
-    let tied = WeightRef { k: v_out, ..table };
-    let logits = v1::logits(ks, "n3_logits", &tied)?;
     let argmax = v1::argmax(ks, "n3_argmax", v_out)?;
     let final_scale = ks.declare_f32_data("n3_final_norm", &one_plus(&model.final_norm))?;
     let final_norm = v1::rmsnorm(ks, "n3_final_norm_k", d, Some(final_scale))?;
@@ -420,14 +477,27 @@ pub fn define_needle3_model(
     };
     let mut sites = Vec::new();
     for (s, site) in model.sites.iter().enumerate() {
-        let tables = ks.declare_f32_data(&format!("n3_s{s}_tables"), &site.tables)?;
-        let gather = kernels::engram_gather(ks, &format!("n3_s{s}_gather"), tables, &shape, p0)?;
+        let tables = match &site.tables_cq {
+            Some(t) => kernels::Tables::Cq(cq::CqData::declare(ks, &format!("n3_s{s}_tables"), t)?),
+            None => {
+                kernels::Tables::F32(ks.declare_f32_data(&format!("n3_s{s}_tables"), &site.tables)?)
+            }
+        };
+        let gather = kernels::engram_gather(ks, &format!("n3_s{s}_gather"), &tables, &shape, p0)?;
         let kp: Vec<f32> = site.key_proj.iter().copied().collect();
         let vp: Vec<f32> = site.value_proj.iter().copied().collect();
-        let kw_ref = weights(ks, &format!("n3_s{s}_key"), e_n * sub, d, &kp)?;
-        let vw_ref = weights(ks, &format!("n3_s{s}_value"), e_n * sub, d, &vp)?;
-        let key = v1::matmul(ks, &format!("n3_s{s}_key_mm"), &kw_ref, ROW_TILES)?;
-        let value = v1::matmul(ks, &format!("n3_s{s}_value_mm"), &vw_ref, ROW_TILES)?;
+        let key = product(
+            ks,
+            &format!("n3_s{s}_key"),
+            (e_n * sub, d, &kp),
+            site.key_cq.as_ref(),
+        )?;
+        let value = product(
+            ks,
+            &format!("n3_s{s}_value"),
+            (e_n * sub, d, &vp),
+            site.value_cq.as_ref(),
+        )?;
         let tv: Vec<f32> = site.taps.iter().copied().collect();
         let tt = ks.declare_f32_data(&format!("n3_s{s}_taps"), &tv)?;
         let taps = kernels::taps(
@@ -480,8 +550,15 @@ pub fn define_needle3_model(
         let norm_in = v1::rmsnorm(ks, &name("norm_in_k"), d, Some(s_in))?;
         let (wq, wk, wv, wg) = (flat(&w.wq), flat(&w.wk), flat(&w.wv), flat(&w.wgate));
         let cat = side_by_side(&[(&wq, qw), (&wk, kw), (&wv, vw), (&wg, gw)], d);
-        let cat_ref = weights(ks, &name("qkvg"), d, cw + gw, &cat)?;
-        let qkvg = v1::matmul(ks, &name("qkvg_mm"), &cat_ref, ROW_TILES)?;
+        let cat_cq = w.cq.as_ref().map(|c| {
+            CqTensor::concat_rows(&[&c.q, &c.k, &c.v, &c.gate]).ok_or_else(|| {
+                invalid(format!(
+                    "layer {l}: q, k, v and gate CQ codes of unlike formats"
+                ))
+            })
+        });
+        let cat_cq = cat_cq.transpose()?;
+        let qkvg = product(ks, &name("qkvg"), (d, cw + gw, &cat), cat_cq.as_ref())?;
         let n_taps = w.q_taps.nrows();
         let tap_vals = if n_taps == 0 {
             vec![1.0; cw]
@@ -517,8 +594,12 @@ pub fn define_needle3_model(
             },
         )?;
         let wo = flat(&w.wout);
-        let wo_ref = weights(ks, &name("wout"), gw, d, &wo)?;
-        let wout = v1::matmul(ks, &name("wout_mm"), &wo_ref, ROW_TILES)?;
+        let wout = product(
+            ks,
+            &name("wout"),
+            (gw, d, &wo),
+            w.cq.as_ref().map(|c| &c.out),
+        )?;
         let sp = ks.declare_f32_data(&name("post_norm"), &one_plus(&w.post_norm))?;
         let post_norm = v1::rmsnorm(ks, &name("post_norm_k"), d, Some(sp))?;
         let sh = ks.declare_f32_data(&name("pre_hada"), &one_plus(&w.pre_hada))?;
