@@ -359,8 +359,9 @@ pub fn build(
     if let Some(p) = opts.weights {
         if p != crate::precision::Precision::F32 {
             return refuse(&format!(
-                "--weights {p}: a Needle 3 library keeps its weights as float32 for now (a .cact \
-                 export's CQ codes are dequantized at build time); drop --weights"
+                "--weights {p}: a Needle 3 library stores the checkpoint's own formats (a .cact \
+                 export's CQ codes as codes, a safetensors checkpoint's floats as float32); for \
+                 CQ weights build from the package's .cact export, and drop --weights"
             ));
         }
     }
@@ -526,10 +527,15 @@ pub fn build(
         written.push(path);
     }
     let summary = format!(
-        "{target}, Needle 3 ({} layers), --fold {}, --weights f32{}: {} query-part tokens at \
+        "{target}, Needle 3 ({} layers), --fold {}, weights {}{}: {} query-part tokens at \
          most, prefix {} tokens, workspace {} bytes, code and data {} bytes",
         model.layers.len(),
         if fold { "tools" } else { "none" },
+        if model.embedding_cq.is_some() {
+            "CQ codes (the .cact export's)"
+        } else {
+            "float32"
+        },
         if strict.is_some() {
             ", --grammar strict"
         } else {

@@ -16,6 +16,7 @@
 
 use std::path::Path;
 
+use needle_runtime::needle3::cact::CqWeights;
 use needle_runtime::needle3::engine::Engine;
 use needle_runtime::needle3::forward::Cache;
 use needle_runtime::needle3::generate::Generated;
@@ -47,7 +48,20 @@ fn main() {
         serde_json::from_str(&std::fs::read_to_string(fixture("default.json")).unwrap()).unwrap();
     let config = Config::from_json(&json["config"].to_string()).unwrap();
     let layers = config.num_layers;
-    let full = Model::load(config, &mut Generated { num_layers: layers }).unwrap();
+    let full = Model::load(config.clone(), &mut Generated { num_layers: layers }).unwrap();
+    let codes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("cq_codes.json")).unwrap()).unwrap();
+    let levels: Vec<f32> = codes["codebooks_group128"]["4"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let cq_full = Model::load(
+        config,
+        &mut CqWeights::new(Generated { num_layers: layers }, 128, levels),
+    )
+    .unwrap();
     let tokenizer =
         Tokenizer::from_model_bytes(&std::fs::read(fixture("n3tok8k.model")).unwrap()).unwrap();
     let tools = tools_json(TOOLS).unwrap();
@@ -162,6 +176,7 @@ fn main() {
             }],
         )
         .unwrap();
+        let f32_archive = ar.len();
         let exe = build_harness(&dir, "b3lib", &ar, &lib.header, "needle3_call_bench.c");
         let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
         let text = String::from_utf8(out.stdout).unwrap();
@@ -182,5 +197,59 @@ fn main() {
             ar.len() as f64 / 1e6,
             lib.info.layout.total as f64 / 1e6
         );
+
+        // The same library from the CQ4 model (the package's deployment quantization), its
+        // weights kept as codes: for the baseline target (one lookup a code) and with SSSE3
+        // (16 codes a byte shuffle, as aarch64 always does).
+        let cq_model = cq_full.clone().into_ladder(depth).unwrap();
+        let cq_engine =
+            Engine::new(cq_model.clone(), tokenizer.clone(), "", tools.clone(), true).unwrap();
+        let want = cq_engine.generate(QUERY, DECODE_LEN).unwrap();
+        for (what, target) in [
+            ("baseline", host.clone()),
+            (
+                "+ssse3",
+                Target::with_features(host.name, &["ssse3"]).unwrap(),
+            ),
+        ] {
+            if what == "+ssse3" && !needle_targets::host_cpu_features().contains(&"ssse3") {
+                continue;
+            }
+            let lib = generate_needle3(
+                &Needle3LibraryInput {
+                    model: &cq_model,
+                    name: "b3cq",
+                    ..input
+                },
+                &target,
+            )
+            .unwrap();
+            let ar = write_archive(
+                host.archive_kind(),
+                &[ArchiveMember {
+                    name: format!("b3cq.{}", host.object_extension()),
+                    data: lib.object,
+                }],
+            )
+            .unwrap();
+            let cq_dir = dir.join(what.trim_start_matches('+'));
+            std::fs::create_dir_all(&cq_dir).unwrap();
+            let exe = build_harness(&cq_dir, "b3cq", &ar, &lib.header, "needle3_call_bench.c");
+            let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
+            let text = String::from_utf8(out.stdout).unwrap();
+            let f: Vec<&str> = text.split_whitespace().collect();
+            let cq_call: f64 = f[0].parse().unwrap();
+            assert_eq!(f[2], "0", "the call succeeds");
+            println!(
+                "  CQ4 library ({what}): {:.1} ms, {} generated (engine on the dequantized \
+                 weights: {}; x{:.2} the float32 library), archive {:.1} MB (x{:.2} smaller)",
+                cq_call * 1e3,
+                f[1],
+                want.new_ids.len(),
+                lib_call / cq_call,
+                ar.len() as f64 / 1e6,
+                f32_archive as f64 / ar.len() as f64
+            );
+        }
     }
 }

@@ -253,9 +253,23 @@ fn the_answer_code_reads_envelopes_as_the_runtime_does() {
 
 // ---- whole libraries ----------------------------------------------------------------------------
 
+/// The small model's checkpoints: float32 safetensors, and the package's `.cact` export (CQ).
+const SAFETENSORS: &str = "small.safetensors";
+const CACT: &str = "small.cact";
+
 fn options(out_dir: &Path, target: &str, fold: bool, strict: bool) -> BuildOptions {
+    options_for(SAFETENSORS, out_dir, target, fold, strict)
+}
+
+fn options_for(
+    checkpoint: &str,
+    out_dir: &Path,
+    target: &str,
+    fold: bool,
+    strict: bool,
+) -> BuildOptions {
     BuildOptions {
-        checkpoint: fixture("small.safetensors"),
+        checkpoint: fixture(checkpoint),
         tokenizer: fixture("n3tok2k.model"),
         tools: TOOLS.to_string(),
         target: target.to_string(),
@@ -298,6 +312,7 @@ fn queries() -> Vec<String> {
 
 /// The library for `target` linked into the harness: the command that runs it.
 fn library_harness(
+    checkpoint: &str,
     dir: &Path,
     target: &Target,
     fold: bool,
@@ -306,7 +321,11 @@ fn library_harness(
 ) -> Vec<String> {
     let lib_dir = dir.join(if fold { "folded" } else { "unfolded" });
     std::fs::create_dir_all(&lib_dir).unwrap();
-    build(&options(&lib_dir, target.name, fold, strict), n3).unwrap();
+    build(
+        &options_for(checkpoint, &lib_dir, target.name, fold, strict),
+        n3,
+    )
+    .unwrap();
     let exe = lib_dir.join("needle3_library_harness");
     let src = needle_test_support::repo_root().join("tests/c/needle3_library_harness.c");
     let host = target.name == Target::host().unwrap().name;
@@ -367,11 +386,28 @@ fn f32_of(hex: &str) -> f32 {
 /// Builds the folded and unfolded libraries for `target`, runs every query through both, and
 /// checks them against the engine and each other.
 fn check_libraries(target: &Target, tag: &str, strict: bool, n3: &Needle3BuildOptions) {
+    check_libraries_of(SAFETENSORS, target, tag, strict, n3);
+}
+
+fn load(checkpoint: &str) -> Model {
+    let data = std::fs::read(fixture(checkpoint)).unwrap();
+    if checkpoint.ends_with(".cact") {
+        Model::from_cact_bytes(&data).unwrap()
+    } else {
+        Model::from_safetensors_bytes(&data).unwrap()
+    }
+}
+
+fn check_libraries_of(
+    checkpoint: &str,
+    target: &Target,
+    tag: &str,
+    strict: bool,
+    n3: &Needle3BuildOptions,
+) {
     let dir = work_dir(&format!("library_needle3_{tag}"));
     let tok = tokenizer();
-    let mut model =
-        Model::from_safetensors_bytes(&std::fs::read(fixture("small.safetensors")).unwrap())
-            .unwrap();
+    let mut model = load(checkpoint);
     if let Some(depth) = n3.layers {
         model = model.into_ladder(depth).unwrap();
     }
@@ -400,8 +436,14 @@ fn check_libraries(target: &Target, tag: &str, strict: bool, n3: &Needle3BuildOp
         input.push_str(&format!("E {}\n", hex(q.as_bytes())));
     }
     input.push_str("X\n");
-    let folded = run_cmd(&library_harness(&dir, target, true, strict, n3), &input);
-    let unfolded = run_cmd(&library_harness(&dir, target, false, strict, n3), &input);
+    let folded = run_cmd(
+        &library_harness(checkpoint, &dir, target, true, strict, n3),
+        &input,
+    );
+    let unfolded = run_cmd(
+        &library_harness(checkpoint, &dir, target, false, strict, n3),
+        &input,
+    );
     assert_eq!(
         folded, unfolded,
         "{target}: folded and unfolded libraries differ"
@@ -515,6 +557,67 @@ fn a_needle3_library_at_a_ladder_depth_with_a_system_turn_answers_as_the_engine(
     check_libraries(&Target::host().unwrap(), "ladder", false, &n3);
 }
 
+/// A `.cact` export's library keeps its CQ weights as the file's codes (docs/needle3.md 13.1):
+/// the engram tables and the embedding dequantized a row at a time (bit for bit the runtime's
+/// rows), the attention, engram and logits products over the codes with the activations
+/// rotated. Folded and unfolded libraries agree bit for bit, and with the engine on the
+/// dequantized model; its object holds codes, not float32 copies.
+#[test]
+fn a_needle3_library_from_a_cact_export_keeps_its_weights_in_cq_form() {
+    check_libraries_of(
+        CACT,
+        &Target::host().unwrap(),
+        "cact",
+        false,
+        &Needle3BuildOptions::default(),
+    );
+    let model = load(CACT);
+    let dir = work_dir("library_needle3_cact_obj");
+    let mut opts = options_for(CACT, &dir, Target::host().unwrap().name, true, false);
+    opts.emit = vec![Emit::Obj];
+    let report = build(&opts, &Needle3BuildOptions::default()).unwrap();
+    let obj = std::fs::read(&report.written[0]).unwrap();
+    let file = object::File::parse(&*obj).unwrap();
+    use object::{Object, ObjectSymbol};
+    let size_of = |name: &str| {
+        file.symbols()
+            .find(|s| {
+                s.name()
+                    .is_ok_and(|n| n.trim_start_matches('_') == format!("n3lib_{name}"))
+            })
+            .map(|s| s.size() as usize)
+    };
+    for (s, site) in model.sites.iter().enumerate() {
+        let t = site.tables_cq.as_ref().unwrap();
+        assert_eq!(size_of(&format!("n3_s{s}_tables")), None, "float32 tables");
+        assert_eq!(
+            size_of(&format!("n3_s{s}_tables_codes")),
+            Some(t.packed.len() + 1),
+            "site {s}: the codes"
+        );
+        assert!(size_of(&format!("n3_s{s}_tables_norms")).unwrap() >= 4 * t.norms.len());
+        for proj in ["key", "value"] {
+            assert_eq!(size_of(&format!("n3_s{s}_{proj}")), None, "float32 {proj}");
+            assert!(size_of(&format!("n3_s{s}_{proj}_codes")).is_some());
+        }
+    }
+    // The embedding (lookups and tied logits) and every layer's attention products.
+    assert_eq!(size_of("n3_embedding"), None);
+    let emb = model.embedding_cq.as_ref().unwrap();
+    assert_eq!(size_of("n3_embedding_codes"), Some(emb.packed.len() + 1));
+    let names: Vec<String> = file
+        .symbols()
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .collect();
+    for suffix in ["_qkvg_codes", "_wout_codes"] {
+        let n = names.iter().filter(|n| n.ends_with(suffix)).count();
+        assert_eq!(n, model.layers.len(), "{suffix}");
+    }
+    assert!(!names
+        .iter()
+        .any(|n| n.ends_with("_qkvg") || n.ends_with("_wout")));
+}
+
 fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
     let what = format!("library_needle3: {triple} under qemu");
     if require(cc, cc_package, &what).is_none() || require(qemu, "qemu-user", &what).is_none() {
@@ -526,6 +629,13 @@ fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {
         &target,
         &format!("{triple}_strict"),
         true,
+        &Needle3BuildOptions::default(),
+    );
+    check_libraries_of(
+        CACT,
+        &target,
+        &format!("{triple}_cact"),
+        false,
         &Needle3BuildOptions::default(),
     );
 }
