@@ -853,6 +853,12 @@ fn a_cact_model_keeps_the_codes_of_its_tables() {
         assert!(transposed(&cq.q, &layer.wq) && transposed(&cq.k, &layer.wk));
         assert!(transposed(&cq.v, &layer.wv) && transposed(&cq.gate, &layer.wgate));
         assert!(transposed(&cq.out, &layer.wout));
+        let phi = layer.mhc.phi_cq.as_ref().expect("the lanes' phi codes");
+        let n = layer.mhc.phi_pre.ncols();
+        let rows = |lo: usize, hi: usize| phi.rows(lo, hi);
+        assert!(transposed(&rows(0, n), &layer.mhc.phi_pre));
+        assert!(transposed(&rows(n, 2 * n), &layer.mhc.phi_post));
+        assert!(transposed(&rows(2 * n, phi.rows), &layer.mhc.phi_res));
     }
     for site in &model.sites {
         assert!(transposed(site.key_cq.as_ref().unwrap(), &site.key_proj));

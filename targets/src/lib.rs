@@ -482,6 +482,13 @@ impl Target {
         }
     }
 
+    /// Whether x86-64's `pshufb` is there to use directly (SSSE3): for indices known to be below
+    /// 16 it is `swizzle` without the saturating add Cranelift's `swizzle` spends on x86-64 to
+    /// zero out-of-range lanes.
+    pub fn pshufb(&self) -> bool {
+        self.arch == Arch::X86_64 && self.has("ssse3")
+    }
+
     pub fn simd_f32x4(&self) -> bool {
         match self.arch {
             Arch::X86_64 | Arch::Aarch64 => true,

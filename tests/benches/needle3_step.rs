@@ -218,7 +218,6 @@ fn main() {
             let lib = generate_needle3(
                 &Needle3LibraryInput {
                     model: &cq_model,
-                    name: "b3cq",
                     ..input
                 },
                 &target,
@@ -227,14 +226,14 @@ fn main() {
             let ar = write_archive(
                 host.archive_kind(),
                 &[ArchiveMember {
-                    name: format!("b3cq.{}", host.object_extension()),
+                    name: format!("b3lib.{}", host.object_extension()),
                     data: lib.object,
                 }],
             )
             .unwrap();
             let cq_dir = dir.join(what.trim_start_matches('+'));
             std::fs::create_dir_all(&cq_dir).unwrap();
-            let exe = build_harness(&cq_dir, "b3cq", &ar, &lib.header, "needle3_call_bench.c");
+            let exe = build_harness(&cq_dir, "b3lib", &ar, &lib.header, "needle3_call_bench.c");
             let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
             let text = String::from_utf8(out.stdout).unwrap();
             let f: Vec<&str> = text.split_whitespace().collect();

@@ -321,11 +321,14 @@ fn library_harness(
 ) -> Vec<String> {
     let lib_dir = dir.join(if fold { "folded" } else { "unfolded" });
     std::fs::create_dir_all(&lib_dir).unwrap();
-    build(
-        &options_for(checkpoint, &lib_dir, target.name, fold, strict),
-        n3,
-    )
-    .unwrap();
+    let mut opts = options_for(checkpoint, &lib_dir, target.name, fold, strict);
+    // The target's opt-in features travel with it (`--features`).
+    opts.features = needle_targets::known_features(target.arch)
+        .into_iter()
+        .filter(|f| target.has(f))
+        .map(str::to_string)
+        .collect();
+    build(&opts, n3).unwrap();
     let exe = lib_dir.join("needle3_library_harness");
     let src = needle_test_support::repo_root().join("tests/c/needle3_library_harness.c");
     let host = target.name == Target::host().unwrap().name;
@@ -571,6 +574,14 @@ fn a_needle3_library_from_a_cact_export_keeps_its_weights_in_cq_form() {
         false,
         &Needle3BuildOptions::default(),
     );
+    // x86-64 with SSSE3 looks 16 codes up a byte shuffle, as aarch64 does (under qemu below).
+    let host = Target::host().unwrap();
+    if host.arch == needle_targets::Arch::X86_64
+        && needle_targets::host_cpu_features().contains(&"ssse3")
+    {
+        let ssse3 = Target::with_features(host.name, &["ssse3"]).unwrap();
+        check_libraries_of(CACT, &ssse3, "cact_ssse3", false, &Default::default());
+    }
     let model = load(CACT);
     let dir = work_dir("library_needle3_cact_obj");
     let mut opts = options_for(CACT, &dir, Target::host().unwrap().name, true, false);
@@ -609,7 +620,7 @@ fn a_needle3_library_from_a_cact_export_keeps_its_weights_in_cq_form() {
         .symbols()
         .filter_map(|s| s.name().ok().map(str::to_string))
         .collect();
-    for suffix in ["_qkvg_codes", "_wout_codes"] {
+    for suffix in ["_qkvg_codes", "_wout_codes", "_phi_codes"] {
         let n = names.iter().filter(|n| n.ends_with(suffix)).count();
         assert_eq!(n, model.layers.len(), "{suffix}");
     }

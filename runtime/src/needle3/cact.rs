@@ -556,6 +556,11 @@ impl Cact {
             let mut out = Vec::with_capacity(v.len());
             for l in 0..l_n {
                 out.extend(transpose(&v[l * m * n * d..(l + 1) * m * n * d], m, n * d));
+                if let Some(t) = &e.cq {
+                    named
+                        .cq
+                        .insert(format!("stack/{name}@{l}"), t.rows(l * m, (l + 1) * m));
+                }
             }
             named.put(&format!("stack/{name}"), vec![l_n, n * d, m], out);
         }
@@ -818,7 +823,7 @@ impl<S: Source> Source for CqWeights<S> {
                 }
                 let codes = CqTensor::encode(&t, rows, self.group, &self.levels);
                 let q = codes.dequantize();
-                if leaf == "kernel" {
+                if leaf == "kernel" || leaf.starts_with("mhc_phi") {
                     // Stored `(out, in)`, as a `.cact` file stores it; `@i` the i-th matrix
                     // of a stack (the layer).
                     self.codes.insert(format!("{name}@{i}"), codes);

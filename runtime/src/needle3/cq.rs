@@ -197,6 +197,17 @@ impl CqTensor {
         })
     }
 
+    /// Rows `lo..hi` as a tensor of their own.
+    pub fn rows(&self, lo: usize, hi: usize) -> CqTensor {
+        let (rb, gpr) = (self.row_bytes(), self.groups_per_row());
+        CqTensor {
+            rows: hi - lo,
+            packed: self.packed[lo * rb..hi * rb].to_vec(),
+            norms: self.norms[lo * gpr..hi * gpr].to_vec(),
+            ..self.clone()
+        }
+    }
+
     /// Every row's values, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];

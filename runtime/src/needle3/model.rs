@@ -84,6 +84,9 @@ pub struct Mhc {
     pub a_pre: f32,
     pub a_post: f32,
     pub a_res: f32,
+    /// The three `phi` matrices' CQ codes one after another, `(n + n + n*n, n*D)` (each
+    /// output a row), where the checkpoint is CQ-quantized.
+    pub phi_cq: Option<CqTensor>,
 }
 
 /// One engram site (section 3).
@@ -405,6 +408,7 @@ impl Model {
                     a_pre: a_pre[l][0],
                     a_post: a_post[l][0],
                     a_res: a_res[l][0],
+                    phi_cq: None,
                 },
                 cq: None,
             });
@@ -416,6 +420,10 @@ impl Model {
                 (take("q"), take("k"), take("v"), take("gate"), take("out"))
             {
                 layer.cq = Some(LayerCq { q, k, v, gate, out });
+            }
+            let mut phi = |s: &str| src.cq(&format!("stack/mhc_phi_{s}@{l}"));
+            if let (Some(pre), Some(post), Some(res)) = (phi("pre"), phi("post"), phi("res")) {
+                layer.mhc.phi_cq = CqTensor::concat_rows(&[&pre, &post, &res]);
             }
         }
         let final_norm = src.get("stack/final_norm/scale", &[d])?;

@@ -228,7 +228,7 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
     };
     // Each layer's weights as the step holds them (concatenated, `1 + g` scales), made once.
     struct Mats {
-        phi: Vec<f32>,
+        phi: Product,
         cat: Product,
         taps: Vec<f32>,
         wout: Product,
@@ -245,13 +245,17 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             let mhc = &w.mhc;
             let n_taps = w.q_taps.nrows();
             Mats {
-                phi: side_by_side(
-                    &[
-                        (&flat2(&mhc.phi_pre), n),
-                        (&flat2(&mhc.phi_post), n),
-                        (&flat2(&mhc.phi_res), n * n),
-                    ],
-                    n * d,
+                phi: Product::new(
+                    side_by_side(
+                        &[
+                            (&flat2(&mhc.phi_pre), n),
+                            (&flat2(&mhc.phi_post), n),
+                            (&flat2(&mhc.phi_res), n * n),
+                        ],
+                        n * d,
+                    ),
+                    2 * n + n * n,
+                    mhc.phi_cq.as_ref(),
                 ),
                 cat: Product::new(
                     side_by_side(
@@ -314,7 +318,7 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
         for (l, (w, wm)) in model.layers.iter().zip(&mats).enumerate() {
             let mhc = &w.mhc;
             let z = rmsnorm(&x, None, fma);
-            let mix = matmul(&z, &wm.phi, 2 * n + n * n, fma);
+            let mix = wm.phi.apply(&z, fma);
             let lane = l % n;
             let mut u = vec![0f32; d];
             for i in 0..n {

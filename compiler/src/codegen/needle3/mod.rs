@@ -531,8 +531,12 @@ pub fn define_needle3_model(
             &[(&pre, n_lanes), (&post, n_lanes), (&res, n_lanes * n_lanes)],
             n_lanes * d,
         );
-        let phi_ref = weights(ks, &name("phi"), n_lanes * d, mix_w, &phi)?;
-        let mix = v1::matmul(ks, &name("mix"), &phi_ref, ROW_TILES)?;
+        let mix = product(
+            ks,
+            &name("phi"),
+            (n_lanes * d, mix_w, &phi),
+            mhc.phi_cq.as_ref(),
+        )?;
         let consts = MhcConsts {
             lanes: n_lanes,
             d,
