@@ -168,33 +168,19 @@ fn main() {
             strict: None,
         };
         let lib = generate_needle3(&input, &host).unwrap();
-        let ar = write_archive(
-            host.archive_kind(),
-            &[ArchiveMember {
-                name: format!("b3lib.{}", host.object_extension()),
-                data: lib.object,
-            }],
-        )
-        .unwrap();
-        let f32_archive = ar.len();
-        let exe = build_harness(&dir, "b3lib", &ar, &lib.header, "needle3_call_bench.c");
-        let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
-        let text = String::from_utf8(out.stdout).unwrap();
-        let f: Vec<&str> = text.split_whitespace().collect();
-        let lib_call: f64 = f[0].parse().unwrap();
-        assert_eq!(f[2], "0", "the call succeeds");
+        let (lib_call, f32_archive, generated) = time_call(&host, &dir, lib.object, &lib.header);
         println!(
             "  library call:   {:.1} ms for {} query tokens and {} generated (runtime {:.1} ms, {} generated; x{:.2})",
             lib_call * 1e3,
             query.len(),
-            f[1],
+            generated,
             rt_call * 1e3,
             rt_tokens,
             rt_call / lib_call
         );
         println!(
             "  library archive {:.1} MB, workspace {:.2} MB",
-            ar.len() as f64 / 1e6,
+            f32_archive as f64 / 1e6,
             lib.info.layout.total as f64 / 1e6
         );
 
@@ -223,32 +209,40 @@ fn main() {
                 &target,
             )
             .unwrap();
-            let ar = write_archive(
-                host.archive_kind(),
-                &[ArchiveMember {
-                    name: format!("b3lib.{}", host.object_extension()),
-                    data: lib.object,
-                }],
-            )
-            .unwrap();
             let cq_dir = dir.join(what.trim_start_matches('+'));
             std::fs::create_dir_all(&cq_dir).unwrap();
-            let exe = build_harness(&cq_dir, "b3lib", &ar, &lib.header, "needle3_call_bench.c");
-            let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
-            let text = String::from_utf8(out.stdout).unwrap();
-            let f: Vec<&str> = text.split_whitespace().collect();
-            let cq_call: f64 = f[0].parse().unwrap();
-            assert_eq!(f[2], "0", "the call succeeds");
+            let (cq_call, cq_archive, cq_generated) =
+                time_call(&host, &cq_dir, lib.object, &lib.header);
             println!(
                 "  CQ4 library ({what}): {:.1} ms, {} generated (engine on the dequantized \
                  weights: {}; x{:.2} the float32 library), archive {:.1} MB (x{:.2} smaller)",
                 cq_call * 1e3,
-                f[1],
+                cq_generated,
                 want.new_ids.len(),
                 lib_call / cq_call,
-                ar.len() as f64 / 1e6,
-                f32_archive as f64 / ar.len() as f64
+                cq_archive as f64 / 1e6,
+                f32_archive as f64 / cq_archive as f64
             );
         }
     }
+}
+
+/// One `b3lib_call_ex` of `QUERY` through the library's object archived and linked into the
+/// call bench's harness in `dir`: the best time in seconds, the archive's bytes and the
+/// generated token count.
+fn time_call(host: &Target, dir: &Path, object: Vec<u8>, header: &str) -> (f64, usize, String) {
+    let ar = write_archive(
+        host.archive_kind(),
+        &[ArchiveMember {
+            name: format!("b3lib.{}", host.object_extension()),
+            data: object,
+        }],
+    )
+    .unwrap();
+    let exe = build_harness(dir, "b3lib", &ar, header, "needle3_call_bench.c");
+    let out = needle_test_support::c::run(Path::new(&exe), &[], QUERY.as_bytes());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let f: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(f[2], "0", "the call succeeds");
+    (f[0].parse().unwrap(), ar.len(), f[1].to_string())
 }

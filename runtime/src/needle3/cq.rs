@@ -35,23 +35,9 @@ pub struct CqTensor {
     pub code_levels: Vec<f32>,
 }
 
-/// The unnormalized fast Walsh-Hadamard transform (Sylvester order) in place.
-pub fn fwht(x: &mut [f32]) {
-    let mut h = 1;
-    while h < x.len() {
-        for i in (0..x.len()).step_by(2 * h) {
-            for j in i..i + h {
-                let (a, b) = (x[j], x[j + h]);
-                x[j] = a + b;
-                x[j + h] = a - b;
-            }
-        }
-        h *= 2;
-    }
-}
-
-/// [`fwht`] in float64.
-fn fwht64(x: &mut [f64]) {
+/// The unnormalized fast Walsh-Hadamard transform (Sylvester order) in place, in the
+/// precision of `T` (float32 where it dequantizes, float64 where it picks codes).
+pub fn fwht<T: Copy + std::ops::Add<Output = T> + std::ops::Sub<Output = T>>(x: &mut [T]) {
     let mut h = 1;
     while h < x.len() {
         for i in (0..x.len()).step_by(2 * h) {
@@ -66,6 +52,23 @@ fn fwht64(x: &mut [f64]) {
 }
 
 impl CqTensor {
+    /// The geometry and levels (in level order; ternary: its three) without codes or norms.
+    fn empty(rows: usize, cols: usize, group: usize, bits: u32, levels: &[f32]) -> CqTensor {
+        CqTensor {
+            rows,
+            cols,
+            group,
+            bits,
+            packed: Vec::new(),
+            norms: Vec::new(),
+            code_levels: if bits == TERNARY {
+                ternary_codes(levels)
+            } else {
+                levels.to_vec()
+            },
+        }
+    }
+
     /// Bits a code takes.
     pub fn width(&self) -> usize {
         if self.bits == TERNARY {
@@ -112,19 +115,7 @@ impl CqTensor {
         bits: u32,
         levels: &[f32],
     ) -> Result<CqTensor, String> {
-        let mut t = CqTensor {
-            rows,
-            cols,
-            group,
-            bits,
-            packed: Vec::new(),
-            norms: Vec::new(),
-            code_levels: if bits == TERNARY {
-                ternary_codes(levels)
-            } else {
-                levels.to_vec()
-            },
-        };
+        let mut t = CqTensor::empty(rows, cols, group, bits, levels);
         let n_idx = rows * t.row_bytes();
         let n_norms = rows * t.groups_per_row();
         if blob.len() != n_idx + 2 * n_norms {
@@ -233,19 +224,7 @@ impl CqTensor {
             _ => 4,
         };
         let rows = values.len().checked_div(cols).unwrap_or(0);
-        let mut t = CqTensor {
-            rows,
-            cols,
-            group,
-            bits,
-            packed: Vec::new(),
-            norms: Vec::with_capacity(rows * cols.div_ceil(group)),
-            code_levels: if bits == TERNARY {
-                ternary_codes(levels)
-            } else {
-                levels.to_vec()
-            },
-        };
+        let mut t = CqTensor::empty(rows, cols, group, bits, levels);
         let (pad, width) = (t.padded_cols(), t.width());
         t.packed = vec![0u8; rows * t.row_bytes()];
         let scale64 = 1.0 / (group as f64).sqrt();
@@ -261,7 +240,7 @@ impl CqTensor {
                 for (r, &v) in rot.iter_mut().zip(g.iter()) {
                     *r = f64::from(v);
                 }
-                fwht64(&mut rot);
+                fwht(&mut rot);
                 rot.iter_mut()
                     .for_each(|v| *v = f64::from((*v * scale64) as f32));
                 let norm = rot.iter().map(|v| v * v).sum::<f64>().sqrt() as f32;

@@ -42,6 +42,20 @@ pub(crate) fn internal(
     Ok(id)
 }
 
+/// `ids[r]` as a pointer-sized row index of a table of `rows` rows: an id outside it reads row
+/// 0 instead of out-of-bounds memory (the driver validates ids; this only keeps a bad call
+/// memory-safe).
+pub(crate) fn table_row(g: &mut Gen<'_>, ids: Value, r: Value, rows: usize) -> Value {
+    let ip = g.addr(ids, r, 4);
+    let id = g.b.ins().load(types::I32, mem(), ip, 0);
+    let bad =
+        g.b.ins()
+            .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, id, rows as i64);
+    let z = g.b.ins().iconst(types::I32, 0);
+    let id = g.b.ins().select(bad, z, id);
+    widen(g, id)
+}
+
 /// An `i32` id (non-negative) as a pointer-sized index (32-bit targets need no extension).
 fn widen(g: &mut Gen<'_>, id: Value) -> Value {
     if g.ptr == types::I32 {
@@ -119,14 +133,7 @@ pub fn embed(
             let d = t.n as i64;
             let d4 = d / 4 * 4;
             g.for_n(n, |g, r| {
-                let ip = g.addr(ids, r, 4);
-                let id = g.b.ins().load(types::I32, mem(), ip, 0);
-                let bad =
-                    g.b.ins()
-                        .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, id, t.k as i64);
-                let z = g.b.ins().iconst(types::I32, 0);
-                let id = g.b.ins().select(bad, z, id);
-                let id = widen(g, id);
+                let id = table_row(g, ids, r, t.k);
                 let row = wa.row(g, id);
                 let orow = g.addr(out, r, d * 4);
                 let s = g.vconst(scale);

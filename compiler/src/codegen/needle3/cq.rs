@@ -13,7 +13,7 @@ use needle_runtime::needle3::cq::CqTensor;
 
 use crate::abi::CType;
 use crate::codegen::gen::{mem, mem_ro, Gen, V4};
-use crate::codegen::model::kernels::internal;
+use crate::codegen::model::kernels::{internal, table_row};
 use crate::codegen::{CodegenError, KernelSet};
 use cranelift_module::FuncId;
 
@@ -426,21 +426,7 @@ pub fn embed(
             let scratch = stack_floats(g, s.group);
             let d = s.cols as i64;
             g.for_n(n, |g, r| {
-                let ip = g.addr(ids, r, 4);
-                let id = g.b.ins().load(types::I32, mem(), ip, 0);
-                let bad = g.b.ins().icmp_imm_u(
-                    cranelift_codegen::ir::condcodes::IntCC::UnsignedGreaterThanOrEqual,
-                    id,
-                    s.rows as i64,
-                );
-                let z = g.b.ins().iconst(types::I32, 0);
-                let id = g.b.ins().select(bad, z, id);
-                let id = if g.ptr == types::I32 {
-                    id
-                } else {
-                    let pt = g.ptr;
-                    g.b.ins().uextend(pt, id)
-                };
+                let id = table_row(g, ids, r, s.rows);
                 let orow = g.addr(out, r, d * 4);
                 dequantize_row(g, addrs, &s, id, orow, scratch);
                 g.for_const(0, d, 1, |g, c| {
