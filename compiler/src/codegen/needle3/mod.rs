@@ -14,10 +14,13 @@
 //!
 //! # Weights
 //!
-//! float32 in read-only data: the projections in the panels of the v1 matrix product (q, k, v
-//! and the gate concatenated into one product of the normalized input), the MLP's Monarch
-//! factors, diagonals and permutations as the checkpoint has them, the engram tables row-major
-//! (gathered, never multiplied).
+//! In read-only data. A float32 checkpoint's: the projections in the panels of the v1 matrix
+//! product (q, k, v and the gate concatenated into one product of the normalized input), the
+//! MLP's Monarch factors, diagonals and permutations as the checkpoint has them, the engram
+//! tables row-major (gathered, never multiplied). A CQ checkpoint's (a `.cact` export) keep
+//! their codes ([`cq`], `docs/needle3.md` 13.1): the embedding and engram tables dequantized a
+//! gathered row at a time, the attention, lanes, engram and logits products over the codes;
+//! the MLP, norms, taps and heads as float32.
 
 pub mod answer;
 pub mod cq;
