@@ -867,6 +867,17 @@ fn a_cact_model_keeps_the_codes_of_its_tables() {
             &site.value_proj
         ));
     }
+    let heads = [
+        &model.heads.embedding,
+        &model.heads.confidence,
+        &model.heads.router,
+    ];
+    for h in heads.into_iter().flatten() {
+        assert!(transposed(
+            h.proj_cq.as_ref().expect("a head's proj codes"),
+            &h.proj
+        ));
+    }
     // A ladder slice keeps the codes of the sites it keeps.
     let sliced = model.clone().into_ladder(2).unwrap();
     assert!(sliced.embedding_cq.is_some());

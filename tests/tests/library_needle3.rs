@@ -626,7 +626,18 @@ fn a_needle3_library_from_a_cact_export_keeps_its_weights_in_cq_form() {
     }
     assert!(!names
         .iter()
-        .any(|n| n.ends_with("_qkvg") || n.ends_with("_wout")));
+        .any(|n| n.ends_with("_qkvg") || n.ends_with("_wout") || n.ends_with("_phi")));
+    // The heads' output projections (the embedding head's is the big one).
+    let heads = [
+        &model.heads.embedding,
+        &model.heads.confidence,
+        &model.heads.router,
+    ];
+    let n_heads = heads.into_iter().flatten().count();
+    assert!(n_heads >= 2);
+    let proj_codes = names.iter().filter(|n| n.ends_with("_proj_codes")).count();
+    assert_eq!(proj_codes, n_heads);
+    assert!(!names.iter().any(|n| n.ends_with("_proj")));
 }
 
 fn check_emulated(triple: &str, cc: &str, cc_package: &str, qemu: &str) {

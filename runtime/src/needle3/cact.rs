@@ -685,6 +685,11 @@ impl Cact {
                     floats(ib, row_bias, "row_bias")?,
                 );
                 let (shape, v) = kernel(ij, proj, "proj")?;
+                if let Some(t) = &proj.cq {
+                    named
+                        .cq
+                        .insert(format!("{}@0", p("proj/kernel")), t.clone());
+                }
                 named.put(&p("proj/kernel"), shape, v);
                 if has_bias {
                     named.put(

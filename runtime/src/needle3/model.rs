@@ -123,6 +123,8 @@ pub struct Head {
     pub row_bias: Vec<f32>,
     /// `(q*D, out)`.
     pub proj: Array2<f32>,
+    /// `proj`'s CQ codes, `(out, q*D)`, where the checkpoint is CQ-quantized.
+    pub proj_cq: Option<CqTensor>,
     pub bias: Option<Vec<f32>>,
 }
 
@@ -459,6 +461,7 @@ impl Model {
                 query: matrix(src.get(&p("query"), &[q, d])?, q, d),
                 row_bias: src.get(&p("row_bias"), &[q, rows, k])?,
                 proj: matrix(src.get(&p("proj/kernel"), &[q * d, out])?, q * d, out),
+                proj_cq: src.cq(&format!("{}@0", p("proj/kernel"))),
                 bias: if bias {
                     Some(src.get(&p("proj/bias"), &[out])?)
                 } else {

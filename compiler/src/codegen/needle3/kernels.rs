@@ -1059,6 +1059,13 @@ pub fn pool_add(
 }
 
 /// One head's read-only data (section 4).
+/// A head's output projection.
+#[derive(Clone, Copy)]
+pub enum Proj {
+    F32(DataId),
+    Cq(FuncId),
+}
+
 pub struct HeadData {
     pub d: usize,
     /// `(L+1) * k` probes.
@@ -1068,8 +1075,9 @@ pub struct HeadData {
     pub gain: DataId,
     pub query: DataId,
     pub row_bias: DataId,
-    /// `(queries * D) x out`, row-major.
-    pub proj: DataId,
+    /// `(queries * D) x out`, row-major; or, where the checkpoint's `proj` is CQ codes,
+    /// `void proj_mm(const float *x, float *y, size_t rows)` over them ([`super::cq::matmul`]).
+    pub proj: Proj,
     pub bias: Option<DataId>,
     /// Divide the output by its norm (the embedding head).
     pub normalize: bool,
@@ -1086,16 +1094,25 @@ pub fn head(ks: &mut KernelSet, name: &str, h: &HeadData) -> Result<FuncId, Code
         (CType::F32Ptr, "out"),
         (CType::F32Ptr, "scratch"),
     ];
-    let mut data = vec![h.gain, h.query, h.row_bias, h.proj];
+    let (proj_f32, proj_mm) = match h.proj {
+        Proj::F32(id) => (Some(id), None),
+        Proj::Cq(f) => (None, Some(f)),
+    };
+    let mut data = vec![h.gain, h.query, h.row_bias];
+    data.extend(proj_f32);
     data.extend(h.bias);
     let (d, rows, qn, out_n) = (h.d as i64, h.rows as i64, h.queries as i64, h.out as i64);
     let stride = pool_stride(h.d) as i64;
     let sqrt_d = (h.d as f32).sqrt();
     let normalize = h.normalize;
-    internal(ks, name, &params, CType::Void, &data, |g, a, dd| {
+    let id = ks.declare_function(name, &[], &params, CType::Void, false)?;
+    let callees: Vec<FuncId> = proj_mm.into_iter().collect();
+    ks.define_function(id, &data, &callees, |g, a, addrs, f| {
         let (state, out, scratch) = (a[0], a[1], a[2]);
-        let (gain, query, row_bias, proj) = (dd[0], dd[1], dd[2], dd[3]);
-        let bias = dd.get(4).copied();
+        let (gain, query, row_bias) =
+            (addrs.get(h.gain), addrs.get(h.query), addrs.get(h.row_bias));
+        let proj = proj_f32.map(|t| addrs.get(t));
+        let bias = h.bias.map(|t| addrs.get(t));
         let pooled = scratch;
         let u_off = g.iconst(rows * d * 4);
         let u = g.b.ins().iadd(scratch, u_off);
@@ -1173,20 +1190,30 @@ pub fn head(ks: &mut KernelSet, name: &str, h: &HeadData) -> Result<FuncId, Code
         });
         let zero = g.f32(0.0);
         let norm = g.var(types::F32, zero);
+        if let Some(mm) = proj_mm {
+            let one = g.iconst(1);
+            let r = f.get(mm);
+            g.call(r, &[cat, out, one]);
+        }
         g.for_const(0, out_n, 1, |g, o| {
-            let z = g.f32(0.0);
-            let acc = g.var(types::F32, z);
-            g.for_const(0, qn * d, 1, |g, i| {
-                let x = g.load_f32(cat, i);
-                let wi = g.b.ins().imul_imm_s(i, out_n);
-                let wi = g.b.ins().iadd(wi, o);
-                let w = load_ro(g, proj, wi);
-                let p = g.b.ins().fmul(x, w);
-                let s = g.get(acc);
-                let s = g.b.ins().fadd(s, p);
-                g.set(acc, s);
-            });
-            let mut y = g.get(acc);
+            let mut y = match proj {
+                None => g.load_f32(out, o),
+                Some(proj) => {
+                    let z = g.f32(0.0);
+                    let acc = g.var(types::F32, z);
+                    g.for_const(0, qn * d, 1, |g, i| {
+                        let x = g.load_f32(cat, i);
+                        let wi = g.b.ins().imul_imm_s(i, out_n);
+                        let wi = g.b.ins().iadd(wi, o);
+                        let w = load_ro(g, proj, wi);
+                        let p = g.b.ins().fmul(x, w);
+                        let s = g.get(acc);
+                        let s = g.b.ins().fadd(s, p);
+                        g.set(acc, s);
+                    });
+                    g.get(acc)
+                }
+            };
             if let Some(b) = bias {
                 let bv = load_ro(g, b, o);
                 y = g.b.ins().fadd(y, bv);
@@ -1209,5 +1236,6 @@ pub fn head(ks: &mut KernelSet, name: &str, h: &HeadData) -> Result<FuncId, Code
             });
         }
         None
-    })
+    })?;
+    Ok(id)
 }

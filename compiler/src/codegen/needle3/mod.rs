@@ -19,8 +19,8 @@
 //! MLP's Monarch factors, diagonals and permutations as the checkpoint has them, the engram
 //! tables row-major (gathered, never multiplied). A CQ checkpoint's (a `.cact` export) keep
 //! their codes ([`cq`], `docs/needle3.md` 13.1): the embedding and engram tables dequantized a
-//! gathered row at a time, the attention, lanes, engram and logits products over the codes;
-//! the MLP, norms, taps and heads as float32.
+//! gathered row at a time, the attention, lanes, engram, heads' output and logits products
+//! over the codes; the MLP, norms, taps and the heads' probes and queries as float32.
 
 pub mod answer;
 pub mod cq;
@@ -705,7 +705,15 @@ pub fn define_needle3_model(
             gain: ks.declare_f32_data(&name("gain"), &h.gain)?,
             query: ks.declare_f32_data(&name("query"), &flat(&h.query))?,
             row_bias: ks.declare_f32_data(&name("row_bias"), &h.row_bias)?,
-            proj: ks.declare_f32_data(&name("proj"), &flat(&h.proj))?,
+            proj: match &h.proj_cq {
+                Some(t) => kernels::Proj::Cq(product(
+                    ks,
+                    &name("proj"),
+                    (h.queries * d, out_n, &[]),
+                    Some(t),
+                )?),
+                None => kernels::Proj::F32(ks.declare_f32_data(&name("proj"), &flat(&h.proj))?),
+            },
             bias: match &h.bias {
                 Some(b) => Some(ks.declare_f32_data(&name("bias"), b)?),
                 None => None,
