@@ -456,9 +456,7 @@ impl Cact {
             e.shape.clone(),
             floats(i, e, "embedding")?,
         );
-        if let Some(t) = &e.cq {
-            named.cq.insert("embedding/embedding".into(), t.clone());
-        }
+        named.keep_codes("embedding/embedding".into(), e);
         let mut per_layer: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         let mut names: Vec<String> = vec![
             "ZCRMSNorm_0/scale".into(),
@@ -493,11 +491,7 @@ impl Cact {
                 let name = name.as_str();
                 let (i, e) = next(name)?;
                 let (shape, v) = if name.ends_with("kernel") {
-                    if let Some(t) = &e.cq {
-                        named
-                            .cq
-                            .insert(format!("stack/layers/block/{name}@{l}"), t.clone());
-                    }
+                    named.keep_codes(format!("stack/layers/block/{name}@{l}"), e);
                     kernel(i, e, name)?
                 } else if name == "attn_gate" {
                     (Vec::new(), floats(i, e, name)?)
@@ -597,9 +591,7 @@ impl Cact {
                 vec![e_n, slots, s_n],
                 floats(i, e, "engram tables")?,
             );
-            if let Some(t) = &e.cq {
-                named.cq.insert(p("embedding"), t.clone());
-            }
+            named.keep_codes(p("embedding"), e);
             if e.shape != [e_n * slots, s_n] {
                 return Err(err(format!(
                     "tensor {i} (engram tables) has shape {:?}",
@@ -610,9 +602,7 @@ impl Cact {
                 let (i, e) = next(proj)?;
                 let (shape, v) = kernel(i, e, proj)?;
                 let name = p(&format!("{proj}/kernel"));
-                if let Some(t) = &e.cq {
-                    named.cq.insert(format!("{name}@0"), t.clone());
-                }
+                named.keep_codes(format!("{name}@0"), e);
                 named.put(&name, shape, v);
             }
             let (i, e) = next("engram taps")?;
@@ -685,11 +675,7 @@ impl Cact {
                     floats(ib, row_bias, "row_bias")?,
                 );
                 let (shape, v) = kernel(ij, proj, "proj")?;
-                if let Some(t) = &proj.cq {
-                    named
-                        .cq
-                        .insert(format!("{}@0", p("proj/kernel")), t.clone());
-                }
+                named.keep_codes(format!("{}@0", p("proj/kernel")), proj);
                 named.put(&p("proj/kernel"), shape, v);
                 if has_bias {
                     named.put(
@@ -713,7 +699,8 @@ impl Cact {
 #[derive(Default)]
 struct Named {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    /// The codes of the CQ tensors a library keeps in CQ form (the tables read by row).
+    /// The codes of the CQ tensors a library keeps as codes, by checkpoint name (`NAME@l`:
+    /// the `l`-th matrix of a stack, stored `(out, in)`).
     cq: HashMap<String, CqTensor>,
     p1: Vec<usize>,
     p2: Vec<usize>,
@@ -722,6 +709,13 @@ struct Named {
 impl Named {
     fn put(&mut self, name: &str, shape: Vec<usize>, values: Vec<f32>) {
         self.tensors.insert(name.to_string(), (shape, values));
+    }
+
+    /// Keeps `e`'s codes under `name`, where it is a CQ tensor.
+    fn keep_codes(&mut self, name: String, e: &Entry) {
+        if let Some(t) = &e.cq {
+            self.cq.insert(name, t.clone());
+        }
     }
 }
 

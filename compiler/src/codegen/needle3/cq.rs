@@ -1,21 +1,20 @@
-//! CQ weights kept in CQ form in the library (`docs/needle3.md` section 13): a tensor's codes
+//! CQ weights kept in CQ form in the library (`docs/needle3.md` section 13.1): a tensor's codes
 //! as the `.cact` file packs them, its groups' norms and its levels in read-only data, read
 //! where they are used instead of float32 copies.
 //!
-//! Tables read by row (the engram tables) are dequantized a gathered row at a time, with the
-//! operations of [`CqTensor::dequantize_row`] in the same order, so a row comes out as the
-//! runtime's float32 copy of it, bit for bit: folding and every test that compares with the
-//! runtime are unaffected.
+//! Tables read by row (the engram tables, the embedding) are dequantized a gathered row at a
+//! time, with the operations of [`CqTensor::dequantize_row`] in the same order, so a row comes
+//! out as the runtime's float32 copy of it, bit for bit. Matrix products ([`matmul`]) rotate
+//! the activations instead and sum over the codes' levels; the fold's mirror sums alike.
 
 use cranelift_codegen::ir::{types, InstBuilder, StackSlotData, StackSlotKind, Value};
-use cranelift_module::DataId;
+use cranelift_module::{DataId, FuncId};
 use needle_runtime::needle3::cq::CqTensor;
 
 use crate::abi::CType;
 use crate::codegen::gen::{mem, mem_ro, Gen, V4};
 use crate::codegen::model::kernels::{internal, table_row};
 use crate::codegen::{CodegenError, KernelSet};
-use cranelift_module::FuncId;
 
 /// A CQ tensor in the object's read-only data.
 #[derive(Clone, Copy, Debug)]
@@ -185,7 +184,7 @@ const ZIP_HI16: [u8; 16] = [8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15
 /// The levels of a 4-bit tensor as four byte planes: plane `b` holds byte `b` (little-endian)
 /// of every code's float32 level, so that a byte shuffle by the codes picks that byte of 16
 /// levels at once.
-pub fn level_planes(levels: &[f32]) -> Vec<u8> {
+fn level_planes(levels: &[f32]) -> Vec<u8> {
     let mut planes = vec![0u8; 64];
     for (code, level) in levels.iter().take(16).enumerate() {
         for (b, byte) in level.to_le_bytes().into_iter().enumerate() {
@@ -302,7 +301,8 @@ fn rotate_rows(g: &mut Gen<'_>, s: &CqShape, x: Value, r0: Value, rows: usize, b
 /// `void NAME(const float *x, float *y, size_t rows)`: `y = x @ W` for the CQ tensor `W`
 /// stored `(out, in)` (rows of `w` are the outputs): each input row rotated once per group,
 /// then per output `c` and group `g` the levels of the codes (looked up in registers: 16 at a
-/// time by byte shuffles where `byte_shuffles` and the codes are 4-bit, else one by one) dotted
+/// time by byte shuffles where the target has them and the codes are 4-bit, the levels' byte
+/// planes then in `NAME_planes`, else one by one) dotted
 /// with the rotated row in four lanes (lane `l` sums values `l, l+4, ...` in order),
 /// `(l0 + l1) + (l2 + l3)`, and `y += norm * that` across groups in order. Rows run in tiles of
 /// [`MATMUL_ROWS`] that share the lookups; every row sums alike.
@@ -310,7 +310,7 @@ pub fn matmul(
     ks: &mut KernelSet,
     name: &str,
     w: &CqData,
-    planes: Option<DataId>,
+    levels: &[f32],
 ) -> Result<FuncId, CodegenError> {
     let params = [
         (CType::ConstF32Ptr, "x"),
@@ -318,11 +318,11 @@ pub fn matmul(
         (CType::SizeT, "rows"),
     ];
     let s = w.shape;
-    let fast = planes.is_some() && s.width == 4 && s.group.is_multiple_of(16);
+    let fast = ks.target().byte_shuffles() && s.width == 4 && s.group.is_multiple_of(16);
     let pshufb = ks.target().pshufb();
     let mut data = w.data_ids().to_vec();
-    if let (true, Some(p)) = (fast, planes) {
-        data.push(p);
+    if fast {
+        data.push(ks.declare_rodata(&format!("{name}_planes"), level_planes(levels), 16)?);
     }
     let (n, gsz, gpr) = (s.rows as i64, s.group as i64, s.groups_per_row() as i64);
     let kp = gpr * gsz;

@@ -1058,7 +1058,6 @@ pub fn pool_add(
     })
 }
 
-/// One head's read-only data (section 4).
 /// A head's output projection.
 #[derive(Clone, Copy)]
 pub enum Proj {
@@ -1066,6 +1065,7 @@ pub enum Proj {
     Cq(FuncId),
 }
 
+/// One head's read-only data (section 4).
 pub struct HeadData {
     pub d: usize,
     /// `(L+1) * k` probes.

@@ -8,6 +8,8 @@
 //! [`crate::codegen::math::exp`]. Only what the prefix's rows and the heads' pooling depend
 //! on is here (not the logits).
 
+use std::borrow::Cow;
+
 use needle_runtime::needle3::cq::{fwht, CqTensor};
 use needle_runtime::needle3::forward::rope_tables;
 use needle_runtime::needle3::Model;
@@ -115,16 +117,21 @@ fn matmul(x: &[f32], w: &[f32], n: usize, fma: bool) -> Vec<f32> {
 
 /// A matrix product as the step holds it: float32 `(k, n)` row-major (v1's `matmul`), or
 /// CQ codes stored `(n, k)` ([`super::cq::matmul`]).
-enum Product {
+enum Product<'a> {
     F32(Vec<f32>, usize),
-    Cq(CqTensor),
+    Cq(Cow<'a, CqTensor>),
 }
 
-impl Product {
-    fn new(values: Vec<f32>, n: usize, codes: Option<&CqTensor>) -> Product {
+impl<'a> Product<'a> {
+    /// Over the codes where there are some, else over `values()` (only made then).
+    fn new(
+        values: impl FnOnce() -> Vec<f32>,
+        n: usize,
+        codes: Option<Cow<'a, CqTensor>>,
+    ) -> Product<'a> {
         match codes {
-            Some(t) => Product::Cq(t.clone()),
-            None => Product::F32(values, n),
+            Some(t) => Product::Cq(t),
+            None => Product::F32(values(), n),
         }
     }
 
@@ -227,11 +234,11 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
         cells: Vec::new(),
     };
     // Each layer's weights as the step holds them (concatenated, `1 + g` scales), made once.
-    struct Mats {
-        phi: Product,
-        cat: Product,
+    struct Mats<'a> {
+        phi: Product<'a>,
+        cat: Product<'a>,
         taps: Vec<f32>,
-        wout: Product,
+        wout: Product<'a>,
         norm_in: Vec<f32>,
         q_norm: Vec<f32>,
         k_norm: Vec<f32>,
@@ -246,31 +253,35 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
             let n_taps = w.q_taps.nrows();
             Mats {
                 phi: Product::new(
-                    side_by_side(
-                        &[
-                            (&flat2(&mhc.phi_pre), n),
-                            (&flat2(&mhc.phi_post), n),
-                            (&flat2(&mhc.phi_res), n * n),
-                        ],
-                        n * d,
-                    ),
+                    || {
+                        side_by_side(
+                            &[
+                                (&flat2(&mhc.phi_pre), n),
+                                (&flat2(&mhc.phi_post), n),
+                                (&flat2(&mhc.phi_res), n * n),
+                            ],
+                            n * d,
+                        )
+                    },
                     2 * n + n * n,
-                    mhc.phi_cq.as_ref(),
+                    mhc.phi_cq.as_ref().map(Cow::Borrowed),
                 ),
                 cat: Product::new(
-                    side_by_side(
-                        &[
-                            (&flat2(&w.wq), qw),
-                            (&flat2(&w.wk), kw),
-                            (&flat2(&w.wv), vw),
-                            (&flat2(&w.wgate), gw),
-                        ],
-                        d,
-                    ),
+                    || {
+                        side_by_side(
+                            &[
+                                (&flat2(&w.wq), qw),
+                                (&flat2(&w.wk), kw),
+                                (&flat2(&w.wv), vw),
+                                (&flat2(&w.wgate), gw),
+                            ],
+                            d,
+                        )
+                    },
                     cw + gw,
                     w.cq.as_ref()
                         .and_then(|c| CqTensor::concat_rows(&[&c.q, &c.k, &c.v, &c.gate]))
-                        .as_ref(),
+                        .map(Cow::Owned),
                 ),
                 taps: if n_taps == 0 {
                     vec![1.0; cw]
@@ -284,7 +295,11 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
                         n_taps,
                     )
                 },
-                wout: Product::new(flat2(&w.wout), d, w.cq.as_ref().map(|c| &c.out)),
+                wout: Product::new(
+                    || flat2(&w.wout),
+                    d,
+                    w.cq.as_ref().map(|c| Cow::Borrowed(&c.out)),
+                ),
                 norm_in: one_plus(&w.norm_in),
                 q_norm: one_plus(&w.q_norm),
                 k_norm: one_plus(&w.k_norm),
@@ -298,8 +313,16 @@ pub fn run(model: &Model, ids: &[u32], fma: bool) -> Rows {
         .iter()
         .map(|s| {
             (
-                Product::new(flat2(&s.key_proj), d, s.key_cq.as_ref()),
-                Product::new(flat2(&s.value_proj), d, s.value_cq.as_ref()),
+                Product::new(
+                    || flat2(&s.key_proj),
+                    d,
+                    s.key_cq.as_ref().map(Cow::Borrowed),
+                ),
+                Product::new(
+                    || flat2(&s.value_proj),
+                    d,
+                    s.value_cq.as_ref().map(Cow::Borrowed),
+                ),
                 flat2(&s.taps),
             )
         })

@@ -223,12 +223,14 @@ fn fold_prefix(
     Ok(folded)
 }
 
-/// `void NAME_mm(const float *x, float *y, size_t rows)`: `y = x @ W`, `W` the `(k, n)`
-/// row-major `values`, or its CQ codes (stored `(n, k)`) where the checkpoint has them.
+/// `void NAME_mm(const float *x, float *y, size_t rows)`: `y = x @ W`, over `W`'s CQ codes
+/// (stored `(n, k)`) where the checkpoint has them, else over the `(k, n)` row-major float32
+/// `values()` (only made then).
 fn product(
     ks: &mut KernelSet,
     name: &str,
-    (k, n, values): (usize, usize, &[f32]),
+    (k, n): (usize, usize),
+    values: impl FnOnce() -> Vec<f32>,
     codes: Option<&CqTensor>,
 ) -> Result<FuncId, CodegenError> {
     match codes {
@@ -240,28 +242,13 @@ fn product(
                 )));
             }
             let data = cq::CqData::declare(ks, name, t)?;
-            let planes = cq_planes(ks, name, t)?;
-            cq::matmul(ks, &format!("{name}_mm"), &data, planes)
+            cq::matmul(ks, &format!("{name}_mm"), &data, &t.code_levels)
         }
         None => {
-            let w = weights(ks, name, k, n, values)?;
+            let w = weights(ks, name, k, n, &values())?;
             v1::matmul(ks, &format!("{name}_mm"), &w, ROW_TILES)
         }
     }
-}
-
-/// The byte planes of a 4-bit CQ tensor's levels, for targets whose byte shuffles
-/// [`cq::matmul`] looks codes up with; `None` elsewhere (one lookup a code).
-fn cq_planes(ks: &mut KernelSet, name: &str, t: &CqTensor) -> Result<Option<DataId>, CodegenError> {
-    if !ks.target().byte_shuffles() || t.width() != 4 {
-        return Ok(None);
-    }
-    let planes = cq::level_planes(&t.code_levels);
-    Ok(Some(ks.declare_rodata(
-        &format!("{name}_planes"),
-        planes,
-        16,
-    )?))
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -426,11 +413,10 @@ pub fn define_needle3_model(
     let (embed, logits) = match &model.embedding_cq {
         Some(t) => {
             let data = cq::CqData::declare(ks, "n3_embedding", t)?;
-            let planes = cq_planes(ks, "n3_embedding", t)?;
             let embed = cq::embed(ks, "n3_embed", &data, (d as f32).sqrt())?;
             let mut tied = data;
             tied.shape.rows = v_out;
-            (embed, cq::matmul(ks, "n3_logits", &tied, planes)?)
+            (embed, cq::matmul(ks, "n3_logits", &tied, &t.code_levels)?)
         }
         None => {
             let emb_vals: Vec<f32> = model.embedding.iter().copied().collect();
@@ -487,18 +473,18 @@ pub fn define_needle3_model(
             }
         };
         let gather = kernels::engram_gather(ks, &format!("n3_s{s}_gather"), &tables, &shape, p0)?;
-        let kp: Vec<f32> = site.key_proj.iter().copied().collect();
-        let vp: Vec<f32> = site.value_proj.iter().copied().collect();
         let key = product(
             ks,
             &format!("n3_s{s}_key"),
-            (e_n * sub, d, &kp),
+            (e_n * sub, d),
+            || flat(&site.key_proj),
             site.key_cq.as_ref(),
         )?;
         let value = product(
             ks,
             &format!("n3_s{s}_value"),
-            (e_n * sub, d, &vp),
+            (e_n * sub, d),
+            || flat(&site.value_proj),
             site.value_cq.as_ref(),
         )?;
         let tv: Vec<f32> = site.taps.iter().copied().collect();
@@ -529,15 +515,18 @@ pub fn define_needle3_model(
         let window = (!c.is_global(l)).then_some(c.sliding_window);
         let z_norm = v1::rmsnorm(ks, &name("z"), n_lanes * d, None)?;
         let mhc = &w.mhc;
-        let (pre, post, res) = (flat(&mhc.phi_pre), flat(&mhc.phi_post), flat(&mhc.phi_res));
-        let phi = side_by_side(
-            &[(&pre, n_lanes), (&post, n_lanes), (&res, n_lanes * n_lanes)],
-            n_lanes * d,
-        );
+        let phi = || {
+            let (pre, post, res) = (flat(&mhc.phi_pre), flat(&mhc.phi_post), flat(&mhc.phi_res));
+            side_by_side(
+                &[(&pre, n_lanes), (&post, n_lanes), (&res, n_lanes * n_lanes)],
+                n_lanes * d,
+            )
+        };
         let mix = product(
             ks,
             &name("phi"),
-            (n_lanes * d, mix_w, &phi),
+            (n_lanes * d, mix_w),
+            phi,
             mhc.phi_cq.as_ref(),
         )?;
         let consts = MhcConsts {
@@ -555,8 +544,10 @@ pub fn define_needle3_model(
         let mhc_post = kernels::mhc_post(ks, &name("mhc_post"), &consts)?;
         let s_in = ks.declare_f32_data(&name("norm_in"), &one_plus(&w.norm_in))?;
         let norm_in = v1::rmsnorm(ks, &name("norm_in_k"), d, Some(s_in))?;
-        let (wq, wk, wv, wg) = (flat(&w.wq), flat(&w.wk), flat(&w.wv), flat(&w.wgate));
-        let cat = side_by_side(&[(&wq, qw), (&wk, kw), (&wv, vw), (&wg, gw)], d);
+        let cat = || {
+            let (wq, wk, wv, wg) = (flat(&w.wq), flat(&w.wk), flat(&w.wv), flat(&w.wgate));
+            side_by_side(&[(&wq, qw), (&wk, kw), (&wv, vw), (&wg, gw)], d)
+        };
         let cat_cq = w.cq.as_ref().map(|c| {
             CqTensor::concat_rows(&[&c.q, &c.k, &c.v, &c.gate]).ok_or_else(|| {
                 invalid(format!(
@@ -565,7 +556,7 @@ pub fn define_needle3_model(
             })
         });
         let cat_cq = cat_cq.transpose()?;
-        let qkvg = product(ks, &name("qkvg"), (d, cw + gw, &cat), cat_cq.as_ref())?;
+        let qkvg = product(ks, &name("qkvg"), (d, cw + gw), cat, cat_cq.as_ref())?;
         let n_taps = w.q_taps.nrows();
         let tap_vals = if n_taps == 0 {
             vec![1.0; cw]
@@ -600,11 +591,11 @@ pub fn define_needle3_model(
                 p0,
             },
         )?;
-        let wo = flat(&w.wout);
         let wout = product(
             ks,
             &name("wout"),
-            (gw, d, &wo),
+            (gw, d),
+            || flat(&w.wout),
             w.cq.as_ref().map(|c| &c.out),
         )?;
         let sp = ks.declare_f32_data(&name("post_norm"), &one_plus(&w.post_norm))?;
@@ -709,7 +700,8 @@ pub fn define_needle3_model(
                 Some(t) => kernels::Proj::Cq(product(
                     ks,
                     &name("proj"),
-                    (h.queries * d, out_n, &[]),
+                    (h.queries * d, out_n),
+                    Vec::new,
                     Some(t),
                 )?),
                 None => kernels::Proj::F32(ks.declare_f32_data(&name("proj"), &flat(&h.proj))?),
