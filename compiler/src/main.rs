@@ -113,11 +113,19 @@ struct FinetuneArgs {
     /// and write `"tool_attention": "isolated"`, so `build` folds by default.
     #[arg(long)]
     isolate_tools: bool,
-    /// Learn from the stock model's own exact-mode behaviour too: its next-token distributions
-    /// as soft targets (half the loss), and its greedy answers as the labels of lines without
-    /// `answers` (which may then be left out).
+    /// Learn from the stock model's own exact-mode behaviour: its next-token distributions as
+    /// soft targets (the whole loss unless --distill-weight says otherwise), and its greedy
+    /// answers as the labels of lines without `answers` (which may then be left out).
     #[arg(long)]
     distill: bool,
+    /// Under --distill, the share of the loss that matching the teacher's distributions takes;
+    /// the rest is the labels' cross-entropy [default: 1].
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    distill_weight: Option<f64>,
+    /// Under --distill, the temperature that softens the teacher's and the student's
+    /// distributions before they are compared [default: 2].
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    distill_temperature: Option<f64>,
     /// Every epoch, give half the labelled examples new argument values (in the query and the
     /// answer alike), so the model learns to copy values rather than memorize them.
     #[arg(long)]
@@ -684,6 +692,16 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
             "--qat {p}: quantization-aware training is for int4 or int8"
         );
     }
+    for (given, flag) in [
+        (args.distill_weight.is_some(), "--distill-weight"),
+        (args.distill_temperature.is_some(), "--distill-temperature"),
+    ] {
+        anyhow::ensure!(
+            !given || args.distill,
+            "{flag} tunes how --distill learns from the stock model, and --distill is not given; add --distill or drop {flag}"
+        );
+    }
+    let defaults = needlec::finetune::Distillation::default();
     let opts = needlec::finetune::FinetuneOptions {
         checkpoint: args.checkpoint,
         tokenizer: args.tokenizer,
@@ -692,6 +710,10 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         out: args.out,
         isolate_tools: args.isolate_tools,
         distill: args.distill,
+        distillation: needlec::finetune::Distillation {
+            weight: args.distill_weight.unwrap_or(defaults.weight),
+            temperature: args.distill_temperature.unwrap_or(defaults.temperature),
+        },
         augment: args.augment,
         qat: args.qat,
         lora_rank: args.lora_rank,

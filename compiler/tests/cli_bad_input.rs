@@ -629,6 +629,49 @@ fn finetune_refuses_an_ema_decay_outside_0_to_1() {
 }
 
 #[test]
+fn finetune_refuses_a_distillation_weight_or_temperature_out_of_range() {
+    let dir = work_dir("bad-input-finetune-distill");
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, format!("{GOOD_LINE}\n")).unwrap();
+    let out = path(dir.join("out.safetensors"));
+    for weight in ["1.5", "-0.1", "NaN"] {
+        let err = finetune_fails(
+            &path(data.clone()),
+            &out,
+            &["--distill", "--distill-weight", weight],
+        );
+        assert!(
+            err.contains(&format!("--distill-weight {weight}")),
+            "{weight}: {err}"
+        );
+        assert!(err.contains("between 0 and 1"), "{weight}: {err}");
+    }
+    for temperature in ["0", "-1", "inf", "NaN"] {
+        let err = finetune_fails(
+            &path(data.clone()),
+            &out,
+            &["--distill", "--distill-temperature", temperature],
+        );
+        assert!(
+            err.contains(&format!("--distill-temperature {temperature}")),
+            "{temperature}: {err}"
+        );
+        assert!(
+            err.contains("not a positive number"),
+            "{temperature}: {err}"
+        );
+    }
+    // Without --distill there is no teacher to weigh.
+    let err = finetune_fails(&path(data), &out, &["--distill-weight", "0.5"]);
+    assert!(
+        err.contains("--distill-weight tunes how --distill learns")
+            && err.contains("add --distill"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(&out).exists(), "nothing written");
+}
+
+#[test]
 fn finetune_refuses_augment_without_a_labelled_line() {
     let dir = work_dir("bad-input-finetune-augment");
     let data = dir.join("data.jsonl");

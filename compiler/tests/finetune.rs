@@ -13,7 +13,7 @@ use needle_runtime::model::Model;
 use needle_test_support::{
     finetune, golden, logit_tolerance, read_json, tiny_needle, work_dir, ForcedCase,
 };
-use needlec::finetune::model::{Batch, Sequence, TrainModel};
+use needlec::finetune::model::{Batch, Distillation, Sequence, TrainModel};
 
 fn needlec(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_needlec"))
@@ -187,11 +187,16 @@ fn gradients_match_finite_differences() {
     assert_eq!(logits.dim(D::Minus1).unwrap(), 4096);
 }
 
-/// `--distill`'s soft targets: against a teacher certain of each label the loss is the labels'
-/// cross-entropy, and against the student's own distributions the soft half contributes no
-/// gradient (its derivative is `softmax(student) - teacher`), so the gradient is half the labels'.
+/// `--distill`'s soft targets, half the loss at temperature 1: against a teacher certain of each
+/// label the loss is the labels' cross-entropy, and against the student's own distributions the
+/// soft half contributes no gradient (its derivative is `softmax(student) - teacher`), so the
+/// gradient is half the labels'.
 #[test]
 fn soft_targets_reduce_to_the_labels_and_vanish_at_the_teacher() {
+    let half = Distillation {
+        weight: 0.5,
+        temperature: 1.0,
+    };
     let (model, _, batch) = tiny_f64_batch();
     let (hard, _) = model.loss(&batch).unwrap();
     let hard_value = hard.to_scalar::<f64>().unwrap();
@@ -202,7 +207,7 @@ fn soft_targets_reduce_to_the_labels_and_vanish_at_the_teacher() {
         certain[row * 4096 + t as usize] = 200.0;
     }
     let certain = Tensor::from_vec(certain, (targets.len(), 4096), &Device::Cpu).unwrap();
-    let (soft, correct) = model.soft_loss(&batch, &certain).unwrap();
+    let (soft, correct) = model.soft_loss(&batch, &certain, half).unwrap();
     assert!(
         (soft.to_scalar::<f64>().unwrap() - hard_value).abs() < 1e-9,
         "a certain teacher: {} vs the labels' {hard_value}",
@@ -211,7 +216,7 @@ fn soft_targets_reduce_to_the_labels_and_vanish_at_the_teacher() {
     assert_eq!(correct, model.loss(&batch).unwrap().1);
 
     let own = model.logits(&batch).unwrap().detach();
-    let (soft, _) = model.soft_loss(&batch, &own).unwrap();
+    let (soft, _) = model.soft_loss(&batch, &own, half).unwrap();
     let soft_grads = soft.backward().unwrap();
     let hard_grads = hard.backward().unwrap();
     let path = "decoder/layers/DecoderBlock_0/self_attn/out_proj/kernel";
@@ -232,6 +237,75 @@ fn soft_targets_reduce_to_the_labels_and_vanish_at_the_teacher() {
             "{path}[{i}]: {s} vs half of {h}"
         );
     }
+}
+
+/// The default `--distill` loss (the teacher alone, temperature 2) is `T^2` times the mean
+/// divergence `KL(softmax(t/T) || softmax(s/T))`, recomputed here row by row in plain float64
+/// against a teacher that disagrees with the student; it is 0, with no gradient, against the
+/// student's own distributions; and weight 0 is the labels' cross-entropy exactly.
+#[test]
+fn distillation_is_the_tempered_divergence_weighted_against_the_labels() {
+    let (model, _, batch) = tiny_f64_batch();
+    let how = Distillation::default();
+    assert_eq!((how.weight, how.temperature), (1.0, 2.0));
+    let student = model.logits(&batch).unwrap().detach();
+    let (rows, vocab) = student.dims2().unwrap();
+    let s_rows = student.to_vec2::<f64>().unwrap();
+    // A teacher unlike the student: its logits reversed along the vocabulary, sharpened.
+    let t_rows: Vec<Vec<f64>> = s_rows
+        .iter()
+        .map(|r| r.iter().rev().map(|x| 3.0 * x).collect())
+        .collect();
+    let teacher = Tensor::from_vec(t_rows.concat(), (rows, vocab), &Device::Cpu).unwrap();
+    let log_softmax = |r: &[f64], t: f64| {
+        let max = r.iter().fold(f64::MIN, |m, &x| m.max(x / t));
+        let sum: f64 = r.iter().map(|&x| (x / t - max).exp()).sum();
+        r.iter()
+            .map(|&x| x / t - max - sum.ln())
+            .collect::<Vec<f64>>()
+    };
+    let t = how.temperature;
+    let expected: f64 = s_rows
+        .iter()
+        .zip(&t_rows)
+        .map(|(s, te)| {
+            let (ls, lt) = (log_softmax(s, t), log_softmax(te, t));
+            lt.iter()
+                .zip(&ls)
+                .map(|(lt, ls)| lt.exp() * (lt - ls))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        * t
+        * t
+        / batch.n_targets as f64;
+    let (loss, _) = model.soft_loss(&batch, &teacher, how).unwrap();
+    let loss = loss.to_scalar::<f64>().unwrap();
+    assert!(expected > 0.1, "a teacher this unlike the student diverges");
+    assert!(
+        (loss - expected).abs() <= 1e-9 * expected,
+        "{loss} vs {expected} recomputed"
+    );
+
+    let (at_teacher, _) = model.soft_loss(&batch, &student, how).unwrap();
+    assert!(at_teacher.to_scalar::<f64>().unwrap().abs() < 1e-12);
+    let grads = at_teacher.backward().unwrap();
+    let var = model
+        .param("decoder/layers/DecoderBlock_0/self_attn/out_proj/kernel")
+        .unwrap();
+    let g = grads.get(var).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(g.to_scalar::<f64>().unwrap() < 1e-12);
+
+    let labels_only = Distillation {
+        weight: 0.0,
+        temperature: 2.0,
+    };
+    let (mixed, _) = model.soft_loss(&batch, &teacher, labels_only).unwrap();
+    let (hard, _) = model.loss(&batch).unwrap();
+    assert_eq!(
+        mixed.to_scalar::<f64>().unwrap(),
+        hard.to_scalar::<f64>().unwrap()
+    );
 }
 
 /// Trains `steps` steps on the first examples of the training fixture; returns the output bytes.

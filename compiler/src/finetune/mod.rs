@@ -26,6 +26,7 @@ use needle_runtime::tokenizer::Tokenizer;
 use crate::eval::{self, metrics, Dataset, EvalError};
 use crate::frontend::{self, FrontendError};
 use crate::load::{self, LoadError};
+pub use model::Distillation;
 use model::{Batch, Sequence, SplitMix, TrainModel};
 
 /// Why fine-tuning could not run or stopped.
@@ -89,6 +90,9 @@ pub struct FinetuneOptions {
     pub out: PathBuf,
     pub isolate_tools: bool,
     pub distill: bool,
+    /// Under `distill`, how the teacher's distributions enter the loss (`--distill-weight`,
+    /// `--distill-temperature`).
+    pub distillation: Distillation,
     /// Vary the argument values of half the labelled examples every epoch ([`augment`]).
     pub augment: bool,
     pub qat: Option<Precision>,
@@ -120,6 +124,7 @@ impl Default for FinetuneOptions {
             out: PathBuf::new(),
             isolate_tools: false,
             distill: false,
+            distillation: Distillation::default(),
             augment: false,
             qat: None,
             lora_rank: None,
@@ -434,6 +439,20 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
             )));
         }
     }
+    let Distillation {
+        weight,
+        temperature,
+    } = opts.distillation;
+    if !(0.0..=1.0).contains(&weight) {
+        return Err(FinetuneError::Options(format!(
+            "--distill-weight {weight}: the teacher's share of the loss must be between 0 and 1 (1: the teacher's distributions alone; 0: the labels alone)"
+        )));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(FinetuneError::Options(format!(
+            "--distill-temperature {temperature} is not a positive number (1 compares the distributions as they are; 2, the default, softens both)"
+        )));
+    }
     if opts.lora_rank == Some(0) {
         return Err(FinetuneError::Options(
             "--lora-rank must be at least 1".into(),
@@ -649,7 +668,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         let (loss, correct) = match &teacher {
             Some(teacher) => {
                 let exact = Batch::new(&refs, false, DType::F32, &device)?;
-                model.soft_loss(&batch, &teacher.logits(&exact)?)?
+                model.soft_loss(&batch, &teacher.logits(&exact)?, opts.distillation)?
             }
             None => model.loss(&batch)?,
         };
