@@ -332,11 +332,29 @@ fn swap_weights(vars: &[Var], values: &[Tensor]) -> candle_core::Result<Vec<Tens
     vars.iter()
         .zip(values)
         .map(|(v, t)| {
-            let old = v.as_tensor().copy()?;
+            let old = snapshot(v)?;
             v.set(t)?;
             Ok(old)
         })
         .collect()
+}
+
+/// A copy of `var`'s current value that is no part of any autograd graph. `Tensor::copy` of a
+/// variable records the variable as its source, and arithmetic on such a copy records the copy:
+/// the moving average, updated from itself every step, then held every earlier average alive
+/// (measured: the resident memory of a 2,500-step `--ema` run grew by 7 MB a step and ended
+/// killed for memory).
+pub fn snapshot(var: &Var) -> candle_core::Result<Tensor> {
+    var.as_tensor().detach().copy()
+}
+
+/// One step of `--ema`: `average = decay * average + (1 - decay) * var`, outside any autograd
+/// graph (see [`snapshot`]).
+pub fn update_average(average: &mut [Tensor], vars: &[Var], decay: f64) -> candle_core::Result<()> {
+    for (a, v) in average.iter_mut().zip(vars) {
+        *a = ((&*a * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?;
+    }
+    Ok(())
 }
 
 /// One epoch's batches: a seeded shuffle, then within windows of 32 batches the examples sorted
@@ -646,7 +664,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     let mut average: Option<Vec<Tensor>> = match opts.ema {
         Some(_) => Some(
             vars.iter()
-                .map(|v| v.as_tensor().copy())
+                .map(snapshot)
                 .collect::<candle_core::Result<_>>()?,
         ),
         None => None,
@@ -731,7 +749,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         if best.is_none() {
             last_good = Some(
                 vars.iter()
-                    .map(|v| v.as_tensor().copy())
+                    .map(snapshot)
                     .collect::<candle_core::Result<_>>()?,
             );
         }
@@ -741,9 +759,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         opt_decay.step(&grads)?;
         opt_plain.step(&grads)?;
         if let (Some(average), Some(decay)) = (&mut average, opts.ema) {
-            for (a, v) in average.iter_mut().zip(&vars) {
-                *a = ((&*a * decay)? + (v.as_tensor() * (1.0 - decay))?)?;
-            }
+            update_average(average, &vars, decay)?;
         }
         final_loss = loss_value as f64;
         let seconds = t0.elapsed().as_secs_f64();
