@@ -634,32 +634,23 @@ fn finetune_refuses_a_distillation_weight_or_temperature_out_of_range() {
     let data = dir.join("data.jsonl");
     std::fs::write(&data, format!("{GOOD_LINE}\n")).unwrap();
     let out = path(dir.join("out.safetensors"));
-    for weight in ["1.5", "-0.1", "NaN"] {
-        let err = finetune_fails(
-            &path(data.clone()),
-            &out,
-            &["--distill", "--distill-weight", weight],
-        );
-        assert!(
-            err.contains(&format!("--distill-weight {weight}")),
-            "{weight}: {err}"
-        );
-        assert!(err.contains("between 0 and 1"), "{weight}: {err}");
-    }
-    for temperature in ["0", "-1", "inf", "NaN"] {
-        let err = finetune_fails(
-            &path(data.clone()),
-            &out,
-            &["--distill", "--distill-temperature", temperature],
-        );
-        assert!(
-            err.contains(&format!("--distill-temperature {temperature}")),
-            "{temperature}: {err}"
-        );
-        assert!(
-            err.contains("not a positive number"),
-            "{temperature}: {err}"
-        );
+    for (flag, values, says) in [
+        (
+            "--distill-weight",
+            &["1.5", "-0.1", "NaN"][..],
+            "between 0 and 1",
+        ),
+        (
+            "--distill-temperature",
+            &["0", "-1", "inf", "NaN"][..],
+            "not a positive number",
+        ),
+    ] {
+        for value in values {
+            let err = finetune_fails(&path(data.clone()), &out, &["--distill", flag, value]);
+            assert!(err.contains(&format!("{flag} {value}")), "{err}");
+            assert!(err.contains(says), "{flag} {value}: {err}");
+        }
     }
     // Without --distill there is no teacher to weigh.
     let err = finetune_fails(&path(data), &out, &["--distill-weight", "0.5"]);
