@@ -709,11 +709,10 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         val: args.val,
         out: args.out,
         isolate_tools: args.isolate_tools,
-        distill: args.distill,
-        distillation: needlec::finetune::Distillation {
+        distill: args.distill.then(|| needlec::finetune::Distillation {
             weight: args.distill_weight.unwrap_or(defaults.weight),
             temperature: args.distill_temperature.unwrap_or(defaults.temperature),
-        },
+        }),
         augment: args.augment,
         qat: args.qat,
         lora_rank: args.lora_rank,

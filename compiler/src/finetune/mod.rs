@@ -89,10 +89,9 @@ pub struct FinetuneOptions {
     pub val: Option<PathBuf>,
     pub out: PathBuf,
     pub isolate_tools: bool,
-    pub distill: bool,
-    /// Under `distill`, how the teacher's distributions enter the loss (`--distill-weight`,
+    /// `--distill`, and how the teacher's distributions enter the loss (`--distill-weight`,
     /// `--distill-temperature`).
-    pub distillation: Distillation,
+    pub distill: Option<Distillation>,
     /// Vary the argument values of half the labelled examples every epoch ([`augment`]).
     pub augment: bool,
     pub qat: Option<Precision>,
@@ -123,8 +122,7 @@ impl Default for FinetuneOptions {
             val: None,
             out: PathBuf::new(),
             isolate_tools: false,
-            distill: false,
-            distillation: Distillation::default(),
+            distill: None,
             augment: false,
             qat: None,
             lora_rank: None,
@@ -457,19 +455,21 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
             )));
         }
     }
-    let Distillation {
+    if let Some(Distillation {
         weight,
         temperature,
-    } = opts.distillation;
-    if !(0.0..=1.0).contains(&weight) {
-        return Err(FinetuneError::Options(format!(
-            "--distill-weight {weight}: the teacher's share of the loss must be between 0 and 1 (1: the teacher's distributions alone; 0: the labels alone)"
-        )));
-    }
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(FinetuneError::Options(format!(
-            "--distill-temperature {temperature} is not a positive number (1 compares the distributions as they are; 2, the default, softens both)"
-        )));
+    }) = opts.distill
+    {
+        if !(0.0..=1.0).contains(&weight) {
+            return Err(FinetuneError::Options(format!(
+                "--distill-weight {weight}: the teacher's share of the loss must be between 0 and 1 (1: the teacher's distributions alone; 0: the labels alone)"
+            )));
+        }
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(FinetuneError::Options(format!(
+                "--distill-temperature {temperature} is not a positive number (1 compares the distributions as they are; 2, the default, softens both)"
+            )));
+        }
     }
     if opts.lora_rank == Some(0) {
         return Err(FinetuneError::Options(
@@ -492,7 +492,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     let tokenizer = frontend::load_tokenizer(&opts.tokenizer)?;
     frontend::check_vocab(&tokenizer, &opts.tokenizer, ckpt.config.vocab_size)?;
 
-    let train_set = data::read_dataset(&opts.data, &tokenizer, !opts.distill, "--data")?;
+    let train_set = data::read_dataset(&opts.data, &tokenizer, opts.distill.is_none(), "--data")?;
     // Labelled lines train on their answers; under --distill the lines without answers are
     // labelled by the stock model's greedy exact-mode output.
     let (mut train, mut sources): (Vec<Sequence>, Vec<Option<usize>>) =
@@ -500,7 +500,7 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
             .into_iter()
             .map(|(seq, i)| (seq, Some(i)))
             .unzip();
-    if opts.distill && train.len() < train_set.examples.len() {
+    if opts.distill.is_some() && train.len() < train_set.examples.len() {
         progress.phase("labelling the lines without answers with the stock model (--distill)");
         let (seqs, dropped) = data::distilled(&train_set, &stock, &tokenizer, &|| {})?;
         if dropped > 0 {
@@ -576,10 +576,12 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
     // adapters) is also the teacher whose next-token distributions the student matches: soft
     // targets carry what the teacher's greedy labels drop (how close the runners-up were), and
     // measured on dev.jsonl they give a point more folded exact match than the labels alone.
-    let teacher = if opts.distill {
-        Some(TrainModel::from_checkpoint(&ckpt, DType::F32, &device)?)
-    } else {
-        None
+    let teacher = match opts.distill {
+        Some(how) => Some((
+            TrainModel::from_checkpoint(&ckpt, DType::F32, &device)?,
+            how,
+        )),
+        None => None,
     };
     let (decay, no_decay) = model.trainable();
     let all_trainable: Vec<Var> = decay.iter().chain(&no_decay).cloned().collect();
@@ -684,9 +686,9 @@ pub fn run(opts: &FinetuneOptions, progress: &dyn Progress) -> Result<Summary, F
         cursor += 1;
         let batch = Batch::new(&refs, opts.isolate_tools, DType::F32, &device)?;
         let (loss, correct) = match &teacher {
-            Some(teacher) => {
+            Some((teacher, how)) => {
                 let exact = Batch::new(&refs, false, DType::F32, &device)?;
-                model.soft_loss(&batch, &teacher.logits(&exact)?, opts.distillation)?
+                model.soft_loss(&batch, &teacher.logits(&exact)?, *how)?
             }
             None => model.loss(&batch)?,
         };
